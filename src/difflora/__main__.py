@@ -1,0 +1,5 @@
+import sys
+
+from difflora.cli import main
+
+sys.exit(main())

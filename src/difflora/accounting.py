@@ -1,0 +1,63 @@
+"""Parameter and resource accounting: what a model holds and what a run costs."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+__all__ = ["count_parameters", "format_count", "peak_memory_mb", "parameter_group"]
+
+# Names that mark conditioning machinery, so `difflora params` can show what LoRA replaces.
+_EMBEDDING_PARTS = ("time_embed", "emb_layers", "label_emb", "t_embedder", "y_embedder")
+
+
+def parameter_group(name: str) -> str:
+    """The accounting group of a parameter name: lora bank, weighting table, embeddings or base."""
+    if ".lora_A" in name or ".lora_B" in name or name.startswith(("lora_A", "lora_B")):
+        return "lora"
+    if ".weighting." in name:
+        return "weighting"
+    if any(part in name.split(".") for part in _EMBEDDING_PARTS):
+        return "embeddings"
+    return "base"
+
+
+def _top_level(name: str) -> str:
+    parts = name.split(".")
+    # DiffusionModel wraps the backbone as `.net`: break down by the backbone's own children.
+    return parts[1] if parts[0] == "net" and len(parts) > 1 else parts[0]
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Total and trainable parameters, by group and by top-level module (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = trainable = 0
+    by_group: dict[str, int] = OrderedDict((g, 0) for g in ("base", "embeddings", "lora", "weighting"))
+    by_module: dict[str, int] = OrderedDict()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+        by_group[parameter_group(name)] += n
+        top = _top_level(name)
+        by_module[top] = by_module.get(top, 0) + n
+    return {"total": total, "trainable": trainable, "by_group": dict(by_group), "by_module": dict(by_module)}
+
+
+def format_count(n: int) -> str:
+    return f"{n:,}"
+
+
+def peak_memory_mb(device: torch.device | None = None) -> float:
+    """Peak memory of this process: CUDA allocator peak on a GPU, max resident set size on CPU."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux

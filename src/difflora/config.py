@@ -1,0 +1,361 @@
+"""Typed configuration: one tree of pydantic models, loaded from YAML with dotted overrides.
+
+This module is the bottom of the house: every layer may import it and it imports nothing of
+difflora. A config is passed whole to the code that needs it (``UNetModel(cfg.model)``), never
+unpacked into a dozen keyword arguments.
+
+Errors name the key and what is allowed::
+
+    >>> load_config("configs/digits.yaml", ["train.lr=fast"])
+    ConfigError: train.lr: input should be a valid number, got 'fast'
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "AdapterConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DiffusionConfig",
+    "DiTConfig",
+    "ModelConfig",
+    "SampleConfig",
+    "TrainConfig",
+    "UNetConfig",
+    "config_to_dict",
+    "load_config",
+    "parse_config",
+    "DATASET_SHAPES",
+]
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, ill-typed or out of range. The message names the key."""
+
+
+class StrictModel(BaseModel):
+    # extra="forbid": a typo in a key is an error, never a silently ignored setting.
+    # validate_assignment: cfg.train.lr = "x" after loading is caught too.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# Native (image_size, channels) of each dataset; None where the files decide (image folders).
+DATASET_SHAPES: dict[str, tuple[int | None, int]] = {
+    "digits": (8, 1),
+    "mnist": (28, 1),
+    "fashion-mnist": (28, 1),
+    "mnist-5k": (28, 1),
+    "cifar10": (32, 3),
+    "image-folder": (None, 3),
+}
+
+DatasetName = Literal["digits", "mnist", "fashion-mnist", "mnist-5k", "cifar10", "image-folder"]
+
+
+class DataConfig(StrictModel):
+    name: DatasetName = "digits"
+    # Directory holding the files; None means the dataset's default location (see data/).
+    root: str | None = None
+    # Resize to this side length (bilinear, antialiased); None keeps the native size.
+    image_size: int | None = Field(default=None, ge=4, le=1024)
+    hflip: bool = False
+    # Restrict training to the first N examples (0 = all); handy for quick experiments.
+    limit: int = Field(default=0, ge=0)
+
+    def resolved_shape(self) -> tuple[int | None, int]:
+        native, channels = DATASET_SHAPES[self.name]
+        return (self.image_size or native), channels
+
+
+class UNetConfig(StrictModel):
+    """improved-diffusion's UNetModel flags, same names where they exist."""
+
+    model_channels: int = Field(default=128, ge=1)
+    num_res_blocks: int = Field(default=3, ge=1)
+    # Resolutions (side lengths in pixels) at which attention blocks sit.
+    attention_resolutions: list[int] = Field(default_factory=lambda: [16, 8])
+    # None: improved-diffusion's choice by image size.
+    channel_mult: list[int] | None = None
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    num_heads: int = Field(default=4, ge=1)
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = True
+    conv_resample: bool = True
+
+
+class DiTConfig(StrictModel):
+    """DiT (Peebles & Xie) with adaLN-Zero. ``preset`` fills the four size fields."""
+
+    preset: str | None = None
+    patch_size: int = Field(default=2, ge=1)
+    depth: int = Field(default=12, ge=1)
+    hidden_size: int = Field(default=384, ge=1)
+    num_heads: int = Field(default=6, ge=1)
+    mlp_ratio: float = Field(default=4.0, gt=0)
+
+
+class AdapterConfig(StrictModel):
+    """One conditional low-rank adapter injected into the backbone (issue 3; difflora.adapters).
+
+    Each wrapped layer gets ``W(c) = W + alpha/rank * sum_i w_i(c) B_i A_i``, c = the sample's
+    ``condition``. Timesteps count 0..T-1 (000's t minus 1); basis i of linear / trainable weightings
+    sits at ``i (num_values - 1) / (num_bases - 1)``. Examples (000): TimeLoRA non-compositional
+    ``weighting=index, num_values=1000``; linear ``weighting=linear, num_values=4001, num_bases=11``
+    (m = 10); ClassLoRA ``condition=y, weighting=index, num_values=10`` (y = -1: no update).
+    """
+
+    # Part of parameter names (``...qkv.adapters.<name>.lora_A``): a Python identifier.
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # Which per-sample condition the adapter reads: t (original-process timestep), y (class label), task, ...
+    condition: Literal["t", "y", "task", "guidance"] = "t"
+    # index: one LoRA per value; linear: interpolate m+1 evenly spaced bases; trainable: a learned
+    # [num_values x num_bases] table of mixing weights per wrapped layer.
+    weighting: Literal["index", "linear", "trainable"] = "linear"
+    # Number of distinct condition values T (timesteps 0..T-1, classes, tasks); for t it must be
+    # at least diffusion.steps.
+    num_values: int = Field(default=1, ge=1)
+    # m + 1 basis LoRAs for linear / trainable; must be unset for index (one per value).
+    num_bases: int | None = Field(default=None, ge=2)
+    # linear only: the condition range the bases span (default [0, num_values - 1]); for real
+    # conditions such as a guidance scale.
+    value_range: tuple[float, float] | None = None
+    # trainable only: gaussian N(0, 1), onehot, or linear (= the linear weighting) initial table.
+    init: Literal["gaussian", "onehot", "linear"] = "linear"
+    rank: int = Field(default=4, ge=1)
+    # scaling = alpha / rank; None means alpha = rank (scaling 1, 000's plain W + B A).
+    alpha: float | None = Field(default=None, gt=0)
+    # Module paths to wrap: exact names, dotted suffixes, or regexes prefixed with "re:".
+    # Empty: the attention qkv and output projections of the backbone.
+    targets: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> AdapterConfig:
+        where = f"model.adapters[{self.name}]"
+        if self.weighting == "index":
+            if self.num_bases not in (None, self.num_values):
+                raise ValueError(f"{where}.num_bases: index weighting has one LoRA per value; leave num_bases unset")
+        elif self.num_bases is None:
+            raise ValueError(f"{where}.num_bases: {self.weighting} weighting needs num_bases (m + 1 basis LoRAs, >= 2)")
+        if self.weighting == "linear" and self.value_range is None and self.num_values < 2:
+            raise ValueError(f"{where}.num_values: linear weighting needs num_values >= 2 (or a value_range)")
+        if self.weighting == "trainable" and self.num_values < 2:
+            raise ValueError(f"{where}.num_values: trainable weighting needs num_values >= 2 (rows of its table)")
+        if self.value_range is not None:
+            if self.weighting != "linear":
+                raise ValueError(f"{where}.value_range: only the linear weighting uses a value range")
+            if not self.value_range[1] > self.value_range[0]:
+                raise ValueError(f"{where}.value_range: need low < high, got {list(self.value_range)}")
+        return self
+
+
+class ModelConfig(StrictModel):
+    arch: Literal["unet", "dit"] = "unet"
+    # Filled from the data config when None.
+    image_size: int | None = Field(default=None, ge=4)
+    in_channels: int | None = Field(default=None, ge=1)
+    learn_sigma: bool = True
+    # 0 = unconditional. With classes, y = -1 is the null label (no class conditioning).
+    num_classes: int = Field(default=0, ge=0)
+    time_embed: bool = True
+    class_embed: bool = True
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    dit: DiTConfig = Field(default_factory=DiTConfig)
+    adapters: list[AdapterConfig] = Field(default_factory=list)
+
+    @property
+    def out_channels(self) -> int:
+        assert self.in_channels is not None
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+
+class DiffusionConfig(StrictModel):
+    steps: int = Field(default=1000, ge=1)
+    noise_schedule: Literal["linear", "cosine"] = "linear"
+    # Without learned variance: fixed-small (posterior variance) or fixed-large (beta_t).
+    sigma_small: bool = False
+    # mse: L_simple. hybrid: L_simple + lambda L_vb (IDDPM; needs learn_sigma).
+    # None: hybrid with a learned variance, mse without (what improved-diffusion does).
+    loss: Literal["mse", "hybrid"] | None = None
+    # Feed the network t * 1000 / T, as improved-diffusion does, so time embeddings see one range.
+    rescale_timesteps: bool = True
+
+
+class TrainConfig(StrictModel):
+    steps: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    # 0 disables clipping.
+    grad_clip: float = Field(default=1.0, ge=0)
+    ema_decay: float = Field(default=0.9999, ge=0, le=1)
+    # Probability that a training label is replaced by the null label (classifier-free guidance).
+    label_dropout: float = Field(default=0.1, ge=0, le=1)
+    # Train the backbone's own weights too (000 trains W with the LoRAs from scratch). False freezes
+    # every parameter that is not an adapter's (build_model applies it): adapter fine-tuning.
+    train_base: bool = True
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = Field(default=50, ge=1)
+    ckpt_every: int = Field(default=500, ge=1)
+    # 0 disables periodic sample grids.
+    sample_every: int = Field(default=0, ge=0)
+
+
+class SampleConfig(StrictModel):
+    """Defaults for sample grids written during training and by ``difflora sample``."""
+
+    num: int = Field(default=64, ge=1)
+    steps: int = Field(default=50, ge=1)
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    eta: float = Field(default=0.0, ge=0)
+    guidance: float = Field(default=1.0, ge=0)
+    batch_size: int = Field(default=256, ge=1)
+
+
+class Config(StrictModel):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Config:
+        size, channels = self.data.resolved_shape()
+        m = self.model
+        if m.image_size is None:
+            if size is None:
+                raise ValueError("model.image_size: set it or data.image_size (image folders have no native size)")
+            object.__setattr__(m, "image_size", size)
+        elif size is not None and m.image_size != size:
+            raise ValueError(
+                f"model.image_size ({m.image_size}) differs from the data's image size ({size}); set data.image_size={m.image_size}"
+            )
+        if m.in_channels is None:
+            object.__setattr__(m, "in_channels", channels)
+        elif m.in_channels != channels:
+            raise ValueError(
+                f"model.in_channels ({m.in_channels}) differs from the data's channels ({channels}) for data.name={self.data.name}"
+            )
+        if self.diffusion.loss is None:
+            object.__setattr__(self.diffusion, "loss", "hybrid" if m.learn_sigma else "mse")
+        if self.diffusion.loss == "hybrid" and not m.learn_sigma:
+            raise ValueError("diffusion.loss=hybrid needs model.learn_sigma=true (the vb term trains the variance)")
+        if self.diffusion.loss == "mse" and m.learn_sigma:
+            raise ValueError(
+                "diffusion.loss=mse with model.learn_sigma=true leaves the variance channels untrained; use diffusion.loss=hybrid (IDDPM) or model.learn_sigma=false"
+            )
+        if m.arch == "dit" and m.image_size % m.dit.patch_size:
+            raise ValueError(f"model.dit.patch_size ({m.dit.patch_size}) must divide model.image_size ({m.image_size})")
+        return self
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-after"))
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the parent of ``loc`` (to list valid keys)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _explain(err: ValidationError) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = _format_loc(loc)
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            valid = sorted(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            lines.append(f"{key}: unknown key{hint}; valid keys here: {', '.join(valid)}")
+        elif e["type"] == "value_error":
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        else:
+            got = e.get("input")
+            lines.append(f"{key}: {e['msg'][0].lower() + e['msg'][1:]}, got {got!r}")
+    return ConfigError("invalid config:\n  " + "\n  ".join(lines))
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{p}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=2e-4"`` -> ``("train.lr", 0.0002)``; values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=2e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+    # YAML reads "1e-4" as a string (no dot); a number is what the user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def parse_config(tree: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    tree = copy.deepcopy(tree or {})
+    if not isinstance(tree, dict):
+        raise ConfigError("a config must be a mapping of sections (data, model, diffusion, train, sample)")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise _explain(err) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (presets live under configs/, e.g. configs/digits.yaml)")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+    return parse_config(tree, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")

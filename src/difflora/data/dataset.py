@@ -1,0 +1,147 @@
+"""``ImageDataset`` (images and labels held in memory as tensors) and ``load_dataset``, the registry.
+
+Every dataset difflora trains on is small enough to hold in memory as one float32 tensor (CIFAR-10's
+train split, the largest, is 600 MB), so a dataset is two tensors and batches are index lookups:
+no worker processes, no per-sample Python. ``load_dataset`` picks the source by ``DataConfig.name``
+(see the modules of this package for each format, its files and its split), applies ``data.limit``,
+and resizes once to ``data.image_size``.
+
+    >>> ds = load_dataset(DataConfig(name="digits"), "train")
+    >>> ds.images.shape, ds.num_classes
+    (torch.Size([1438, 1, 8, 8]), 10)
+    >>> x, y = ds.batch(torch.arange(16), generator=torch.Generator().manual_seed(0))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from difflora.config import DATASET_SHAPES, DataConfig
+from difflora.data.cifar import load_cifar10
+from difflora.data.digits import load_digits, load_mnist_5k
+from difflora.data.folder import load_image_folder
+from difflora.data.idx import load_fashion_mnist, load_mnist
+from difflora.data.source import SplitData
+from difflora.data.transforms import random_hflip, resize_images
+
+__all__ = ["LOADERS", "ImageDataset", "Split", "load_dataset"]
+
+Split = Literal["train", "test"]
+Loader = Callable[[DataConfig, str], SplitData]
+
+# DataConfig.name -> source. Each returns one split at native size in [-1, 1].
+LOADERS: dict[str, Loader] = {
+    "digits": load_digits,
+    "mnist": load_mnist,
+    "fashion-mnist": load_fashion_mnist,
+    "mnist-5k": load_mnist_5k,
+    "cifar10": load_cifar10,
+    "image-folder": load_image_folder,
+}
+
+
+class ImageDataset(Dataset):
+    """A labelled image dataset held in memory.
+
+    images: float32 [N x C x H x W] in [-1, 1].
+    labels: int64 [N], values in [0, num_classes).
+    class_names: list of num_classes names; ``name``: the dataset's registry name.
+    hflip: whether :meth:`batch` flips each sample left-right with probability 1/2.
+
+    ``ds[i]`` returns ``(image [C x H x W], label)`` without augmentation (for evaluation and for
+    ``DataLoader`` users); training draws batches with :meth:`batch`, which augments.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        class_names: Sequence[str],
+        name: str = "",
+        hflip: bool = False,
+    ) -> None:
+        if images.ndim != 4 or not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor [N x C x H x W], got {images.dtype} {tuple(images.shape)}")
+        if labels.ndim != 1 or labels.dtype != torch.int64 or len(labels) != len(images):
+            raise ValueError(
+                f"labels must be int64 [N] with N = {len(images)}, got {labels.dtype} {tuple(labels.shape)}"
+            )
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(class_names)):
+            raise ValueError(
+                f"labels must lie in [0, {len(class_names)}), got [{int(labels.min())}, {int(labels.max())}]"
+            )
+        self.images = images
+        self.labels = labels
+        self.class_names = list(class_names)
+        self.name = name
+        self.hflip = hflip
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        """Side length H (= W for every built-in dataset after loading)."""
+        return self.images.shape[-1]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def batch(
+        self, indices: torch.Tensor | Sequence[int], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather a batch: (x [B x C x H x W], y int64 [B]) on the dataset's device.
+
+        With ``hflip``, each sample is flipped left-right when its coin ``torch.rand(B, generator=generator)``
+        is below 1/2 (one draw of B numbers on the generator's device; none without hflip, so the
+        generator's state is untouched then).
+        """
+        idx = torch.as_tensor(indices, dtype=torch.long).to(self.images.device)
+        x, y = self.images[idx], self.labels[idx]
+        if self.hflip:
+            x = random_hflip(x, generator)
+        return x, y
+
+    def to(self, device: torch.device | str) -> ImageDataset:
+        """A dataset with the same contents on ``device`` (e.g. to gather batches on the GPU)."""
+        return ImageDataset(self.images.to(device), self.labels.to(device), self.class_names, self.name, self.hflip)
+
+    def __repr__(self) -> str:
+        shape = "x".join(str(s) for s in self.images.shape[1:])
+        return f"ImageDataset(name={self.name!r}, n={len(self)}, shape={shape}, classes={self.num_classes}, hflip={self.hflip})"
+
+
+def load_dataset(cfg: DataConfig, split: Split) -> ImageDataset:
+    """Load one split of the dataset ``cfg.name``.
+
+    The train split is cut to its first ``cfg.limit`` examples when ``cfg.limit > 0`` (the test split
+    never is); images are resized once to ``cfg.image_size`` when it is set. Raises
+    :class:`DatasetNotFoundError` (files missing: the message says where it looked and how to get
+    them) or :class:`DatasetFormatError` (a file is corrupt).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if cfg.name not in LOADERS:
+        raise ValueError(f"unknown dataset {cfg.name!r}; choices: {', '.join(LOADERS)}")
+    images, labels, class_names = LOADERS[cfg.name](cfg, split)
+    if split == "train" and cfg.limit > 0:
+        # clone: a slice would keep the whole split's storage alive.
+        images, labels = images[: cfg.limit].clone(), labels[: cfg.limit].clone()
+    if cfg.image_size is not None:
+        images = resize_images(images, cfg.image_size)
+    channels = DATASET_SHAPES[cfg.name][1]
+    # A source returning the wrong channel count would break the model built from the same config.
+    assert images.shape[1] == channels, f"{cfg.name} source returned {images.shape[1]} channels, expected {channels}"
+    return ImageDataset(images.contiguous(), labels.contiguous(), class_names, name=cfg.name, hflip=cfg.hflip)

@@ -1,0 +1,26 @@
+"""Backbones: the IDDPM U-Net and DiT, both called ``net(x, t, y=None)`` -> [N x C_out x H x W].
+
+Both take the whole :class:`difflora.config.ModelConfig`; ``y == -1`` is the null label (no class
+conditioning for that sample), ``y=None`` makes the whole batch unconditional. They know nothing
+about diffusion.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from difflora.config import ModelConfig
+from difflora.nets.dit import DIT_PRESETS, DiT
+from difflora.nets.layers import count_parameters
+from difflora.nets.unet import UNetModel, default_channel_mult
+
+__all__ = ["DIT_PRESETS", "DiT", "UNetModel", "build_net", "count_parameters", "default_channel_mult"]
+
+
+def build_net(cfg: ModelConfig) -> nn.Module:
+    """The backbone named by ``cfg.arch`` ("unet" or "dit"), freshly initialised."""
+    if cfg.arch == "unet":
+        return UNetModel(cfg)
+    if cfg.arch == "dit":
+        return DiT(cfg)
+    raise ValueError(f"model.arch: unknown architecture {cfg.arch!r}; choose unet or dit")

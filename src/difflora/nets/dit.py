@@ -1,0 +1,270 @@
+"""DiT (Peebles & Xie 2023): a transformer on patches, conditioned by adaLN-Zero.
+
+Layer for layer as facebookresearch/DiT ``models.py`` (with timm's PatchEmbed / Attention / Mlp):
+module paths ``x_embedder.proj``, ``t_embedder.mlp.{0,2}``, ``y_embedder.embedding_table``,
+``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``, ``blocks.{i}.mlp.fc1``, ``blocks.{i}.mlp.fc2``,
+``blocks.{i}.adaLN_modulation.1``, ``final_layer.{linear,adaLN_modulation.1}``. Adapters target the
+attention's ``attn.qkv`` and ``attn.proj`` (nn.Linear). Initialisation is DiT's
+``initialize_weights``: xavier-uniform linears, N(0, 0.02) embeddings, and zeros for every adaLN
+modulation and the final linear, so a fresh DiT outputs exactly zero and every block is the identity.
+
+Conditioning vector ``c`` [N x hidden] fed to every adaLN modulation:
+
+* ``c = t_embedder(t) + y_embedder(y)``. The label table has ``num_classes + 1`` rows; the last
+  one (index ``num_classes``) is the learned null embedding, used where ``y == -1`` and for all
+  samples when ``y=None``. Label dropout for classifier-free guidance is the training loop's job
+  (it sets labels to -1); the net never drops labels itself, unlike DiT's ``LabelEmbedder``.
+* ``class_embed: false`` or ``num_classes == 0``: no ``y_embedder``, ``c = t_embedder(t)``.
+* ``time_embed: false`` (TimeLoRA replaces the time input): no ``t_embedder``; ``c`` is the class
+  embedding alone, and with no class embedding either ``c`` is a zero vector, so each
+  ``adaLN_modulation`` (SiLU then Linear) outputs exactly its Linear's learned bias: the shifts,
+  scales and gates become per-block learned constants, the same for every sample.
+
+Other differences: the fixed 2D sin-cos position embedding is a non-persistent buffer (not a
+parameter, so it is never trained nor saved; DiT keeps it as a frozen ``nn.Parameter``);
+attention uses ``scaled_dot_product_attention``; images are square (``image_size``), and
+``patch_size`` must divide it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from difflora.config import ModelConfig
+from difflora.nets.layers import timestep_embedding
+
+__all__ = ["DIT_PRESETS", "DiT", "DiTBlock", "get_2d_sincos_pos_embed"]
+
+# name -> (depth, hidden_size, num_heads, patch_size). The twelve published models (DiT paper,
+# Table 1) plus tiny ones for CPU tests and demos.
+DIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    **{f"DiT-XL/{p}": (28, 1152, 16, p) for p in (2, 4, 8)},
+    **{f"DiT-L/{p}": (24, 1024, 16, p) for p in (2, 4, 8)},
+    **{f"DiT-B/{p}": (12, 768, 12, p) for p in (2, 4, 8)},
+    **{f"DiT-S/{p}": (12, 384, 6, p) for p in (2, 4, 8)},
+    **{f"DiT-T/{p}": (2, 64, 2, p) for p in (1, 2, 4)},
+}
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x * (1 + scale) + shift`` with per-sample [N x D] shift/scale broadcast over tokens of x [N x T x D]."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    # [M] positions -> [M x dim]: sin of the first dim/2 frequencies, then cos (MAE / DiT order).
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    out = pos.double()[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def get_2d_sincos_pos_embed(dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding, [grid_size**2 x dim] float32, tokens in row-major order.
+
+    As DiT (after MAE): the first dim/2 channels encode the column index, the last dim/2 the row.
+    """
+    if dim % 4:
+        raise ValueError(f"DiT hidden_size must be divisible by 4 for the 2D sin-cos embedding, got {dim}")
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    return torch.cat([_sincos_1d(dim // 2, cols.reshape(-1)), _sincos_1d(dim // 2, rows.reshape(-1))], dim=1).float()
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens: [N x C x H x W] -> [N x (H/p)(W/p) x D] (timm's PatchEmbed)."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """[N] timesteps -> [N x D]: 256-wide sinusoid, Linear, SiLU, Linear."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256) -> None:
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """[N] labels (-1 = null) -> [N x D]; row ``num_classes`` of the table is the null embedding."""
+
+    def __init__(self, num_classes: int, hidden_size: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(torch.where(y < 0, torch.full_like(y, self.num_classes), y))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on [N x T x D] with ``qkv`` (D -> 3D) and ``proj`` (D -> D) linears.
+
+    The 3D outputs of ``qkv`` are laid out as (3, heads, D/heads), as timm's Attention.
+    """
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"DiT hidden_size={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, heads, T, D/heads)
+        return self.proj(h.transpose(1, 2).reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+    """``fc2(GELU_tanh(fc1(x)))`` on [N x T x D]."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero: c [N x D] gives shift, scale and gate for attention and MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """:param x: [N x T x D]. :param c: [N x D]. :return: [N x T x D]."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm then a linear to p*p*C_out values per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """DiT built from a :class:`difflora.config.ModelConfig` (``arch: dit``).
+
+    ``net(x, t, y=None)``: x [N x C x H x W] (H = W = image_size), t [N] timesteps (or a scalar),
+    y [N] int64 with -1 for the null label, or None (all null; ignored without a class embedding)
+    -> [N x C_out x H x W], C_out = 2C with ``learn_sigma``. ``cfg.dit.preset`` (a key of
+    :data:`DIT_PRESETS`) overrides depth, hidden_size, num_heads and patch_size.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.image_size is None or cfg.in_channels is None:
+            raise ValueError(
+                "model.image_size and model.in_channels must be set (they are filled from data in a Config)"
+            )
+        d = cfg.dit
+        if d.preset is not None:
+            if d.preset not in DIT_PRESETS:
+                raise ValueError(
+                    f"model.dit.preset: unknown preset {d.preset!r}; choose one of {', '.join(DIT_PRESETS)}"
+                )
+            depth, hidden, heads, patch = DIT_PRESETS[d.preset]
+        else:
+            depth, hidden, heads, patch = d.depth, d.hidden_size, d.num_heads, d.patch_size
+        if cfg.image_size % patch:
+            raise ValueError(f"model.dit patch_size={patch} must divide model.image_size={cfg.image_size}")
+        self.image_size = cfg.image_size
+        self.in_channels = cfg.in_channels
+        self.out_channels = cfg.out_channels
+        self.patch_size = patch
+        self.hidden_size = hidden
+        self.num_classes = cfg.num_classes if cfg.class_embed else 0
+        self.grid = cfg.image_size // patch
+
+        self.x_embedder = PatchEmbed(patch, cfg.in_channels, hidden)
+        self.t_embedder = TimestepEmbedder(hidden) if cfg.time_embed else None
+        self.y_embedder = LabelEmbedder(self.num_classes, hidden) if self.num_classes > 0 else None
+        # Fixed, so a buffer: never trained, and recomputed rather than loaded.
+        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(hidden, self.grid)[None], persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(hidden, heads, d.mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden, patch, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: adaLN-Zero and a zero final linear make a fresh model output zeros."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        # The patch conv is initialised like the linear map it is (xavier on the flattened kernel).
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.t_embedder is not None:
+            nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[N x T x p*p*C_out] tokens (row-major patches) -> [N x C_out x H x W]."""
+        n, p, g, c = x.shape[0], self.patch_size, self.grid, self.out_channels
+        x = x.reshape(n, g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, g * p, g * p)
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """The adaLN conditioning vector c [N x hidden] (see the module docstring)."""
+        device = self.pos_embed.device
+        c = torch.zeros(n, self.hidden_size, device=device, dtype=dtype)
+        if self.t_embedder is not None:
+            t = torch.as_tensor(t, device=device)
+            c = c + self.t_embedder(t.expand(n) if t.ndim == 0 else t)
+        if self.y_embedder is not None:
+            if y is None:
+                y = torch.full((n,), -1, dtype=torch.long, device=device)
+            c = c + self.y_embedder(y)
+        return c
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """:param x: [N x C x H x W]. :param t: [N]. :param y: [N] labels (-1 = null) or None.
+        :return: [N x C_out x H x W]."""
+        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D), T = (H/p)(W/p)
+        c = self.condition(t, y, x.shape[0], h.dtype)  # (N, D)
+        for block in self.blocks:
+            h = block(h, c)  # (N, T, D)
+        h = self.final_layer(h, c)  # (N, T, p*p*C_out)
+        return self.unpatchify(h)

@@ -1,0 +1,87 @@
+"""Small building blocks shared by the U-Net and DiT backbones.
+
+Everything here is plain PyTorch and knows nothing about diffusion: a sinusoidal embedding of a
+scalar per sample, an initialiser that zeroes a module, a float32 GroupNorm, and the null-label
+handling both networks share (``y == -1`` means "no class conditioning for this sample").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "GroupNorm32",
+    "count_parameters",
+    "group_norm",
+    "masked_label_embedding",
+    "timestep_embedding",
+    "zero_module",
+]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in improved-diffusion and DiT.
+
+    :param t: [N] tensor of timesteps (any real dtype).
+    :param dim: output width; an odd width gets one trailing zero column.
+    :return: [N x dim] float32 tensor, ``[cos(t f_0), ..., cos(t f_{h-1}), sin(t f_0), ...]`` with
+        ``f_i = max_period ** (-i / h)``, ``h = dim // 2``.
+    """
+    half = dim // 2
+    # Frequencies in float32 on t's device; the product is taken in float32 too so that t = 999
+    # keeps its precision even when the network itself runs in half precision.
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Set every parameter of ``module`` to zero and return it (the residual branch starts as identity)."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype (improved-diffusion's fp16 habit)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def group_norm(channels: int, groups: int = 32) -> GroupNorm32:
+    """improved-diffusion's ``normalization``: 32 groups.
+
+    When ``channels`` is not a multiple of 32 (tiny test nets with 16 or 24 channels) the number of
+    groups falls back to ``gcd(32, channels)``. The parameter count (2 * channels) is the same
+    either way, and every paper configuration uses multiples of 32, so those are unchanged.
+    """
+    if channels % groups:
+        groups = math.gcd(groups, channels)
+    return GroupNorm32(groups, channels)
+
+
+def masked_label_embedding(table: nn.Embedding, y: torch.Tensor) -> torch.Tensor:
+    """Embed class labels where the null label (-1) embeds to a zero vector.
+
+    Used by the U-Net, whose class embedding has one row per class and no null row (the
+    unconditional branch adds no class embedding). Batched: no Python loop over samples.
+
+    :param table: embedding with one row per class, [num_classes x D].
+    :param y: [N] int64 labels in {-1, 0, ..., num_classes - 1}.
+    :return: [N x D] embeddings, rows with ``y == -1`` exactly zero.
+    """
+    keep = y >= 0
+    emb = table(torch.where(keep, y, torch.zeros_like(y)))
+    return emb * keep[:, None].to(emb.dtype)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameter elements of ``module``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
