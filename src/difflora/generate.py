@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from difflora.config import Config
 from difflora.diffusion.guidance import ClassifierFreeGuidance
 from difflora.diffusion.samplers import sample
-from difflora.model import build_diffusion
+from difflora.model import DiffusionModel, build_diffusion
 
 __all__ = ["default_labels", "generate"]
 
@@ -69,25 +71,27 @@ def generate(
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((num, *shape), generator=gen)
     out = []
+    # Every sample of a sampler step shares t: the TimeLoRA update is merged once per step (exact,
+    # undone on exit); class adapters stay per sample, as classifier-free guidance needs.
+    merged = model.merged("t") if isinstance(model, DiffusionModel) else contextlib.nullcontext()
     try:
-        for start in range(0, num, s.batch_size):
-            end = min(num, start + s.batch_size)
-            kwargs = {}
-            if labels is not None:
-                kwargs["y"] = labels[start:end].to(device)
-            x = sample(
-                diffusion,
-                fn,
-                (end - start, *shape),
-                generator=gen,
-                sampler=sampler,
-                eta=eta,
-                model_kwargs=kwargs,
-                progress=progress,
-                device=device,
-                noise=noise[start:end].to(device),
-            )
-            out.append(x.cpu())
+        with merged:
+            for start in range(0, num, s.batch_size):
+                end = min(num, start + s.batch_size)
+                kwargs = {} if labels is None else {"y": labels[start:end].to(device)}
+                x = sample(
+                    diffusion,
+                    fn,
+                    (end - start, *shape),
+                    generator=gen,
+                    sampler=sampler,
+                    eta=eta,
+                    model_kwargs=kwargs,
+                    progress=progress,
+                    device=device,
+                    noise=noise[start:end].to(device),
+                )
+                out.append(x.cpu())
     finally:
         model.train(was_training)
     return torch.cat(out)

@@ -1,36 +1,142 @@
 """Build the network a config describes and wrap it as the model callable the diffusion code uses.
 
-``build_model(cfg)`` returns a :class:`DiffusionModel`: ``model(x, t, y=None)``. The wrapper is
-where per-sample conditions (t, y, task, ...) are handed to adapters for the duration of one
-forward, so that backbones keep their plain ``net(x, t, y)`` signature.
+``build_model(cfg)`` returns a :class:`DiffusionModel`: ``model(x, t, y=None, **conditions)``. The
+wrapper is where per-sample conditions (t, y, task, ...) are handed to adapters for the duration
+of one forward, so that backbones keep their plain ``net(x, t, y)`` signature.
+
+Timesteps. The diffusion hands the model IDDPM's timesteps: original-process timesteps, times
+1000/T when ``diffusion.rescale_timesteps``. Adapters read condition ``t`` as the **original-process
+integer timestep 0..T-1** (see ``difflora.adapters.weightings`` for the convention against 000's
+1..T), so the wrapper multiplies by ``timestep_scale`` (T/1000 or 1) and rounds. The backbone
+still receives the diffusion's t unchanged (its time embedding, if any, was built for that range).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
+from difflora.adapters import (
+    DEFAULT_TARGETS,
+    InjectionReport,
+    conditions,
+    freeze_base,
+    inject_adapters,
+    merge_shared,
+    unmerge_adapters,
+)
 from difflora.config import Config
 from difflora.diffusion import create_diffusion
 from difflora.nets import build_net
 
-__all__ = ["DiffusionModel", "build_diffusion", "build_model"]
+__all__ = ["DiffusionModel", "build_diffusion", "build_model", "merged_timesteps"]
 
 
 class DiffusionModel(nn.Module):
-    """The model callable: ``forward(x [N x C x H x W], t [N], y [N] | None) -> [N x C_out x H x W]``."""
+    """The model callable: ``forward(x [N x C x H x W], t [N], y [N] | None, **conditions) -> [N x C_out x H x W]``.
 
-    def __init__(self, net: nn.Module):
+    Args:
+        net: the backbone, called ``net(x, t, y)``.
+        timestep_scale: original-process timestep = model-facing ``t * timestep_scale``
+            (``T / 1000`` when the diffusion rescales timesteps, else 1).
+    """
+
+    def __init__(self, net: nn.Module, timestep_scale: float = 1.0):
         super().__init__()
         self.net = net
+        self.timestep_scale = float(timestep_scale)
+        # Conditions whose adapters are merged whenever a batch shares their value (see merged()).
+        self._merge_shared: tuple[str, ...] = ()
+        self.adapter_report: InjectionReport | None = None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(x, t, y)
+    def adapter_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """Model-facing timesteps [N] -> original-process integer timesteps [N] (int64), condition ``t``."""
+        if not t.is_floating_point() and self.timestep_scale == 1.0:
+            return t.long()
+        # Rounding undoes the float error of t * 1000 / T (the original timesteps are integers).
+        return (t.float() * self.timestep_scale).round().long()
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **extra: torch.Tensor
+    ) -> torch.Tensor:
+        """Run ``net(x, t, y)`` with adapter conditions ``t`` (original units), ``y`` and ``extra`` set.
+
+        ``extra`` (e.g. ``task=[N]``, ``guidance=[N]``) is seen by adapters only, not by the backbone.
+        """
+        values = {"t": self.adapter_timesteps(t), "y": y, **extra}
+        if self._merge_shared:
+            merge_shared(self.net, **{k: values[k] for k in self._merge_shared if k in values})
+        with conditions(**values):
+            return self.net(x, t, y)
+
+    @contextlib.contextmanager
+    def merged(self, *names: str) -> Iterator[DiffusionModel]:
+        """Fast sampling path: inside the block, adapters reading ``names`` (default ``"t"``) are
+        merged into the weights whenever every sample of a forward shares the value.
+
+        In a sampler step all samples share t, so the TimeLoRA update is merged once per step
+        (the class part stays per sample under classifier-free guidance); a batch with different
+        t falls back to the per-sample path. The decision is taken at each forward from the t the
+        model actually receives, so no sampler hook is needed and a stale merge cannot be used.
+        On exit every merge is undone (exactly: the original weights are restored). Inference
+        only: merged adapters get no gradient.
+
+            with model.merged():
+                x = sample(diffusion, model, shape, generator=g)
+        """
+        names = names or ("t",)
+        previous = self._merge_shared
+        self._merge_shared = tuple(dict.fromkeys(previous + names))
+        try:
+            yield self
+        finally:
+            self._merge_shared = previous
+            unmerge_adapters(self.net, *names)
+
+
+def merged_timesteps(model: DiffusionModel) -> contextlib.AbstractContextManager[DiffusionModel]:
+    """``with merged_timesteps(model): sample(...)``: merge the t-adapters once per sampler step."""
+    return model.merged("t")
 
 
 def build_model(cfg: Config) -> DiffusionModel:
-    """The network of ``cfg.model`` wrapped as a :class:`DiffusionModel` (weights freshly initialised)."""
-    return DiffusionModel(build_net(cfg.model))
+    """The network of ``cfg.model`` wrapped as a :class:`DiffusionModel` (weights freshly initialised).
+
+    Injects ``cfg.model.adapters`` (empty targets: the backbone's attention projections,
+    :data:`difflora.adapters.DEFAULT_TARGETS`) and freezes every non-adapter parameter when
+    ``cfg.train.train_base`` is false. The injection report is kept as ``model.adapter_report``.
+    """
+    net = build_net(cfg.model)
+    report = None
+    if cfg.model.adapters:
+        for a in cfg.model.adapters:
+            if a.condition == "t" and a.weighting != "linear" and a.num_values < cfg.diffusion.steps:
+                raise ValueError(
+                    f"model.adapters[{a.name}].num_values ({a.num_values}) covers timesteps 0..{a.num_values - 1} "
+                    f"but diffusion.steps is {cfg.diffusion.steps}; set num_values >= {cfg.diffusion.steps}"
+                )
+            if a.condition == "t" and a.weighting == "linear":
+                high = a.value_range[1] if a.value_range is not None else a.num_values - 1
+                if high < cfg.diffusion.steps - 1:
+                    raise ValueError(
+                        f"model.adapters[{a.name}]: the linear weighting spans timesteps up to {high:g} but "
+                        f"diffusion.steps is {cfg.diffusion.steps}; set num_values >= {cfg.diffusion.steps}"
+                    )
+            if a.condition == "y" and cfg.model.num_classes and a.num_values != cfg.model.num_classes:
+                raise ValueError(
+                    f"model.adapters[{a.name}].num_values ({a.num_values}) differs from model.num_classes "
+                    f"({cfg.model.num_classes}): a class adapter needs one entry per class"
+                )
+        report = inject_adapters(net, cfg.model.adapters, DEFAULT_TARGETS.get(cfg.model.arch, ()))
+        if not cfg.train.train_base:
+            freeze_base(net)
+    scale = cfg.diffusion.steps / 1000.0 if cfg.diffusion.rescale_timesteps else 1.0
+    model = DiffusionModel(net, timestep_scale=scale)
+    model.adapter_report = report
+    return model
 
 
 def build_diffusion(cfg: Config, respacing: str | int | None = None):

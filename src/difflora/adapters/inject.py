@@ -1,0 +1,308 @@
+"""Inject conditional adapters into any ``nn.Module`` by module path, and act on all of them at once.
+
+``inject_adapter(model, "time", weighting_factory, condition="t", targets=["qkv", "proj_out"])``
+replaces every matching layer by a :class:`~difflora.adapters.layer.ConditionalLoRA` (or adds the
+adapter to an existing wrapper, so TimeLoRA and ClassLoRA share one wrapper per projection) and
+returns an :class:`InjectionReport`. A target is
+
+* an exact module path (``"input_blocks.4.1.qkv"``),
+* a suffix of whole path components (``"qkv"`` matches ``"middle_block.1.qkv"``, not ``"myqkv"``),
+* or a regex matched against the whole path when prefixed with ``"re:"`` (``"re:.*blocks\\.[0-3]\\.attn\\.qkv"``).
+
+A target that matches nothing, or that matches a module that cannot be wrapped, is an error that
+names it. Since adapters are zero-initialised (B = 0), injection changes no output.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from difflora.adapters.context import ConditionValue
+from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA, LoRABank
+from difflora.adapters.weightings import IndexWeighting, LinearWeighting, TrainableWeighting, Weighting
+from difflora.config import AdapterConfig
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "InjectedLayer",
+    "InjectionReport",
+    "adapter_layers",
+    "adapter_parameters",
+    "find_targets",
+    "freeze_base",
+    "inject_adapter",
+    "inject_adapters",
+    "make_weighting",
+    "match_target",
+    "merge_adapters",
+    "merge_shared",
+    "unmerge_adapters",
+]
+
+# The "dense weights in attention blocks" of each backbone (000 section 3): the IDDPM U-Net's
+# AttentionBlock has 1x1 Conv1d ``qkv`` and ``proj_out``; DiT's Attention has Linear ``qkv``, ``proj``.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "unet": ("qkv", "proj_out"),
+    "dit": ("attn.qkv", "attn.proj"),
+}
+
+
+@dataclass
+class InjectedLayer:
+    """One layer that received an adapter."""
+
+    path: str
+    layer_type: str
+    in_features: int
+    out_features: int
+    adapter: str
+    condition: str
+    num_params: int
+
+
+@dataclass
+class InjectionReport:
+    """What an injection wrapped: one :class:`InjectedLayer` per (layer, adapter)."""
+
+    layers: list[InjectedLayer] = field(default_factory=list)
+    total_params: int = 0
+
+    @property
+    def paths(self) -> list[str]:
+        return list(dict.fromkeys(layer.path for layer in self.layers))
+
+    @property
+    def adapter_params(self) -> int:
+        return sum(layer.num_params for layer in self.layers)
+
+    def extend(self, other: InjectionReport) -> None:
+        self.layers.extend(other.layers)
+        self.total_params = other.total_params
+
+    def __str__(self) -> str:
+        rows = [f"{'path':<40} {'type':<7} {'in':>5} {'out':>5} {'adapter':<10} {'cond':<5} {'params':>10}"]
+        for e in self.layers:
+            rows.append(
+                f"{e.path:<40} {e.layer_type:<7} {e.in_features:>5} {e.out_features:>5} {e.adapter:<10} "
+                f"{e.condition:<5} {e.num_params:>10,}"
+            )
+        rows.append(
+            f"{len(self.paths)} layers wrapped, {self.adapter_params:,} adapter parameters added; "
+            f"model total {self.total_params:,}"
+        )
+        return "\n".join(rows)
+
+
+def match_target(path: str, target: str) -> bool:
+    """Whether module ``path`` matches ``target`` (exact, dotted suffix, or ``re:`` full-match regex)."""
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], path) is not None
+    return path == target or path.endswith("." + target)
+
+
+def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules, skipping those inside a wrapper (its base layer and banks are not targets)."""
+    inside: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, ConditionalLoRA):
+            inside.append(path)
+        yield path, module
+
+
+def find_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Paths of the modules ``targets`` select, in model order; errors on no match or unsupported types."""
+    if not targets:
+        raise ValueError("no adapter targets given (module paths, suffixes, or 're:' regexes)")
+    found: list[str] = []
+    unmatched = set(targets)
+    wrappable: list[str] = []
+    for path, module in _candidates(model):
+        if isinstance(module, SUPPORTED_LAYERS + (ConditionalLoRA,)):
+            wrappable.append(path)
+        hits = [t for t in targets if path and match_target(path, t)]
+        if not hits:
+            continue
+        unmatched.difference_update(hits)
+        if not isinstance(module, SUPPORTED_LAYERS + (ConditionalLoRA,)):
+            raise ValueError(
+                f"adapter target {hits[0]!r} matches {path!r}, a {type(module).__name__}; adapters wrap "
+                f"nn.Linear and nn.Conv1d/2d/3d only: make the target more specific"
+            )
+        found.append(path)
+    if unmatched:
+        lines = []
+        for t in sorted(unmatched):
+            close = difflib.get_close_matches(t, wrappable, n=3, cutoff=0.3)
+            hint = f" (close: {', '.join(close)})" if close else ""
+            lines.append(f"{t!r}{hint}")
+        sample = ", ".join(wrappable[:6]) + (", ..." if len(wrappable) > 6 else "")
+        raise ValueError(
+            f"adapter targets matched no module: {'; '.join(lines)}. Targets are exact paths, dotted "
+            f"suffixes or 're:' regexes; wrappable layers include: {sample or 'none'}"
+        )
+    return found
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def inject_adapter(
+    model: nn.Module,
+    name: str,
+    weighting: Callable[[], Weighting],
+    condition: str,
+    targets: Sequence[str],
+    rank: int = 4,
+    alpha: float | None = None,
+) -> InjectionReport:
+    """Add adapter ``name`` (reading ``condition``) to every layer ``targets`` selects, in place.
+
+    ``weighting`` is called once per layer (each layer gets its own weighting, e.g. its own
+    trainable table). Raises ``ValueError`` on no match; ``model`` is unchanged on error.
+    """
+    paths = find_targets(model, targets)
+    for path in paths:
+        module = model.get_submodule(path)
+        if isinstance(module, ConditionalLoRA) and name in module.adapters:
+            raise ValueError(f"{path!r} already has an adapter named {name!r}")
+    report = InjectionReport()
+    for path in paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, ConditionalLoRA):
+            module = ConditionalLoRA(module)
+            _set_submodule(model, path, module)
+        bank = module.add_adapter(name, weighting(), condition, rank, alpha)
+        report.layers.append(
+            InjectedLayer(
+                path=path,
+                layer_type=type(module.base_layer).__name__,
+                in_features=module.in_features,
+                out_features=module.out_features,
+                adapter=name,
+                condition=condition,
+                num_params=sum(p.numel() for p in bank.parameters()),
+            )
+        )
+    report.total_params = sum(p.numel() for p in model.parameters())
+    return report
+
+
+def make_weighting(cfg: AdapterConfig) -> Weighting:
+    """A fresh weighting for one layer from an :class:`~difflora.config.AdapterConfig`."""
+    if cfg.weighting == "index":
+        return IndexWeighting(cfg.num_values)
+    assert cfg.num_bases is not None  # the config validates it
+    if cfg.weighting == "linear":
+        low, high = cfg.value_range if cfg.value_range is not None else (0.0, float(cfg.num_values - 1))
+        return LinearWeighting(cfg.num_bases, low, high)
+    return TrainableWeighting(cfg.num_values, cfg.num_bases, cfg.init)
+
+
+def inject_adapters(
+    model: nn.Module, configs: Sequence[AdapterConfig], default_targets: Sequence[str] = ()
+) -> InjectionReport:
+    """Inject every adapter of ``configs`` (``cfg.model.adapters``); empty ``targets`` use ``default_targets``."""
+    report = InjectionReport()
+    for cfg in configs:
+        targets = list(cfg.targets) or list(default_targets)
+        if not targets:
+            raise ValueError(f"adapter {cfg.name!r}: no targets given and no default targets for this model")
+        report.extend(
+            inject_adapter(
+                model, cfg.name, lambda cfg=cfg: make_weighting(cfg), cfg.condition, targets, cfg.rank, cfg.alpha
+            )
+        )
+    report.total_params = sum(p.numel() for p in model.parameters())
+    return report
+
+
+# --- acting on every adapter of a model ----------------------------------------------------------
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, ConditionalLoRA]]:
+    """``(path, wrapper)`` for every :class:`ConditionalLoRA` in ``model``."""
+    for path, module in model.named_modules():
+        if isinstance(module, ConditionalLoRA):
+            yield path, module
+
+
+def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The adapters' own parameters (lora_A, lora_B, trainable weighting tables)."""
+    for module in model.modules():
+        if isinstance(module, LoRABank):
+            yield from module.parameters()
+
+
+def freeze_base(model: nn.Module, frozen: bool = True) -> int:
+    """Set ``requires_grad = not frozen`` on every parameter that is not an adapter's; returns their count."""
+    own = {id(p) for p in adapter_parameters(model)}
+    count = 0
+    for p in model.parameters():
+        if id(p) not in own:
+            p.requires_grad_(not frozen)
+            count += p.numel()
+    return count
+
+
+def merge_adapters(model: nn.Module, **values: ConditionValue) -> None:
+    """:meth:`ConditionalLoRA.merge` on every wrapper: ``merge_adapters(model, t=500)``."""
+    for _, layer in adapter_layers(model):
+        layer.merge(**values)
+
+
+def unmerge_adapters(model: nn.Module, *conditions: str) -> None:
+    """:meth:`ConditionalLoRA.unmerge` on every wrapper (all merged adapters if no condition is named)."""
+    for _, layer in adapter_layers(model):
+        layer.unmerge(*conditions)
+
+
+def _shared_value(value: ConditionValue) -> tuple[bool, Any]:
+    """(True, v) if every sample of the batch has the value v, else (False, None)."""
+    if not isinstance(value, torch.Tensor):
+        return True, value
+    flat = value.reshape(-1)
+    if flat.numel() == 0:
+        return False, None
+    first = flat[:1]
+    if flat.numel() > 1 and not bool((flat == first).all()):
+        return False, None
+    return True, first[0]
+
+
+def merge_shared(model: nn.Module, **values: ConditionValue) -> dict[str, bool]:
+    """Merge the adapters reading each condition whose batch values are all equal; unmerge the others.
+
+    The fast sampling path: in a sampler step every sample shares t, so ``merge_shared(net, t=t)``
+    merges the TimeLoRA update once, while ClassLoRA (different y per sample under classifier-free
+    guidance) stays per sample. With different t in a batch the t-adapters fall back to the
+    per-sample path. Merging at the value already merged is a no-op. Returns {condition: merged}.
+    """
+    merged: dict[str, bool] = {}
+    to_merge: dict[str, Any] = {}
+    for name, value in values.items():
+        shared, v = _shared_value(value)
+        merged[name] = shared
+        if shared:
+            to_merge[name] = v.item() if isinstance(v, torch.Tensor) else v
+    for _, layer in adapter_layers(model):
+        stale = [c for c, ok in merged.items() if not ok]
+        if stale:
+            layer.unmerge(*stale)
+        # Skip layers already merged at these values (the common case within one sampler step).
+        wanted = {n: to_merge[b.condition] for n, b in layer.adapters.items() if b.condition in to_merge}
+        if wanted and any(layer.merged.get(n, _MISSING) != v for n, v in wanted.items()):
+            layer.merge(**to_merge)
+    return merged
+
+
+_MISSING = object()

@@ -1,0 +1,275 @@
+"""Weightings: map each sample's condition value to mixing weights over an adapter's bank of LoRAs.
+
+An adapter computes ``W(c) = W + scaling * sum_i w_i(c) B_i A_i``; the weighting supplies w(c) for
+a batch of values ``c`` ([N]). Two output forms, chosen so that no weight matrix is ever built per
+sample:
+
+* **sparse** (:class:`IndexWeighting`, :class:`LinearWeighting`): each sample uses at most K bases
+  (K = 1 or 2). The weighting returns ``index`` [N x K] and ``weight`` [N x K]; the layer gathers
+  only those K factors per sample.
+* **dense** (:class:`TrainableWeighting`): every basis may be used. The weighting returns ``weight``
+  [N x num_bases]; the layer applies all bases once (shared across the batch) and mixes the
+  results in rank space.
+
+Timestep convention (000 sections 3.2 and 5). 000 counts timesteps 1..T and puts basis time
+``t_i = 1 + i k``, ``k = (T - 1) / m``. difflora counts as code does, **0..T-1**, with ``t = t_paper - 1``,
+so basis ``i`` sits at ``t_i = i k`` (``t_0 = 0``, ``t_m = T - 1``). ``T = num_values`` is the number of
+values the adapter covers: 000's m = 10 runs use T = 4001 with a 4000-step diffusion (values
+0..3999 occur; row 4000 of a trainable table is never read, exactly as in the paper's parameter
+counts). Linear interpolation is exact at the basis times (weight 1 on basis i at t = t_i).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "IndexWeighting",
+    "LinearWeighting",
+    "Mix",
+    "NULL_VALUE",
+    "TrainableWeighting",
+    "Weighting",
+    "check_values",
+    "weighting_from_spec",
+]
+
+# The null value of index weightings: y == -1 is classifier-free guidance's unconditional label,
+# and for any index-weighted condition it means "this sample gets no update".
+NULL_VALUE = -1
+
+
+@dataclass
+class Mix:
+    """Mixing weights of a batch over a bank of ``num_bases`` LoRAs.
+
+    Sparse: ``index`` [N x K] (int64) and ``weight`` [N x K]. Dense: ``index`` is None and ``weight``
+    is [N x num_bases].
+    """
+
+    weight: torch.Tensor
+    index: torch.Tensor | None = None
+
+    def dense(self, num_bases: int) -> torch.Tensor:
+        """The same weights as an [N x num_bases] matrix (for merges, tests and inspection)."""
+        if self.index is None:
+            return self.weight
+        out = self.weight.new_zeros(self.weight.shape[0], num_bases)
+        return out.scatter_add(1, self.index, self.weight)
+
+
+def check_values(ok: torch.Tensor, message: Callable[[], str], short: str) -> None:
+    """Raise ``ValueError(message())`` unless every entry of the bool tensor ``ok`` is true.
+
+    On CPU this is a plain check. Elsewhere it is an asynchronous device assert with the ``short``
+    message, so that adapters never force a host-device synchronisation per layer and per forward.
+    The long message is built only on failure (it reads tensor values).
+    """
+    if ok.device.type == "cpu":
+        if not bool(ok.all()):
+            raise ValueError(message())
+    else:
+        torch._assert_async(ok.all(), short)
+
+
+def _integral(values: torch.Tensor, what: str) -> torch.Tensor:
+    if values.is_floating_point():
+        check_values(
+            values == values.round(), lambda: f"{what}: values must be integers, got {values.tolist()[:8]}", what
+        )
+        values = values.round()
+    return values.long()
+
+
+def _position_dtype(device: torch.device) -> torch.dtype:
+    # float64 keeps interpolation positions exact for any realistic T * m; MPS has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class Weighting(nn.Module):
+    """Base class: ``forward(values [N]) -> Mix`` over ``num_bases`` bases."""
+
+    kind: str = ""
+    num_bases: int
+    sparse: bool
+
+    def forward(self, values: torch.Tensor | None) -> Mix | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description from which :func:`weighting_from_spec` rebuilds the weighting."""
+        raise NotImplementedError
+
+
+class IndexWeighting(Weighting):
+    """One bank entry per value (non-compositional TimeLoRA, ClassLoRA, one adapter per task).
+
+    ``values`` [N] integers in ``0..num_values-1``, or ``-1`` (:data:`NULL_VALUE`): weight 0, no update.
+    ``values=None`` (whole batch null, ``y=None``) returns None: the adapter adds nothing.
+    """
+
+    kind = "index"
+    sparse = True
+
+    def __init__(self, num_values: int):
+        super().__init__()
+        if num_values < 1:
+            raise ValueError(f"IndexWeighting: num_values must be >= 1, got {num_values}")
+        self.num_values = self.num_bases = int(num_values)
+
+    def forward(self, values: torch.Tensor | None) -> Mix | None:
+        if values is None:
+            return None
+        v = _integral(values, "index weighting")
+        check_values(
+            (v >= NULL_VALUE) & (v < self.num_values),
+            lambda: (
+                f"index weighting: values must be in 0..{self.num_values - 1} (or {NULL_VALUE} for no "
+                f"update), got min {int(v.min())}, max {int(v.max())}"
+            ),
+            "index weighting: value out of range",
+        )
+        keep = v != NULL_VALUE
+        # A null sample gathers bank entry 0 with weight 0: same shapes for every sample, no branch.
+        return Mix(weight=keep.float()[:, None], index=torch.where(keep, v, 0)[:, None])
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_values": self.num_values}
+
+    def extra_repr(self) -> str:
+        return f"num_values={self.num_values}"
+
+
+class LinearWeighting(Weighting):
+    """Linear interpolation between the two nearest of ``m + 1 = num_bases`` evenly spaced bases (000 3.2).
+
+    Basis i sits at ``low + i (high - low) / m``; for values between basis i and i+1 the weights are
+    ``(t_{i+1} - t) / (t_{i+1} - t_i)`` and ``(t - t_i) / (t_{i+1} - t_i)``, all others zero. Values
+    outside ``[low, high]`` are an error. For timesteps ``low = 0, high = T - 1`` (module docstring).
+    Real-valued conditions (e.g. a guidance scale) work the same way.
+    """
+
+    kind = "linear"
+    sparse = True
+
+    def __init__(self, num_bases: int, low: float, high: float):
+        super().__init__()
+        if num_bases < 2:
+            raise ValueError(f"LinearWeighting: num_bases (m + 1) must be >= 2, got {num_bases}")
+        if not high > low:
+            raise ValueError(f"LinearWeighting: need high > low, got low={low}, high={high}")
+        self.num_bases = int(num_bases)
+        self.low, self.high = float(low), float(high)
+
+    def basis_points(self) -> torch.Tensor:
+        """The condition values at which the bases sit: [num_bases] (float64)."""
+        m = self.num_bases - 1
+        return torch.tensor([self.low + i * (self.high - self.low) / m for i in range(m + 1)], dtype=torch.float64)
+
+    def forward(self, values: torch.Tensor | None) -> Mix:
+        if values is None:
+            raise ValueError("linear weighting: the condition is None; it needs a value for every sample")
+        m = self.num_bases - 1
+        v = values.to(_position_dtype(values.device))
+        check_values(
+            (v >= self.low) & (v <= self.high),
+            lambda: (
+                f"linear weighting: values must be in [{self.low:g}, {self.high:g}], got min "
+                f"{float(v.min()):g}, max {float(v.max()):g}"
+            ),
+            "linear weighting: value out of range",
+        )
+        # Position in basis units. (v - low) * m is computed before the division so that values on
+        # a basis give an exact integer position (IEEE division of exact multiples is exact).
+        pos = (v - self.low) * m / (self.high - self.low)
+        lower = pos.floor().clamp(0, m - 1)
+        frac = pos - lower
+        index = torch.stack([lower, lower + 1], dim=1).long()
+        weight = torch.stack([1 - frac, frac], dim=1)  # float64 (float32 on MPS); the layer casts
+        return Mix(weight=weight, index=index)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_bases": self.num_bases, "low": self.low, "high": self.high}
+
+    def extra_repr(self) -> str:
+        return f"num_bases={self.num_bases}, low={self.low:g}, high={self.high:g}"
+
+
+class TrainableWeighting(Weighting):
+    """A trainable table ``table`` [num_values x num_bases]: sample with value t mixes row t (000 3.2).
+
+    Initialisations (basis i sits at ``t_i = i (T - 1) / m``, T = num_values, m = num_bases - 1):
+
+    * ``gaussian``: every entry N(0, 1) (000 C.1: PyTorch's default ``normal_``).
+    * ``onehot``: row t is one-hot at the basis i with ``t_i <= t < t_{i+1}`` (the last basis
+      takes ``t = t_m``).
+    * ``linear``: row t equals :class:`LinearWeighting`'s weights at t.
+    """
+
+    kind = "trainable"
+    sparse = False
+
+    def __init__(self, num_values: int, num_bases: int, init: Literal["gaussian", "onehot", "linear"] = "linear"):
+        super().__init__()
+        if num_values < 2 or num_bases < 2:
+            raise ValueError(
+                f"TrainableWeighting: need num_values >= 2 and num_bases >= 2, got {num_values}, {num_bases}"
+            )
+        self.num_values, self.num_bases, self.init = int(num_values), int(num_bases), init
+        self.table = nn.Parameter(torch.empty(self.num_values, self.num_bases))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        t = torch.arange(self.num_values, dtype=torch.float64)
+        m = self.num_bases - 1
+        if self.init == "gaussian":
+            nn.init.normal_(self.table, 0.0, 1.0)
+        elif self.init == "onehot":
+            basis = torch.floor(t * m / (self.num_values - 1)).clamp(max=m).long()
+            self.table.copy_(nn.functional.one_hot(basis, self.num_bases).to(self.table.dtype))
+        elif self.init == "linear":
+            mix = LinearWeighting(self.num_bases, 0, self.num_values - 1)(t)
+            self.table.copy_(mix.dense(self.num_bases))
+        else:
+            raise ValueError(f"TrainableWeighting: init must be gaussian, onehot or linear, got {self.init!r}")
+
+    def forward(self, values: torch.Tensor | None) -> Mix:
+        if values is None:
+            raise ValueError("trainable weighting: the condition is None; it needs a value for every sample")
+        v = _integral(values, "trainable weighting")
+        check_values(
+            (v >= 0) & (v < self.num_values),
+            lambda: (
+                f"trainable weighting: values must be in 0..{self.num_values - 1}, got min {int(v.min())}, "
+                f"max {int(v.max())}"
+            ),
+            "trainable weighting: value out of range",
+        )
+        return Mix(weight=self.table[v])
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_values": self.num_values, "num_bases": self.num_bases, "init": self.init}
+
+    def extra_repr(self) -> str:
+        return f"num_values={self.num_values}, num_bases={self.num_bases}, init={self.init}"
+
+
+def weighting_from_spec(spec: dict[str, Any]) -> Weighting:
+    """Rebuild a weighting from :meth:`Weighting.spec` (adapter files store these)."""
+    kind = spec.get("kind")
+    try:
+        if kind == "index":
+            return IndexWeighting(spec["num_values"])
+        if kind == "linear":
+            return LinearWeighting(spec["num_bases"], spec["low"], spec["high"])
+        if kind == "trainable":
+            return TrainableWeighting(spec["num_values"], spec["num_bases"], spec.get("init", "linear"))
+    except KeyError as exc:
+        raise ValueError(f"weighting spec {spec} lacks key {exc}") from None
+    raise ValueError(f"unknown weighting kind {kind!r}; valid: index, linear, trainable")
