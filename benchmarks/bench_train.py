@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = [  # (config, batch size, timed steps)
     ("tiny-unet", 16, 30),
     ("tiny-dit", 16, 30),
-    ("digits", 128, 10),
+    ("digits", 64, 10),
     ("paper/iddpm-cifar10", 8, 3),
 ]
 
