@@ -138,6 +138,16 @@ def _cmd_params(args) -> int:
     return 0
 
 
+def _cmd_plot_weights(args) -> int:
+    from difflora.plots import plot_weights
+
+    if args.out is not None and not args.out.lower().endswith(".png"):
+        raise CLIError(f"--out must name a .png file, got {args.out}")
+    path, layer, matrix = plot_weights(args.run_dir, args.layer, args.out, args.weights, args.adapter)
+    print(f"wrote the composition weights of {layer} ({matrix.shape[0]} bases) to {path}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from difflora.train import train
 
@@ -196,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(pr)
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(fn=_cmd_params)
+
+    pw = sub.add_parser("plot-weights", help="heatmap of a run's trained TimeLoRA composition weights (000 Figure 3)")
+    pw.add_argument("run_dir")
+    pw.add_argument(
+        "--layer",
+        default=None,
+        help="a wrapped layer's path or suffix, or 'all' to average every layer "
+        "(default: middle_block.1.qkv in the U-Net, the median block's attn.qkv in a DiT)",
+    )
+    pw.add_argument("--adapter", default=None, help="adapter name (default: the run's only trainable one)")
+    pw.add_argument("--weights", choices=["ema", "model"], default="ema")
+    pw.add_argument("--out", default=None, help="output PNG (default: RUN_DIR/weights.png)")
+    pw.set_defaults(fn=_cmd_plot_weights)
 
     d = sub.add_parser("demo", help="train the digits preset on the embedded data and write a sample grid")
     d.add_argument("--out", default="runs/demo")

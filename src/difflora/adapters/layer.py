@@ -206,7 +206,7 @@ class ConditionalLoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         n = x.shape[0]
-        gathered_a, gathered_b = [], []
+        gathered_a, gathered_bt, scales = [], [], []
         for name, bank in self.adapters.items():
             if name in self.merged:
                 continue
@@ -215,37 +215,50 @@ class ConditionalLoRA(nn.Module):
                 continue
             scale = (mix.weight * bank.scaling).to(x.dtype)
             if mix.index is not None:
-                # Sparse: gather the K factors each sample uses and fold its weights into B.
-                # index_select (backward: index_add) rather than advanced indexing, whose CPU
-                # backward is a slow accumulate-put.
+                # Sparse: gather the K factors each sample uses. index_select (backward: index_add)
+                # rather than advanced indexing, whose CPU backward is a slow accumulate-put.
                 k = mix.index.shape[1]
                 nb, r = bank.lora_A.shape[:2]
                 flat = mix.index.reshape(-1)
                 a = bank.lora_A.reshape(nb, -1).index_select(0, flat).to(x.dtype)  # (N K, r F)
-                b = bank.lora_B.reshape(nb, -1).index_select(0, flat).to(x.dtype)  # (N K, d_out r)
-                b = b.view(n, k, self.out_features, r) * scale[:, :, None, None]
+                # B transposed per gathered factor, (N, K r, d_out): rows in the same (k, r) order as
+                # a's, so that one bmm with a transposed operand applies all K factors at once.
+                bt = bank.lora_B.index_select(0, flat).to(x.dtype).transpose(1, 2)  # (N K, r, d_out)
                 gathered_a.append(a.view(n, k * r, self.fan_in))
-                gathered_b.append(b.permute(0, 2, 1, 3).reshape(n, self.out_features, k * r))
+                gathered_bt.append(bt.reshape(n, k * r, self.out_features))
+                # The weights scale rank space (N x K r numbers), not the gathered B (N x d_out x K r).
+                scales.append(scale.repeat_interleave(r, dim=1))
             else:
-                out = out + self._dense_delta(x, bank, scale)
+                out = self._add_dense_delta(out, x, bank, scale)
         if gathered_a:
             # All sparse adapters of the layer (e.g. TimeLoRA + ClassLoRA) in one pair of bmm's.
             a = gathered_a[0] if len(gathered_a) == 1 else torch.cat(gathered_a, dim=1)
-            b = gathered_b[0] if len(gathered_b) == 1 else torch.cat(gathered_b, dim=2)
-            out = self._add_sparse_delta(out, x, a, b)
+            bt = gathered_bt[0] if len(gathered_bt) == 1 else torch.cat(gathered_bt, dim=1)
+            s = scales[0] if len(scales) == 1 else torch.cat(scales, dim=1)
+            out = self._add_sparse_delta(out, x, a, bt, s)
         return out
 
-    def _add_sparse_delta(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``out + B_g (A_g x)`` per sample; ``a`` [N x R x F], ``b`` [N x d_out x R] (weights folded in).
+    @staticmethod
+    def _add_into(out: torch.Tensor, shape: tuple[int, ...], b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+        """``out + b1 @ b2`` (batched; ``out`` seen as ``shape``), into ``out`` itself when possible.
 
-        The last product is a ``baddbmm`` into the base output: no separate full-size add.
+        In place saves a full copy of the output, the largest tensor here; it is safe because
+        Linear / Conv backward does not read the layer's output. Only when ``out`` already has the
+        3-d shape: in place on a *view* would make autograd copy the whole tensor back (CopySlices).
         """
+        if out.is_contiguous() and out.view(shape).shape == out.shape:
+            return out.baddbmm_(b1, b2)
+        return torch.baddbmm(out.reshape(shape), b1, b2).reshape(out.shape)
+
+    def _add_sparse_delta(
+        self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, s: torch.Tensor
+    ) -> torch.Tensor:
+        """``out + B_g (s * (A_g x))`` per sample; ``a`` [N x R x F], ``bt`` [N x R x d_out], ``s`` [N x R]."""
         n = x.shape[0]
         if self.kind == "linear":
             x3 = x.reshape(n, -1, self.in_features)  # (N, L, F)
-            h = torch.bmm(x3, a.transpose(1, 2))  # (N, L, R)
-            out3 = out.reshape(n, -1, self.out_features)
-            return torch.baddbmm(out3, h, b.transpose(1, 2)).reshape(out.shape)
+            h = torch.bmm(x3, a.transpose(1, 2)) * s[:, None, :]  # (N, L, R)
+            return self._add_into(out, (n, -1, self.out_features), h, bt)
         if self.pointwise:
             x3 = x.reshape(n, self.in_features, -1)  # (N, C, L)
             h = torch.bmm(a, x3)  # (N, R, L)
@@ -258,10 +271,10 @@ class ConditionalLoRA(nn.Module):
             h = conv(x1, weight, None, base.stride, base.padding, base.dilation, n).reshape(
                 n, a.shape[1], -1
             )  # (N, R, L')
-        return torch.baddbmm(out.reshape(n, self.out_features, -1), b, h).reshape(out.shape)
+        return self._add_into(out, (n, self.out_features, -1), bt.transpose(1, 2), h * s[:, :, None])
 
-    def _dense_delta(self, x: torch.Tensor, bank: LoRABank, scale: torch.Tensor) -> torch.Tensor:
-        """All bases applied once (shared), mixed per sample in rank space. ``scale`` [N x num_bases]."""
+    def _add_dense_delta(self, out: torch.Tensor, x: torch.Tensor, bank: LoRABank, scale: torch.Tensor) -> torch.Tensor:
+        """``out +`` all bases applied once (shared), mixed per sample in rank space. ``scale`` [N x num_bases]."""
         n = x.shape[0]
         nb, r = bank.lora_A.shape[:2]
         a = bank.lora_A.to(x.dtype).reshape(nb * r, self.fan_in)  # (B r, F)
@@ -270,19 +283,19 @@ class ConditionalLoRA(nn.Module):
         if self.kind == "linear":
             x3 = x.reshape(n, -1, self.in_features)
             h = torch.matmul(x3, a.t()) * s[:, None, :]  # (N, L, B r)
-            return torch.matmul(h, b.t()).reshape(*x.shape[:-1], self.out_features)
+            # B is shared by the batch: one GEMM over all N L tokens, added into out.
+            return self._add_into(out, (1, -1, self.out_features), h.reshape(1, -1, nb * r), b.t()[None])
         if self.pointwise:
             x3 = x.reshape(n, self.in_features, -1)
             h = torch.matmul(a, x3) * s[:, :, None]  # (N, B r, L)
-            return torch.matmul(b, h).reshape(n, self.out_features, *x.shape[2:])
+            return self._add_into(out, (n, self.out_features, -1), b.expand(n, -1, -1), h)
         base = self.base_layer
         conv = _CONV_FN[len(base.kernel_size)]
         h = conv(
             x, a.reshape(nb * r, self.in_features, *base.kernel_size), None, base.stride, base.padding, base.dilation
         )
-        spatial = h.shape[2:]
         h = h.reshape(n, nb * r, -1) * s[:, :, None]
-        return torch.matmul(b, h).reshape(n, self.out_features, *spatial)
+        return self._add_into(out, (n, self.out_features, -1), b.expand(n, -1, -1), h)
 
     # --- delta weights, merge, unmerge ---------------------------------------------------------
     def get_delta_weight(self, **values: ConditionValue) -> torch.Tensor:

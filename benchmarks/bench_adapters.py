@@ -1,0 +1,280 @@
+"""Cost of conditional LoRA (TimeLoRA), measured side by side in one run: the layer and a sampling step.
+
+1. Forward + backward of the adapted attention projection of 000's U-Net: the qkv 1x1 Conv1d
+   256 -> 768 on 64 tokens (an 8x8 attention map), batch 64, a different timestep per sample,
+   m = 10 (11 bases), r = 4, against
+
+   * the plain layer (the cost floor),
+   * a naive per-sample weight: ``W_n = W + sum_i w_i(t_n) B_i A_i`` built for every sample and
+     applied with one batched matmul (einsum + bmm), and the same naive scheme with a Python loop
+     over samples.
+
+   Reported for the linear-interpolation weighting (sparse: 2 bases per sample; the adapter gathers
+   them), for the same weighting computed densely (all 44 rows of A in one shared GEMM: the
+   alternative design, kept here for comparison) and for a trainable table (dense: all 11 bases).
+2. One sampling step (a no-grad forward of all samples at one shared t) of the TimeLoRA U-Net of
+   000 (no time embedding; the TimeLoRA update merged into W once per step, merge included in the
+   time: each timed step uses a new t) against the time-embedding U-Net of the same width. The
+   architecture is 000's CIFAR-10 one (128 channels, 32 px); the batch is ``--sample-batch``.
+
+Timing: all variants of a part are interleaved within each repeat (so a slow phase of the shared
+machine hits them all), each repeat times ``--iters`` calls, the reported time is the median over
+repeats and the noise is the spread (max - min) / median across repeats. Ratios are of medians.
+
+    python benchmarks/bench_adapters.py              # writes benchmarks/results/adapters.json
+    python benchmarks/bench_adapters.py --quick      # fewer repeats, smaller sampling batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TARGETS = {"adapted_over_plain": 1.10, "naive_over_adapted": 5.0, "timelora_over_embedding_unet": 1.0}
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, iters: int) -> dict[str, dict]:
+    """Median seconds per call of each function, timed in interleaved repeats, and the spread."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up: allocation, first touch, lazy init
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            times[name].append((time.perf_counter() - t0) / iters)
+    out = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = {
+            "median_ms": med * 1e3,
+            "min_ms": min(ts) * 1e3,
+            "max_ms": max(ts) * 1e3,
+            "spread": (max(ts) - min(ts)) / med,
+        }
+    return out
+
+
+def bench_layer(repeats: int, iters: int, batch: int = 64, tokens: int = 64, d: int = 256) -> dict:
+    from difflora.adapters import ConditionalLoRA, LinearWeighting, TrainableWeighting, conditions
+
+    torch.manual_seed(0)
+    m, r, T = 10, 4, 4001
+    d_out = 3 * d
+    base = nn.Conv1d(d, d_out, 1)
+    x = torch.randn(batch, d, tokens, requires_grad=True)
+    grad = torch.randn(batch, d_out, tokens)
+    t = torch.randint(0, T - 1, (batch,))
+
+    def adapted(weighting):
+        layer = ConditionalLoRA(nn.Conv1d(d, d_out, 1), weighting, "t", rank=r)
+        layer.base_layer.load_state_dict(base.state_dict())
+        with torch.no_grad():  # trained-looking factors (B = 0 at init would let no one skip work anyway)
+            for bank in layer.adapters.values():
+                bank.lora_B.normal_(0, 0.02)
+        return layer
+
+    linear = adapted(LinearWeighting(m + 1, 0, T - 1))
+    table = adapted(TrainableWeighting(T, m + 1, "linear"))
+    bank = linear.adapters["default"]
+    A, B = bank.lora_A, bank.lora_B  # [m+1 x r x d], [m+1 x d_out x r]
+    W, bias = base.weight, base.bias  # [d_out x d x 1], [d_out]
+
+    def run_plain():
+        base.zero_grad(set_to_none=True)
+        x.grad = None
+        base(x).backward(grad)
+
+    def run_layer(layer):
+        def f():
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            with conditions(t=t):
+                out = layer(x)
+            out.backward(grad)
+
+        return f
+
+    def naive_weights():
+        w = bank.weighting(t).dense(m + 1).to(x.dtype)  # [N x (m+1)]
+        delta = torch.einsum("nb,bor,brf->nof", w, B, A)  # [N x d_out x d]: one weight per sample
+        return W[:, :, 0].unsqueeze(0) + delta
+
+    def run_naive_batched():
+        linear.zero_grad(set_to_none=True)
+        base.zero_grad(set_to_none=True)
+        x.grad = None
+        out = torch.baddbmm(bias[None, :, None], naive_weights(), x)  # [N x d_out x L]
+        out.backward(grad)
+
+    def run_naive_loop():
+        linear.zero_grad(set_to_none=True)
+        base.zero_grad(set_to_none=True)
+        x.grad = None
+        w = bank.weighting(t).dense(m + 1).to(x.dtype)
+        outs = []
+        for n in range(batch):  # the per-sample loop peers use: build W_n, apply it
+            w_n = W[:, :, 0] + torch.einsum("b,bor,brf->of", w[n], B, A)
+            outs.append(torch.addmm(bias[:, None], w_n, x[n]))
+        torch.stack(outs).backward(grad)
+
+    def run_dense_stacked():
+        # The alternative to the adapter's gather: all (m+1) r rows of A in one shared GEMM, the
+        # sparse weights (2 non-zeros per sample) scaling rank space, then all of B.
+        linear.zero_grad(set_to_none=True)
+        base.zero_grad(set_to_none=True)
+        x.grad = None
+        s = bank.weighting(t).dense(m + 1).to(x.dtype).repeat_interleave(r, dim=1)  # [N x (m+1) r]
+        h = torch.matmul(A.reshape(-1, d), x) * s[:, :, None]  # [N x (m+1) r x L]
+        out = base(x)
+        out.baddbmm_(B.permute(1, 0, 2).reshape(d_out, -1).expand(batch, -1, -1), h)
+        out.backward(grad)
+
+    # Correctness of the comparison: the naive output equals the adapter's.
+    with torch.no_grad(), conditions(t=t):
+        ref = torch.baddbmm(bias[None, :, None], naive_weights(), x)
+        assert torch.allclose(linear(x), ref, atol=1e-4, rtol=1e-4)
+
+    fns = {
+        "plain": run_plain,
+        "adapted_linear": run_layer(linear),
+        "adapted_trainable": run_layer(table),
+        "dense_stacked": run_dense_stacked,
+        "naive_batched": run_naive_batched,
+        "naive_loop": run_naive_loop,
+    }
+    res = interleaved(fns, repeats, iters)
+    p, a, tr = (res[k]["median_ms"] for k in ("plain", "adapted_linear", "adapted_trainable"))
+    ratios = {
+        "adapted_linear_over_plain": a / p,
+        "adapted_trainable_over_plain": tr / p,
+        "dense_stacked_over_plain": res["dense_stacked"]["median_ms"] / p,
+        "naive_batched_over_adapted_linear": res["naive_batched"]["median_ms"] / a,
+        "naive_loop_over_adapted_linear": res["naive_loop"]["median_ms"] / a,
+        "naive_batched_over_adapted_trainable": res["naive_batched"]["median_ms"] / tr,
+    }
+    shape = {"batch": batch, "tokens": tokens, "d_in": d, "d_out": d_out, "m": m, "r": r, "T": T}
+    return {"shape": shape, "times": res, "ratios": ratios}
+
+
+def bench_sampling(repeats: int, iters: int, batch: int) -> dict:
+    from difflora.cli import resolve_config_path
+    from difflora.config import load_config
+    from difflora.model import build_model
+
+    torch.manual_seed(0)
+    models = {}
+    for name, preset in (("embedding_unet", "paper/iddpm-cifar10"), ("timelora_unet", "paper/timelora-linear")):
+        cfg = load_config(resolve_config_path(preset))
+        model = build_model(cfg).eval()
+        with torch.no_grad():  # trained-looking adapters
+            for n, p in model.named_parameters():
+                if n.endswith("lora_B"):
+                    p.normal_(0, 0.02)
+        models[name] = (cfg, model)
+    cfg = models["embedding_unet"][0]
+    x = torch.randn(batch, 3, 32, 32)
+    steps = cfg.diffusion.steps
+    counter = {"i": 0}
+
+    def step(model, merged=False):
+        def f():
+            # A new timestep at each call, as in a sampler: the TimeLoRA merge is paid every step
+            # (and the unmerge on leaving the block, which a sampler pays once per draw).
+            counter["i"] += 1
+            t = torch.full((batch,), float((counter["i"] * 37) % steps) * 1000.0 / steps)
+            with torch.no_grad(), model.merged("t") if merged else contextlib.nullcontext():
+                model(x, t)
+
+        return f
+
+    emb, tl = models["embedding_unet"][1], models["timelora_unet"][1]
+    fns = {
+        "embedding_unet": step(emb),
+        "timelora_unet_merged": step(tl, merged=True),
+        "timelora_unet_per_sample": step(tl),  # no merge: the training-time path, for reference
+    }
+    res = interleaved(fns, repeats, iters)
+    ratios = {
+        "timelora_merged_over_embedding_unet": res["timelora_unet_merged"]["median_ms"]
+        / res["embedding_unet"]["median_ms"],
+        "timelora_per_sample_over_embedding_unet": res["timelora_unet_per_sample"]["median_ms"]
+        / res["embedding_unet"]["median_ms"],
+    }
+    params = {k: sum(p.numel() for p in m.parameters()) for k, (_, m) in models.items()}
+    return {
+        "config": "000 CIFAR-10 U-Net, 32x32, 128 channels",
+        "batch": batch,
+        "params": params,
+        "times": res,
+        "ratios": ratios,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and a smaller sampling batch")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    ap.add_argument("--sample-batch", type=int, default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapters.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    repeats = 5 if args.quick else 11
+    sample_batch = args.sample_batch or (4 if args.quick else 16)
+
+    layer = bench_layer(repeats, iters=5 if args.quick else 10)
+    print(f"adapted qkv Conv1d 256->768, fwd+bwd, {layer['shape']}")
+    for k, v in layer["times"].items():
+        print(
+            f"  {k:<22}{v['median_ms']:>10.3f} ms   (min {v['min_ms']:.3f}, max {v['max_ms']:.3f}, spread {v['spread']:.0%})"
+        )
+    for k, v in layer["ratios"].items():
+        print(f"  {k:<40}{v:>8.2f}x")
+
+    sampling = bench_sampling(max(3, repeats // 2), iters=1 if args.quick else 2, batch=sample_batch)
+    print(f"one sampling step, {sampling['config']}, batch {sampling['batch']}, params {sampling['params']}")
+    for k, v in sampling["times"].items():
+        print(
+            f"  {k:<26}{v['median_ms']:>10.1f} ms   (min {v['min_ms']:.1f}, max {v['max_ms']:.1f}, spread {v['spread']:.0%})"
+        )
+    for k, v in sampling["ratios"].items():
+        print(f"  {k:<40}{v:>8.2f}x")
+
+    checks = {
+        "adapted_linear_over_plain <= 1.10": layer["ratios"]["adapted_linear_over_plain"] <= 1.10,
+        "naive_batched_over_adapted_linear >= 5": layer["ratios"]["naive_batched_over_adapted_linear"] >= 5.0,
+        "timelora_merged_over_embedding_unet <= 1.0": sampling["ratios"]["timelora_merged_over_embedding_unet"] <= 1.0,
+    }
+    for k, ok in checks.items():
+        print(f"target {k}: {'met' if ok else 'MISSED'}")
+    result = {
+        "layer": layer,
+        "sampling": sampling,
+        "targets": checks,
+        "env": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "repeats": repeats,
+            "quick": args.quick,
+        },
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
