@@ -243,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         # Expected failures (bad input, missing files, divergence) are one clear line, not a traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `difflora params ... | head`: the reader left; that is not an error worth a traceback.
+        sys.stderr = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":
