@@ -148,6 +148,82 @@ def _cmd_plot_weights(args) -> int:
     return 0
 
 
+def _eval_feature_train(args):
+    from difflora.eval.features import FeatureTrainConfig
+
+    if args.feature_steps is None:
+        return None
+    if args.feature_steps < 1:
+        raise CLIError(f"--feature-steps must be at least 1, got {args.feature_steps}")
+    return FeatureTrainConfig(max_steps=args.feature_steps)
+
+
+def _cmd_train_features(args) -> int:
+    from difflora.config import parse_config
+    from difflora.eval.features import default_cache_dir, get_feature_net
+    from difflora.train import resolve_device
+
+    overrides = list(args.set or [])
+    bad = [o for o in overrides if not o.startswith("data.")]
+    if bad:
+        raise CLIError(f"train-features takes only data.* overrides (e.g. data.image_size=16), got {', '.join(bad)}")
+    cfg = parse_config({"data": {"name": args.dataset}}, overrides)
+    cache = args.cache_dir or default_cache_dir()
+    net = get_feature_net(
+        cfg.data,
+        cache,
+        train=_eval_feature_train(args),
+        device=resolve_device(args.device),
+        progress=not args.no_progress,
+    )
+    info = net.info
+    print(
+        f"feature network for {info.describe()}: test accuracy {info.test_accuracy:.4f} "
+        f"({info.arch.feature_dim}-d features; cached in {cache})"
+    )
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from difflora.eval.evaluate import evaluate_run
+    from difflora.train import resolve_device
+
+    result = evaluate_run(
+        args.run_dir,
+        num_samples=args.num_samples,
+        steps=args.steps,
+        sampler=args.sampler,
+        eta=args.eta,
+        guidance=args.guidance,
+        seed=args.seed,
+        weights=args.weights,
+        out=args.out,
+        feature_net=args.feature_net,
+        cache_dir=args.cache_dir,
+        feature_train=_eval_feature_train(args),
+        device=resolve_device(args.device),
+        progress=not args.no_progress,
+        log=print,
+    )
+    out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
+    st = result["settings"]
+    print(
+        f"evaluated {args.run_dir} (step {result['checkpoint_step']}, {args.weights} weights): {st['num_samples']} samples, "
+        f"{st['sampler']} {st['steps']} steps, vs {result['num_real']} held-out images; feature net test accuracy "
+        f"{result['feature_net']['test_accuracy']:.4f}"
+    )
+    print(f"metrics: {out / 'metrics.json'}; grids: {', '.join(str(out / e['grid']) for e in result['results'])}")
+    return 0
+
+
+def _cmd_study(args) -> int:
+    from difflora.experiments.study import run_study
+
+    report = run_study(args.study, out=args.out, progress=not args.no_progress, only=args.only)
+    print(f"report: {report}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from difflora.train import train
 
@@ -160,6 +236,21 @@ def _cmd_demo(args) -> int:
     acc = result["accounting"]
     print(f"done: loss {result['last'].get('loss', float('nan')):.4f}, {acc['train_images_per_s']:.0f} images/s")
     print(f"sample grid (one column per class, EMA weights): {result['grid']}")
+    from difflora.eval.evaluate import evaluate_run
+
+    # Score what was trained: FD against the 359 held-out digits in the feature space of a small
+    # classifier difflora trains on the train split (cached after the first demo, ~10 s).
+    n = args.eval_samples
+    if n > 0:
+        print(f"evaluating {n} samples ({cfg.sample.sampler}, {cfg.sample.steps} steps) against the held-out digits")
+        ev = evaluate_run(out, num_samples=n, out=out / "eval", progress=not args.no_progress)
+        r = ev["results"][0]
+        acc = f", class accuracy {r['class_accuracy']:.3f}" if "class_accuracy" in r else ""
+        print(
+            f"FD {r['fd']:.3f} (classifier feature space, not Inception FID), KID {r['kid_mean']:.4f}, "
+            f"precision {r['precision']:.3f}, recall {r['recall']:.3f}{acc}; "
+            f"feature net test accuracy {ev['feature_net']['test_accuracy']:.3f}; {out / 'eval' / 'metrics.json'}"
+        )
     print(f"more samples: difflora sample {out} --num 100 --steps 100 --guidance 2 --out {out}/guided.png")
     return 0
 
@@ -220,11 +311,45 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--out", default=None, help="output PNG (default: RUN_DIR/weights.png)")
     pw.set_defaults(fn=_cmd_plot_weights)
 
+    tf = sub.add_parser("train-features", help="train (or load the cached) feature network of a dataset for eval")
+    tf.add_argument("dataset", help="a data name: digits, fashion-mnist, mnist, mnist-5k, cifar10, image-folder")
+    tf.add_argument("--set", action="append", metavar="data.KEY=VALUE", help="e.g. --set data.image_size=16")
+    tf.add_argument("--cache-dir", default=None, help="default $DIFFLORA_CACHE/features or ~/.cache/difflora/features")
+    tf.add_argument("--feature-steps", type=int, default=None, help="optimizer steps of the feature net (default 600)")
+    tf.add_argument("--device", default="auto")
+    tf.add_argument("--no-progress", action="store_true")
+    tf.set_defaults(fn=_cmd_train_features)
+
+    ev = sub.add_parser("eval", help="sample from a run and score it against the held-out split (FD, KID, P/R)")
+    ev.add_argument("run_dir")
+    ev.add_argument("--num-samples", type=int, default=1000)
+    ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
+    ev.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
+    ev.add_argument("--eta", type=float, default=None)
+    ev.add_argument("--guidance", type=float, nargs="+", default=None, help="one or more CFG scales: one result each")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--weights", choices=["ema", "model"], default="ema")
+    ev.add_argument("--out", default=None, help="output directory (default RUN_DIR/eval)")
+    ev.add_argument("--feature-net", default=None, help="a saved feature network (default: the cached one)")
+    ev.add_argument("--cache-dir", default=None, help="feature network cache directory")
+    ev.add_argument("--feature-steps", type=int, default=None, help="feature net training steps if it must be trained")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(fn=_cmd_eval)
+
+    st = sub.add_parser("study", help="run a study YAML (arms x seeds: train, eval) and write its markdown report")
+    st.add_argument("study", help="a study YAML, e.g. experiments/timelora/digits.yaml")
+    st.add_argument("--out", default=None, help="output directory (default: the study's out, or runs/<name>)")
+    st.add_argument("--only", action="append", metavar="ARM", help="run only these arms (repeatable)")
+    st.add_argument("--no-progress", action="store_true")
+    st.set_defaults(fn=_cmd_study)
+
     d = sub.add_parser("demo", help="train the digits preset on the embedded data and write a sample grid")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--set", action="append", metavar="KEY=VALUE")
     d.add_argument("--resume", action="store_true")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--eval-samples", type=int, default=500, help="samples scored at the end (0 = skip eval)")
     d.set_defaults(fn=_cmd_demo)
     return p
 

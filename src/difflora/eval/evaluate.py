@@ -1,0 +1,268 @@
+"""Evaluate a trained run: sample from its weights and score the samples against the held-out split.
+
+``evaluate_run`` loads a run directory's newest checkpoint (EMA weights by default), draws
+``num_samples`` images per guidance scale with the given sampler and number of steps, and compares
+them with the test split of the run's dataset at the run's image size, in the feature space of the
+classifier difflora trains on that dataset (``get_feature_net``)::
+
+    result = evaluate_run("runs/digits", num_samples=1000, steps=50, sampler="ddim", guidance=[1, 2, 4])
+    result["results"][0]["fd"]
+
+It writes ``<out>/metrics.json`` (the settings used, the checkpoint step, the feature network's test
+accuracy and one entry of metrics per guidance scale) and one sample grid per scale, and merges the
+sampling speed into the run's ``accounting.json`` (key ``sampling``).
+
+Class-conditional models are sampled with labels balanced over the classes (0, 1, ..., C-1
+repeated) and get a class accuracy: the fraction of samples the feature network classifies as the
+class they were generated for. FD here is not Inception FID: its values are only comparable between
+runs scored by the same feature network (same dataset, size and feature-net settings).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflora.config import Config
+from difflora.eval.features import (
+    FeatureNet,
+    FeatureTrainConfig,
+    default_cache_dir,
+    get_feature_net,
+    load_feature_net,
+)
+from difflora.eval.metrics import compute_metrics
+
+__all__ = ["EvalError", "evaluate_run", "load_run", "merge_accounting", "MIN_SAMPLES"]
+
+# Precision/recall use the 3rd nearest neighbour within each set, KID needs 2 per subset: 4 samples
+# is the least for which every metric is defined (meaningful values need hundreds).
+MIN_SAMPLES = 4
+
+
+class EvalError(ValueError):
+    """A bad evaluation request (no run, no checkpoint, bad settings); the message says what to do."""
+
+
+def load_run(run_dir: str | Path, weights: str = "ema") -> tuple[Config, torch.nn.Module, dict[str, Any]]:
+    """(config, model in eval mode, checkpoint state) of a run directory's newest checkpoint.
+
+    Raises EvalError when the directory is not a run or holds no checkpoint yet.
+    """
+    from difflora.model import build_model
+    from difflora.train import CheckpointError, latest_checkpoint, load_run_config, load_weights
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise EvalError(f"{run_dir} is not a difflora run directory: {run_dir / 'config.json'} is missing")
+    cfg = load_run_config(run_dir)
+    try:
+        ckpt = latest_checkpoint(run_dir)
+        state, meta = load_weights(ckpt, weights)
+    except CheckpointError as exc:
+        raise EvalError(str(exc)) from None
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise EvalError(f"the weights in {ckpt} do not fit the model of {run_dir / 'config.json'}: {exc}") from None
+    model.eval()
+    return cfg, model, meta
+
+
+def merge_accounting(run_dir: str | Path, update: dict[str, Any]) -> Path:
+    """Merge keys into ``run_dir/accounting.json`` (created if missing), written atomically."""
+    from difflora.train.loop import write_json
+
+    path = Path(run_dir) / "accounting.json"
+    acc = json.loads(path.read_text()) if path.is_file() else {}
+    acc.update(update)
+    write_json(path, acc)
+    return path
+
+
+def _balanced_labels(num: int, num_classes: int) -> torch.Tensor | None:
+    # 0, 1, ..., C-1 repeated: every class gets num / C samples (up to one), and a grid with C
+    # columns shows one class per column.
+    return torch.arange(num, dtype=torch.long) % num_classes if num_classes else None
+
+
+def _resolve_feature_net(
+    cfg: Config,
+    feature_net: str | Path | FeatureNet | None,
+    cache_dir: str | Path | None,
+    feature_train: FeatureTrainConfig | None,
+    device: torch.device,
+    progress: bool,
+) -> tuple[FeatureNet, str]:
+    if isinstance(feature_net, FeatureNet):
+        from difflora.eval.features import check_feature_net
+
+        check_feature_net(feature_net, cfg.data)
+        return feature_net, "given"
+    if feature_net is not None:
+        # A feature network trained for another dataset or size raises FeatureNetMismatchError here.
+        return load_feature_net(feature_net, expect=cfg.data, map_location=device), str(feature_net)
+    net = get_feature_net(cfg.data, cache_dir, train=feature_train, device=device, progress=progress)
+    return net, str(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+
+
+def _fmt_scale(w: float) -> str:
+    return f"{w:g}".replace(".", "p")
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    num_samples: int = 1000,
+    steps: int | None = None,
+    sampler: str | None = None,
+    eta: float | None = None,
+    guidance: Sequence[float] | None = None,
+    seed: int = 0,
+    weights: str = "ema",
+    out: str | Path | None = None,
+    feature_net: str | Path | FeatureNet | None = None,
+    cache_dir: str | Path | None = None,
+    feature_train: FeatureTrainConfig | None = None,
+    grid_size: int = 100,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    update_accounting: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Sample from a run and score the samples; returns (and writes to ``out/metrics.json``) the result.
+
+    Unset ``steps``, ``sampler``, ``eta`` come from the run's ``sample`` config; ``guidance`` is a
+    list of classifier-free guidance scales (default: the run's ``sample.guidance``), one result
+    entry each, all drawn from the same initial noise and labels (``seed``). ``out`` defaults to
+    ``run_dir/eval``. ``feature_net`` is a saved feature network (path stem) or a FeatureNet;
+    default: the cached one for the run's dataset (trained on first use, with ``feature_train``).
+    Each entry holds fd, kid_mean, kid_std, precision, recall, class_accuracy (class-conditional
+    runs), sample_seconds and sample_images_per_s.
+    """
+    from difflora.data import load_dataset
+    from difflora.generate import generate
+    from difflora.imaging import save_grid
+
+    if num_samples < MIN_SAMPLES:
+        raise EvalError(
+            f"--num-samples must be at least {MIN_SAMPLES} (precision/recall use 3 nearest neighbours), got {num_samples}"
+        )
+    if steps is not None and steps < 1:
+        raise EvalError(f"--steps must be at least 1, got {steps}")
+    if sampler is not None and sampler not in ("ddpm", "ddim"):
+        raise EvalError(f"--sampler must be ddpm or ddim, got {sampler!r}")
+    run_dir = Path(run_dir)
+    cfg, model, meta = load_run(run_dir, weights)
+    s = cfg.sample
+    steps = steps or s.steps
+    sampler = sampler or s.sampler
+    eta = s.eta if eta is None else eta
+    scales = [float(w) for w in (guidance if guidance else [s.guidance])]
+    if any(w < 0 or not math.isfinite(w) for w in scales):
+        raise EvalError(f"guidance scales must be finite and >= 0, got {scales}")
+    if cfg.model.num_classes == 0 and any(w != 1.0 for w in scales):
+        raise EvalError(f"{run_dir} is unconditional (model.num_classes = 0): guidance must be 1, got {scales}")
+    if steps > cfg.diffusion.steps:
+        raise EvalError(f"--steps {steps} exceeds the run's {cfg.diffusion.steps} diffusion timesteps")
+    dev = torch.device(device)
+    say = log or (lambda _msg: None)
+
+    net, net_source = _resolve_feature_net(cfg, feature_net, cache_dir, feature_train, dev, progress)
+    real = load_dataset(cfg.data.model_copy(update={"limit": 0, "hflip": False}), "test").images
+    labels = _balanced_labels(num_samples, cfg.model.num_classes)
+    out_dir = Path(out) if out is not None else run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(dev)
+
+    results = []
+    for w in scales:
+        t0 = time.perf_counter()
+        fake = generate(
+            model,
+            cfg,
+            num_samples,
+            steps=steps,
+            sampler=sampler,
+            eta=eta,
+            guidance=w,
+            labels=labels,
+            seed=seed,
+            device=dev,
+            progress=progress,
+        )
+        seconds = time.perf_counter() - t0
+        metrics = compute_metrics(real, fake, net, labels, seed=seed)
+        n_grid = min(grid_size, num_samples)
+        nrow = cfg.model.num_classes if labels is not None else None
+        grid = save_grid(fake[:n_grid], out_dir / f"samples_w{_fmt_scale(w)}.png", nrow=nrow)
+        entry = {
+            "guidance": w,
+            **metrics,
+            "sample_seconds": seconds,
+            "sample_images_per_s": num_samples / seconds,
+            "grid": grid.name,
+        }
+        results.append(entry)
+        acc = f", class accuracy {metrics['class_accuracy']:.3f}" if "class_accuracy" in metrics else ""
+        say(
+            f"guidance {w:g}: FD {metrics['fd']:.3f}, KID {metrics['kid_mean']:.4f}, precision "
+            f"{metrics['precision']:.3f}, recall {metrics['recall']:.3f}{acc} ({num_samples / seconds:.1f} images/s)"
+        )
+
+    info = net.info
+    result = {
+        "run_dir": str(run_dir),
+        "checkpoint_step": int(meta["step"]),
+        "weights": weights,
+        "dataset": cfg.data.name,
+        "image_size": cfg.model.image_size,
+        "num_real": int(real.shape[0]),
+        "settings": {
+            "num_samples": num_samples,
+            "steps": steps,
+            "sampler": sampler,
+            "eta": eta,
+            "guidance": scales,
+            "seed": seed,
+            "labels": "balanced" if labels is not None else None,
+        },
+        "feature_net": {
+            "source": net_source,
+            "test_accuracy": info.test_accuracy if info is not None else None,
+            "data_fingerprint": info.data_fingerprint if info is not None else None,
+        },
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "results": results,
+    }
+    from difflora.train.loop import write_json
+
+    write_json(out_dir / "metrics.json", result)
+    if update_accounting:
+        merge_accounting(
+            run_dir,
+            {
+                "sample_images_per_s": results[0]["sample_images_per_s"],
+                "sampling": [
+                    {
+                        "sampler": sampler,
+                        "steps": steps,
+                        "guidance": e["guidance"],
+                        "images_per_s": e["sample_images_per_s"],
+                        "num_samples": num_samples,
+                        "device": str(dev),
+                        "threads": torch.get_num_threads(),
+                    }
+                    for e in results
+                ],
+            },
+        )
+    return result

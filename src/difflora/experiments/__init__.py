@@ -1,0 +1,31 @@
+"""Experiments: studies that train and evaluate several configurations and write a report.
+
+    from difflora.experiments import load_study, run_study
+    run_study("experiments/timelora/digits.yaml")      # runs/<study>/<arm>/seed<k>/, report .md
+
+See ``difflora.experiments.study`` for the study YAML.
+"""
+
+from difflora.experiments.study import (
+    Claim,
+    Study,
+    StudyArm,
+    StudyError,
+    StudyEval,
+    arm_config,
+    load_study,
+    run_study,
+    write_report,
+)
+
+__all__ = [
+    "Claim",
+    "Study",
+    "StudyArm",
+    "StudyError",
+    "StudyEval",
+    "arm_config",
+    "load_study",
+    "run_study",
+    "write_report",
+]

@@ -1,0 +1,141 @@
+"""Evaluating a run: end to end on a tiny run, reproducible, equal to scoring the same samples by hand,
+and clear errors for a missing run or checkpoint, a feature network of another dataset, too few samples."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from difflora.cli import main
+from difflora.config import DataConfig, load_config
+from difflora.data import load_dataset
+from difflora.eval import FeatureNetMismatchError, FeatureTrainConfig, compute_metrics, get_feature_net
+from difflora.eval.evaluate import EvalError, evaluate_run, load_run
+from difflora.eval.features import FeatureNet, FeatureNetConfig, FeatureNetInfo, save_feature_net
+from difflora.generate import generate
+from difflora.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# The feature network's budget: a few optimizer steps (its accuracy is not under test here).
+TINY_FEATURES = FeatureTrainConfig(epochs=1, batch_size=64, max_steps=5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    cfg = load_config(ROOT / "configs" / "tiny-unet.yaml", ["train.steps=4", "train.ckpt_every=4", "sample.num=4"])
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    train(cfg, out, progress=False, log=lambda _m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def result(run_dir, cache):
+    return evaluate_run(
+        run_dir, num_samples=20, steps=3, guidance=[1, 3], seed=5, cache_dir=cache, feature_train=TINY_FEATURES
+    )
+
+
+def test_writes_metrics_grids_and_accounting(run_dir, result):
+    out = run_dir / "eval"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    s = saved["settings"]
+    assert (s["num_samples"], s["steps"], s["sampler"], s["guidance"], s["seed"]) == (20, 3, "ddim", [1.0, 3.0], 5)
+    assert saved["checkpoint_step"] == 4 and saved["num_real"] == 359  # digits' held-out split
+    assert 0.0 <= saved["feature_net"]["test_accuracy"] <= 1.0
+    assert [r["guidance"] for r in saved["results"]] == [1.0, 3.0]
+    for r in saved["results"]:
+        assert (out / r["grid"]).is_file()
+        assert 0.0 <= r["class_accuracy"] <= 1.0  # the tiny run is class-conditional
+        assert r["sample_images_per_s"] > 0
+    acc = json.loads((run_dir / "accounting.json").read_text())
+    assert acc["sample_images_per_s"] == saved["results"][0]["sample_images_per_s"]
+    assert [e["guidance"] for e in acc["sampling"]] == [1.0, 3.0]
+    assert "train_images_per_s" in acc  # merged into train's accounting, not replacing it
+
+
+def test_equals_scoring_the_samples_by_hand(run_dir, cache, result):
+    # Independent path: the run's EMA weights, generate() with balanced labels, compute_metrics().
+    cfg, model, _ = load_run(run_dir, "ema")
+    labels = torch.arange(20) % 10
+    fake = generate(model, cfg, 20, steps=3, sampler="ddim", guidance=3.0, labels=labels, seed=5)
+    real = load_dataset(DataConfig(name="digits"), "test").images
+    net = get_feature_net(cfg.data, cache, train=TINY_FEATURES, progress=False)
+    ref = compute_metrics(real, fake, net, labels, seed=5)
+    got = result["results"][1]
+    for key in ("fd", "kid_mean", "precision", "recall", "class_accuracy"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-9), key
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(run_dir, cache, result, tmp_path):
+    kw = dict(num_samples=20, steps=3, guidance=[1], cache_dir=cache, feature_train=TINY_FEATURES)
+    again = evaluate_run(run_dir, seed=5, out=tmp_path / "a", update_accounting=False, **kw)
+    other = evaluate_run(run_dir, seed=6, out=tmp_path / "b", update_accounting=False, **kw)
+    assert again["results"][0]["fd"] == result["results"][0]["fd"]
+    assert other["results"][0]["fd"] != result["results"][0]["fd"]
+
+
+def test_no_checkpoint_or_no_run_is_a_clear_error(run_dir, tmp_path):
+    with pytest.raises(EvalError, match="not a difflora run directory"):
+        evaluate_run(tmp_path / "nothing", num_samples=8)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((run_dir / "config.json").read_text())
+    with pytest.raises(EvalError, match="no checkpoint"):
+        evaluate_run(empty, num_samples=8)
+
+
+@pytest.mark.parametrize("n", [0, 3])
+def test_too_few_samples_is_a_clear_error(run_dir, n):
+    with pytest.raises(EvalError, match="at least 4"):
+        evaluate_run(run_dir, num_samples=n)
+
+
+def test_feature_net_of_another_dataset_is_refused(run_dir, tmp_path):
+    arch = FeatureNetConfig(image_size=28, in_channels=1, num_classes=10)
+    info = FeatureNetInfo(arch, "fashion-mnist", "x", 0.5, TINY_FEATURES)
+    path = save_feature_net(FeatureNet(arch, info), tmp_path / "fmnist")
+    with pytest.raises(FeatureNetMismatchError, match="fashion-mnist"):
+        evaluate_run(run_dir, num_samples=8, steps=2, feature_net=path)
+
+
+def test_guidance_on_an_unconditional_run_is_refused(tmp_path):
+    cfg = load_config(
+        ROOT / "configs" / "tiny-unet.yaml",
+        ["train.steps=1", "train.ckpt_every=1", "model.num_classes=0", "sample.num=2"],
+    )
+    train(cfg, tmp_path / "u", progress=False, log=lambda _m: None)
+    with pytest.raises(EvalError, match="unconditional"):
+        evaluate_run(tmp_path / "u", num_samples=8, guidance=[2.0])
+
+
+def test_cli_eval_and_train_features(run_dir, cache, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("DIFFLORA_CACHE", str(tmp_path / "c"))
+    assert main(["train-features", "digits", "--feature-steps", "3", "--no-progress"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert len(list((tmp_path / "c" / "features").glob("digits-8px-*.safetensors"))) == 1
+    out = tmp_path / "ev"
+    args = ["eval", str(run_dir), "--num-samples", "8", "--steps", "2", "--feature-steps", "3", "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    assert "FD" in capsys.readouterr().out and (out / "metrics.json").is_file()
+    assert main(["eval", str(run_dir), "--num-samples", "0"]) == 2
+    assert "at least 4" in capsys.readouterr().err
+    assert main(["train-features", "digits", "--set", "train.lr=1"]) == 2
+    assert "data.*" in capsys.readouterr().err
+
+
+def test_demo_ends_with_fd_and_class_accuracy(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIFFLORA_CACHE", str(tmp_path / "c"))
+    tiny = ["train.steps=2", "train.ckpt_every=2", "sample.num=10", "sample.steps=2"]
+    args = ["demo", "--out", str(tmp_path / "demo"), "--eval-samples", "10", "--no-progress"]
+    assert main(args + [a for kv in tiny for a in ("--set", kv)]) == 0
+    out = capsys.readouterr().out
+    assert "FD " in out and "class accuracy" in out
+    saved = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
+    assert saved["settings"]["num_samples"] == 10 and saved["settings"]["steps"] == 2
