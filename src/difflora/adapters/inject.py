@@ -66,6 +66,19 @@ class InjectedLayer:
     condition: str
     num_params: int
 
+    @classmethod
+    def of(cls, path: str, module: ConditionalLoRA, adapter: str, condition: str) -> InjectedLayer:
+        """The report row of adapter ``adapter`` in the wrapper ``module`` at ``path``."""
+        return cls(
+            path=path,
+            layer_type=type(module.base_layer).__name__,
+            in_features=module.in_features,
+            out_features=module.out_features,
+            adapter=adapter,
+            condition=condition,
+            num_params=sum(p.numel() for p in module.adapters[adapter].parameters()),
+        )
+
 
 @dataclass
 class InjectionReport:
@@ -183,18 +196,8 @@ def inject_adapter(
         if not isinstance(module, ConditionalLoRA):
             module = ConditionalLoRA(module)
             _set_submodule(model, path, module)
-        bank = module.add_adapter(name, weighting(), condition, rank, alpha)
-        report.layers.append(
-            InjectedLayer(
-                path=path,
-                layer_type=type(module.base_layer).__name__,
-                in_features=module.in_features,
-                out_features=module.out_features,
-                adapter=name,
-                condition=condition,
-                num_params=sum(p.numel() for p in bank.parameters()),
-            )
-        )
+        module.add_adapter(name, weighting(), condition, rank, alpha)
+        report.layers.append(InjectedLayer.of(path, module, name, condition))
     report.total_params = sum(p.numel() for p in model.parameters())
     return report
 

@@ -182,16 +182,6 @@ def load_adapters(model: nn.Module, directory: str | Path, check_weights: bool =
             bank.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise AdapterLoadError(f"adapter {name!r} at {path!r}: {exc}") from None
-        report.layers.append(
-            InjectedLayer(
-                path=path,
-                layer_type=type(module.base_layer).__name__,
-                in_features=module.in_features,
-                out_features=module.out_features,
-                adapter=name,
-                condition=entry["condition"],
-                num_params=sum(p.numel() for p in bank.parameters()),
-            )
-        )
+        report.layers.append(InjectedLayer.of(path, module, name, entry["condition"]))
     report.total_params = sum(p.numel() for p in model.parameters())
     return report

@@ -21,6 +21,7 @@ counts). Linear interpolation is exact at the basis times (weight 1 on basis i a
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -91,19 +92,24 @@ def _position_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-class Weighting(nn.Module):
-    """Base class: ``forward(values [N]) -> Mix`` over ``num_bases`` bases."""
+class Weighting(nn.Module, abc.ABC):
+    """Abstract base: ``forward(values [N]) -> Mix`` over ``num_bases`` bases.
+
+    Subclasses (index, linear, trainable) must define both methods; instantiating one that
+    does not is a TypeError, not a failure at the first forward.
+    """
 
     kind: str = ""
     num_bases: int
     sparse: bool
 
-    def forward(self, values: torch.Tensor | None) -> Mix | None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, values: torch.Tensor | None) -> Mix | None:
+        """Mixing weights of each sample over the bank; None when no sample gets an update."""
 
+    @abc.abstractmethod
     def spec(self) -> dict[str, Any]:
         """JSON-able description from which :func:`weighting_from_spec` rebuilds the weighting."""
-        raise NotImplementedError
 
 
 class IndexWeighting(Weighting):
