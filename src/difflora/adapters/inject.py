@@ -20,6 +20,7 @@ names it. Since adapters are zero-initialised (B = 0), injection changes no outp
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflora.adapters.context import ConditionValue
+from difflora.adapters.context import ConditionValue, checkpoint
 from difflora.adapters.forms import Branch
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
 from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps
@@ -40,6 +41,7 @@ __all__ = [
     "InjectionReport",
     "adapter_layers",
     "adapter_parameters",
+    "checkpoint_modules",
     "find_targets",
     "freeze_base",
     "inject_adapter",
@@ -264,6 +266,22 @@ def inject_position_adapter(
         report.layers.append(InjectedLayer.of_position(path, add_position_adapter(block, adapter)))
     report.total_params = sum(p.numel() for p in model.parameters())
     return report
+
+
+def checkpoint_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Run every module ``targets`` selects under activation checkpointing; returns their paths.
+
+    Each selected module's forward becomes :func:`difflora.adapters.checkpoint` of itself
+    (``use_reentrant=False``, conditions and disabled adapters re-entered for the recompute), set
+    as an instance attribute: no parameter name changes. ``checkpoint_modules(net, ["re:blocks\\.\\d+"])``.
+    """
+    paths = [p for p, _ in model.named_modules() if p and any(match_target(p, t) for t in targets)]
+    if not paths:
+        raise ValueError(f"checkpoint targets {list(targets)} match no module (exact paths, suffixes or 're:' regexes)")
+    for path in paths:
+        module = model.get_submodule(path)
+        module.forward = functools.partial(checkpoint, type(module).forward.__get__(module))
+    return paths
 
 
 # --- acting on every adapter of a model ----------------------------------------------------------
