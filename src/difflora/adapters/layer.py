@@ -158,11 +158,14 @@ class ConditionalLoRA(nn.Module):
             else:
                 terms.append(branch.rank_term(route, dtype))
         if scales:
-            # (1 + a) (W x) + b = out + a (out - b): the scale multiplies W x only, not the bias.
-            a = per_channel(sum(scales), out, self.geometry)
+            # (1 + a) (W x) + b = (1 + a) out - a b: the scale multiplies W x only, not the bias.
+            # One addcmul is one pass over the output (and one over its gradient).
+            a = per_channel(sum(scales), out, self.geometry).to(out.dtype)
             bias = self.base_layer.bias
-            wx = out if bias is None else out - per_channel(bias[None], out, self.geometry)
-            out = out + a * wx
+            if bias is None:
+                out = out * (1 + a)
+            else:
+                out = torch.addcmul(-a * per_channel(bias[None], out, self.geometry).to(out.dtype), out, 1 + a)
         if terms:
             out = add_rank_terms(out, x, self.geometry, terms)
         if shifts:
