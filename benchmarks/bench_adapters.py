@@ -1,4 +1,17 @@
-"""Cost of conditional LoRA (TimeLoRA), measured side by side in one run: the layer and a sampling step.
+"""Cost of conditional adapters, measured side by side in one run: P1, every form, the layer and a sampling step.
+
+0. **P1** (``--part p1``, issue 7): forward + backward of the adapted qkv below (a different t per
+   sample, linear weighting) against the plain layer, in two settings: the base trained too (000)
+   and the base frozen with gradients to the input and the adapter only (002-004). Besides the
+   library path: a naive per-sample weight, a custom ``autograd.Function`` that adds the update
+   into the base GEMM's output and accumulates the input gradient in place (one pass less over the
+   output and over the input gradient), and, with ``--compile``, ``torch.compile`` of the adapted
+   forward. The ratio reported is that of the fastest of ``--runs`` alternated runs, repeated
+   ``--p1-repeats`` times (median and range over the repeats).
+   **Forms** (``--part forms``): each update form (lowrank, lowrank_act, scale, shift; one entry per
+   task, index weighting, 3 tasks plus base rows in the batch) on the same projection with a
+   frozen base, against the plain layer and a naive per-sample reference (a Python loop over
+   samples building each sample's weight, as peers' mixed-batch adapters do).
 
 1. Forward + backward of the adapted attention projection of 000's U-Net: the qkv 1x1 Conv1d
    256 -> 768 on 64 tokens (an 8x8 attention map), batch 64, a different timestep per sample,
@@ -23,6 +36,10 @@ repeats and the noise is the spread (max - min) / median across repeats. Ratios 
 
     python benchmarks/bench_adapters.py              # writes benchmarks/results/adapters.json
     python benchmarks/bench_adapters.py --quick      # fewer repeats, smaller sampling batch
+    python benchmarks/bench_adapters.py --part p1    # writes benchmarks/results/adapters_p1.json
+    python benchmarks/bench_adapters.py --part forms # writes benchmarks/results/adapters_forms.json
+
+Run with OMP_NUM_THREADS=1 on a shared machine (the script also sets one torch thread).
 """
 
 from __future__ import annotations
@@ -169,6 +186,218 @@ def bench_layer(repeats: int, iters: int, batch: int = 64, tokens: int = 64, d: 
     return {"shape": shape, "times": res, "ratios": ratios}
 
 
+def fastest_of(fns: dict[str, Callable[[], None]], runs: int) -> dict[str, float]:
+    """Seconds of the fastest of ``runs`` alternated calls of each function (after one warm-up each)."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+class FusedLowRank(torch.autograd.Function):
+    """``W x + b + B_g (s * (A_g x))`` for a pointwise base with gathered factors, one output pass.
+
+    Forward: the base GEMM's output takes the update in place; backward: ``g`` is read by two
+    bmm's (``B_g^T g`` and ``h g^T``), and the input gradient ``W^T g`` takes ``A_g^T (s B_g^T g)``
+    in place instead of a separate sum. x3 [N x F x L], w [d_out x F], a [N x R x F],
+    bt [N x R x d_out], s [N x R].
+    """
+
+    @staticmethod
+    def forward(ctx, x3, w, bias, a, bt, s):
+        h0 = torch.bmm(a, x3)  # (N, R, L)
+        h = h0 * s[:, :, None]
+        out = torch.matmul(w, x3)  # (N, d_out, L)
+        if bias is not None:
+            out += bias[:, None]
+        out.baddbmm_(bt.transpose(1, 2), h)
+        ctx.save_for_backward(x3, w, a, bt, s, h0, h)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x3, w, a, bt, s, h0, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gh = torch.bmm(bt, g)  # (N, R, L)
+        ghs = gh * s[:, :, None]
+        g_x = torch.matmul(w.t(), g).baddbmm_(a.transpose(1, 2), ghs) if need[0] else None
+        g_w = torch.einsum("nol,nfl->of", g, x3) if need[1] else None
+        g_b = g.sum((0, 2)) if ctx.has_bias and need[2] else None
+        g_a = torch.bmm(ghs, x3.transpose(1, 2)) if need[3] else None
+        g_bt = torch.bmm(h, g.transpose(1, 2)) if need[4] else None
+        g_s = (gh * h0).sum(-1) if need[5] else None
+        return g_x, g_w, g_b, g_a, g_bt, g_s
+
+
+def _p1_setting(frozen: bool, runs: int, repeats: int, compile_: bool, batch=64, tokens=64, d=256) -> dict:
+    from difflora.adapters import ConditionalLoRA, LinearWeighting, conditions
+
+    torch.manual_seed(0)
+    m, r, T = 10, 4, 4001
+    d_out = 3 * d
+    base = nn.Conv1d(d, d_out, 1)
+    layer = ConditionalLoRA(nn.Conv1d(d, d_out, 1), LinearWeighting(m + 1, 0, T - 1), "t", rank=r)
+    layer.base_layer.load_state_dict(base.state_dict())
+    bank = layer.adapters["default"]
+    with torch.no_grad():
+        bank.lora_B.normal_(0, 0.02)
+    base.requires_grad_(not frozen)
+    layer.base_layer.requires_grad_(not frozen)
+    x = torch.randn(batch, d, tokens, requires_grad=True)
+    grad = torch.randn(batch, d_out, tokens)
+    t = torch.randint(0, T - 1, (batch,))
+
+    def step(forward, *modules):
+        def f():
+            x.grad = None
+            for mod in modules:
+                mod.zero_grad(set_to_none=True)
+            forward().backward(grad)
+
+        return f
+
+    def adapted():
+        with conditions(t=t):
+            return layer(x)
+
+    def fused():
+        mix = bank.weighting(t)
+        n, k = mix.index.shape
+        flat = mix.index.reshape(-1)
+        a = bank.lora_A.reshape(m + 1, -1).index_select(0, flat).view(n, k * r, d)
+        bt = bank.lora_B.index_select(0, flat).transpose(1, 2).reshape(n, k * r, d_out)
+        s = mix.weight.to(x.dtype).repeat_interleave(r, 1)
+        return FusedLowRank.apply(x, layer.base_layer.weight[:, :, 0], layer.base_layer.bias, a, bt, s)
+
+    def naive():
+        w = bank.weighting(t).dense(m + 1).to(x.dtype)
+        weights = layer.base_layer.weight[:, :, 0] + torch.einsum("nb,bor,brf->nof", w, bank.lora_B, bank.lora_A)
+        return torch.baddbmm(layer.base_layer.bias[None, :, None], weights, x)
+
+    fns = {
+        "plain": step(lambda: base(x), base),
+        "adapted": step(adapted, layer),
+        "fused_function": step(fused, layer),
+        "naive_per_sample": step(naive, layer),
+    }
+    if compile_:
+        compiled = torch.compile(adapted)
+        fns["compiled"] = step(compiled, layer)
+    # The variants compute the same thing: outputs and gradients against the naive reference.
+    check = {}
+    for name in fns:
+        if name == "plain":
+            continue
+        fns[name]()
+        check[name] = [x.grad.clone(), bank.lora_A.grad.clone(), bank.lora_B.grad.clone()]
+    for name, got in check.items():
+        for g, want in zip(got, check["naive_per_sample"], strict=True):
+            assert torch.allclose(g, want, rtol=1e-3, atol=1e-3), f"{name} disagrees with the naive reference"
+    ratios = {k: [] for k in fns if k != "plain"}
+    best_ms = {k: [] for k in fns}
+    for _ in range(repeats):
+        best = fastest_of(fns, runs)
+        for k in fns:
+            best_ms[k].append(best[k] * 1e3)
+            if k != "plain":
+                ratios[k].append(best[k] / best["plain"])
+    summary = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for k, v in ratios.items()}
+    return {"fastest_ms": best_ms, "ratio_over_plain": summary}
+
+
+def bench_p1(runs: int, repeats: int, compile_: bool) -> dict:
+    """P1 in both settings (see the module docstring)."""
+    out = {
+        "shape": {"batch": 64, "tokens": 64, "d_in": 256, "d_out": 768, "m": 10, "r": 4, "T": 4001},
+        "runs": runs,
+        "repeats": repeats,
+        "targets": {"base_trained": 1.10, "base_frozen": 1.20},
+    }
+    for name, frozen in (("base_trained", False), ("base_frozen", True)):
+        out[name] = _p1_setting(frozen, runs, repeats, compile_)
+    return out
+
+
+def _naive_forms(layer, x, task):
+    """Per-sample loop (peers' mixed batches): each sample's own weight, bias and branch."""
+    import torch.nn.functional as F
+
+    base = layer.base_layer
+    w0, b0 = base.weight[:, :, 0], base.bias
+    outs = []
+    for n in range(x.shape[0]):
+        w, b, extra = w0, b0, 0
+        k = int(task[n])
+        for br in layer.adapters.values() if k >= 0 else ():
+            if br.form == "lowrank":
+                w = w + br.lora_B[k] @ br.lora_A[k]
+            elif br.form == "scale":
+                w = (1 + br.scale[k])[:, None] * w
+            elif br.form == "shift":
+                b = b + br.shift[k]
+            else:
+                extra = extra + br.lora_s[k] * br.lora_up[k] @ F.gelu(br.lora_down[k] @ x[n])
+        outs.append(torch.addmm(b[:, None], w, x[n]) + extra)
+    return torch.stack(outs)
+
+
+def _bench_form(form: str, runs: int, repeats: int, batch: int, tokens: int, d: int) -> dict:
+    from difflora.adapters import ConditionalLoRA, IndexWeighting, conditions
+
+    torch.manual_seed(0)
+    d_out = 3 * d
+    base = nn.Conv1d(d, d_out, 1).requires_grad_(False)
+    layer = ConditionalLoRA(nn.Conv1d(d, d_out, 1))
+    layer.base_layer.load_state_dict(base.state_dict())
+    layer.base_layer.requires_grad_(False)
+    act = "gelu" if form == "lowrank_act" else None
+    layer.add_adapter("task", IndexWeighting(3), "task", rank=4, form=form, activation=act)
+    with torch.no_grad():
+        for p in layer.adapters.parameters():
+            p.normal_(0, 0.02)
+    x = torch.randn(batch, d, tokens, requires_grad=True)
+    grad = torch.randn(batch, d_out, tokens)
+    task = torch.arange(batch) % 4 - 1  # -1 (base rows), 0, 1, 2
+
+    def step(forward, module):
+        def f():
+            x.grad = None
+            module.zero_grad(set_to_none=True)
+            forward().backward(grad)
+
+        return f
+
+    def adapted():
+        with conditions(task=task):
+            return layer(x)
+
+    with torch.no_grad():
+        assert torch.allclose(adapted(), _naive_forms(layer, x, task), atol=1e-4, rtol=1e-4)
+    fns = {
+        "plain": step(lambda: base(x), base),
+        "adapted": step(adapted, layer),
+        "naive_per_sample": step(lambda: _naive_forms(layer, x, task), layer),
+    }
+    ratios = {"adapted_over_plain": [], "naive_over_adapted": []}
+    for _ in range(repeats):
+        best = fastest_of(fns, runs)
+        ratios["adapted_over_plain"].append(best["adapted"] / best["plain"])
+        ratios["naive_over_adapted"].append(best["naive_per_sample"] / best["adapted"])
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in ratios.items()}
+
+
+def bench_forms(runs: int, repeats: int, batch: int = 64, tokens: int = 64, d: int = 256) -> dict:
+    """Each form on the qkv projection, frozen base, 3 tasks + base rows, against plain and naive."""
+    forms = {f: _bench_form(f, runs, repeats, batch, tokens, d) for f in ("lowrank", "lowrank_act", "scale", "shift")}
+    return {"shape": {"batch": batch, "tokens": tokens, "d_in": d, "d_out": 3 * d, "tasks": 3}, "forms": forms}
+
+
 def bench_sampling(repeats: int, iters: int, batch: int) -> dict:
     from difflora.cli import resolve_config_path
     from difflora.config import load_config
@@ -223,14 +452,70 @@ def bench_sampling(repeats: int, iters: int, batch: int) -> dict:
     }
 
 
+def _print_ratio_table(title: str, rows: dict[str, dict]) -> None:
+    print(title)
+    for name, v in rows.items():
+        print(f"  {name:<34}{v['median']:>7.2f}x  (range {v['min']:.2f}-{v['max']:.2f})")
+
+
+def main_p1(args: argparse.Namespace) -> None:
+    p1 = bench_p1(args.runs, args.p1_repeats, args.compile)
+    print(
+        f"P1: adapted qkv Conv1d 256->768 fwd+bwd, {p1['shape']}, fastest of {args.runs} alternated runs, x{args.p1_repeats}"
+    )
+    for setting in ("base_trained", "base_frozen"):
+        target = p1["targets"][setting]
+        _print_ratio_table(
+            f" {setting} (target adapted <= {target:.2f}x); ratio over plain:", p1[setting]["ratio_over_plain"]
+        )
+        fastest = {k: min(v) for k, v in p1[setting]["fastest_ms"].items()}
+        print("  fastest ms: " + ", ".join(f"{k} {v:.1f}" for k, v in fastest.items()))
+    p1["env"] = _env(args)
+    out = ROOT / "benchmarks" / "results" / "adapters_p1.json"
+    out.write_text(json.dumps(p1, indent=1))
+    print(f"wrote {out}")
+
+
+def main_forms(args: argparse.Namespace) -> None:
+    forms = bench_forms(args.runs, args.p1_repeats)
+    print(
+        f"forms: frozen qkv Conv1d 256->768 fwd+bwd, {forms['shape']}, fastest of {args.runs} runs, x{args.p1_repeats}"
+    )
+    for form, v in forms["forms"].items():
+        _print_ratio_table(f" {form}:", v)
+    forms["env"] = _env(args)
+    out = ROOT / "benchmarks" / "results" / "adapters_forms.json"
+    out.write_text(json.dumps(forms, indent=1))
+    print(f"wrote {out}")
+
+
+def _env(args: argparse.Namespace) -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "quick": args.quick,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and a smaller sampling batch")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--sample-batch", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapters.json"))
+    ap.add_argument(
+        "--part", choices=["layer", "p1", "forms"], default="layer", help="layer: the 000 layer and sampling step"
+    )
+    ap.add_argument("--runs", type=int, default=25, help="p1 / forms: alternated runs per repeat")
+    ap.add_argument("--p1-repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="p1: also time torch.compile of the adapted forward (slow)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.part == "p1":
+        return main_p1(args)
+    if args.part == "forms":
+        return main_forms(args)
     repeats = 5 if args.quick else 11
     sample_batch = args.sample_batch or (4 if args.quick else 16)
 

@@ -104,37 +104,51 @@ class DiTConfig(StrictModel):
 
 
 class AdapterConfig(StrictModel):
-    """One conditional low-rank adapter injected into the backbone (issue 3; difflora.adapters).
+    """One conditional adapter injected into the backbone (issues 3 and 7; difflora.adapters).
 
-    Each wrapped layer gets ``W(c) = W + alpha/rank * sum_i w_i(c) B_i A_i``, c = the sample's
-    ``condition``. Timesteps count 0..T-1 (000's t minus 1); basis i of linear / trainable weightings
-    sits at ``i (num_values - 1) / (num_bases - 1)``. Examples (000): TimeLoRA non-compositional
+    ``form`` picks the update of each wrapped layer ``y = W x + b`` (c = the sample's ``condition``):
+    ``lowrank`` ``W(c) = W + alpha/rank * sum_i w_i(c) B_i A_i``; ``lowrank_act``
+    ``+ s W_up act(W_down x)`` (DiffScaler); ``scale`` ``(1 + a(c)) ⊙ (W x)``; ``shift`` ``+ b(c)``; or
+    ``position``: ``h_dest += scale * f(h_source)`` between two taps of each target *block* (004).
+    Timesteps count 0..T-1 (000's t minus 1); basis i of linear / trainable weightings sits at
+    ``i (num_values - 1) / (num_bases - 1)``. Examples (000): TimeLoRA non-compositional
     ``weighting=index, num_values=1000``; linear ``weighting=linear, num_values=4001, num_bases=11``
     (m = 10); ClassLoRA ``condition=y, weighting=index, num_values=10`` (y = -1: no update).
     """
 
     # Part of parameter names (``...qkv.adapters.<name>.lora_A``): a Python identifier.
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    # Which per-sample condition the adapter reads: t (original-process timestep), y (class label), task, ...
-    condition: Literal["t", "y", "task", "guidance"] = "t"
-    # index: one LoRA per value; linear: interpolate m+1 evenly spaced bases; trainable: a learned
+    # Which per-sample condition the adapter reads: t (original-process timestep), y (class label),
+    # or any identifier (task, guidance, ...) passed as model(x, t, y, task=...).
+    condition: str = Field(default="t", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # The update form (see the class docstring).
+    form: Literal["lowrank", "lowrank_act", "scale", "shift", "position"] = "lowrank"
+    # index: one entry per value; linear: interpolate m+1 evenly spaced bases; trainable: a learned
     # [num_values x num_bases] table of mixing weights per wrapped layer.
     weighting: Literal["index", "linear", "trainable"] = "linear"
     # Number of distinct condition values T (timesteps 0..T-1, classes, tasks); for t it must be
     # at least diffusion.steps.
     num_values: int = Field(default=1, ge=1)
-    # m + 1 basis LoRAs for linear / trainable; must be unset for index (one per value).
+    # m + 1 basis entries for linear / trainable; must be unset for index (one per value).
     num_bases: int | None = Field(default=None, ge=2)
     # linear only: the condition range the bases span (default [0, num_values - 1]); for real
     # conditions such as a guidance scale.
     value_range: tuple[float, float] | None = None
     # trainable only: gaussian N(0, 1), onehot, or linear (= the linear weighting) initial table.
     init: Literal["gaussian", "onehot", "linear"] = "linear"
+    # lowrank / lowrank_act: the rank; position: the bottleneck width of f.
     rank: int = Field(default=4, ge=1)
-    # scaling = alpha / rank; None means alpha = rank (scaling 1, 000's plain W + B A).
+    # lowrank only: scaling = alpha / rank; None means alpha = rank (scaling 1, 000's plain W + B A).
     alpha: float | None = Field(default=None, gt=0)
-    # Module paths to wrap: exact names, dotted suffixes, or regexes prefixed with "re:".
-    # Empty: the attention qkv and output projections of the backbone.
+    # lowrank_act (default relu, 002) and position (default identity: a linear f).
+    activation: Literal["relu", "silu", "gelu", "sigmoid", "identity"] | None = None
+    # position only: the taps read and written (e.g. DiT attn_out -> mlp_in; U-Net in -> out), and
+    # the fixed scale of f's output.
+    source: str | None = None
+    dest: str | None = None
+    scale: float = 1.0
+    # Module paths to wrap (layers; blocks for position): exact names, dotted suffixes, or regexes
+    # prefixed with "re:". Empty: the attention qkv and output projections of the backbone.
     targets: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -154,6 +168,15 @@ class AdapterConfig(StrictModel):
                 raise ValueError(f"{where}.value_range: only the linear weighting uses a value range")
             if not self.value_range[1] > self.value_range[0]:
                 raise ValueError(f"{where}.value_range: need low < high, got {list(self.value_range)}")
+        position = self.form == "position"
+        if position and (self.source is None or self.dest is None or not self.targets):
+            raise ValueError(f"{where}: form position needs source and dest taps and targets (block paths)")
+        if not position and (self.source is not None or self.dest is not None or self.scale != 1.0):
+            raise ValueError(f"{where}: source, dest and scale are for form position only")
+        if self.activation not in (None, "identity") and self.form not in ("lowrank_act", "position"):
+            raise ValueError(f"{where}.activation: only forms lowrank_act and position have an activation")
+        if self.alpha is not None and self.form != "lowrank":
+            raise ValueError(f"{where}.alpha: only the lowrank form has alpha (scaling = alpha / rank)")
         return self
 
 

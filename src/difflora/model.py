@@ -22,14 +22,15 @@ from torch import nn
 from difflora.adapters import (
     DEFAULT_TARGETS,
     InjectionReport,
+    adapters_disabled,
     conditions,
     freeze_base,
-    inject_adapters,
     merge_shared,
     unmerge_adapters,
 )
 from difflora.config import Config
 from difflora.diffusion import create_diffusion
+from difflora.model_adapters import check_adapter_configs, inject_adapters
 from difflora.nets import build_net
 
 __all__ = ["DiffusionModel", "build_diffusion", "build_model", "merged_timesteps"]
@@ -51,6 +52,10 @@ class DiffusionModel(nn.Module):
         # Conditions whose adapters are merged whenever a batch shares their value (see merged()).
         self._merge_shared: tuple[str, ...] = ()
         self.adapter_report: InjectionReport | None = None
+
+    def adapters_disabled(self, *names: str) -> contextlib.AbstractContextManager[None]:
+        """``with model.adapters_disabled():`` the base model (peft's ``disable_adapter``); names: only those."""
+        return adapters_disabled(*names)
 
     def adapter_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Model-facing timesteps [N] -> original-process integer timesteps [N] (int64), condition ``t``."""
@@ -112,24 +117,7 @@ def build_model(cfg: Config) -> DiffusionModel:
     net = build_net(cfg.model)
     report = None
     if cfg.model.adapters:
-        for a in cfg.model.adapters:
-            if a.condition == "t" and a.weighting != "linear" and a.num_values < cfg.diffusion.steps:
-                raise ValueError(
-                    f"model.adapters[{a.name}].num_values ({a.num_values}) covers timesteps 0..{a.num_values - 1} "
-                    f"but diffusion.steps is {cfg.diffusion.steps}; set num_values >= {cfg.diffusion.steps}"
-                )
-            if a.condition == "t" and a.weighting == "linear":
-                high = a.value_range[1] if a.value_range is not None else a.num_values - 1
-                if high < cfg.diffusion.steps - 1:
-                    raise ValueError(
-                        f"model.adapters[{a.name}]: the linear weighting spans timesteps up to {high:g} but "
-                        f"diffusion.steps is {cfg.diffusion.steps}; set num_values >= {cfg.diffusion.steps}"
-                    )
-            if a.condition == "y" and cfg.model.num_classes and a.num_values != cfg.model.num_classes:
-                raise ValueError(
-                    f"model.adapters[{a.name}].num_values ({a.num_values}) differs from model.num_classes "
-                    f"({cfg.model.num_classes}): a class adapter needs one entry per class"
-                )
+        check_adapter_configs(cfg)
         report = inject_adapters(net, cfg.model.adapters, DEFAULT_TARGETS.get(cfg.model.arch, ()))
         if not cfg.train.train_base:
             freeze_base(net)

@@ -1,9 +1,14 @@
-"""Conditional low-rank adapters: the one mechanism behind TimeLoRA, ClassLoRA, per-task adapters, ...
+"""Conditional adapters: the one mechanism behind TimeLoRA, ClassLoRA, DiffScaler, LoRA distillation, ...
 
-A wrapped layer computes ``W(c) x + b`` with ``W(c) = W + scaling * sum_i w_i(c) B_i A_i`` where c is
-each sample's condition (timestep, class, task, guidance scale), read from the enclosing
-:func:`conditions` block. See ``layer.py`` (the wrapper), ``weightings.py`` (c -> w; timestep
-convention), ``inject.py`` (by module path), ``io.py`` (safetensors + JSON with a base fingerprint).
+A wrapped layer computes ``y = W x + b`` plus any number of conditional branches, each a bank of
+entries, a weighting (condition value -> mixing weights over the bank) and a form: low-rank
+``B A x``, low-rank with activation ``s W_up act(W_down x)``, weight scale ``(1 + a) (W x)`` or bias
+shift ``+ b``; position adapters add ``scale f(h)`` between two named taps of a block. Each
+sample's condition (timestep, class, task, guidance scale, any name) is read from the enclosing
+:func:`conditions` block. See ``forms.py`` (the forms), ``router.py`` (per-sample routing, written
+once), ``layer.py`` (the wrapper, merge), ``positions.py`` (taps), ``weightings.py`` (c -> w;
+timestep convention; "no update" values), ``inject.py`` (by module path), ``io.py`` (safetensors +
+JSON with a base fingerprint), ``context.py`` (conditions, :func:`adapters_disabled`, :func:`checkpoint`).
 
     from difflora.adapters import conditions, inject_adapter, LinearWeighting
     report = inject_adapter(net, "time", lambda: LinearWeighting(11, 0, 4000), "t", ["qkv", "proj_out"])
@@ -11,25 +16,48 @@ convention), ``inject.py`` (by module path), ``io.py`` (safetensors + JSON with 
         out = net(x, t, None)
 """
 
-from difflora.adapters.context import ConditionValue, MissingConditionError, active, conditions, current
+from difflora.adapters.context import (
+    ALL_ADAPTERS,
+    ConditionValue,
+    MissingConditionError,
+    active,
+    adapters_disabled,
+    checkpoint,
+    conditions,
+    current,
+    is_disabled,
+)
+from difflora.adapters.forms import (
+    ACTIVATIONS,
+    FORMS,
+    ActivationBank,
+    Branch,
+    LoRABank,
+    ScaleBank,
+    ShiftBank,
+    branch_from_spec,
+    make_branch,
+)
 from difflora.adapters.inject import (
     DEFAULT_TARGETS,
     InjectedLayer,
     InjectionReport,
     adapter_layers,
     adapter_parameters,
+    checkpoint_modules,
     find_targets,
     freeze_base,
     inject_adapter,
-    inject_adapters,
-    make_weighting,
+    inject_position_adapter,
     match_target,
     merge_adapters,
     merge_shared,
     unmerge_adapters,
 )
 from difflora.adapters.io import AdapterLoadError, base_fingerprint, load_adapters, read_adapter_config, save_adapters
-from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA, LoRABank
+from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
+from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps, position_adapters
+from difflora.adapters.router import Geometry, Route
 from difflora.adapters.weightings import (
     NULL_VALUE,
     IndexWeighting,
@@ -41,12 +69,18 @@ from difflora.adapters.weightings import (
 )
 
 __all__ = [
+    "ACTIVATIONS",
+    "ALL_ADAPTERS",
     "DEFAULT_TARGETS",
+    "FORMS",
     "NULL_VALUE",
     "SUPPORTED_LAYERS",
+    "ActivationBank",
     "AdapterLoadError",
+    "Branch",
     "ConditionValue",
     "ConditionalLoRA",
+    "Geometry",
     "IndexWeighting",
     "InjectedLayer",
     "InjectionReport",
@@ -54,23 +88,35 @@ __all__ = [
     "LoRABank",
     "MissingConditionError",
     "Mix",
+    "PositionAdapter",
+    "Route",
+    "ScaleBank",
+    "ShiftBank",
     "TrainableWeighting",
     "Weighting",
     "active",
     "adapter_layers",
     "adapter_parameters",
+    "adapters_disabled",
+    "add_position_adapter",
     "base_fingerprint",
+    "branch_from_spec",
+    "checkpoint",
+    "checkpoint_modules",
     "conditions",
     "current",
     "find_targets",
     "freeze_base",
+    "has_taps",
     "inject_adapter",
-    "inject_adapters",
+    "inject_position_adapter",
+    "is_disabled",
     "load_adapters",
-    "make_weighting",
+    "make_branch",
     "match_target",
     "merge_adapters",
     "merge_shared",
+    "position_adapters",
     "read_adapter_config",
     "save_adapters",
     "unmerge_adapters",

@@ -15,18 +15,40 @@ A value is a tensor of one entry per sample ([N]), a 0-d tensor or a Python numb
 batch shares it), or ``None``: explicitly "no value for any sample" (``y=None``, the unconditional
 batch of classifier-free guidance). Reading a condition nobody set is an error
 (:class:`MissingConditionError`), never a silent default.
+
+The same store holds the adapters switched off by :func:`adapters_disabled` (peft's
+``disable_adapter``): a disabled adapter adds nothing, for the whole batch, inside the block.
+
+Activation checkpointing. ``torch.utils.checkpoint`` recomputes a segment's forward during the
+backward pass, after every ``with`` block has exited; a context variable is not restored for the
+recompute, so adapters would see no conditions (or stale ones). :func:`checkpoint` captures the
+conditions and disabled adapters in force at the forward and re-enters them for the recompute::
+
+    with conditions(t=t):
+        h = difflora.adapters.checkpoint(block, h, emb)   # not torch.utils.checkpoint.checkpoint
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
-__all__ = ["ConditionValue", "MissingConditionError", "active", "conditions", "current"]
+__all__ = [
+    "ALL_ADAPTERS",
+    "ConditionValue",
+    "MissingConditionError",
+    "active",
+    "adapters_disabled",
+    "checkpoint",
+    "conditions",
+    "current",
+    "is_disabled",
+]
 
 ConditionValue = torch.Tensor | int | float | None
 
@@ -34,6 +56,11 @@ ConditionValue = torch.Tensor | int | float | None
 _CONDITIONS: contextvars.ContextVar[Mapping[str, ConditionValue] | None] = contextvars.ContextVar(
     "difflora_conditions", default=None
 )
+
+
+# Names of the adapters switched off now; ALL_ADAPTERS switches off every adapter.
+ALL_ADAPTERS = "*"
+_DISABLED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("difflora_disabled", default=frozenset())
 
 
 class MissingConditionError(LookupError):
@@ -73,3 +100,47 @@ def current(name: str) -> ConditionValue:
 def active() -> dict[str, Any]:
     """A copy of all conditions in force now (for debugging and tests)."""
     return dict(_CONDITIONS.get() or {})
+
+
+@contextlib.contextmanager
+def adapters_disabled(*names: str) -> Iterator[None]:
+    """Inside the block the adapters ``names`` (every adapter if none is named) add nothing.
+
+    Covers every form and position adapters; merged adapters cannot be disabled (their update is
+    in the weights): the layer raises and asks to unmerge. Blocks nest and add to each other.
+    """
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"adapters_disabled: adapter names are strings, got {type(name).__name__}")
+    token = _DISABLED.set(_DISABLED.get() | frozenset(names or (ALL_ADAPTERS,)))
+    try:
+        yield
+    finally:
+        _DISABLED.reset(token)
+
+
+def is_disabled(name: str) -> bool:
+    """Whether adapter ``name`` is switched off by an enclosing :func:`adapters_disabled` block."""
+    off = _DISABLED.get()
+    return bool(off) and (name in off or ALL_ADAPTERS in off)
+
+
+def checkpoint(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)`` that adapters survive.
+
+    The conditions and disabled adapters in force now are captured and re-entered for the
+    recompute in backward, so the recomputed activations (and hence the gradients) equal those
+    of the forward. ``kwargs`` go to ``fn``.
+    """
+    captured = (_CONDITIONS.get(), _DISABLED.get())
+
+    def run(*inner: Any) -> Any:
+        conds_token = _CONDITIONS.set(captured[0])
+        off_token = _DISABLED.set(captured[1])
+        try:
+            return fn(*inner, **kwargs)
+        finally:
+            _DISABLED.reset(off_token)
+            _CONDITIONS.reset(conds_token)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)

@@ -3,7 +3,11 @@
 ``inject_adapter(model, "time", weighting_factory, condition="t", targets=["qkv", "proj_out"])``
 replaces every matching layer by a :class:`~difflora.adapters.layer.ConditionalLoRA` (or adds the
 adapter to an existing wrapper, so TimeLoRA and ClassLoRA share one wrapper per projection) and
-returns an :class:`InjectionReport`. A target is
+returns an :class:`InjectionReport`; ``form=`` picks the update form (``forms.py``).
+``inject_position_adapter(model, "pa", factory, "task", ["re:blocks\\.\\d+"], "attn_out", "mlp_in")``
+adds a position adapter to every matching block with taps (``positions.py``). This module takes
+Python objects only; turning config entries into adapters is model building's job
+(``difflora.model_adapters``). A target is
 
 * an exact module path (``"input_blocks.4.1.qkv"``),
 * a suffix of whole path components (``"qkv"`` matches ``"middle_block.1.qkv"``, not ``"myqkv"``),
@@ -16,6 +20,7 @@ names it. Since adapters are zero-initialised (B = 0), injection changes no outp
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflora.adapters.context import ConditionValue
-from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA, LoRABank
-from difflora.adapters.weightings import IndexWeighting, LinearWeighting, TrainableWeighting, Weighting
-from difflora.config import AdapterConfig
+from difflora.adapters.context import ConditionValue, checkpoint
+from difflora.adapters.forms import Branch
+from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
+from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps
+from difflora.adapters.weightings import Weighting
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -35,11 +41,11 @@ __all__ = [
     "InjectionReport",
     "adapter_layers",
     "adapter_parameters",
+    "checkpoint_modules",
     "find_targets",
     "freeze_base",
     "inject_adapter",
-    "inject_adapters",
-    "make_weighting",
+    "inject_position_adapter",
     "match_target",
     "merge_adapters",
     "merge_shared",
@@ -66,6 +72,8 @@ class InjectedLayer:
     condition: str
     num_params: int
 
+    form: str = "lowrank"
+
     @classmethod
     def of(cls, path: str, module: ConditionalLoRA, adapter: str, condition: str) -> InjectedLayer:
         """The report row of adapter ``adapter`` in the wrapper ``module`` at ``path``."""
@@ -77,6 +85,21 @@ class InjectedLayer:
             adapter=adapter,
             condition=condition,
             num_params=sum(p.numel() for p in module.adapters[adapter].parameters()),
+            form=module.adapters[adapter].form,
+        )
+
+    @classmethod
+    def of_position(cls, path: str, adapter: PositionAdapter) -> InjectedLayer:
+        """The report row of a position adapter of the block at ``path``."""
+        return cls(
+            path=path,
+            layer_type=f"{adapter.source}->{adapter.dest}",
+            in_features=adapter.geometry.in_features,
+            out_features=adapter.geometry.out_features,
+            adapter=adapter.name,
+            condition=adapter.condition,
+            num_params=sum(p.numel() for p in adapter.parameters()),
+            form="position",
         )
 
 
@@ -100,11 +123,13 @@ class InjectionReport:
         self.total_params = other.total_params
 
     def __str__(self) -> str:
-        rows = [f"{'path':<40} {'type':<7} {'in':>5} {'out':>5} {'adapter':<10} {'cond':<5} {'params':>10}"]
+        rows = [
+            f"{'path':<40} {'type':<7} {'in':>5} {'out':>5} {'adapter':<10} {'form':<11} {'cond':<5} {'params':>10}"
+        ]
         for e in self.layers:
             rows.append(
                 f"{e.path:<40} {e.layer_type:<7} {e.in_features:>5} {e.out_features:>5} {e.adapter:<10} "
-                f"{e.condition:<5} {e.num_params:>10,}"
+                f"{e.form:<11} {e.condition:<5} {e.num_params:>10,}"
             )
         rows.append(
             f"{len(self.paths)} layers wrapped, {self.adapter_params:,} adapter parameters added; "
@@ -179,8 +204,10 @@ def inject_adapter(
     targets: Sequence[str],
     rank: int = 4,
     alpha: float | None = None,
+    form: str = "lowrank",
+    activation: str | None = None,
 ) -> InjectionReport:
-    """Add adapter ``name`` (reading ``condition``) to every layer ``targets`` selects, in place.
+    """Add adapter ``name`` (reading ``condition``, of ``form``) to every layer ``targets`` selects, in place.
 
     ``weighting`` is called once per layer (each layer gets its own weighting, e.g. its own
     trainable table). Raises ``ValueError`` on no match; ``model`` is unchanged on error.
@@ -196,39 +223,65 @@ def inject_adapter(
         if not isinstance(module, ConditionalLoRA):
             module = ConditionalLoRA(module)
             _set_submodule(model, path, module)
-        module.add_adapter(name, weighting(), condition, rank, alpha)
+        module.add_adapter(name, weighting(), condition, rank, alpha, form=form, activation=activation)
         report.layers.append(InjectedLayer.of(path, module, name, condition))
     report.total_params = sum(p.numel() for p in model.parameters())
     return report
 
 
-def make_weighting(cfg: AdapterConfig) -> Weighting:
-    """A fresh weighting for one layer from an :class:`~difflora.config.AdapterConfig`."""
-    if cfg.weighting == "index":
-        return IndexWeighting(cfg.num_values)
-    assert cfg.num_bases is not None  # the config validates it
-    if cfg.weighting == "linear":
-        low, high = cfg.value_range if cfg.value_range is not None else (0.0, float(cfg.num_values - 1))
-        return LinearWeighting(cfg.num_bases, low, high)
-    return TrainableWeighting(cfg.num_values, cfg.num_bases, cfg.init)
-
-
-def inject_adapters(
-    model: nn.Module, configs: Sequence[AdapterConfig], default_targets: Sequence[str] = ()
+def inject_position_adapter(
+    model: nn.Module,
+    name: str,
+    weighting: Callable[[], Weighting],
+    condition: str,
+    targets: Sequence[str],
+    source: str,
+    dest: str,
+    rank: int = 4,
+    activation: str = "identity",
+    scale: float = 1.0,
 ) -> InjectionReport:
-    """Inject every adapter of ``configs`` (``cfg.model.adapters``); empty ``targets`` use ``default_targets``."""
-    report = InjectionReport()
-    for cfg in configs:
-        targets = list(cfg.targets) or list(default_targets)
-        if not targets:
-            raise ValueError(f"adapter {cfg.name!r}: no targets given and no default targets for this model")
-        report.extend(
-            inject_adapter(
-                model, cfg.name, lambda cfg=cfg: make_weighting(cfg), cfg.condition, targets, cfg.rank, cfg.alpha
-            )
+    """Add position adapter ``name`` (``dest += scale f(source)``) to every block ``targets`` selects.
+
+    Targets match block paths (exact, suffix, ``re:``) and must select blocks with named taps
+    (``positions.py``); modules without taps inside a matched path are an error naming them.
+    """
+    if not targets:
+        raise ValueError("no position-adapter targets given (block paths, suffixes, or 're:' regexes)")
+    blocks = [(p, m) for p, m in model.named_modules() if p and any(match_target(p, t) for t in targets)]
+    tapped = [(p, m) for p, m in blocks if has_taps(m)]
+    unmatched = [t for t in targets if not any(match_target(p, t) for p, _ in tapped)]
+    if unmatched:
+        examples = [p for p, m in model.named_modules() if has_taps(m)][:6]
+        raise ValueError(
+            f"position-adapter targets {unmatched} match no block with taps; blocks with taps include: "
+            f"{', '.join(examples) or 'none (the model has no difflora blocks)'}"
         )
+    for path, block in tapped:
+        if name in getattr(block, "position_adapters", {}):
+            raise ValueError(f"{path!r} already has a position adapter named {name!r}")
+    report = InjectionReport()
+    for path, block in tapped:
+        adapter = PositionAdapter(block, name, weighting(), condition, source, dest, rank, activation, scale)
+        report.layers.append(InjectedLayer.of_position(path, add_position_adapter(block, adapter)))
     report.total_params = sum(p.numel() for p in model.parameters())
     return report
+
+
+def checkpoint_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Run every module ``targets`` selects under activation checkpointing; returns their paths.
+
+    Each selected module's forward becomes :func:`difflora.adapters.checkpoint` of itself
+    (``use_reentrant=False``, conditions and disabled adapters re-entered for the recompute), set
+    as an instance attribute: no parameter name changes. ``checkpoint_modules(net, ["re:blocks\\.\\d+"])``.
+    """
+    paths = [p for p, _ in model.named_modules() if p and any(match_target(p, t) for t in targets)]
+    if not paths:
+        raise ValueError(f"checkpoint targets {list(targets)} match no module (exact paths, suffixes or 're:' regexes)")
+    for path in paths:
+        module = model.get_submodule(path)
+        module.forward = functools.partial(checkpoint, type(module).forward.__get__(module))
+    return paths
 
 
 # --- acting on every adapter of a model ----------------------------------------------------------
@@ -240,9 +293,9 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, ConditionalLoRA]]:
 
 
 def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """The adapters' own parameters (lora_A, lora_B, trainable weighting tables)."""
+    """The adapters' own parameters: every form's factors and vectors, position adapters, trainable tables."""
     for module in model.modules():
-        if isinstance(module, LoRABank):
+        if isinstance(module, Branch | PositionAdapter):
             yield from module.parameters()
 
 

@@ -1,10 +1,15 @@
 """Save and load adapters on their own: ``adapters.safetensors`` + ``adapter_config.json`` in a directory.
 
-The JSON holds, for every (layer path, adapter name), the adapter's spec (condition, rank, alpha,
-weighting) and a **fingerprint of the base model's adapted layers**: each layer's type and shapes
-and a SHA-256 of their (unmerged) base weights and biases. Loading checks the fingerprint before
-touching the model, so an adapter file can be loaded into a matching base only; a different base
-is an error that names the first mismatching layer. Nothing is unpickled.
+The JSON holds one entry per adapter: every layer branch (``kind: layer``; form, condition,
+weighting, rank, ...) and every position adapter (``kind: position``; taps, bottleneck, ...),
+and a **fingerprint of the base model's adapted parts**: each adapted layer's type and shapes,
+each adapted block's type and tap widths, and a SHA-256 of their (unmerged) base weights and
+biases. Nothing is unpickled.
+
+Loading is all-or-nothing: the JSON, the tensor file, the fingerprint, every spec and every
+tensor's presence, shape and dtype (a floating type; a different float precision is converted)
+are checked before the model changes at all. Any problem is an :class:`AdapterLoadError` naming the
+file and the fix, also when the cause is a damaged file (a JSON or safetensors error).
 
 Loading into a plain base injects the adapters at the saved paths first; loading into a model
 that already has them (same names, same specs) overwrites their values.
@@ -18,11 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from difflora.adapters.forms import Branch, branch_from_spec
 from difflora.adapters.inject import InjectedLayer, InjectionReport, adapter_layers
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
+from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps, position_adapters
+from difflora.adapters.router import Geometry
 from difflora.adapters.weightings import weighting_from_spec
 
 __all__ = [
@@ -38,41 +47,63 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapters.safetensors"
 _FORMAT = "difflora.adapters"
-_VERSION = 1
+_VERSION = 2
+_READABLE = (1, 2)  # version 1: low-rank layer banks only
 
 
 class AdapterLoadError(ValueError):
     """An adapter file does not fit the model it is loaded into (or is not an adapter file)."""
 
 
-def _layer_structure(module: nn.Module) -> dict[str, Any]:
+# --- fingerprint ------------------------------------------------------------------------------
+def _base_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The unmerged base weights of a layer, or every base parameter of a block (adapters excluded)."""
+    if isinstance(module, ConditionalLoRA):
+        weight, bias = module._original()
+        return [weight] + ([bias] if bias is not None else [])
+    if isinstance(module, SUPPORTED_LAYERS):
+        return [module.weight] + ([module.bias] if module.bias is not None else [])
+    out: list[torch.Tensor] = []
+    for child in module.children():
+        if not _adapter_container(child):
+            out.extend(_base_tensors(child))
+    out.extend(module.parameters(recurse=False))
+    return out
+
+
+def _adapter_container(module: nn.Module) -> bool:
+    if isinstance(module, Branch | PositionAdapter):
+        return True
+    return isinstance(module, nn.ModuleDict) and all(isinstance(m, Branch | PositionAdapter) for m in module.values())
+
+
+def _structure(module: nn.Module) -> dict[str, Any]:
     if isinstance(module, ConditionalLoRA):
         return module.fingerprint()
-    return ConditionalLoRA(module).fingerprint()  # a throwaway wrapper describes a plain layer
-
-
-def _base_tensors(module: nn.Module) -> list[torch.Tensor]:
-    if isinstance(module, ConditionalLoRA):
-        weight = module._unmerged_weight if module._unmerged_weight is not None else module.base_layer.weight
-        bias = module.base_layer.bias
-    else:
-        weight, bias = module.weight, module.bias
-    return [weight] + ([bias] if bias is not None else [])
+    if isinstance(module, SUPPORTED_LAYERS):
+        return ConditionalLoRA(module).fingerprint()  # a throwaway wrapper describes a plain layer
+    return {"type": type(module).__name__, "taps": dict(module.tap_channels)}
 
 
 def base_fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
-    """Structure of each layer in ``paths`` and a SHA-256 over their unmerged base weights and biases."""
+    """Structure of each layer / block in ``paths`` and a SHA-256 over their unmerged base weights."""
     digest = hashlib.sha256()
     layers = {}
     for path in paths:
         module = model.get_submodule(path)
-        if not isinstance(module, SUPPORTED_LAYERS + (ConditionalLoRA,)):
-            raise AdapterLoadError(f"{path!r} is a {type(module).__name__}, not a layer adapters can wrap")
-        layers[path] = _layer_structure(module)
+        if not isinstance(module, SUPPORTED_LAYERS + (ConditionalLoRA,)) and not has_taps(module):
+            raise AdapterLoadError(f"{path!r} is a {type(module).__name__}, not a layer or block adapters can wrap")
+        layers[path] = _structure(module)
         digest.update(path.encode())
         for tensor in _base_tensors(module):
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return {"layers": layers, "weights_sha256": digest.hexdigest()}
+
+
+# --- save -------------------------------------------------------------------------------------
+def _prefix(entry: dict[str, Any]) -> str:
+    where = "position_adapters" if entry["kind"] == "position" else "adapters"
+    return f"{entry['path']}.{where}.{entry['name']}." if entry["path"] else f"{where}.{entry['name']}."
 
 
 def save_adapters(
@@ -82,57 +113,161 @@ def save_adapters(
 
     Paths are relative to ``model``: load into the same kind of module (the net, or the
     DiffusionModel around it). ``metadata`` (JSON-able: step, config, ...) is stored alongside.
+    Merged layers are saved with their unmerged base fingerprint (the adapters' own tensors never
+    hold a merged weight).
     """
     directory = Path(directory)
-    entries, tensors = [], {}
+    found: list[tuple[dict[str, Any], nn.Module]] = []
     for path, layer in adapter_layers(model):
-        for name, bank in layer.adapters.items():
-            if names is not None and name not in names:
-                continue
-            entries.append({"path": path, "name": name, **bank.spec()})
-            for key, value in bank.state_dict().items():
-                tensors[f"{path}.adapters.{name}.{key}"] = value.detach().to("cpu").contiguous()
-    if not entries:
+        found += [({"path": path, "name": n, "kind": "layer", **b.spec()}, b) for n, b in layer.adapters.items()]
+    for path, adapter in position_adapters(model):
+        found.append(({"path": path, "name": adapter.name, "kind": "position", **adapter.spec()}, adapter))
+    found = [(e, m) for e, m in found if names is None or e["name"] in names]
+    if not found:
         raise ValueError("no adapters to save" + (f" named {names}" if names else " (none injected)"))
-    paths = list(dict.fromkeys(e["path"] for e in entries))
+    tensors = {}
+    for entry, module in found:
+        for key, value in module.state_dict().items():
+            tensors[_prefix(entry) + key] = value.detach().to("cpu").contiguous()
+    entries = [e for e, _ in found]
     config = {
         "format": _FORMAT,
         "version": _VERSION,
         "adapters": entries,
-        "fingerprint": base_fingerprint(model, paths),
+        "fingerprint": base_fingerprint(model, list(dict.fromkeys(e["path"] for e in entries))),
         "metadata": metadata or {},
     }
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    # Write both under temporary names, then rename: a crash never leaves a half-written pair.
+    tmp_w, tmp_c = directory / (WEIGHTS_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
+    save_file(tensors, str(tmp_w), metadata={"format": "pt"})
+    tmp_c.write_text(json.dumps(config, indent=2))
+    tmp_w.replace(directory / WEIGHTS_NAME)
+    tmp_c.replace(directory / CONFIG_NAME)
     return directory
 
 
+# --- load -------------------------------------------------------------------------------------
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     """The JSON of an adapter directory, checked to be one."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise AdapterLoadError(f"{path} does not exist: not an adapter directory (save_adapters writes one)")
-    config = json.loads(path.read_text())
-    if config.get("format") != _FORMAT or config.get("version") != _VERSION:
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterLoadError(
+            f"{path} is not valid JSON ({exc}): the file is damaged; save the adapters again"
+        ) from None
+    if not isinstance(config, dict) or config.get("format") != _FORMAT or config.get("version") not in _READABLE:
         raise AdapterLoadError(f"{path} is not a difflora adapter file of version {_VERSION}")
     return config
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise AdapterLoadError(f"{path} does not exist: the adapter directory is incomplete; save the adapters again")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterLoadError(f"{path} is not a readable safetensors file ({exc}); save the adapters again") from None
+
+
+def _fresh_module(model: nn.Module, entry: dict[str, Any]) -> nn.Module:
+    """The module an entry describes, built detached from the model (to validate tensors against)."""
+    target = model.get_submodule(entry["path"])
+    if entry.get("kind", "layer") == "position":
+        return PositionAdapter(
+            target,
+            entry["name"],
+            weighting_from_spec(entry["weighting"]),
+            entry["condition"],
+            entry["source"],
+            entry["dest"],
+            entry["rank"],
+            entry["activation"],
+            entry["scale"],
+        )
+    base = target.base_layer if isinstance(target, ConditionalLoRA) else target
+    return branch_from_spec(entry, Geometry.of_layer(base))
+
+
+def _existing(model: nn.Module, entry: dict[str, Any]) -> nn.Module | None:
+    target = model.get_submodule(entry["path"])
+    holder = getattr(target, "position_adapters" if entry.get("kind", "layer") == "position" else "adapters", None)
+    if isinstance(target, ConditionalLoRA) or entry.get("kind") == "position":
+        return holder[entry["name"]] if holder is not None and entry["name"] in holder else None
+    return None
+
+
+def _check_tensors(module: nn.Module, state: dict[str, torch.Tensor], where: str, file: Path) -> None:
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise AdapterLoadError(
+            f"{file}: {where} has missing tensors {missing} and unexpected {unexpected}; the file does not "
+            f"match its adapter_config.json (save the adapters again)"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape or not value.is_floating_point():
+            raise AdapterLoadError(
+                f"{file}: {where}.{key} is {value.dtype} {list(value.shape)}, expected a floating tensor of shape "
+                f"{list(expected[key].shape)}; the file does not match its adapter_config.json"
+            )
+
+
+def _validate(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> list:
+    """Every check of :func:`load_adapters`; returns [(entry, existing module or None, state)]."""
+    file = directory / WEIGHTS_NAME
+    plan, claimed = [], set()
+    for entry in config["adapters"]:
+        entry.setdefault("kind", "layer")
+        where = f"adapter {entry['name']!r} at {entry['path']!r}"
+        existing = _existing(model, entry)
+        try:
+            fresh = _fresh_module(model, entry)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise AdapterLoadError(f"{directory / CONFIG_NAME}: {where} has an invalid spec ({exc})") from None
+        target = model.get_submodule(entry["path"])
+        if isinstance(target, ConditionalLoRA) and target.merged:
+            raise AdapterLoadError(f"layer {entry['path']!r} has merged adapters: unmerge before loading")
+        if existing is not None and existing.spec() != fresh.spec():
+            raise AdapterLoadError(
+                f"{where} already exists with a different spec: {existing.spec()} vs saved {fresh.spec()}"
+            )
+        prefix = _prefix(entry)
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        claimed.update(prefix + k for k in state)
+        _check_tensors(fresh, state, where, file)
+        plan.append((entry, existing, state))
+    extra = sorted(set(tensors) - claimed)
+    if extra:
+        raise AdapterLoadError(f"{file} holds tensors no adapter entry claims: {extra[:4]}; save the adapters again")
+    return plan
 
 
 def load_adapters(model: nn.Module, directory: str | Path, check_weights: bool = True) -> InjectionReport:
     """Load the adapters in ``directory`` into ``model`` (injecting them where absent); returns a report.
 
-    Raises :class:`AdapterLoadError` before changing anything if a saved layer path is missing,
-    its structure differs, or (``check_weights=True``) the base weights differ from those the
+    All-or-nothing: raises :class:`AdapterLoadError` before changing anything if a file is damaged,
+    a saved path is missing, its structure differs, a tensor is missing, unexpected, or of the
+    wrong shape or type, or (``check_weights=True``) the base weights differ from those the
     adapters were saved with. Pass ``check_weights=False`` to load onto a base whose weights
     changed on purpose (e.g. further trained).
     """
     directory = Path(directory)
     config = read_adapter_config(directory)
-    saved_fp = config["fingerprint"]
-    paths = list(saved_fp["layers"])
+    try:
+        saved_fp = config["fingerprint"]
+        paths = list(saved_fp["layers"])
+        names = [(e["path"], e["name"]) for e in config["adapters"]]
+    except (KeyError, TypeError) as exc:
+        raise AdapterLoadError(
+            f"{directory / CONFIG_NAME} lacks {exc}: a damaged adapter file; save it again"
+        ) from None
     modules = dict(model.named_modules())
-    missing = [p for p in paths if p not in modules]
+    missing = [p for p in paths + [p for p, _ in names] if p not in modules]
     if missing:
         raise AdapterLoadError(
             f"the model has no module {missing[0]!r} (and {len(missing) - 1} more missing): these adapters "
@@ -150,38 +285,30 @@ def load_adapters(model: nn.Module, directory: str | Path, check_weights: bool =
             "the base weights of the adapted layers differ from those the adapters were saved with "
             "(fingerprint mismatch): a different base model. Pass check_weights=False to load anyway."
         )
-    for entry in config["adapters"]:
-        module = modules[entry["path"]]
-        if isinstance(module, ConditionalLoRA):
-            if module.merged:
-                raise AdapterLoadError(f"layer {entry['path']!r} has merged adapters: unmerge before loading")
-            bank = module.adapters[entry["name"]] if entry["name"] in module.adapters else None
-            if bank is not None and bank.spec() != {k: entry[k] for k in ("condition", "rank", "alpha", "weighting")}:
-                raise AdapterLoadError(
-                    f"layer {entry['path']!r} already has an adapter {entry['name']!r} with a different spec: "
-                    f"{bank.spec()} vs saved {entry}"
-                )
-    tensors = load_file(str(directory / WEIGHTS_NAME))
+    plan = _validate(model, config, _read_tensors(directory), directory)
 
     report = InjectionReport()
-    for entry in config["adapters"]:
+    for entry, existing, state in plan:
         path, name = entry["path"], entry["name"]
-        module = model.get_submodule(path)
-        if not isinstance(module, ConditionalLoRA):
-            module = ConditionalLoRA(module)
-            parent_path, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
-        if name not in module.adapters:
-            module.add_adapter(
-                name, weighting_from_spec(entry["weighting"]), entry["condition"], entry["rank"], entry["alpha"]
-            )
-        bank = module.adapters[name]
-        prefix = f"{path}.adapters.{name}."
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        try:
-            bank.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise AdapterLoadError(f"adapter {name!r} at {path!r}: {exc}") from None
-        report.layers.append(InjectedLayer.of(path, module, name, entry["condition"]))
+        module = existing
+        if module is None:
+            module = _fresh_module(model, entry)
+            if entry["kind"] == "position":
+                add_position_adapter(model.get_submodule(path), module)
+            else:
+                layer = model.get_submodule(path)
+                if not isinstance(layer, ConditionalLoRA):
+                    layer = ConditionalLoRA(layer)
+                    parent_path, _, child = path.rpartition(".")
+                    setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
+                layer.add_branch(name, module)
+        with torch.no_grad():
+            own = module.state_dict()
+            for key, value in state.items():
+                own[key].copy_(value)
+        if entry["kind"] == "position":
+            report.layers.append(InjectedLayer.of_position(path, module))
+        else:
+            report.layers.append(InjectedLayer.of(path, model.get_submodule(path), name, entry["condition"]))
     report.total_params = sum(p.numel() for p in model.parameters())
     return report

@@ -17,6 +17,17 @@ so basis ``i`` sits at ``t_i = i k`` (``t_0 = 0``, ``t_m = T - 1``). ``T = num_v
 values the adapter covers: 000's m = 10 runs use T = 4001 with a 4000-step diffusion (values
 0..3999 occur; row 4000 of a trainable table is never read, exactly as in the paper's parameter
 counts). Linear interpolation is exact at the basis times (weight 1 on basis i at t = t_i).
+
+"No update" for a sample (every weighting): the sample's mixing weights are all zero, so its row
+of the batch gets exactly the base layer's output while the other rows are adapted.
+
+* ``NaN`` means "no update" for every weighting (a float condition tensor);
+* ``-1`` (:data:`NULL_VALUE`) also means it for the integer-valued weightings, index and trainable
+  (an int64 tensor cannot hold NaN; -1 is classifier-free guidance's null label).
+
+The linear weighting accepts NaN only, since -1 may be a real value of its range (a guidance scale).
+The no-update rows still gather bank entry 0 (with weight 0), so every sample has the same shapes
+and the batch is routed without a branch.
 """
 
 from __future__ import annotations
@@ -78,13 +89,18 @@ def check_values(ok: torch.Tensor, message: Callable[[], str], short: str) -> No
         torch._assert_async(ok.all(), short)
 
 
-def _integral(values: torch.Tensor, what: str) -> torch.Tensor:
+def _integral(values: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values as int64 with null rows set to 0, keep [N] bool): NaN and -1 are "no update"."""
     if values.is_floating_point():
+        nan = values.isnan()
+        values = torch.where(nan, torch.full_like(values, NULL_VALUE), values)
         check_values(
             values == values.round(), lambda: f"{what}: values must be integers, got {values.tolist()[:8]}", what
         )
         values = values.round()
-    return values.long()
+    v = values.long()
+    keep = v != NULL_VALUE
+    return torch.where(keep, v, 0), keep
 
 
 def _position_dtype(device: torch.device) -> torch.dtype:
@@ -131,18 +147,17 @@ class IndexWeighting(Weighting):
     def forward(self, values: torch.Tensor | None) -> Mix | None:
         if values is None:
             return None
-        v = _integral(values, "index weighting")
+        v, keep = _integral(values, "index weighting")
         check_values(
-            (v >= NULL_VALUE) & (v < self.num_values),
+            (v >= 0) & (v < self.num_values),
             lambda: (
-                f"index weighting: values must be in 0..{self.num_values - 1} (or {NULL_VALUE} for no "
+                f"index weighting: values must be in 0..{self.num_values - 1} (or {NULL_VALUE} / NaN for no "
                 f"update), got min {int(v.min())}, max {int(v.max())}"
             ),
             "index weighting: value out of range",
         )
-        keep = v != NULL_VALUE
         # A null sample gathers bank entry 0 with weight 0: same shapes for every sample, no branch.
-        return Mix(weight=keep.float()[:, None], index=torch.where(keep, v, 0)[:, None])
+        return Mix(weight=keep.float()[:, None], index=v[:, None])
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_values": self.num_values}
@@ -182,6 +197,8 @@ class LinearWeighting(Weighting):
             raise ValueError("linear weighting: the condition is None; it needs a value for every sample")
         m = self.num_bases - 1
         v = values.to(_position_dtype(values.device))
+        keep = ~v.isnan()  # NaN: no update for this sample
+        v = torch.where(keep, v, self.low)
         check_values(
             (v >= self.low) & (v <= self.high),
             lambda: (
@@ -196,7 +213,7 @@ class LinearWeighting(Weighting):
         lower = pos.floor().clamp(0, m - 1)
         frac = pos - lower
         index = torch.stack([lower, lower + 1], dim=1).long()
-        weight = torch.stack([1 - frac, frac], dim=1)  # float64 (float32 on MPS); the layer casts
+        weight = torch.stack([1 - frac, frac], dim=1) * keep[:, None]  # float64 (float32 on MPS); the layer casts
         return Mix(weight=weight, index=index)
 
     def spec(self) -> dict[str, Any]:
@@ -248,16 +265,18 @@ class TrainableWeighting(Weighting):
     def forward(self, values: torch.Tensor | None) -> Mix:
         if values is None:
             raise ValueError("trainable weighting: the condition is None; it needs a value for every sample")
-        v = _integral(values, "trainable weighting")
+        v, keep = _integral(values, "trainable weighting")
         check_values(
             (v >= 0) & (v < self.num_values),
             lambda: (
-                f"trainable weighting: values must be in 0..{self.num_values - 1}, got min {int(v.min())}, "
+                f"trainable weighting: values must be in 0..{self.num_values - 1} (or {NULL_VALUE} / NaN for no "
+                f"update), got min {int(v.min())}, "
                 f"max {int(v.max())}"
             ),
             "trainable weighting: value out of range",
         )
-        return Mix(weight=self.table[v])
+        # The mask, not the table row, zeroes a null sample: row 0 then gets no gradient from it.
+        return Mix(weight=self.table[v] * keep[:, None].to(self.table.dtype))
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_values": self.num_values, "num_bases": self.num_bases, "init": self.init}

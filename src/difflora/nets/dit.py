@@ -143,7 +143,16 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero: c [N x D] gives shift, scale and gate for attention and MLP."""
+    """Transformer block with adaLN-Zero: c [N x D] gives shift, scale and gate for attention and MLP.
+
+    Taps (parameter-free ``nn.Identity`` points for position adapters, 004), all [N x T x D], in
+    forward order: ``in`` (block input), ``attn_in`` (the modulated, normalised input of attention),
+    ``attn_out`` (attention's output, before its gate), ``mlp_in``, ``mlp_out`` (likewise) and
+    ``out`` (block output).
+    """
+
+    TAPS = ("in", "attn_in", "attn_out", "mlp_in", "mlp_out", "out")
+    tap_layout = "channels_last"
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -152,12 +161,18 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        for tap in self.TAPS:
+            setattr(self, f"tap_{tap}", nn.Identity())
+        self.tap_channels = dict.fromkeys(self.TAPS, hidden_size)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """:param x: [N x T x D]. :param c: [N x D]. :return: [N x T x D]."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = self.tap_in(x)
+        a = self.tap_attn_out(self.attn(self.tap_attn_in(modulate(self.norm1(x), shift_msa, scale_msa))))
+        x = x + gate_msa.unsqueeze(1) * a
+        m = self.tap_mlp_out(self.mlp(self.tap_mlp_in(modulate(self.norm2(x), shift_mlp, scale_mlp))))
+        return self.tap_out(x + gate_mlp.unsqueeze(1) * m)
 
 
 class FinalLayer(nn.Module):

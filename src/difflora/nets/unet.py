@@ -25,7 +25,11 @@ Differences from improved-diffusion, all optional or outside the layers themselv
 * GroupNorm uses 32 groups, or ``gcd(32, C)`` for channel counts that are not multiples of 32.
 * Attention is computed with ``scaled_dot_product_attention``; the head layout of the qkv channels
   is improved-diffusion's (per head: q, k, v of C/heads channels each), so weights are interchangeable.
-* No fp16 conversion or gradient checkpointing flags.
+* No fp16 conversion or gradient checkpointing flags (``difflora.adapters.checkpoint`` wraps any
+  block, adapters and conditions included).
+* Named taps for position adapters (004): every ``ResBlock`` and ``AttentionBlock`` has
+  parameter-free ``nn.Identity`` points ``tap_in`` (the block's input) and ``tap_out`` (its output,
+  after the residual sum), listed in ``TAPS``. They add no parameters and change no parameter name.
 """
 
 from __future__ import annotations
@@ -70,7 +74,11 @@ class ResBlock(nn.Module):
     ``emb_channels`` is None); ``out_layers`` = GroupNorm, SiLU, Dropout, zero-initialised 3x3 conv.
     With ``use_scale_shift_norm`` the embedding gives (scale, shift) applied after the second
     GroupNorm: ``norm(h) * (1 + scale) + shift``; otherwise it is added before it.
+    Taps (position adapters): ``in`` [N x C x H x W], ``out`` [N x C_out x H x W].
     """
+
+    TAPS = ("in", "out")
+    tap_layout = "channels_first"
 
     def __init__(
         self,
@@ -102,9 +110,12 @@ class ResBlock(nn.Module):
             self.skip_connection: nn.Module = nn.Identity()
         else:
             self.skip_connection = nn.Conv2d(channels, self.out_channels, 1)
+        self.tap_in, self.tap_out = nn.Identity(), nn.Identity()
+        self.tap_channels = {"in": channels, "out": self.out_channels}
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
         """:param x: [N x C x H x W]. :param emb: [N x emb_channels] or None. :return: [N x C_out x H x W]."""
+        x = self.tap_in(x)
         h = self.in_layers(x)
         if self.emb_layers is None:
             h = self.out_layers(h)
@@ -116,7 +127,7 @@ class ResBlock(nn.Module):
                 h = self.out_layers[1:](h)
             else:
                 h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+        return self.tap_out(self.skip_connection(x) + h)
 
 
 class AttentionBlock(nn.Module):
@@ -124,7 +135,11 @@ class AttentionBlock(nn.Module):
 
     The 3C channels of ``qkv`` are laid out head by head, each head holding its q, k and v
     (C / num_heads channels each), as improved-diffusion's reshape to [N*heads x 3C/heads x T] implies.
+    Taps (position adapters): ``in`` and ``out`` (after the residual sum), both [N x C x H x W].
     """
+
+    TAPS = ("in", "out")
+    tap_layout = "channels_first"
 
     def __init__(self, channels: int, num_heads: int = 1) -> None:
         super().__init__()
@@ -134,9 +149,12 @@ class AttentionBlock(nn.Module):
         self.norm = group_norm(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+        self.tap_in, self.tap_out = nn.Identity(), nn.Identity()
+        self.tap_channels = {"in": channels, "out": channels}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:param x: [N x C x H x W]. :return: [N x C x H x W]."""
+        x = self.tap_in(x)
         n, c, *spatial = x.shape
         x = x.reshape(n, c, -1)  # (N, C, T)
         qkv = self.qkv(self.norm(x)).reshape(n, self.num_heads, 3 * c // self.num_heads, -1)
@@ -144,7 +162,7 @@ class AttentionBlock(nn.Module):
         # Softmax(q k^T / sqrt(d)) v; SDPA's default scale is improved-diffusion's 1/sqrt(sqrt(d))^2.
         h = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, C/heads)
         h = h.transpose(-1, -2).reshape(n, c, -1)  # (N, C, T), head-major channels as the input
-        return (x + self.proj_out(h)).reshape(n, c, *spatial)
+        return self.tap_out((x + self.proj_out(h)).reshape(n, c, *spatial))
 
 
 class Downsample(nn.Module):

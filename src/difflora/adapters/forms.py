@@ -1,0 +1,325 @@
+"""Update forms: what one conditional branch of a wrapped layer ``y = W x + b`` adds.
+
+Each branch is a bank with one entry per basis (or task, or class), a weighting that maps each
+sample's condition to mixing weights over the bank, the name of the condition it reads, and a
+form. Parameters are one tensor per kind with the bank as first dimension ([num_bases x ...]):
+
+=================  ============================================  ==========  ============================
+form               update (per sample, c = its condition)        mergeable   parameters, initialisation
+=================  ============================================  ==========  ============================
+``lowrank``        ``+ scaling sum_i w_i(c) B_i A_i x``          into W      ``lora_A`` N(0, 1/r), ``lora_B`` 0
+``lowrank_act``    ``+ sum_i w_i(c) s_i W_up,i act(W_down,i x)``  no          ``lora_down``, ``lora_up``
+                                                                             Kaiming-normal, ``lora_s`` 0
+``scale``          ``(1 + sum_i w_i(c) a_i) ⊙ (W x)``             into W      ``scale`` [num_bases x d_out] 0
+``shift``          ``+ sum_i w_i(c) b_i``                         into bias   ``shift`` [num_bases x d_out] 0
+=================  ============================================  ==========  ============================
+
+All four start as "no change" (DiffScaler 002 writes that ``a`` starts at ones; difflora stores
+``a`` as the deviation from 1 and initialises it to 0, so the effective scale ``1 + a`` starts at
+exactly 1, the paper's intent). The weight scale multiplies the base's ``W x`` only: not the bias
+and not the other branches, as in 002's ``(1 + a) W x + s W_up ReLU(W_down x) + b_hat + b``.
+
+For a k x k convolution the down factors (``lora_A``, ``lora_down``) are k x k convolutions with the
+base's stride, padding and dilation, so the branch reads the base's receptive field (stored
+flattened as [num_bases x r x C k k], the base weight's fan-in layout), and the up factors are
+1x1. 002 says "1x1 convolutions" for its conv branches; its targets are 1x1 (DiT's linears), where
+the two coincide, and for a k x k base the k x k down factor keeps the branch's output aligned
+with the base's output grid (a strided base would otherwise need a strided 1x1 that skips inputs).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from difflora.adapters.context import ConditionValue, current
+from difflora.adapters.router import Geometry, RankTerm, Route, rank_term
+from difflora.adapters.weightings import Weighting, weighting_from_spec
+
+__all__ = [
+    "ACTIVATIONS",
+    "FORMS",
+    "ActivationBank",
+    "Branch",
+    "LoRABank",
+    "ScaleBank",
+    "ShiftBank",
+    "as_batch",
+    "branch_from_spec",
+    "make_branch",
+]
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
+    "relu": F.relu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "sigmoid": torch.sigmoid,
+    "identity": None,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The activation called ``name`` (None for identity); an unknown name is an error listing the valid ones."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def as_batch(value: ConditionValue, n: int, device: torch.device, name: str) -> torch.Tensor | None:
+    """A condition value as an [n] tensor on ``device`` (numbers and 0-d / [1] tensors broadcast)."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        return torch.full((n,), value, device=device)
+    if value.dim() == 0 or value.shape == (1,):
+        return value.reshape(1).expand(n).to(device)
+    if value.dim() != 1 or value.shape[0] != n:
+        raise ValueError(
+            f"condition {name!r} has shape {tuple(value.shape)} but the layer's input holds {n} samples; "
+            f"give one value per sample ([{n}]) or one for all"
+        )
+    return value.to(device)
+
+
+class Branch(nn.Module, abc.ABC):
+    """A conditional branch: a bank of ``weighting.num_bases`` entries and the condition it reads."""
+
+    form: str = ""
+    mergeable: bool = False
+
+    def __init__(self, weighting: Weighting, condition: str):
+        super().__init__()
+        if not condition.isidentifier():
+            raise ValueError(f"condition name {condition!r} must be a Python identifier")
+        self.weighting = weighting
+        self.condition = condition
+
+    @property
+    def num_bases(self) -> int:
+        return self.weighting.num_bases
+
+    def route(self, values: ConditionValue, n: int, device: torch.device) -> Route | None:
+        """This branch's routing of a batch of ``n`` samples (None: no sample gets an update)."""
+        mix = self.weighting(as_batch(values, n, device, self.condition))
+        return None if mix is None else Route.of(mix)
+
+    def current_route(self, n: int, device: torch.device) -> Route | None:
+        """:meth:`route` for the condition value set by the enclosing ``conditions`` block."""
+        return self.route(current(self.condition), n, device)
+
+    def shared_weights(self, value: ConditionValue, device: torch.device) -> torch.Tensor | None:
+        """[num_bases] mixing weights of one value shared by every sample (merges), None for no update."""
+        route = self.route(value, 1, device)
+        if route is None:
+            return None
+        w = route.weight
+        if route.index is not None:
+            w = w.new_zeros(1, self.num_bases).scatter_add(1, route.index, w)
+        return w[0]
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description: :func:`branch_from_spec` rebuilds the branch from it."""
+        return {"form": self.form, "condition": self.condition, "weighting": self.weighting.spec(), **self.options()}
+
+    @abc.abstractmethod
+    def options(self) -> dict[str, Any]:
+        """The form's own constructor options (rank, activation, ...), part of :meth:`spec`."""
+
+    @abc.abstractmethod
+    def reset_parameters(self) -> None:
+        """Initialise so that the branch changes no output."""
+
+
+class _RankBank(Branch):
+    """Shared by the two rank-space forms: ``up (s * act(down x))`` routed by :func:`rank_term`."""
+
+    act_name = "identity"
+
+    def rank_term(self, route: Route, dtype: torch.dtype) -> RankTerm:
+        down, up, scalars = self.factors()
+        return rank_term(route, down, up, route.slot_scales(scalars, dtype), activation(self.act_name), dtype)
+
+    @abc.abstractmethod
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
+        """(down [num_bases x r x F], up [num_bases x d_out x r], per-entry scalar(s))."""
+
+
+class LoRABank(_RankBank):
+    """Low-rank ``scaling sum_i w_i B_i A_i x`` (TimeLoRA, ClassLoRA, plain LoRA): mergeable into W.
+
+    ``lora_A`` [num_bases x rank x fan_in] ~ N(0, 1/rank) (000 C.1; variance 1/r),
+    ``lora_B`` [num_bases x d_out x rank] = 0. ``scaling = alpha / rank`` (peft's convention;
+    ``alpha=None`` means ``alpha = rank``, scaling 1, which is 000's un-scaled ``W + B A``).
+    """
+
+    form = "lowrank"
+    mergeable = True
+
+    def __init__(
+        self, weighting: Weighting, condition: str, geometry: Geometry, rank: int = 4, alpha: float | None = None
+    ):
+        super().__init__(weighting, condition)
+        if rank < 1:
+            raise ValueError(f"LoRABank: rank must be >= 1, got {rank}")
+        self.rank = int(rank)
+        self.alpha = float(alpha) if alpha is not None else float(rank)
+        self.scaling = self.alpha / self.rank
+        self.lora_A = nn.Parameter(torch.empty(weighting.num_bases, rank, geometry.fan_in))
+        self.lora_B = nn.Parameter(torch.empty(weighting.num_bases, geometry.out_features, rank))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.lora_A, 0.0, 1.0 / math.sqrt(self.rank))
+        nn.init.zeros_(self.lora_B)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.lora_A, self.lora_B, self.scaling
+
+    def delta_weight(self, value: ConditionValue) -> torch.Tensor:
+        """``scaling * sum_i w_i(value) B_i A_i`` for one shared value: [d_out x fan_in]."""
+        w = self.shared_weights(value, self.lora_A.device)
+        if w is None:
+            return self.lora_B.new_zeros(self.lora_B.shape[1], self.lora_A.shape[2])
+        w = w.to(self.lora_A.dtype) * self.scaling
+        return torch.einsum("b,bor,brf->of", w, self.lora_B, self.lora_A)
+
+    def options(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha}
+
+    def extra_repr(self) -> str:
+        return f"condition={self.condition!r}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+class ActivationBank(_RankBank):
+    """Low-rank with activation ``sum_i w_i s_i W_up,i act(W_down,i x)`` (DiffScaler 002): not mergeable.
+
+    ``lora_down`` [num_bases x rank x fan_in] and ``lora_up`` [num_bases x d_out x rank] are
+    Kaiming-normal (fan-in mode, gain for ReLU, as ``nn.init.kaiming_normal_``), ``lora_s``
+    [num_bases] = 0 (002: "s is initialised to zero"), so the branch starts as no change and both
+    factors get gradient once s moves.
+    """
+
+    form = "lowrank_act"
+
+    def __init__(self, weighting: Weighting, condition: str, geometry: Geometry, rank: int = 4, act: str = "relu"):
+        super().__init__(weighting, condition)
+        if rank < 1:
+            raise ValueError(f"ActivationBank: rank must be >= 1, got {rank}")
+        activation(act)  # validates the name
+        self.rank, self.act_name = int(rank), act
+        self.lora_down = nn.Parameter(torch.empty(weighting.num_bases, rank, geometry.fan_in))
+        self.lora_up = nn.Parameter(torch.empty(weighting.num_bases, geometry.out_features, rank))
+        self.lora_s = nn.Parameter(torch.empty(weighting.num_bases))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for i in range(self.num_bases):  # per entry: each is its own [out x in] matrix
+            nn.init.kaiming_normal_(self.lora_down[i], nonlinearity="relu")
+            nn.init.kaiming_normal_(self.lora_up[i], nonlinearity="relu")
+        nn.init.zeros_(self.lora_s)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.lora_down, self.lora_up, self.lora_s
+
+    def options(self) -> dict[str, Any]:
+        return {"rank": self.rank, "activation": self.act_name}
+
+    def extra_repr(self) -> str:
+        return f"condition={self.condition!r}, rank={self.rank}, activation={self.act_name}"
+
+
+class _VectorBank(Branch):
+    """A per-output-channel vector per entry, ``sum_i w_i(c) v_i``: shared by the scale and shift forms."""
+
+    mergeable = True
+    param = ""
+
+    def __init__(self, weighting: Weighting, condition: str, geometry: Geometry):
+        super().__init__(weighting, condition)
+        self.register_parameter(self.param, nn.Parameter(torch.empty(weighting.num_bases, geometry.out_features)))
+        self.reset_parameters()
+
+    @property
+    def bank(self) -> torch.Tensor:
+        """The [num_bases x d_out] parameter (``scale`` or ``shift``)."""
+        return getattr(self, self.param)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.bank)
+
+    def vector(self, value: ConditionValue) -> torch.Tensor:
+        """The mixed vector for one shared value: [d_out]."""
+        w = self.shared_weights(value, self.bank.device)
+        return self.bank.new_zeros(self.bank.shape[1]) if w is None else w.to(self.bank.dtype) @ self.bank
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+
+class ScaleBank(_VectorBank):
+    """Weight scale ``(1 + a(c)) ⊙ (W x)``, ``a(c) = sum_i w_i(c) a_i`` per output channel: mergeable into W.
+
+    ``scale`` [num_bases x d_out] = 0 (the effective scale 1 + a starts at 1; see the module docstring).
+    """
+
+    form = param = "scale"
+
+
+class ShiftBank(_VectorBank):
+    """Bias shift ``+ b(c)``, ``b(c) = sum_i w_i(c) b_i`` per output channel: mergeable into the bias.
+
+    ``shift`` [num_bases x d_out] = 0.
+    """
+
+    form = param = "shift"
+
+
+FORMS: dict[str, type[Branch]] = {cls.form: cls for cls in (LoRABank, ActivationBank, ScaleBank, ShiftBank)}
+
+
+def make_branch(
+    form: str,
+    weighting: Weighting,
+    condition: str,
+    geometry: Geometry,
+    rank: int = 4,
+    alpha: float | None = None,
+    act: str | None = None,
+) -> Branch:
+    """A fresh branch of ``form`` (see the module table); unknown forms are an error naming the valid ones."""
+    if form == "lowrank":
+        if act not in (None, "identity"):
+            raise ValueError(f"the lowrank form has no activation (got {act!r}); use form lowrank_act")
+        return LoRABank(weighting, condition, geometry, rank, alpha)
+    if form == "lowrank_act":
+        return ActivationBank(weighting, condition, geometry, rank, act or "relu")
+    if form == "scale":
+        return ScaleBank(weighting, condition, geometry)
+    if form == "shift":
+        return ShiftBank(weighting, condition, geometry)
+    raise ValueError(f"unknown adapter form {form!r}; valid: {', '.join(FORMS)}")
+
+
+def branch_from_spec(spec: dict[str, Any], geometry: Geometry) -> Branch:
+    """Rebuild a branch from :meth:`Branch.spec` (adapter files store these)."""
+    try:
+        return make_branch(
+            spec.get("form", "lowrank"),  # version-1 files hold low-rank banks only
+            weighting_from_spec(spec["weighting"]),
+            spec["condition"],
+            geometry,
+            spec.get("rank", 4),
+            spec.get("alpha"),
+            spec.get("activation"),
+        )
+    except KeyError as exc:
+        raise ValueError(f"adapter spec {spec} lacks key {exc}") from None

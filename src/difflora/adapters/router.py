@@ -1,0 +1,234 @@
+"""The router: apply a bank of adapter entries to a batch, each sample with its own mixture.
+
+Every form (low-rank, low-rank with activation, weight scale, bias shift, position adapters) asks
+the router for its parameters routed to the batch; the router never builds a weight per sample
+and never loops over samples or bank entries in Python. A :class:`Route` is a weighting's
+:class:`~difflora.adapters.weightings.Mix` for one batch:
+
+* **sparse** (index, linear weightings): each sample uses K (1 or 2) entries, ``index`` [N x K],
+  ``weight`` [N x K]. The router *gathers* those K entries per sample (``index_select``, whose
+  backward is an ``index_add``, rather than advanced indexing, whose CPU backward is a slow
+  accumulate-put).
+* **dense** (trainable weighting): ``weight`` [N x num_bases]. The router applies every entry once,
+  shared by the batch, and *mixes* per sample.
+
+Two kinds of routed parameters cover every form:
+
+* per-channel vectors (weight scale ``a``, bias shift ``b``, a position adapter's output bias):
+  :meth:`Route.vectors` gives ``sum_i w_i(c_n) v_i`` as [N x d];
+* rank-space factor pairs ``up act(down x)`` (low-rank, low-rank with activation, position
+  adapters' f): :func:`rank_term` routes a bank and :func:`add_rank_terms` applies the terms of a
+  layer: ``h = down x`` (in rank space, [N x L x K r] or [N x (num_bases r) x L]), ``act(h)``, the
+  per-sample weights scale rank space (N x K r numbers, not the gathered up factors), then
+  ``out += up h`` added into the output. The linear-weighting interpolation is over branches,
+  ``sum_k w_k s_k up_k act(down_k x)``, which equals ``B A x`` mixing for the identity activation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from difflora.adapters.weightings import Mix
+
+__all__ = ["Geometry", "RankTerm", "Route", "add_rank_terms", "per_channel", "rank_term"]
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Layout of a branch's input and output.
+
+    ``kind``: ``"linear"`` (features last, [N x ... x F]), ``"pointwise"`` (channels first,
+    [N x C x ...], a per-position matmul) or ``"conv"`` (a k x k convolution with the base's stride,
+    padding and dilation; the down factor reads the base's receptive field).
+    """
+
+    kind: str
+    in_features: int
+    out_features: int
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+
+    @property
+    def fan_in(self) -> int:
+        """Width of a down factor's rows: F, or C k k for a k x k convolution."""
+        return self.in_features * (math.prod(self.kernel_size) if self.kind == "conv" else 1)
+
+    @classmethod
+    def of_layer(cls, base: nn.Module) -> Geometry:
+        """The geometry of an ``nn.Linear`` or a zero-padded, ungrouped ``nn.Conv1d/2d/3d``."""
+        if isinstance(base, nn.Linear):
+            return cls("linear", base.in_features, base.out_features)
+        pointwise = (
+            all(k == 1 for k in base.kernel_size)
+            and all(s == 1 for s in base.stride)
+            and (base.padding == "valid" or all(p == 0 for p in base.padding))
+        )
+        if pointwise:
+            return cls("pointwise", base.in_channels, base.out_channels, tuple(base.kernel_size))
+        return cls(
+            "conv",
+            base.in_channels,
+            base.out_channels,
+            tuple(base.kernel_size),
+            tuple(base.stride),
+            base.padding if isinstance(base.padding, str) else tuple(base.padding),
+            tuple(base.dilation),
+        )
+
+
+def per_channel(vec: torch.Tensor, out: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """A per-sample, per-output-channel [N x d] tensor viewed to broadcast over ``out``."""
+    ones = [1] * (out.dim() - 2)
+    if geometry.kind == "linear":
+        return vec.view(vec.shape[0], *ones, vec.shape[1])
+    return vec.view(vec.shape[0], vec.shape[1], *ones)
+
+
+@dataclass
+class Route:
+    """A batch's mixture over a bank: sparse (``index`` [N x K], ``weight`` [N x K]) or dense
+    (``index`` None, ``weight`` [N x num_bases])."""
+
+    weight: torch.Tensor
+    index: torch.Tensor | None
+
+    @classmethod
+    def of(cls, mix: Mix) -> Route:
+        return cls(mix.weight, mix.index)
+
+    @property
+    def sparse(self) -> bool:
+        return self.index is not None
+
+    def gather(self, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The K entries each sample uses: ``table`` [num_bases x ...] -> [N x K x ...] (sparse only)."""
+        n, k = self.index.shape
+        flat = table.reshape(table.shape[0], -1).index_select(0, self.index.reshape(-1)).to(dtype)
+        return flat.view(n, k, *table.shape[1:])
+
+    def vectors(self, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``sum_i w_i(c_n) table_i`` per sample: ``table`` [num_bases x d] -> [N x d]."""
+        w = self.weight.to(dtype)
+        if self.index is None:
+            return w @ table.to(dtype)
+        return torch.bmm(w[:, None, :], self.gather(table, dtype))[:, 0]
+
+    def slot_scales(self, scalars: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+        """Per-sample weight of each used entry times its scalar: [N x K] (sparse) or [N x num_bases]."""
+        w = self.weight.to(dtype)
+        if isinstance(scalars, torch.Tensor):
+            scalars = scalars.to(dtype)
+            return w * (scalars[self.index] if self.index is not None else scalars[None])
+        return w * scalars
+
+
+@dataclass
+class RankTerm:
+    """One routed rank-space branch: ``out += up (s * act(down x))``.
+
+    Sparse: ``down`` [N x R x F] and ``up_t`` [N x R x d_out] gathered per sample (R = K r, rows in
+    (k, r) order). Dense: ``down`` [R x F] and ``up_t`` [R x d_out] shared (R = num_bases r).
+    ``s`` [N x R] scales rank space. ``act`` None is the identity.
+    """
+
+    down: torch.Tensor
+    up_t: torch.Tensor
+    s: torch.Tensor
+    act: Callable[[torch.Tensor], torch.Tensor] | None
+    sparse: bool
+
+
+def rank_term(
+    route: Route,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    slot_scale: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor] | None,
+    dtype: torch.dtype,
+) -> RankTerm:
+    """Route a bank of factor pairs: ``down`` [num_bases x r x F], ``up`` [num_bases x d_out x r],
+    ``slot_scale`` [N x K] or [N x num_bases] (from :meth:`Route.slot_scales`)."""
+    nb, r, fan_in = down.shape
+    d_out = up.shape[1]
+    s = slot_scale.repeat_interleave(r, dim=1)  # (N, R): the weights scale rank space
+    if route.sparse:
+        n, k = route.index.shape
+        a = route.gather(down, dtype).view(n, k * r, fan_in)
+        # up transposed per gathered entry, (N, K r, d_out): rows in the same (k, r) order as a's,
+        # so that one bmm with a transposed operand applies all K entries at once.
+        bt = route.gather(up, dtype).transpose(2, 3).reshape(n, k * r, d_out)
+        return RankTerm(a, bt, s, act, True)
+    a = down.to(dtype).reshape(nb * r, fan_in)
+    bt = up.to(dtype).permute(0, 2, 1).reshape(nb * r, d_out)
+    return RankTerm(a, bt, s, act, False)
+
+
+def add_rank_terms(out: torch.Tensor, x: torch.Tensor, geometry: Geometry, terms: list[RankTerm]) -> torch.Tensor:
+    """``out + sum_terms up (s * act(down x))``; sparse identity terms share one pair of bmm's."""
+    fused = [t for t in terms if t.sparse and t.act is None]
+    rest = [t for t in terms if not (t.sparse and t.act is None)]
+    if len(fused) > 1:
+        # All sparse linear branches of a layer (e.g. TimeLoRA + ClassLoRA) in one pair of bmm's.
+        down = torch.cat([t.down for t in fused], dim=1)
+        up_t = torch.cat([t.up_t for t in fused], dim=1)
+        fused = [RankTerm(down, up_t, torch.cat([t.s for t in fused], dim=1), None, True)]
+    for term in fused + rest:
+        out = _add_term(out, x, geometry, term)
+    return out
+
+
+def _add_into(out: torch.Tensor, shape: tuple[int, ...], b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """``out + b1 @ b2`` (batched; ``out`` seen as ``shape``), into ``out`` itself when possible.
+
+    In place saves a full copy of the output, the largest tensor here; it is safe because
+    Linear / Conv backward does not read the layer's output. Only when ``out`` already has the
+    3-d shape: in place on a *view* would make autograd copy the whole tensor back (CopySlices).
+    """
+    b1, b2 = b1.to(out.dtype), b2.to(out.dtype)  # autocast leaves in-place ops to us
+    if out.is_contiguous() and out.view(shape).shape == out.shape:
+        return out.baddbmm_(b1, b2)
+    return torch.baddbmm(out.reshape(shape), b1, b2).reshape(out.shape)
+
+
+def _activate(h: torch.Tensor, term: RankTerm) -> torch.Tensor:
+    return h if term.act is None else term.act(h)
+
+
+def _add_term(out: torch.Tensor, x: torch.Tensor, g: Geometry, term: RankTerm) -> torch.Tensor:
+    n = x.shape[0]
+    d, s = term.down, term.s.to(x.dtype)
+    r = d.shape[-2]
+    if g.kind == "linear":
+        x3 = x.reshape(n, -1, g.in_features)  # (N, L, F)
+        if term.sparse:
+            h = _activate(torch.bmm(x3, d.transpose(1, 2)), term) * s[:, None, :]  # (N, L, R)
+            return _add_into(out, (n, -1, g.out_features), h, term.up_t)
+        h = _activate(torch.matmul(x3, d.t()), term) * s[:, None, :]  # (N, L, R)
+        # up is shared by the batch: one GEMM over all N L tokens, added into out.
+        return _add_into(out, (1, -1, g.out_features), h.reshape(1, -1, r), term.up_t[None])
+    if g.kind == "pointwise":
+        x3 = x.reshape(n, g.in_features, -1)  # (N, C, L)
+        h = torch.bmm(d, x3) if term.sparse else torch.matmul(d, x3)  # (N, R, L)
+    else:
+        conv = _CONV_FN[len(g.kernel_size)]
+        if term.sparse:
+            # k x k: one grouped convolution with a different down factor per sample (group = sample).
+            weight = d.reshape(n * r, g.in_features, *g.kernel_size)
+            x1 = x.reshape(1, n * g.in_features, *x.shape[2:])
+            h = conv(x1, weight, None, g.stride, g.padding, g.dilation, n).reshape(n, r, -1)  # (N, R, L')
+        else:
+            h = conv(x, d.reshape(r, g.in_features, *g.kernel_size), None, g.stride, g.padding, g.dilation)
+            h = h.reshape(n, r, -1)
+    h = _activate(h, term) * s[:, :, None]
+    up = term.up_t.transpose(-1, -2)  # (N, d_out, R) or (d_out, R)
+    return _add_into(out, (n, g.out_features, -1), up if term.sparse else up.expand(n, -1, -1), h)

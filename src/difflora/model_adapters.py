@@ -1,0 +1,95 @@
+"""Turn ``model.adapters`` config entries into adapters on a backbone (model building, not ``adapters/``).
+
+``difflora.adapters`` takes Python objects only (weightings, forms, targets); this module reads
+the typed config (:class:`difflora.config.AdapterConfig`), checks each entry against the rest of
+the config (a timestep adapter must cover every diffusion step, a class adapter every class),
+and calls :func:`~difflora.adapters.inject_adapter` or
+:func:`~difflora.adapters.inject_position_adapter`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from difflora.adapters import (
+    IndexWeighting,
+    InjectionReport,
+    LinearWeighting,
+    TrainableWeighting,
+    Weighting,
+    inject_adapter,
+    inject_position_adapter,
+)
+from difflora.config import AdapterConfig, Config
+
+__all__ = ["check_adapter_configs", "inject_adapters", "make_weighting"]
+
+
+def make_weighting(cfg: AdapterConfig) -> Weighting:
+    """A fresh weighting for one layer from an :class:`~difflora.config.AdapterConfig`."""
+    if cfg.weighting == "index":
+        return IndexWeighting(cfg.num_values)
+    assert cfg.num_bases is not None  # the config validates it
+    if cfg.weighting == "linear":
+        low, high = cfg.value_range if cfg.value_range is not None else (0.0, float(cfg.num_values - 1))
+        return LinearWeighting(cfg.num_bases, low, high)
+    return TrainableWeighting(cfg.num_values, cfg.num_bases, cfg.init)
+
+
+def check_adapter_configs(cfg: Config) -> None:
+    """Errors for adapter entries that do not fit the rest of ``cfg`` (diffusion steps, classes)."""
+    for a in cfg.model.adapters:
+        if a.condition == "t" and a.weighting != "linear" and a.num_values < cfg.diffusion.steps:
+            raise ValueError(
+                f"model.adapters[{a.name}].num_values ({a.num_values}) covers timesteps 0..{a.num_values - 1} "
+                f"but diffusion.steps is {cfg.diffusion.steps}; set num_values >= {cfg.diffusion.steps}"
+            )
+        if a.condition == "t" and a.weighting == "linear":
+            high = a.value_range[1] if a.value_range is not None else a.num_values - 1
+            if high < cfg.diffusion.steps - 1:
+                raise ValueError(
+                    f"model.adapters[{a.name}]: the linear weighting spans timesteps up to {high:g} but "
+                    f"diffusion.steps is {cfg.diffusion.steps}; set num_values >= {cfg.diffusion.steps}"
+                )
+        if a.condition == "y" and cfg.model.num_classes and a.num_values != cfg.model.num_classes:
+            raise ValueError(
+                f"model.adapters[{a.name}].num_values ({a.num_values}) differs from model.num_classes "
+                f"({cfg.model.num_classes}): a class adapter needs one entry per class"
+            )
+
+
+def inject_adapters(
+    model: nn.Module, configs: Sequence[AdapterConfig], default_targets: Sequence[str] = ()
+) -> InjectionReport:
+    """Inject every adapter of ``configs`` (``cfg.model.adapters``); empty ``targets`` use ``default_targets``."""
+    report = InjectionReport()
+    for cfg in configs:
+        targets = list(cfg.targets) or list(default_targets)
+        if not targets:
+            raise ValueError(f"adapter {cfg.name!r}: no targets given and no default targets for this model")
+
+        def weighting(cfg: AdapterConfig = cfg) -> Weighting:
+            return make_weighting(cfg)
+
+        if cfg.form == "position":
+            assert cfg.source is not None and cfg.dest is not None  # the config validates it
+            part = inject_position_adapter(
+                model,
+                cfg.name,
+                weighting,
+                cfg.condition,
+                targets,
+                cfg.source,
+                cfg.dest,
+                cfg.rank,
+                cfg.activation or "identity",
+                cfg.scale,
+            )
+        else:
+            part = inject_adapter(
+                model, cfg.name, weighting, cfg.condition, targets, cfg.rank, cfg.alpha, cfg.form, cfg.activation
+            )
+        report.extend(part)
+    return report

@@ -1,0 +1,203 @@
+"""Position adapters (004) against hand-written block forwards, and the nets' taps.
+
+Reference: the DiT block and the U-Net ResBlock forwards are written out here from their
+definitions (adaLN-Zero; residual block), and at the destination tap the reference adds, per
+sample n, ``scale * sum_i w_i(c_n) (up_i act(down_i h_n) + bias_i)`` with h_n the activation at
+the source tap, built with explicit per-sample loops. Float64; one tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from difflora.adapters import (
+    IndexWeighting,
+    LinearWeighting,
+    adapter_parameters,
+    adapters_disabled,
+    conditions,
+    freeze_base,
+    inject_position_adapter,
+)
+from difflora.nets.dit import DiTBlock, modulate
+from difflora.nets.unet import AttentionBlock, ResBlock
+
+TOL = 1e-10
+ACTS = {"relu": torch.relu, "gelu": F.gelu, "identity": lambda h: h}
+TASK = torch.tensor([0, 2, -1, 1])  # -1: no update for that sample
+T_VALUES = torch.tensor([0.0, 9.0, 4.5, float("nan")])
+
+
+class Blocks(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.blocks = nn.ModuleList([block])
+
+
+def ref_weights(adapter, values: torch.Tensor) -> torch.Tensor:
+    rows = []
+    for v in values.tolist():
+        w = torch.zeros(adapter.weighting.num_bases, dtype=adapter.bias.dtype)
+        if isinstance(adapter.weighting, IndexWeighting) and v >= 0:
+            w[int(v)] = 1.0
+        elif isinstance(adapter.weighting, LinearWeighting) and v == v:  # not NaN
+            k = (adapter.weighting.high - adapter.weighting.low) / (adapter.weighting.num_bases - 1)
+            i = min(int(v // k), adapter.weighting.num_bases - 2)
+            w[i], w[i + 1] = (k * (i + 1) - v) / k, (v - k * i) / k
+        rows.append(w)
+    return torch.stack(rows)
+
+
+def ref_update(adapter, h: torch.Tensor, values: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """scale * sum_i w_i (up_i act(down_i h_n) + bias_i), sample by sample."""
+    w = ref_weights(adapter, values)
+    outs = []
+    for n in range(h.shape[0]):
+        hn = h[n] if channels_last else h[n].movedim(0, -1)  # (..., C)
+        acc = 0
+        for i in range(w.shape[1]):
+            f = ACTS[adapter.act_name](hn @ adapter.lora_down[i].t()) @ adapter.lora_up[i].t() + adapter.bias[i]
+            acc = acc + w[n, i] * f
+        acc = adapter.scale * acc
+        outs.append(acc if channels_last else acc.movedim(-1, 0))
+    return torch.stack(outs)
+
+
+def ref_dit_block(block: DiTBlock, x, c, adapter, values) -> torch.Tensor:
+    """DiT's block written out, with the adapter's update added at its dest tap."""
+    acts = {}
+
+    def tap(name, h):
+        acts[name] = h
+        if name == adapter.dest:
+            h = h + ref_update(adapter, acts[adapter.source], values, channels_last=True)
+        return h
+
+    shift1, scale1, gate1, shift2, scale2, gate2 = block.adaLN_modulation(c).chunk(6, dim=1)
+    x = tap("in", x)
+    a = tap("attn_out", block.attn(tap("attn_in", modulate(block.norm1(x), shift1, scale1))))
+    x = x + gate1.unsqueeze(1) * a
+    m = tap("mlp_out", block.mlp(tap("mlp_in", modulate(block.norm2(x), shift2, scale2))))
+    return tap("out", x + gate2.unsqueeze(1) * m)
+
+
+def randomize(module: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+
+
+def dit(source: str, dest: str, act: str = "identity", weighting=lambda: IndexWeighting(3), cond: str = "task"):
+    torch.manual_seed(0)
+    model = Blocks(DiTBlock(8, 2)).double()
+    randomize(model)  # adaLN-Zero would otherwise make the block an identity
+    report = inject_position_adapter(model, "pa", weighting, cond, ["blocks.0"], source, dest, 3, act, 0.7)
+    adapter = model.blocks[0].position_adapters["pa"]
+    randomize(adapter, seed=1)
+    return model, adapter, report
+
+
+@pytest.mark.parametrize(
+    "source,dest,act",
+    [
+        ("attn_out", "mlp_in", "identity"),
+        ("in", "out", "relu"),
+        ("attn_in", "attn_out", "gelu"),
+        ("mlp_in", "mlp_in", "relu"),
+    ],
+)
+def test_dit_position_adapter_matches_hand_written_block(source, dest, act):
+    model, adapter, _ = dit(source, dest, act)
+    x = torch.randn(4, 5, 8, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(4, 8, dtype=torch.float64)
+    with conditions(task=TASK):
+        out = model.blocks[0](x, c)
+    ref = ref_dit_block(model.blocks[0], x, c, adapter, TASK)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+    params = list(adapter.parameters()) + [x]
+    grad = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad), strict=True):
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=0)
+    with adapters_disabled("pa"), conditions(task=TASK):
+        plain = model.blocks[0](x, c)
+    assert (out - plain).abs().max() > 1e-3
+    assert torch.equal(out[2], plain[2])  # the null-task row gets no update
+
+
+@pytest.mark.parametrize("block_kind", ["res", "attn"])
+def test_unet_blocks_in_to_out_with_linear_weighting(block_kind):
+    torch.manual_seed(0)
+    # float32: the U-Net's GroupNorm32 computes in float32 whatever the input (improved-diffusion's
+    # habit), so these blocks do not run in float64; float32 rounding needs the looser 1e-5.
+    block = ResBlock(4, None, 0.0, 6) if block_kind == "res" else AttentionBlock(4, 2)
+    randomize(block)
+    model = Blocks(block)
+    inject_position_adapter(
+        model, "pa", lambda: LinearWeighting(4, 0, 9), "t", ["blocks.0"], "in", "out", 2, "relu", 1.5
+    )
+    adapter = block.position_adapters["pa"]
+    randomize(adapter, seed=2)
+    x = torch.randn(4, 4, 3, 3)
+    with conditions(t=T_VALUES):
+        out = block(x) if block_kind == "attn" else block(x, None)
+    if block_kind == "res":  # skip(x) + out_layers(in_layers(x)), written out
+        plain = block.skip_connection(x) + block.out_layers(block.in_layers(x))
+    else:
+        with adapters_disabled():
+            plain = block(x)
+    ref = plain + ref_update(adapter, x, T_VALUES, channels_last=False)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert torch.equal(out[3], plain[3])  # NaN: no update
+
+
+def test_fresh_adapter_changes_nothing_and_paths_are_stable():
+    torch.manual_seed(0)
+    model = Blocks(DiTBlock(8, 2)).double()
+    randomize(model)
+    names_before = [n for n, _ in model.named_parameters()]
+    x, c = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    before = model.blocks[0](x, c)
+    report = inject_position_adapter(model, "pa", lambda: IndexWeighting(2), "task", ["blocks.0"], "in", "mlp_out", 4)
+    with conditions(task=torch.tensor([0, 1])):
+        assert torch.equal(model.blocks[0](x, c), before)
+    names = [n for n, _ in model.named_parameters()]
+    assert names[: len(names_before)] == names_before
+    assert names[len(names_before) :] == [
+        "blocks.0.position_adapters.pa.lora_down",
+        "blocks.0.position_adapters.pa.lora_up",
+        "blocks.0.position_adapters.pa.bias",
+    ]
+    assert report.adapter_params == 2 * (4 * 8 + 8 * 4 + 8)
+    assert {id(p) for p in adapter_parameters(model)} == {id(p) for p in model.blocks[0].position_adapters.parameters()}
+    freeze_base(model)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == names[len(names_before) :]
+
+
+def test_deepcopy_rebinds_the_hooks():
+    model, adapter, _ = dit("in", "out")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.blocks[0].position_adapters["pa"].bias.add_(1.0)
+    x, c = torch.randn(4, 3, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    with conditions(task=torch.tensor([0, 0, 1, 2])):
+        diff = twin.blocks[0](x, c) - model.blocks[0](x, c)
+    torch.testing.assert_close(diff, torch.full_like(diff, 0.7), atol=TOL, rtol=0)  # scale * 1.0, own hooks only
+
+
+def test_bad_taps_and_targets_are_errors():
+    model = Blocks(DiTBlock(8, 2))
+    with pytest.raises(ValueError, match="source tap 'out' comes after dest tap 'in'"):
+        inject_position_adapter(model, "pa", lambda: IndexWeighting(2), "task", ["blocks.0"], "out", "in")
+    with pytest.raises(ValueError, match="'ffn_in' is not a tap of DiTBlock; its taps: in, attn_in"):
+        inject_position_adapter(model, "pa", lambda: IndexWeighting(2), "task", ["blocks.0"], "ffn_in", "out")
+    with pytest.raises(ValueError, match=r"match no block with taps; blocks with taps include: blocks.0"):
+        inject_position_adapter(model, "pa", lambda: IndexWeighting(2), "task", ["attn"], "in", "out")
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        inject_position_adapter(model, "pa", lambda: IndexWeighting(2), "task", ["blocks.0"], "in", "out", 2, "tanh")
+    assert not hasattr(model.blocks[0], "position_adapters") or not model.blocks[0].position_adapters
