@@ -236,3 +236,28 @@ def test_a_merged_weight_never_reaches_a_checkpoint(base_run, tmp_path, monkeypa
     assert b.step == 2
     for k, v in a.model.items():
         assert torch.equal(v, b.model[k]), k
+
+
+def test_streamed_tensors_equal_the_safetensors_loader(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from difflora.train.checkpoint import stream_weights, tensor_shapes
+
+    tensors = {
+        "f32": torch.randn(3, 4),
+        "i64": torch.arange(5),
+        "bf16": torch.randn(2, 1).to(torch.bfloat16),
+        "f16": torch.randn(7).half(),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(3.5),
+        "bool": torch.tensor([True, False]),
+    }
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path))
+    reference = load_file(str(path))
+    sources = dict.fromkeys(reference, path)
+    streamed = dict(stream_weights(sources))
+    assert streamed.keys() == reference.keys()
+    for k, v in reference.items():
+        assert streamed[k].dtype == v.dtype and streamed[k].shape == v.shape and torch.equal(streamed[k], v), k
+    assert tensor_shapes(sources) == {k: tuple(v.shape) for k, v in reference.items()}

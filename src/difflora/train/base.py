@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from difflora.adapters import adapter_layers, adapter_parameters
@@ -30,6 +29,7 @@ from difflora.train.checkpoint import (
     base_missing,
     latest_checkpoint,
     stream_weights,
+    tensor_shapes,
     weight_sources,
 )
 
@@ -89,10 +89,7 @@ def _check_fit(ckpt: Path, sources: dict[str, Path], wanted: dict[str, str], mod
         problems.append(f"unexpected in the base (the model has no place for them): {_listing(unexpected)}")
     if not problems:
         target = model.state_dict()
-        shapes = {}
-        for path in set(sources.values()):
-            with safe_open(str(path), framework="pt") as f:
-                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if sources[k] == path})
+        shapes = tensor_shapes(sources)
         bad = [
             f"{b} {shapes[b]} -> {k} {tuple(target[k].shape)}"
             for b, k in sorted(wanted.items())

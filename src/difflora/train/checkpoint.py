@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = [
@@ -47,6 +46,7 @@ __all__ = [
     "optimizer_to_tensors",
     "save_checkpoint",
     "stream_weights",
+    "tensor_shapes",
     "weight_sources",
 ]
 
@@ -208,6 +208,39 @@ def load_checkpoint(ckpt: str | Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(ckpt, int(state["step"]), state, loaded["model"], loaded["ema"], optim, loaded["rng"])
 
 
+# safetensors dtype names -> torch dtypes (the ones checkpoints hold).
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file (without ``__metadata__``) and where its data start."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def tensor_shapes(sources: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of the tensors ``sources`` point to, read from the file headers only."""
+    headers = {path: _header(path)[0] for path in set(sources.values())}
+    return {key: tuple(headers[path][key]["shape"]) for key, path in sources.items()}
+
+
 def weight_sources(ckpt: str | Path, which: str = "ema") -> tuple[dict[str, Path], dict[str, Any]]:
     """``{key: file holding it}`` for the weights a checkpoint stores itself (verified), and its state.json.
 
@@ -222,20 +255,30 @@ def weight_sources(ckpt: str | Path, which: str = "ema") -> tuple[dict[str, Path
     sources: dict[str, Path] = {}
     for name in ("model", "ema") if which == "ema" else ("model",):
         path = _verified_file(ckpt, name, state["files"][name])
-        with safe_open(str(path), framework="pt") as f:
-            sources.update(dict.fromkeys(f.keys(), path))
+        sources.update(dict.fromkeys(_header(path)[0], path))
     return sources, state
 
 
 def stream_weights(sources: dict[str, Path], keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(key, tensor)`` for ``keys`` (default: all, sorted), read one tensor at a time (memory: one tensor)."""
+    """``(key, tensor)`` for ``keys`` (default: all, sorted), read one tensor at a time.
+
+    Plain reads, not a memory map: a mapped file's touched pages count as resident memory until it
+    is closed, which would hold a second copy of a base while it streams into a model.
+    """
+    headers = {path: _header(path) for path in set(sources.values())}
     with ExitStack() as stack:
-        handles: dict[Path, Any] = {}
+        files = {path: stack.enter_context(open(path, "rb")) for path in headers}
         for key in sorted(sources) if keys is None else keys:
             path = sources[key]
-            if path not in handles:
-                handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-            yield key, handles[path].get_tensor(key)
+            (header, data_start), f = headers[path], files[path]
+            info = header[key]
+            begin, end = info["data_offsets"]
+            buf = bytearray(end - begin)
+            f.seek(data_start + begin)
+            f.readinto(buf)
+            dtype = _DTYPES[info["dtype"]]
+            flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            yield key, flat.reshape(info["shape"])
 
 
 class Fingerprint:
