@@ -261,3 +261,19 @@ def test_streamed_tensors_equal_the_safetensors_loader(tmp_path):
     for k, v in reference.items():
         assert streamed[k].dtype == v.dtype and streamed[k].shape == v.shape and torch.equal(streamed[k], v), k
     assert tensor_shapes(sources) == {k: tuple(v.shape) for k, v in reference.items()}
+
+
+def test_sample_cli_loads_an_adapter_run_and_names_a_missing_base(base_run, tmp_path, capsys):
+    from difflora.cli import main
+
+    copy = tmp_path / "base"
+    shutil.copytree(base_run, copy)
+    run = tmp_path / "adapted"
+    train(adapted_cfg(copy, "train.steps=2"), run, **QUIET)
+    args = ["sample", str(run), "--num", "2", "--steps", "2", "--no-progress", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    shutil.rmtree(copy)
+    assert main([*args, "--out", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: this run adapts the base checkpoint") and "which is missing" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "b.png").exists()

@@ -408,7 +408,7 @@ def _run_steps(st: TrainState, end: int, progress: bool, log, callback) -> None:
                     bar.set_postfix(loss=f"{st.last_row['loss']:.4f}")
                 if callback is not None:
                     callback(st)
-                if interrupt.requested:
+                if interrupt.requested and st.step < end:
                     raise KeyboardInterrupt
         ok = True
     except KeyboardInterrupt:
