@@ -197,3 +197,16 @@ def test_divergence_message_fits_the_situation(tmp_path):
     cfg = tiny("train.lr=1e30", "train.grad_clip=0", "train.ckpt_every=1", "train.steps=50")
     with pytest.raises(TrainingDiverged, match=r"kept the last good checkpoint step \d+ .* set train.grad_clip > 0"):
         train(cfg, tmp_path / "run2", **QUIET)
+
+
+def test_config_json_follows_the_newest_checkpoint_when_steps_are_raised(tmp_path, monkeypatch):
+    train(tiny(), tmp_path / "run", **QUIET)
+    _interrupt_at(monkeypatch, 1, _raise)  # inside step 9, before any new checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny("train.steps=12"), tmp_path / "run", resume=True, **QUIET)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved == load_checkpoint(latest_checkpoint(tmp_path / "run")).state["config"]
+    assert saved["train"]["steps"] == 8
+    monkeypatch.undo()
+    train(tiny("train.steps=12"), tmp_path / "run", resume=True, **QUIET)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 12

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from difflora.accounting import count_parameters, peak_memory_mb
 from difflora.config import Config, config_to_dict
-from difflora.data import load_dataset
+from difflora.data import ImageDataset, load_dataset
 from difflora.generate import default_labels, generate
 from difflora.imaging import save_grid
 from difflora.model import build_diffusion, build_model
@@ -50,7 +50,7 @@ from difflora.train.checkpoint import (
     save_checkpoint,
 )
 from difflora.train.ema import EMA
-from difflora.train.objectives import Batch, build_objective
+from difflora.train.objectives import Batch, Objective, build_objective
 from difflora.train.run_dir import (
     RunExistsError,
     check_writable,
@@ -124,8 +124,8 @@ class TrainState:
     out: Path
     device: torch.device
     model: torch.nn.Module
-    objective: Any
-    data: Any
+    objective: Objective
+    data: ImageDataset
     optimizer: torch.optim.Optimizer
     ema: EMA
     generator: torch.Generator
@@ -280,6 +280,8 @@ def _checkpoint(st: TrainState, step: int, rng: dict[str, torch.Tensor] | None =
         rng=rng if rng is not None else _rng_state(st.generator),
         meta=meta,
     )
+    # config.json follows the newest checkpoint (a resume with a raised train.steps changes it only now).
+    write_json(st.out / "config.json", meta["config"])
     st.last_good = step
 
 
@@ -490,12 +492,12 @@ def train(
     check_writable(out)
     st = _prepare(cfg, out, ckpt, log)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config_to_dict(cfg))
     if ckpt is not None:
         # Steps logged after the checkpoint are about to be redone: drop them so no step appears twice.
         truncate_metrics(out / "metrics.jsonl", ckpt.step, log)
         log(f"resuming {out} from step {ckpt.step}")
     else:
+        write_json(out / "config.json", config_to_dict(cfg))
         (out / "metrics.jsonl").write_text("")
     start = st.step
     _run_steps(st, end, progress, log, callback)
