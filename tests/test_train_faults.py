@@ -82,6 +82,7 @@ def test_keyboard_interrupt_inside_a_step_resumes_bit_identical(tmp_path, monkey
 def test_ctrl_c_without_progress_finishes_the_step_and_checkpoints_it(tmp_path, monkeypatch):
     cfg = tiny()
     train(cfg, tmp_path / "straight", **QUIET)
+    handler = signal.getsignal(signal.SIGINT)
     _interrupt_at(monkeypatch, 7, lambda: os.kill(os.getpid(), signal.SIGINT))
     messages = []
     with pytest.raises(KeyboardInterrupt):
@@ -89,7 +90,7 @@ def test_ctrl_c_without_progress_finishes_the_step_and_checkpoints_it(tmp_path, 
     # The step in progress completes; the checkpoint is at step 7, not at the progress bar's 0.
     assert load_checkpoint(latest_checkpoint(tmp_path / "cut")).step == 7
     assert any("checkpoint at step 7" in m for m in messages)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler  # the loop's handler is gone again
     monkeypatch.undo()
     train(cfg, tmp_path / "cut", resume=True, **QUIET)
     _assert_same_run(tmp_path / "straight", tmp_path / "cut")
@@ -210,3 +211,13 @@ def test_config_json_follows_the_newest_checkpoint_when_steps_are_raised(tmp_pat
     monkeypatch.undo()
     train(tiny("train.steps=12"), tmp_path / "run", resume=True, **QUIET)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 12
+
+
+def test_unwritable_output_is_one_line_from_the_cli(tmp_path, capsys):
+    from difflora.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["train", "tiny-unet", "--out", str(blocker / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot write the run directory {blocker / 'run'}: {blocker} is a file, not a directory"

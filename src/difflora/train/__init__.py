@@ -5,7 +5,7 @@ from difflora.train.checkpoint import CheckpointError, latest_checkpoint, load_c
 from difflora.train.ema import EMA
 from difflora.train.loop import TrainingDiverged, TrainState, resolve_device, train
 from difflora.train.objectives import OBJECTIVES, Batch, DiffusionObjective, Objective, build_objective
-from difflora.train.run_dir import RunExistsError, load_run_config
+from difflora.train.run_dir import RunDirNotWritable, RunExistsError, load_run_config
 
 __all__ = [
     "EMA",
@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointError",
     "DiffusionObjective",
     "Objective",
+    "RunDirNotWritable",
     "RunExistsError",
     "TrainState",
     "TrainingDiverged",

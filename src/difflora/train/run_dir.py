@@ -27,6 +27,7 @@ from typing import Any
 from difflora.config import Config, parse_config
 
 __all__ = [
+    "RunDirNotWritable",
     "RunExistsError",
     "check_writable",
     "load_run_config",
@@ -39,6 +40,10 @@ __all__ = [
 
 class RunExistsError(FileExistsError):
     """The output directory already holds a run and resuming was not asked for."""
+
+
+class RunDirNotWritable(PermissionError, ValueError):
+    """The run directory cannot be written. A ValueError too: bad input, reported as one line."""
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -61,7 +66,7 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 
 def check_writable(out: Path) -> None:
-    """Raise ``PermissionError`` naming the directory unless ``out`` and ``out/checkpoints`` can be written.
+    """Raise :class:`RunDirNotWritable` naming the directory unless ``out`` and ``out/checkpoints`` can be written.
 
     Checked before any work starts, so that an unwritable ``--out`` costs no training steps. A
     directory that does not exist yet is checked at its nearest existing ancestor (where it would be
@@ -73,12 +78,12 @@ def check_writable(out: Path) -> None:
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
         if not probe.is_dir():
-            raise PermissionError(f"cannot write the run directory {target}: {probe} is a file, not a directory")
+            raise RunDirNotWritable(f"cannot write the run directory {target}: {probe} is a file, not a directory")
         try:
             with tempfile.TemporaryFile(dir=probe):
                 pass
         except OSError as exc:
-            raise PermissionError(
+            raise RunDirNotWritable(
                 f"cannot write the run directory {target}: {probe} is not writable ({exc.strerror}); "
                 "choose another --out or fix its permissions"
             ) from None
