@@ -226,6 +226,14 @@ class TrainConfig(StrictModel):
     # Train the backbone's own weights too (000 trains W with the LoRAs from scratch). False freezes
     # every parameter that is not an adapter's (build_model applies it): adapter fine-tuning.
     train_base: bool = True
+    # Adapt a trained model: a run directory (its newest checkpoint) or one checkpoint directory
+    # of a run trained without adapters. Its weights fill the base (wrapped layers' base_layer);
+    # the run's checkpoints then hold the trainable tensors only, plus the base's fingerprint.
+    init_from: str | None = None
+    # Which weights of init_from: the EMA weights (what sampling uses) or the raw model weights.
+    init_weights: Literal["ema", "model"] = "ema"
+    # What the loop minimises (difflora.train.objectives): the diffusion loss of cfg.diffusion.
+    objective: Literal["diffusion"] = "diffusion"
     seed: int = 0
     device: str = "auto"
     log_every: int = Field(default=50, ge=1)

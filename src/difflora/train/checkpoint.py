@@ -8,6 +8,13 @@ Layout of one checkpoint, ``RUN_DIR/checkpoints/step_0001000/``::
 The directory is first written as ``.tmp-step_...`` and renamed when complete, and ``state.json``
 records each file's size and hash, so a checkpoint cut short (a crash, a full disk, a truncated
 copy) is detected on load and never silently used. Nothing is unpickled.
+
+``model.safetensors`` holds every tensor of the model, except in a run that adapts a base
+(``train.init_from``): there it holds the trainable tensors only, and ``state.json["base"]`` records
+the base checkpoint's path, its fingerprint (a content hash of its weights) and which model keys
+come from which base key. ``ema.safetensors`` holds the EMA of the trainable tensors. The complete
+weights of a checkpoint are therefore base (if any), overlaid by ``model``, overlaid by ``ema`` for
+the EMA weights: :func:`load_weights` assembles them and checks the base's fingerprint.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +36,18 @@ from safetensors.torch import load_file, save_file
 __all__ = [
     "CheckpointError",
     "LoadedCheckpoint",
+    "Fingerprint",
     "find_checkpoints",
     "latest_checkpoint",
+    "load_base_tensors",
     "load_checkpoint",
     "load_weights",
     "optimizer_from_tensors",
     "optimizer_to_tensors",
     "save_checkpoint",
+    "stream_weights",
+    "tensor_shapes",
+    "weight_sources",
 ]
 
 FORMAT_VERSION = 1
@@ -157,7 +171,7 @@ def _read_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def _verified_load(ckpt: Path, name: str, record: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _verified_file(ckpt: Path, name: str, record: dict[str, Any]) -> Path:
     path = ckpt / f"{name}.safetensors"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: {path.name} is missing")
@@ -167,7 +181,11 @@ def _verified_load(ckpt: Path, name: str, record: dict[str, Any]) -> dict[str, t
             f"checkpoint {ckpt} is cut short or corrupt: {path.name} has {size} bytes, expected {record['bytes']} "
             "with a matching sha256; use an earlier checkpoint or retrain"
         )
-    return load_file(str(path))
+    return path
+
+
+def _verified_load(ckpt: Path, name: str, record: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return load_file(str(_verified_file(ckpt, name, record)))
 
 
 @dataclass
@@ -190,10 +208,132 @@ def load_checkpoint(ckpt: str | Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(ckpt, int(state["step"]), state, loaded["model"], loaded["ema"], optim, loaded["rng"])
 
 
-def load_weights(ckpt: str | Path, which: str = "ema") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Only the model or EMA weights of a checkpoint (for sampling), verified, and its state.json."""
+# safetensors dtype names -> torch dtypes (the ones checkpoints hold).
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file (without ``__metadata__``) and where its data start."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def tensor_shapes(sources: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of the tensors ``sources`` point to, read from the file headers only."""
+    headers = {path: _header(path)[0] for path in set(sources.values())}
+    return {key: tuple(headers[path][key]["shape"]) for key, path in sources.items()}
+
+
+def weight_sources(ckpt: str | Path, which: str = "ema") -> tuple[dict[str, Path], dict[str, Any]]:
+    """``{key: file holding it}`` for the weights a checkpoint stores itself (verified), and its state.json.
+
+    ``which="ema"``: the model file overlaid by the EMA file (the EMA covers the trainable tensors;
+    frozen ones are their own average). Keys taken from a base (``state["base"]["keys"]``) are not
+    among them: see :func:`load_weights`.
+    """
     if which not in ("ema", "model"):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
     ckpt = Path(ckpt)
     state = _read_state(ckpt)
-    return _verified_load(ckpt, which, state["files"][which]), state
+    sources: dict[str, Path] = {}
+    for name in ("model", "ema") if which == "ema" else ("model",):
+        path = _verified_file(ckpt, name, state["files"][name])
+        sources.update(dict.fromkeys(_header(path)[0], path))
+    return sources, state
+
+
+def stream_weights(sources: dict[str, Path], keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, tensor)`` for ``keys`` (default: all, sorted), read one tensor at a time.
+
+    Plain reads, not a memory map: a mapped file's touched pages count as resident memory until it
+    is closed, which would hold a second copy of a base while it streams into a model.
+    """
+    headers = {path: _header(path) for path in set(sources.values())}
+    with ExitStack() as stack:
+        files = {path: stack.enter_context(open(path, "rb")) for path in headers}
+        for key in sorted(sources) if keys is None else keys:
+            path = sources[key]
+            (header, data_start), f = headers[path], files[path]
+            info = header[key]
+            begin, end = info["data_offsets"]
+            buf = bytearray(end - begin)
+            f.seek(data_start + begin)
+            f.readinto(buf)
+            dtype = _DTYPES[info["dtype"]]
+            flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            yield key, flat.reshape(info["shape"])
+
+
+class Fingerprint:
+    """SHA-256 over named tensors (name, dtype, shape and bytes, fed in sorted name order): the
+    content hash that identifies a base model whatever file it is stored in."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def update(self, key: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().to("cpu").contiguous()
+        self._h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        self._h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def base_missing(record: dict[str, Any], what: str) -> CheckpointError:
+    """The error for a run whose base checkpoint cannot be used (missing, corrupt, replaced)."""
+    return CheckpointError(
+        f"this run adapts the base checkpoint {record['path']} (fingerprint {record['fingerprint'][:12]}), "
+        f"which {what}; restore that base checkpoint at that path to load the run"
+    )
+
+
+def load_base_tensors(record: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every weight of the base checkpoint a run adapts (``state["base"]``), checked against its fingerprint."""
+    if not Path(record["path"]).is_dir():
+        raise base_missing(record, "is missing")
+    try:
+        sources, _ = weight_sources(record["path"], record["weights"])
+    except CheckpointError as exc:
+        raise base_missing(record, f"cannot be read: {exc}") from None
+    fp = Fingerprint()
+    tensors = {}
+    for key, tensor in stream_weights(sources):
+        fp.update(key, tensor)
+        tensors[key] = tensor
+    if fp.hexdigest() != record["fingerprint"]:
+        raise base_missing(record, f"now holds other weights (fingerprint {fp.hexdigest()[:12]})")
+    return tensors
+
+
+def load_weights(ckpt: str | Path, which: str = "ema") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The complete model or EMA weights of a checkpoint (for sampling, eval), verified, and its state.json.
+
+    For a run that adapts a base (``train.init_from``), the base's tensors are read from the base
+    checkpoint the run recorded and must match its fingerprint: a missing or changed base is a
+    :class:`CheckpointError` that says so. The result loads with ``model.load_state_dict(state)``.
+    """
+    sources, state = weight_sources(ckpt, which)
+    tensors = dict(stream_weights(sources))
+    base = state.get("base")
+    if base and base["keys"]:
+        base_tensors = load_base_tensors(base)
+        tensors = {key: base_tensors[b] for key, b in base["keys"].items()} | tensors
+    return tensors, state

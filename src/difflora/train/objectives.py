@@ -1,0 +1,88 @@
+"""Training objectives: what the one training loop minimises.
+
+The loop draws a data batch and hands it to an objective, which draws whatever else it needs
+(timesteps, noise, label dropout) from the loop's generator and returns per-sample loss terms.
+The loop owns everything else (optimizer, EMA, checkpoints, logging), so distillation (a teacher
+pass and a student pass) or a multi-task loss is a new objective, not a copy of the loop::
+
+    objective = build_objective(cfg, diffusion)        # cfg.train.objective, e.g. "diffusion"
+    losses = objective(model, batch, generator, device)
+    losses["loss"].mean().backward()
+
+An objective's every random draw must come from ``generator`` (or the global torch RNG, e.g.
+dropout): both are checkpointed, which is what makes resuming bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from difflora.config import Config
+from difflora.diffusion.guidance import drop_labels
+
+__all__ = ["OBJECTIVES", "Batch", "DiffusionObjective", "Objective", "build_objective"]
+
+
+@dataclass
+class Batch:
+    """One training batch as drawn from the data (on the CPU).
+
+    x: [N x C x H x W] images in [-1, 1]. conditions: per-sample [N] values the data supplies
+    (``y`` class labels, and e.g. ``task`` ids), keyed by condition name.
+    """
+
+    x: torch.Tensor
+    conditions: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    """``objective(model, batch, generator, device) -> {term: [N] tensor}``, with a ``"loss"`` term."""
+
+    def __call__(
+        self, model: nn.Module, batch: Batch, generator: torch.Generator, device: torch.device
+    ) -> dict[str, torch.Tensor]: ...
+
+
+class DiffusionObjective:
+    """The diffusion loss of ``cfg.diffusion`` (IDDPM's L_simple, or hybrid with L_vb).
+
+    Per batch it draws, in this order from ``generator``: timesteps t ~ U{0..T-1} [N], noise
+    ~ N(0, I) [N x C x H x W], and (class-conditional models) the classifier-free-guidance label
+    dropout that sets a label to the null class -1 with probability ``train.label_dropout``.
+    """
+
+    def __init__(self, cfg: Config, diffusion: Any):
+        self.diffusion = diffusion
+        self.num_classes = cfg.model.num_classes
+        self.label_dropout = cfg.train.label_dropout
+
+    def __call__(
+        self, model: nn.Module, batch: Batch, generator: torch.Generator, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        x = batch.x
+        t = torch.randint(self.diffusion.num_timesteps, (x.shape[0],), generator=generator)
+        noise = torch.randn(x.shape, generator=generator)
+        kwargs = {k: v.to(device) for k, v in batch.conditions.items() if k != "y"}
+        if self.num_classes and "y" in batch.conditions:
+            kwargs["y"] = drop_labels(batch.conditions["y"], self.label_dropout, generator).to(device)
+        return self.diffusion.training_losses(model, x.to(device), t.to(device), kwargs, noise=noise.to(device))
+
+
+# train.objective -> factory(cfg, diffusion). A new objective registers here and in TrainConfig.objective.
+OBJECTIVES: dict[str, Callable[[Config, Any], Objective]] = {"diffusion": DiffusionObjective}
+
+
+def build_objective(cfg: Config, diffusion: Any) -> Objective:
+    """The objective ``cfg.train.objective`` names."""
+    try:
+        factory = OBJECTIVES[cfg.train.objective]
+    except KeyError:
+        raise ValueError(
+            f"train.objective={cfg.train.objective!r} is not registered; objectives: {', '.join(OBJECTIVES)}"
+        ) from None
+    return factory(cfg, diffusion)
