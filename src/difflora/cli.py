@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from difflora.config import ConfigError, load_config
@@ -17,6 +19,88 @@ _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 class CLIError(Exception):
     """A bad command-line input: printed as `error: ...` with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints its usage block and exits from inside parse_args; a CLIError instead gives
+    # the one-line `error: ...` and exit code 2 of every other input error.
+    def error(self, message: str):  # type: ignore[override]
+        raise CLIError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a finite number (nan and inf are refused like any other non-number)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _device(name: str, key: str):
+    """``--device`` / ``train.device`` as a torch.device, or a CLIError naming ``key`` and the choices."""
+    import torch
+
+    from difflora.train import resolve_device
+
+    choices = "auto, cpu, cuda, cuda:N or mps"
+    if name != "auto":
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise CLIError(f"{key}: {name!r} is not a device; use {choices}") from None
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise CLIError(f"{key}: {name!r} cannot run a model; use {choices}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise CLIError(f"{key}={name}: CUDA is not available here; use cpu or auto")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"{key}={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise CLIError(f"{key}={name}: MPS is not available here; use cpu or auto")
+    return resolve_device(name)
+
+
+def _run_config(run_dir: str):
+    """The saved config of a run, with errors that name ``RUN_DIR/config.json`` and the way out."""
+    from difflora.train import load_run_config
+
+    path = Path(run_dir) / "config.json"
+    if Path(run_dir).is_dir() and not path.is_file():
+        raise CLIError(f"{run_dir} is not a difflora run directory: {path} is missing")
+    fix = "each checkpoint's state.json holds the run's config (key 'config') to restore it from"
+    try:
+        return load_run_config(run_dir)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CLIError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    except ConfigError as exc:
+        raise CLIError(f"{path}: {_one_line(str(exc))}; {fix}") from None
+
+
+def _sample_settings(cfg, **flags):
+    """``cfg.sample`` with the given flags applied, validated by the same rules as the config keys
+    (``--guidance -2`` fails exactly as ``sample.guidance=-2`` does)."""
+    from pydantic import ValidationError
+
+    from difflora.config import SampleConfig
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        return SampleConfig.model_validate({**cfg.sample.model_dump(), **given})
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = str(e["loc"][0])
+        msg = e["msg"][0].lower() + e["msg"][1:]
+        raise CLIError(f"--{key}: {msg}, got {e.get('input')!r} (the rule of sample.{key})") from None
+
+
+def _one_line(message: str) -> str:
+    # "invalid config:\n  key: problem" with one problem reads best as one line.
+    lines = message.splitlines()
+    if len(lines) == 2 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1].strip()}"
+    return message
 
 
 def configs_dir() -> Path:
@@ -45,8 +129,16 @@ def _cmd_train(args) -> int:
     from difflora.train import train
 
     cfg = _load(args)
+    _device(cfg.train.device, "train.device")
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    checkpoint = None
+    if args.checkpoint is not None:
+        from difflora.train.checkpoint import select_checkpoint
+
+        if not args.resume:
+            raise CLIError("--checkpoint picks the checkpoint to resume from: add --resume")
+        checkpoint = select_checkpoint(out, args.checkpoint)
+    result = train(cfg, out, resume=args.resume, checkpoint=checkpoint, progress=not args.no_progress)
     last = result["last"]
     acc = result["accounting"]
     print(
@@ -58,46 +150,92 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _load_run_model(run_dir: str, weights: str):
+def _load_run_model(run_dir: str, weights: str, checkpoint: str | None = None):
     from difflora.model import build_model
-    from difflora.train import latest_checkpoint, load_run_config, load_weights
+    from difflora.train import load_weights
+    from difflora.train.checkpoint import select_checkpoint
 
-    cfg = load_run_config(run_dir)
-    ckpt = latest_checkpoint(run_dir)
+    cfg = _run_config(run_dir)
+    ckpt = select_checkpoint(run_dir, checkpoint)
     state, meta = load_weights(ckpt, weights)
     model = build_model(cfg)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise CLIError(f"the weights in {ckpt} do not fit the model of {run_dir}/config.json: {exc}") from None
+        raise CLIError(
+            f"the weights in {ckpt} do not fit the model of {run_dir}/config.json: {str(exc).splitlines()[0]}"
+        ) from None
     model.eval()
     return cfg, model, meta
+
+
+def _parse_conditions(texts: list[str] | None, num: int, cfg) -> dict[str, list[float]]:
+    """``--condition task=2`` / ``task=0,1,2`` (one value, or one per sample) -> name -> values,
+    checked against the conditions the run's adapters read and the values their weightings take."""
+    read = {a.condition: a for a in cfg.model.adapters if a.condition not in ("t", "y")}
+    out: dict[str, list[float]] = {}
+    for text in texts or []:
+        name, eq, raw = text.partition("=")
+        name = name.strip()
+        if not eq or not name.isidentifier():
+            raise CLIError(f"--condition {text!r}: expected NAME=VALUE[,VALUE...] with NAME an identifier, e.g. task=2")
+        if name in ("t", "y"):
+            raise CLIError(f"--condition {name}: set by the sampler{' (use --class)' if name == 'y' else ''}")
+        if name not in read:
+            have = ", ".join(sorted(read)) or "none"
+            raise CLIError(f"--condition {name}: no adapter of this run reads it (conditions it reads: {have})")
+        try:
+            values = [_finite_float(v.strip()) for v in raw.split(",")]
+        except argparse.ArgumentTypeError as exc:
+            raise CLIError(f"--condition {name}: {exc}") from None
+        if len(values) not in (1, num):
+            raise CLIError(f"--condition {name}: give one value or --num ({num}) values, got {len(values)}")
+        a = read[name]
+        if a.weighting != "linear" and any(v != int(v) or not -1 <= v < a.num_values for v in values):
+            raise CLIError(
+                f"--condition {name}: adapter {a.name} takes integers -1..{a.num_values - 1} (-1 = no update), got {raw}"
+            )
+        out[name] = values if len(values) == num else values[0]
+    missing = sorted(set(read) - set(out))
+    if missing:
+        raise CLIError(
+            f"this run's adapters read condition(s) {', '.join(missing)}: pass --condition {missing[0]}=VALUE"
+        )
+    return out
+
+
+def _check_outputs(args) -> None:
+    if not args.out.lower().endswith(".png"):
+        raise CLIError(f"--out must name a .png file, got {args.out}")
+    if Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out} is a directory; name a .png file")
+    if args.save_tensor is not None and not args.save_tensor.endswith(".safetensors"):
+        raise CLIError(f"--save-tensor must name a .safetensors file, got {args.save_tensor}")
 
 
 def _cmd_sample(args) -> int:
     from difflora.generate import default_labels, generate
     from difflora.imaging import save_grid
-    from difflora.train import resolve_device
 
-    if args.num < 1:
-        raise CLIError(f"--num must be at least 1, got {args.num}")
-    if args.steps is not None and args.steps < 1:
-        raise CLIError(f"--steps must be at least 1, got {args.steps}")
-    if not args.out.lower().endswith(".png"):
-        raise CLIError(f"--out must name a .png file, got {args.out}")
-    cfg, model, meta = _load_run_model(args.run_dir, args.weights)
+    _check_outputs(args)
+    device = _device(args.device, "--device")
+    cfg, model, meta = _load_run_model(args.run_dir, args.weights, args.checkpoint)
+    s = _sample_settings(
+        cfg, num=args.num, steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance
+    )
+    conditions = _parse_conditions(args.condition, args.num, cfg)
     labels = default_labels(args.num, cfg.model.num_classes, args.cls)
-    device = resolve_device(args.device)
     model.to(device)
     images = generate(
         model,
         cfg,
         args.num,
-        steps=args.steps,
-        sampler=args.sampler,
-        eta=args.eta,
-        guidance=args.guidance,
+        steps=s.steps,
+        sampler=s.sampler,
+        eta=s.eta,
+        guidance=s.guidance,
         labels=labels,
+        conditions=conditions,
         seed=args.seed,
         device=device,
         progress=not args.no_progress,
@@ -143,6 +281,7 @@ def _cmd_plot_weights(args) -> int:
 
     if args.out is not None and not args.out.lower().endswith(".png"):
         raise CLIError(f"--out must name a .png file, got {args.out}")
+    _run_config(args.run_dir)
     path, layer, matrix = plot_weights(args.run_dir, args.layer, args.out, args.weights, args.adapter)
     print(f"wrote the composition weights of {layer} ({matrix.shape[0]} bases) to {path}")
     return 0
@@ -161,7 +300,6 @@ def _eval_feature_train(args):
 def _cmd_train_features(args) -> int:
     from difflora.config import parse_config
     from difflora.eval.features import default_cache_dir, get_feature_net
-    from difflora.train import resolve_device
 
     overrides = list(args.set or [])
     bad = [o for o in overrides if not o.startswith("data.")]
@@ -173,7 +311,7 @@ def _cmd_train_features(args) -> int:
         cfg.data,
         cache,
         train=_eval_feature_train(args),
-        device=resolve_device(args.device),
+        device=_device(args.device, "--device"),
         progress=not args.no_progress,
     )
     info = net.info
@@ -186,10 +324,18 @@ def _cmd_train_features(args) -> int:
 
 def _cmd_eval(args) -> int:
     from difflora.eval.evaluate import evaluate_run
-    from difflora.train import resolve_device
+    from difflora.train.checkpoint import select_checkpoint
 
+    device = _device(args.device, "--device")
+    cfg = _run_config(args.run_dir)
+    for w in args.guidance or []:
+        _sample_settings(cfg, guidance=w)
+    _sample_settings(cfg, steps=args.steps, eta=args.eta)
+    # Picked (and a damaged newest one reported) here, before any feature net or sampling work.
+    checkpoint = select_checkpoint(args.run_dir, args.checkpoint)
     result = evaluate_run(
         args.run_dir,
+        checkpoint=checkpoint,
         num_samples=args.num_samples,
         steps=args.steps,
         sampler=args.sampler,
@@ -201,7 +347,7 @@ def _cmd_eval(args) -> int:
         feature_net=args.feature_net,
         cache_dir=args.cache_dir,
         feature_train=_eval_feature_train(args),
-        device=resolve_device(args.device),
+        device=device,
         progress=not args.no_progress,
         log=print,
     )
@@ -228,6 +374,7 @@ def _cmd_demo(args) -> int:
     from difflora.train import train
 
     cfg = load_config(resolve_config_path("digits"), args.set or [])
+    _device(cfg.train.device, "train.device")
     out = Path(args.out)
     print(
         f"difflora demo: training the digits preset ({cfg.train.steps} steps, batch {cfg.train.batch_size}) into {out}"
@@ -255,10 +402,11 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+_CKPT_HELP = "a step of the run (e.g. 1000) or a checkpoint directory (default: the newest intact one)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="difflora", description="Low-rank conditioning, adaptation and distillation of diffusion models."
-    )
+    p = _Parser(prog="difflora", description="Low-rank conditioning, adaptation and distillation of diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp):
@@ -273,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a config")
     with_config(t)
     t.add_argument("--out", help="run directory (default runs/<config name>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest intact checkpoint")
+    t.add_argument("--checkpoint", metavar="STEP|PATH", help="with --resume: the checkpoint to continue from")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=_cmd_train)
 
@@ -282,11 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
-    s.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
-    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
+    s.add_argument("--eta", type=_finite_float, default=None, help="DDIM eta (0 = deterministic)")
+    s.add_argument("--guidance", type=_finite_float, default=None, help="classifier-free guidance scale (1 = none)")
     s.add_argument("--class", dest="cls", type=int, default=None, help="sample only this class")
+    s.add_argument(
+        "--condition",
+        action="append",
+        metavar="NAME=VALUE[,VALUE...]",
+        help="a condition the run's adapters read, e.g. task=2: one value for all samples or one per sample (repeatable)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--weights", choices=["ema", "model"], default="ema")
+    s.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True, help="output PNG")
     s.add_argument("--save-tensor", metavar="FILE.safetensors", help="also save the raw samples")
@@ -325,10 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-samples", type=int, default=1000)
     ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
     ev.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
-    ev.add_argument("--eta", type=float, default=None)
-    ev.add_argument("--guidance", type=float, nargs="+", default=None, help="one or more CFG scales: one result each")
+    ev.add_argument("--eta", type=_finite_float, default=None)
+    ev.add_argument(
+        "--guidance", type=_finite_float, nargs="+", default=None, help="one or more CFG scales: one result each"
+    )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--weights", choices=["ema", "model"], default="ema")
+    ev.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
     ev.add_argument("--out", default=None, help="output directory (default RUN_DIR/eval)")
     ev.add_argument("--feature-net", default=None, help="a saved feature network (default: the cached one)")
     ev.add_argument("--cache-dir", default=None, help="feature network cache directory")
@@ -354,24 +513,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warn_line(message, category, filename, lineno, file=None, line=None) -> None:
+    # A warning a user should act on (a skipped damaged checkpoint) is one line, like an error.
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from difflora.adapters.context import MissingConditionError
     from difflora.train.checkpoint import CheckpointError
     from difflora.train.loop import TrainingDiverged
 
-    known = (CLIError, ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, FileExistsError, ValueError)
+    # Expected failures are one clear line, not a traceback: bad input (ValueError covers config,
+    # data-format, adapter, eval and non-finite-sample errors), missing or unreadable files
+    # (OSError), damaged checkpoints, divergence. Anything else is a bug and keeps its traceback.
+    known = (CLIError, ConfigError, CheckpointError, TrainingDiverged, OSError, ValueError, MissingConditionError)
     try:
-        return args.fn(args)
-    except known as exc:
-        if os.environ.get("DIFFLORA_DEBUG"):
-            raise
-        # Expected failures (bad input, missing files, divergence) are one clear line, not a traceback.
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        with warnings.catch_warnings():
+            warnings.showwarning = _warn_line
+            args = build_parser().parse_args(argv)
+            return args.fn(args)
     except BrokenPipeError:
         # `difflora params ... | head`: the reader left; that is not an error worth a traceback.
         sys.stderr = open(os.devnull, "w")
         return 0
+    except known as exc:
+        if os.environ.get("DIFFLORA_DEBUG"):
+            raise
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from difflora.diffusion.guidance import drop_labels
 from difflora.generate import default_labels, generate
 from difflora.imaging import save_grid
 from difflora.model import build_diffusion, build_model
-from difflora.train.checkpoint import find_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from difflora.train.checkpoint import find_checkpoints, load_checkpoint, save_checkpoint, select_checkpoint
 from difflora.train.ema import EMA
 
 __all__ = ["RunExistsError", "TrainingDiverged", "load_run_config", "resolve_device", "train", "write_json"]
@@ -119,13 +119,15 @@ def train(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    checkpoint: str | Path | None = None,
     progress: bool = True,
     stop_at: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir``; returns the final metrics and accounting.
 
-    ``resume`` continues from the newest checkpoint of ``out_dir``. ``stop_at`` ends the run after
+    ``resume`` continues from the newest intact checkpoint of ``out_dir``, or from ``checkpoint``
+    (a step or a checkpoint directory, :func:`~difflora.train.checkpoint.select_checkpoint`). ``stop_at`` ends the run after
     that step (with a checkpoint), as an interruption would: the tests use it to check resuming.
     """
     out = Path(out_dir)
@@ -134,7 +136,7 @@ def train(
         raise RunExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     ckpt = None
     if resume:
-        ckpt = load_checkpoint(latest_checkpoint(out))
+        ckpt = load_checkpoint(select_checkpoint(out, checkpoint))
         _check_resume_config(ckpt.state["config"], cfg)
     # Everything that can fail on bad input (data, model) happens before the run directory is written.
     torch.manual_seed(cfg.train.seed)
