@@ -96,11 +96,14 @@ def _sample_settings(cfg, **flags):
 
 
 def _one_line(message: str) -> str:
-    # "invalid config:\n  key: problem" with one problem reads best as one line.
-    lines = message.splitlines()
-    if len(lines) == 2 and lines[0].endswith(":"):
-        return f"{lines[0]} {lines[1].strip()}"
-    return message
+    """A message as one line: "head:\n  item\n  item" (several config keys, the paths a dataset
+    was looked for at) becomes "head: item; item"; other line breaks become spaces."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else message
+    if lines[0].endswith(":"):
+        return f"{lines[0]} {'; '.join(lines[1:])}"
+    return " ".join(lines)
 
 
 def configs_dir() -> Path:
@@ -159,14 +162,32 @@ def _load_run_model(run_dir: str, weights: str, checkpoint: str | None = None):
     ckpt = select_checkpoint(run_dir, checkpoint)
     state, meta = load_weights(ckpt, weights)
     model = build_model(cfg)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
+    problem = _misfit(model.state_dict(), state)
+    if problem:
         raise CLIError(
-            f"the weights in {ckpt} do not fit the model of {run_dir}/config.json: {str(exc).splitlines()[0]}"
-        ) from None
+            f"the weights in {ckpt} do not fit the model of {run_dir}/config.json ({problem}); "
+            "the checkpoint belongs to another config"
+        )
+    model.load_state_dict(state)
     model.eval()
     return cfg, model, meta
+
+
+def _misfit(own: dict, state: dict) -> str:
+    """What keeps ``state`` from loading into a model whose state dict is ``own`` ('' if nothing),
+    in one line: torch's own message lists every key over many lines."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing tensor(s), e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of another shape, e.g. {k}: {list(state[k].shape)} vs {list(own[k].shape)}")
+    return "; ".join(parts)
 
 
 def _parse_conditions(texts: list[str] | None, num: int, cfg) -> dict[str, list[float]]:
@@ -245,9 +266,10 @@ def _cmd_sample(args) -> int:
     if args.save_tensor:
         from safetensors.torch import save_file
 
-        save_file(
-            {"images": images.contiguous(), **({"labels": labels} if labels is not None else {})}, args.save_tensor
-        )
+        tmp = Path(args.save_tensor + ".tmp")
+        tensors = {"images": images.contiguous(), **({"labels": labels} if labels is not None else {})}
+        save_file(tensors, str(tmp))
+        os.replace(tmp, args.save_tensor)  # never a half-written file under the name asked for
     print(f"wrote {args.num} samples (step {meta['step']}, {args.weights} weights) to {path}")
     return 0
 
@@ -532,6 +554,11 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _warn_line
             args = build_parser().parse_args(argv)
             return args.fn(args)
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's choice, not a crash: one line and the shell's code for SIGINT. Every
+        # file difflora writes is replaced atomically, so nothing half-written is left behind.
+        print("interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `difflora params ... | head`: the reader left; that is not an error worth a traceback.
         sys.stderr = open(os.devnull, "w")

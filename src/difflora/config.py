@@ -342,6 +342,13 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    # PyYAML's str() spans several lines with a drawing of the text; the problem and its place suffice.
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{getattr(exc, 'problem', None) or exc}"
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"train.lr=2e-4"`` -> ``("train.lr", 0.0002)``; values are parsed as YAML scalars/lists."""
     if "=" not in text:
@@ -353,7 +360,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {_yaml_problem(exc)}") from None
     # YAML reads "1e-4" as a string (no dot); a number is what the user meant.
     if isinstance(value, str):
         try:
@@ -385,8 +392,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {p} does not exist (presets live under configs/, e.g. configs/digits.yaml)")
         try:
             tree = yaml.safe_load(p.read_text()) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p} is not a YAML text file (not UTF-8)") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+            raise ConfigError(f"{p} is not valid YAML: {_yaml_problem(exc)}") from None
     return parse_config(tree, overrides)
 
 
