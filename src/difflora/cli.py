@@ -4,106 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import warnings
 from pathlib import Path
 
+from difflora.cli_inputs import (
+    CLIError,
+    Parser,
+    check_device,
+    finite_float,
+    misfit,
+    one_line,
+    parse_conditions,
+    run_config,
+    sample_settings,
+)
 from difflora.config import ConfigError, load_config
 
-__all__ = ["main", "resolve_config_path"]
+__all__ = ["CLIError", "main", "resolve_config_path"]
 
 _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-class CLIError(Exception):
-    """A bad command-line input: printed as `error: ...` with exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    # argparse prints its usage block and exits from inside parse_args; a CLIError instead gives
-    # the one-line `error: ...` and exit code 2 of every other input error.
-    def error(self, message: str):  # type: ignore[override]
-        raise CLIError(f"{self.prog}: {message} (see `{self.prog} --help`)")
-
-
-def _finite_float(text: str) -> float:
-    """argparse type: a finite number (nan and inf are refused like any other non-number)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _device(name: str, key: str):
-    """``--device`` / ``train.device`` as a torch.device, or a CLIError naming ``key`` and the choices."""
-    import torch
-
-    from difflora.train import resolve_device
-
-    choices = "auto, cpu, cuda, cuda:N or mps"
-    if name != "auto":
-        try:
-            dev = torch.device(name)
-        except (RuntimeError, ValueError):
-            raise CLIError(f"{key}: {name!r} is not a device; use {choices}") from None
-        if dev.type not in ("cpu", "cuda", "mps"):
-            raise CLIError(f"{key}: {name!r} cannot run a model; use {choices}")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise CLIError(f"{key}={name}: CUDA is not available here; use cpu or auto")
-        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise CLIError(f"{key}={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        if dev.type == "mps" and not torch.backends.mps.is_available():
-            raise CLIError(f"{key}={name}: MPS is not available here; use cpu or auto")
-    return resolve_device(name)
-
-
-def _run_config(run_dir: str):
-    """The saved config of a run, with errors that name ``RUN_DIR/config.json`` and the way out."""
-    from difflora.train import load_run_config
-
-    path = Path(run_dir) / "config.json"
-    if Path(run_dir).is_dir() and not path.is_file():
-        raise CLIError(f"{run_dir} is not a difflora run directory: {path} is missing")
-    fix = "each checkpoint's state.json holds the run's config (key 'config') to restore it from"
-    try:
-        return load_run_config(run_dir)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CLIError(f"{path} is not valid JSON ({exc}); {fix}") from None
-    except ConfigError as exc:
-        raise CLIError(f"{path}: {_one_line(str(exc))}; {fix}") from None
-
-
-def _sample_settings(cfg, **flags):
-    """``cfg.sample`` with the given flags applied, validated by the same rules as the config keys
-    (``--guidance -2`` fails exactly as ``sample.guidance=-2`` does)."""
-    from pydantic import ValidationError
-
-    from difflora.config import SampleConfig
-
-    given = {k: v for k, v in flags.items() if v is not None}
-    try:
-        return SampleConfig.model_validate({**cfg.sample.model_dump(), **given})
-    except ValidationError as err:
-        e = err.errors()[0]
-        key = str(e["loc"][0])
-        msg = e["msg"][0].lower() + e["msg"][1:]
-        raise CLIError(f"--{key}: {msg}, got {e.get('input')!r} (the rule of sample.{key})") from None
-
-
-def _one_line(message: str) -> str:
-    """A message as one line: "head:\n  item\n  item" (several config keys, the paths a dataset
-    was looked for at) becomes "head: item; item"; other line breaks become spaces."""
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else message
-    if lines[0].endswith(":"):
-        return f"{lines[0]} {'; '.join(lines[1:])}"
-    return " ".join(lines)
 
 
 def configs_dir() -> Path:
@@ -132,7 +53,7 @@ def _cmd_train(args) -> int:
     from difflora.train import train
 
     cfg = _load(args)
-    _device(cfg.train.device, "train.device")
+    check_device(cfg.train.device, "train.device")
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     checkpoint = None
     if args.checkpoint is not None:
@@ -158,11 +79,11 @@ def _load_run_model(run_dir: str, weights: str, checkpoint: str | None = None):
     from difflora.train import load_weights
     from difflora.train.checkpoint import select_checkpoint
 
-    cfg = _run_config(run_dir)
+    cfg = run_config(run_dir)
     ckpt = select_checkpoint(run_dir, checkpoint)
     state, meta = load_weights(ckpt, weights)
     model = build_model(cfg)
-    problem = _misfit(model.state_dict(), state)
+    problem = misfit(model.state_dict(), state)
     if problem:
         raise CLIError(
             f"the weights in {ckpt} do not fit the model of {run_dir}/config.json ({problem}); "
@@ -171,58 +92,6 @@ def _load_run_model(run_dir: str, weights: str, checkpoint: str | None = None):
     model.load_state_dict(state)
     model.eval()
     return cfg, model, meta
-
-
-def _misfit(own: dict, state: dict) -> str:
-    """What keeps ``state`` from loading into a model whose state dict is ``own`` ('' if nothing),
-    in one line: torch's own message lists every key over many lines."""
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing tensor(s), e.g. {missing[0]}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-    if shapes:
-        k = shapes[0]
-        parts.append(f"{len(shapes)} of another shape, e.g. {k}: {list(state[k].shape)} vs {list(own[k].shape)}")
-    return "; ".join(parts)
-
-
-def _parse_conditions(texts: list[str] | None, num: int, cfg) -> dict[str, list[float]]:
-    """``--condition task=2`` / ``task=0,1,2`` (one value, or one per sample) -> name -> values,
-    checked against the conditions the run's adapters read and the values their weightings take."""
-    read = {a.condition: a for a in cfg.model.adapters if a.condition not in ("t", "y")}
-    out: dict[str, list[float]] = {}
-    for text in texts or []:
-        name, eq, raw = text.partition("=")
-        name = name.strip()
-        if not eq or not name.isidentifier():
-            raise CLIError(f"--condition {text!r}: expected NAME=VALUE[,VALUE...] with NAME an identifier, e.g. task=2")
-        if name in ("t", "y"):
-            raise CLIError(f"--condition {name}: set by the sampler{' (use --class)' if name == 'y' else ''}")
-        if name not in read:
-            have = ", ".join(sorted(read)) or "none"
-            raise CLIError(f"--condition {name}: no adapter of this run reads it (conditions it reads: {have})")
-        try:
-            values = [_finite_float(v.strip()) for v in raw.split(",")]
-        except argparse.ArgumentTypeError as exc:
-            raise CLIError(f"--condition {name}: {exc}") from None
-        if len(values) not in (1, num):
-            raise CLIError(f"--condition {name}: give one value or --num ({num}) values, got {len(values)}")
-        a = read[name]
-        if a.weighting != "linear" and any(v != int(v) or not -1 <= v < a.num_values for v in values):
-            raise CLIError(
-                f"--condition {name}: adapter {a.name} takes integers -1..{a.num_values - 1} (-1 = no update), got {raw}"
-            )
-        out[name] = values if len(values) == num else values[0]
-    missing = sorted(set(read) - set(out))
-    if missing:
-        raise CLIError(
-            f"this run's adapters read condition(s) {', '.join(missing)}: pass --condition {missing[0]}=VALUE"
-        )
-    return out
 
 
 def _check_outputs(args) -> None:
@@ -239,12 +108,10 @@ def _cmd_sample(args) -> int:
     from difflora.imaging import save_grid
 
     _check_outputs(args)
-    device = _device(args.device, "--device")
+    device = check_device(args.device, "--device")
     cfg, model, meta = _load_run_model(args.run_dir, args.weights, args.checkpoint)
-    s = _sample_settings(
-        cfg, num=args.num, steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance
-    )
-    conditions = _parse_conditions(args.condition, args.num, cfg)
+    s = sample_settings(cfg, num=args.num, steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance)
+    conditions = parse_conditions(args.condition, args.num, cfg)
     labels = default_labels(args.num, cfg.model.num_classes, args.cls)
     model.to(device)
     images = generate(
@@ -303,7 +170,7 @@ def _cmd_plot_weights(args) -> int:
 
     if args.out is not None and not args.out.lower().endswith(".png"):
         raise CLIError(f"--out must name a .png file, got {args.out}")
-    _run_config(args.run_dir)
+    run_config(args.run_dir)
     path, layer, matrix = plot_weights(args.run_dir, args.layer, args.out, args.weights, args.adapter)
     print(f"wrote the composition weights of {layer} ({matrix.shape[0]} bases) to {path}")
     return 0
@@ -333,7 +200,7 @@ def _cmd_train_features(args) -> int:
         cfg.data,
         cache,
         train=_eval_feature_train(args),
-        device=_device(args.device, "--device"),
+        device=check_device(args.device, "--device"),
         progress=not args.no_progress,
     )
     info = net.info
@@ -348,11 +215,11 @@ def _cmd_eval(args) -> int:
     from difflora.eval.evaluate import evaluate_run
     from difflora.train.checkpoint import select_checkpoint
 
-    device = _device(args.device, "--device")
-    cfg = _run_config(args.run_dir)
+    device = check_device(args.device, "--device")
+    cfg = run_config(args.run_dir)
     for w in args.guidance or []:
-        _sample_settings(cfg, guidance=w)
-    _sample_settings(cfg, steps=args.steps, eta=args.eta)
+        sample_settings(cfg, guidance=w)
+    sample_settings(cfg, steps=args.steps, eta=args.eta)
     # Picked (and a damaged newest one reported) here, before any feature net or sampling work.
     checkpoint = select_checkpoint(args.run_dir, args.checkpoint)
     result = evaluate_run(
@@ -396,7 +263,7 @@ def _cmd_demo(args) -> int:
     from difflora.train import train
 
     cfg = load_config(resolve_config_path("digits"), args.set or [])
-    _device(cfg.train.device, "train.device")
+    check_device(cfg.train.device, "train.device")
     out = Path(args.out)
     print(
         f"difflora demo: training the digits preset ({cfg.train.steps} steps, batch {cfg.train.batch_size}) into {out}"
@@ -428,7 +295,7 @@ _CKPT_HELP = "a step of the run (e.g. 1000) or a checkpoint directory (default: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="difflora", description="Low-rank conditioning, adaptation and distillation of diffusion models.")
+    p = Parser(prog="difflora", description="Low-rank conditioning, adaptation and distillation of diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp):
@@ -453,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
-    s.add_argument("--eta", type=_finite_float, default=None, help="DDIM eta (0 = deterministic)")
-    s.add_argument("--guidance", type=_finite_float, default=None, help="classifier-free guidance scale (1 = none)")
+    s.add_argument("--eta", type=finite_float, default=None, help="DDIM eta (0 = deterministic)")
+    s.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale (1 = none)")
     s.add_argument("--class", dest="cls", type=int, default=None, help="sample only this class")
     s.add_argument(
         "--condition",
@@ -503,9 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-samples", type=int, default=1000)
     ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
     ev.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
-    ev.add_argument("--eta", type=_finite_float, default=None)
+    ev.add_argument("--eta", type=finite_float, default=None)
     ev.add_argument(
-        "--guidance", type=_finite_float, nargs="+", default=None, help="one or more CFG scales: one result each"
+        "--guidance", type=finite_float, nargs="+", default=None, help="one or more CFG scales: one result each"
     )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--weights", choices=["ema", "model"], default="ema")
@@ -566,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     except known as exc:
         if os.environ.get("DIFFLORA_DEBUG"):
             raise
-        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
 
 
