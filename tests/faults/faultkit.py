@@ -150,6 +150,17 @@ class Fault:
     warning: str | None = None  # regex for a `warning:` line the command must print
     api: Callable[[Path, Path], object] | None = None  # instead of argv: a call that must raise
     exc: type[BaseException] = Exception
+    open_in: str | None = None  # a fault still open in code another helper owns: expected to fail
+
+
+def cases(faults: list[Fault]) -> list:
+    """pytest params of ``faults``; those still open are marked xfail with where they are open."""
+    return [
+        pytest.param(
+            f, id=f.id, marks=[pytest.mark.xfail(reason=f"open in {f.open_in}", strict=False)] * bool(f.open_in)
+        )
+        for f in faults
+    ]
 
 
 def sample(*extra: str) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ from faultkit import (
     CK4,
     Fault,
     both,
+    cases,
     check_fault,
     flip_byte,
     idx_labels,
@@ -273,6 +274,6 @@ TRAIN = [
 CASES = CONFIG + TRAIN
 
 
-@pytest.mark.parametrize("fault", CASES, ids=[f.id for f in CASES])
+@pytest.mark.parametrize("fault", cases(CASES))
 def test_fault(fault, runs, tmp_path, capsys, monkeypatch):
     check_fault(fault, runs, tmp_path, capsys, monkeypatch)

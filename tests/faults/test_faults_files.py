@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from faultkit import (
     CK2,
     CK4,
     ROOT,
     Fault,
     both,
+    cases,
     check_fault,
     edit_json,
     evaluate,
@@ -32,6 +34,9 @@ from faultkit import (
     wrong_shapes,
 )
 
+from difflora.adapters import AdapterLoadError
+from difflora.model import build_model
+from difflora.train import load_run_config
 from difflora.train.checkpoint import CheckpointError, load_checkpoint, load_weights
 
 RUN_DIRS = [
@@ -279,10 +284,71 @@ CHECKPOINTS = [
 ]
 
 
-CASES = RUN_DIRS + CHECKPOINTS
+def adapter_dir(run: Path, tmp: Path) -> None:
+    """Adapters saved from the task run's model into tmp/ad (the damage cases then break a file)."""
+    from difflora.adapters import save_adapters
+
+    save_adapters(_seeded_model(run), tmp / "ad")
 
 
-@pytest.mark.parametrize("fault", CASES, ids=[f.id for f in CASES])
+def _seeded_model(run: Path):
+    torch.manual_seed(0)  # the same base weights at save and at load: the fingerprints match
+    return build_model(load_run_config(run))
+
+
+def load_adapters_of(run: Path, tmp: Path) -> object:
+    from difflora.adapters import load_adapters
+
+    return load_adapters(_seeded_model(run), tmp / "ad")
+
+
+ADAPTERS = [
+    Fault(
+        "adapter-dir-missing",
+        api=load_adapters_of,
+        run="task",
+        exc=AdapterLoadError,
+        error=r"ad/adapter_config\.json does not exist: not an adapter directory",
+    ),
+    Fault(
+        "adapter-config-other-format",
+        api=load_adapters_of,
+        run="task",
+        exc=AdapterLoadError,
+        error=r"adapter_config\.json is not a difflora adapter file",
+        damage=both(adapter_dir, write_tmp("ad/adapter_config.json", b'{"format": "peft"}')),
+    ),
+    Fault(
+        "adapter-config-garbage",
+        api=load_adapters_of,
+        run="task",
+        exc=AdapterLoadError,
+        error=r"adapter_config\.json",
+        damage=both(adapter_dir, write_tmp("ad/adapter_config.json", b"{")),
+        open_in="adapters/io.py (mech): json.JSONDecodeError escapes",
+    ),
+    Fault(
+        "adapter-weights-garbage",
+        api=load_adapters_of,
+        run="task",
+        exc=AdapterLoadError,
+        error=r"adapters\.safetensors",
+        damage=both(adapter_dir, write_tmp("ad/adapters.safetensors", b"junk")),
+        open_in="adapters/io.py (mech): SafetensorError escapes",
+    ),
+    Fault(
+        "eval-feature-net-json-garbage",
+        evaluate("--feature-net", "{tmp}/fn"),
+        r"fn\.json",
+        damage=both(write_tmp("fn.json", b"{oops"), write_tmp("fn.safetensors", b"x")),
+        open_in="eval/features.py (metrics): JSONDecodeError without the file name",
+    ),
+]
+
+CASES = RUN_DIRS + CHECKPOINTS + ADAPTERS
+
+
+@pytest.mark.parametrize("fault", cases(CASES))
 def test_fault(fault, runs, tmp_path, capsys, monkeypatch):
     check_fault(fault, runs, tmp_path, capsys, monkeypatch)
 

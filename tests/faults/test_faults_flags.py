@@ -8,6 +8,7 @@ from faultkit import (
     CK4,
     Fault,
     both,
+    cases,
     check_fault,
     evaluate,
     mkdir,
@@ -172,6 +173,6 @@ EVAL = [
 CASES = FLAGS + CONDITIONS + EVAL
 
 
-@pytest.mark.parametrize("fault", CASES, ids=[f.id for f in CASES])
+@pytest.mark.parametrize("fault", cases(CASES))
 def test_fault(fault, runs, tmp_path, capsys, monkeypatch):
     check_fault(fault, runs, tmp_path, capsys, monkeypatch)
