@@ -271,7 +271,34 @@ TRAIN = [
 ]
 
 
-CASES = CONFIG + TRAIN
+STUDIES = [
+    Fault("study-missing", ("study", "{tmp}/nope.yaml"), r"study file .*nope\.yaml does not exist"),
+    Fault(
+        "study-bad-yaml",
+        ("study", "{tmp}/s.yaml"),
+        r"s\.yaml is not valid YAML",
+        damage=write_tmp("s.yaml", b"arms: [1,\n"),
+    ),
+    Fault(
+        "study-no-arms",
+        ("study", "{tmp}/s.yaml"),
+        r"invalid study .*s\.yaml: arms: Field required",
+        damage=write_tmp("s.yaml", b"name: x\n"),
+    ),
+    Fault(
+        "study-unknown-key",
+        ("study", "{tmp}/s.yaml"),
+        r"foo: unknown key",
+        damage=write_tmp("s.yaml", b"name: x\nfoo: 1\n"),
+    ),
+    Fault(
+        "adapter-targets-match-nothing",
+        params("model.adapters=[{name: a, weighting: index, num_values: 100, targets: [nothing_here]}]"),
+        r"adapter targets matched no module: 'nothing_here'",
+    ),
+]
+
+CASES = CONFIG + TRAIN + STUDIES
 
 
 @pytest.mark.parametrize("fault", cases(CASES))
