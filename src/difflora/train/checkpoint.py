@@ -8,6 +8,12 @@ Layout of one checkpoint, ``RUN_DIR/checkpoints/step_0001000/``::
 The directory is first written as ``.tmp-step_...`` and renamed when complete, and ``state.json``
 records each file's size and hash, so a checkpoint cut short (a crash, a full disk, a truncated
 copy) is detected on load and never silently used. Nothing is unpickled.
+
+Which checkpoint a command reads is :func:`select_checkpoint`'s choice: a step or a directory the
+user names (``--checkpoint``), else the newest one that looks intact, after a warning for every
+newer one that does not. Every failure to read one, including third-party errors (a JSON or
+safetensors parse error behind matching hashes), is a :class:`CheckpointError` naming the
+checkpoint and the way out.
 """
 
 from __future__ import annotations
