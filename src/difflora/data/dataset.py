@@ -52,8 +52,12 @@ class ImageDataset(Dataset):
     class_names: list of num_classes names; ``name``: the dataset's registry name.
     hflip: whether :meth:`batch` flips each sample left-right with probability 1/2.
 
+    conditions: per-sample conditions beyond the label, name -> [N] tensor (``{"task": ...}`` for
+    a multi-dataset run, see :mod:`difflora.data.tasks`; empty for one dataset).
+
     ``ds[i]`` returns ``(image [C x H x W], label)`` without augmentation (for evaluation and for
-    ``DataLoader`` users); training draws batches with :meth:`batch`, which augments.
+    ``DataLoader`` users); training draws batches with :meth:`batch`, which augments, and their
+    conditions with :meth:`batch_conditions`.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class ImageDataset(Dataset):
         class_names: Sequence[str],
         name: str = "",
         hflip: bool = False,
+        conditions: dict[str, torch.Tensor] | None = None,
     ) -> None:
         if images.ndim != 4 or not images.is_floating_point():
             raise ValueError(f"images must be a float tensor [N x C x H x W], got {images.dtype} {tuple(images.shape)}")
@@ -74,6 +79,13 @@ class ImageDataset(Dataset):
             raise ValueError(
                 f"labels must lie in [0, {len(class_names)}), got [{int(labels.min())}, {int(labels.max())}]"
             )
+        conditions = dict(conditions or {})
+        for key, value in conditions.items():
+            if key in ("t", "y") or not key.isidentifier():
+                raise ValueError(f"condition name {key!r} must be an identifier other than t and y")
+            if value.shape != (len(images),):
+                raise ValueError(f"condition {key!r} must be [N] with N = {len(images)}, got {tuple(value.shape)}")
+        self.conditions = conditions
         self.images = images
         self.labels = labels
         self.class_names = list(class_names)
@@ -114,13 +126,38 @@ class ImageDataset(Dataset):
             x = random_hflip(x, generator)
         return x, y
 
+    def batch_conditions(self, indices: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
+        """The per-sample conditions of a batch, name -> [B] (``{}`` for a single dataset).
+
+        Draws no random numbers, so adding it to a loop changes no other draw. The training loop
+        passes them to the model as keyword arguments next to ``y``.
+        """
+        if not self.conditions:
+            return {}
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {k: v[idx.to(v.device)] for k, v in self.conditions.items()}
+
+    def batch_with_conditions(
+        self, indices: torch.Tensor | Sequence[int], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`batch` and :meth:`batch_conditions` in one call: (x, y, conditions)."""
+        x, y = self.batch(indices, generator)
+        return x, y, self.batch_conditions(indices)
+
     def to(self, device: torch.device | str) -> ImageDataset:
         """A dataset with the same contents on ``device`` (e.g. to gather batches on the GPU)."""
-        return ImageDataset(self.images.to(device), self.labels.to(device), self.class_names, self.name, self.hflip)
+        cond = {k: v.to(device) for k, v in self.conditions.items()}
+        return ImageDataset(
+            self.images.to(device), self.labels.to(device), self.class_names, self.name, self.hflip, cond
+        )
 
     def __repr__(self) -> str:
         shape = "x".join(str(s) for s in self.images.shape[1:])
-        return f"ImageDataset(name={self.name!r}, n={len(self)}, shape={shape}, classes={self.num_classes}, hflip={self.hflip})"
+        cond = f", conditions={sorted(self.conditions)}" if self.conditions else ""
+        return (
+            f"ImageDataset(name={self.name!r}, n={len(self)}, shape={shape}, classes={self.num_classes}, "
+            f"hflip={self.hflip}{cond})"
+        )
 
 
 def load_dataset(cfg: DataConfig, split: Split) -> ImageDataset:
@@ -129,10 +166,15 @@ def load_dataset(cfg: DataConfig, split: Split) -> ImageDataset:
     The train split is cut to its first ``cfg.limit`` examples when ``cfg.limit > 0`` (the test split
     never is); images are resized once to ``cfg.image_size`` when it is set. Raises
     :class:`DatasetNotFoundError` (files missing: the message says where it looked and how to get
-    them) or :class:`DatasetFormatError` (a file is corrupt).
+    them) or :class:`DatasetFormatError` (a file is corrupt). With ``cfg.tasks``, the datasets of
+    every task are concatenated (:func:`difflora.data.tasks.load_tasks`).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if cfg.tasks:
+        from difflora.data.tasks import load_tasks  # it builds on this function
+
+        return load_tasks(cfg, split)
     if cfg.name not in LOADERS:
         raise ValueError(f"unknown dataset {cfg.name!r}; choices: {', '.join(LOADERS)}")
     images, labels, class_names = LOADERS[cfg.name](cfg, split)

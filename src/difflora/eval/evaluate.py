@@ -50,20 +50,24 @@ class EvalError(ValueError):
     """A bad evaluation request (no run, no checkpoint, bad settings); the message says what to do."""
 
 
-def load_run(run_dir: str | Path, weights: str = "ema") -> tuple[Config, torch.nn.Module, dict[str, Any]]:
-    """(config, model in eval mode, checkpoint state) of a run directory's newest checkpoint.
+def load_run(
+    run_dir: str | Path, weights: str = "ema", checkpoint: str | Path | None = None
+) -> tuple[Config, torch.nn.Module, dict[str, Any]]:
+    """(config, model in eval mode, checkpoint state) of a run directory's newest intact checkpoint,
+    or of ``checkpoint`` (a step or a directory, see ``difflora.train.checkpoint.select_checkpoint``).
 
     Raises EvalError when the directory is not a run or holds no checkpoint yet.
     """
     from difflora.model import build_model
-    from difflora.train import CheckpointError, latest_checkpoint, load_run_config, load_weights
+    from difflora.train import CheckpointError, load_run_config, load_weights
+    from difflora.train.checkpoint import select_checkpoint
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise EvalError(f"{run_dir} is not a difflora run directory: {run_dir / 'config.json'} is missing")
     cfg = load_run_config(run_dir)
     try:
-        ckpt = latest_checkpoint(run_dir)
+        ckpt = select_checkpoint(run_dir, checkpoint)
         state, meta = load_weights(ckpt, weights)
     except CheckpointError as exc:
         raise EvalError(str(exc)) from None
@@ -127,6 +131,7 @@ def evaluate_run(
     guidance: Sequence[float] | None = None,
     seed: int = 0,
     weights: str = "ema",
+    checkpoint: str | Path | None = None,
     out: str | Path | None = None,
     feature_net: str | Path | FeatureNet | None = None,
     cache_dir: str | Path | None = None,
@@ -160,7 +165,7 @@ def evaluate_run(
     if sampler is not None and sampler not in ("ddpm", "ddim"):
         raise EvalError(f"--sampler must be ddpm or ddim, got {sampler!r}")
     run_dir = Path(run_dir)
-    cfg, model, meta = load_run(run_dir, weights)
+    cfg, model, meta = load_run(run_dir, weights, checkpoint)
     s = cfg.sample
     steps = steps or s.steps
     sampler = sampler or s.sampler

@@ -27,7 +27,7 @@ from difflora.train.checkpoint import (
     CheckpointError,
     Fingerprint,
     base_missing,
-    latest_checkpoint,
+    select_checkpoint,
     stream_weights,
     tensor_shapes,
     weight_sources,
@@ -37,13 +37,13 @@ __all__ = ["adapter_owned_keys", "base_key_map", "load_base", "resolve_base_chec
 
 
 def resolve_base_checkpoint(init_from: str | Path) -> Path:
-    """The checkpoint directory ``init_from`` names: itself, or a run directory's newest checkpoint."""
+    """The checkpoint directory ``init_from`` names: itself, or a run directory's newest intact checkpoint."""
     path = Path(init_from)
     if (path / "state.json").is_file():
         return path.resolve()
     if (path / "checkpoints").is_dir() or (path / "config.json").is_file():
         try:
-            return latest_checkpoint(path).resolve()
+            return select_checkpoint(path).resolve()
         except CheckpointError as exc:
             raise CheckpointError(f"train.init_from={init_from}: {exc}") from None
     if not path.exists():

@@ -15,6 +15,12 @@ the base checkpoint's path, its fingerprint (a content hash of its weights) and 
 come from which base key. ``ema.safetensors`` holds the EMA of the trainable tensors. The complete
 weights of a checkpoint are therefore base (if any), overlaid by ``model``, overlaid by ``ema`` for
 the EMA weights: :func:`load_weights` assembles them and checks the base's fingerprint.
+
+Which checkpoint a command reads is :func:`select_checkpoint`'s choice: a step or a directory the
+user names (``--checkpoint``), else the newest one that looks intact, after a warning for every
+newer one that does not. Every failure to read one, including third-party errors (a JSON or
+safetensors parse error behind matching hashes), is a :class:`CheckpointError` naming the
+checkpoint and the way out.
 """
 
 from __future__ import annotations
@@ -24,13 +30,15 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = [
@@ -45,6 +53,7 @@ __all__ = [
     "optimizer_from_tensors",
     "optimizer_to_tensors",
     "save_checkpoint",
+    "select_checkpoint",
     "stream_weights",
     "tensor_shapes",
     "weight_sources",
@@ -57,6 +66,10 @@ _FILES = ("model", "ema", "optim", "rng")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt. The message says which and what to do."""
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped in favour of an older, intact one."""
 
 
 def _sha256(path: Path) -> str:
@@ -144,16 +157,8 @@ def find_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {run_dir} does not exist (pass the --out directory of `difflora train`)")
-    found = find_checkpoints(run_dir)
-    if not found:
-        raise CheckpointError(
-            f"no checkpoint in {run_dir / 'checkpoints'}; train first (`difflora train CONFIG --out {run_dir}`) "
-            "or wait for the first checkpoint (train.ckpt_every)"
-        )
-    return found[-1]
+    """The newest intact checkpoint of a run (see :func:`select_checkpoint` with ``spec=None``)."""
+    return select_checkpoint(run_dir)
 
 
 def _read_state(ckpt: Path) -> dict[str, Any]:
@@ -162,8 +167,12 @@ def _read_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: state.json is missing (the write was cut short)")
     try:
         state = json.loads(state_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint {ckpt} is corrupt: state.json is not valid JSON ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {ckpt} is corrupt: state.json is not valid JSON ({exc}); {_ADVICE}"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: state.json is not a JSON object; {_ADVICE}")
     if state.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {ckpt} has format {state.get('format')}, this difflora reads {FORMAT_VERSION}"
@@ -173,19 +182,23 @@ def _read_state(ckpt: Path) -> dict[str, Any]:
 
 def _verified_file(ckpt: Path, name: str, record: dict[str, Any]) -> Path:
     path = ckpt / f"{name}.safetensors"
+    if not isinstance(record, dict) or not {"bytes", "sha256"} <= record.keys():
+        raise CheckpointError(
+            f"checkpoint {ckpt} is corrupt: state.json has no size and hash for {path.name}; {_ADVICE}"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: {path.name} is missing")
     size = path.stat().st_size
     if size != record["bytes"] or _sha256(path) != record["sha256"]:
         raise CheckpointError(
             f"checkpoint {ckpt} is cut short or corrupt: {path.name} has {size} bytes, expected {record['bytes']} "
-            "with a matching sha256; use an earlier checkpoint or retrain"
+            f"with a matching sha256; {_ADVICE}"
         )
     return path
 
 
 def _verified_load(ckpt: Path, name: str, record: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return load_file(str(_verified_file(ckpt, name, record)))
+    return _load_tensors(ckpt, _verified_file(ckpt, name, record))
 
 
 @dataclass
@@ -203,9 +216,16 @@ def load_checkpoint(ckpt: str | Path) -> LoadedCheckpoint:
     """Load and verify every file of one checkpoint directory."""
     ckpt = Path(ckpt)
     state = _read_state(ckpt)
-    loaded = {name: _verified_load(ckpt, name, state["files"][name]) for name in _FILES}
-    optim = optimizer_from_tensors(loaded["optim"], state["optimizer"])
-    return LoadedCheckpoint(ckpt, int(state["step"]), state, loaded["model"], loaded["ema"], optim, loaded["rng"])
+    loaded = {name: _verified_load(ckpt, name, _record(ckpt, state, name)) for name in _FILES}
+    try:
+        optim = optimizer_from_tensors(loaded["optim"], state["optimizer"])
+        step = int(state["step"])
+    except (KeyError, TypeError, ValueError) as exc:
+        # The hashes matched, so this is a state.json edited by hand (or by another program).
+        raise CheckpointError(
+            f"checkpoint {ckpt} is corrupt: state.json lacks or garbles {exc} (optimizer / step); {_ADVICE}"
+        ) from None
+    return LoadedCheckpoint(ckpt, step, state, loaded["model"], loaded["ema"], optim, loaded["rng"])
 
 
 # safetensors dtype names -> torch dtypes (the ones checkpoints hold).
@@ -252,9 +272,11 @@ def weight_sources(ckpt: str | Path, which: str = "ema") -> tuple[dict[str, Path
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
     ckpt = Path(ckpt)
     state = _read_state(ckpt)
+    if not isinstance(state.get("step"), int):
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: state.json has no integer 'step'; {_ADVICE}")
     sources: dict[str, Path] = {}
     for name in ("model", "ema") if which == "ema" else ("model",):
-        path = _verified_file(ckpt, name, state["files"][name])
+        path = _verified_file(ckpt, name, _record(ckpt, state, name))
         sources.update(dict.fromkeys(_header(path)[0], path))
     return sources, state
 
@@ -337,3 +359,91 @@ def load_weights(ckpt: str | Path, which: str = "ema") -> tuple[dict[str, torch.
         base_tensors = load_base_tensors(base)
         tensors = {key: base_tensors[b] for key, b in base["keys"].items()} | tensors
     return tensors, state
+
+
+# What a user can do about a damaged checkpoint; every command that reads one takes --checkpoint.
+_ADVICE = "pass --checkpoint STEP (an earlier step of the run) or retrain"
+
+
+def _record(ckpt: Path, state: dict[str, Any], name: str) -> dict[str, Any]:
+    files = state.get("files")
+    if not isinstance(files, dict) or name not in files:
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: state.json does not list {name}.safetensors; {_ADVICE}")
+    return files[name]
+
+
+def _load_tensors(ckpt: Path, path: Path) -> dict[str, torch.Tensor]:
+    # Hashes matched, so a failure here means the file was written broken (or hashes were forged):
+    # safetensors' own exception names neither the file nor a fix.
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {ckpt}: {path.name} is not a readable safetensors file ({exc}); {_ADVICE}"
+        ) from None
+
+
+def checkpoint_problem(ckpt: str | Path) -> str | None:
+    """Why ``ckpt`` cannot be loaded, found without hashing (a missing or torn state.json, a missing
+    file, a size that differs from the record), or None when it looks intact. A bit flip that keeps
+    sizes is only found by the hashes on load."""
+    ckpt = Path(ckpt)
+    try:
+        state = _read_state(ckpt)
+        for name in _FILES:
+            record = _record(ckpt, state, name)
+            path = ckpt / f"{name}.safetensors"
+            if not path.is_file():
+                return f"checkpoint {ckpt} is incomplete: {path.name} is missing"
+            if not isinstance(record, dict) or path.stat().st_size != record.get("bytes"):
+                recorded = record.get("bytes") if isinstance(record, dict) else None
+                return f"checkpoint {ckpt} is cut short: {path.name} has {path.stat().st_size} bytes, state.json records {recorded}"
+    except CheckpointError as exc:
+        return str(exc).replace(f"; {_ADVICE}", "")
+    return None
+
+
+def select_checkpoint(
+    run_dir: str | Path, spec: str | int | Path | None = None, *, warn: Callable[[str], None] | None = None
+) -> Path:
+    """The checkpoint directory a command should read.
+
+    ``spec`` None: the newest checkpoint that looks intact (:func:`checkpoint_problem`); each newer
+    damaged one is reported through ``warn`` (default :func:`warnings.warn`) with its problem. An
+    int or a string of digits: step N of ``run_dir`` (``--checkpoint 1000``). Anything else: a
+    checkpoint directory, as given or relative to ``run_dir/checkpoints`` (``step_0001000``).
+    Raises :class:`CheckpointError` naming the run and the steps it has.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist (pass the --out directory of `difflora train`)")
+    found = find_checkpoints(run_dir)
+    steps = ", ".join(str(int(_STEP_DIR.match(p.name).group(1))) for p in found) or "none"
+    if spec is None:
+        if not found:
+            raise CheckpointError(
+                f"no checkpoint in {run_dir / 'checkpoints'}; train first (`difflora train CONFIG --out {run_dir}`) "
+                "or wait for the first checkpoint (train.ckpt_every)"
+            )
+        say = warn or (lambda msg: warnings.warn(msg, CheckpointWarning, stacklevel=3))
+        for ckpt in reversed(found):
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                return ckpt
+            say(f"skipping a damaged checkpoint: {problem}")
+        raise CheckpointError(f"every checkpoint in {run_dir / 'checkpoints'} is damaged (steps {steps}); retrain")
+    text = str(spec).strip()
+    if text.isdigit():
+        ckpt = run_dir / "checkpoints" / f"step_{int(text):07d}"
+        if not ckpt.is_dir():
+            raise CheckpointError(
+                f"--checkpoint {text}: {run_dir} has no checkpoint at step {int(text)}; steps: {steps}"
+            )
+        return ckpt
+    for ckpt in (Path(text), run_dir / "checkpoints" / text):
+        if (ckpt / "state.json").is_file() or (ckpt.is_dir() and _STEP_DIR.match(ckpt.name)):
+            return ckpt
+    raise CheckpointError(
+        f"--checkpoint {text}: not a step number nor a checkpoint directory (one holding state.json); "
+        f"steps of {run_dir}: {steps}"
+    )

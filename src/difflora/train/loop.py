@@ -45,9 +45,9 @@ from difflora.train.checkpoint import (
     LoadedCheckpoint,
     base_missing,
     find_checkpoints,
-    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    select_checkpoint,
 )
 from difflora.train.ema import EMA
 from difflora.train.objectives import Batch, Objective, build_objective
@@ -163,9 +163,10 @@ def _check_resume_config(saved: dict[str, Any], cfg: Config) -> None:
         )
 
 
-def _load_resume_checkpoint(out: Path, cfg: Config) -> LoadedCheckpoint:
-    """The checkpoint ``--resume`` continues from, checked against ``cfg`` before anything is written."""
-    ckpt = load_checkpoint(latest_checkpoint(out))
+def _load_resume_checkpoint(out: Path, cfg: Config, choice: str | Path | None = None) -> LoadedCheckpoint:
+    """The checkpoint ``--resume`` continues from (``choice``: see :func:`select_checkpoint`; default the
+    newest intact one), checked against ``cfg`` before anything is written."""
+    ckpt = load_checkpoint(select_checkpoint(out, choice))
     _check_resume_config(ckpt.state["config"], cfg)
     if cfg.train.steps < ckpt.step:
         raise ValueError(
@@ -471,6 +472,7 @@ def train(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    checkpoint: str | Path | None = None,
     progress: bool = True,
     stop_at: int | None = None,
     log: Callable[[str], None] = print,
@@ -478,14 +480,15 @@ def train(
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir``; returns the final metrics and accounting.
 
-    ``resume`` continues from the newest checkpoint of ``out_dir``. ``stop_at`` ends the run after
+    ``resume`` continues from the newest intact checkpoint of ``out_dir``, or from ``checkpoint``
+    (a step or a checkpoint directory, :func:`~difflora.train.checkpoint.select_checkpoint`). ``stop_at`` ends the run after
     that step (with a checkpoint), as an interruption would: the tests use it to check resuming.
     ``callback(state)`` runs after every completed step (see :class:`TrainState`).
     """
     out = Path(out_dir)
     if find_checkpoints(out) and not resume:
         raise RunExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    ckpt = _load_resume_checkpoint(out, cfg) if resume else None
+    ckpt = _load_resume_checkpoint(out, cfg, checkpoint) if resume else None
     end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
     if ckpt is not None and ckpt.step >= end:
         return _nothing_to_do(out, ckpt.step, log)
