@@ -80,7 +80,7 @@ def test_tiny_study_reports_and_reuses_finished_runs(tmp_path, monkeypatch):
     # One row per unconditional arm, one per guidance scale of the class-conditional arm, one floor per group.
     rows = [ln for ln in text.splitlines() if ln.startswith("| unconditional") or ln.startswith("| class-cond")]
     assert len(rows) == 5 and sum("noise floor" in r for r in rows) == 2
-    assert "| time-embed | 1 |" in text and "| tclora | 1 |" in text and "| tclora | 2 |" in text
+    assert "| time-embed | 2 | 1 |" in text and "| tclora | 2 | 1 |" in text and "| tclora | 2 | 2 |" in text
     assert f"git revision of the report: `{CLEAN[0]}`" in text and f"difflora study {path}" in text
     assert "comparable only at equal sample counts" in text
     assert "LoRA wins" in text and "Welch" in text

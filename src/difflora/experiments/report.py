@@ -100,6 +100,7 @@ def summarise(study: Study, records: dict[str, list[dict[str, Any]]], arms: list
                 "group": arm.group,
                 "guidance": w,
                 "seeds": [rec["seed"] for rec in recs],
+                "steps": arm_config(study, arm, study.seeds[0]).train.steps,
                 "parameters": recs[0]["parameters"],
                 "train_images_per_s": _mean_std([rec["train_images_per_s"] for rec in recs]),
                 "sample_images_per_s": _mean_std([e["sample_images_per_s"] for e in entries]),
@@ -155,7 +156,7 @@ def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], comm
         f"- git revision of the report: `{revision}`",
         f"- arms: {len(arms)}, seeds: {study.seeds}; runs with results: {n_done} of {len(arms) * len(study.seeds)}",
         f"- data: {base.data.name} at {base.model.image_size} px; backbone {base.model.arch}, batch "
-        f"{base.train.batch_size}; training steps per arm in the table's arm descriptions / study YAML",
+        f"{base.train.batch_size}, training steps per arm in the table",
         f"- eval: {e.num_samples} samples per setting, {e.sampler} {e.steps} steps, {e.weights} weights, guidance "
         f"{e.guidance} for class-conditional arms (balanced labels); against the held-out test split",
         f"- statistics: mean ± sample std over seeds; claims at level alpha = {study.alpha:g}",
@@ -176,9 +177,9 @@ def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], comm
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| group | arm | w | FD | KID x1e3 | precision | recall | class acc. | params (total / trainable) "
+        "| group | arm | steps | w | FD | KID x1e3 | precision | recall | class acc. | params (total / trainable) "
         "| adapter params | train img/s | sample img/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     floors_done: set[tuple[str, Any]] = set()
     for r in rows:
@@ -187,13 +188,14 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
             floors_done.add(key)
             f = r["floor"]
             lines.append(
-                f"| {r['group']} | *real data (noise floor)* | - | {_floor_cell(f, 'fd', 2)} "
+                f"| {r['group']} | *real data (noise floor)* | - | - | {_floor_cell(f, 'fd', 2)} "
                 f"| {_floor_cell(f, 'kid_mean', 2, 1e3)} | {_floor_cell(f, 'precision', 2)} "
                 f"| {_floor_cell(f, 'recall', 2)} | {_floor_cell(f, 'class_accuracy', 2)} | - | - | - | - |"
             )
         g = r["parameters"]["by_group"]
         lines.append(
-            f"| {r['group']} | {r['arm']} | {r['guidance']:g} | {_pm(r['fd'])} | {_pm(r['kid_mean'], 2, 1e3)} "
+            f"| {r['group']} | {r['arm']} | {r['steps']} | {r['guidance']:g} | {_pm(r['fd'])} "
+            f"| {_pm(r['kid_mean'], 2, 1e3)} "
             f"| {_pm(r['precision'])} | {_pm(r['recall'])} | {_pm(r['class_accuracy'])} "
             f"| {r['parameters']['total']:,} / {r['parameters']['trainable']:,} "
             f"| {g.get('lora', 0) + g.get('weighting', 0):,} | {_pm(r['train_images_per_s'], 0)} "
