@@ -219,3 +219,12 @@ def test_committed_timelora_studies_are_valid(name):
     groups = {a.group for a in study.arms}
     assert {"unconditional", "class-conditional"} <= groups and len(study.arms) >= 10
     assert study.eval.guidance == [1.0, 2.0, 4.0]
+
+
+def test_report_reflects_fds_bootstrap_interval():
+    from difflora.experiments.report import _ci_table
+
+    # FD 10 with percentile interval [12, 20] (shifted up by copies): basic interval [0, 8].
+    row = {"arm": "a", "guidance": 1.0, "fd": (10.0, 1.0), "ci": {"fd": [(12.0, 0.0), (20.0, 0.0)]}}
+    row["ci"]["kid_mean"] = [(0.001, 0.0), (0.002, 0.0)]
+    assert _ci_table([row])[-1] == "| a | 1 | [0.00, 8.00] | [1.00, 2.00] | - | - | - |"
