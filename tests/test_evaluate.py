@@ -37,7 +37,15 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def result(run_dir, cache):
     return evaluate_run(
-        run_dir, num_samples=20, steps=3, guidance=[1, 3], seed=5, cache_dir=cache, feature_train=TINY_FEATURES
+        run_dir,
+        num_samples=20,
+        steps=3,
+        guidance=[1, 3],
+        seed=5,
+        cache_dir=cache,
+        feature_train=TINY_FEATURES,
+        bootstrap=20,
+        floor_draws=3,
     )
 
 
@@ -54,6 +62,13 @@ def test_writes_metrics_grids_and_accounting(run_dir, result):
         assert (out / r["grid"]).is_file()
         assert 0.0 <= r["class_accuracy"] <= 1.0  # the tiny run is class-conditional
         assert r["sample_images_per_s"] > 0
+        assert set(r["ci"]) == {"fd", "kid_mean", "precision", "recall", "class_accuracy"}
+        assert all(lo <= hi for lo, hi in r["ci"].values())
+    # The noise floor: real images drawn like the samples (balanced classes), 3 draws.
+    floor = saved["noise_floor"]
+    assert set(floor) == {"fd", "kid_mean", "precision", "recall", "class_accuracy"}
+    assert floor["fd"]["lo"] <= floor["fd"]["mean"] <= floor["fd"]["hi"] and saved["num_floor_pool"] == 721
+    assert (s["bootstrap"], s["floor_draws"], s["metrics_version"]) == (20, 3, 2)
     acc = json.loads((run_dir / "accounting.json").read_text())
     assert acc["sample_images_per_s"] == saved["results"][0]["sample_images_per_s"]
     assert [e["guidance"] for e in acc["sampling"]] == [1.0, 3.0]
@@ -65,16 +80,16 @@ def test_equals_scoring_the_samples_by_hand(run_dir, cache, result):
     cfg, model, _ = load_run(run_dir, "ema")
     labels = torch.arange(20) % 10
     fake = generate(model, cfg, 20, steps=3, sampler="ddim", guidance=3.0, labels=labels, seed=5)
-    real = load_dataset(DataConfig(name="digits"), "test").images
+    test = load_dataset(DataConfig(name="digits"), "test")
     net = get_feature_net(cfg.data, cache, train=TINY_FEATURES, progress=False)
-    ref = compute_metrics(real, fake, net, labels, seed=5)
+    ref = compute_metrics(test.images, fake, net, labels, real_labels=test.labels, seed=5)
     got = result["results"][1]
     for key in ("fd", "kid_mean", "precision", "recall", "class_accuracy"):
         assert got[key] == pytest.approx(ref[key], rel=1e-9), key
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(run_dir, cache, result, tmp_path):
-    kw = dict(num_samples=20, steps=3, guidance=[1], cache_dir=cache, feature_train=TINY_FEATURES)
+    kw = dict(num_samples=20, steps=3, guidance=[1], cache_dir=cache, feature_train=TINY_FEATURES, bootstrap=5)
     again = evaluate_run(run_dir, seed=5, out=tmp_path / "a", update_accounting=False, **kw)
     other = evaluate_run(run_dir, seed=6, out=tmp_path / "b", update_accounting=False, **kw)
     assert again["results"][0]["fd"] == result["results"][0]["fd"]
@@ -89,6 +104,53 @@ def test_no_checkpoint_or_no_run_is_a_clear_error(run_dir, tmp_path):
     (empty / "config.json").write_text((run_dir / "config.json").read_text())
     with pytest.raises(EvalError, match="no checkpoint"):
         evaluate_run(empty, num_samples=8)
+
+
+def _no_sampling(*args, **kwargs):
+    raise AssertionError("sampled before checking the request")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        # The floor pool of digits holds 721 images the feature net never saw.
+        (dict(num_samples=800), "floor pool .* has 721: use --num-samples 721 or less"),
+        (dict(num_samples=730), "floor pool .* has 721"),
+        (dict(num_samples=8, eta=-1.0), "--eta must be finite"),
+    ],
+)
+def test_impossible_requests_fail_before_sampling_and_write_nothing(
+    run_dir, cache, tmp_path, monkeypatch, kwargs, message
+):
+    import difflora.generate
+
+    monkeypatch.setattr(difflora.generate, "generate", _no_sampling)
+    out = tmp_path / "eval"
+    with pytest.raises(EvalError, match=message):
+        evaluate_run(run_dir, steps=2, out=out, cache_dir=cache, feature_train=TINY_FEATURES, **kwargs)
+    assert not out.exists()
+
+
+def test_class_balanced_request_beyond_a_class_of_the_pool_fails_early(run_dir, cache, tmp_path, monkeypatch):
+    import difflora.generate
+
+    monkeypatch.setattr(difflora.generate, "generate", _no_sampling)
+    # 720 balanced samples need 72 of every class; the pool's smallest class has fewer.
+    with pytest.raises(EvalError, match="of class .* the floor pool has"):
+        evaluate_run(
+            run_dir, num_samples=720, steps=2, out=tmp_path / "e", cache_dir=cache, feature_train=TINY_FEATURES
+        )
+    assert not (tmp_path / "e").exists()
+
+
+def test_unwritable_out_is_refused_before_sampling(run_dir, cache, tmp_path, monkeypatch):
+    import difflora.generate
+
+    monkeypatch.setattr(difflora.generate, "generate", _no_sampling)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(EvalError, match="is a file"):
+        evaluate_run(run_dir, num_samples=8, out=blocker, cache_dir=cache, feature_train=TINY_FEATURES)
 
 
 @pytest.mark.parametrize("n", [0, 3])

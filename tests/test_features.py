@@ -36,6 +36,14 @@ def net(cache):
     return get_feature_net(DIGITS, cache_dir=cache, train=TINY, progress=False)
 
 
+def test_kid_scale_is_recorded_and_puts_the_kernel_at_two(net):
+    # On the feature net's own training images (its half of the train split) mean k(x, x) = 2.
+    own, _ = F.split_train(load_dataset(DIGITS, "train").labels)
+    with torch.no_grad():
+        f = net.features(load_dataset(DIGITS, "train").images[own]).double() * net.info.kid_scale
+    assert float(f.pow(2).sum(1).mean() / f.shape[1]) == pytest.approx(2 ** (1 / 3) - 1, rel=1e-5)
+
+
 def test_tiny_budget_beats_chance_on_digits(net):
     # Chance is 0.1; 2 epochs reach ~0.95 (0.8 leaves room for other seeds / BLAS builds).
     assert net.info.test_accuracy > 0.8
@@ -119,16 +127,25 @@ def test_cache_location(monkeypatch, tmp_path):
     key = lambda cfg: F.feature_net_key(cfg, (32, 64, 128), 128, 2, TINY)  # noqa: E731
     assert key(DIGITS) != key(DIGITS.model_copy(update={"image_size": 16}))
     assert key(DIGITS) != F.feature_net_key(DIGITS, (32, 64, 128), 128, 2, FeatureTrainConfig(seed=1))
+    # The key covers the format version: networks of version 1 (trained on the whole train split) are not reused.
+    current = key(DIGITS)
+    monkeypatch.setattr(F, "FORMAT_VERSION", 1)
+    assert key(DIGITS) != current
 
 
 def test_metrics_on_real_digits_rank_noise_below_data(net):
-    # Sanity in the learned feature space: held-out digits are far closer to the train digits
-    # than uniform noise is, and the classifier recognises the held-out digits' classes.
-    train, test = load_dataset(DIGITS, "train"), load_dataset(DIGITS, "test")
+    # Sanity in the learned feature space: held-out digits are far closer to the floor pool (train
+    # digits the network never saw) than uniform noise is, and the classifier recognises them.
+    pool_images, pool_labels = F.floor_pool(DIGITS)
+    test = load_dataset(DIGITS, "test")
     noise = torch.rand(test.images.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    good = compute_metrics(train.images, test.images, net, fake_labels=test.labels, kid_subsets=10, kid_subset_size=200)
-    bad = compute_metrics(train.images, noise, net, kid_subsets=10, kid_subset_size=200)
-    assert good["fd"] * 10 < bad["fd"] and good["kid_mean"] * 10 < bad["kid_mean"]
+    kw = dict(real_labels=pool_labels, kid_subsets=10, kid_subset_size=200)
+    good = compute_metrics(pool_images, test.images, net, fake_labels=test.labels, **kw)
+    bad = compute_metrics(pool_images, noise, net, **kw)
+    assert good["fd"] * 10 < bad["fd"]
+    # KID of real vs real is 0 up to its spread over subsets (it can be negative); noise is far above.
+    assert abs(good["kid_mean"]) < 3 * good["kid_std"]
+    assert bad["kid_mean"] > 5 * (abs(good["kid_mean"]) + good["kid_std"])
     # Noise precision is 0.2-0.4 here (a 2-epoch classifier maps some noise near digits; seen
     # across thread counts), far below the held-out digits' ~0.9.
     assert good["precision"] > 0.8 and bad["precision"] < 0.6

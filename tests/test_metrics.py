@@ -7,6 +7,7 @@ import scipy.linalg
 import torch
 
 from difflora.eval import InceptionFeatures
+from difflora.eval.kernel import kid_feature_scale, mmd2_unbiased, polynomial_kernel, stratified_subset
 from difflora.eval.metrics import (
     class_accuracy,
     compute_metrics,
@@ -45,30 +46,89 @@ def test_fd_matches_closed_form_with_scipy_sqrtm():
     assert frechet_distance(_t(x), _t(y)) == pytest.approx(expected, rel=TOL)
 
 
-def _naive_kid(x: np.ndarray, y: np.ndarray) -> float:
+def _naive_kid(x: np.ndarray, y: np.ndarray, xl=None, yl=None, px=None, py=None) -> float:
+    """Stratified unbiased MMD^2 with the cubic kernel, pair by pair; an unlabelled set is one class, prior 1."""
     d = x.shape[1]
+    xl = np.zeros(len(x), int) if xl is None else xl
+    yl = np.zeros(len(y), int) if yl is None else yl
+    px = np.ones(1) if px is None else px
+    py = np.ones(1) if py is None else py
 
     def k(a, b):
         return (a @ b / d + 1.0) ** 3
 
-    m, n = len(x), len(y)
-    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
-    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
-    return xx + yy - 2 * xy
+    def term(a, al, pa, b, bl, pb, same):
+        total = 0.0
+        for c in range(len(pa)):
+            for c2 in range(len(pb)):
+                vals = [
+                    k(a[i], b[j])
+                    for i in range(len(a))
+                    for j in range(len(b))
+                    if al[i] == c and bl[j] == c2 and not (same and i == j)
+                ]
+                total += pa[c] * pb[c2] * np.mean(vals)
+        return total
+
+    return term(x, xl, px, x, xl, px, True) + term(y, yl, py, y, yl, py, True) - 2 * term(x, xl, px, y, yl, py, False)
 
 
-def test_kid_matches_naive_unbiased_mmd2_with_cubic_kernel():
-    x, y = _gaussian(40, 5, 3), _gaussian(40, 5, 4, shift=0.3)
+def test_kid_matches_naive_unbiased_mmd2_with_unequal_sizes():
+    x, y = _gaussian(40, 5, 3), _gaussian(27, 5, 4, shift=0.3)
     expected = _naive_kid(x, y)
-    # subset_size >= both sizes: every subset is the whole set (reordered), so std is 0.
+    assert expected > 0.01  # the sets differ
+    # Subsets as large as the sets: every subset is the whole set (reordered), so std is 0.
     mean, std = kernel_distance(_t(x), _t(y), subsets=3, subset_size=1000)
     assert mean == pytest.approx(expected, rel=TOL)
     assert std == pytest.approx(0.0, abs=TOL)
+    # The scale multiplies the features before the kernel.
+    assert kernel_distance(_t(x), _t(y), subsets=1, subset_size=1000, scale=0.5)[0] == pytest.approx(
+        _naive_kid(0.5 * x, 0.5 * y), rel=TOL
+    )
+
+
+def test_stratified_kid_matches_naive_weighted_formula():
+    rng = np.random.default_rng(20)
+    x, y = _gaussian(30, 4, 21), _gaussian(23, 4, 22, shift=0.2)
+    xl, yl = rng.permutation(np.arange(30) % 3), rng.permutation(np.arange(23) % 3)
+    prior = np.bincount(xl) / 30
+    expected = _naive_kid(x, y, xl, yl, prior, prior)
+    got = kernel_distance(_t(x), _t(y), torch.from_numpy(xl), torch.from_numpy(yl), subsets=1, subset_size=1000)[0]
+    assert got == pytest.approx(expected, rel=TOL)
+    assert abs(expected - _naive_kid(x, y)) > 1e-4  # stratification changes the value
+    # Fakes without labels (an unconditional model): one class with prior 1.
+    got = kernel_distance(_t(x), _t(y), torch.from_numpy(xl), subsets=1, subset_size=1000)[0]
+    assert got == pytest.approx(_naive_kid(x, y, xl, None, prior, None), rel=TOL)
+
+
+def test_bootstrap_copies_are_left_out_like_the_diagonal():
+    # A resample holding each point once, in another order, gives the full-set value.
+    x, y = _t(_gaussian(12, 3, 23)), _t(_gaussian(9, 3, 24, shift=0.4))
+    kxx, kyy, kxy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    full = mmd2_unbiased(kxx, kyy, kxy)
+    ix, iy = torch.randperm(12), torch.randperm(9)
+    same = mmd2_unbiased(kxx[ix][:, ix], kyy[iy][:, iy], kxy[ix][:, iy], x_source=ix, y_source=iy)
+    assert same == pytest.approx(full, rel=TOL)
+    # With copies, pairs of copies are not counted: equal to the naive formula over distinct-source pairs.
+    ix = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 6, 7, 8])
+    got = mmd2_unbiased(kxx[ix][:, ix], kyy, kxy[ix], x_source=ix)
+    xs = x.numpy()[ix.numpy()]
+    pairs = [((xs[i] @ xs[j]) / 3 + 1) ** 3 for i in range(12) for j in range(12) if ix[i] != ix[j]]
+    yy = np.mean([((y[i] @ y[j]).item() / 3 + 1) ** 3 for i in range(9) for j in range(9) if i != j])
+    xy = np.mean([((xs[i] @ y[j].numpy()) / 3 + 1) ** 3 for i in range(12) for j in range(9)])
+    expected = np.mean(pairs) + yy - 2 * xy
+    assert got == pytest.approx(expected, rel=TOL)
+
+
+def test_kid_feature_scale_puts_the_kernel_at_two():
+    f = _t(np.abs(_gaussian(50, 16, 25)) * 3)
+    c = kid_feature_scale(f)
+    # mean ||c f||^2 / D = 2^(1/3) - 1 exactly, i.e. k(x, x) = 2 at the mean squared norm.
+    assert float((f * c).pow(2).sum(1).mean() / 16) == pytest.approx(2 ** (1 / 3) - 1, rel=TOL)
 
 
 def test_kid_subsets_are_seeded_and_leave_global_rng_alone():
-    x, y = _t(_gaussian(60, 4, 5)), _t(_gaussian(60, 4, 6, shift=0.2))
+    x, y = _t(_gaussian(60, 4, 5)), _t(_gaussian(50, 4, 6, shift=0.2))
     torch.manual_seed(123)
     before = torch.rand(3)
     torch.manual_seed(123)
@@ -79,6 +139,15 @@ def test_kid_subsets_are_seeded_and_leave_global_rng_alone():
     assert a == b and a != c
     assert torch.equal(before, after)
     assert a[1] > 0  # proper subsets differ from one another
+
+
+def test_stratified_subsets_keep_class_proportions():
+    labels = torch.arange(100) % 4
+    labels[:10] = 0  # class 0: 32 samples, others 22 or 23
+    idx = stratified_subset(labels, 100, 50, torch.Generator().manual_seed(0))
+    counts = torch.bincount(labels[idx], minlength=4)
+    expected = torch.floor(torch.bincount(labels).double() / 2 + 0.5).long()
+    assert torch.equal(counts, expected) and len(set(idx.tolist())) == len(idx)
 
 
 def test_precision_recall_identical_sets():

@@ -254,7 +254,14 @@ def _cmd_eval(args) -> int:
 def _cmd_study(args) -> int:
     from difflora.experiments.study import run_study
 
-    report = run_study(args.study, out=args.out, progress=not args.no_progress, only=args.only)
+    report = run_study(
+        args.study,
+        out=args.out,
+        progress=not args.no_progress,
+        only=args.only,
+        report_only=args.report_only,
+        allow_dirty=args.allow_dirty,
+    )
     print(f"report: {report}")
     return 0
 
@@ -389,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("study", help="a study YAML, e.g. experiments/timelora/digits.yaml")
     st.add_argument("--out", default=None, help="output directory (default: the study's out, or runs/<name>)")
     st.add_argument("--only", action="append", metavar="ARM", help="run only these arms (repeatable)")
+    st.add_argument("--report-only", action="store_true", help="train nothing: rewrite the report from stored runs")
+    st.add_argument(
+        "--allow-dirty", action="store_true", help="run from uncommitted code; the report is marked NOT REPRODUCIBLE"
+    )
     st.add_argument("--no-progress", action="store_true")
     st.set_defaults(fn=_cmd_study)
 

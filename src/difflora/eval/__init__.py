@@ -2,7 +2,9 @@
 
 ``get_feature_net`` (features.py) trains or loads the classifier whose penultimate layer is the
 feature space; ``compute_metrics`` (metrics.py) gives Frechet distance, KID, precision/recall and
-class accuracy in it. ``load_inception`` gives Inception FID / IS from a local weights file.
+class accuracy in it (KID: ``kernel.py``); ``uncertainty.py`` gives the noise floor (real data at the
+same sample count) and bootstrap intervals. ``load_inception`` gives Inception FID / IS from a local
+weights file.
 """
 
 from difflora.eval.features import (
@@ -21,15 +23,17 @@ from difflora.eval.features import (
     save_feature_net,
     train_feature_net,
 )
+from difflora.eval.kernel import kernel_distance
 from difflora.eval.metrics import (
     class_accuracy,
     compute_metrics,
     extract_features,
     frechet_distance,
     inception_score,
-    kernel_distance,
+    metrics_from_features,
     precision_recall,
 )
+from difflora.eval.uncertainty import bootstrap_intervals, reference_level
 
 __all__ = [
     "FeatureNet",
@@ -47,6 +51,9 @@ __all__ = [
     "frechet_distance",
     "get_feature_net",
     "inception_score",
+    "metrics_from_features",
+    "reference_level",
+    "bootstrap_intervals",
     "kernel_distance",
     "load_feature_net",
     "load_inception",

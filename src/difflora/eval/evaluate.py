@@ -9,8 +9,10 @@ classifier difflora trains on that dataset (``get_feature_net``)::
     result["results"][0]["fd"]
 
 It writes ``<out>/metrics.json`` (the settings used, the checkpoint step, the feature network's test
-accuracy and one entry of metrics per guidance scale) and one sample grid per scale, and merges the
-sampling speed into the run's ``accounting.json`` (key ``sampling``).
+accuracy, the noise floor and one entry of metrics with bootstrap intervals per guidance scale) and
+one sample grid per scale, and merges the sampling speed into the run's ``accounting.json`` (key
+``sampling``). The noise floor is what real images reach at the same sample count
+(``difflora.eval.uncertainty``): a score means something only next to it, and only at equal counts.
 
 Class-conditional models are sampled with labels balanced over the classes (0, 1, ..., C-1
 repeated) and get a class accuracy: the fraction of samples the feature network classifies as the
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,9 +40,14 @@ from difflora.eval.features import (
     get_feature_net,
     load_feature_net,
 )
-from difflora.eval.metrics import compute_metrics
+from difflora.eval.metrics import extract_features, feature_kid_scale, metrics_from_features
+from difflora.eval.uncertainty import bootstrap_intervals, check_pool, reference_level
 
-__all__ = ["EvalError", "evaluate_run", "load_run", "merge_accounting", "MIN_SAMPLES"]
+__all__ = ["EvalError", "METRICS_VERSION", "evaluate_run", "load_run", "merge_accounting", "MIN_SAMPLES"]
+
+# 2: stratified KID on rescaled features, noise floors and bootstrap intervals (a study re-evaluates
+# runs whose metrics.json has another version).
+METRICS_VERSION = 2
 
 # Precision/recall use the 3rd nearest neighbour within each set, KID needs 2 per subset: 4 samples
 # is the least for which every metric is defined (meaningful values need hundreds).
@@ -121,6 +129,75 @@ def _fmt_scale(w: float) -> str:
     return f"{w:g}".replace(".", "p")
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """Raise EvalError unless ``out_dir`` can be created and written (checked before any work)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvalError(f"--out {out_dir} is a file, not a directory: choose another --out")
+    parent = out_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EvalError(f"cannot write to {parent} (for {out_dir}): choose a writable --out")
+
+
+def _check_request(num_samples: int, steps: int | None, sampler: str | None, bootstrap: int, floor_draws: int) -> None:
+    if num_samples < MIN_SAMPLES:
+        raise EvalError(
+            f"--num-samples must be at least {MIN_SAMPLES} (precision/recall use 3 nearest neighbours), got {num_samples}"
+        )
+    if steps is not None and steps < 1:
+        raise EvalError(f"--steps must be at least 1, got {steps}")
+    if sampler is not None and sampler not in ("ddpm", "ddim"):
+        raise EvalError(f"--sampler must be ddpm or ddim, got {sampler!r}")
+    if bootstrap < 0 or floor_draws < 2:
+        raise EvalError(f"bootstrap must be >= 0 and floor draws >= 2, got {bootstrap} and {floor_draws}")
+
+
+def _reference(cfg: Config, net: FeatureNet, num_samples: int, labels: torch.Tensor | None, seed: int, draws: int):
+    """(reference features, reference labels, noise floor) -- everything that can fail before sampling."""
+    from difflora.data import load_dataset
+    from difflora.eval.features import floor_pool
+
+    ref = load_dataset(cfg.data.model_copy(update={"limit": 0, "hflip": False}), "test")
+    if ref.images.shape[0] < MIN_SAMPLES:
+        raise EvalError(f"the test split of {cfg.data.name} has {ref.images.shape[0]} images; eval needs {MIN_SAMPLES}")
+    pool_images, pool_labels = floor_pool(cfg.data)
+    try:
+        check_pool(pool_labels, num_samples, labels)
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
+    ref_f, _ = extract_features(net, ref.images)
+    pool_f, pool_logits = extract_features(net, pool_images)
+    floor = reference_level(
+        ref_f,
+        pool_f,
+        pool_labels,
+        num_samples,
+        ref_labels=ref.labels,
+        labels=labels,
+        pool_logits=pool_logits,
+        kid_scale=feature_kid_scale(net),
+        draws=draws,
+        seed=seed,
+    )
+    return ref_f, ref.labels, floor, int(pool_labels.shape[0])
+
+
+def _fmt_floor(metrics: dict[str, Any], floor: dict[str, dict[str, float]], ci: dict[str, list[float]]) -> str:
+    parts = []
+    for key, name, d in (
+        ("fd", "FD", 3),
+        ("kid_mean", "KID", 5),
+        ("precision", "precision", 3),
+        ("recall", "recall", 3),
+    ):
+        lo, hi = ci.get(key, (math.nan, math.nan))
+        parts.append(
+            f"{name} {metrics[key]:.{d}f} [{lo:.{d}f}, {hi:.{d}f}] (real data: {floor[key]['mean']:.{d}f} ± {floor[key]['std']:.{d}f})"
+        )
+    return ", ".join(parts)
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -137,6 +214,8 @@ def evaluate_run(
     cache_dir: str | Path | None = None,
     feature_train: FeatureTrainConfig | None = None,
     grid_size: int = 100,
+    bootstrap: int = 100,
+    floor_draws: int = 20,
     device: str | torch.device = "cpu",
     progress: bool = False,
     update_accounting: bool = True,
@@ -150,22 +229,19 @@ def evaluate_run(
     ``run_dir/eval``. ``feature_net`` is a saved feature network (path stem) or a FeatureNet;
     default: the cached one for the run's dataset (trained on first use, with ``feature_train``).
     Each entry holds fd, kid_mean, kid_std, precision, recall, class_accuracy (class-conditional
-    runs), sample_seconds and sample_images_per_s.
+    runs), "ci" (``bootstrap``-draw 95% intervals of each), sample_seconds and sample_images_per_s;
+    "noise_floor" holds the same scores of ``floor_draws`` real sets drawn like the samples
+    (``difflora.eval.uncertainty``). Everything that can be checked (settings, the output
+    directory, the data sizes the floor needs) is checked before any sampling, and nothing is
+    written unless the evaluation succeeds.
     """
-    from difflora.data import load_dataset
     from difflora.generate import generate
-    from difflora.imaging import save_grid
 
-    if num_samples < MIN_SAMPLES:
-        raise EvalError(
-            f"--num-samples must be at least {MIN_SAMPLES} (precision/recall use 3 nearest neighbours), got {num_samples}"
-        )
-    if steps is not None and steps < 1:
-        raise EvalError(f"--steps must be at least 1, got {steps}")
-    if sampler is not None and sampler not in ("ddpm", "ddim"):
-        raise EvalError(f"--sampler must be ddpm or ddim, got {sampler!r}")
+    _check_request(num_samples, steps, sampler, bootstrap, floor_draws)
     run_dir = Path(run_dir)
+    out_dir = Path(out) if out is not None else run_dir / "eval"
     cfg, model, meta = load_run(run_dir, weights, checkpoint)
+    _check_out_dir(out_dir)
     s = cfg.sample
     steps = steps or s.steps
     sampler = sampler or s.sampler
@@ -177,17 +253,17 @@ def evaluate_run(
         raise EvalError(f"{run_dir} is unconditional (model.num_classes = 0): guidance must be 1, got {scales}")
     if steps > cfg.diffusion.steps:
         raise EvalError(f"--steps {steps} exceeds the run's {cfg.diffusion.steps} diffusion timesteps")
+    if eta < 0 or not math.isfinite(eta):
+        raise EvalError(f"--eta must be finite and >= 0, got {eta}")
     dev = torch.device(device)
     say = log or (lambda _msg: None)
 
     net, net_source = _resolve_feature_net(cfg, feature_net, cache_dir, feature_train, dev, progress)
-    real = load_dataset(cfg.data.model_copy(update={"limit": 0, "hflip": False}), "test").images
     labels = _balanced_labels(num_samples, cfg.model.num_classes)
-    out_dir = Path(out) if out is not None else run_dir / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ref_f, ref_labels, floor, pool_size = _reference(cfg, net, num_samples, labels, seed, floor_draws)
     model.to(dev)
 
-    results = []
+    results, grids = [], []
     for w in scales:
         t0 = time.perf_counter()
         fake = generate(
@@ -204,23 +280,25 @@ def evaluate_run(
             progress=progress,
         )
         seconds = time.perf_counter() - t0
-        metrics = compute_metrics(real, fake, net, labels, seed=seed)
-        n_grid = min(grid_size, num_samples)
-        nrow = cfg.model.num_classes if labels is not None else None
-        grid = save_grid(fake[:n_grid], out_dir / f"samples_w{_fmt_scale(w)}.png", nrow=nrow)
-        entry = {
-            "guidance": w,
-            **metrics,
-            "sample_seconds": seconds,
-            "sample_images_per_s": num_samples / seconds,
-            "grid": grid.name,
-        }
-        results.append(entry)
-        acc = f", class accuracy {metrics['class_accuracy']:.3f}" if "class_accuracy" in metrics else ""
-        say(
-            f"guidance {w:g}: FD {metrics['fd']:.3f}, KID {metrics['kid_mean']:.4f}, precision "
-            f"{metrics['precision']:.3f}, recall {metrics['recall']:.3f}{acc} ({num_samples / seconds:.1f} images/s)"
+        fake_f, fake_logits = extract_features(net, fake)
+        scored = dict(
+            real_labels=ref_labels, fake_labels=labels, fake_logits=fake_logits, kid_scale=feature_kid_scale(net)
         )
+        metrics = metrics_from_features(ref_f, fake_f, seed=seed, **scored)
+        ci = bootstrap_intervals(ref_f, fake_f, draws=bootstrap, seed=seed, **scored) if bootstrap else {}
+        grids.append(fake[: min(grid_size, num_samples)])
+        results.append(
+            {
+                "guidance": w,
+                **metrics,
+                "ci": ci,
+                "sample_seconds": seconds,
+                "sample_images_per_s": num_samples / seconds,
+                "grid": f"samples_w{_fmt_scale(w)}.png",
+            }
+        )
+        acc = f", class accuracy {metrics['class_accuracy']:.3f}" if "class_accuracy" in metrics else ""
+        say(f"guidance {w:g}: {_fmt_floor(metrics, floor, ci)}{acc} ({num_samples / seconds:.1f} images/s)")
 
     info = net.info
     result = {
@@ -229,7 +307,8 @@ def evaluate_run(
         "weights": weights,
         "dataset": cfg.data.name,
         "image_size": cfg.model.image_size,
-        "num_real": int(real.shape[0]),
+        "num_real": int(ref_f.shape[0]),
+        "num_floor_pool": pool_size,
         "settings": {
             "num_samples": num_samples,
             "steps": steps,
@@ -238,36 +317,53 @@ def evaluate_run(
             "guidance": scales,
             "seed": seed,
             "labels": "balanced" if labels is not None else None,
+            "bootstrap": bootstrap,
+            "floor_draws": floor_draws,
+            "metrics_version": METRICS_VERSION,
         },
         "feature_net": {
             "source": net_source,
             "test_accuracy": info.test_accuracy if info is not None else None,
             "data_fingerprint": info.data_fingerprint if info is not None else None,
+            "kid_scale": feature_kid_scale(net),
         },
+        "noise_floor": floor,
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "results": results,
     }
+    _write(out_dir, result, grids, cfg, labels is not None)
+    if update_accounting:
+        merge_accounting(run_dir, _sampling_accounting(results, sampler, steps, num_samples, dev))
+    return result
+
+
+def _write(out_dir: Path, result: dict[str, Any], grids: list[torch.Tensor], cfg: Config, conditional: bool) -> None:
+    from difflora.imaging import save_grid
     from difflora.train.loop import write_json
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nrow = cfg.model.num_classes if conditional else None
+    for entry, images in zip(result["results"], grids, strict=True):
+        save_grid(images, out_dir / entry["grid"], nrow=nrow)
     write_json(out_dir / "metrics.json", result)
-    if update_accounting:
-        merge_accounting(
-            run_dir,
+
+
+def _sampling_accounting(
+    results: list[dict[str, Any]], sampler: str, steps: int, num_samples: int, dev: torch.device
+) -> dict[str, Any]:
+    return {
+        "sample_images_per_s": results[0]["sample_images_per_s"],
+        "sampling": [
             {
-                "sample_images_per_s": results[0]["sample_images_per_s"],
-                "sampling": [
-                    {
-                        "sampler": sampler,
-                        "steps": steps,
-                        "guidance": e["guidance"],
-                        "images_per_s": e["sample_images_per_s"],
-                        "num_samples": num_samples,
-                        "device": str(dev),
-                        "threads": torch.get_num_threads(),
-                    }
-                    for e in results
-                ],
-            },
-        )
-    return result
+                "sampler": sampler,
+                "steps": steps,
+                "guidance": e["guidance"],
+                "images_per_s": e["sample_images_per_s"],
+                "num_samples": num_samples,
+                "device": str(dev),
+                "threads": torch.get_num_threads(),
+            }
+            for e in results
+        ],
+    }

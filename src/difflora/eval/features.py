@@ -2,8 +2,14 @@
 
 No pretrained Inception weights exist on an offline machine, so difflora measures Frechet distance,
 KID and precision/recall in the penultimate feature space of a CNN classifier trained on the
-dataset's own train split (the role Inception-v3 plays for ImageNet-like data), and uses its logits
+dataset's train split (the role Inception-v3 plays for ImageNet-like data), and uses its logits
 to check that class-conditional samples show the requested class.
+
+**Its own split.** The network trains on one half of the train split (stratified by class,
+``split_train``); the other half, which it never sees, is the *floor pool*: real images from which
+``difflora.eval.uncertainty`` draws sets as a perfect generator would, to measure the level each
+metric reaches for real data (a set the feature network was trained on would look closer to the
+held-out data than fresh real data does, and bias that level).
 
 A trained network is stored as safetensors (weights) plus JSON (architecture, dataset name, image
 size, channels, classes, test accuracy, a fingerprint of the data config, the sha256 of the weights
@@ -42,6 +48,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from difflora.config import DataConfig
+from difflora.eval.inception import InceptionFeatures, load_inception
+from difflora.eval.kernel import kid_feature_scale
 
 __all__ = [
     "FeatureNet",
@@ -54,6 +62,8 @@ __all__ = [
     "data_fingerprint",
     "default_cache_dir",
     "feature_net_key",
+    "floor_pool",
+    "split_train",
     "get_feature_net",
     "load_inception",
     "load_feature_net",
@@ -64,7 +74,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "difflora-feature-net"
-FORMAT_VERSION = 1
+# 2: trained on half of the train split (``split_train``) and records ``kid_scale``.
+FORMAT_VERSION = 2
+# The feature network's half of the train split; the rest is the floor pool.
+FEATURE_FRACTION = 0.5
+# A seed of its own, so this split is independent of the train/test split of the data sources.
+FEATURE_SPLIT_SEED = 20241
 
 
 class FeatureNetMismatchError(ValueError):
@@ -128,6 +143,8 @@ class FeatureNetInfo:
     test_accuracy: float
     train: FeatureTrainConfig = field(default_factory=FeatureTrainConfig)
     train_seconds: float = 0.0
+    # KID's feature scale (difflora.eval.kernel.kid_feature_scale on the training images' features).
+    kid_scale: float = 1.0
 
     def describe(self) -> str:
         a = self.arch
@@ -146,6 +163,7 @@ class FeatureNetInfo:
             "arch": dataclasses.asdict(self.arch),
             "train": dataclasses.asdict(self.train),
             "train_seconds": self.train_seconds,
+            "kid_scale": self.kid_scale,
         }
 
     @classmethod
@@ -163,6 +181,7 @@ class FeatureNetInfo:
             test_accuracy=float(d["test_accuracy"]),
             train=FeatureTrainConfig(**d["train"]),
             train_seconds=float(d.get("train_seconds", 0.0)),
+            kid_scale=float(d["kid_scale"]),
         )
 
 
@@ -359,6 +378,31 @@ def load_feature_net(
 # ----------------------------------------------------------------------------- training
 
 
+def split_train(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(feature network's indices, floor pool's indices) of a train split with labels [N]: halves per class."""
+    from difflora.data.split import stratified_split  # data sits below eval
+
+    own, pool = stratified_split(labels.cpu().numpy(), 1.0 - FEATURE_FRACTION, seed=FEATURE_SPLIT_SEED)
+    return torch.from_numpy(own), torch.from_numpy(pool)
+
+
+def floor_pool(data_cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [P x C x H x W] and labels [P] of the train images no feature network of ``data_cfg`` saw."""
+    from difflora.data import load_dataset
+
+    tr = load_dataset(_eval_data_config(data_cfg), "train")
+    _, pool = split_train(tr.labels)
+    return tr.images[pool], tr.labels[pool]
+
+
+@torch.no_grad()
+def _features(net: FeatureNet, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    device = next(net.parameters()).device
+    return torch.cat(
+        [net.features(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
+    )
+
+
 @torch.no_grad()
 def _accuracy(net: FeatureNet, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     device = next(net.parameters()).device
@@ -427,7 +471,8 @@ def train_feature_net(
     net.eval()
     acc = _accuracy(net, test_images, test_labels, batch_size=512)
     seconds = time.perf_counter() - start
-    net.info = FeatureNetInfo(arch, dataset, fingerprint, acc, tc, seconds)
+    kid_scale = kid_feature_scale(_features(net, train_images, batch_size=512))
+    net.info = FeatureNetInfo(arch, dataset, fingerprint, acc, tc, seconds, kid_scale)
     msg = f"feature network for {dataset}: test accuracy {acc:.4f} after {step} steps ({seconds:.1f} s)"
     log.info(msg)
     if progress:
@@ -451,6 +496,7 @@ def get_feature_net(
 
     The cache file is ``<cache_dir>/<name>-<size>px-<hash>.{safetensors,json}``, the hash covering
     the data fingerprint, the architecture and the training settings (see ``feature_net_key``).
+    The network trains on its half of the train split (``split_train``).
     Without a cached file and with ``train_if_missing=False`` this raises FileNotFoundError.
     """
     from difflora.data import load_dataset  # data sits below eval; imported here to keep import light
@@ -475,9 +521,10 @@ def get_feature_net(
         )
     tr = load_dataset(cfg, "train")
     te = load_dataset(cfg, "test")
+    own, _ = split_train(tr.labels)
     net = train_feature_net(
-        tr.images,
-        tr.labels,
+        tr.images[own],
+        tr.labels[own],
         te.images,
         te.labels,
         tr.num_classes,
@@ -492,92 +539,3 @@ def get_feature_net(
     )
     save_feature_net(net, stem)
     return net
-
-
-# ----------------------------------------------------------------------------- Inception from a local file
-
-
-class InceptionFeatures(nn.Module):
-    """Inception-v3 of the FID protocol (torch-fidelity's port of the 2015 TensorFlow graph).
-
-    Same interface as FeatureNet (``features``, ``logits``, ``features_and_logits``), so
-    ``compute_metrics`` gives Inception FID / KID / precision-recall and the Inception Score with it.
-    Takes images [N x C x H x W] in [-1, 1] with C = 1 or 3 at any size: they are quantised to
-    uint8 (as FID is defined on 8-bit images), grey is repeated to RGB, and torch-fidelity resizes
-    to 299 px with TensorFlow-1 compatible bilinear interpolation.
-    """
-
-    def __init__(self, extractor: nn.Module) -> None:
-        super().__init__()
-        self.extractor = extractor
-        self.num_features = 2048
-        self.info: FeatureNetInfo | None = None
-
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"Inception takes images [N x 1|3 x H x W], got shape {tuple(x.shape)}")
-
-    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pool3 features [N x 2048], unbiased logits [N x 1008]): torch-fidelity's FID and IS inputs."""
-        self.check_input(x)
-        u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        if u8.shape[1] == 1:
-            u8 = u8.expand(-1, 3, -1, -1)
-        feats, logits = self.extractor(u8)
-        return feats, logits
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features_and_logits(x)[0]
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features_and_logits(x)[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file, or of a torch pickle read with weights_only=True (no code runs)."""
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise ValueError(f"{path} is not a state dict of tensors readable with weights_only=True: {exc}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return state
-
-
-def load_inception(path: str | Path, device: str | torch.device = "cpu") -> InceptionFeatures:
-    """Inception-v3 for FID / IS from a local weights file; nothing is downloaded.
-
-    ``path`` is torch-fidelity's converted state dict ``weights-inception-2015-12-05-6726825d.pth``
-    (the file torchmetrics' and torch-fidelity's FID download; copy it from a machine with
-    internet), or the same tensors saved as ``.safetensors``. It is read as tensors only
-    (safetensors, or ``torch.load(weights_only=True)``): nothing is unpickled from the user's file.
-
-    Needs the optional package torch-fidelity for the network definition (``pip install
-    torch-fidelity``); its package imports torchvision, which must match the installed torch.
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"Inception weights file {p} does not exist")
-    state = _read_state_dict(p)
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except ImportError as exc:
-        raise ImportError(
-            "load_inception needs torch-fidelity for the Inception-v3 definition (pip install torch-fidelity; "
-            f"it imports torchvision, which must match your torch): {exc}"
-        ) from exc
-    # torch-fidelity downloads when given no path and reads a given path with
-    # torch.load(weights_only=False); so it gets a file we wrote from the tensors checked above,
-    # never the user's file.
-    with tempfile.TemporaryDirectory() as tmp:
-        own = Path(tmp) / "inception.pt"
-        torch.save(state, own)
-        ext = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(own)
-        )
-    return InceptionFeatures(ext).to(device).eval().requires_grad_(False)

@@ -5,13 +5,15 @@ classifier from ``features.py``, or Inception-v3 from a local file) and computes
 those features::
 
     net = get_feature_net(cfg.data)
-    m = compute_metrics(real, fake, net, fake_labels=y)
+    m = compute_metrics(real, fake, net, fake_labels=y, real_labels=real_y)
     # {"fd": ..., "kid_mean": ..., "kid_std": ..., "precision": ..., "recall": ..., "class_accuracy": ...}
 
-The Frechet distance and KID are torchmetrics' (``FrechetInceptionDistance`` and
-``KernelInceptionDistance`` fed through an identity feature module, so the features are computed
-once, not once per metric). Precision and recall are the k-NN manifold estimates of Kynkaanniemi
-et al. 2019, batched with ``torch.cdist``.
+The Frechet distance is computed here in float64 from symmetric eigendecompositions (checked
+against scipy's ``sqrtm`` in the tests); KID is ``difflora.eval.kernel`` (Binkowski et al.'s
+unbiased MMD^2, class-stratified, on rescaled features). Precision and recall are the k-NN manifold
+estimates of Kynkaanniemi et al. 2019, batched with ``torch.cdist``. Every estimate here has a
+sample-size dependent bias (FD most of all): scores are comparable only at equal sample counts, and
+``difflora.eval.uncertainty`` gives the level real data reaches at the same count.
 
 With difflora's feature network the Frechet distance is *not* FID: its numbers are comparable
 between runs scored by the same feature network (same dataset, size, architecture and training
@@ -28,14 +30,21 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from difflora.eval.kernel import kernel_distance, stratifiable
+
 __all__ = [
     "FeatureExtractor",
     "class_accuracy",
     "compute_metrics",
     "extract_features",
+    "feature_kid_scale",
     "frechet_distance",
+    "frechet_from_stats",
     "inception_score",
     "kernel_distance",
+    "kid_labels",
+    "mean_cov",
+    "metrics_from_features",
     "precision_recall",
 ]
 
@@ -104,48 +113,34 @@ def extract_features(
     return torch.cat(feats), torch.cat(logits)
 
 
-def frechet_distance(real_features: torch.Tensor, fake_features: torch.Tensor) -> float:
-    """Frechet distance ||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between features [N x D], [M x D].
+def mean_cov(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [D] and unbiased covariance [D x D] (float64) of features [N x D]."""
+    x = _as_features(features, "features")
+    mu = x.mean(0)
+    xc = x - mu
+    return mu, xc.T @ xc / (x.shape[0] - 1)
 
-    Computed by torchmetrics' FrechetInceptionDistance in float64 (unbiased covariances).
+
+def frechet_from_stats(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) from means [D] and covariances [D x D].
+
+    Tr (S1 S2)^(1/2) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2),
+    which is symmetric positive semi-definite (same spectrum as S1 S2), so symmetric eigensolvers
+    apply and rounding cannot produce the complex parts that sqrtm(S1 S2) does.
     """
+    ev, vec = torch.linalg.eigh(s1)
+    r1 = (vec * ev.clamp_min(0).sqrt()) @ vec.T
+    mid = r1 @ s2 @ r1
+    tr_sqrt = torch.linalg.eigvalsh((mid + mid.T) / 2).clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt)
+
+
+def frechet_distance(real_features: torch.Tensor, fake_features: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to features [N x D] and [M x D] (unbiased covariances)."""
     real, fake = _as_features(real_features, "real_features"), _as_features(fake_features, "fake_features")
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature dimensions differ: real {real.shape[1]}, fake {fake.shape[1]}")
-    metric = _torchmetrics("fid").FrechetInceptionDistance(feature=_Identity(real.shape[1]))
-    metric.update(real, real=True)
-    metric.update(fake, real=False)
-    return float(metric.compute())
-
-
-def kernel_distance(
-    real_features: torch.Tensor,
-    fake_features: torch.Tensor,
-    subsets: int = 100,
-    subset_size: int = 1000,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """KID (mean, std over ``subsets`` random subsets): unbiased MMD^2 with kernel (x.y / D + 1)^3.
-
-    Computed by torchmetrics' KernelInceptionDistance; ``subset_size`` is capped at the smaller set
-    (with ``subset_size`` >= both sizes every subset is the full set and std is 0). Its subsets are
-    drawn from torch's global generator, so they are drawn under ``seed`` in a forked RNG state:
-    reproducible, and the caller's random stream is untouched.
-    """
-    real, fake = _as_features(real_features, "real_features"), _as_features(fake_features, "fake_features")
-    size = min(subset_size, real.shape[0], fake.shape[0])
-    with warnings.catch_warnings():
-        # "will save all extracted features in buffer": expected, we hand it the features ourselves.
-        warnings.filterwarnings("ignore", message=".*save all extracted features.*")
-        metric = _torchmetrics("kid").KernelInceptionDistance(
-            feature=_Identity(real.shape[1]), subsets=subsets, subset_size=size
-        )
-    metric.update(real, real=True)
-    metric.update(fake, real=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mean, std = metric.compute()
-    return float(mean), float(std)
+    return frechet_from_stats(*mean_cov(real), *mean_cov(fake))
 
 
 def _chunk_rows(n_cols: int, batch_size: int | None) -> int:
@@ -232,15 +227,76 @@ def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tu
     return float(mean), (float(std) if splits > 1 else 0.0)
 
 
+def metrics_from_features(
+    real_f: torch.Tensor,
+    fake_f: torch.Tensor,
+    *,
+    real_labels: torch.Tensor | None = None,
+    fake_labels: torch.Tensor | None = None,
+    fake_logits: torch.Tensor | None = None,
+    kid_scale: float = 1.0,
+    k: int = 3,
+    kid_subsets: int = 100,
+    kid_subset_size: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """FD, KID (mean, std), precision, recall and class accuracy of features [M x D] vs real [N x D].
+
+    ``fake_labels`` [M] are the classes the samples were generated for (-1 = none). KID is stratified
+    by class when ``real_labels`` are given and, for the fakes, when every fake has a class (see
+    ``difflora.eval.kernel``); class accuracy needs ``fake_logits`` [M x K] and ``fake_labels``.
+    """
+    real_labels, kid_fake_labels = kid_labels(real_labels, fake_labels)
+    kid_mean, kid_std = kernel_distance(
+        real_f,
+        fake_f,
+        real_labels,
+        kid_fake_labels,
+        subsets=kid_subsets,
+        subset_size=kid_subset_size,
+        scale=kid_scale,
+        seed=seed,
+    )
+    precision, recall = precision_recall(real_f, fake_f, k, device=device)
+    out = {
+        "fd": frechet_distance(real_f, fake_f),
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "precision": precision,
+        "recall": recall,
+    }
+    if fake_labels is not None and fake_logits is not None:
+        acc = class_accuracy(fake_logits, fake_labels)
+        if acc is not None:
+            out["class_accuracy"] = acc
+    return out
+
+
+def kid_labels(
+    real_labels: torch.Tensor | None, fake_labels: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The labels KID stratifies by: each set's labels when it has enough of every class, else None.
+
+    Fakes are stratified only together with the reals (the prior is the real set's class frequencies).
+    """
+    if real_labels is None:
+        return None, None
+    c = int(real_labels.max()) + 1
+    real = stratifiable(real_labels, c)
+    return real, stratifiable(fake_labels, c) if real is not None else None
+
+
 def compute_metrics(
     real_images: torch.Tensor,
     fake_images: torch.Tensor,
     feature_net: FeatureExtractor,
     fake_labels: torch.Tensor | None = None,
     *,
+    real_labels: torch.Tensor | None = None,
     k: int = 3,
     kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
+    kid_subset_size: int | None = None,
     batch_size: int = 256,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -249,30 +305,38 @@ def compute_metrics(
     Returns {"fd", "kid_mean", "kid_std", "precision", "recall"}, plus "class_accuracy" when
     ``fake_labels`` [M] (the classes the samples were generated for; -1 = unconditional) are given
     and at least one is a class, plus "is_mean", "is_std" when ``feature_net`` is Inception (an
-    InceptionFeatures from ``load_inception``). The feature network must have been trained for the
-    images' size and channels (FeatureNetMismatchError otherwise).
+    InceptionFeatures from ``load_inception``). ``real_labels`` [N] make KID class-stratified. KID
+    uses the feature network's kernel scale (``info.kid_scale``; 1 for Inception). The feature
+    network must have been trained for the images' size and channels (FeatureNetMismatchError
+    otherwise).
     """
     from difflora.eval.features import InceptionFeatures
 
+    if fake_labels is not None and isinstance(feature_net, InceptionFeatures):
+        raise ValueError("fake_labels index the dataset's classes; Inception's classes are ImageNet's")
     real_f, _ = extract_features(feature_net, real_images, batch_size)
     fake_f, fake_logits = extract_features(feature_net, fake_images, batch_size)
-    kid_mean, kid_std = kernel_distance(real_f, fake_f, kid_subsets, kid_subset_size, seed)
     # The k-NN distances are the costly part: compute them where the network lives (a GPU if any).
     param = next(feature_net.parameters(), None) if isinstance(feature_net, nn.Module) else None
-    precision, recall = precision_recall(real_f, fake_f, k, device=param.device if param is not None else None)
-    out = {
-        "fd": frechet_distance(real_f, fake_f),
-        "kid_mean": kid_mean,
-        "kid_std": kid_std,
-        "precision": precision,
-        "recall": recall,
-    }
-    if fake_labels is not None:
-        if isinstance(feature_net, InceptionFeatures):
-            raise ValueError("fake_labels index the dataset's classes; Inception's classes are ImageNet's")
-        acc = class_accuracy(fake_logits, fake_labels)
-        if acc is not None:
-            out["class_accuracy"] = acc
+    out = metrics_from_features(
+        real_f,
+        fake_f,
+        real_labels=real_labels,
+        fake_labels=fake_labels,
+        fake_logits=fake_logits,
+        kid_scale=feature_kid_scale(feature_net),
+        k=k,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        seed=seed,
+        device=param.device if param is not None else None,
+    )
     if isinstance(feature_net, InceptionFeatures):
         out["is_mean"], out["is_std"] = inception_score(fake_logits, seed=seed)
     return out
+
+
+def feature_kid_scale(net: FeatureExtractor) -> float:
+    """The KID feature scale of a feature network: its recorded ``info.kid_scale``, else 1 (Inception)."""
+    info = getattr(net, "info", None)
+    return float(getattr(info, "kid_scale", None) or 1.0)

@@ -3,9 +3,11 @@
     from difflora.experiments import load_study, run_study
     run_study("experiments/timelora/digits.yaml")      # runs/<study>/<arm>/seed<k>/, report .md
 
-See ``difflora.experiments.study`` for the study YAML.
+See ``difflora.experiments.study`` for the study YAML, ``report`` for the report and its run
+records, ``verdicts`` for the statistics behind the claims.
 """
 
+from difflora.experiments.report import write_report
 from difflora.experiments.study import (
     Claim,
     Study,
@@ -15,8 +17,8 @@ from difflora.experiments.study import (
     arm_config,
     load_study,
     run_study,
-    write_report,
 )
+from difflora.experiments.verdicts import judge_claim
 
 __all__ = [
     "Claim",
@@ -25,6 +27,7 @@ __all__ = [
     "StudyError",
     "StudyEval",
     "arm_config",
+    "judge_claim",
     "load_study",
     "run_study",
     "write_report",

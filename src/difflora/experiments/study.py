@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tqdm.auto import tqdm
 
 from difflora.config import Config, ConfigError, config_to_dict, parse_config
+from difflora.eval.evaluate import METRICS_VERSION
 
 __all__ = [
     "Claim",
@@ -53,10 +51,10 @@ __all__ = [
     "StudyError",
     "StudyEval",
     "arm_config",
+    "eval_settings",
+    "git_state",
     "load_study",
     "run_study",
-    "summarise",
-    "write_report",
 ]
 
 
@@ -95,18 +93,36 @@ class StudyArm(_Strict):
 
 
 class Claim(_Strict):
-    """A statement about FD the report checks: ``arm`` is better than / not worse than ``baseline``."""
+    """A statement the report tests (``verdicts.py``): ``arm`` is better than / not worse than ``baseline``."""
 
     text: str
     arm: str
     baseline: str
     relation: Literal["better", "not_worse"] = "better"
+    # The score compared (lower is better for both).
+    metric: Literal["fd", "kid_mean"] = "fd"
+    # not_worse only, and required there: the non-inferiority margin as a fraction of the baseline's
+    # mean (0.1: the arm may be up to 10% worse).
+    margin: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _margin(self) -> Claim:
+        if self.relation == "not_worse" and self.margin is None:
+            raise ValueError(f"claim {self.text!r}: a not_worse claim needs a margin (e.g. margin: 0.1 for 10%)")
+        if self.relation == "better" and self.margin is not None:
+            raise ValueError(f"claim {self.text!r}: margin applies to not_worse claims only")
+        return self
 
 
 class Study(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
     out: str | None = None
+    # Where the report goes: <report_dir>/<name>.md, images and run records in <report_dir>/<name>/
+    # (default: the output directory). A repository path (docs) lets the records be committed.
+    report_dir: str | None = None
+    # Significance level of the claims' tests.
+    alpha: float = Field(default=0.05, gt=0, lt=1)
     # torch threads for training and sampling (None: torch's default).
     threads: int | None = Field(default=None, ge=1)
     base: dict[str, Any] = Field(default_factory=dict)
@@ -177,30 +193,40 @@ def arm_config(study: Study, arm: StudyArm, seed: int) -> Config:
         raise StudyError(f"arm {arm.name!r}: {exc}") from None
 
 
-def _git_revision() -> str:
+def git_state(ignore: list[Path] | None = None, root: Path | None = None) -> tuple[str, bool]:
+    """(HEAD commit of the checkout holding difflora's code, whether it has uncommitted changes).
+
+    Untracked files count (a new source file changes the code), except paths under ``ignore`` (the
+    report's own outputs). Not a git checkout: ("difflora <version> (not a git checkout)", False),
+    since an installed release is itself a fixed revision. ``root``: another checkout (tests).
+    """
+    root = root or Path(__file__).resolve().parents[3]
     try:
-        root = Path(__file__).resolve().parents[3]
-        out = subprocess.run(
+        rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        )
-        rev = out.stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
         ).stdout.strip()
-        return rev + (" (with uncommitted changes)" if dirty else "")
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "-z"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout
     except (OSError, subprocess.SubprocessError):
-        return "unknown (not a git checkout)"
+        from difflora import __version__
+
+        return f"difflora {__version__} (not a git checkout)", False
+    top = Path(
+        subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True).stdout.strip()
+    )
+    skip = [p.resolve() for p in ignore or []]
+    changed = [top / entry[3:] for entry in status.split("\0") if len(entry) > 3]
+    dirty = any(not any(c.resolve().is_relative_to(s) for s in skip) for c in changed)
+    return rev, dirty
 
 
 def _guidance_for(study: Study, cfg: Config) -> list[float]:
     return [float(w) for w in study.eval.guidance] if cfg.model.num_classes else [1.0]
 
 
-def _eval_settings(study: Study, cfg: Config) -> dict[str, Any]:
+def eval_settings(study: Study, cfg: Config) -> dict[str, Any]:
+    """The eval settings a run's metrics.json must have to count as done for this study."""
     e = study.eval
     return {
         "num_samples": e.num_samples,
@@ -209,6 +235,7 @@ def _eval_settings(study: Study, cfg: Config) -> dict[str, Any]:
         "eta": e.eta,
         "guidance": _guidance_for(study, cfg),
         "seed": e.seed,
+        "metrics_version": METRICS_VERSION,
     }
 
 
@@ -243,33 +270,71 @@ def run_study(
     progress: bool = True,
     cache_dir: str | Path | None = None,
     command: str | None = None,
+    report_only: bool = False,
+    allow_dirty: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Train and evaluate every (arm, seed) of a study not already done, then write the report; returns its path."""
-    from difflora.eval.evaluate import evaluate_run
-    from difflora.eval.features import FeatureTrainConfig
-    from difflora.train import train
+    """Train and evaluate every (arm, seed) of a study not already done, then write the report; returns its path.
+
+    The git tree must be clean (else StudyError before any work) unless ``allow_dirty``, which marks
+    the report NOT REPRODUCIBLE. ``report_only`` trains and evaluates nothing: it rewrites the report
+    from the stored run records (``difflora.experiments.report``), e.g. on a fresh clone.
+    """
+    from difflora.experiments.report import sync_records, weight_plots, write_report
 
     study = load_study(path)
     out_dir = Path(out or study.out or Path("runs") / study.name)
+    report_dir = Path(study.report_dir) if study.report_dir else out_dir
     arms = study.arms
     if only:
         unknown = sorted(set(only) - {a.name for a in arms})
         if unknown:
             raise StudyError(f"--only: unknown arms {unknown}; arms: {[a.name for a in arms]}")
         arms = [a for a in arms if a.name in only]
+    revision, dirty = git_state(ignore=[report_dir / f"{study.name}.md", report_dir / study.name])
+    if dirty and not allow_dirty:
+        raise StudyError(
+            "the git checkout of difflora has uncommitted changes (git status), so no commit would hold the code "
+            "behind this report: commit them, or pass --allow-dirty to mark the report NOT REPRODUCIBLE"
+        )
+    started = time.time()
+    if not report_only:
+        _run_all(study, out_dir, arms, progress, cache_dir, log)
+    img_dir = report_dir / study.name
+    if out_dir.is_dir():
+        n = sync_records(study, out_dir, img_dir, study.arms)
+        log(f"study {study.name}: {n} finished runs recorded in {img_dir / 'runs'}")
+        for note in weight_plots(study, out_dir, img_dir, study.arms):
+            log(f"weight plot failed: {note}")
+    cmd = command or _default_command(path, out)
+    report = write_report(study, report_dir, study.arms, command=cmd, revision=revision, dirty=dirty)
+    log(f"study {study.name}: report {report} ({time.time() - started:.0f} s this call)")
+    return report
+
+
+def _run_all(
+    study: Study,
+    out_dir: Path,
+    arms: list[StudyArm],
+    progress: bool,
+    cache_dir: str | Path | None,
+    log: Callable[[str], None],
+) -> None:
+    from difflora.eval.evaluate import evaluate_run
+    from difflora.eval.features import FeatureTrainConfig
+    from difflora.train import train
+
     if study.threads:
         torch.set_num_threads(study.threads)
     feature_train = FeatureTrainConfig(max_steps=study.eval.feature_steps) if study.eval.feature_steps else None
     runs = [(arm, seed) for arm in arms for seed in study.seeds]
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     bar = tqdm(runs, desc="study", unit="run", disable=not progress, dynamic_ncols=True)
     for arm, seed in bar:
         bar.set_postfix_str(f"{arm.name} seed {seed}")
         cfg = arm_config(study, arm, seed)
         run_dir = out_dir / arm.name / f"seed{seed}"
-        settings = _eval_settings(study, cfg)
+        settings = eval_settings(study, cfg)
         state = _run_state(run_dir, cfg, settings)
         if state == "done":
             log(f"[{arm.name} seed {seed}] done already: reusing {run_dir}")
@@ -291,208 +356,13 @@ def run_study(
             feature_train=feature_train,
         )
         fds = ", ".join(f"w={r['guidance']:g}: {r['fd']:.3f}" for r in ev["results"])
+        floor = ev["noise_floor"]["fd"]
         log(
-            f"[{arm.name} seed {seed}] train {t1 - t0:.0f} s, eval {time.perf_counter() - t1:.0f} s; FD {fds}",
+            f"[{arm.name} seed {seed}] train {t1 - t0:.0f} s, eval {time.perf_counter() - t1:.0f} s; FD {fds} "
+            f"(real data at {settings['num_samples']} samples: {floor['mean']:.3f} ± {floor['std']:.3f})"
         )
     bar.close()
-    report = write_report(study, out_dir, command=command or _default_command(path, out), arms=arms)
-    log(f"study {study.name}: {len(runs)} runs in {out_dir} ({time.time() - started:.0f} s this call); report {report}")
-    return report
 
 
 def _default_command(path: str | Path, out: str | Path | None) -> str:
     return f"difflora study {path}" + (f" --out {out}" if out else "")
-
-
-# ----------------------------------------------------------------------------- summary and report
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    t = torch.tensor(vals, dtype=torch.float64)
-    # Sample standard deviation over seeds (0 for a single seed).
-    return float(t.mean()), float(t.std()) if len(vals) > 1 else 0.0
-
-
-def summarise(study: Study, out_dir: Path, arms: list[StudyArm] | None = None) -> list[dict[str, Any]]:
-    """One row per (arm, guidance scale): metrics as (mean, std) over the seeds that have results."""
-    rows = []
-    for arm in arms or study.arms:
-        per_seed = []
-        for seed in study.seeds:
-            run_dir = out_dir / arm.name / f"seed{seed}"
-            mpath = run_dir / "eval" / "metrics.json"
-            if not mpath.is_file():
-                continue
-            acc_path = run_dir / "accounting.json"
-            per_seed.append((seed, json.loads(mpath.read_text()), json.loads(acc_path.read_text())))
-        if not per_seed:
-            continue
-        acc0 = per_seed[0][2]
-        params = acc0["parameters"]
-        scales = [r["guidance"] for r in per_seed[0][1]["results"]]
-        for i, w in enumerate(scales):
-            entries = [m["results"][i] for _, m, _ in per_seed if i < len(m["results"])]
-            row: dict[str, Any] = {
-                "arm": arm.name,
-                "group": arm.group,
-                "guidance": w,
-                "seeds": [s for s, _, _ in per_seed],
-                "params_total": params["total"],
-                "params_trainable": params["trainable"],
-                "params_by_group": params["by_group"],
-                "train_images_per_s": _mean_std([a["train_images_per_s"] for _, _, a in per_seed]),
-                "sample_images_per_s": _mean_std([e["sample_images_per_s"] for e in entries]),
-                "grid": str(Path(arm.name) / f"seed{per_seed[0][0]}" / "eval" / entries[0]["grid"]),
-            }
-            for key in ("fd", "kid_mean", "precision", "recall", "class_accuracy"):
-                vals = [e.get(key) for e in entries]
-                row[key] = _mean_std(vals) if any(v is not None for v in vals) else None
-            rows.append(row)
-    return rows
-
-
-def _pm(ms: tuple[float, float] | None, digits: int = 2) -> str:
-    if ms is None or not math.isfinite(ms[0]):
-        return "-"
-    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
-
-
-def _best_row(rows: list[dict[str, Any]], arm: str) -> dict[str, Any] | None:
-    cands = [r for r in rows if r["arm"] == arm and r["fd"] is not None]
-    return min(cands, key=lambda r: r["fd"][0]) if cands else None
-
-
-def _verdict(claim: Claim, rows: list[dict[str, Any]]) -> tuple[str, str]:
-    a, b = _best_row(rows, claim.arm), _best_row(rows, claim.baseline)
-    if a is None or b is None:
-        return "not run", "one of the arms has no results"
-    (ma, sa), (mb, sb) = a["fd"], b["fd"]
-    # Two standard errors of the difference of the seed means: the noise band of the comparison.
-    band = 2 * math.sqrt(sa**2 / len(a["seeds"]) + sb**2 / len(b["seeds"]))
-    diff = ma - mb
-    where = f"FD {ma:.2f} (w={a['guidance']:g}) vs {mb:.2f} (w={b['guidance']:g}), difference {diff:+.2f}, noise band ±{band:.2f}"
-    if claim.relation == "better":
-        verdict = "holds" if diff < -band else ("does not hold" if diff > band else "within noise (not shown)")
-    else:
-        verdict = "holds" if diff <= band else "does not hold"
-    return verdict, where
-
-
-def _copy(src: Path, dst: Path) -> str | None:
-    if not src.is_file():
-        return None
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-    return dst.name
-
-
-def _weight_plots(
-    study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm]
-) -> tuple[list[tuple[str, str]], str]:
-    """Trained-weighting heatmaps (000 Figure 3) of each trainable arm's first seed, if difflora.plots exists."""
-    try:
-        from difflora.plots import plot_weights
-    except ImportError:
-        return [], "difflora.plots is not available in this revision: no weight plots."
-    plots, notes = [], []
-    for arm in arms:
-        cfg = arm_config(study, arm, study.seeds[0])
-        if not any(a.weighting == "trainable" and a.condition == "t" for a in cfg.model.adapters):
-            continue
-        run_dir = out_dir / arm.name / f"seed{study.seeds[0]}"
-        if not (run_dir / "checkpoints").is_dir():
-            continue
-        name = [a.name for a in cfg.model.adapters if a.weighting == "trainable" and a.condition == "t"][0]
-        try:
-            path, layer, _ = plot_weights(run_dir, None, str(img_dir / f"weights-{arm.name}.png"), "ema", name)
-            plots.append((arm.name, f"{Path(path).name}|{layer}"))
-        except Exception as exc:  # a plot is a figure, not a result: report the failure, keep the report
-            notes.append(f"{arm.name}: {exc}")
-    return plots, ("; ".join(notes) if notes else "")
-
-
-def write_report(study: Study, out_dir: str | Path, *, command: str = "", arms: list[StudyArm] | None = None) -> Path:
-    """Write ``<out>/<name>.md`` (table, grids, weight plots, claim checks) and ``<out>/<name>/`` images."""
-    out_dir = Path(out_dir)
-    arms = arms or study.arms
-    rows = summarise(study, out_dir, arms)
-    img_dir = out_dir / study.name
-    img_dir.mkdir(parents=True, exist_ok=True)
-    e = study.eval
-    base = arm_config(study, arms[0], study.seeds[0])
-    n_done = sum(len(seeds) for seeds in {r["arm"]: r["seeds"] for r in rows}.values())
-    # Parameters relative to the first arm of the same group (its baseline, by the study's order).
-    group_base: dict[str, int] = {}
-    for r in rows:
-        group_base.setdefault(r["group"], r["params_total"])
-    lines = [f"# {study.name}", ""]
-    if study.description:
-        lines += [study.description.strip(), ""]
-    lines += [
-        f"- command: `{command}`" if command else "- command: (library call)",
-        f"- git revision: `{_git_revision()}`",
-        f"- arms: {len(arms)}, seeds: {study.seeds}; runs with results: {n_done} of {len(arms) * len(study.seeds)}",
-        f"- data: {base.data.name} at {base.model.image_size} px; backbone {base.model.arch}, "
-        f"{base.train.steps} training steps at batch {base.train.batch_size} per run",
-        f"- eval: {e.num_samples} samples per setting, {e.sampler} {e.steps} steps, EMA weights: {e.weights}, "
-        f"guidance {e.guidance} for class-conditional arms, balanced labels; against the held-out test split",
-        f"- torch threads: {torch.get_num_threads()}, python {sys.version.split()[0]}, torch {torch.__version__}",
-        "",
-        "FD is the Frechet distance in the feature space of a classifier difflora trains on the dataset's "
-        "train split (not Inception FID; comparable only within this table). Mean ± sample std over seeds. "
-        "Speeds (images/s) are measured during the study's own runs: on a machine shared with other work "
-        "they carry its load, so compare them across arms with care.",
-        "",
-        "| group | arm | w | FD | KID x1e3 | precision | recall | class acc. | params (total / trainable) "
-        "| vs group baseline | adapter params | train img/s | sample img/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        g = r["params_by_group"]
-        kid = (r["kid_mean"][0] * 1e3, r["kid_mean"][1] * 1e3) if r["kid_mean"] else None
-        lines.append(
-            f"| {r['group']} | {r['arm']} | {r['guidance']:g} | {_pm(r['fd'])} | {_pm(kid)} | {_pm(r['precision'])} "
-            f"| {_pm(r['recall'])} | {_pm(r['class_accuracy'])} | {r['params_total']:,} / {r['params_trainable']:,} "
-            f"| {100 * r['params_total'] / group_base[r['group']]:.1f}% "
-            f"| {g.get('lora', 0) + g.get('weighting', 0):,} | {_pm(r['train_images_per_s'], 0)} "
-            f"| {_pm(r['sample_images_per_s'], 0)} |"
-        )
-    if study.claims:
-        lines += ["", "## Claims checked on FD", ""]
-        lines += [
-            "Each arm at its best guidance scale; 'holds' for *better* needs the FD difference beyond two standard "
-            "errors of the seed means; *not worse* holds unless the arm is worse by more than that.",
-            "",
-            "| claim | verdict | numbers |",
-            "|---|---|---|",
-        ]
-        for c in study.claims:
-            verdict, where = _verdict(c, rows)
-            lines.append(
-                f"| {c.text} ({c.arm} {c.relation.replace('_', ' ')} than {c.baseline}) | {verdict} | {where} |"
-            )
-    lines += ["", "## Samples", "", "First seed of each arm, the first 100 samples of its evaluation.", ""]
-    for r in rows:
-        name = f"samples-{r['arm']}-w{r['guidance']:g}.png"
-        if _copy(out_dir / r["grid"], img_dir / name):
-            lines += [
-                f"**{r['arm']}**, guidance {r['guidance']:g}",
-                "",
-                f"![{r['arm']} w={r['guidance']:g}]({study.name}/{name})",
-                "",
-            ]
-    plots, note = _weight_plots(study, out_dir, img_dir, arms)
-    if plots or note:
-        lines += ["## Trained TimeLoRA weights (000 Figure 3)", ""]
-        for arm_name, spec in plots:
-            fname, layer = spec.split("|", 1)
-            lines += [f"**{arm_name}** ({layer})", "", f"![weights {arm_name}]({study.name}/{fname})", ""]
-        if note:
-            lines += [note, ""]
-    path = out_dir / f"{study.name}.md"
-    path.write_text("\n".join(lines) + "\n")
-    (out_dir / f"{study.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    return path

@@ -1,0 +1,332 @@
+"""A study's markdown report, generated from small per-run records so it can be regenerated exactly.
+
+Each finished run contributes a record, ``<report>/<name>/runs/<arm>/seed<k>.json``: its evaluation
+(``eval/metrics.json``: scores, bootstrap intervals, noise floor) and its parameter counts and
+speeds. The records are small and meant to be committed next to the report; the report is a pure
+function of the study YAML, the records and the revision, so ``difflora study STUDY --report-only``
+rewrites the same file on a fresh clone (without the runs). Text after the line
+``<!-- end of generated report -->`` in an existing report is kept: the place for a reading of the
+results written by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from difflora.experiments.study import Claim, Study, StudyArm, arm_config, eval_settings
+from difflora.experiments.verdicts import judge_claim
+
+__all__ = ["END_MARKER", "load_records", "summarise", "sync_records", "write_report"]
+
+END_MARKER = "<!-- end of generated report -->"
+_SCORES = ("fd", "kid_mean", "precision", "recall", "class_accuracy")
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True) + "\n"
+
+
+def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm]) -> int:
+    """Write the record of every finished run of ``out_dir`` (metrics with the study's eval settings); returns how many."""
+    written = 0
+    for arm in arms:
+        for seed in study.seeds:
+            run_dir = out_dir / arm.name / f"seed{seed}"
+            mpath, apath = run_dir / "eval" / "metrics.json", run_dir / "accounting.json"
+            if not (mpath.is_file() and apath.is_file()):
+                continue
+            cfg = arm_config(study, arm, seed)
+            m = json.loads(mpath.read_text())
+            settings = eval_settings(study, cfg)
+            if {k: m["settings"].get(k) for k in settings} != settings or m["checkpoint_step"] != cfg.train.steps:
+                continue
+            acc = json.loads(apath.read_text())
+            m = {k: v for k, v in m.items() if k not in ("run_dir", "device", "threads")}
+            record = {
+                "arm": arm.name,
+                "seed": seed,
+                "eval": m,
+                "parameters": acc["parameters"],
+                "train_images_per_s": acc["train_images_per_s"],
+            }
+            path = img_dir / "runs" / arm.name / f"seed{seed}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(_dump(record))
+            if seed == study.seeds[0]:
+                for r in m["results"]:
+                    _copy(run_dir / "eval" / r["grid"], img_dir / f"samples-{arm.name}-w{r['guidance']:g}.png")
+            written += 1
+    return written
+
+
+def load_records(study: Study, img_dir: Path, arms: list[StudyArm]) -> dict[str, list[dict[str, Any]]]:
+    """Records by arm name (seeds in the study's order); arms without records are left out."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for arm in arms:
+        recs = []
+        for seed in study.seeds:
+            path = img_dir / "runs" / arm.name / f"seed{seed}.json"
+            if path.is_file():
+                recs.append(json.loads(path.read_text()))
+        if recs:
+            out[arm.name] = recs
+    return out
+
+
+def _mean_std(values: list[float | None]) -> tuple[float, float] | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None
+    mean = math.fsum(vals) / len(vals)
+    var = math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def summarise(study: Study, records: dict[str, list[dict[str, Any]]], arms: list[StudyArm]) -> list[dict[str, Any]]:
+    """One row per (arm, guidance scale): each score's per-seed values, mean and sample std over seeds."""
+    rows = []
+    for arm in arms:
+        recs = records.get(arm.name)
+        if not recs:
+            continue
+        for i, w in enumerate(r["guidance"] for r in recs[0]["eval"]["results"]):
+            entries = [rec["eval"]["results"][i] for rec in recs]
+            row: dict[str, Any] = {
+                "arm": arm.name,
+                "group": arm.group,
+                "guidance": w,
+                "seeds": [rec["seed"] for rec in recs],
+                "steps": arm_config(study, arm, study.seeds[0]).train.steps,
+                "parameters": recs[0]["parameters"],
+                "train_images_per_s": _mean_std([rec["train_images_per_s"] for rec in recs]),
+                "sample_images_per_s": _mean_std([e["sample_images_per_s"] for e in entries]),
+                "floor": recs[0]["eval"]["noise_floor"],
+                "labels": recs[0]["eval"]["settings"]["labels"],
+                "values": {k: [e.get(k) for e in entries] for k in _SCORES},
+                # Mean bootstrap 95% interval over seeds: how far one run's score moves with its samples.
+                "ci": {k: [_mean_std([e["ci"][k][j] for e in entries]) for j in (0, 1)] for k in entries[0]["ci"]},
+            }
+            for key in _SCORES:
+                row[key] = _mean_std(row["values"][key])
+            rows.append(row)
+    return rows
+
+
+def _pm(ms: tuple[float, float] | None, digits: int = 2, scale: float = 1.0) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms[0] * scale:.{digits}f} ± {ms[1] * scale:.{digits}f}"
+
+
+def _floor_cell(floor: dict[str, dict[str, float]], key: str, digits: int, scale: float = 1.0) -> str:
+    if key not in floor:
+        return "-"
+    f = floor[key]
+    return f"{f['mean'] * scale:.{digits}f} ± {f['std'] * scale:.{digits}f}"
+
+
+def _best(rows: list[dict[str, Any]], arm: str, metric: str) -> dict[str, Any] | None:
+    cands = [r for r in rows if r["arm"] == arm and r[metric] is not None]
+    return min(cands, key=lambda r: r[metric][0]) if cands else None
+
+
+def claim_verdict(claim: Claim, rows: list[dict[str, Any]], alpha: float) -> dict[str, Any]:
+    """The verdict of a claim (``verdicts.judge_claim``) with the rows it compared, each at its best scale."""
+    a, b = _best(rows, claim.arm, claim.metric), _best(rows, claim.baseline, claim.metric)
+    if a is None or b is None:
+        return {"verdict": "not run", "test": "one of the arms has no results", "a": a, "b": b}
+    va = [v for v in a["values"][claim.metric] if v is not None]
+    vb = [v for v in b["values"][claim.metric] if v is not None]
+    return judge_claim(claim.relation, va, vb, alpha, claim.margin) | {"a": a, "b": b}
+
+
+def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], command: str, revision: str) -> list[str]:
+    e = study.eval
+    base = arm_config(study, arms[0], study.seeds[0])
+    n_done = sum(len(r["seeds"]) for r in {r["arm"]: r for r in rows}.values())
+    lines = [f"# {study.name}", ""]
+    if study.description:
+        lines += [study.description.strip(), ""]
+    lines += [
+        f"- command: `{command}` (add `--report-only` to regenerate this file from the stored runs)",
+        f"- git revision of the report: `{revision}`",
+        f"- arms: {len(arms)}, seeds: {study.seeds}; runs with results: {n_done} of {len(arms) * len(study.seeds)}",
+        f"- data: {base.data.name} at {base.model.image_size} px; backbone {base.model.arch}, batch "
+        f"{base.train.batch_size}, training steps per arm in the table",
+        f"- eval: {e.num_samples} samples per setting, {e.sampler} {e.steps} steps, {e.weights} weights, guidance "
+        f"{e.guidance} for class-conditional arms (balanced labels); against the held-out test split",
+        f"- statistics: mean ± sample std over seeds; claims at level alpha = {study.alpha:g}",
+        "",
+        f"**Scores are comparable only at equal sample counts** (here {e.num_samples} samples against the "
+        "held-out split): every estimate, FD most of all, has a bias that depends on the count. Each group "
+        "starts with the *noise floor*: the same scores for real images the feature network never saw "
+        f"({e.num_samples} drawn like the samples: i.i.d. classes for unconditional arms, the same balanced "
+        "classes for class-conditional ones; mean ± std over draws). A perfect generator scores at the floor. "
+        "FD is the Frechet distance in the feature space of a classifier difflora trains on its half of the "
+        "train split (not Inception FID). KID is the class-stratified unbiased MMD^2 with the cubic kernel on "
+        "rescaled features (`difflora.eval.kernel`), x 1e3. Speeds (images/s) were measured during the study's "
+        "runs on a machine shared with other work.",
+        "",
+    ]
+    return lines
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| group | arm | steps | w | FD | KID x1e3 | precision | recall | class acc. | params (total / trainable) "
+        "| adapter params | train img/s | sample img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    floors_done: set[tuple[str, Any]] = set()
+    for r in rows:
+        key = (r["group"], r["labels"])
+        if key not in floors_done:
+            floors_done.add(key)
+            f = r["floor"]
+            lines.append(
+                f"| {r['group']} | *real data (noise floor)* | - | - | {_floor_cell(f, 'fd', 2)} "
+                f"| {_floor_cell(f, 'kid_mean', 2, 1e3)} | {_floor_cell(f, 'precision', 2)} "
+                f"| {_floor_cell(f, 'recall', 2)} | {_floor_cell(f, 'class_accuracy', 2)} | - | - | - | - |"
+            )
+        g = r["parameters"]["by_group"]
+        lines.append(
+            f"| {r['group']} | {r['arm']} | {r['steps']} | {r['guidance']:g} | {_pm(r['fd'])} "
+            f"| {_pm(r['kid_mean'], 2, 1e3)} "
+            f"| {_pm(r['precision'])} | {_pm(r['recall'])} | {_pm(r['class_accuracy'])} "
+            f"| {r['parameters']['total']:,} / {r['parameters']['trainable']:,} "
+            f"| {g.get('lora', 0) + g.get('weighting', 0):,} | {_pm(r['train_images_per_s'], 0)} "
+            f"| {_pm(r['sample_images_per_s'], 0)} |"
+        )
+    return lines
+
+
+def _ci_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## Bootstrap intervals of one run",
+        "",
+        "95% bootstrap interval of each score over resamples of both sets (within classes for "
+        "class-stratified sets), averaged over seeds: how far a single run's score moves with the particular "
+        "samples drawn. Percentile intervals, except for FD: a resample with replacement holds copies, which "
+        "act like fewer samples and raise FD's count-dependent bias, so its percentile interval sits above the "
+        "estimate; FD gets the basic (reflected) interval [2 FD - hi, 2 FD - lo], which removes that shift.",
+        "",
+        "| arm | w | FD | KID x1e3 | precision | recall | class acc. |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = []
+        for key, scale in (("fd", 1), ("kid_mean", 1e3), ("precision", 1), ("recall", 1), ("class_accuracy", 1)):
+            ci = r["ci"].get(key)
+            if not ci:
+                cells.append("-")
+                continue
+            lo, hi = ci[0][0], ci[1][0]
+            if key == "fd":
+                lo, hi = 2 * r["fd"][0] - hi, 2 * r["fd"][0] - lo
+            cells.append(f"[{lo * scale:.2f}, {hi * scale:.2f}]")
+        lines.append(f"| {r['arm']} | {r['guidance']:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _claims(study: Study, rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## Claims",
+        "",
+        "Each arm at its best guidance scale (lowest mean); the per-seed scores of the two arms are compared "
+        f"with scipy's Welch t-test at alpha = {study.alpha:g}. *better*: one-sided test arm < baseline. "
+        "*not worse*: non-inferiority, one-sided test arm < (1 + margin) x baseline, margin declared in the "
+        "study YAML. A verdict is *does not hold* when the arm is significantly worse than the baseline, "
+        "*within noise* when neither test is significant.",
+        "",
+        "| claim | verdict | scores (mean ± std over seeds) | test | t (df) | p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in study.claims:
+        v = claim_verdict(c, rows, study.alpha)
+        rel = c.relation.replace("_", " ") + (f" (margin {100 * c.margin:g}%)" if c.relation == "not_worse" else "")
+        what = f"{c.text} ({c.arm} {rel} than {c.baseline}, {c.metric})"
+        if v["a"] is None or v["b"] is None:
+            lines.append(f"| {what} | {v['verdict']} | - | {v['test']} | - | - |")
+            continue
+        scale, d = (1e3, 2) if c.metric == "kid_mean" else (1.0, 2)
+        nums = (
+            f"{_pm(v['a'][c.metric], d, scale)} (w={v['a']['guidance']:g}) vs "
+            f"{_pm(v['b'][c.metric], d, scale)} (w={v['b']['guidance']:g})"
+        )
+        lines.append(
+            f"| {what} | **{v['verdict']}** | {nums} | {v['test']} | {v['statistic']:.2f} ({v['df']:.1f}) "
+            f"| {v['p']:.3g} |"
+        )
+    return lines
+
+
+def _copy(src: Path, dst: Path) -> None:
+    if src.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+
+
+def _images(study: Study, rows: list[dict[str, Any]], img_dir: Path, arms: list[StudyArm]) -> list[str]:
+    lines = ["## Samples", "", "First seed of each arm, the first 100 samples of its evaluation.", ""]
+    for r in rows:
+        name = f"samples-{r['arm']}-w{r['guidance']:g}.png"
+        if (img_dir / name).is_file():
+            lines += [
+                f"**{r['arm']}**, guidance {r['guidance']:g}",
+                "",
+                f"![{r['arm']} w={r['guidance']:g}]({study.name}/{name})",
+                "",
+            ]
+    plots = [a.name for a in arms if (img_dir / f"weights-{a.name}.png").is_file()]
+    if plots:
+        lines += ["## Trained TimeLoRA weights (000 Figure 3)", "", "First seed, EMA weights, middle block qkv.", ""]
+        for name in plots:
+            lines += [f"**{name}**", "", f"![weights {name}]({study.name}/weights-{name}.png)", ""]
+    return lines
+
+
+def weight_plots(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm]) -> list[str]:
+    """Draw the trained-weighting heatmaps of each trainable-TimeLoRA arm's first seed; returns failures."""
+    from difflora.plots import plot_weights
+
+    notes = []
+    for arm in arms:
+        cfg = arm_config(study, arm, study.seeds[0])
+        names = [a.name for a in cfg.model.adapters if a.weighting == "trainable" and a.condition == "t"]
+        run_dir = out_dir / arm.name / f"seed{study.seeds[0]}"
+        if not names or not (run_dir / "checkpoints").is_dir():
+            continue
+        try:
+            plot_weights(run_dir, None, str(img_dir / f"weights-{arm.name}.png"), "ema", names[0])
+        except Exception as exc:  # a plot is a figure, not a result: report the failure, keep the report
+            notes.append(f"{arm.name}: {exc}")
+    return notes
+
+
+def write_report(
+    study: Study, report_dir: Path, arms: list[StudyArm], *, command: str, revision: str, dirty: bool
+) -> Path:
+    """Write ``<report_dir>/<name>.md`` from the records in ``<report_dir>/<name>/runs``; returns its path."""
+    img_dir = report_dir / study.name
+    rows = summarise(study, load_records(study, img_dir, arms), arms)
+    lines = []
+    if dirty:
+        lines += [
+            "> **NOT REPRODUCIBLE**: written from a git tree with uncommitted changes (`--allow-dirty`); "
+            "no commit holds the code that made these numbers.",
+            "",
+        ]
+    lines += _header(study, rows, arms, command, revision) + _table(rows) + [""] + _ci_table(rows)
+    if study.claims:
+        lines += [""] + _claims(study, rows)
+    lines += [""] + _images(study, rows, img_dir, arms)
+    path = report_dir / f"{study.name}.md"
+    tail = ""
+    if path.is_file() and END_MARKER in path.read_text():
+        tail = path.read_text().split(END_MARKER, 1)[1]
+    path.write_text("\n".join(lines).rstrip() + "\n\n" + END_MARKER + (tail or "\n"))
+    return path

@@ -1,0 +1,70 @@
+"""Claim verdicts with real statistics: Welch's t-test over seeds, a non-inferiority test with a declared margin.
+
+A claim compares one score (FD or KID; lower is better) of an arm with a baseline's, each at its
+best guidance scale (lowest mean over seeds), using the per-seed values:
+
+- **better**: one-sided Welch's t-test (``scipy.stats.ttest_ind``, ``equal_var=False``,
+  ``alternative="less"``) of arm < baseline. "holds" when p < alpha; "does not hold" when the
+  opposite one-sided test is significant (the arm is worse); otherwise "within noise".
+- **not worse**: non-inferiority with the claim's relative ``margin`` d: H0 is mean(arm) >=
+  (1 + d) mean(baseline), tested by the same one-sided Welch test of the arm against the baseline's
+  values times (1 + d) (their mean is (1 + d) mean(baseline), so the test is exact for the shifted
+  hypothesis). "holds" when p < alpha; "does not hold" when the arm is significantly worse than the
+  baseline itself; otherwise "within noise" (neither shown non-inferior nor shown worse).
+
+With 3 seeds a Welch test has about 2-4 degrees of freedom: only large, consistent differences pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from scipy import stats
+
+__all__ = ["VERDICTS", "judge_claim"]
+
+VERDICTS = ("holds", "does not hold", "within noise", "not testable")
+
+
+def _welch(a: list[float], b: list[float], alternative: str) -> tuple[float, float, float]:
+    """(t, p, Welch degrees of freedom) of scipy's one-sided Welch test of a vs b."""
+    res = stats.ttest_ind(a, b, equal_var=False, alternative=alternative)
+    return float(res.statistic), float(res.pvalue), float(getattr(res, "df", math.nan))
+
+
+def _decide(out: dict[str, Any], arm: list[float], baseline: list[float], alpha: float) -> dict[str, Any]:
+    """The verdict from the claim's test (``out["p"]``) and, when it fails, the test of arm > baseline."""
+    if not math.isfinite(out["p"]):
+        return out | {"verdict": "not testable", "test": out["test"] + ": no spread over seeds"}
+    if out["p"] < alpha:
+        return out | {"verdict": "holds"}
+    worse = _welch(arm, baseline, "greater")[1]
+    return out | {"verdict": "does not hold" if worse < alpha else "within noise"}
+
+
+def judge_claim(
+    relation: str, arm: list[float], baseline: list[float], alpha: float, margin: float | None
+) -> dict[str, Any]:
+    """The verdict of ``arm`` (per-seed values, lower is better) against ``baseline``; see the module docstring.
+
+    Returns {"verdict", "test", "statistic", "p", "df", "alpha", "margin"}.
+    """
+    out: dict[str, Any] = {"alpha": alpha, "margin": margin, "statistic": math.nan, "p": math.nan, "df": math.nan}
+    if len(arm) < 2 or len(baseline) < 2:
+        return out | {"verdict": "not testable", "test": "needs at least 2 seeds per arm"}
+    if relation == "better":
+        t, p, df = _welch(arm, baseline, "less")
+        out |= {"test": "Welch t-test, one-sided (arm < baseline)", "statistic": t, "p": p, "df": df}
+        return _decide(out, arm, baseline, alpha)
+    if margin is None:
+        raise ValueError("a not_worse claim needs a margin")
+    shifted = [(1.0 + margin) * v for v in baseline]
+    t, p, df = _welch(arm, shifted, "less")
+    out |= {
+        "test": f"non-inferiority, Welch t-test one-sided (arm < (1 + {margin:g}) x baseline)",
+        "statistic": t,
+        "p": p,
+        "df": df,
+    }
+    return _decide(out, arm, baseline, alpha)
