@@ -9,7 +9,6 @@ must be finite, devices must exist here.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,18 +78,17 @@ def check_device(name: str, key: str) -> torch.device:
 
 def run_config(run_dir: str | Path) -> Config:
     """The saved config of a run, with errors that name ``RUN_DIR/config.json`` and the way out."""
-    from difflora.train import load_run_config
+    from difflora.train.run_dir import RESTORE_CONFIG, load_run_config
 
     path = Path(run_dir) / "config.json"
     if Path(run_dir).is_dir() and not path.is_file():
         raise CLIError(f"{run_dir} is not a difflora run directory: {path} is missing")
-    fix = "each checkpoint's state.json holds the run's config (key 'config') to restore it from"
     try:
         return load_run_config(run_dir)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CLIError(f"{path} is not valid JSON ({exc}); {fix}") from None
     except ConfigError as exc:
-        raise CLIError(f"{path}: {one_line(str(exc))}; {fix}") from None
+        raise CLIError(f"{path}: {one_line(str(exc))}; {RESTORE_CONFIG}") from None
+    except ValueError as exc:  # not valid JSON; the message names the file and the repair
+        raise CLIError(str(exc)) from None
 
 
 def sample_settings(cfg: Config, **flags: object) -> SampleConfig:

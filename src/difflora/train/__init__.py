@@ -1,7 +1,13 @@
 """Training: the loop, its objectives, checkpoints, EMA, and adapting a trained model (init_from)."""
 
 from difflora.train.base import load_base
-from difflora.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_weights, select_checkpoint
+from difflora.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    select_checkpoint,
+)
 from difflora.train.ema import EMA
 from difflora.train.loop import TrainingDiverged, TrainState, resolve_device, train
 from difflora.train.objectives import OBJECTIVES, Batch, DiffusionObjective, Objective, build_objective

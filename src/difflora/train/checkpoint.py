@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -135,7 +136,17 @@ def save_checkpoint(
         path = tmp / f"{name}.safetensors"
         save_file(_contiguous(tensors), str(path))
         files[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    state = {"format": FORMAT_VERSION, "step": step, "files": files, "optimizer": optim_meta, **meta}
+    # The tensor counts, kept apart from the hashes, let a reader notice a file that was replaced
+    # by one with fewer tensors and its hash recomputed (a checkpoint edited by another program).
+    counts = {name: len(tensors) for name, tensors in parts.items()}
+    state = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "files": files,
+        "tensor_counts": counts,
+        "optimizer": optim_meta,
+        **meta,
+    }
     state_tmp = tmp / "state.json.tmp"
     state_tmp.write_text(json.dumps(state, indent=1))
     os.replace(state_tmp, tmp / "state.json")
@@ -244,14 +255,28 @@ _DTYPES = {
 
 
 def _header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file (without ``__metadata__``) and where its data start."""
+    """The JSON header of a safetensors file (without ``__metadata__``) and where its data start.
+
+    Every entry is checked (a known dtype, offsets inside the file that match the shape), so that
+    :func:`stream_weights` can trust it: a damaged or forged file is a :class:`CheckpointError`.
+    """
     try:
+        total = path.stat().st_size
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
+            if size > total - 8:
+                raise ValueError(f"its header claims {size} bytes, the file has {total}")
             header = json.loads(f.read(size))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
-    header.pop("__metadata__", None)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        data = total - 8 - size
+        for key, info in header.items():
+            dtype, shape, (begin, end) = _DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            if not 0 <= begin <= end <= data or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor {key!r} has offsets that do not fit its shape or the file")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); {_ADVICE}") from None
     return header, 8 + size
 
 
@@ -276,8 +301,16 @@ def weight_sources(ckpt: str | Path, which: str = "ema") -> tuple[dict[str, Path
         raise CheckpointError(f"checkpoint {ckpt} is corrupt: state.json has no integer 'step'; {_ADVICE}")
     sources: dict[str, Path] = {}
     for name in ("model", "ema") if which == "ema" else ("model",):
-        path = _verified_file(ckpt, name, _record(ckpt, state, name))
-        sources.update(dict.fromkeys(_header(path)[0], path))
+        record = _record(ckpt, state, name)
+        path = _verified_file(ckpt, name, record)
+        keys = _header(path)[0]
+        expected = state.get("tensor_counts", {}).get(name, len(keys))  # absent in older checkpoints
+        if len(keys) != expected:
+            raise CheckpointError(
+                f"checkpoint {ckpt} is corrupt: {path.name} holds {len(keys)} tensors, state.json records "
+                f"{expected}; {_ADVICE}"
+            )
+        sources.update(dict.fromkeys(keys, path))
     return sources, state
 
 
@@ -334,7 +367,7 @@ def load_base_tensors(record: dict[str, Any]) -> dict[str, torch.Tensor]:
     try:
         sources, _ = weight_sources(record["path"], record["weights"])
     except CheckpointError as exc:
-        raise base_missing(record, f"cannot be read: {exc}") from None
+        raise base_missing(record, f"cannot be read: {str(exc).replace(f'; {_ADVICE}', '')}") from None
     fp = Fingerprint()
     tensors = {}
     for key, tensor in stream_weights(sources):

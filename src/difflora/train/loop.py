@@ -295,8 +295,10 @@ def _train_step(st: TrainState, step: int) -> float:
     for group in st.optimizer.param_groups:
         group["lr"] = lr
     idx = torch.randint(len(st.data), (cfg.batch_size,), generator=st.generator)
-    x, y = st.data.batch(idx, generator=st.generator)
-    losses = st.objective(st.model, Batch(x, {"y": y}), st.generator, st.device)
+    # Per-sample conditions the data supplies (e.g. a task id per sample with data.tasks) go to the
+    # objective next to the labels; drawing them takes no random numbers.
+    x, y, conditions = st.data.batch_with_conditions(idx, generator=st.generator)
+    losses = st.objective(st.model, Batch(x, {"y": y, **conditions}), st.generator, st.device)
     loss = losses["loss"].mean()
     if not torch.isfinite(loss):
         raise _diverged(st, f"the loss became {loss.item()} at step {step + 1}")
@@ -324,8 +326,26 @@ def _sample_grid(st: TrainState, path: Path) -> Path:
     labels = default_labels(cfg.sample.num, cfg.model.num_classes)
     # Sampling must not move the training RNG: forked, so a run with grids resumes like one without.
     with torch.random.fork_rng(devices=[st.device] if st.device.type == "cuda" else []), st.ema.applied(st.model):
-        images = generate(st.model, cfg, cfg.sample.num, labels=labels, seed=cfg.train.seed, device=st.device)
+        images = generate(
+            st.model,
+            cfg,
+            cfg.sample.num,
+            labels=labels,
+            seed=cfg.train.seed,
+            device=st.device,
+            conditions=_grid_conditions(st.data, cfg.sample.num),
+        )
     return save_grid(images, path, nrow=cfg.model.num_classes or None)
+
+
+def _grid_conditions(data: ImageDataset, num: int) -> dict[str, torch.Tensor]:
+    """Per-sample conditions for a training grid: each data condition (e.g. ``task``) cycles through
+    the values the data holds, so a multi-task run shows every task."""
+    out = {}
+    for name, values in data.conditions.items():
+        distinct = values.unique()
+        out[name] = distinct[torch.arange(num) % len(distinct)]
+    return out
 
 
 def _after_step(st: TrainState, end: int, lr: float, dt: float, metrics, writer) -> None:

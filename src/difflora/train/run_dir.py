@@ -53,6 +53,10 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+# How to repair a damaged config.json (every error about one says it).
+RESTORE_CONFIG = "each checkpoint's state.json holds the run's config (key 'config') to restore it from"
+
+
 def load_run_config(run_dir: str | Path) -> Config:
     """The resolved config saved in a run directory."""
     path = Path(run_dir) / "config.json"
@@ -60,8 +64,8 @@ def load_run_config(run_dir: str | Path) -> Config:
         raise FileNotFoundError(f"{run_dir} is not a difflora run directory: {path} is missing")
     try:
         tree = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); restore it from a checkpoint's state.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); {RESTORE_CONFIG}") from None
     return parse_config(tree)
 
 
