@@ -325,7 +325,6 @@ ADAPTERS = [
         exc=AdapterLoadError,
         error=r"adapter_config\.json",
         damage=both(adapter_dir, write_tmp("ad/adapter_config.json", b"{")),
-        open_in="adapters/io.py (mech): json.JSONDecodeError escapes",
     ),
     Fault(
         "adapter-weights-garbage",
@@ -334,14 +333,12 @@ ADAPTERS = [
         exc=AdapterLoadError,
         error=r"adapters\.safetensors",
         damage=both(adapter_dir, write_tmp("ad/adapters.safetensors", b"junk")),
-        open_in="adapters/io.py (mech): SafetensorError escapes",
     ),
     Fault(
         "eval-feature-net-json-garbage",
         evaluate("--feature-net", "{tmp}/fn"),
         r"fn\.json",
         damage=both(write_tmp("fn.json", b"{oops"), write_tmp("fn.safetensors", b"x")),
-        open_in="eval/features.py (metrics): JSONDecodeError without the file name",
     ),
 ]
 

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -364,12 +365,21 @@ def load_feature_net(
     for p in (w_path, j_path):
         if not p.is_file():
             raise FileNotFoundError(f"feature network file {p} does not exist")
-    meta = json.loads(j_path.read_text())
-    info = FeatureNetInfo.from_json(meta)
+    damaged = f"the feature network {j_path.with_suffix('')} is damaged; delete both of its files to retrain it"
+    try:
+        meta = json.loads(j_path.read_text())
+        info = FeatureNetInfo.from_json(meta)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{j_path} is not a feature network's description ({exc}); {damaged}") from None
     if meta.get("weights_sha256") and meta["weights_sha256"] != _file_sha256(w_path):
         raise ValueError(f"{w_path} does not match {j_path} (sha256 differs): an interrupted write? delete both")
     net = FeatureNet(info.arch, info)
-    net.load_state_dict(load_file(str(w_path), device=str(map_location)))
+    try:
+        net.load_state_dict(load_file(str(w_path), device=str(map_location)))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ValueError(
+            f"{w_path} does not hold this feature network's weights ({str(exc).splitlines()[0]}); {damaged}"
+        ) from None
     if expect is not None:
         check_feature_net(net, expect, source=w_path)
     return net.eval().requires_grad_(False)
