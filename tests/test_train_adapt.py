@@ -289,3 +289,17 @@ def test_eval_loads_an_adapter_run_through_the_shared_loader(base_run, tmp_path)
     assert meta["step"] == 2
     for k, v in model.state_dict().items():
         assert torch.equal(v, full[k]), k
+
+
+def test_a_moved_base_is_named_again_on_resume(base_run, tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(base_run, old)
+    run = tmp_path / "adapted"
+    train(adapted_cfg(old, "train.steps=4"), run, stop_at=2, **QUIET)
+    old.rename(new)
+    with pytest.raises(CheckpointError, match="which is missing"):
+        train(adapted_cfg(old, "train.steps=4"), run, resume=True, **QUIET)
+    train(adapted_cfg(new, "train.steps=4"), run, resume=True, **QUIET)
+    ckpt = load_checkpoint(latest_checkpoint(run))
+    assert ckpt.step == 4 and ckpt.state["base"]["path"] == str(latest_checkpoint(new).resolve())
+    load_weights(latest_checkpoint(run))  # the new checkpoint finds its base at the new place
