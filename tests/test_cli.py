@@ -123,7 +123,10 @@ def test_python_dash_m_works():
             ["sample", "{run}", "--class", "10", "--out", "{tmp}/a.png"],
             "class 10 is out of range: the model has classes 0..9",
         ),
-        (["sample", "{run}", "--num", "0", "--out", "{tmp}/a.png"], "--num: input should be greater than or equal to 1"),
+        (
+            ["sample", "{run}", "--num", "0", "--out", "{tmp}/a.png"],
+            "--num: input should be greater than or equal to 1",
+        ),
         (["sample", "{run}", "--steps", "1000", "--out", "{tmp}/a.png"], "exceeds the diffusion's 100 timesteps"),
         (["sample", "{run}", "--out", "{tmp}/a.jpg"], "--out must name a .png file"),
         (["train", "tiny-unet", "--out", "{run}"], "pass --resume"),
