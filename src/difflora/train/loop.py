@@ -501,8 +501,8 @@ def train(
     """Train ``cfg`` into ``out_dir``; returns the final metrics and accounting.
 
     ``resume`` continues from the newest intact checkpoint of ``out_dir``, or from ``checkpoint``
-    (a step or a checkpoint directory, :func:`~difflora.train.checkpoint.select_checkpoint`). ``stop_at`` ends the run after
-    that step (with a checkpoint), as an interruption would: the tests use it to check resuming.
+    (a step or a directory, see ``select_checkpoint``). ``stop_at`` ends the run after that step
+    (with a checkpoint), as an interruption would: the tests use it to check resuming.
     ``callback(state)`` runs after every completed step (see :class:`TrainState`).
     """
     out = Path(out_dir)
