@@ -18,6 +18,7 @@ from torch import nn
 from difflora.adapters import (
     IndexWeighting,
     LinearWeighting,
+    TrainableWeighting,
     adapter_parameters,
     adapters_disabled,
     conditions,
@@ -45,6 +46,8 @@ def ref_weights(adapter, values: torch.Tensor) -> torch.Tensor:
         w = torch.zeros(adapter.weighting.num_bases, dtype=adapter.bias.dtype)
         if isinstance(adapter.weighting, IndexWeighting) and v >= 0:
             w[int(v)] = 1.0
+        elif isinstance(adapter.weighting, TrainableWeighting) and v >= 0:
+            w = adapter.weighting.table[int(v)]  # differentiable: gradients reach the table
         elif isinstance(adapter.weighting, LinearWeighting) and v == v:  # not NaN
             k = (adapter.weighting.high - adapter.weighting.low) / (adapter.weighting.num_bases - 1)
             i = min(int(v // k), adapter.weighting.num_bases - 2)
@@ -154,6 +157,20 @@ def test_unet_blocks_in_to_out_with_linear_weighting(block_kind):
     ref = plain + ref_update(adapter, x, T_VALUES, channels_last=False)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     assert torch.equal(out[3], plain[3])  # NaN: no update
+
+
+def test_dit_position_adapter_with_a_trainable_table():
+    model, adapter, _ = dit("attn_in", "mlp_out", "gelu", lambda: TrainableWeighting(10, 3, "gaussian"), "t")
+    t = torch.tensor([0, 9, -1, 4])
+    x = torch.randn(4, 5, 8, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(4, 8, dtype=torch.float64)
+    with conditions(t=t):
+        out = model.blocks[0](x, c)
+    ref = ref_dit_block(model.blocks[0], x, c, adapter, t)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+    params = [x, *adapter.parameters()]
+    for g, r in zip(torch.autograd.grad(out.sum(), params), torch.autograd.grad(ref.sum(), params), strict=True):
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=0)
 
 
 def test_fresh_adapter_changes_nothing_and_paths_are_stable():
