@@ -106,6 +106,21 @@ def dit(source: str, dest: str, act: str = "identity", weighting=lambda: IndexWe
     return model, adapter, report
 
 
+def check_against_reference(model, adapter, cond: str, values: torch.Tensor):
+    """Outputs and gradients (input, adapter parameters) of block 0 against :func:`ref_dit_block`."""
+    x = torch.randn(4, 5, 8, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(4, 8, dtype=torch.float64)
+    with conditions(**{cond: values}):
+        out = model.blocks[0](x, c)
+    ref = ref_dit_block(model.blocks[0], x, c, adapter, values)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+    params = [x, *adapter.parameters()]
+    grad = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad), strict=True):
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=0)
+    return x, c, out
+
+
 @pytest.mark.parametrize(
     "source,dest,act",
     [
@@ -117,16 +132,7 @@ def dit(source: str, dest: str, act: str = "identity", weighting=lambda: IndexWe
 )
 def test_dit_position_adapter_matches_hand_written_block(source, dest, act):
     model, adapter, _ = dit(source, dest, act)
-    x = torch.randn(4, 5, 8, dtype=torch.float64, requires_grad=True)
-    c = torch.randn(4, 8, dtype=torch.float64)
-    with conditions(task=TASK):
-        out = model.blocks[0](x, c)
-    ref = ref_dit_block(model.blocks[0], x, c, adapter, TASK)
-    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
-    params = list(adapter.parameters()) + [x]
-    grad = torch.randn_like(out)
-    for g, r in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad), strict=True):
-        torch.testing.assert_close(g, r, atol=1e-9, rtol=0)
+    x, c, out = check_against_reference(model, adapter, "task", TASK)
     with adapters_disabled("pa"), conditions(task=TASK):
         plain = model.blocks[0](x, c)
     assert (out - plain).abs().max() > 1e-3
@@ -161,16 +167,7 @@ def test_unet_blocks_in_to_out_with_linear_weighting(block_kind):
 
 def test_dit_position_adapter_with_a_trainable_table():
     model, adapter, _ = dit("attn_in", "mlp_out", "gelu", lambda: TrainableWeighting(10, 3, "gaussian"), "t")
-    t = torch.tensor([0, 9, -1, 4])
-    x = torch.randn(4, 5, 8, dtype=torch.float64, requires_grad=True)
-    c = torch.randn(4, 8, dtype=torch.float64)
-    with conditions(t=t):
-        out = model.blocks[0](x, c)
-    ref = ref_dit_block(model.blocks[0], x, c, adapter, t)
-    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
-    params = [x, *adapter.parameters()]
-    for g, r in zip(torch.autograd.grad(out.sum(), params), torch.autograd.grad(ref.sum(), params), strict=True):
-        torch.testing.assert_close(g, r, atol=1e-9, rtol=0)
+    check_against_reference(model, adapter, "t", torch.tensor([0, 9, -1, 4]))
 
 
 def test_fresh_adapter_changes_nothing_and_paths_are_stable():
