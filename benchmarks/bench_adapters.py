@@ -471,7 +471,8 @@ def main_p1(args: argparse.Namespace) -> None:
         fastest = {k: min(v) for k, v in p1[setting]["fastest_ms"].items()}
         print("  fastest ms: " + ", ".join(f"{k} {v:.1f}" for k, v in fastest.items()))
     p1["env"] = _env(args)
-    out = ROOT / "benchmarks" / "results" / "adapters_p1.json"
+    # A --compile run goes to its own file: its compile time and extra variant change the alternation.
+    out = ROOT / "benchmarks" / "results" / ("adapters_p1_compile.json" if args.compile else "adapters_p1.json")
     out.write_text(json.dumps(p1, indent=1))
     print(f"wrote {out}")
 

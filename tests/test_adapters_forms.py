@@ -183,6 +183,21 @@ def test_every_activation_matches_reference(act):
         torch.testing.assert_close(layer(x), naive(layer, x, values), atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("base_key", list(BASES))
+def test_dense_routing_of_rank_forms_with_activation(base_key):
+    # A trainable weighting mixes every entry (the dense path): act(down_i x) per entry, then mixed.
+    forms = [("act", "lowrank_act", "s", "silu"), ("lr", "lowrank", "s", None)]
+    layer, x, values = make(base_key, forms)
+    x.requires_grad_(True)
+    with conditions(**values):
+        out = layer(x)
+    ref = naive(layer, x, values)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+    params = [x, *layer.parameters()]
+    for g, r in zip(torch.autograd.grad(out.sum(), params), torch.autograd.grad(ref.sum(), params), strict=True):
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=0)
+
+
 def test_null_rows_get_exactly_the_base_output():
     layer, x, _ = make("linear")
     null = {"task": torch.full((N,), -1), "t": torch.full((N,), float("nan")), "s": torch.full((N,), -1)}

@@ -210,3 +210,55 @@ def test_wrong_base_is_refused_before_any_change(tmp_path):
     )
     with pytest.raises(AdapterLoadError, match="differs from the base"):
         load_adapters(wide, tmp_path / "ad")
+
+
+def test_version_1_files_still_load(tmp_path):
+    """Files written before forms existed: no kind / form keys, version 1 (low-rank banks only)."""
+    model = trained()
+    save_adapters(model, tmp_path / "ad", names=["time"])
+    path = tmp_path / "ad" / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["version"] = 1
+    for entry in cfg["adapters"]:
+        del entry["kind"], entry["form"]
+    path.write_text(json.dumps(cfg))
+    x, t, task = inputs()
+    target = trained()
+    with torch.no_grad():
+        for name, p in target.named_parameters():
+            if ".adapters.time." in name:
+                p.zero_()
+        load_adapters(target, tmp_path / "ad")
+        assert torch.equal(target(x, t, task=task), model(x, t, task=task))
+
+
+def test_adapters_package_does_not_import_the_config_schema():
+    """Layering (issue 7 item 8): adapters/ takes Python objects; model building reads the YAML schema."""
+    import ast
+    import pathlib
+
+    import difflora.adapters
+
+    for file in pathlib.Path(difflora.adapters.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                bad = [n for n in names if n.startswith(("difflora.config", "difflora.model", "difflora.train"))]
+                assert not bad, f"{file.name} imports {bad}"
+
+
+def test_merged_sampling_path_skips_layers_it_cannot_merge():
+    """model.merged("t", "task"): scale / shift / lowrank layers merge, lowrank_act layers stay per sample."""
+    model = trained()
+    x, t, _ = inputs()
+    t = torch.full((4,), 7)
+    task = torch.full((4,), 2)
+    with torch.no_grad():
+        per_sample = model(x, t, task=task)
+        with model.merged("t", "task"):
+            merged = model(x, t, task=task)
+            fc1 = model.net.blocks[0].mlp.fc1
+            qkv = model.net.blocks[0].attn.qkv
+            assert set(fc1.merged) == {"sc", "sh"} and not qkv.merged  # qkv holds the lowrank_act branch
+        assert not fc1.merged and fc1._unmerged_weight is None
+    torch.testing.assert_close(merged, per_sample, atol=1e-5, rtol=1e-5)

@@ -18,6 +18,7 @@ from torch import nn
 from difflora.adapters import (
     IndexWeighting,
     LinearWeighting,
+    TrainableWeighting,
     adapter_parameters,
     adapters_disabled,
     conditions,
@@ -45,6 +46,8 @@ def ref_weights(adapter, values: torch.Tensor) -> torch.Tensor:
         w = torch.zeros(adapter.weighting.num_bases, dtype=adapter.bias.dtype)
         if isinstance(adapter.weighting, IndexWeighting) and v >= 0:
             w[int(v)] = 1.0
+        elif isinstance(adapter.weighting, TrainableWeighting) and v >= 0:
+            w = adapter.weighting.table[int(v)]  # differentiable: gradients reach the table
         elif isinstance(adapter.weighting, LinearWeighting) and v == v:  # not NaN
             k = (adapter.weighting.high - adapter.weighting.low) / (adapter.weighting.num_bases - 1)
             i = min(int(v // k), adapter.weighting.num_bases - 2)
@@ -103,6 +106,21 @@ def dit(source: str, dest: str, act: str = "identity", weighting=lambda: IndexWe
     return model, adapter, report
 
 
+def check_against_reference(model, adapter, cond: str, values: torch.Tensor):
+    """Outputs and gradients (input, adapter parameters) of block 0 against :func:`ref_dit_block`."""
+    x = torch.randn(4, 5, 8, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(4, 8, dtype=torch.float64)
+    with conditions(**{cond: values}):
+        out = model.blocks[0](x, c)
+    ref = ref_dit_block(model.blocks[0], x, c, adapter, values)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+    params = [x, *adapter.parameters()]
+    grad = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad), strict=True):
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=0)
+    return x, c, out
+
+
 @pytest.mark.parametrize(
     "source,dest,act",
     [
@@ -114,16 +132,7 @@ def dit(source: str, dest: str, act: str = "identity", weighting=lambda: IndexWe
 )
 def test_dit_position_adapter_matches_hand_written_block(source, dest, act):
     model, adapter, _ = dit(source, dest, act)
-    x = torch.randn(4, 5, 8, dtype=torch.float64, requires_grad=True)
-    c = torch.randn(4, 8, dtype=torch.float64)
-    with conditions(task=TASK):
-        out = model.blocks[0](x, c)
-    ref = ref_dit_block(model.blocks[0], x, c, adapter, TASK)
-    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
-    params = list(adapter.parameters()) + [x]
-    grad = torch.randn_like(out)
-    for g, r in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad), strict=True):
-        torch.testing.assert_close(g, r, atol=1e-9, rtol=0)
+    x, c, out = check_against_reference(model, adapter, "task", TASK)
     with adapters_disabled("pa"), conditions(task=TASK):
         plain = model.blocks[0](x, c)
     assert (out - plain).abs().max() > 1e-3
@@ -154,6 +163,11 @@ def test_unet_blocks_in_to_out_with_linear_weighting(block_kind):
     ref = plain + ref_update(adapter, x, T_VALUES, channels_last=False)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     assert torch.equal(out[3], plain[3])  # NaN: no update
+
+
+def test_dit_position_adapter_with_a_trainable_table():
+    model, adapter, _ = dit("attn_in", "mlp_out", "gelu", lambda: TrainableWeighting(10, 3, "gaussian"), "t")
+    check_against_reference(model, adapter, "t", torch.tensor([0, 9, -1, 4]))
 
 
 def test_fresh_adapter_changes_nothing_and_paths_are_stable():

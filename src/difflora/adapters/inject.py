@@ -341,7 +341,9 @@ def merge_shared(model: nn.Module, **values: ConditionValue) -> dict[str, bool]:
     The fast sampling path: in a sampler step every sample shares t, so ``merge_shared(net, t=t)``
     merges the TimeLoRA update once, while ClassLoRA (different y per sample under classifier-free
     guidance) stays per sample. With different t in a batch the t-adapters fall back to the
-    per-sample path. Merging at the value already merged is a no-op. Returns {condition: merged}.
+    per-sample path. Merging at the value already merged is a no-op. A layer whose merge would be
+    refused (a non-mergeable form reads the condition, see :meth:`ConditionalLoRA.merge_problem`)
+    stays per sample: same output, no speed-up. Returns {condition: shared by the batch}.
     """
     merged: dict[str, bool] = {}
     to_merge: dict[str, Any] = {}
@@ -357,7 +359,10 @@ def merge_shared(model: nn.Module, **values: ConditionValue) -> dict[str, bool]:
         # Skip layers already merged at these values (the common case within one sampler step).
         wanted = {n: to_merge[b.condition] for n, b in layer.adapters.items() if b.condition in to_merge}
         if wanted and any(layer.merged.get(n, _MISSING) != v for n, v in wanted.items()):
-            layer.merge(**to_merge)
+            if layer.merge_problem(**to_merge) is None:
+                layer.merge(**to_merge)
+            else:  # e.g. a lowrank_act branch reads t: this layer stays per sample (same output)
+                layer.unmerge(*to_merge)
     return merged
 
 

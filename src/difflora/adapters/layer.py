@@ -211,30 +211,38 @@ class ConditionalLoRA(nn.Module):
         per-sample. Merging again with another value replaces the merged value. The original
         weight and bias are kept and restored exactly by :meth:`unmerge`.
         """
+        problem = self.merge_problem(**values)
+        if problem:
+            raise ValueError(problem)
         branches = dict(self._named_branches_reading(values))
         if not branches:
             return
+        self.merged = {**self.merged, **{n: _scalar(values[b.condition], b.condition) for n, b in branches.items()}}
+        self._write_merged()
+
+    def merge_problem(self, **values: ConditionValue) -> str | None:
+        """Why :meth:`merge` with these values would be refused (a one-line message), or None."""
+        branches = dict(self._named_branches_reading(values))
         for name, branch in branches.items():
             if not branch.mergeable:
-                raise ValueError(
+                return (
                     f"adapter {name!r} has form {branch.form!r}, which cannot be merged into the weights "
                     f"(a non-linear branch); keep it per sample (do not merge condition {branch.condition!r})"
                 )
             if isinstance(branch, ShiftBank) and self.base_layer.bias is None:
-                raise ValueError(
+                return (
                     f"adapter {name!r} is a bias shift but the base layer has no bias to merge it into; "
                     f"keep it per sample (do not merge condition {branch.condition!r})"
                 )
-        merged = {**self.merged, **{name: _scalar(values[b.condition], b.condition) for name, b in branches.items()}}
+        merged = set(self.merged) | set(branches)
         live_scale = [n for n, b in self.adapters.items() if isinstance(b, ScaleBank) and n not in merged]
         if live_scale and any(isinstance(self.adapters[n], LoRABank) for n in merged):
-            raise ValueError(
+            return (
                 f"merging a low-rank adapter while the weight scale {live_scale[0]!r} stays per sample would "
                 f"scale the merged update too; merge the scale's condition "
                 f"{self.adapters[live_scale[0]].condition!r} as well, or merge nothing"
             )
-        self.merged = merged
-        self._write_merged()
+        return None
 
     @torch.no_grad()
     def unmerge(self, *conditions: str) -> None:
