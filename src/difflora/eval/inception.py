@@ -92,9 +92,9 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu") -> Ince
             "load_inception needs torch-fidelity for the Inception-v3 definition (pip install torch-fidelity; "
             f"it imports torchvision, which must match your torch): {exc}"
         ) from exc
-    # torch-fidelity downloads when given no path and reads a given path with
-    # torch.load(weights_only=False); so it gets a file we wrote from the tensors checked above,
-    # never the user's file.
+    # torch-fidelity downloads when given no path and unpickles a given path (its torch.load
+    # allows arbitrary objects); so it gets a file we wrote from the tensors checked above, never
+    # the user's file.
     with tempfile.TemporaryDirectory() as tmp:
         own = Path(tmp) / "inception.pt"
         torch.save(state, own)
