@@ -12,7 +12,8 @@ from torch import nn
 
 from difflora.adapters import ConditionalLoRA, IndexWeighting, adapter_layers, conditions
 from difflora.cli import main
-from difflora.config import parse_config
+from difflora.config import ConfigError, DataConfig, parse_config
+from difflora.data import load_dataset
 from difflora.diffscaler import AFFINER_NAMES, affiner_adapter_configs, affiner_counts
 from difflora.model import build_model
 
@@ -25,7 +26,7 @@ def _cfg(arch: str, affiner: dict | None, **model) -> object:
     size = {"unet": TINY_UNET, "dit": {"preset": "DiT-T/2"}}[arch]
     return parse_config(
         {
-            "data": {"name": "digits"},
+            "data": {"name": "digits", "task_id": 0},
             "model": {"arch": arch, "num_classes": 10, arch: size, "affiner": affiner, **model},
             "diffusion": {"steps": 50},
             "train": {"train_base": False},
@@ -42,7 +43,7 @@ def test_dit_xl2_a_only_and_b_only_count_the_bias_of_every_adapted_layer():
     for part in ("scale", "shift"):
         cfg = parse_config(
             {
-                "data": {"name": "cifar10"},
+                "data": {"name": "cifar10", "task_id": 0},
                 "model": {
                     "arch": "dit",
                     "num_classes": 1000,
@@ -64,7 +65,7 @@ def test_dit_xl2_a_only_and_b_only_count_the_bias_of_every_adapted_layer():
 def test_dit_xl2_full_affiner_at_d64_counts_the_low_rank_branch_from_the_shapes():
     cfg = parse_config(
         {
-            "data": {"name": "cifar10"},
+            "data": {"name": "cifar10", "task_id": 0},
             "model": {"arch": "dit", "num_classes": 1000, "dit": {"preset": "DiT-XL/2"}, "affiner": {"tasks": 2}},
         }
     )
@@ -165,7 +166,15 @@ def test_affiner_configs_expand_to_three_adapters_and_refuse_a_name_clash():
 
 def test_params_prints_the_affiner_parameters_per_task(capsys):
     code = main(
-        ["params", str(ROOT / "configs" / "tiny-dit.yaml"), "--set", "model.affiner={tasks: 3, latent: 4}", "--json"]
+        [
+            "params",
+            str(ROOT / "configs" / "tiny-dit.yaml"),
+            "--set",
+            "model.affiner={tasks: 3, latent: 4}",
+            "--set",
+            "data.task_id=0",
+            "--json",
+        ]
     )
     assert code == 0
     counts = json.loads(capsys.readouterr().out)["affiner"]
@@ -178,3 +187,26 @@ def test_params_prints_the_affiner_parameters_per_task(capsys):
         "affiner_b": 2 * bias,
         "affiner_lr": 2 * sum(d * (i + o) + 1 for i, o in shapes),
     }
+
+
+def test_a_task_affiner_needs_task_ids_in_the_data_and_an_entry_for_each():
+    model = {"arch": "dit", "dit": {"preset": "DiT-T/2"}, "affiner": {"tasks": 2}}
+    with pytest.raises(ConfigError, match="data.task_id"):
+        parse_config({"data": {"name": "digits"}, "model": model})
+    with pytest.raises(ConfigError, match="model.affiner.tasks=3"):
+        parse_config({"data": {"name": "digits", "task_id": 2}, "model": model})
+    with pytest.raises(ConfigError, match="model.affiner.tasks=4"):
+        parse_config(
+            {
+                "data": {"name": "digits", "task_id": 1, "tasks": [{"name": "digits"}, {"name": "digits"}]},
+                "model": model,
+            }
+        )
+
+
+def test_data_task_id_numbers_a_single_dataset_and_the_tasks_after_it():
+    one = load_dataset(DataConfig(name="digits", task_id=3, limit=5), "train")
+    assert one.batch_conditions(torch.arange(5))["task"].tolist() == [3] * 5
+    many = load_dataset(DataConfig(name="digits", task_id=1, limit=2, tasks=[{"name": "digits", "limit": 3}]), "train")
+    assert many.conditions["task"].tolist() == [1, 1, 2, 2, 2]
+    assert load_dataset(DataConfig(name="digits", limit=2), "train").conditions == {}

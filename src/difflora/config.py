@@ -90,6 +90,10 @@ class DataConfig(StrictModel):
     # every task is label 3: one class embedding serves all tasks, as when adapting a base model);
     # "offset" numbers the classes of task k after those of tasks 0..k-1 (disjoint labels).
     task_labels: Literal["shared", "offset"] = "shared"
+    # The task id of data.name's samples (data.tasks[k] then get task_id + k + 1). None: 0 with
+    # data.tasks, and no task condition for a single dataset. Set it to adapt to one dataset as a
+    # task of a multi-task model (DiffScaler: model.affiner), e.g. the new task of the sequential regime.
+    task_id: int | None = Field(default=None, ge=0)
 
     def resolved_shape(self) -> tuple[int | None, int]:
         native, channels = DATASET_SHAPES[self.name]
@@ -357,7 +361,25 @@ class Config(StrictModel):
             )
         if m.arch == "dit" and m.image_size % m.dit.patch_size:
             raise ValueError(f"model.dit.patch_size ({m.dit.patch_size}) must divide model.image_size ({m.image_size})")
+        self._check_affiner_tasks()
         return self
+
+    def _check_affiner_tasks(self) -> None:
+        """A ``task`` Affiner needs data that carries task ids, and one entry per id."""
+        aff, data = self.model.affiner, self.data
+        if aff is None or aff.condition != "task":
+            return
+        if not data.tasks and data.task_id is None:
+            raise ValueError(
+                "model.affiner reads the condition task but the data carries no task ids: set data.task_id=K "
+                "(the task id of these images, e.g. 0) or list more datasets in data.tasks"
+            )
+        needed = (data.task_id or 0) + len(data.tasks) + 1
+        if aff.tasks < needed:
+            raise ValueError(
+                f"model.affiner.tasks ({aff.tasks}) does not cover the data's task ids 0..{needed - 1}; "
+                f"set model.affiner.tasks={needed}"
+            )
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

@@ -29,7 +29,7 @@ from difflora.adapters import (
     unmerge_adapters,
 )
 from difflora.config import Config
-from difflora.diffscaler.affiner import affiner_adapter_configs, check_affiner
+from difflora.diffscaler.affiner import affiner_adapter_configs
 from difflora.diffusion import create_diffusion
 from difflora.model_adapters import check_adapter_configs, inject_adapters
 from difflora.nets import build_net
@@ -119,7 +119,6 @@ def build_model(cfg: Config) -> DiffusionModel:
     report = None
     if cfg.model.adapters or cfg.model.affiner:
         check_adapter_configs(cfg)
-        check_affiner(cfg)
         configs = [*cfg.model.adapters, *affiner_adapter_configs(cfg.model, net)]  # model.affiner: DiffScaler
         report = inject_adapters(net, configs, DEFAULT_TARGETS.get(cfg.model.arch, ()))
         if not cfg.train.train_base:

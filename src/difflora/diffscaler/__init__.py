@@ -13,7 +13,6 @@ from difflora.diffscaler.affiner import (
     DIT_TARGETS,
     affiner_adapter_configs,
     affiner_counts,
-    check_affiner,
     default_affiner_targets,
 )
 from difflora.diffscaler.classes import GrownEmbedding, GrownLabelEmbedder, add_classes
@@ -34,6 +33,5 @@ __all__ = [
     "task_branches",
     "affiner_adapter_configs",
     "affiner_counts",
-    "check_affiner",
     "default_affiner_targets",
 ]

@@ -44,7 +44,7 @@ from typing import Any
 from torch import nn
 
 from difflora.adapters import SUPPORTED_LAYERS, adapter_layers
-from difflora.config import AdapterConfig, Config, ModelConfig
+from difflora.config import AdapterConfig, ModelConfig
 
 __all__ = [
     "AFFINER_NAMES",
@@ -52,7 +52,6 @@ __all__ = [
     "DIT_TARGETS",
     "affiner_adapter_configs",
     "affiner_counts",
-    "check_affiner",
     "default_affiner_targets",
 ]
 
@@ -74,7 +73,11 @@ def default_affiner_targets(net: nn.Module, arch: str) -> list[str]:
 
 
 def affiner_adapter_configs(cfg: ModelConfig, net: nn.Module | None = None) -> list[AdapterConfig]:
-    """``cfg.affiner`` as ``model.adapters`` entries (none without it); ``net`` gives default targets."""
+    """``cfg.affiner`` as ``model.adapters`` entries (none without it); ``net`` gives default targets.
+
+    Without ``net`` and without explicit targets the entries have no targets: enough to know which
+    conditions and values the model reads (``--condition`` checks), not to inject them.
+    """
     aff = cfg.affiner
     if aff is None:
         return []
@@ -82,9 +85,7 @@ def affiner_adapter_configs(cfg: ModelConfig, net: nn.Module | None = None) -> l
     if clash:
         raise ValueError(f"model.adapters uses the name(s) {clash} that model.affiner creates; rename them")
     targets = list(aff.targets)
-    if not targets:
-        if net is None:
-            raise ValueError("model.affiner: default targets need the built network")
+    if not targets and net is not None:
         targets = default_affiner_targets(net, cfg.arch)
     latent = aff.latent or DEFAULT_LATENT[cfg.arch]
     out = []
@@ -104,19 +105,6 @@ def affiner_adapter_configs(cfg: ModelConfig, net: nn.Module | None = None) -> l
             )
         )
     return out
-
-
-def check_affiner(cfg: Config) -> None:
-    """A run whose data carries task ids needs one Affiner entry per task."""
-    aff = cfg.model.affiner
-    if aff is None or aff.condition != "task" or not cfg.data.tasks:
-        return
-    needed = len(cfg.data.tasks) + 1
-    if aff.tasks < needed:
-        raise ValueError(
-            f"model.affiner.tasks ({aff.tasks}) is below the {needed} tasks of data (data.name and "
-            f"{len(cfg.data.tasks)} data.tasks); set model.affiner.tasks={needed}"
-        )
 
 
 def affiner_counts(net: nn.Module, names: Sequence[str] = tuple(AFFINER_NAMES.values())) -> dict[str, Any]:
