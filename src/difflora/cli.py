@@ -151,6 +151,10 @@ def _cmd_params(args) -> int:
     with torch.device("meta"):  # count without allocating or initialising weights
         model = build_model(cfg)
     counts = count_parameters(model)
+    if cfg.model.affiner is not None:
+        from difflora.diffscaler import affiner_counts
+
+        counts["affiner"] = affiner_counts(model.net)
     if args.json:
         print(json.dumps(counts, indent=2))
         return 0
@@ -162,6 +166,21 @@ def _cmd_params(args) -> int:
     print("by module:")
     for k, v in counts["by_module"].items():
         print(f"  {k:<26}{v:>14,}")
+    if "affiner" in counts:
+        aff = counts["affiner"]
+        print(f"affiner per task ({aff['tasks']} tasks, {aff['layers']} layers):")
+        for k, v in {**aff["per_task"], "total": aff["total_per_task"]}.items():
+            print(f"  {k:<26}{v:>14,}")
+    return 0
+
+
+def _cmd_pretrain(args) -> int:
+    from difflora.experiments.pretrain import pretrain
+
+    cfg = load_config(resolve_config_path(f"pretrain/{args.name}"), args.set or [])
+    check_device(cfg.train.device, "train.device")
+    path = pretrain(args.name, cfg, progress=not args.no_progress)
+    print(path)
     return 0
 
 
@@ -349,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(pr)
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(fn=_cmd_params)
+
+    pt = sub.add_parser("pretrain", help="train a shared base (configs/pretrain/NAME) into the cache, or reuse it")
+    pt.add_argument("name", help="a preset under configs/pretrain/, e.g. fmnist16-unet or fmnist16-dit")
+    pt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    pt.add_argument("--no-progress", action="store_true")
+    pt.set_defaults(fn=_cmd_pretrain)
 
     pw = sub.add_parser("plot-weights", help="heatmap of a run's trained TimeLoRA composition weights (000 Figure 3)")
     pw.add_argument("run_dir")

@@ -137,7 +137,10 @@ def misfit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
 def parse_conditions(texts: list[str] | None, num: int, cfg: Config) -> dict[str, float | list[float]]:
     """``--condition task=2`` / ``task=0,1,2`` (one value, or one per sample) -> name -> values,
     checked against the conditions the run's adapters read and the values their weightings take."""
-    read = {a.condition: a for a in cfg.model.adapters if a.condition not in ("t", "y")}
+    from difflora.diffscaler.affiner import affiner_adapter_configs  # model.affiner reads conditions too
+
+    adapters = [*cfg.model.adapters, *affiner_adapter_configs(cfg.model)]
+    read = {a.condition: a for a in adapters if a.condition not in ("t", "y")}
     out: dict[str, list[float]] = {}
     for text in texts or []:
         name, eq, raw = text.partition("=")

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 __all__ = [
     "AdapterConfig",
+    "AffinerConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -89,6 +90,10 @@ class DataConfig(StrictModel):
     # every task is label 3: one class embedding serves all tasks, as when adapting a base model);
     # "offset" numbers the classes of task k after those of tasks 0..k-1 (disjoint labels).
     task_labels: Literal["shared", "offset"] = "shared"
+    # The task id of data.name's samples (data.tasks[k] then get task_id + k + 1). None: 0 with
+    # data.tasks, and no task condition for a single dataset. Set it to adapt to one dataset as a
+    # task of a multi-task model (DiffScaler: model.affiner), e.g. the new task of the sequential regime.
+    task_id: int | None = Field(default=None, ge=0)
 
     def resolved_shape(self) -> tuple[int | None, int]:
         native, channels = DATASET_SHAPES[self.name]
@@ -175,6 +180,9 @@ class AdapterConfig(StrictModel):
     alpha: float | None = Field(default=None, gt=0)
     # lowrank_act (default relu, 002) and position (default identity: a linear f).
     activation: Literal["relu", "silu", "gelu", "sigmoid", "identity"] | None = None
+    # lowrank_act on a k x k convolution: "full" (k x k down factor) or "1x1" (002's 1x1 convolutions
+    # reading the centre of each receptive field, on the base's output grid).
+    kernel: Literal["full", "1x1"] = "full"
     # position only: the taps read and written (e.g. DiT attn_out -> mlp_in; U-Net in -> out), and
     # the fixed scale of f's output.
     source: str | None = None
@@ -208,8 +216,38 @@ class AdapterConfig(StrictModel):
             raise ValueError(f"{where}: source, dest and scale are for form position only")
         if self.activation not in (None, "identity") and self.form not in ("lowrank_act", "position"):
             raise ValueError(f"{where}.activation: only forms lowrank_act and position have an activation")
+        if self.kernel != "full" and self.form != "lowrank_act":
+            raise ValueError(f"{where}.kernel: only form lowrank_act has a kernel choice")
         if self.alpha is not None and self.form != "lowrank":
             raise ValueError(f"{where}.alpha: only the lowrank form has alpha (scaling = alpha / rank)")
+        return self
+
+
+class AffinerConfig(StrictModel):
+    """DiffScaler's Affiner (002 eq. 5), ``y = (1 + a) W x + s W_up ReLU(W_down x) + b_hat + b``, on
+    every target layer, one parameter set per task (an index weighting over ``condition``; -1 is
+    the untouched base). Expands to up to three ``model.adapters`` entries named ``affiner_a``
+    (form scale), ``affiner_b`` (shift) and ``affiner_lr`` (lowrank_act, ReLU, rank ``latent``);
+    see ``difflora.diffscaler.affiner`` and the README section "DiffScaler: one model, many tasks".
+    """
+
+    # Number of tasks (parameter sets); task ids 0..tasks-1.
+    tasks: int = Field(default=1, ge=1)
+    # Latent width d of the low-rank branch; None: 32 for the U-Net, 64 for the DiT (002 section 4.3).
+    latent: int | None = Field(default=None, ge=1)
+    # Which terms of eq. 5 (002 Table 3(a) ablations: [shift] is "b only", [scale] "a only").
+    parts: list[Literal["scale", "shift", "lowrank"]] = Field(default_factory=lambda: ["scale", "shift", "lowrank"])
+    # Layers (exact paths, suffixes, "re:" regexes). Empty: every Linear/Conv of the U-Net; the
+    # DiT blocks' attn.qkv, attn.proj, mlp.fc1, mlp.fc2 and adaLN_modulation.1.
+    targets: list[str] = Field(default_factory=list)
+    condition: str = Field(default="task", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # The low-rank branch on a k x k convolution: 1x1 convolutions (002) or a k x k down factor.
+    kernel: Literal["1x1", "full"] = "1x1"
+
+    @model_validator(mode="after")
+    def _check(self) -> AffinerConfig:
+        if not self.parts or len(set(self.parts)) != len(self.parts):
+            raise ValueError(f"model.affiner.parts: give each of scale, shift, lowrank at most once, got {self.parts}")
         return self
 
 
@@ -226,6 +264,8 @@ class ModelConfig(StrictModel):
     unet: UNetConfig = Field(default_factory=UNetConfig)
     dit: DiTConfig = Field(default_factory=DiTConfig)
     adapters: list[AdapterConfig] = Field(default_factory=list)
+    # DiffScaler's Affiner on many layers at once (expanded into adapters when the model is built).
+    affiner: AffinerConfig | None = None
 
     @property
     def out_channels(self) -> int:
@@ -321,7 +361,25 @@ class Config(StrictModel):
             )
         if m.arch == "dit" and m.image_size % m.dit.patch_size:
             raise ValueError(f"model.dit.patch_size ({m.dit.patch_size}) must divide model.image_size ({m.image_size})")
+        self._check_affiner_tasks()
         return self
+
+    def _check_affiner_tasks(self) -> None:
+        """A ``task`` Affiner needs data that carries task ids, and one entry per id."""
+        aff, data = self.model.affiner, self.data
+        if aff is None or aff.condition != "task":
+            return
+        if not data.tasks and data.task_id is None:
+            raise ValueError(
+                "model.affiner reads the condition task but the data carries no task ids: set data.task_id=K "
+                "(the task id of these images, e.g. 0) or list more datasets in data.tasks"
+            )
+        needed = (data.task_id or 0) + len(data.tasks) + 1
+        if aff.tasks < needed:
+            raise ValueError(
+                f"model.affiner.tasks ({aff.tasks}) does not cover the data's task ids 0..{needed - 1}; "
+                f"set model.affiner.tasks={needed}"
+            )
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

@@ -29,6 +29,7 @@ from difflora.adapters import (
     unmerge_adapters,
 )
 from difflora.config import Config
+from difflora.diffscaler.affiner import affiner_adapter_configs
 from difflora.diffusion import create_diffusion
 from difflora.model_adapters import check_adapter_configs, inject_adapters
 from difflora.nets import build_net
@@ -116,9 +117,10 @@ def build_model(cfg: Config) -> DiffusionModel:
     """
     net = build_net(cfg.model)
     report = None
-    if cfg.model.adapters:
+    if cfg.model.adapters or cfg.model.affiner:
         check_adapter_configs(cfg)
-        report = inject_adapters(net, cfg.model.adapters, DEFAULT_TARGETS.get(cfg.model.arch, ()))
+        configs = [*cfg.model.adapters, *affiner_adapter_configs(cfg.model, net)]  # model.affiner: DiffScaler
+        report = inject_adapters(net, configs, DEFAULT_TARGETS.get(cfg.model.arch, ()))
         if not cfg.train.train_base:
             freeze_base(net)
     scale = cfg.diffusion.steps / 1000.0 if cfg.diffusion.rescale_timesteps else 1.0

@@ -89,7 +89,16 @@ def inject_adapters(
             )
         else:
             part = inject_adapter(
-                model, cfg.name, weighting, cfg.condition, targets, cfg.rank, cfg.alpha, cfg.form, cfg.activation
+                model,
+                cfg.name,
+                weighting,
+                cfg.condition,
+                targets,
+                cfg.rank,
+                cfg.alpha,
+                cfg.form,
+                cfg.activation,
+                cfg.kernel,
             )
         report.extend(part)
     return report

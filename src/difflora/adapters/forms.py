@@ -22,9 +22,16 @@ and not the other branches, as in 002's ``(1 + a) W x + s W_up ReLU(W_down x) + 
 For a k x k convolution the down factors (``lora_A``, ``lora_down``) are k x k convolutions with the
 base's stride, padding and dilation, so the branch reads the base's receptive field (stored
 flattened as [num_bases x r x C k k], the base weight's fan-in layout), and the up factors are
-1x1. 002 says "1x1 convolutions" for its conv branches; its targets are 1x1 (DiT's linears), where
-the two coincide, and for a k x k base the k x k down factor keeps the branch's output aligned
-with the base's output grid (a strided base would otherwise need a strided 1x1 that skips inputs).
+1x1. 002 says "1x1 convolutions" for its conv branches: ``lowrank_act`` takes ``kernel="1x1"`` for
+that reading (the DiffScaler recipe uses it), a 1x1 convolution with the base's stride reading the
+centre of each receptive field (:meth:`Geometry.centre_tap`), so it lands on the base's output grid.
+
+**Frozen entries** (adding a task to a trained multi-task bank without changing the others): a
+bank can hold its first ``frozen`` entries as separate parameters ``<name>_frozen`` with
+``requires_grad=False`` and the rest as ``<name>``; forms see the concatenation
+(:meth:`Branch.entries`). A frozen entry is not a leaf the optimizer holds, so no gradient,
+optimizer state, weight decay or EMA can move it: it stays bit for bit. :meth:`Branch.add_entries`
+grows an index-weighted bank (one entry per task) and :meth:`Branch.set_entries` rewrites it.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from torch import nn
 
 from difflora.adapters.context import ConditionValue, current
 from difflora.adapters.router import Geometry, RankTerm, Route, rank_term
-from difflora.adapters.weightings import Weighting, weighting_from_spec
+from difflora.adapters.weightings import IndexWeighting, Weighting, weighting_from_spec
 
 __all__ = [
     "ACTIVATIONS",
@@ -92,13 +99,62 @@ class Branch(nn.Module, abc.ABC):
 
     form: str = ""
     mergeable: bool = False
+    # The parameters holding one row per bank entry (first dimension num_bases).
+    bank_names: tuple[str, ...] = ()
 
-    def __init__(self, weighting: Weighting, condition: str):
+    def __init__(self, weighting: Weighting, condition: str, geometry: Geometry):
         super().__init__()
         if not condition.isidentifier():
             raise ValueError(f"condition name {condition!r} must be a Python identifier")
         self.weighting = weighting
         self.condition = condition
+        self.geometry = geometry
+        self.frozen = 0  # leading entries held as frozen ``<name>_frozen`` parameters
+
+    def entries(self, name: str) -> torch.Tensor:
+        """Bank ``name`` over every entry [num_bases x ...]: the frozen entries, then the trainable ones."""
+        own = getattr(self, name)
+        return torch.cat([getattr(self, name + "_frozen"), own]) if self.frozen else own
+
+    @torch.no_grad()
+    def set_entries(self, banks: dict[str, torch.Tensor], frozen: int) -> None:
+        """Replace every bank by ``banks`` (name -> [num x ...]), the first ``frozen`` entries frozen.
+
+        Changing the number of entries needs an index weighting (one entry per task or class); it
+        is replaced by one over ``num`` values. The trainable part keeps its ``requires_grad``.
+        """
+        num = banks[self.bank_names[0]].shape[0]
+        if not 0 <= frozen <= num:
+            raise ValueError(f"frozen entries must be in 0..{num}, got {frozen}")
+        if num != self.num_bases:
+            if not isinstance(self.weighting, IndexWeighting):
+                raise ValueError(
+                    f"only index-weighted banks (one entry per task or class) change their number of entries; "
+                    f"this one is {self.weighting.kind}"
+                )
+            self.weighting = IndexWeighting(num)
+        for name in self.bank_names:
+            old = getattr(self, name)
+            full = banks[name].detach().to(device=old.device, dtype=old.dtype)
+            for key in (name + "_frozen", name):
+                self._parameters.pop(key, None)
+            if frozen:
+                self.register_parameter(name + "_frozen", nn.Parameter(full[:frozen].clone(), requires_grad=False))
+            self.register_parameter(name, nn.Parameter(full[frozen:].clone(), requires_grad=old.requires_grad))
+        self.frozen = frozen
+
+    def fresh_entries(self, num: int) -> dict[str, torch.Tensor]:
+        """``num`` freshly initialised entries of every bank (this form's "no change" initialisation)."""
+        spec = {**self.spec(), "weighting": IndexWeighting(num).spec(), "frozen": 0}
+        fresh = branch_from_spec(spec, self.geometry)
+        return {name: getattr(fresh, name).detach() for name in self.bank_names}
+
+    def add_entries(self, num: int, freeze_existing: bool = True) -> None:
+        """Append ``num`` fresh entries (index weightings: new task ids ``num_bases..``); with
+        ``freeze_existing`` every existing entry becomes frozen (DiffScaler's sequential regime)."""
+        fresh = self.fresh_entries(num)
+        banks = {n: torch.cat([self.entries(n).detach(), fresh[n].to(self.entries(n))]) for n in self.bank_names}
+        self.set_entries(banks, self.num_bases if freeze_existing else self.frozen)
 
     @property
     def num_bases(self) -> int:
@@ -125,7 +181,14 @@ class Branch(nn.Module, abc.ABC):
 
     def spec(self) -> dict[str, Any]:
         """JSON-able description: :func:`branch_from_spec` rebuilds the branch from it."""
-        return {"form": self.form, "condition": self.condition, "weighting": self.weighting.spec(), **self.options()}
+        frozen = {"frozen": self.frozen} if self.frozen else {}
+        return {
+            "form": self.form,
+            "condition": self.condition,
+            "weighting": self.weighting.spec(),
+            **self.options(),
+            **frozen,
+        }
 
     @abc.abstractmethod
     def options(self) -> dict[str, Any]:
@@ -140,10 +203,13 @@ class _RankBank(Branch):
     """Shared by the two rank-space forms: ``up (s * act(down x))`` routed by :func:`rank_term`."""
 
     act_name = "identity"
+    branch_geometry: Geometry | None = None  # set when the branch's input layout differs from the layer's
 
     def rank_term(self, route: Route, dtype: torch.dtype) -> RankTerm:
         down, up, scalars = self.factors()
-        return rank_term(route, down, up, route.slot_scales(scalars, dtype), activation(self.act_name), dtype)
+        term = rank_term(route, down, up, route.slot_scales(scalars, dtype), activation(self.act_name), dtype)
+        term.geometry = self.branch_geometry
+        return term
 
     @abc.abstractmethod
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
@@ -160,11 +226,12 @@ class LoRABank(_RankBank):
 
     form = "lowrank"
     mergeable = True
+    bank_names = ("lora_A", "lora_B")
 
     def __init__(
         self, weighting: Weighting, condition: str, geometry: Geometry, rank: int = 4, alpha: float | None = None
     ):
-        super().__init__(weighting, condition)
+        super().__init__(weighting, condition, geometry)
         if rank < 1:
             raise ValueError(f"LoRABank: rank must be >= 1, got {rank}")
         self.rank = int(rank)
@@ -180,15 +247,16 @@ class LoRABank(_RankBank):
         nn.init.zeros_(self.lora_B)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        return self.lora_A, self.lora_B, self.scaling
+        return self.entries("lora_A"), self.entries("lora_B"), self.scaling
 
     def delta_weight(self, value: ConditionValue) -> torch.Tensor:
         """``scaling * sum_i w_i(value) B_i A_i`` for one shared value: [d_out x fan_in]."""
-        w = self.shared_weights(value, self.lora_A.device)
+        a, b = self.entries("lora_A"), self.entries("lora_B")
+        w = self.shared_weights(value, a.device)
         if w is None:
-            return self.lora_B.new_zeros(self.lora_B.shape[1], self.lora_A.shape[2])
-        w = w.to(self.lora_A.dtype) * self.scaling
-        return torch.einsum("b,bor,brf->of", w, self.lora_B, self.lora_A)
+            return b.new_zeros(b.shape[1], a.shape[2])
+        w = w.to(a.dtype) * self.scaling
+        return torch.einsum("b,bor,brf->of", w, b, a)
 
     def options(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha}
@@ -203,34 +271,52 @@ class ActivationBank(_RankBank):
     ``lora_down`` [num_bases x rank x fan_in] and ``lora_up`` [num_bases x d_out x rank] are
     Kaiming-normal (fan-in mode, gain for ReLU, as ``nn.init.kaiming_normal_``), ``lora_s``
     [num_bases] = 0 (002: "s is initialised to zero"), so the branch starts as no change and both
-    factors get gradient once s moves.
+    factors get gradient once s moves. ``kernel``: ``"full"`` (a k x k down factor on a k x k
+    convolution) or ``"1x1"`` (002's 1x1 convolutions, :meth:`Geometry.centre_tap`); both are the
+    same on linear and 1x1 layers.
     """
 
     form = "lowrank_act"
+    bank_names = ("lora_down", "lora_up", "lora_s")
 
-    def __init__(self, weighting: Weighting, condition: str, geometry: Geometry, rank: int = 4, act: str = "relu"):
-        super().__init__(weighting, condition)
+    def __init__(
+        self,
+        weighting: Weighting,
+        condition: str,
+        geometry: Geometry,
+        rank: int = 4,
+        act: str = "relu",
+        kernel: str = "full",
+    ):
+        super().__init__(weighting, condition, geometry)
         if rank < 1:
             raise ValueError(f"ActivationBank: rank must be >= 1, got {rank}")
+        if kernel not in ("full", "1x1"):
+            raise ValueError(f"ActivationBank: kernel must be 'full' or '1x1', got {kernel!r}")
         activation(act)  # validates the name
-        self.rank, self.act_name = int(rank), act
-        self.lora_down = nn.Parameter(torch.empty(weighting.num_bases, rank, geometry.fan_in))
+        self.rank, self.act_name, self.kernel = int(rank), act, kernel
+        if kernel == "1x1" and geometry.kind == "conv":
+            self.branch_geometry = geometry.centre_tap()
+        fan_in = (self.branch_geometry or geometry).fan_in
+        self.lora_down = nn.Parameter(torch.empty(weighting.num_bases, rank, fan_in))
         self.lora_up = nn.Parameter(torch.empty(weighting.num_bases, geometry.out_features, rank))
         self.lora_s = nn.Parameter(torch.empty(weighting.num_bases))
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        for i in range(self.num_bases):  # per entry: each is its own [out x in] matrix
+        for i in range(self.lora_down.shape[0]):  # per entry: each is its own [out x in] matrix
             nn.init.kaiming_normal_(self.lora_down[i], nonlinearity="relu")
             nn.init.kaiming_normal_(self.lora_up[i], nonlinearity="relu")
         nn.init.zeros_(self.lora_s)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.lora_down, self.lora_up, self.lora_s
+        return self.entries("lora_down"), self.entries("lora_up"), self.entries("lora_s")
 
     def options(self) -> dict[str, Any]:
-        return {"rank": self.rank, "activation": self.act_name}
+        # "kernel" only when not the default, so specs written before the option read back equal.
+        kernel = {"kernel": self.kernel} if self.kernel != "full" else {}
+        return {"rank": self.rank, "activation": self.act_name, **kernel}
 
     def extra_repr(self) -> str:
         return f"condition={self.condition!r}, rank={self.rank}, activation={self.act_name}"
@@ -243,18 +329,19 @@ class _VectorBank(Branch):
     param = ""
 
     def __init__(self, weighting: Weighting, condition: str, geometry: Geometry):
-        super().__init__(weighting, condition)
+        super().__init__(weighting, condition, geometry)
+        self.bank_names = (self.param,)
         self.register_parameter(self.param, nn.Parameter(torch.empty(weighting.num_bases, geometry.out_features)))
         self.reset_parameters()
 
     @property
     def bank(self) -> torch.Tensor:
-        """The [num_bases x d_out] parameter (``scale`` or ``shift``)."""
-        return getattr(self, self.param)
+        """The [num_bases x d_out] bank (``scale`` or ``shift``; frozen entries first)."""
+        return self.entries(self.param)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.zeros_(self.bank)
+        nn.init.zeros_(getattr(self, self.param))
 
     def vector(self, value: ConditionValue) -> torch.Tensor:
         """The mixed vector for one shared value: [d_out]."""
@@ -294,14 +381,17 @@ def make_branch(
     rank: int = 4,
     alpha: float | None = None,
     act: str | None = None,
+    kernel: str = "full",
 ) -> Branch:
     """A fresh branch of ``form`` (see the module table); unknown forms are an error naming the valid ones."""
+    if kernel != "full" and form != "lowrank_act":
+        raise ValueError(f"kernel {kernel!r} is an option of form lowrank_act only (got form {form!r})")
     if form == "lowrank":
         if act not in (None, "identity"):
             raise ValueError(f"the lowrank form has no activation (got {act!r}); use form lowrank_act")
         return LoRABank(weighting, condition, geometry, rank, alpha)
     if form == "lowrank_act":
-        return ActivationBank(weighting, condition, geometry, rank, act or "relu")
+        return ActivationBank(weighting, condition, geometry, rank, act or "relu", kernel)
     if form == "scale":
         return ScaleBank(weighting, condition, geometry)
     if form == "shift":
@@ -312,7 +402,7 @@ def make_branch(
 def branch_from_spec(spec: dict[str, Any], geometry: Geometry) -> Branch:
     """Rebuild a branch from :meth:`Branch.spec` (adapter files store these)."""
     try:
-        return make_branch(
+        branch = make_branch(
             spec.get("form", "lowrank"),  # version-1 files hold low-rank banks only
             weighting_from_spec(spec["weighting"]),
             spec["condition"],
@@ -320,6 +410,11 @@ def branch_from_spec(spec: dict[str, Any], geometry: Geometry) -> Branch:
             spec.get("rank", 4),
             spec.get("alpha"),
             spec.get("activation"),
+            spec.get("kernel", "full"),
         )
     except KeyError as exc:
         raise ValueError(f"adapter spec {spec} lacks key {exc}") from None
+    frozen = spec.get("frozen", 0)
+    if frozen:  # the layout of a bank with frozen entries (their values come from the file)
+        branch.set_entries({n: branch.entries(n) for n in branch.bank_names}, frozen)
+    return branch

@@ -206,6 +206,7 @@ def inject_adapter(
     alpha: float | None = None,
     form: str = "lowrank",
     activation: str | None = None,
+    kernel: str = "full",
 ) -> InjectionReport:
     """Add adapter ``name`` (reading ``condition``, of ``form``) to every layer ``targets`` selects, in place.
 
@@ -223,7 +224,7 @@ def inject_adapter(
         if not isinstance(module, ConditionalLoRA):
             module = ConditionalLoRA(module)
             _set_submodule(model, path, module)
-        module.add_adapter(name, weighting(), condition, rank, alpha, form=form, activation=activation)
+        module.add_adapter(name, weighting(), condition, rank, alpha, form=form, activation=activation, kernel=kernel)
         report.layers.append(InjectedLayer.of(path, module, name, condition))
     report.total_params = sum(p.numel() for p in model.parameters())
     return report

@@ -119,9 +119,10 @@ class ConditionalLoRA(nn.Module):
         alpha: float | None = None,
         form: str = "lowrank",
         activation: str | None = None,
+        kernel: str = "full",
     ) -> Branch:
         """Add branch ``name`` of ``form`` reading ``condition``; returns it (see ``forms.py``)."""
-        branch = make_branch(form, weighting, condition, self.geometry, rank, alpha, activation)
+        branch = make_branch(form, weighting, condition, self.geometry, rank, alpha, activation, kernel)
         return self.add_branch(name, branch)
 
     def add_branch(self, name: str, branch: Branch) -> Branch:

@@ -85,6 +85,34 @@ class Geometry:
             tuple(base.dilation),
         )
 
+    def centre_tap(self) -> Geometry:
+        """A 1x1 branch on this layer's output grid: for a k x k convolution (odd k), a strided 1x1
+        convolution that reads the centre of each receptive field (DiffScaler's "1x1 convolutions");
+        other layouts are returned unchanged. Even kernels (no centre) and padding below the
+        centre offset (the centre would fall outside the input) are errors."""
+        if self.kind != "conv":
+            return self
+        k, d = self.kernel_size, self.dilation
+        if any(size % 2 == 0 for size in k):
+            raise ValueError(f"a 1x1 branch needs an odd kernel (a centre tap), got kernel {k}; use kernel 'full'")
+        if isinstance(self.padding, str):
+            pad = (
+                tuple(di * (ki - 1) // 2 for ki, di in zip(k, d, strict=True))
+                if self.padding == "same"
+                else (0,) * len(k)
+            )
+        else:
+            pad = self.padding
+        offset = tuple(p - di * (ki - 1) // 2 for p, ki, di in zip(pad, k, d, strict=True))
+        if any(o < 0 for o in offset):
+            raise ValueError(
+                f"a 1x1 branch needs padding >= the centre offset of kernel {k}, got {pad}; use kernel 'full'"
+            )
+        ones = (1,) * len(k)
+        if all(s == 1 for s in self.stride) and not any(offset):
+            return Geometry("pointwise", self.in_features, self.out_features, ones)
+        return Geometry("conv", self.in_features, self.out_features, ones, self.stride, offset, ones)
+
 
 def per_channel(vec: torch.Tensor, out: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """A per-sample, per-output-channel [N x d] tensor viewed to broadcast over ``out``."""
@@ -138,7 +166,8 @@ class RankTerm:
 
     Sparse: ``down`` [N x R x F] and ``up_t`` [N x R x d_out] gathered per sample (R = K r, rows in
     (k, r) order). Dense: ``down`` [R x F] and ``up_t`` [R x d_out] shared (R = num_bases r).
-    ``s`` [N x R] scales rank space. ``act`` None is the identity.
+    ``s`` [N x R] scales rank space. ``act`` None is the identity. ``geometry``: the branch's own
+    input layout when it differs from the layer's (a 1x1 branch on a k x k convolution).
     """
 
     down: torch.Tensor
@@ -146,6 +175,7 @@ class RankTerm:
     s: torch.Tensor
     act: Callable[[torch.Tensor], torch.Tensor] | None
     sparse: bool
+    geometry: Geometry | None = None
 
 
 def rank_term(
@@ -175,15 +205,16 @@ def rank_term(
 
 def add_rank_terms(out: torch.Tensor, x: torch.Tensor, geometry: Geometry, terms: list[RankTerm]) -> torch.Tensor:
     """``out + sum_terms up (s * act(down x))``; sparse identity terms share one pair of bmm's."""
-    fused = [t for t in terms if t.sparse and t.act is None]
-    rest = [t for t in terms if not (t.sparse and t.act is None)]
+    fusable = [t.sparse and t.act is None and t.geometry is None for t in terms]
+    fused = [t for t, ok in zip(terms, fusable, strict=True) if ok]
+    rest = [t for t, ok in zip(terms, fusable, strict=True) if not ok]
     if len(fused) > 1:
         # All sparse linear branches of a layer (e.g. TimeLoRA + ClassLoRA) in one pair of bmm's.
         down = torch.cat([t.down for t in fused], dim=1)
         up_t = torch.cat([t.up_t for t in fused], dim=1)
         fused = [RankTerm(down, up_t, torch.cat([t.s for t in fused], dim=1), None, True)]
     for term in fused + rest:
-        out = _add_term(out, x, geometry, term)
+        out = _add_term(out, x, term.geometry or geometry, term)
     return out
 
 

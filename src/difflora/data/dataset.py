@@ -186,4 +186,8 @@ def load_dataset(cfg: DataConfig, split: Split) -> ImageDataset:
     channels = DATASET_SHAPES[cfg.name][1]
     # A source returning the wrong channel count would break the model built from the same config.
     assert images.shape[1] == channels, f"{cfg.name} source returned {images.shape[1]} channels, expected {channels}"
-    return ImageDataset(images.contiguous(), labels.contiguous(), class_names, name=cfg.name, hflip=cfg.hflip)
+    # data.task_id: every sample of this one dataset carries that task id (condition ``task``).
+    task = {} if cfg.task_id is None else {"task": torch.full((len(labels),), cfg.task_id, dtype=torch.long)}
+    return ImageDataset(
+        images.contiguous(), labels.contiguous(), class_names, name=cfg.name, hflip=cfg.hflip, conditions=task
+    )

@@ -35,7 +35,7 @@ __all__ = ["load_tasks", "task_configs"]
 def task_configs(cfg: DataConfig) -> list[DataConfig]:
     """One single-dataset config per task (task 0 first), each at the run's image size."""
     size, _ = cfg.resolved_shape()
-    first = cfg.model_copy(update={"tasks": []})
+    first = cfg.model_copy(update={"tasks": [], "task_id": None})
     rest = [DataConfig(name=t.name, root=t.root, limit=t.limit, image_size=size, hflip=cfg.hflip) for t in cfg.tasks]
     return [first, *rest]
 
@@ -66,7 +66,8 @@ def load_tasks(cfg: DataConfig, split: Split) -> ImageDataset:
     # The config checks channels and every task is resized to one size, so this cannot differ.
     assert len(shapes) == 1, f"tasks loaded with different image shapes {shapes}"
     labels, names = _labels_and_names(parts, cfg.task_labels)
-    task = torch.cat([torch.full((len(p),), k, dtype=torch.long) for k, p in enumerate(parts)])
+    first = cfg.task_id or 0  # data.task_id numbers data.name's task; the others follow it
+    task = torch.cat([torch.full((len(p),), first + k, dtype=torch.long) for k, p in enumerate(parts)])
     return ImageDataset(
         torch.cat([p.images for p in parts]),
         labels,

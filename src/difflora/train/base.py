@@ -16,6 +16,8 @@ again on resume, sampling and evaluation.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +35,58 @@ from difflora.train.checkpoint import (
     weight_sources,
 )
 
-__all__ = ["adapter_owned_keys", "base_key_map", "load_base", "resolve_base_checkpoint", "stored_state"]
+__all__ = [
+    "PRETRAINED_PREFIX",
+    "adapter_owned_keys",
+    "base_key_map",
+    "bases_cache_dir",
+    "load_base",
+    "pretrained_run_dir",
+    "resolve_base_checkpoint",
+    "stored_state",
+]
+
+# ``train.init_from: pretrained:NAME``: the shared base ``difflora pretrain NAME`` trained into the cache.
+PRETRAINED_PREFIX = "pretrained:"
+
+
+def bases_cache_dir() -> Path:
+    """``$DIFFLORA_CACHE/bases`` if the variable is set, else ``~/.cache/difflora/bases``."""
+    root = os.environ.get("DIFFLORA_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "difflora") / "bases"
+
+
+def pretrained_run_dir(name: str) -> Path:
+    """The run directory of the shared base ``name`` (``configs/pretrain/NAME.yaml``) in the cache."""
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"pretrained base name {name!r} must be a preset name such as fmnist16-unet")
+    return bases_cache_dir() / name
+
+
+def _pretrained_checkpoint(init_from: str) -> Path:
+    """The final checkpoint of a finished shared base; a missing or unfinished one is an error."""
+    name = init_from[len(PRETRAINED_PREFIX) :]
+    run = pretrained_run_dir(name)
+    try:
+        ckpt = select_checkpoint(run)
+        steps = json.loads((run / "config.json").read_text())["train"]["steps"]
+    except (CheckpointError, OSError, ValueError, KeyError):
+        raise FileNotFoundError(
+            f"train.init_from={init_from}: no finished base in {run}; run `difflora pretrain {name}` first"
+        ) from None
+    if int(ckpt.name.removeprefix("step_")) < steps:
+        raise ValueError(
+            f"train.init_from={init_from}: the base in {run} is unfinished ({ckpt.name} of {steps} steps); "
+            f"run `difflora pretrain {name}` to finish it"
+        )
+    return ckpt.resolve()
 
 
 def resolve_base_checkpoint(init_from: str | Path) -> Path:
-    """The checkpoint directory ``init_from`` names: itself, or a run directory's newest intact checkpoint."""
+    """The checkpoint directory ``init_from`` names: itself, a run directory's newest intact checkpoint,
+    or (``pretrained:NAME``) the final checkpoint of the shared base ``difflora pretrain NAME`` trained."""
+    if str(init_from).startswith(PRETRAINED_PREFIX):
+        return _pretrained_checkpoint(str(init_from))
     path = Path(init_from)
     if (path / "state.json").is_file():
         return path.resolve()
