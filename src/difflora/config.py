@@ -24,6 +24,7 @@ __all__ = [
     "AdapterConfig",
     "Config",
     "ConfigError",
+    "ContextConfig",
     "DataConfig",
     "DiffusionConfig",
     "DiTConfig",
@@ -136,6 +137,19 @@ class DiTConfig(StrictModel):
     mlp_ratio: float = Field(default=4.0, gt=0)
 
 
+class ContextConfig(StrictModel):
+    """The context of ``model.attention: cross`` (LDM-style transformer blocks, ``nets/transformer.py``)."""
+
+    # Width D of the context [N x L x D] the cross-attention reads (keys and values: D -> block width).
+    dim: int = Field(default=64, ge=1)
+    # Learned context tokens L per class label (and for the null context of y = -1).
+    tokens: int = Field(default=1, ge=1)
+    # U-Net only: transformer blocks per attention site (LDM's transformer_depth) and the GEGLU
+    # feed-forward's inner width as a multiple of the block width (the DiT uses dit.mlp_ratio).
+    depth: int = Field(default=1, ge=1)
+    ff_mult: float = Field(default=4.0, gt=0)
+
+
 class AdapterConfig(StrictModel):
     """One conditional adapter injected into the backbone (issues 3 and 7; difflora.adapters).
 
@@ -225,6 +239,11 @@ class ModelConfig(StrictModel):
     class_embed: bool = True
     unet: UNetConfig = Field(default_factory=UNetConfig)
     dit: DiTConfig = Field(default_factory=DiTConfig)
+    # self: the backbone's own attention blocks. cross: LDM-style transformer blocks (self-attention,
+    # cross-attention over model.context, GEGLU feed-forward) in their place; the class label then
+    # enters through the context only (learned tokens per class, a learned null context for y = -1).
+    attention: Literal["self", "cross"] = "self"
+    context: ContextConfig = Field(default_factory=ContextConfig)
     adapters: list[AdapterConfig] = Field(default_factory=list)
 
     @property
