@@ -118,6 +118,8 @@ def test_run_anova_writes_tables_plots_and_cli(tmp_path, capsys):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((out / "anova.json").read_text())
     assert record["metrics"]["fd"]["sentence"].startswith("The dominant factor for fd is A")
+    a1 = [r["fd"] for r in synthetic() if r["A"] == "a1"]
+    assert record["metrics"]["fd"]["level_means"]["A"]["a1"] == pytest.approx(np.mean(a1), abs=TOL)
     assert any(line.startswith("The dominant factor for class_accuracy is A") for line in lines)
     assert (out / "anova_fd.csv").read_text().splitlines()[0] == "term,sum_sq,df,F,p,eta_sq,partial_eta_sq"
     # Same table from the JSONL twin.

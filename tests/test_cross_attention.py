@@ -252,3 +252,15 @@ def test_block_parameter_count_closed_form(adaln):
     ff = d * 2 * inner + 2 * inner + inner * d + d  # GEGLU's doubled projection, then back to d
     mod = cond * 9 * d + 9 * d if adaln else 0
     assert count_parameters(block) == norms + attn1 + attn2 + ff + mod
+
+
+def test_guidance_with_a_caller_context_uses_the_null_context_for_the_unconditional_half():
+    from difflora.diffusion.guidance import ClassifierFreeGuidance
+
+    net = randomize(build_net(cross_cfg("dit")).double(), std=0.1).eval()
+    x, t = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([4.0, 40.0])
+    y, ctx = torch.tensor([1, 5]), torch.randn(2, 3, 16, dtype=torch.float64)
+    guided = ClassifierFreeGuidance(net, 3.0)(x, t, y, context=ctx)
+    cond, uncond = net(x, t, y, context=ctx), net(x, t, None)
+    torch.testing.assert_close(guided[:, :1], uncond[:, :1] + 3.0 * (cond[:, :1] - uncond[:, :1]), atol=TOL, rtol=0)
+    torch.testing.assert_close(guided[:, 1:], cond[:, 1:], atol=TOL, rtol=0)

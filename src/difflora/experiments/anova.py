@@ -17,7 +17,7 @@ and the share of the variance it explains, and says whether it is significant at
 Factors are the table's columns before ``seed`` (``difflora sweep`` writes them first); factors with
 one level in the table are left out (they explain nothing). Runs evaluated at several guidance
 scales give one row per scale: pick one with ``guidance``. Outputs, in ``out``:
-``anova_<metric>.csv`` (the table), ``anova.json`` (tables and sentences), ``main_effects_<metric>.png``
+``anova_<metric>.csv`` (the table), ``anova.json`` (tables, sentences and each level's mean), ``main_effects_<metric>.png``
 (mean and standard error per level, one panel per factor) and ``interaction_<metric>.png`` (the two
 factors with the largest effects: one line per level of the second).
 """
@@ -224,7 +224,13 @@ def run_anova(
             for r in table
         ]
         (out_dir / f"anova_{metric}.csv").write_text("\n".join(csv_lines) + "\n")
-        record["metrics"][metric] = {"table": table, "sentence": sentence, "rows": len(rows)}
+        means = {f: dict(zip(*_level_stats(frame, f, metric)[:2], strict=True)) for f in varied}
+        record["metrics"][metric] = {
+            "table": table,
+            "sentence": sentence,
+            "rows": len(rows),
+            "level_means": {f: {str(k): float(v) for k, v in m.items()} for f, m in means.items()},
+        }
         lines += [*_format(table, metric), sentence, f"plots: {', '.join(str(p) for p in plots)}", ""]
     (out_dir / "anova.json").write_text(json.dumps(record, indent=2) + "\n")
     lines.append(f"tables: {out_dir}/anova_<metric>.csv, {out_dir / 'anova.json'}")
