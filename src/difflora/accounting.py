@@ -12,7 +12,7 @@ from torch import nn
 __all__ = ["count_parameters", "format_count", "peak_memory_mb", "parameter_group"]
 
 # Names that mark conditioning machinery, so `difflora params` can show what LoRA replaces.
-_EMBEDDING_PARTS = ("time_embed", "emb_layers", "label_emb", "t_embedder", "y_embedder")
+_EMBEDDING_PARTS = ("time_embed", "emb_layers", "label_emb", "t_embedder", "y_embedder", "context_embedder")
 
 
 def parameter_group(name: str) -> str:

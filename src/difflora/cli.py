@@ -285,6 +285,26 @@ def _cmd_study(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from difflora.experiments.sweep import run_sweep
+
+    table = run_sweep(args.sweep, out=args.out, progress=not args.no_progress, plan_only=args.plan)
+    if not args.plan:
+        print(f"results: {table}")
+    return 0
+
+
+def _cmd_anova(args) -> int:
+    from difflora.experiments.anova import run_anova
+
+    lines = run_anova(
+        args.results, args.metric or ["fd"], out=args.out, guidance=args.guidance, interactions=args.interactions
+    )
+    for line in lines:
+        print(line)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from difflora.train import train
 
@@ -427,6 +447,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--no-progress", action="store_true")
     st.set_defaults(fn=_cmd_study)
+
+    sw = sub.add_parser("sweep", help="run a factorial sweep YAML (cells x seeds: train, eval) into one results table")
+    sw.add_argument("sweep", help="a sweep YAML, e.g. experiments/design-space/digits.yaml")
+    sw.add_argument("--out", default=None, help="output directory (default: the sweep's out, or runs/<name>)")
+    sw.add_argument("--plan", action="store_true", help="list the cells (and skipped ones) and run nothing")
+    sw.add_argument("--no-progress", action="store_true")
+    sw.set_defaults(fn=_cmd_sweep)
+
+    an = sub.add_parser("anova", help="ANOVA (type II) of a sweep's results: F, p, eta squared, effect plots")
+    an.add_argument("results", help="a results table: <sweep out>/results.csv or results.jsonl")
+    an.add_argument("--metric", action="append", help="the response column (repeatable; default fd)")
+    an.add_argument("--guidance", type=finite_float, default=None, help="rows of this guidance scale only")
+    an.add_argument("--interactions", action="store_true", help="also fit every two-factor interaction")
+    an.add_argument("--out", default=None, help="output directory (default: <results dir>/anova)")
+    an.set_defaults(fn=_cmd_anova)
 
     d = sub.add_parser("demo", help="train the digits preset on the embedded data and write a sample grid")
     d.add_argument("--out", default="runs/demo")

@@ -25,6 +25,7 @@ __all__ = [
     "AffinerConfig",
     "Config",
     "ConfigError",
+    "ContextConfig",
     "DataConfig",
     "DiffusionConfig",
     "DiTConfig",
@@ -139,6 +140,19 @@ class DiTConfig(StrictModel):
     hidden_size: int = Field(default=384, ge=1)
     num_heads: int = Field(default=6, ge=1)
     mlp_ratio: float = Field(default=4.0, gt=0)
+
+
+class ContextConfig(StrictModel):
+    """The context of ``model.attention: cross`` (LDM-style transformer blocks, ``nets/transformer.py``)."""
+
+    # Width D of the context [N x L x D] the cross-attention reads (keys and values: D -> block width).
+    dim: int = Field(default=64, ge=1)
+    # Learned context tokens L per class label (and for the null context of y = -1).
+    tokens: int = Field(default=1, ge=1)
+    # U-Net only: transformer blocks per attention site (LDM's transformer_depth) and the GEGLU
+    # feed-forward's inner width as a multiple of the block width (the DiT uses dit.mlp_ratio).
+    depth: int = Field(default=1, ge=1)
+    ff_mult: float = Field(default=4.0, gt=0)
 
 
 class AdapterConfig(StrictModel):
@@ -263,6 +277,11 @@ class ModelConfig(StrictModel):
     class_embed: bool = True
     unet: UNetConfig = Field(default_factory=UNetConfig)
     dit: DiTConfig = Field(default_factory=DiTConfig)
+    # self: the backbone's own attention blocks. cross: LDM-style transformer blocks (self-attention,
+    # cross-attention over model.context, GEGLU feed-forward) in their place; the class label then
+    # enters through the context only (learned tokens per class, a learned null context for y = -1).
+    attention: Literal["self", "cross"] = "self"
+    context: ContextConfig = Field(default_factory=ContextConfig)
     adapters: list[AdapterConfig] = Field(default_factory=list)
     # DiffScaler's Affiner on many layers at once (expanded into adapters when the model is built).
     affiner: AffinerConfig | None = None

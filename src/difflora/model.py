@@ -70,13 +70,15 @@ class DiffusionModel(nn.Module):
     ) -> torch.Tensor:
         """Run ``net(x, t, y)`` with adapter conditions ``t`` (original units), ``y`` and ``extra`` set.
 
-        ``extra`` (e.g. ``task=[N]``, ``guidance=[N]``) is seen by adapters only, not by the backbone.
+        ``extra`` (e.g. ``task=[N]``, ``guidance=[N]``) is seen by adapters only, not by the backbone,
+        except ``context`` [N x L x D], which goes to a cross-attention backbone (``model.attention: cross``).
         """
+        context = extra.pop("context", None)
         values = {"t": self.adapter_timesteps(t), "y": y, **extra}
         if self._merge_shared:
             merge_shared(self.net, **{k: values[k] for k in self._merge_shared if k in values})
         with conditions(**values):
-            return self.net(x, t, y)
+            return self.net(x, t, y) if context is None else self.net(x, t, y, context=context)
 
     @contextlib.contextmanager
     def merged(self, *names: str) -> Iterator[DiffusionModel]:

@@ -71,6 +71,12 @@ class PositionAdapter(nn.Module):
                 raise ValueError(
                     f"{role} tap {tap!r} is not a tap of {type(block).__name__}; its taps: {', '.join(taps)}"
                 )
+        pairs = getattr(block, "TAP_PAIRS", None)  # blocks that list their valid pairs (004's design space)
+        if pairs is not None and (source, dest) not in pairs:
+            raise ValueError(
+                f"({source}, {dest}) is not a valid (source, dest) pair of {type(block).__name__}; "
+                f"valid pairs: {', '.join(f'{s}->{d}' for s, d in pairs)}"
+            )
         if taps.index(source) > taps.index(dest):
             raise ValueError(
                 f"source tap {source!r} comes after dest tap {dest!r} in {type(block).__name__}'s forward "

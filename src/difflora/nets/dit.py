@@ -20,6 +20,12 @@ Conditioning vector ``c`` [N x hidden] fed to every adaLN modulation:
   ``adaLN_modulation`` (SiLU then Linear) outputs exactly its Linear's learned bias: the shifts,
   scales and gates become per-block learned constants, the same for every sample.
 
+``attention: cross`` (not DiT's published blocks): every block is the LDM-style
+:class:`~difflora.nets.transformer.TransformerBlock` (self-attention, cross-attention over a
+context, GEGLU feed-forward of width ``mlp_ratio * hidden``) keeping adaLN-Zero for the time
+vector; the class label enters through the context (``context_embedder``), so there is no
+``y_embedder`` and ``c = t_embedder(t)``; ``net(x, t, y, context=...)`` takes a caller's context.
+
 Other differences: the fixed 2D sin-cos position embedding is a non-persistent buffer (not a
 parameter, so it is never trained nor saved; DiT keeps it as a frozen ``nn.Parameter``);
 attention uses ``scaled_dot_product_attention``; images are square (``image_size``), and
@@ -34,6 +40,7 @@ import torch.nn.functional as F
 
 from difflora.config import ModelConfig
 from difflora.nets.layers import timestep_embedding
+from difflora.nets.transformer import ContextEmbedder, TransformerBlock
 
 __all__ = ["DIT_PRESETS", "DiT", "DiTBlock", "get_2d_sincos_pos_embed"]
 
@@ -225,10 +232,17 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(patch, cfg.in_channels, hidden)
         self.t_embedder = TimestepEmbedder(hidden) if cfg.time_embed else None
-        self.y_embedder = LabelEmbedder(self.num_classes, hidden) if self.num_classes > 0 else None
+        cross = cfg.attention == "cross"
+        self.y_embedder = LabelEmbedder(self.num_classes, hidden) if self.num_classes > 0 and not cross else None
+        ctx = cfg.context
+        self.context_embedder = ContextEmbedder(self.num_classes, ctx.tokens, ctx.dim) if cross else None
         # Fixed, so a buffer: never trained, and recomputed rather than loaded.
         self.register_buffer("pos_embed", get_2d_sincos_pos_embed(hidden, self.grid)[None], persistent=False)
-        self.blocks = nn.ModuleList(DiTBlock(hidden, heads, d.mlp_ratio) for _ in range(depth))
+        if cross:
+            inner = int(hidden * d.mlp_ratio)
+            self.blocks = nn.ModuleList(TransformerBlock(hidden, heads, ctx.dim, inner, hidden) for _ in range(depth))
+        else:
+            self.blocks = nn.ModuleList(DiTBlock(hidden, heads, d.mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden, patch, self.out_channels)
         self.initialize_weights()
 
@@ -237,7 +251,8 @@ class DiT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:  # cross-attention's to_q, to_k, to_v have none
+                    nn.init.zeros_(m.bias)
         # The patch conv is initialised like the linear map it is (xavier on the flattened kernel).
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -274,12 +289,22 @@ class DiT(nn.Module):
             c = c + self.y_embedder(y)
         return c
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """:param x: [N x C x H x W]. :param t: [N]. :param y: [N] labels (-1 = null) or None.
+        :param context: ``attention: cross`` only: a caller's context [N x L x D].
         :return: [N x C_out x H x W]."""
+        if self.context_embedder is None and context is not None:
+            raise ValueError("context= is for cross-attention blocks; set model.attention=cross")
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D), T = (H/p)(W/p)
         c = self.condition(t, y, x.shape[0], h.dtype)  # (N, D)
-        for block in self.blocks:
-            h = block(h, c)  # (N, T, D)
+        if self.context_embedder is None:
+            for block in self.blocks:
+                h = block(h, c)  # (N, T, D)
+        else:
+            ctx = self.context_embedder(y, x.shape[0], context).to(h.dtype)  # (N, L, D_ctx)
+            for block in self.blocks:
+                h = block(h, ctx, c)  # (N, T, D)
         h = self.final_layer(h, c)  # (N, T, p*p*C_out)
         return self.unpatchify(h)

@@ -55,16 +55,17 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x.float()).type(x.dtype)
 
 
-def group_norm(channels: int, groups: int = 32) -> GroupNorm32:
+def group_norm(channels: int, groups: int = 32, eps: float = 1e-5) -> GroupNorm32:
     """improved-diffusion's ``normalization``: 32 groups.
 
     When ``channels`` is not a multiple of 32 (tiny test nets with 16 or 24 channels) the number of
     groups falls back to ``gcd(32, channels)``. The parameter count (2 * channels) is the same
     either way, and every paper configuration uses multiples of 32, so those are unchanged.
+    ``eps``: torch's default; LDM's spatial transformer uses 1e-6.
     """
     if channels % groups:
         groups = math.gcd(groups, channels)
-    return GroupNorm32(groups, channels)
+    return GroupNorm32(groups, channels, eps=eps)
 
 
 def masked_label_embedding(table: nn.Embedding, y: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,10 @@ Differences from improved-diffusion, all optional or outside the layers themselv
   is improved-diffusion's (per head: q, k, v of C/heads channels each), so weights are interchangeable.
 * No fp16 conversion or gradient checkpointing flags (``difflora.adapters.checkpoint`` wraps any
   block, adapters and conditions included).
+* ``attention: cross`` (not improved-diffusion) puts LDM's spatial transformers
+  (``nets/transformer.py``) where the attention blocks were: the class label then reaches the net
+  through the cross-attention's context (``context_embedder``), not ``label_emb``, and
+  ``net(x, t, y, context=...)`` takes a caller's context [N x L x D].
 * Named taps for position adapters (004): every ``ResBlock`` and ``AttentionBlock`` has
   parameter-free ``nn.Identity`` points ``tap_in`` (the block's input) and ``tap_out`` (its output,
   after the residual sum), listed in ``TAPS``. They add no parameters and change no parameter name.
@@ -40,6 +44,7 @@ import torch.nn.functional as F
 
 from difflora.config import ModelConfig
 from difflora.nets.layers import group_norm, masked_label_embedding, timestep_embedding, zero_module
+from difflora.nets.transformer import ContextEmbedder, SpatialTransformer
 
 __all__ = ["AttentionBlock", "Downsample", "ResBlock", "UNetModel", "Upsample", "default_channel_mult"]
 
@@ -191,11 +196,19 @@ class Upsample(nn.Module):
 
 
 class EmbedSequential(nn.Sequential):
-    """A Sequential that hands the embedding to its ResBlocks (improved-diffusion's TimestepEmbedSequential)."""
+    """A Sequential that hands the embedding to its ResBlocks (improved-diffusion's TimestepEmbedSequential)
+    and the context to its spatial transformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, emb: torch.Tensor | None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
         return x
 
 
@@ -233,13 +246,18 @@ class UNetModel(nn.Module):
         self.model_channels = mc
         self.channel_mult = channel_mult
         self.num_classes = cfg.num_classes if cfg.class_embed else 0
+        cross = cfg.attention == "cross"
 
         emb_dim = 4 * mc
         if cfg.time_embed:
             self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         else:
             self.time_embed = None
-        if self.num_classes > 0:
+        # Cross-attention: the label enters through the context; the null label gets a learned null context.
+        self.context_embedder = (
+            ContextEmbedder(self.num_classes, cfg.context.tokens, cfg.context.dim) if cross else None
+        )
+        if self.num_classes > 0 and not cross:
             # One row per class, no null row: the unconditional branch adds no class embedding.
             self.label_emb = nn.Embedding(self.num_classes, emb_dim)
         else:
@@ -250,6 +268,11 @@ class UNetModel(nn.Module):
         def res_block(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, res_emb, u.dropout, cout, u.use_scale_shift_norm)
 
+        def attention(c: int, heads: int) -> nn.Module:
+            if cross:
+                return SpatialTransformer(c, heads, cfg.context.dim, cfg.context.ff_mult, cfg.context.depth)
+            return AttentionBlock(c, heads)
+
         attn_res = set(u.attention_resolutions)
         self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_chans = [mc]
@@ -259,7 +282,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [res_block(ch, mult * mc)]
                 ch = mult * mc
                 if res in attn_res:
-                    layers.append(AttentionBlock(ch, u.num_heads))
+                    layers.append(attention(ch, u.num_heads))
                 self.input_blocks.append(EmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != len(channel_mult) - 1:
@@ -267,7 +290,7 @@ class UNetModel(nn.Module):
                 skip_chans.append(ch)
                 res //= 2
 
-        self.middle_block = EmbedSequential(res_block(ch, ch), AttentionBlock(ch, u.num_heads), res_block(ch, ch))
+        self.middle_block = EmbedSequential(res_block(ch, ch), attention(ch, u.num_heads), res_block(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -275,7 +298,7 @@ class UNetModel(nn.Module):
                 layers = [res_block(ch + skip_chans.pop(), mc * mult)]
                 ch = mc * mult
                 if res in attn_res:
-                    layers.append(AttentionBlock(ch, num_heads_up))
+                    layers.append(attention(ch, num_heads_up))
                 if level and i == u.num_res_blocks:
                     layers.append(Upsample(ch, u.conv_resample))
                     res *= 2
@@ -299,16 +322,22 @@ class UNetModel(nn.Module):
             emb = emb + masked_label_embedding(self.label_emb, y)
         return emb
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """:param x: [N x C x H x W]. :param t: [N] timesteps. :param y: [N] labels (-1 = null) or None.
-        :return: [N x C_out x H x W]."""
+        :param context: ``attention: cross`` only: a caller's context [N x L x D] (see
+        :class:`~difflora.nets.transformer.ContextEmbedder`). :return: [N x C_out x H x W]."""
+        if self.context_embedder is None and context is not None:
+            raise ValueError("context= is for cross-attention blocks; set model.attention=cross")
+        ctx = None if self.context_embedder is None else self.context_embedder(y, x.shape[0], context).to(x.dtype)
         emb = self.embedding(t, y, x.shape[0], x.dtype)
         hs = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb)
+            h = block(h, emb, ctx)
             hs.append(h)
-        h = self.middle_block(h, emb)
+        h = self.middle_block(h, emb, ctx)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, ctx)
         return self.out(h)
