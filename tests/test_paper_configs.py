@@ -71,11 +71,11 @@ def test_timelora_breakdown_by_group(capsys):
     assert counts["by_group"] == {
         "base": BASE_NO_TIME,
         "embeddings": 0,
-        "lora": lora,
+        "adapters": lora,
         "weighting": 30 * 4001 * 11,
     }
     with_embed = params_json("paper/timelora-with-time-embed", capsys)["by_group"]
-    assert with_embed["embeddings"] == 52_546_438 - BASE_NO_TIME and with_embed["lora"] == lora
+    assert with_embed["embeddings"] == 52_546_438 - BASE_NO_TIME and with_embed["adapters"] == lora
 
 
 def test_params_table_shows_the_groups(capsys):
@@ -88,6 +88,6 @@ def test_params_table_shows_the_groups(capsys):
     # ClassLoRA adds 10 rank-4 LoRAs per layer (no row for the null label) to TimeLoRA's 11.
     assert rows["base"] == BASE_NO_TIME
     assert rows["embeddings"] == 0
-    assert rows["lora"] == LORA_PER_BASIS_R1 * 4 * (11 + 10)
+    assert rows["adapters"] == LORA_PER_BASIS_R1 * 4 * (11 + 10)
     assert rows["weighting"] == 30 * 4001 * 11
     assert rows["total"] == 48_513_040

@@ -16,12 +16,17 @@ _EMBEDDING_PARTS = ("time_embed", "emb_layers", "label_emb", "t_embedder", "y_em
 
 
 def parameter_group(name: str) -> str:
-    """The accounting group of a parameter name: lora bank, weighting table, embeddings or base."""
-    if ".lora_A" in name or ".lora_B" in name or name.startswith(("lora_A", "lora_B")):
-        return "lora"
-    if ".weighting." in name:
+    """The accounting group of a parameter name: adapters, their weighting tables, embeddings or base.
+
+    Adapter-owned tensors live under a wrapped layer's ``adapters.<name>.`` (every update form) or a
+    block's ``position_adapters.<name>.``; a trainable weighting's table under ``...weighting.``.
+    """
+    parts = name.split(".")
+    if "weighting" in parts:
         return "weighting"
-    if any(part in name.split(".") for part in _EMBEDDING_PARTS):
+    if "adapters" in parts or "position_adapters" in parts:
+        return "adapters"
+    if any(part in parts for part in _EMBEDDING_PARTS):
         return "embeddings"
     return "base"
 
@@ -36,7 +41,7 @@ def count_parameters(model: nn.Module) -> dict:
     """Total and trainable parameters, by group and by top-level module (shared tensors counted once)."""
     seen: set[int] = set()
     total = trainable = 0
-    by_group: dict[str, int] = OrderedDict((g, 0) for g in ("base", "embeddings", "lora", "weighting"))
+    by_group: dict[str, int] = OrderedDict((g, 0) for g in ("base", "embeddings", "adapters", "weighting"))
     by_module: dict[str, int] = OrderedDict()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:

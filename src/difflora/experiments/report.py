@@ -192,13 +192,13 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
                 f"| {_floor_cell(f, 'kid_mean', 2, 1e3)} | {_floor_cell(f, 'precision', 2)} "
                 f"| {_floor_cell(f, 'recall', 2)} | {_floor_cell(f, 'class_accuracy', 2)} | - | - | - | - |"
             )
-        g = r["parameters"]["by_group"]
+        g = r["parameters"]["by_group"]  # records written before "adapters" was its name say "lora"
         lines.append(
             f"| {r['group']} | {r['arm']} | {r['steps']} | {r['guidance']:g} | {_pm(r['fd'])} "
             f"| {_pm(r['kid_mean'], 2, 1e3)} "
             f"| {_pm(r['precision'])} | {_pm(r['recall'])} | {_pm(r['class_accuracy'])} "
             f"| {r['parameters']['total']:,} / {r['parameters']['trainable']:,} "
-            f"| {g.get('lora', 0) + g.get('weighting', 0):,} | {_pm(r['train_images_per_s'], 0)} "
+            f"| {g.get('adapters', 0) + g.get('lora', 0) + g.get('weighting', 0):,} | {_pm(r['train_images_per_s'], 0)} "
             f"| {_pm(r['sample_images_per_s'], 0)} |"
         )
     return lines
