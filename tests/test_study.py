@@ -85,7 +85,7 @@ def test_tiny_study_reports_and_reuses_finished_runs(tmp_path, monkeypatch):
     assert "comparable only at equal sample counts" in text
     assert "LoRA wins" in text and "Welch" in text
     assert (tmp_path / "docs" / "tiny-study" / "samples-tclora-w2.png").is_file()
-    assert len(list((tmp_path / "docs" / "tiny-study" / "runs").glob("*/seed*.json"))) == 4
+    assert len(list((tmp_path / "docs" / "tiny-study" / "records").glob("*/seed*.json"))) == 4
     ckpts = sorted(out.glob("*/seed*/checkpoints/*/model.safetensors"))
     assert len(ckpts) == 4
     mtimes = [c.stat().st_mtime_ns for c in ckpts]
