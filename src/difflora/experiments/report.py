@@ -45,7 +45,9 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
             if {k: m["settings"].get(k) for k in settings} != settings or m["checkpoint_step"] != cfg.train.steps:
                 continue
             acc = json.loads(apath.read_text())
+            # Machine-specific paths and settings stay out of a record meant for the repository.
             m = {k: v for k, v in m.items() if k not in ("run_dir", "device", "threads")}
+            m["feature_net"] = {k: v for k, v in m["feature_net"].items() if k != "source"}
             record = {
                 "arm": arm.name,
                 "seed": seed,
