@@ -85,7 +85,7 @@ def test_tiny_study_reports_and_reuses_finished_runs(tmp_path, monkeypatch):
     assert "comparable only at equal sample counts" in text
     assert "LoRA wins" in text and "Welch" in text
     assert (tmp_path / "docs" / "tiny-study" / "samples-tclora-w2.png").is_file()
-    assert len(list((tmp_path / "docs" / "tiny-study" / "runs").glob("*/seed*.json"))) == 4
+    assert len(list((tmp_path / "docs" / "tiny-study" / "records").glob("*/seed*.json"))) == 4
     ckpts = sorted(out.glob("*/seed*/checkpoints/*/model.safetensors"))
     assert len(ckpts) == 4
     mtimes = [c.stat().st_mtime_ns for c in ckpts]
@@ -124,9 +124,15 @@ def test_git_state_sees_changes_but_not_the_reports_own_files(tmp_path):
     (tmp_path / "code.py").write_text("x = 1\n")
     git("add", "code.py")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "code.py").write_text("x = 1\n")
+    git("add", "src")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "code")
+    code_rev = git("rev-parse", "HEAD").stdout.decode().strip()
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "report only")
     state = lambda: real_git_state(ignore=[tmp_path / "docs"], root=tmp_path)  # noqa: E731
     rev, dirty = state()
-    assert len(rev) == 40 and not dirty
+    assert rev == code_rev and not dirty  # a commit without code changes does not change the revision
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "report.md").write_text("generated\n")
     assert not state()[1]  # the report's own output

@@ -1,6 +1,6 @@
 """A study's markdown report, generated from small per-run records so it can be regenerated exactly.
 
-Each finished run contributes a record, ``<report>/<name>/runs/<arm>/seed<k>.json``: its evaluation
+Each finished run contributes a record, ``<report>/<name>/records/<arm>/seed<k>.json``: its evaluation
 (``eval/metrics.json``: scores, bootstrap intervals, noise floor) and its parameter counts and
 speeds. The records are small and meant to be committed next to the report; the report is a pure
 function of the study YAML, the records and the revision, so ``difflora study STUDY --report-only``
@@ -45,7 +45,9 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
             if {k: m["settings"].get(k) for k in settings} != settings or m["checkpoint_step"] != cfg.train.steps:
                 continue
             acc = json.loads(apath.read_text())
+            # Machine-specific paths and settings stay out of a record meant for the repository.
             m = {k: v for k, v in m.items() if k not in ("run_dir", "device", "threads")}
+            m["feature_net"] = {k: v for k, v in m["feature_net"].items() if k != "source"}
             record = {
                 "arm": arm.name,
                 "seed": seed,
@@ -53,7 +55,7 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
                 "parameters": acc["parameters"],
                 "train_images_per_s": acc["train_images_per_s"],
             }
-            path = img_dir / "runs" / arm.name / f"seed{seed}.json"
+            path = img_dir / "records" / arm.name / f"seed{seed}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(_dump(record))
             if seed == study.seeds[0]:
@@ -69,7 +71,7 @@ def load_records(study: Study, img_dir: Path, arms: list[StudyArm]) -> dict[str,
     for arm in arms:
         recs = []
         for seed in study.seeds:
-            path = img_dir / "runs" / arm.name / f"seed{seed}.json"
+            path = img_dir / "records" / arm.name / f"seed{seed}.json"
             if path.is_file():
                 recs.append(json.loads(path.read_text()))
         if recs:
@@ -310,7 +312,7 @@ def weight_plots(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
 def write_report(
     study: Study, report_dir: Path, arms: list[StudyArm], *, command: str, revision: str, dirty: bool
 ) -> Path:
-    """Write ``<report_dir>/<name>.md`` from the records in ``<report_dir>/<name>/runs``; returns its path."""
+    """Write ``<report_dir>/<name>.md`` from the records in ``<report_dir>/<name>/records``; returns its path."""
     img_dir = report_dir / study.name
     rows = summarise(study, load_records(study, img_dir, arms), arms)
     lines = []

@@ -194,7 +194,7 @@ def arm_config(study: Study, arm: StudyArm, seed: int) -> Config:
 
 
 def git_state(ignore: list[Path] | None = None, root: Path | None = None) -> tuple[str, bool]:
-    """(HEAD commit of the checkout holding difflora's code, whether it has uncommitted changes).
+    """(newest commit that changed difflora's code or study configs, whether the checkout has uncommitted changes).
 
     Untracked files count (a new source file changes the code), except paths under ``ignore`` (the
     report's own outputs). Not a git checkout: ("difflora <version> (not a git checkout)", False),
@@ -202,8 +202,15 @@ def git_state(ignore: list[Path] | None = None, root: Path | None = None) -> tup
     """
     root = root or Path(__file__).resolve().parents[3]
     try:
+        # The newest commit that changed the code (src/ and the study configs), not HEAD: a commit
+        # that only adds a report must not change the revision the report names.
         rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+            ["git", "log", "-1", "--format=%H", "HEAD", "--", "src", "experiments"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         status = subprocess.run(
             ["git", "status", "--porcelain", "-z"], cwd=root, capture_output=True, text=True, timeout=10, check=True
