@@ -235,13 +235,53 @@ def evaluate_run(
     directory, the data sizes the floor needs) is checked before any sampling, and nothing is
     written unless the evaluation succeeds.
     """
-    from difflora.generate import generate
-
     _check_request(num_samples, steps, sampler, bootstrap, floor_draws)
     run_dir = Path(run_dir)
     out_dir = Path(out) if out is not None else run_dir / "eval"
     cfg, model, meta = load_run(run_dir, weights, checkpoint)
     _check_out_dir(out_dir)
+    steps, sampler, eta, scales = _sampling_settings(cfg, run_dir, steps, sampler, eta, guidance)
+    dev = torch.device(device)
+    say = log or (lambda _msg: None)
+
+    net, net_source = _resolve_feature_net(cfg, feature_net, cache_dir, feature_train, dev, progress)
+    labels = _balanced_labels(num_samples, cfg.model.num_classes)
+    ref_f, ref_labels, floor, pool_size = _reference(cfg, net, num_samples, labels, seed, floor_draws)
+    model.to(dev)
+
+    results, grids = [], []
+    for w in scales:
+        sampled = dict(steps=steps, sampler=sampler, eta=eta, guidance=w, labels=labels, seed=seed)
+        entry, fake = _score_scale(model, cfg, net, ref_f, ref_labels, num_samples, sampled, bootstrap, dev, progress)
+        grids.append(fake[: min(grid_size, num_samples)])
+        results.append(entry)
+        acc = f", class accuracy {entry['class_accuracy']:.3f}" if "class_accuracy" in entry else ""
+        say(
+            f"guidance {w:g}: {_fmt_floor(entry, floor, entry['ci'])}{acc} "
+            f"({entry['sample_images_per_s']:.1f} images/s)"
+        )
+
+    balanced = "balanced" if labels is not None else None
+    settings = dict(num_samples=num_samples, steps=steps, sampler=sampler, eta=eta, guidance=scales, seed=seed)
+    settings.update(labels=balanced, bootstrap=bootstrap, floor_draws=floor_draws, metrics_version=METRICS_VERSION)
+    result = _result_record(run_dir, cfg, meta, weights, settings, net, net_source, ref_f, pool_size, floor, dev)
+    result["results"] = results
+    _write(out_dir, result, grids, cfg, labels is not None)
+    if update_accounting:
+        merge_accounting(run_dir, _sampling_accounting(results, sampler, steps, num_samples, dev))
+    return result
+
+
+def _sampling_settings(
+    cfg: Config,
+    run_dir: Path,
+    steps: int | None,
+    sampler: str | None,
+    eta: float | None,
+    guidance: Sequence[float] | None,
+) -> tuple[int, str, float, list[float]]:
+    """(steps, sampler, eta, guidance scales): the request, unset values from the run's ``sample``
+    config, checked against the run before any sampling."""
     s = cfg.sample
     steps = steps or s.steps
     sampler = sampler or s.sampler
@@ -255,53 +295,66 @@ def evaluate_run(
         raise EvalError(f"--steps {steps} exceeds the run's {cfg.diffusion.steps} diffusion timesteps")
     if eta < 0 or not math.isfinite(eta):
         raise EvalError(f"--eta must be finite and >= 0, got {eta}")
-    dev = torch.device(device)
-    say = log or (lambda _msg: None)
+    return steps, sampler, eta, scales
 
-    net, net_source = _resolve_feature_net(cfg, feature_net, cache_dir, feature_train, dev, progress)
-    labels = _balanced_labels(num_samples, cfg.model.num_classes)
-    ref_f, ref_labels, floor, pool_size = _reference(cfg, net, num_samples, labels, seed, floor_draws)
-    model.to(dev)
 
-    results, grids = [], []
-    for w in scales:
-        t0 = time.perf_counter()
-        fake = generate(
-            model,
-            cfg,
-            num_samples,
-            steps=steps,
-            sampler=sampler,
-            eta=eta,
-            guidance=w,
-            labels=labels,
-            seed=seed,
-            device=dev,
-            progress=progress,
-        )
-        seconds = time.perf_counter() - t0
-        fake_f, fake_logits = extract_features(net, fake)
-        scored = dict(
-            real_labels=ref_labels, fake_labels=labels, fake_logits=fake_logits, kid_scale=feature_kid_scale(net)
-        )
-        metrics = metrics_from_features(ref_f, fake_f, seed=seed, **scored)
-        ci = bootstrap_intervals(ref_f, fake_f, draws=bootstrap, seed=seed, **scored) if bootstrap else {}
-        grids.append(fake[: min(grid_size, num_samples)])
-        results.append(
-            {
-                "guidance": w,
-                **metrics,
-                "ci": ci,
-                "sample_seconds": seconds,
-                "sample_images_per_s": num_samples / seconds,
-                "grid": f"samples_w{_fmt_scale(w)}.png",
-            }
-        )
-        acc = f", class accuracy {metrics['class_accuracy']:.3f}" if "class_accuracy" in metrics else ""
-        say(f"guidance {w:g}: {_fmt_floor(metrics, floor, ci)}{acc} ({num_samples / seconds:.1f} images/s)")
+def _score_scale(
+    model: torch.nn.Module,
+    cfg: Config,
+    net: FeatureNet,
+    ref_f: torch.Tensor,
+    ref_labels: torch.Tensor | None,
+    num_samples: int,
+    sampled: dict[str, Any],
+    bootstrap: int,
+    dev: torch.device,
+    progress: bool,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Draw ``num_samples`` images at one guidance scale (``sampled``: generate's settings) and score
+    them against the reference features; returns the result entry and the images."""
+    from difflora.generate import generate
 
+    t0 = time.perf_counter()
+    fake = generate(model, cfg, num_samples, device=dev, progress=progress, **sampled)
+    seconds = time.perf_counter() - t0
+    fake_f, fake_logits = extract_features(net, fake)
+    scored = dict(
+        real_labels=ref_labels,
+        fake_labels=sampled["labels"],
+        fake_logits=fake_logits,
+        kid_scale=feature_kid_scale(net),
+    )
+    seed = sampled["seed"]
+    metrics = metrics_from_features(ref_f, fake_f, seed=seed, **scored)
+    ci = bootstrap_intervals(ref_f, fake_f, draws=bootstrap, seed=seed, **scored) if bootstrap else {}
+    entry = {
+        "guidance": sampled["guidance"],
+        **metrics,
+        "ci": ci,
+        "sample_seconds": seconds,
+        "sample_images_per_s": num_samples / seconds,
+        "grid": f"samples_w{_fmt_scale(sampled['guidance'])}.png",
+    }
+    return entry, fake
+
+
+def _result_record(
+    run_dir: Path,
+    cfg: Config,
+    meta: dict[str, Any],
+    weights: str,
+    settings: dict[str, Any],
+    net: FeatureNet,
+    net_source: str,
+    ref_f: torch.Tensor,
+    pool_size: int,
+    floor: dict[str, Any],
+    dev: torch.device,
+) -> dict[str, Any]:
+    """What ``metrics.json`` records besides the per-scale results: the run, the settings, the
+    feature net and the noise floor."""
     info = net.info
-    result = {
+    return {
         "run_dir": str(run_dir),
         "checkpoint_step": int(meta["step"]),
         "weights": weights,
@@ -309,18 +362,7 @@ def evaluate_run(
         "image_size": cfg.model.image_size,
         "num_real": int(ref_f.shape[0]),
         "num_floor_pool": pool_size,
-        "settings": {
-            "num_samples": num_samples,
-            "steps": steps,
-            "sampler": sampler,
-            "eta": eta,
-            "guidance": scales,
-            "seed": seed,
-            "labels": "balanced" if labels is not None else None,
-            "bootstrap": bootstrap,
-            "floor_draws": floor_draws,
-            "metrics_version": METRICS_VERSION,
-        },
+        "settings": settings,
         "feature_net": {
             "source": net_source,
             "test_accuracy": info.test_accuracy if info is not None else None,
@@ -330,12 +372,7 @@ def evaluate_run(
         "noise_floor": floor,
         "device": str(dev),
         "threads": torch.get_num_threads(),
-        "results": results,
     }
-    _write(out_dir, result, grids, cfg, labels is not None)
-    if update_accounting:
-        merge_accounting(run_dir, _sampling_accounting(results, sampler, steps, num_samples, dev))
-    return result
 
 
 def _write(out_dir: Path, result: dict[str, Any], grids: list[torch.Tensor], cfg: Config, conditional: bool) -> None:
