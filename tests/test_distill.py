@@ -196,6 +196,7 @@ def test_distill_config_and_defaults(teacher):
     lora = [a for a in cfg.model.adapters if a.name == "distill"]
     assert len(lora) == 1 and lora[0].condition == "distill" and lora[0].targets == list(DISTILL_TARGETS["unet"])
     assert cfg.train.init_from == str(teacher) and not cfg.train.train_base and cfg.train.objective == "distill"
+    assert cfg.sample.guidance == 4.0  # evaluation's default scale is the student's w
     ranged = distill_config(teacher, guidance_range=(1.0, 5.0))
     assert ranged.distill.guidance == 3.0 and ranged.model.adapters[0].condition == "guidance"
     assert ranged.model.adapters[0].value_range == (1.0, 5.0)

@@ -181,4 +181,7 @@ def distill_config(
         tree["distill"]["guidance"] = (low + high) / 2 if guidance is None else guidance
     elif guidance is not None:
         tree["distill"]["guidance"] = guidance
-    return parse_config(tree, list(overrides))
+    cfg = parse_config(tree, list(overrides))
+    # The run's default sampling scale (difflora eval, grids) is the student's w, not the teacher's.
+    cfg.sample.guidance = cfg.distill.guidance
+    return cfg
