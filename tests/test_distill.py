@@ -260,3 +260,14 @@ def test_conditions_reach_the_lora_by_row(teacher):
         base = model(x, t, y)
     torch.testing.assert_close(mixed[1::2], base[1::2], **TOL)
     assert (mixed[0::2] - base[0::2]).abs().max() > 1e-3
+
+
+def test_default_targets_of_a_dit_student():
+    over = ["train.objective=distill", "train.train_base=false", "train.init_from=teacher", "model.num_classes=10"]
+    cfg = load_config(CONFIGS / "tiny-dit.yaml", over)
+    model = build_model(cfg)
+    paths = [p for p, _ in adapter_layers(model)]
+    depth = len(model.net.blocks)
+    for suffix in DISTILL_TARGETS["dit"]:
+        assert sum(p.endswith(suffix) for p in paths) == depth
+    assert len(paths) == 4 * depth
