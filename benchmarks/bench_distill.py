@@ -15,8 +15,9 @@ on the small digits config (configs/digits.yaml, batch 64):
 
 Both training settings run the same steps (teacher CFG pass of 2N under no_grad, student pass of N,
 backward, optimizer and EMA update) on random data of the config's shape; weight values do not
-change memory. Speed: seconds per distillation step with ``distill.shared_forward`` true (one
-forward of 3N) and false (2N no-grad + N), median of timed steps after a warm-up.
+change memory. Speed (digits): seconds per distillation step with ``distill.shared_forward`` true
+(one forward of 3N) and false (2N no-grad + N), median of timed steps after a warm-up; and seconds
+per sampled image of the guided teacher against the fused student at the same number of steps.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_distill.py     # writes benchmarks/results/distill.json
 """
@@ -183,7 +184,38 @@ def speed(name: str, steps: int) -> dict:
         times = _train(_lora_setup(cfg), cfg, steps + 1)[1:]
         out["shared_forward_s" if shared else "two_calls_s"] = statistics.median(times)
     out["two_calls_speedup"] = out["shared_forward_s"] / out["two_calls_s"]
+    out.update(sample_speed(_cfg(name)))
     return out
+
+
+def sample_speed(cfg, num: int = 64, steps: int = 20) -> dict:
+    """Seconds per sampled image at ``steps`` DDIM steps: the guided teacher (2N per step) against the
+    fused student (N per step); best of two runs each."""
+    import torch
+
+    from difflora.generate import fuse_student, generate
+    from difflora.model import build_model
+
+    model = build_model(cfg)
+    labels = torch.arange(num) % cfg.model.num_classes
+
+    def timed(**kw) -> float:
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            generate(model, cfg, num, steps=steps, labels=labels, **kw)
+            best = min(best, time.perf_counter() - t0)
+        return best / num
+
+    teacher = timed(teacher=True)
+    fuse_student(model, cfg)
+    student = timed()
+    return {
+        "sample_steps": steps,
+        "teacher_s_per_image": teacher,
+        "student_s_per_image": student,
+        "student_speedup": teacher / student,
+    }
 
 
 def _subprocess(args: list[str]) -> dict:
