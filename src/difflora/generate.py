@@ -127,6 +127,20 @@ def fuse_student(model: nn.Module, cfg: Config, guidance: float | None = None) -
     return w
 
 
+def _resolve_guidance(model: nn.Module, cfg: Config, guidance: float | None, teacher: bool) -> float:
+    """The scale to sample at: ``guidance``, else a distilled run's ``distill.guidance``, else ``sample.guidance``."""
+    distilled = cfg.train.objective == "distill"
+    if teacher and not (distilled and _has_student(model)):
+        raise ValueError(
+            "the teacher is sampled from a distilled run whose student LoRA is not fused into the weights; "
+            "this model has no student LoRA"
+        )
+    if not distilled:
+        return cfg.sample.guidance if guidance is None else guidance
+    guidance = cfg.distill.guidance if guidance is None else guidance
+    return guidance if teacher else student_guidance(cfg, guidance)
+
+
 def _sampling_fn(model: nn.Module, cfg: Config, guidance: float, fraction: float, teacher: bool, diffusion):
     """(model callable, extra conditions, effective guidance): CFG (selective when fraction < 1), or a
     distilled run's one-pass student."""
@@ -179,17 +193,7 @@ def generate(
     sampler = sampler or s.sampler
     eta = s.eta if eta is None else eta
     fraction = s.guidance_fraction if guidance_fraction is None else guidance_fraction
-    distilled = cfg.train.objective == "distill"
-    if teacher and not (distilled and _has_student(model)):
-        raise ValueError(
-            "the teacher is sampled from a distilled run whose student LoRA is not fused into the weights; "
-            "this model has no student LoRA"
-        )
-    if distilled:
-        guidance = cfg.distill.guidance if guidance is None else guidance
-        if not teacher:
-            guidance = student_guidance(cfg, guidance)
-    guidance = s.guidance if guidance is None else guidance
+    guidance = _resolve_guidance(model, cfg, guidance, teacher)
     if num < 1:
         raise ValueError(f"the number of samples must be at least 1, got {num}")
     if steps > cfg.diffusion.steps:
