@@ -74,6 +74,29 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_distill(args) -> int:
+    from difflora.train import train
+    from difflora.train.distill import distill_config
+
+    cfg = distill_config(args.teacher_run, args.guidance, args.guidance_range, args.set or [])
+    check_device(cfg.train.device, "train.device")
+    out = Path(args.out or Path("runs") / f"{Path(args.teacher_run).name}-distill")
+    result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    d = cfg.distill
+    what = (
+        f"guidance {d.guidance:g}"
+        if d.guidance_range is None
+        else "guidance range [{:g}, {:g}]".format(*d.guidance_range)
+    )
+    acc = result["accounting"]
+    print(
+        f"distilled {args.teacher_run} ({what}) into {out}: {result['step']} steps, loss "
+        f"{result['last'].get('loss', float('nan')):.5f}, {acc['parameters']['trainable']:,} trainable parameters, "
+        f"peak memory {acc['peak_memory_mb']:.0f} MB"
+    )
+    return 0
+
+
 def _load_run_model(run_dir: str, weights: str, checkpoint: str | None = None):
     from difflora.model import build_model
     from difflora.train import load_weights
@@ -110,9 +133,20 @@ def _cmd_sample(args) -> int:
     _check_outputs(args)
     device = check_device(args.device, "--device")
     cfg, model, meta = _load_run_model(args.run_dir, args.weights, args.checkpoint)
-    s = sample_settings(cfg, num=args.num, steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance)
-    conditions = parse_conditions(args.condition, args.num, cfg)
+    s = sample_settings(
+        cfg,
+        num=args.num,
+        steps=args.steps,
+        sampler=args.sampler,
+        eta=args.eta,
+        guidance=args.guidance,
+        guidance_fraction=args.guidance_fraction,
+    )
+    conditions = parse_conditions(args.condition, args.num, _without_student(cfg))
     labels = default_labels(args.num, cfg.model.num_classes, args.cls)
+    if args.teacher and cfg.train.objective != "distill":
+        raise CLIError(f"--teacher samples the guided teacher of a distilled run; {args.run_dir} is not one")
+    guidance = _distilled_guidance(args, cfg, model) if cfg.train.objective == "distill" else s.guidance
     model.to(device)
     images = generate(
         model,
@@ -121,12 +155,14 @@ def _cmd_sample(args) -> int:
         steps=s.steps,
         sampler=s.sampler,
         eta=s.eta,
-        guidance=s.guidance,
+        guidance=guidance,
         labels=labels,
         conditions=conditions,
         seed=args.seed,
         device=device,
         progress=not args.no_progress,
+        guidance_fraction=s.guidance_fraction,
+        teacher=args.teacher,
     )
     nrow = cfg.model.num_classes if (labels is not None and args.cls is None) else None
     path = save_grid(images, args.out, nrow=nrow)
@@ -139,6 +175,26 @@ def _cmd_sample(args) -> int:
         os.replace(tmp, args.save_tensor)  # never a half-written file under the name asked for
     print(f"wrote {args.num} samples (step {meta['step']}, {args.weights} weights) to {path}")
     return 0
+
+
+def _without_student(cfg):
+    """``cfg`` without a distilled run's student LoRA, whose condition sampling sets (not --condition)."""
+    from difflora.config import DISTILL_ADAPTER
+
+    adapters = [a for a in cfg.model.adapters if a.name != DISTILL_ADAPTER]
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"adapters": adapters})})
+
+
+def _distilled_guidance(args, cfg, model) -> float | None:
+    """A distilled run: the student's LoRA is fused into the weights once for the whole sampling run
+    (at --guidance, which sets its guidance condition); --teacher keeps it off and guides instead."""
+    from difflora.generate import fuse_student
+
+    if args.guidance_fraction not in (None, 1.0) and not args.teacher:
+        raise CLIError("--guidance-fraction applies to classifier-free guidance: add --teacher (the student has none)")
+    if args.teacher:
+        return args.guidance
+    return fuse_student(model, cfg, args.guidance)
 
 
 def _cmd_params(args) -> int:
@@ -368,6 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
     s.add_argument("--eta", type=finite_float, default=None, help="DDIM eta (0 = deterministic)")
     s.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale (1 = none)")
+    s.add_argument(
+        "--guidance-fraction",
+        type=finite_float,
+        default=None,
+        metavar="F",
+        help="selective guidance: CFG on the first (noisiest) fraction F of the steps only, conditional on the rest",
+    )
+    s.add_argument(
+        "--teacher",
+        action="store_true",
+        help="a distilled run: sample its guided teacher (the LoRA off, CFG at --guidance) instead of the student",
+    )
     s.add_argument("--class", dest="cls", type=int, default=None, help="sample only this class")
     s.add_argument(
         "--condition",
@@ -383,6 +451,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-tensor", metavar="FILE.safetensors", help="also save the raw samples")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=_cmd_sample)
+
+    di = sub.add_parser(
+        "distill", help="distil a class-conditional run's classifier-free guidance into a LoRA student (003)"
+    )
+    di.add_argument("teacher_run", help="the run directory of a trained class-conditional model (the teacher)")
+    di.add_argument("--guidance", type=finite_float, default=None, metavar="W", help="the teacher's guidance scale")
+    di.add_argument(
+        "--guidance-range",
+        type=finite_float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="distil a guidance-scale LoRA serving every w in [LO, HI] (w drawn per sample)",
+    )
+    di.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="e.g. --set distill.rank=4 --set train.steps=500"
+    )
+    di.add_argument("--out", help="run directory (default runs/<teacher name>-distill)")
+    di.add_argument("--resume", action="store_true", help="continue the distillation run in --out")
+    di.add_argument("--no-progress", action="store_true")
+    di.set_defaults(fn=_cmd_distill)
 
     pr = sub.add_parser("params", help="count a config's parameters (total, trainable, by group and module)")
     with_config(pr)

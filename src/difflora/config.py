@@ -29,6 +29,7 @@ __all__ = [
     "DataConfig",
     "DiffusionConfig",
     "DiTConfig",
+    "DistillConfig",
     "ModelConfig",
     "SampleConfig",
     "TaskDataConfig",
@@ -324,14 +325,87 @@ class TrainConfig(StrictModel):
     init_from: str | None = None
     # Which weights of init_from: the EMA weights (what sampling uses) or the raw model weights.
     init_weights: Literal["ema", "model"] = "ema"
-    # What the loop minimises (difflora.train.objectives): the diffusion loss of cfg.diffusion.
-    objective: Literal["diffusion"] = "diffusion"
+    # What the loop minimises (difflora.train.objectives): the diffusion loss of cfg.diffusion, or
+    # distill: a LoRA student matches the classifier-free-guided teacher (the distill section).
+    objective: Literal["diffusion", "distill"] = "diffusion"
     seed: int = 0
     device: str = "auto"
     log_every: int = Field(default=50, ge=1)
     ckpt_every: int = Field(default=500, ge=1)
     # 0 disables periodic sample grids.
     sample_every: int = Field(default=0, ge=0)
+
+
+# Default distillation LoRA targets (003: the student is W0 plus LoRA on the network's dense weights):
+# the attention projections and the 3x3 convolutions of every U-Net ResBlock; the attention and MLP
+# of every DiT block.
+DISTILL_TARGETS: dict[str, tuple[str, ...]] = {
+    "unet": ("qkv", "proj_out", "in_layers.2", "out_layers.3"),
+    "dit": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+}
+# The adapter the distill section generates, and the conditions it reads: a fixed-w student's LoRA
+# reads ``distill`` (0 = on, -1 = off: the teacher's rows); a guidance-scale LoRA reads ``guidance``
+# (the scale w; NaN = off).
+DISTILL_ADAPTER = "distill"
+
+
+class DistillConfig(StrictModel):
+    """Distilling classifier-free guidance into a LoRA student (``train.objective: distill``, 003).
+
+    The teacher is the base run (``train.init_from``) with guidance at scale ``guidance``; the
+    student is the same frozen weights plus the LoRA ``model.adapters[distill]``, which this section
+    generates. With ``guidance_range: [lo, hi]`` the LoRA is a bank of ``num_bases`` LoRAs over w
+    with the linear weighting (a guidance-scale LoRA), each training sample draws w ~ U[lo, hi],
+    and one student serves every scale in the range.
+    """
+
+    # The teacher's guidance scale w of a fixed-w student.
+    guidance: float = Field(default=2.0, ge=0)
+    # [w_min, w_max] of a guidance-scale LoRA; None: a fixed-w student.
+    guidance_range: tuple[float, float] | None = None
+    # Bases of the guidance-scale LoRA, evenly spaced over guidance_range.
+    num_bases: int = Field(default=5, ge=2)
+    rank: int = Field(default=8, ge=1)
+    # Module paths the LoRA wraps (see AdapterConfig.targets); empty: DISTILL_TARGETS of the arch.
+    targets: list[str] = Field(default_factory=list)
+    # Teacher and student rows in one forward of 3N (per-row "no update") instead of a no-grad
+    # teacher call of 2N and a student call of N. Off by default: two calls are faster on CPU
+    # (benchmarks/results/distill.json; the teacher call keeps no activations for backward).
+    shared_forward: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        r = self.guidance_range
+        if r is not None and not r[1] > r[0]:
+            raise ValueError(f"distill.guidance_range: need low < high, got {list(r)}")
+        if r is not None and not r[0] <= self.guidance <= r[1]:
+            raise ValueError(
+                f"distill.guidance ({self.guidance:g}) is the default sampling scale of the guidance-scale LoRA and "
+                f"must lie in distill.guidance_range [{r[0]:g}, {r[1]:g}]"
+            )
+        return self
+
+    def adapter(self, arch: str) -> AdapterConfig:
+        """The student's LoRA as a ``model.adapters`` entry."""
+        targets = list(self.targets) or list(DISTILL_TARGETS[arch])
+        if self.guidance_range is None:
+            return AdapterConfig(
+                name=DISTILL_ADAPTER,
+                condition="distill",
+                weighting="index",
+                num_values=1,
+                rank=self.rank,
+                targets=targets,
+            )
+        return AdapterConfig(
+            name=DISTILL_ADAPTER,
+            condition="guidance",
+            weighting="linear",
+            num_bases=self.num_bases,
+            value_range=self.guidance_range,
+            rank=self.rank,
+            targets=targets,
+        )
 
 
 class SampleConfig(StrictModel):
@@ -342,6 +416,9 @@ class SampleConfig(StrictModel):
     sampler: Literal["ddpm", "ddim"] = "ddim"
     eta: float = Field(default=0.0, ge=0)
     guidance: float = Field(default=1.0, ge=0)
+    # Selective guidance: classifier-free guidance on the first (noisiest) fraction of the sampler's
+    # steps only, the rest conditional (one pass per step); 1 = guidance on every step.
+    guidance_fraction: float = Field(default=1.0, ge=0, le=1)
     batch_size: int = Field(default=256, ge=1)
 
 
@@ -351,6 +428,7 @@ class Config(StrictModel):
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @model_validator(mode="after")
     def _resolve(self) -> Config:
@@ -381,6 +459,8 @@ class Config(StrictModel):
         if m.arch == "dit" and m.image_size % m.dit.patch_size:
             raise ValueError(f"model.dit.patch_size ({m.dit.patch_size}) must divide model.image_size ({m.image_size})")
         self._check_affiner_tasks()
+        if self.train.objective == "distill":
+            self._resolve_distill()
         return self
 
     def _check_affiner_tasks(self) -> None:
@@ -398,6 +478,30 @@ class Config(StrictModel):
             raise ValueError(
                 f"model.affiner.tasks ({aff.tasks}) does not cover the data's task ids 0..{needed - 1}; "
                 f"set model.affiner.tasks={needed}"
+            )
+
+    def _resolve_distill(self) -> None:
+        """Distillation needs a class-conditional teacher; the distill section generates the
+        student's LoRA entry in model.adapters (a saved config already holds it: it must match)."""
+        if not self.model.num_classes:
+            raise ValueError(
+                "train.objective=distill distils classifier-free guidance, which needs a class-conditional "
+                "teacher (model.num_classes > 0); train the teacher with classes first"
+            )
+        if self.train.train_base:
+            raise ValueError("train.objective=distill trains the LoRA only; set train.train_base=false")
+        if not self.train.init_from:
+            raise ValueError(
+                "train.objective=distill needs the teacher: set train.init_from to the teacher's run directory"
+            )
+        want = self.distill.adapter(self.model.arch)
+        have = [a for a in self.model.adapters if a.name == DISTILL_ADAPTER]
+        if not have:
+            object.__setattr__(self.model, "adapters", [*self.model.adapters, want])
+        elif have[0] != want:
+            raise ValueError(
+                f"model.adapters[{DISTILL_ADAPTER}] differs from the one the distill section generates; "
+                "remove it from model.adapters (the distill section describes the student's LoRA)"
             )
 
 

@@ -1,4 +1,11 @@
-"""Generate images from a model: the one sampling entry point used by training grids, the CLI and eval."""
+"""Generate images from a model: the one sampling entry point used by training grids, the CLI and eval.
+
+A distilled run (``train.objective: distill``) samples its student: one conditional pass per step,
+the LoRA switched on by the condition it reads (``distill=0``, or ``guidance=w`` for a
+guidance-scale LoRA), no guidance wrapper. ``teacher=True`` samples the same model with the LoRA off
+and classifier-free guidance at w instead. :func:`fuse_student` writes the student's LoRA into
+the weights once for a whole sampling run (no second copy of any weight).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,21 @@ import contextlib
 import torch
 from torch import nn
 
-from difflora.config import Config
-from difflora.diffusion.guidance import ClassifierFreeGuidance
+from difflora.adapters import adapter_layers
+from difflora.config import DISTILL_ADAPTER, Config
+from difflora.diffusion.guidance import ClassifierFreeGuidance, selective_threshold
 from difflora.diffusion.samplers import sample
 from difflora.model import DiffusionModel, build_diffusion
 
-__all__ = ["NonFiniteSamplesError", "condition_tensors", "default_labels", "generate"]
+__all__ = [
+    "NonFiniteSamplesError",
+    "condition_tensors",
+    "default_labels",
+    "fuse_student",
+    "generate",
+    "student_conditions",
+    "student_guidance",
+]
 
 
 class NonFiniteSamplesError(ValueError):
@@ -61,6 +77,86 @@ def default_labels(num: int, num_classes: int, cls: int | None = None) -> torch.
     return torch.arange(num, dtype=torch.long) % num_classes
 
 
+def student_guidance(cfg: Config, guidance: float | None = None) -> float:
+    """The guidance scale a distilled run's student samples at: ``guidance``, or ``distill.guidance``.
+
+    A fixed-w student knows its own w only; a guidance-scale LoRA any w of its range."""
+    d = cfg.distill
+    w = d.guidance if guidance is None else float(guidance)
+    if d.guidance_range is None:
+        if w != d.guidance:
+            raise ValueError(
+                f"this student was distilled at guidance {d.guidance:g} and samples at that scale only, not {w:g}; "
+                "sample the teacher at other scales (--teacher) or distil a guidance-scale LoRA (--guidance-range)"
+            )
+        return w
+    low, high = d.guidance_range
+    if not low <= w <= high:
+        raise ValueError(
+            f"guidance {w:g} is outside the range [{low:g}, {high:g}] the guidance-scale LoRA was distilled on; "
+            f"choose a scale in the range (or sample the teacher with --teacher)"
+        )
+    return w
+
+
+def student_conditions(cfg: Config, guidance: float | torch.Tensor) -> dict[str, float | torch.Tensor]:
+    """The condition that switches a distilled run's LoRA on: ``distill=0`` (fixed w) or ``guidance=w``."""
+    return {"distill": 0} if cfg.distill.guidance_range is None else {"guidance": guidance}
+
+
+def _has_student(model: nn.Module) -> bool:
+    return any(DISTILL_ADAPTER in layer.adapters for _, layer in adapter_layers(model))
+
+
+@torch.no_grad()
+def fuse_student(model: nn.Module, cfg: Config, guidance: float | None = None) -> float:
+    """Write the student's LoRA at ``guidance`` into the weights in place and drop it; returns w.
+
+    ``W0 <- W0 + B A`` (or the guidance-scale bank's mixture at w) once for the whole sampling
+    run: afterwards the model is the student, a plain network with zero per-step overhead, and
+    no copy of W0 is kept (a reversible merge would hold one per layer). Irreversible: for a
+    model loaded for one sampling run; the teacher is no longer in it.
+    """
+    w = student_guidance(cfg, guidance)
+    values = student_conditions(cfg, w)
+    for _, layer in adapter_layers(model):
+        if DISTILL_ADAPTER in layer.adapters:
+            branch = layer.adapters[DISTILL_ADAPTER]
+            layer.base_layer.weight.add_(branch.delta_weight(values[branch.condition]).reshape(layer.weight.shape))
+            del layer.adapters[DISTILL_ADAPTER]
+    return w
+
+
+def _resolve_guidance(model: nn.Module, cfg: Config, guidance: float | None, teacher: bool) -> float:
+    """The scale to sample at: ``guidance``, else a distilled run's ``distill.guidance``, else ``sample.guidance``."""
+    distilled = cfg.train.objective == "distill"
+    if teacher and not (distilled and _has_student(model)):
+        raise ValueError(
+            "the teacher is sampled from a distilled run whose student LoRA is not fused into the weights; "
+            "this model has no student LoRA"
+        )
+    if not distilled:
+        return cfg.sample.guidance if guidance is None else guidance
+    guidance = cfg.distill.guidance if guidance is None else guidance
+    return guidance if teacher else student_guidance(cfg, guidance)
+
+
+def _sampling_fn(model: nn.Module, cfg: Config, guidance: float, fraction: float, teacher: bool, diffusion):
+    """(model callable, extra conditions, effective guidance): CFG (selective when fraction < 1), or a
+    distilled run's one-pass student."""
+    if cfg.train.objective == "distill" and not teacher:
+        if fraction != 1.0:
+            raise ValueError(
+                "the guidance fraction applies to classifier-free guidance; a distilled student has none "
+                "(sample the teacher with --teacher)"
+            )
+        return model, student_conditions(cfg, guidance), guidance
+    if guidance == 1.0:
+        return model, {}, guidance
+    min_t = selective_threshold(diffusion, fraction)
+    return ClassifierFreeGuidance(model, guidance, min_t=min_t), {}, guidance
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -76,6 +172,8 @@ def generate(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    guidance_fraction: float | None = None,
+    teacher: bool = False,
 ) -> torch.Tensor:
     """Draw ``num`` samples [num x C x H x W] in [-1, 1]; unset options come from ``cfg.sample``.
 
@@ -84,21 +182,27 @@ def generate(
     :func:`condition_tensors`) reach the adapters reading them, in both halves of a guided batch.
     The same seed and ``cfg.sample.batch_size`` give the same images. Raises
     :class:`NonFiniteSamplesError` when a sample holds NaN or inf.
+
+    ``guidance_fraction`` (default ``sample.guidance_fraction``) < 1 is selective guidance: CFG on
+    the first (noisiest) fraction of the steps, conditional on the rest. A distilled run samples
+    its student in one pass per step at ``guidance`` (default ``distill.guidance``; see
+    :func:`student_guidance`), or with ``teacher=True`` the guided teacher (the LoRA off).
     """
     s = cfg.sample
     steps = steps or s.steps
     sampler = sampler or s.sampler
     eta = s.eta if eta is None else eta
-    guidance = s.guidance if guidance is None else guidance
+    fraction = s.guidance_fraction if guidance_fraction is None else guidance_fraction
+    guidance = _resolve_guidance(model, cfg, guidance, teacher)
     if num < 1:
         raise ValueError(f"the number of samples must be at least 1, got {num}")
     if steps > cfg.diffusion.steps:
         raise ValueError(f"--steps {steps} exceeds the diffusion's {cfg.diffusion.steps} timesteps")
     if guidance != 1.0 and cfg.model.num_classes == 0:
         raise ValueError("guidance needs a class-conditional model (model.num_classes > 0)")
-    extra = condition_tensors(conditions, num)
     diffusion = build_diffusion(cfg, respacing=f"ddim{steps}" if sampler == "ddim" else steps)
-    fn = ClassifierFreeGuidance(model, guidance) if guidance != 1.0 else model
+    fn, student, guidance = _sampling_fn(model, cfg, guidance, fraction, teacher, diffusion)
+    extra = condition_tensors({**(conditions or {}), **student}, num)
     m = cfg.model
     shape = (m.in_channels, m.image_size, m.image_size)
     was_training = model.training
@@ -111,8 +215,10 @@ def generate(
     # Every sample of a sampler step shares t: the TimeLoRA update is merged once per step (exact,
     # undone on exit); class adapters stay per sample, as classifier-free guidance needs.
     merged = model.merged("t") if isinstance(model, DiffusionModel) else contextlib.nullcontext()
+    # The teacher of a distilled run is the same weights with the student's LoRA off.
+    lora_off = model.adapters_disabled(DISTILL_ADAPTER) if teacher else contextlib.nullcontext()
     try:
-        with merged:
+        with merged, lora_off:
             for start in range(0, num, s.batch_size):
                 end = min(num, start + s.batch_size)
                 kwargs = {k: v[start:end].to(device) for k, v in extra.items()}

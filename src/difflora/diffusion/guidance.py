@@ -3,6 +3,13 @@
 The wrapper has the model's own signature, ``guided(x, t, y, **kw)``, so every sampler, the
 evaluation code and the distillation teacher use it like the bare network. ``y == -1`` is the
 null label: the unconditional branch, which adds no class conditioning.
+
+Selective guidance (Golnari, Yao and He, "Selective guidance: are all the denoising steps of
+guided diffusion important?", arXiv 2305.09847): ``min_t`` guides only the steps whose timestep is
+at least ``min_t``, the early, noisy steps that set the layout and class; the later steps refine
+details, are the least sensitive to guidance, and run the conditional model alone (one pass of N
+instead of 2N). :func:`selective_threshold` turns "guide the first fraction F of a sampler's
+steps" into that ``min_t``.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from torch import Tensor, nn
 
 from difflora.diffusion.gaussian import ModelFn
 
-__all__ = ["NULL_LABEL", "ClassifierFreeGuidance", "drop_labels"]
+__all__ = ["NULL_LABEL", "ClassifierFreeGuidance", "drop_labels", "guide", "selective_threshold"]
 
 NULL_LABEL = -1
 
@@ -40,12 +47,16 @@ class ClassifierFreeGuidance(nn.Module):
         model: ``model(x, t, y=..., **kw) -> [N x C_out x H x W]``; kept by reference (no copy).
         scale: guidance scale w (1 = conditional, 0 = unconditional), a float or a tensor [N]
             of per-sample scales.
+        min_t: selective guidance: samples whose model-facing timestep is below ``min_t`` get the
+            conditional prediction (a step where every sample is below runs one pass of N);
+            None guides every step.
     """
 
-    def __init__(self, model: ModelFn, scale: float | Tensor) -> None:
+    def __init__(self, model: ModelFn, scale: float | Tensor, min_t: float | None = None) -> None:
         super().__init__()
         self.model = model
         self.scale = scale
+        self.min_t = min_t
 
     def forward(
         self, x: Tensor, t: Tensor, y: Tensor | None = None, *, guidance_scale: float | Tensor | None = None, **kw: Any
@@ -57,18 +68,51 @@ class ClassifierFreeGuidance(nn.Module):
         scale = self.scale if guidance_scale is None else guidance_scale
         if y is None or (isinstance(scale, int | float) and scale == 1):
             return self.model(x, t, y=y, **kw)
+        guided = None if self.min_t is None else t >= self.min_t
+        if guided is not None and not bool(guided.any()):
+            return self.model(x, t, y=y, **kw)  # a selective-guidance step without guidance: one pass
         n, c = x.shape[:2]
         # One batch of 2N: the conditional half with y, the unconditional half with the null label.
         y_null = torch.full_like(y, NULL_LABEL)
         kw2 = {k: _double(v, n) for k, v in kw.items()}
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, y_null]), **kw2)
         cond, uncond = out[:n], out[n:]
-        if isinstance(scale, Tensor):
-            scale = scale.to(device=out.device, dtype=out.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        # Extrapolate from the unconditional towards (and past) the conditional noise prediction.
-        eps = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
-        # Any learned-variance channels come from the conditional pass (see the class docstring).
-        return torch.cat([eps, cond[:, c:]], dim=1)
+        result = guide(cond, uncond, scale, c)
+        if guided is not None:
+            result = torch.where(guided.reshape(-1, *([1] * (x.ndim - 1))), result, cond)
+        return result
+
+
+def guide(cond: Tensor, uncond: Tensor, scale: float | Tensor, channels: int) -> Tensor:
+    """The classifier-free-guidance output from the two predictions [N x C_out x H x W]:
+    ``uncond + scale (cond - uncond)`` on the first ``channels`` (noise) channels, the conditional
+    prediction on the rest (learned variance; see :class:`ClassifierFreeGuidance`). ``scale``: a
+    number or [N]. Also the distillation target (difflora.train.distill)."""
+    c = channels
+    if isinstance(scale, Tensor):
+        scale = scale.to(device=cond.device, dtype=cond.dtype).reshape(-1, *([1] * (cond.ndim - 1)))
+    # Extrapolate from the unconditional towards (and past) the conditional noise prediction.
+    eps = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
+    return torch.cat([eps, cond[:, c:]], dim=1)
+
+
+def selective_threshold(diffusion: Any, fraction: float) -> float | None:
+    """``min_t`` that guides the first ``fraction`` of the sampler steps of ``diffusion``.
+
+    The sampler visits process indices T'-1, ..., 0; the first ``round(fraction * T')`` of them
+    (the noisiest) are guided. Returns the model-facing timestep of the last guided step
+    (computed as the sampler computes it, so the comparison is exact), ``inf`` when no step is
+    guided, and None when every step is (plain guidance).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"the guidance fraction must lie in [0, 1], got {fraction}")
+    steps = diffusion.num_timesteps
+    guided = round(fraction * steps)
+    if guided >= steps:
+        return None
+    if guided == 0:
+        return float("inf")
+    return float(diffusion.model_timesteps(torch.tensor([steps - guided]))[0])
 
 
 def _double(value: Any, n: int) -> Any:

@@ -73,8 +73,18 @@ class DiffusionObjective:
         return self.diffusion.training_losses(model, x.to(device), t.to(device), kwargs, noise=noise.to(device))
 
 
+def _distill_objective(cfg: Config, diffusion: Any) -> Objective:
+    # Imported on use: distill.py builds on this module (Batch), so it cannot be imported at its top.
+    from difflora.train.distill import DistillObjective
+
+    return DistillObjective(cfg, diffusion)
+
+
 # train.objective -> factory(cfg, diffusion). A new objective registers here and in TrainConfig.objective.
-OBJECTIVES: dict[str, Callable[[Config, Any], Objective]] = {"diffusion": DiffusionObjective}
+OBJECTIVES: dict[str, Callable[[Config, Any], Objective]] = {
+    "diffusion": DiffusionObjective,
+    "distill": _distill_objective,
+}
 
 
 def build_objective(cfg: Config, diffusion: Any) -> Objective:
