@@ -10,6 +10,7 @@ the weights once for a whole sampling run (no second copy of any weight).
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -211,7 +212,6 @@ def generate(
     # splitting into batches does not change which noise a sample gets.
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((num, *shape), generator=gen)
-    out = []
     # Every sample of a sampler step shares t: the TimeLoRA update is merged once per step (exact,
     # undone on exit); class adapters stay per sample, as classifier-free guidance needs.
     merged = model.merged("t") if isinstance(model, DiffusionModel) else contextlib.nullcontext()
@@ -219,24 +219,8 @@ def generate(
     lora_off = model.adapters_disabled(DISTILL_ADAPTER) if teacher else contextlib.nullcontext()
     try:
         with merged, lora_off:
-            for start in range(0, num, s.batch_size):
-                end = min(num, start + s.batch_size)
-                kwargs = {k: v[start:end].to(device) for k, v in extra.items()}
-                if labels is not None:
-                    kwargs["y"] = labels[start:end].to(device)
-                x = sample(
-                    diffusion,
-                    fn,
-                    (end - start, *shape),
-                    generator=gen,
-                    sampler=sampler,
-                    eta=eta,
-                    model_kwargs=kwargs,
-                    progress=progress,
-                    device=device,
-                    noise=noise[start:end].to(device),
-                )
-                out.append(x.cpu())
+            draw = dict(generator=gen, sampler=sampler, eta=eta, progress=progress, device=device)
+            out = _draw_batches(diffusion, fn, noise, extra, labels, s.batch_size, draw)
     finally:
         model.train(was_training)
     images = torch.cat(out)
@@ -248,3 +232,32 @@ def generate(
             "try the other weights (--weights) or an earlier --checkpoint"
         )
     return images
+
+
+def _draw_batches(
+    diffusion,
+    fn,
+    noise: torch.Tensor,
+    extra: dict[str, torch.Tensor],
+    labels: torch.Tensor | None,
+    batch_size: int,
+    draw: dict[str, Any],
+) -> list[torch.Tensor]:
+    """Run the sampler over ``noise`` [num x C x H x W] in batches of ``batch_size``; ``extra`` [num]
+    conditions and ``labels`` [num] are sliced to each batch; ``draw`` holds the sampler's options."""
+    num, device, out = noise.shape[0], draw["device"], []
+    for start in range(0, num, batch_size):
+        end = min(num, start + batch_size)
+        kwargs = {k: v[start:end].to(device) for k, v in extra.items()}
+        if labels is not None:
+            kwargs["y"] = labels[start:end].to(device)
+        x = sample(
+            diffusion,
+            fn,
+            (end - start, *noise.shape[1:]),
+            model_kwargs=kwargs,
+            noise=noise[start:end].to(device),
+            **draw,
+        )
+        out.append(x.cpu())
+    return out

@@ -262,8 +262,7 @@ class UNetModel(nn.Module):
             self.label_emb = nn.Embedding(self.num_classes, emb_dim)
         else:
             self.label_emb = None
-        res_emb = emb_dim if (self.time_embed is not None or self.label_emb is not None) else None
-        self.emb_channels = res_emb
+        self.emb_channels = res_emb = emb_dim if (self.time_embed is not None or self.label_emb is not None) else None
 
         def res_block(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, res_emb, u.dropout, cout, u.use_scale_shift_norm)
