@@ -161,17 +161,29 @@ def _explain(err: ValidationError, source: str) -> StudyError:
     return StudyError(f"invalid study {source}:\n  " + "\n  ".join(lines) + f"\n  (valid keys: {valid})")
 
 
-def load_study(path: str | Path) -> Study:
-    """Read and validate a study YAML, including every arm's config (so a bad key fails before training)."""
+def read_yaml_mapping(path: str | Path, error: type[Exception], kind: str, example: str, keys: str) -> dict:
+    """The mapping a study or sweep YAML holds; ``error`` names the file and the problem otherwise.
+
+    ``kind`` ("study", "sweep") and ``example`` (a path) and ``keys`` (its main keys) word the errors.
+    """
     p = Path(path)
     if not p.is_file():
-        raise StudyError(f"study file {p} does not exist (e.g. experiments/timelora/digits.yaml)")
+        raise error(f"{kind} file {p} does not exist (e.g. {example})")
     try:
         tree = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise StudyError(f"{p} is not valid YAML: {exc}") from None
+        raise error(f"{p} is not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
-        raise StudyError(f"{p}: a study is a mapping (name, base, seeds, eval, arms, ...)")
+        raise error(f"{p}: a {kind} is a mapping ({keys})")
+    return tree
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study YAML, including every arm's config (so a bad key fails before training)."""
+    p = Path(path)
+    tree = read_yaml_mapping(
+        p, StudyError, "study", "experiments/timelora/digits.yaml", "name, base, seeds, eval, arms, ..."
+    )
     try:
         study = Study.model_validate(tree)
     except ValidationError as err:
@@ -306,7 +318,7 @@ def run_study(
         )
     started = time.time()
     if not report_only:
-        _run_all(study, out_dir, arms, progress, cache_dir, log)
+        run_all(study, out_dir, arms, progress, cache_dir, log)
     img_dir = report_dir / study.name
     if out_dir.is_dir():
         n = sync_records(study, out_dir, img_dir, study.arms)
@@ -319,7 +331,7 @@ def run_study(
     return report
 
 
-def _run_all(
+def run_all(
     study: Study,
     out_dir: Path,
     arms: list[StudyArm],

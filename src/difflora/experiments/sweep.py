@@ -48,10 +48,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from difflora.experiments.study import Study, StudyArm, StudyError, StudyEval, _run_all, arm_config
+from difflora.experiments.study import Study, StudyArm, StudyError, StudyEval, arm_config, read_yaml_mapping, run_all
 
 __all__ = ["Cell", "Sweep", "SweepError", "load_sweep", "plan_sweep", "read_results", "run_sweep", "sweep_cells"]
 
@@ -205,14 +204,8 @@ def plan_sweep(sweep: Sweep) -> tuple[list[tuple[Cell, StudyArm]], list[tuple[Ce
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep YAML (the cells' configs are checked by :func:`plan_sweep`)."""
     p = Path(path)
-    if not p.is_file():
-        raise SweepError(f"sweep file {p} does not exist (e.g. experiments/design-space/digits.yaml)")
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SweepError(f"{p} is not valid YAML: {exc}") from None
-    if not isinstance(tree, dict):
-        raise SweepError(f"{p}: a sweep is a mapping (name, base, seeds, eval, factors, ...)")
+    example, keys = "experiments/design-space/digits.yaml", "name, base, seeds, eval, factors, ..."
+    tree = read_yaml_mapping(p, SweepError, "sweep", example, keys)
     try:
         return Sweep.model_validate(tree)
     except ValidationError as err:
@@ -251,7 +244,7 @@ def run_sweep(
             log(f"  {cell_name(cell)}")
         return out_dir / "results.csv"
     arms = [arm for _, arm in runnable]
-    _run_all(_study(sweep, arms), out_dir, arms, progress, cache_dir, log)
+    run_all(_study(sweep, arms), out_dir, arms, progress, cache_dir, log)
     rows = [row for cell, arm in runnable for seed in sweep.seeds for row in _rows(cell, arm, seed, out_dir)]
     path_csv = write_results(rows, list(sweep.factors), out_dir)
     log(f"sweep {sweep.name}: {len(rows)} rows in {path_csv} and {path_csv.with_suffix('.jsonl')}")
