@@ -21,6 +21,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = {"progress": False, "log": lambda s: None}
 # Float32 sums of the same numbers in a different grouping (3N vs 2N + N batches, hand formula).
 TOL = dict(rtol=1e-5, atol=1e-6)
+# Between forwards of different batch sizes (3N shared against 2N and N): multi-threaded GEMMs
+# block, and so sum, differently by batch size, which moves float32 outputs by a few 1e-6.
+BATCH_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +109,8 @@ def test_teacher_rows_of_a_shared_forward_are_unchanged_by_the_lora(teacher, rng
     w = obj.scales(6, torch.Generator().manual_seed(2))
     shared_student, shared_target = obj._shared(model, x, t, y, w, {})
     on = {"distill": 0} if rng is None else {"guidance": w}
-    torch.testing.assert_close(shared_target, obj.teacher(model, x, t, y, w, {}), **TOL)
-    torch.testing.assert_close(shared_student, model(x, t, y, **on), **TOL)
+    torch.testing.assert_close(shared_target, obj.teacher(model, x, t, y, w, {}), **BATCH_TOL)
+    torch.testing.assert_close(shared_student, model(x, t, y, **on), **BATCH_TOL)
 
 
 def _running_tensors(st) -> list[torch.Tensor]:
