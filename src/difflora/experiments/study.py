@@ -258,12 +258,22 @@ def eval_settings(study: Study, cfg: Config) -> dict[str, Any]:
     }
 
 
+def _same_config(saved: dict[str, Any], cfg: Config) -> bool:
+    """Whether a run's recorded config is ``cfg``. The record is read with today's defaults, so a run
+    made before a config key existed counts as having that key's default (which is what it ran with);
+    a record today's schema rejects (a removed key) is another config."""
+    try:
+        return config_to_dict(parse_config(saved)) == config_to_dict(cfg)
+    except ConfigError:
+        return False
+
+
 def _run_state(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> str:
     """'done' (final checkpoint + matching metrics), 'trained', 'partial' or 'new'."""
     from difflora.train.checkpoint import find_checkpoints
 
     saved = run_dir / "config.json"
-    if saved.is_file() and json.loads(saved.read_text()) != config_to_dict(cfg):
+    if saved.is_file() and not _same_config(json.loads(saved.read_text()), cfg):
         raise StudyError(
             f"{run_dir} holds a run with another config than this study's arm; "
             "delete it or choose another --out (a study never overwrites a run it did not make)"
