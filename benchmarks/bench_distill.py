@@ -35,10 +35,12 @@ import sys
 import time
 from pathlib import Path
 
+from difflora.presets import CONFIGS_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
-    "cifar": (ROOT / "configs" / "paper" / "iddpm-cifar10-class.yaml", 2),
-    "digits": (ROOT / "configs" / "digits.yaml", 64),
+    "cifar": (CONFIGS_DIR / "paper" / "iddpm-cifar10-class.yaml", 2),
+    "digits": (CONFIGS_DIR / "digits.yaml", 64),
 }
 MEMORY = ["load", "lora distill", "usual distill", "sample teacher", "sample student"]
 STEPS = 3

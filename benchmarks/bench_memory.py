@@ -31,8 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from difflora.presets import CONFIGS_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "paper" / "iddpm-cifar10.yaml"
+CONFIG = CONFIGS_DIR / "paper" / "iddpm-cifar10.yaml"
 
 
 def _lora(num_bases: int) -> str:

@@ -8,6 +8,7 @@ from difflora.accounting import count_parameters
 from difflora.adapters import adapter_parameters
 from difflora.config import load_config
 from difflora.model import build_model
+from difflora.presets import CONFIGS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,7 @@ def test_every_adapter_form_is_counted_as_adapters():
         "{name: pa, form: position, source: attn_out, dest: mlp_in, rank: 4, condition: task, weighting: index,"
         ' num_values: 2, targets: ["re:blocks\\\\.\\\\d+"]}]'
     )
-    cfg = load_config(ROOT / "configs" / "tiny-dit.yaml", [adapters])
+    cfg = load_config(CONFIGS_DIR / "tiny-dit.yaml", [adapters])
     model = build_model(cfg)
     groups = count_parameters(model)["by_group"]
     tables = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weighting.table"))

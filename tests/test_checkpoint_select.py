@@ -4,16 +4,16 @@ and named); resuming from a chosen older checkpoint replays the same steps bit f
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from difflora.config import load_config
+from difflora.presets import CONFIGS_DIR
 from difflora.train import CheckpointError, load_checkpoint, train
 from difflora.train.checkpoint import CheckpointWarning, checkpoint_problem, select_checkpoint
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIGS_DIR
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
 """Config loading: defaults, overrides, presets and the errors a user sees."""
 
-from pathlib import Path
-
 import pytest
 
 from difflora.config import ConfigError, load_config, parse_config, parse_override
+from difflora.presets import CONFIGS_DIR
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIGS_DIR
 
 
 def test_every_preset_loads():

@@ -8,7 +8,6 @@ adapter's ``scale (up act(down h) + bias)`` added at its output position. Float6
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +19,10 @@ from difflora.config import ConfigError, ModelConfig, load_config, parse_config
 from difflora.model import build_model
 from difflora.nets import build_net, count_parameters
 from difflora.nets.transformer import TRANSFORMER_TAP_PAIRS, TransformerBlock
+from difflora.presets import CONFIGS_DIR
 
 TOL = 1e-10
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIGS_DIR
 
 
 def randomize(module: nn.Module, seed: int = 0, std: float = 0.3) -> nn.Module:

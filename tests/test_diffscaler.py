@@ -16,6 +16,7 @@ from difflora.config import ConfigError, DataConfig, parse_config
 from difflora.data import load_dataset
 from difflora.diffscaler import AFFINER_NAMES, affiner_adapter_configs, affiner_counts
 from difflora.model import build_model
+from difflora.presets import CONFIGS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(rtol=0, atol=1e-5)
@@ -168,7 +169,7 @@ def test_params_prints_the_affiner_parameters_per_task(capsys):
     code = main(
         [
             "params",
-            str(ROOT / "configs" / "tiny-dit.yaml"),
+            str(CONFIGS_DIR / "tiny-dit.yaml"),
             "--set",
             "model.affiner={tasks: 3, latent: 4}",
             "--set",

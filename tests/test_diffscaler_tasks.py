@@ -13,6 +13,7 @@ from difflora.cli import main
 from difflora.config import load_config, parse_config
 from difflora.diffscaler import add_tasks, export_task, import_task, num_tasks, remove_task
 from difflora.model import build_model
+from difflora.presets import CONFIGS_DIR
 from difflora.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,10 +161,10 @@ def test_frozen_tasks_cannot_be_overwritten_or_removed_out_of_range():
 
 
 def test_parallel_run_then_sample_one_task_and_a_mixed_batch(tmp_path, capsys):
-    base_cfg = load_config(ROOT / "configs" / "tiny-unet.yaml", ["train.steps=2", "train.ckpt_every=2", "sample.num=2"])
+    base_cfg = load_config(CONFIGS_DIR / "tiny-unet.yaml", ["train.steps=2", "train.ckpt_every=2", "sample.num=2"])
     train(base_cfg, tmp_path / "base", progress=False, log=lambda _: None)
     cfg = load_config(
-        ROOT / "configs" / "tiny-unet.yaml",
+        CONFIGS_DIR / "tiny-unet.yaml",
         [
             "data.tasks=[{name: digits, limit: 50}]",
             "model.affiner={tasks: 2, latent: 4}",

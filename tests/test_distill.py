@@ -13,11 +13,12 @@ from difflora.cli import main
 from difflora.config import DISTILL_TARGETS, ConfigError, load_config
 from difflora.diffusion.guidance import NULL_LABEL
 from difflora.model import build_diffusion, build_model
+from difflora.presets import CONFIGS_DIR
 from difflora.train import CheckpointError, latest_checkpoint, load_base, load_weights, train
 from difflora.train.distill import DistillObjective, distill_config
 from difflora.train.objectives import Batch
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIGS_DIR
 QUIET = {"progress": False, "log": lambda s: None}
 # Float32 sums of the same numbers in a different grouping (3N vs 2N + N batches, hand formula).
 TOL = dict(rtol=1e-5, atol=1e-6)

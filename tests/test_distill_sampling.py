@@ -13,10 +13,11 @@ from difflora.diffusion import NULL_LABEL, ClassifierFreeGuidance, create_diffus
 from difflora.diffusion.guidance import selective_threshold
 from difflora.generate import fuse_student, generate
 from difflora.model import build_model
+from difflora.presets import CONFIGS_DIR
 from difflora.train import load_base, train
 from difflora.train.distill import distill_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIGS_DIR
 QUIET = {"progress": False, "log": lambda s: None}
 # Merged (W0 + B A) against per-sample (W0 x + B A x) weights over a few sampler steps.
 TOL = dict(rtol=1e-4, atol=1e-5)

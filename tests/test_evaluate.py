@@ -14,6 +14,7 @@ from difflora.eval import FeatureNetMismatchError, FeatureTrainConfig, compute_m
 from difflora.eval.evaluate import EvalError, evaluate_run, load_run
 from difflora.eval.features import FeatureNet, FeatureNetConfig, FeatureNetInfo, save_feature_net
 from difflora.generate import generate
+from difflora.presets import CONFIGS_DIR
 from difflora.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    cfg = load_config(ROOT / "configs" / "tiny-unet.yaml", ["train.steps=4", "train.ckpt_every=4", "sample.num=4"])
+    cfg = load_config(CONFIGS_DIR / "tiny-unet.yaml", ["train.steps=4", "train.ckpt_every=4", "sample.num=4"])
     out = tmp_path_factory.mktemp("run") / "tiny"
     train(cfg, out, progress=False, log=lambda _m: None)
     return out
@@ -169,7 +170,7 @@ def test_feature_net_of_another_dataset_is_refused(run_dir, tmp_path):
 
 def test_guidance_on_an_unconditional_run_is_refused(tmp_path):
     cfg = load_config(
-        ROOT / "configs" / "tiny-unet.yaml",
+        CONFIGS_DIR / "tiny-unet.yaml",
         ["train.steps=1", "train.ckpt_every=1", "model.num_classes=0", "sample.num=2"],
     )
     train(cfg, tmp_path / "u", progress=False, log=lambda _m: None)

@@ -6,16 +6,15 @@ samples all share that task (the initial noise of sample i depends only on the s
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from difflora.config import load_config
 from difflora.generate import NonFiniteSamplesError, condition_tensors, generate
 from difflora.model import build_model
+from difflora.presets import CONFIGS_DIR
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIGS_DIR
 TASK_ADAPTER = "model.adapters=[{name: task, condition: task, weighting: index, num_values: 3, rank: 2}]"
 # float32 sampler steps over a batch against the same steps over other batches: ~1e-6 apart.
 ATOL = 1e-5

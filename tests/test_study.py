@@ -16,6 +16,7 @@ from difflora.cli import main
 from difflora.experiments import study as study_mod
 from difflora.experiments.study import StudyError, load_study, run_study
 from difflora.experiments.verdicts import judge_claim
+from difflora.presets import EXPERIMENTS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,7 +235,7 @@ def test_verdict_needs_two_seeds_and_a_margin(tmp_path):
 @pytest.mark.parametrize("name", ["digits", "fashion-mnist"])
 def test_committed_timelora_studies_are_valid(name):
     # load_study resolves every arm's config too, so a bad key or adapter in a committed study fails here.
-    study = load_study(ROOT / "experiments" / "timelora" / f"{name}.yaml")
+    study = load_study(EXPERIMENTS_DIR / "timelora" / f"{name}.yaml")
     assert len(study.seeds) >= 3
     groups = {a.group for a in study.arms}
     assert {"unconditional", "class-conditional"} <= groups and len(study.arms) >= 10

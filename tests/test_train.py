@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from difflora.config import load_config
+from difflora.presets import CONFIGS_DIR
 from difflora.train import CheckpointError, TrainingDiverged, latest_checkpoint, load_checkpoint, train
 from difflora.train.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIGS_DIR
 
 
 def tiny(*overrides):

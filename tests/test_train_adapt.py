@@ -12,10 +12,11 @@ import difflora.train.loop as loop
 from difflora.adapters import adapter_layers, adapter_parameters, merge_adapters
 from difflora.config import load_config
 from difflora.model import build_model
+from difflora.presets import CONFIGS_DIR
 from difflora.train import CheckpointError, latest_checkpoint, load_base, load_checkpoint, load_weights, train
 from difflora.train.base import stored_state
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIGS_DIR
 QUIET = {"progress": False, "log": lambda s: None}
 # A rank-2 LoRA (two linearly interpolated bases over t) on the attention projections.
 LORA = "model.adapters=[{name: lora, condition: t, weighting: linear, num_values: 100, num_bases: 2, rank: 2}]"

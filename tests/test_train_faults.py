@@ -13,10 +13,11 @@ import torch
 
 import difflora.train.loop as loop
 from difflora.config import load_config
+from difflora.presets import CONFIGS_DIR
 from difflora.train import TrainingDiverged, latest_checkpoint, load_checkpoint, train
 from difflora.train.objectives import DiffusionObjective
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIGS_DIR
 QUIET = {"progress": False, "log": lambda s: None}
 
 

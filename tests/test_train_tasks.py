@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from difflora.config import load_config
+from difflora.presets import CONFIGS_DIR
 from difflora.train import latest_checkpoint, load_checkpoint, train
 from difflora.train.loop import _grid_conditions
 
@@ -18,7 +19,7 @@ TASK_ADAPTER = (
 
 def test_a_multi_task_run_trains_its_task_adapter_from_the_data(tmp_path):
     cfg = load_config(
-        ROOT / "configs" / "tiny-unet.yaml",
+        CONFIGS_DIR / "tiny-unet.yaml",
         [
             "data.tasks=[{name: digits}]",
             TASK_ADAPTER,

@@ -1,8 +1,14 @@
 """difflora: low-rank conditioning, adaptation and distillation of diffusion models."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from difflora.config import Config, ConfigError, load_config
 
-__version__ = "0.1.0"
+try:
+    # One source of truth: pyproject.toml's version, as installed (wheel or editable).
+    __version__ = version("difflora")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = ["Config", "ConfigError", "__version__", "build_diffusion", "build_model", "load_config"]
 

@@ -22,25 +22,17 @@ from difflora.config import ConfigError, load_config
 
 __all__ = ["CLIError", "main", "resolve_config_path"]
 
-_REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-def configs_dir() -> Path:
-    return Path(os.environ.get("DIFFLORA_CONFIGS", _REPO_CONFIGS))
-
 
 def resolve_config_path(name: str) -> Path:
-    """A config path, or a preset name under configs/ (``digits`` -> configs/digits.yaml)."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    for candidate in (configs_dir() / name, configs_dir() / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    presets = sorted(str(q.relative_to(configs_dir()).with_suffix("")) for q in configs_dir().rglob("*.yaml"))
-    raise CLIError(
-        f"config {name!r} not found, neither as a file nor as a preset in {configs_dir()}; presets: {', '.join(presets)}"
-    )
+    """A config path, or a preset name (``digits`` -> the shipped configs/digits.yaml): :mod:`difflora.presets`."""
+    from difflora.presets import config_presets, resolve_config
+
+    p = resolve_config(name)
+    if p is None:
+        raise CLIError(
+            f"config {name!r} not found, neither as a file nor as a shipped preset; presets: {', '.join(config_presets())}"
+        )
+    return p
 
 
 def _load(args) -> object:

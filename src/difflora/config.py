@@ -2,7 +2,8 @@
 
 This module is the bottom of the house: every layer may import it and it imports nothing of
 difflora but its own parts (``config_base``: the strict base model; ``config_adapters``: the adapter,
-Affiner and distillation sections), which it re-exports. A config is passed whole to the code
+Affiner and distillation sections), which it re-exports, and :mod:`difflora.presets` (where the
+shipped configs are). A config is passed whole to the code
 that needs it (``UNetModel(cfg.model)``), never unpacked into a dozen keyword arguments.
 
 Errors name the key and what is allowed::
@@ -29,6 +30,7 @@ from difflora.config_adapters import (
     DistillConfig,
 )
 from difflora.config_base import ConfigError, StrictModel
+from difflora.presets import config_presets, resolve_config
 
 __all__ = [
     "DISTILL_ADAPTER",
@@ -415,12 +417,19 @@ def parse_config(tree: dict[str, Any] | None, overrides: list[str] | tuple[str, 
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    ``path`` is a file, a repository-relative ``configs/...`` path or a preset name (``digits``):
+    see :mod:`difflora.presets`.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (presets live under configs/, e.g. configs/digits.yaml)")
+        p = resolve_config(path)
+        if p is None:
+            raise ConfigError(
+                f"config file {path} does not exist, neither on disk nor as a shipped preset "
+                f"(presets: {', '.join(config_presets())})"
+            )
         try:
             tree = yaml.safe_load(p.read_text()) or {}
         except UnicodeDecodeError:

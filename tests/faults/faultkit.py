@@ -32,9 +32,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from difflora.cli import main
+from difflora.presets import CONFIGS_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ROOT / "configs"
+CONFIGS = CONFIGS_DIR
 TASK_ADAPTER = "model.adapters=[{name: task, condition: task, weighting: index, num_values: 3, rank: 2}]"
 
 # ------------------------------------------------------------------------------------ damage kit

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from difflora.config import Config, ConfigError, config_to_dict, parse_config
 from difflora.eval.evaluate import METRICS_VERSION
+from difflora.presets import experiment_presets, resolve_shipped
 
 __all__ = [
     "Claim",
@@ -165,10 +166,12 @@ def read_yaml_mapping(path: str | Path, error: type[Exception], kind: str, examp
     """The mapping a study or sweep YAML holds; ``error`` names the file and the problem otherwise.
 
     ``kind`` ("study", "sweep") and ``example`` (a path) and ``keys`` (its main keys) word the errors.
+    An ``experiments/...`` path not on disk names the shipped copy (:mod:`difflora.presets`).
     """
-    p = Path(path)
+    p = resolve_shipped(path)
     if not p.is_file():
-        raise error(f"{kind} file {p} does not exist (e.g. {example})")
+        shipped = ", ".join(experiment_presets())
+        raise error(f"{kind} file {p} does not exist (e.g. {example}; shipped: {shipped})")
     try:
         tree = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -214,10 +217,10 @@ def git_state(ignore: list[Path] | None = None, root: Path | None = None) -> tup
     """
     root = root or Path(__file__).resolve().parents[3]
     try:
-        # The newest commit that changed the code (src/ and the study configs), not HEAD: a commit
-        # that only adds a report must not change the revision the report names.
+        # The newest commit that changed the code (src/, which holds the study configs too), not
+        # HEAD: a commit that only adds a report must not change the revision the report names.
         rev = subprocess.run(
-            ["git", "log", "-1", "--format=%H", "HEAD", "--", "src", "experiments"],
+            ["git", "log", "-1", "--format=%H", "HEAD", "--", "src"],
             cwd=root,
             capture_output=True,
             text=True,
