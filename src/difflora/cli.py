@@ -351,6 +351,16 @@ def _cmd_anova(args) -> int:
     return 0
 
 
+def _cmd_runs(args) -> int:
+    from difflora.experiments.runs_table import csv_text, format_table, runs_table, write_csv
+
+    columns, rows = runs_table(args.dir, sort=args.sort, log=lambda m: print(m, file=sys.stderr))
+    print(csv_text(columns, rows), end="") if args.format == "csv" else print(format_table(columns, rows))
+    if args.csv:
+        print(f"csv: {write_csv(columns, rows, args.csv)}", file=sys.stderr)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from difflora.train import train
 
@@ -396,6 +406,7 @@ HANDLERS = {
     "study": _cmd_study,
     "sweep": _cmd_sweep,
     "anova": _cmd_anova,
+    "runs": _cmd_runs,
     "demo": _cmd_demo,
 }
 

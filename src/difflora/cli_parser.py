@@ -193,6 +193,15 @@ def _add_anova(sub, handlers: Handlers) -> None:
     an.set_defaults(fn=handlers["anova"])
 
 
+def _add_runs(sub, handlers: Handlers) -> None:
+    r = sub.add_parser("runs", help="a table of the runs under DIR: config differences, final loss, FD, speed")
+    r.add_argument("dir", nargs="?", default="runs", help="a directory of runs (default runs/)")
+    r.add_argument("--format", choices=["table", "csv"], default="table", help="print as aligned text or as CSV")
+    r.add_argument("--csv", metavar="FILE", help="also write the table as CSV to FILE")
+    r.add_argument("--sort", metavar="COLUMN", help="sort by a column, e.g. fd or loss (default: by run path)")
+    r.set_defaults(fn=handlers["runs"])
+
+
 def _add_demo(sub, handlers: Handlers) -> None:
     d = sub.add_parser("demo", help="train the digits preset on the embedded data and write a sample grid")
     d.add_argument("--out", default="runs/demo")
@@ -219,6 +228,7 @@ def build_parser(handlers: Handlers) -> argparse.ArgumentParser:
         _add_study,
         _add_sweep,
         _add_anova,
+        _add_runs,
         _add_demo,
     ):
         add(sub, handlers)
