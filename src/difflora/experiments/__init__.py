@@ -4,10 +4,12 @@
     run_study("experiments/timelora/digits.yaml")      # runs/<study>/<arm>/seed<k>/, report .md
 
 See ``difflora.experiments.study`` for the study YAML, ``report`` for the report and its run
-records, ``verdicts`` for the statistics behind the claims.
+records, ``verdicts`` for the statistics behind the claims, ``runs_table`` for ``difflora runs``
+(one table of the runs under a directory).
 """
 
 from difflora.experiments.report import write_report
+from difflora.experiments.runs_table import runs_table
 from difflora.experiments.study import (
     Claim,
     Study,
@@ -30,5 +32,6 @@ __all__ = [
     "judge_claim",
     "load_study",
     "run_study",
+    "runs_table",
     "write_report",
 ]
