@@ -35,6 +35,14 @@ def test_version_is_the_project_version():
     assert f'version = "{difflora.__version__}"' in project
 
 
+def test_presets_live_only_in_the_package():
+    # A config or study added at the repository root would work from a checkout and be missing from
+    # the wheel (a merge can leave one there: git moves new files into renamed directories only).
+    for name in ("configs", "experiments"):
+        stray = sorted(str(p.relative_to(ROOT)) for p in (ROOT / name).rglob("*.yaml"))
+        assert not stray, f"move {stray} under src/difflora/presets/{name}/ (git mv): they would not ship"
+
+
 def test_preset_names_and_repository_paths_resolve_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ or experiments/ here
     shipped = yaml.safe_load((CONFIGS_DIR / "pretrain" / "fmnist16-unet.yaml").read_text())
