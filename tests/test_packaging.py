@@ -128,21 +128,21 @@ def test_the_wheel_installs_and_runs_from_an_empty_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     run = lambda *cmd: subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)  # noqa: E731
-    where = run(python, "-c", "import difflora; print(difflora.__version__); print(difflora.__file__)")
+    probe = (
+        "import difflora; from difflora.presets import resolve_config;"
+        "from difflora.experiments.study import load_study;"
+        "print(difflora.__version__); print(resolve_config('digits'));"
+        "print(load_study('experiments/timelora/digits.yaml').name)"
+    )
+    where = run(python, "-c", probe)
     assert where.returncode == 0, where.stderr
-    version, location = where.stdout.split()
-    assert version == difflora.__version__ and Path(location).is_relative_to(venv)  # the wheel, not the source
+    version, preset, study = where.stdout.split()
+    assert version == difflora.__version__ and Path(preset).is_relative_to(venv)  # the wheel's data, not the source
+    assert study == "study-timelora-digits"  # a study YAML by its repository-relative path
     params = run(venv / "bin" / "difflora", "params", "digits")
     print(params.stdout)
     assert params.returncode == 0, params.stderr
-    expected = main_params_output()
-    assert params.stdout == expected
-    study = run(
-        python,
-        "-c",
-        "from difflora.experiments.study import load_study as l; print(l('experiments/timelora/digits.yaml').name)",
-    )
-    assert study.returncode == 0 and study.stdout.strip() == "study-timelora-digits", study.stderr
+    assert params.stdout == main_params_output()
 
 
 def main_params_output() -> str:
