@@ -55,7 +55,9 @@ class AdapterConfig(StrictModel):
     # lowrank_act (default relu, 002) and position (default identity: a linear f).
     activation: Literal["relu", "silu", "gelu", "sigmoid", "identity"] | None = None
     # lowrank_act on a k x k convolution: "full" (k x k down factor) or "1x1" (002's 1x1 convolutions
-    # reading the centre of each receptive field, on the base's output grid).
+    # reading the centre of each receptive field, on the base's output grid). position: "full" is the
+    # block's own kernel (3x3 down and up convolutions in a U-Net ResBlock, 004's; per token in
+    # transformer blocks), "1x1" per pixel.
     kernel: Literal["full", "1x1"] = "full"
     # position only: the taps read and written (e.g. DiT attn_out -> mlp_in; U-Net in -> out), and
     # the fixed scale of f's output.
@@ -90,8 +92,8 @@ class AdapterConfig(StrictModel):
             raise ValueError(f"{where}: source, dest and scale are for form position only")
         if self.activation not in (None, "identity") and self.form not in ("lowrank_act", "position"):
             raise ValueError(f"{where}.activation: only forms lowrank_act and position have an activation")
-        if self.kernel != "full" and self.form != "lowrank_act":
-            raise ValueError(f"{where}.kernel: only form lowrank_act has a kernel choice")
+        if self.kernel != "full" and self.form not in ("lowrank_act", "position"):
+            raise ValueError(f"{where}.kernel: only forms lowrank_act and position have a kernel choice")
         if self.alpha is not None and self.form != "lowrank":
             raise ValueError(f"{where}.alpha: only the lowrank form has alpha (scaling = alpha / rank)")
         return self

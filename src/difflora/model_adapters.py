@@ -86,6 +86,7 @@ def inject_adapters(
                 cfg.rank,
                 cfg.activation or "identity",
                 cfg.scale,
+                cfg.kernel,
             )
         else:
             part = inject_adapter(

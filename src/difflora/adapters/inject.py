@@ -241,6 +241,7 @@ def inject_position_adapter(
     rank: int = 4,
     activation: str = "identity",
     scale: float = 1.0,
+    kernel: int | str = "full",
 ) -> InjectionReport:
     """Add position adapter ``name`` (``dest += scale f(source)``) to every block ``targets`` selects.
 
@@ -263,7 +264,7 @@ def inject_position_adapter(
             raise ValueError(f"{path!r} already has a position adapter named {name!r}")
     report = InjectionReport()
     for path, block in tapped:
-        adapter = PositionAdapter(block, name, weighting(), condition, source, dest, rank, activation, scale)
+        adapter = PositionAdapter(block, name, weighting(), condition, source, dest, rank, activation, scale, kernel)
         report.layers.append(InjectedLayer.of_position(path, add_position_adapter(block, adapter)))
     report.total_params = sum(p.numel() for p in model.parameters())
     return report
