@@ -19,12 +19,13 @@ from difflora.adapters import (
     LinearWeighting,
     TrainableWeighting,
     Weighting,
+    add_new_class_tokens,
     inject_adapter,
     inject_position_adapter,
 )
 from difflora.config import AdapterConfig, Config
 
-__all__ = ["check_adapter_configs", "inject_adapters", "make_weighting"]
+__all__ = ["add_context_tokens", "check_adapter_configs", "inject_adapters", "make_weighting"]
 
 
 def make_weighting(cfg: AdapterConfig) -> Weighting:
@@ -103,3 +104,15 @@ def inject_adapters(
             )
         report.extend(part)
     return report
+
+
+def add_context_tokens(net: nn.Module, cfg: Config) -> None:
+    """``model.context.new_tokens``: a trainable class-token table on a cross-attention backbone."""
+    init = cfg.model.context.new_tokens
+    if init is None:
+        return
+    if cfg.model.attention != "cross" or not cfg.model.num_classes:
+        raise ValueError(
+            "model.context.new_tokens needs class tokens to replace: set model.attention=cross and model.num_classes"
+        )
+    add_new_class_tokens(net, init)

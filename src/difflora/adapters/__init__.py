@@ -58,6 +58,7 @@ from difflora.adapters.io import AdapterLoadError, base_fingerprint, load_adapte
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
 from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps, position_adapters
 from difflora.adapters.router import Geometry, Route
+from difflora.adapters.tokens import NEW_TOKEN_INITS, NewClassTokens, add_new_class_tokens
 from difflora.adapters.weightings import (
     NULL_VALUE,
     IndexWeighting,
@@ -70,6 +71,9 @@ from difflora.adapters.weightings import (
 
 __all__ = [
     "ACTIVATIONS",
+    "NEW_TOKEN_INITS",
+    "NewClassTokens",
+    "add_new_class_tokens",
     "ALL_ADAPTERS",
     "DEFAULT_TARGETS",
     "FORMS",

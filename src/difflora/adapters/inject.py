@@ -33,6 +33,7 @@ from difflora.adapters.context import ConditionValue, checkpoint
 from difflora.adapters.forms import Branch
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
 from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps
+from difflora.adapters.tokens import NewClassTokens
 from difflora.adapters.weightings import Weighting
 
 __all__ = [
@@ -295,10 +296,13 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, ConditionalLoRA]]:
 
 
 def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """The adapters' own parameters: every form's factors and vectors, position adapters, trainable tables."""
+    """The adapters' own parameters: every form's factors and vectors, position adapters, trainable tables,
+    new class tokens (their table only, not the base embedder they wrap)."""
     for module in model.modules():
         if isinstance(module, Branch | PositionAdapter):
             yield from module.parameters()
+        elif isinstance(module, NewClassTokens):
+            yield module.new_tokens
 
 
 def freeze_base(model: nn.Module, frozen: bool = True) -> int:
