@@ -36,8 +36,9 @@ class AdapterConfig(StrictModel):
     # The update form (see the class docstring).
     form: Literal["lowrank", "lowrank_act", "scale", "shift", "position"] = "lowrank"
     # index: one entry per value; linear: interpolate m+1 evenly spaced bases; trainable: a learned
-    # [num_values x num_bases] table of mixing weights per wrapped layer.
-    weighting: Literal["index", "linear", "trainable"] = "linear"
+    # [num_values x num_bases] table of mixing weights per wrapped layer; shared: one entry for every
+    # sample, an unconditional adapter (004's; condition t, which every forward has).
+    weighting: Literal["index", "linear", "trainable", "shared"] = "linear"
     # Number of distinct condition values T (timesteps 0..T-1, classes, tasks); for t it must be
     # at least diffusion.steps.
     num_values: int = Field(default=1, ge=1)
@@ -71,7 +72,12 @@ class AdapterConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> AdapterConfig:
         where = f"model.adapters[{self.name}]"
-        if self.weighting == "index":
+        if self.weighting == "shared":
+            if self.num_bases is not None or self.num_values != 1:
+                raise ValueError(
+                    f"{where}: a shared weighting has one entry for every sample; leave num_values, num_bases unset"
+                )
+        elif self.weighting == "index":
             if self.num_bases not in (None, self.num_values):
                 raise ValueError(f"{where}.num_bases: index weighting has one LoRA per value; leave num_bases unset")
         elif self.num_bases is None:

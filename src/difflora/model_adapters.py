@@ -17,6 +17,7 @@ from difflora.adapters import (
     IndexWeighting,
     InjectionReport,
     LinearWeighting,
+    SharedWeighting,
     TrainableWeighting,
     Weighting,
     add_new_class_tokens,
@@ -30,6 +31,8 @@ __all__ = ["add_context_tokens", "check_adapter_configs", "inject_adapters", "ma
 
 def make_weighting(cfg: AdapterConfig) -> Weighting:
     """A fresh weighting for one layer from an :class:`~difflora.config.AdapterConfig`."""
+    if cfg.weighting == "shared":
+        return SharedWeighting()
     if cfg.weighting == "index":
         return IndexWeighting(cfg.num_values)
     assert cfg.num_bases is not None  # the config validates it
@@ -42,6 +45,8 @@ def make_weighting(cfg: AdapterConfig) -> Weighting:
 def check_adapter_configs(cfg: Config) -> None:
     """Errors for adapter entries that do not fit the rest of ``cfg`` (diffusion steps, classes)."""
     for a in cfg.model.adapters:
+        if a.weighting == "shared":
+            continue  # one entry for every sample: no range to cover
         if a.condition == "t" and a.weighting != "linear" and a.num_values < cfg.diffusion.steps:
             raise ValueError(
                 f"model.adapters[{a.name}].num_values ({a.num_values}) covers timesteps 0..{a.num_values - 1} "
