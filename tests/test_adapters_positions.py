@@ -2,8 +2,9 @@
 
 Reference: the DiT block and the U-Net ResBlock forwards are written out here from their
 definitions (adaLN-Zero; residual block), and at the destination tap the reference adds, per
-sample n, ``scale * sum_i w_i(c_n) (up_i act(down_i h_n) + bias_i)`` with h_n the activation at
-the source tap, built with explicit per-sample loops. Float64; one tolerance.
+sample n, ``scale * sum_i w_i(c_n) (up_i act(down_i h_n + down_bias_i) + bias_i)`` with h_n the
+activation at the source tap (``down``/``up`` 3x3 convolutions for a ResBlock's default kernel,
+004's), built with explicit per-sample loops. Float64; one tolerance.
 """
 
 from __future__ import annotations
@@ -64,10 +65,28 @@ def ref_update(adapter, h: torch.Tensor, values: torch.Tensor, channels_last: bo
         hn = h[n] if channels_last else h[n].movedim(0, -1)  # (..., C)
         acc = 0
         for i in range(w.shape[1]):
-            f = ACTS[adapter.act_name](hn @ adapter.lora_down[i].t()) @ adapter.lora_up[i].t() + adapter.bias[i]
+            z = hn @ adapter.lora_down[i].t() + adapter.down_bias[i]
+            f = ACTS[adapter.act_name](z) @ adapter.lora_up[i].t() + adapter.bias[i]
             acc = acc + w[n, i] * f
         acc = adapter.scale * acc
         outs.append(acc if channels_last else acc.movedim(-1, 0))
+    return torch.stack(outs)
+
+
+def ref_conv_update(adapter, h: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The k x k adapter: scale * sum_i w_i (conv(act(conv(h_n, down_i) + down_bias_i), up_i) + bias_i)."""
+    w = ref_weights(adapter, values)
+    k, r = adapter.kernel, adapter.rank
+    c_out = adapter.lora_up.shape[1]
+    outs = []
+    for n in range(h.shape[0]):
+        acc = 0
+        for i in range(w.shape[1]):
+            down = adapter.lora_down[i].view(r, -1, k, k)
+            up = adapter.lora_up[i].view(c_out, r, k, k)
+            z = ACTS[adapter.act_name](F.conv2d(h[n : n + 1], down, adapter.down_bias[i], padding=k // 2))
+            acc = acc + w[n, i] * (F.conv2d(z, up, padding=k // 2)[0] + adapter.bias[i][:, None, None])
+        outs.append(adapter.scale * acc)
     return torch.stack(outs)
 
 
@@ -139,30 +158,64 @@ def test_dit_position_adapter_matches_hand_written_block(source, dest, act):
     assert torch.equal(out[2], plain[2])  # the null-task row gets no update
 
 
-@pytest.mark.parametrize("block_kind", ["res", "attn"])
-def test_unet_blocks_in_to_out_with_linear_weighting(block_kind):
+@pytest.mark.parametrize(
+    "block_kind,kernel,weighting",
+    [
+        ("res", "1x1", lambda: LinearWeighting(4, 0, 9)),
+        ("attn", "full", lambda: LinearWeighting(4, 0, 9)),
+        ("res", "full", lambda: LinearWeighting(4, 0, 9)),  # 004's 3x3, routed sparsely
+        ("res", "full", lambda: TrainableWeighting(10, 3, "gaussian")),  # 3x3, dense mixing
+        ("res", 5, lambda: IndexWeighting(10)),
+    ],
+)
+def test_unet_blocks_in_to_out(block_kind, kernel, weighting):
     torch.manual_seed(0)
     # float32: the U-Net's GroupNorm32 computes in float32 whatever the input (improved-diffusion's
     # habit), so these blocks do not run in float64; float32 rounding needs the looser 1e-5.
     block = ResBlock(4, None, 0.0, 6) if block_kind == "res" else AttentionBlock(4, 2)
     randomize(block)
     model = Blocks(block)
-    inject_position_adapter(
-        model, "pa", lambda: LinearWeighting(4, 0, 9), "t", ["blocks.0"], "in", "out", 2, "relu", 1.5
-    )
+    inject_position_adapter(model, "pa", weighting, "t", ["blocks.0"], "in", "out", 2, "relu", 1.5, kernel)
     adapter = block.position_adapters["pa"]
+    assert adapter.kernel == {"1x1": 1, "full": 3 if block_kind == "res" else 1}.get(kernel, kernel)
     randomize(adapter, seed=2)
     x = torch.randn(4, 4, 3, 3)
-    with conditions(t=T_VALUES):
+    values = T_VALUES if isinstance(adapter.weighting, LinearWeighting) else torch.tensor([0, 9, 4, -1])
+    with conditions(t=values):
         out = block(x) if block_kind == "attn" else block(x, None)
     if block_kind == "res":  # skip(x) + out_layers(in_layers(x)), written out
         plain = block.skip_connection(x) + block.out_layers(block.in_layers(x))
     else:
         with adapters_disabled():
             plain = block(x)
-    ref = plain + ref_update(adapter, x, T_VALUES, channels_last=False)
+    update = ref_conv_update if adapter.kernel > 1 else lambda a, h, v: ref_update(a, h, v, channels_last=False)
+    ref = plain + update(adapter, x, values)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    assert torch.equal(out[3], plain[3])  # NaN: no update
+    assert torch.equal(out[3], plain[3])  # NaN / -1: no update
+    grad = torch.randn_like(out)
+    params = list(adapter.parameters())
+    for g, r in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad), strict=True):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=0)
+
+
+def test_resblock_adapter_shapes_and_counts():
+    """004's ResBlock adapter: 3x3 down (C_in -> r, bias) and 3x3 up (r -> C_out, bias) convolutions."""
+    model = Blocks(ResBlock(4, None, 0.0, 6))
+    report = inject_position_adapter(model, "pa", lambda: IndexWeighting(2), "task", ["blocks.0"], "in", "out", 3)
+    a = model.blocks[0].position_adapters["pa"]
+    assert (a.lora_down.shape, a.down_bias.shape, a.lora_up.shape, a.bias.shape) == (
+        (2, 3, 4 * 9),
+        (2, 3),
+        (2, 6, 3 * 9),
+        (2, 6),
+    )
+    assert report.adapter_params == 2 * (4 * 9 * 3 + 3 + 3 * 9 * 6 + 6)
+    with pytest.raises(ValueError, match="kernel must be 'full', '1x1' or an odd size >= 1, got 2"):
+        inject_position_adapter(model, "pb", lambda: IndexWeighting(2), "task", ["blocks.0"], "in", "out", 3, kernel=2)
+    with pytest.raises(ValueError, match="a 3x3 position adapter needs a block of feature maps; DiTBlock has tokens"):
+        inject_position_adapter(
+            Blocks(DiTBlock(8, 2)), "pa", lambda: IndexWeighting(2), "task", ["blocks.0"], "in", "out", kernel=3
+        )
 
 
 def test_dit_position_adapter_with_a_trainable_table():
@@ -184,10 +237,11 @@ def test_fresh_adapter_changes_nothing_and_paths_are_stable():
     assert names[: len(names_before)] == names_before
     assert names[len(names_before) :] == [
         "blocks.0.position_adapters.pa.lora_down",
+        "blocks.0.position_adapters.pa.down_bias",
         "blocks.0.position_adapters.pa.lora_up",
         "blocks.0.position_adapters.pa.bias",
     ]
-    assert report.adapter_params == 2 * (4 * 8 + 8 * 4 + 8)
+    assert report.adapter_params == 2 * (4 * 8 + 4 + 8 * 4 + 8)
     assert {id(p) for p in adapter_parameters(model)} == {id(p) for p in model.blocks[0].position_adapters.parameters()}
     freeze_base(model)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == names[len(names_before) :]

@@ -184,7 +184,8 @@ def test_every_valid_pair_matches_the_reference(source, dest):
     task = torch.tensor([1, 1])
 
     def fn(h):
-        return 0.5 * (torch.relu(h @ adapter.lora_down[1].t()) @ adapter.lora_up[1].t() + adapter.bias[1])
+        z = h @ adapter.lora_down[1].t() + adapter.down_bias[1]
+        return 0.5 * (torch.relu(z) @ adapter.lora_up[1].t() + adapter.bias[1])
 
     with conditions(task=task):
         out = block(x, ctx)
@@ -234,7 +235,7 @@ def test_position_adapter_from_config_and_bad_pair_named():
     layers = model.adapter_report.layers
     # 4 attention sites at 4 px: one input block, the middle block, two output blocks.
     assert len(layers) == 4 and all(r.path.endswith("transformer_blocks.0") for r in layers)
-    assert all(r.num_params == 2 * (4 * 32 + 32 * 4 + 32) for r in layers)  # 2 tasks x (down, up, bias)
+    assert all(r.num_params == 2 * (4 * 32 + 4 + 32 * 4 + 32) for r in layers)  # 2 tasks x (down + bias, up + bias)
     tree["model"]["adapters"] = [{**entry, "dest": "attn2_in"}]
     with pytest.raises(ValueError, match="valid pairs"):
         build_model(parse_config(tree))

@@ -118,6 +118,13 @@ def test_fractional_design_is_the_regular_fraction():
         assert Counter((c[f], c[g]) for c in cells) == Counter({p: 1 for p in itertools.product("123", repeat=2)})
     full = sweep_cells(Sweep.model_validate({**tree, "factors": three, "design": "full", "generators": {}}))
     assert len(full) == 27
+    # A 3-level generator over parents of 3 and 2 levels: each generated level equally often (twice),
+    # every (B, C) pair once: 6 cells, C = A + B (mod 3).
+    mixed = {**three, "B": {"key": "train.batch_size", "levels": [1, 2]}}
+    cells = sweep_cells(Sweep.model_validate({**tree, "factors": mixed}))
+    got = [tuple(int(c[f]) - 1 for f in "ABC") for c in cells]
+    assert got == [(a, b, (a + b) % 3) for a in range(3) for b in range(2)]
+    assert Counter(c["C"] for c in cells) == Counter({"1": 2, "2": 2, "3": 2})
 
 
 def test_cell_overrides_reach_the_adapter_list_and_the_rest():
@@ -147,7 +154,7 @@ def test_cell_overrides_reach_the_adapter_list_and_the_rest():
                 "design": "fractional",
                 "generators": {"b": ["a"]},
             },
-            "equal numbers of levels",
+            "one parent needs as many levels as b",
         ),
         ({"factors": {"a": {"x y": {"train.lr": 1}, "z": {"train.lr": 2}}}}, "level name 'x y'"),
     ],

@@ -176,7 +176,7 @@ def _add_study(sub, handlers: Handlers) -> None:
 
 def _add_sweep(sub, handlers: Handlers) -> None:
     sw = sub.add_parser("sweep", help="run a factorial sweep YAML (cells x seeds: train, eval) into one results table")
-    sw.add_argument("sweep", help="a sweep YAML, e.g. experiments/design-space/digits.yaml")
+    sw.add_argument("sweep", help="a sweep YAML, e.g. experiments/design-space/sweep.yaml")
     sw.add_argument("--out", default=None, help="output directory (default: the sweep's out, or runs/<name>)")
     sw.add_argument("--plan", action="store_true", help="list the cells (and skipped ones) and run nothing")
     sw.add_argument("--no-progress", action="store_true")

@@ -157,6 +157,11 @@ class ContextConfig(StrictModel):
     # feed-forward's inner width as a multiple of the block width (the DiT uses dit.mlp_ratio).
     depth: int = Field(default=1, ge=1)
     ff_mult: float = Field(default=4.0, gt=0)
+    # New class tokens on an adapted base (difflora.adapters.tokens): a trainable token table in place
+    # of the base's class tokens (the base's null context stays for y = -1), started at the base's
+    # null context ("unconditional": every class starts as the unconditional base, exactly) or at the
+    # mean of its class tokens ("mean"). None: the base's own class tokens.
+    new_tokens: Literal["unconditional", "mean"] | None = None
 
 
 class ModelConfig(StrictModel):

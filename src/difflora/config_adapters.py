@@ -36,8 +36,9 @@ class AdapterConfig(StrictModel):
     # The update form (see the class docstring).
     form: Literal["lowrank", "lowrank_act", "scale", "shift", "position"] = "lowrank"
     # index: one entry per value; linear: interpolate m+1 evenly spaced bases; trainable: a learned
-    # [num_values x num_bases] table of mixing weights per wrapped layer.
-    weighting: Literal["index", "linear", "trainable"] = "linear"
+    # [num_values x num_bases] table of mixing weights per wrapped layer; shared: one entry for every
+    # sample, an unconditional adapter (004's; condition t, which every forward has).
+    weighting: Literal["index", "linear", "trainable", "shared"] = "linear"
     # Number of distinct condition values T (timesteps 0..T-1, classes, tasks); for t it must be
     # at least diffusion.steps.
     num_values: int = Field(default=1, ge=1)
@@ -55,7 +56,9 @@ class AdapterConfig(StrictModel):
     # lowrank_act (default relu, 002) and position (default identity: a linear f).
     activation: Literal["relu", "silu", "gelu", "sigmoid", "identity"] | None = None
     # lowrank_act on a k x k convolution: "full" (k x k down factor) or "1x1" (002's 1x1 convolutions
-    # reading the centre of each receptive field, on the base's output grid).
+    # reading the centre of each receptive field, on the base's output grid). position: "full" is the
+    # block's own kernel (3x3 down and up convolutions in a U-Net ResBlock, 004's; per token in
+    # transformer blocks), "1x1" per pixel.
     kernel: Literal["full", "1x1"] = "full"
     # position only: the taps read and written (e.g. DiT attn_out -> mlp_in; U-Net in -> out), and
     # the fixed scale of f's output.
@@ -69,7 +72,12 @@ class AdapterConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> AdapterConfig:
         where = f"model.adapters[{self.name}]"
-        if self.weighting == "index":
+        if self.weighting == "shared":
+            if self.num_bases is not None or self.num_values != 1:
+                raise ValueError(
+                    f"{where}: a shared weighting has one entry for every sample; leave num_values, num_bases unset"
+                )
+        elif self.weighting == "index":
             if self.num_bases not in (None, self.num_values):
                 raise ValueError(f"{where}.num_bases: index weighting has one LoRA per value; leave num_bases unset")
         elif self.num_bases is None:
@@ -90,8 +98,8 @@ class AdapterConfig(StrictModel):
             raise ValueError(f"{where}: source, dest and scale are for form position only")
         if self.activation not in (None, "identity") and self.form not in ("lowrank_act", "position"):
             raise ValueError(f"{where}.activation: only forms lowrank_act and position have an activation")
-        if self.kernel != "full" and self.form != "lowrank_act":
-            raise ValueError(f"{where}.kernel: only form lowrank_act has a kernel choice")
+        if self.kernel != "full" and self.form not in ("lowrank_act", "position"):
+            raise ValueError(f"{where}.kernel: only forms lowrank_act and position have a kernel choice")
         if self.alpha is not None and self.form != "lowrank":
             raise ValueError(f"{where}.alpha: only the lowrank form has alpha (scaling = alpha / rank)")
         return self

@@ -31,7 +31,7 @@ from difflora.adapters import (
 from difflora.config import Config
 from difflora.diffscaler.affiner import affiner_adapter_configs
 from difflora.diffusion import create_diffusion
-from difflora.model_adapters import check_adapter_configs, inject_adapters
+from difflora.model_adapters import add_context_tokens, check_adapter_configs, inject_adapters
 from difflora.nets import build_net
 
 __all__ = ["DiffusionModel", "build_diffusion", "build_model", "merged_timesteps"]
@@ -119,10 +119,11 @@ def build_model(cfg: Config) -> DiffusionModel:
     """
     net = build_net(cfg.model)
     report = None
-    if cfg.model.adapters or cfg.model.affiner:
+    if cfg.model.adapters or cfg.model.affiner or cfg.model.context.new_tokens:
         check_adapter_configs(cfg)
         configs = [*cfg.model.adapters, *affiner_adapter_configs(cfg.model, net)]  # model.affiner: DiffScaler
         report = inject_adapters(net, configs, DEFAULT_TARGETS.get(cfg.model.arch, ()))
+        add_context_tokens(net, cfg)  # model.context.new_tokens: a trainable class-token table
         if not cfg.train.train_base:
             freeze_base(net)
     scale = cfg.diffusion.steps / 1000.0 if cfg.diffusion.rescale_timesteps else 1.0

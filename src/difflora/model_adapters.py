@@ -17,18 +17,22 @@ from difflora.adapters import (
     IndexWeighting,
     InjectionReport,
     LinearWeighting,
+    SharedWeighting,
     TrainableWeighting,
     Weighting,
+    add_new_class_tokens,
     inject_adapter,
     inject_position_adapter,
 )
 from difflora.config import AdapterConfig, Config
 
-__all__ = ["check_adapter_configs", "inject_adapters", "make_weighting"]
+__all__ = ["add_context_tokens", "check_adapter_configs", "inject_adapters", "make_weighting"]
 
 
 def make_weighting(cfg: AdapterConfig) -> Weighting:
     """A fresh weighting for one layer from an :class:`~difflora.config.AdapterConfig`."""
+    if cfg.weighting == "shared":
+        return SharedWeighting()
     if cfg.weighting == "index":
         return IndexWeighting(cfg.num_values)
     assert cfg.num_bases is not None  # the config validates it
@@ -41,6 +45,8 @@ def make_weighting(cfg: AdapterConfig) -> Weighting:
 def check_adapter_configs(cfg: Config) -> None:
     """Errors for adapter entries that do not fit the rest of ``cfg`` (diffusion steps, classes)."""
     for a in cfg.model.adapters:
+        if a.weighting == "shared":
+            continue  # one entry for every sample: no range to cover
         if a.condition == "t" and a.weighting != "linear" and a.num_values < cfg.diffusion.steps:
             raise ValueError(
                 f"model.adapters[{a.name}].num_values ({a.num_values}) covers timesteps 0..{a.num_values - 1} "
@@ -86,6 +92,7 @@ def inject_adapters(
                 cfg.rank,
                 cfg.activation or "identity",
                 cfg.scale,
+                cfg.kernel,
             )
         else:
             part = inject_adapter(
@@ -102,3 +109,15 @@ def inject_adapters(
             )
         report.extend(part)
     return report
+
+
+def add_context_tokens(net: nn.Module, cfg: Config) -> None:
+    """``model.context.new_tokens``: a trainable class-token table on a cross-attention backbone."""
+    init = cfg.model.context.new_tokens
+    if init is None:
+        return
+    if cfg.model.attention != "cross" or not cfg.model.num_classes:
+        raise ValueError(
+            "model.context.new_tokens needs class tokens to replace: set model.attention=cross and model.num_classes"
+        )
+    add_new_class_tokens(net, init)

@@ -58,11 +58,13 @@ from difflora.adapters.io import AdapterLoadError, base_fingerprint, load_adapte
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
 from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps, position_adapters
 from difflora.adapters.router import Geometry, Route
+from difflora.adapters.tokens import NEW_TOKEN_INITS, NewClassTokens, add_new_class_tokens
 from difflora.adapters.weightings import (
     NULL_VALUE,
     IndexWeighting,
     LinearWeighting,
     Mix,
+    SharedWeighting,
     TrainableWeighting,
     Weighting,
     weighting_from_spec,
@@ -70,6 +72,9 @@ from difflora.adapters.weightings import (
 
 __all__ = [
     "ACTIVATIONS",
+    "NEW_TOKEN_INITS",
+    "NewClassTokens",
+    "add_new_class_tokens",
     "ALL_ADAPTERS",
     "DEFAULT_TARGETS",
     "FORMS",
@@ -91,6 +96,7 @@ __all__ = [
     "PositionAdapter",
     "Route",
     "ScaleBank",
+    "SharedWeighting",
     "ShiftBank",
     "TrainableWeighting",
     "Weighting",

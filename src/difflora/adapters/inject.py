@@ -33,6 +33,7 @@ from difflora.adapters.context import ConditionValue, checkpoint
 from difflora.adapters.forms import Branch
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
 from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps
+from difflora.adapters.tokens import NewClassTokens
 from difflora.adapters.weightings import Weighting
 
 __all__ = [
@@ -241,6 +242,7 @@ def inject_position_adapter(
     rank: int = 4,
     activation: str = "identity",
     scale: float = 1.0,
+    kernel: int | str = "full",
 ) -> InjectionReport:
     """Add position adapter ``name`` (``dest += scale f(source)``) to every block ``targets`` selects.
 
@@ -263,7 +265,7 @@ def inject_position_adapter(
             raise ValueError(f"{path!r} already has a position adapter named {name!r}")
     report = InjectionReport()
     for path, block in tapped:
-        adapter = PositionAdapter(block, name, weighting(), condition, source, dest, rank, activation, scale)
+        adapter = PositionAdapter(block, name, weighting(), condition, source, dest, rank, activation, scale, kernel)
         report.layers.append(InjectedLayer.of_position(path, add_position_adapter(block, adapter)))
     report.total_params = sum(p.numel() for p in model.parameters())
     return report
@@ -294,10 +296,13 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, ConditionalLoRA]]:
 
 
 def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """The adapters' own parameters: every form's factors and vectors, position adapters, trainable tables."""
+    """The adapters' own parameters: every form's factors and vectors, position adapters, trainable tables,
+    new class tokens (their table only, not the base embedder they wrap)."""
     for module in model.modules():
         if isinstance(module, Branch | PositionAdapter):
             yield from module.parameters()
+        elif isinstance(module, NewClassTokens):
+            yield module.new_tokens
 
 
 def freeze_base(model: nn.Module, frozen: bool = True) -> int:

@@ -188,6 +188,7 @@ def _fresh_module(model: nn.Module, entry: dict[str, Any]) -> nn.Module:
             entry["rank"],
             entry["activation"],
             entry["scale"],
+            entry.get("kernel", 1),  # files written before the kernel choice hold 1x1 adapters
         )
     base = target.base_layer if isinstance(target, ConditionalLoRA) else target
     return branch_from_spec(entry, Geometry.of_layer(base))

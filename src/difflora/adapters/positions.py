@@ -12,13 +12,23 @@ the U-Net's; ``"channels_last"``: [N x ... x C], DiT's tokens). difflora's block
 A position adapter between ``source`` and ``dest`` (``source`` at or before ``dest`` in ``TAPS``)
 computes, per sample with condition c,
 
-    h_dest <- h_dest + scale * (sum_i w_i(c) [ up_i act(down_i h_source) + bias_i ])
+    h_dest <- h_dest + scale * (sum_i w_i(c) [ up_i act(down_i h_source + down_bias_i) + bias_i ])
 
-``f`` is linear (``activation="identity"``: a rank-``rank`` factorisation, full width when
-``rank`` equals the channel count) or a bottleneck MLP (relu, silu, gelu, sigmoid), routed per
-sample by the same router as every layer form (a bank per task, per timestep basis, ...).
-``down`` [num_bases x rank x C_in] is initialised as ``nn.Linear``'s weight (Kaiming-uniform),
-``up`` [num_bases x C_out x rank] and ``bias`` [num_bases x C_out] are zero: a fresh adapter
+which is 004's adapter ``f_up(act(f_down(x)))`` times its scale factor, with ``f_down`` and
+``f_up`` layers that have a bias (its reference code builds them as ``nn.Linear`` in transformer
+blocks and ``3 x 3`` ``nn.Conv2d`` in ResBlocks). ``f`` is linear (``activation="identity"``: a
+rank-``rank`` factorisation, full width when ``rank`` equals the channel count) or a bottleneck
+MLP (relu, silu, gelu, sigmoid), routed per sample by the same router as every layer form (a bank
+per task, per timestep basis, ...).
+
+On [N x C x ...] blocks ``kernel`` picks the convolution of ``down`` and ``up``: ``"full"`` (the
+default) is the block's own ``tap_kernel`` (3 in the U-Net's ResBlock: 004's 3 x 3 adapters; 1
+where a block has none), ``"1x1"`` or an odd integer k is that k x k (stride 1, "same" padding).
+Token blocks (channels last) are always per token.
+
+``down`` [num_bases x rank x C_in k^d] and ``down_bias`` [num_bases x rank] are initialised as
+``nn.Linear`` / ``nn.Conv`` initialise weight and bias (Kaiming-uniform, fan-in C_in k^d);
+``up`` [num_bases x C_out x rank k^d] and ``bias`` [num_bases x C_out] are zero: a fresh adapter
 changes no output. ``scale`` is a fixed number (004's scale factor), not trained.
 
 The adapter is a child module of its block, ``<block>.position_adapters.<name>``, so its parameter
@@ -29,9 +39,11 @@ activation, the destination hook adds the update), which ``copy.deepcopy`` rebin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from difflora.adapters.context import current, is_disabled
@@ -45,6 +57,18 @@ __all__ = ["PositionAdapter", "add_position_adapter", "has_taps", "position_adap
 def has_taps(module: nn.Module) -> bool:
     """Whether ``module`` is a block with named taps (``TAPS``, ``tap_channels``, ``tap_layout``)."""
     return bool(getattr(module, "TAPS", None)) and hasattr(module, "tap_channels")
+
+
+def _kernel_size(block: nn.Module, kernel: int | str) -> int:
+    """The odd kernel size ``kernel`` means on ``block`` ("full": the block's ``tap_kernel``, default 1)."""
+    if kernel == "full":
+        return int(getattr(block, "tap_kernel", 1))
+    k = 1 if kernel == "1x1" else kernel
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+        raise ValueError(f"position adapter kernel must be 'full', '1x1' or an odd size >= 1, got {kernel!r}")
+    if k > 1 and block.tap_layout != "channels_first":
+        raise ValueError(f"a {k}x{k} position adapter needs a block of feature maps; {type(block).__name__} has tokens")
+    return k
 
 
 class PositionAdapter(nn.Module):
@@ -61,6 +85,7 @@ class PositionAdapter(nn.Module):
         rank: int = 4,
         act: str = "identity",
         scale: float = 1.0,
+        kernel: int | str = "full",
     ):
         super().__init__()
         if not has_taps(block):
@@ -89,13 +114,23 @@ class PositionAdapter(nn.Module):
         activation(act)  # validates the name
         self.name, self.condition, self.source, self.dest = name, condition, source, dest
         self.rank, self.act_name, self.scale = int(rank), act, float(scale)
-        kind = "pointwise" if block.tap_layout == "channels_first" else "linear"
-        self.geometry = Geometry(kind, block.tap_channels[source], block.tap_channels[dest])
+        self.kernel = _kernel_size(block, kernel)
+        c_in, c_out = block.tap_channels[source], block.tap_channels[dest]
+        if block.tap_layout != "channels_first":
+            self.geometry = Geometry("linear", c_in, c_out)
+        elif self.kernel == 1:
+            self.geometry = Geometry("pointwise", c_in, c_out)
+        else:
+            k, pad = self.kernel, self.kernel // 2
+            self.geometry = Geometry("conv", c_in, c_out, (k, k), (1, 1), (pad, pad), (1, 1))
+        taps = self.kernel if self.geometry.kind == "conv" else 1
         nb = weighting.num_bases
         self.weighting = weighting
-        self.lora_down = nn.Parameter(torch.empty(nb, rank, self.geometry.in_features))
-        self.lora_up = nn.Parameter(torch.empty(nb, self.geometry.out_features, rank))
-        self.bias = nn.Parameter(torch.empty(nb, self.geometry.out_features))
+        # k x k factors are stored flat (C_in k k, rank k k), like the layer forms' conv factors.
+        self.lora_down = nn.Parameter(torch.empty(nb, rank, c_in * taps * taps))
+        self.down_bias = nn.Parameter(torch.empty(nb, rank))
+        self.lora_up = nn.Parameter(torch.empty(nb, c_out, rank * taps * taps))
+        self.bias = nn.Parameter(torch.empty(nb, c_out))
         self.reset_parameters()
         self._stash: torch.Tensor | None = None
 
@@ -106,8 +141,10 @@ class PositionAdapter(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        fan_in = self.lora_down.shape[-1]
         for i in range(self.lora_down.shape[0]):
-            nn.init.kaiming_uniform_(self.lora_down[i], a=math.sqrt(5))  # nn.Linear's weight init
+            nn.init.kaiming_uniform_(self.lora_down[i], a=math.sqrt(5))  # nn.Linear / nn.Conv's weight init
+        nn.init.uniform_(self.down_bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))  # and their bias init
         nn.init.zeros_(self.lora_up)
         nn.init.zeros_(self.bias)
 
@@ -139,8 +176,52 @@ class PositionAdapter(nn.Module):
         # A new tensor (never the tap's input in place: the block may still use it, e.g. a residual).
         out = out + per_channel(bias, out, self.geometry).to(out.dtype)
         s = route.slot_scales(self.scale, dtype)
-        term = rank_term(route, self.lora_down, self.lora_up, s, activation(self.act_name), dtype)
+        if self.geometry.kind == "conv":
+            return out + self._conv_f(route, h, s, dtype).to(out.dtype)
+        term = rank_term(route, self.lora_down, self.lora_up, s, self._activation(route, dtype), dtype)
         return add_rank_terms(out, h, self.geometry, [term])
+
+    def _activation(self, route: Route, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``act(z + down_bias)`` on the router's rank-space activations: [N x L x R] (tokens) or
+        [N x R x L] (channels first), R = K r (sparse; the routed entries' biases per sample) or
+        num_bases r (dense; every entry's, shared)."""
+        act = activation(self.act_name) or (lambda z: z)
+        if route.sparse:
+            b = route.gather(self.down_bias, dtype).flatten(1)  # (N, K r), rows in rank_term's (k, r) order
+            b = b[:, None, :] if self.geometry.kind == "linear" else b[:, :, None]
+        else:
+            b = self.down_bias.to(dtype).reshape(-1)  # (num_bases r)
+            b = b if self.geometry.kind == "linear" else b[:, None]
+        return lambda z: act(z + b)
+
+    def _conv_f(self, route: Route, h: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``sum_i w_i up_i * act(down_i * h + down_bias_i)`` with k x k convolutions (``*``), h [N x C_in x H x W]
+        -> [N x C_out x H x W]; s [N x K] or [N x num_bases] (weights times scale). Sparse routes run
+        one grouped convolution per factor with a group per sample (no per-sample loop)."""
+        if h.dim() != 4:
+            raise ValueError(f"position adapter {self.name!r}: a {self.kernel}x{self.kernel} kernel needs 2-d maps")
+        n, c_in, hh, ww = h.shape
+        k, r, pad = self.kernel, self.rank, self.kernel // 2
+        c_out = self.lora_up.shape[1]
+        act = activation(self.act_name) or (lambda z: z)
+        x = h.to(dtype)
+        if route.sparse:
+            kk = route.index.shape[1]
+            down = route.gather(self.lora_down, dtype).reshape(n * kk * r, c_in, k, k)
+            z = F.conv2d(
+                x.reshape(1, n * c_in, hh, ww), down, route.gather(self.down_bias, dtype).reshape(-1), 1, pad, 1, n
+            )
+            z = act(z).view(n, kk, r, hh, ww) * s[:, :, None, None, None]
+            # up per sample: [N x C_out x (K r) x k x k], rows in the same (k, r) order as z's channels.
+            up = route.gather(self.lora_up, dtype).view(n, kk, c_out, r, k, k).transpose(1, 2)
+            out = F.conv2d(z.reshape(1, n * kk * r, hh, ww), up.reshape(n * c_out, kk * r, k, k), None, 1, pad, 1, n)
+            return out.view(n, c_out, hh, ww)
+        nb = self.lora_down.shape[0]
+        down = self.lora_down.to(dtype).reshape(nb * r, c_in, k, k)
+        z = act(F.conv2d(x, down, self.down_bias.to(dtype).reshape(-1), 1, pad))
+        z = z * s.repeat_interleave(r, dim=1)[:, :, None, None]  # (N, num_bases r, H, W)
+        up = self.lora_up.to(dtype).view(nb, c_out, r, k, k).transpose(0, 1).reshape(c_out, nb * r, k, k)
+        return F.conv2d(z, up, None, 1, pad)
 
     def spec(self) -> dict[str, Any]:
         """JSON-able description (adapter files store it)."""
@@ -153,12 +234,13 @@ class PositionAdapter(nn.Module):
             "rank": self.rank,
             "activation": self.act_name,
             "scale": self.scale,
+            "kernel": self.kernel,
         }
 
     def extra_repr(self) -> str:
         return (
             f"{self.source} -> {self.dest}, condition={self.condition!r}, rank={self.rank}, "
-            f"activation={self.act_name}, scale={self.scale:g}"
+            f"activation={self.act_name}, scale={self.scale:g}, kernel={self.kernel}"
         )
 
 

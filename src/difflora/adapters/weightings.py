@@ -42,6 +42,7 @@ from torch import nn
 
 __all__ = [
     "IndexWeighting",
+    "SharedWeighting",
     "LinearWeighting",
     "Mix",
     "NULL_VALUE",
@@ -223,6 +224,27 @@ class LinearWeighting(Weighting):
         return f"num_bases={self.num_bases}, low={self.low:g}, high={self.high:g}"
 
 
+class SharedWeighting(Weighting):
+    """One entry for every sample: an unconditional adapter (004's adapters are one module per site).
+
+    It reads a condition every forward has (``t``) only to size the batch and for the usual
+    "no update" rows (NaN, or -1 in an integer tensor); ``values=None`` returns None.
+    """
+
+    kind = "shared"
+    sparse = True
+    num_bases = 1
+
+    def forward(self, values: torch.Tensor | None) -> Mix | None:
+        if values is None:
+            return None
+        keep = ~values.isnan() if values.is_floating_point() else values != NULL_VALUE
+        return Mix(weight=keep.float()[:, None], index=torch.zeros_like(keep, dtype=torch.long)[:, None])
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
 class TrainableWeighting(Weighting):
     """A trainable table ``table`` [num_values x num_bases]: sample with value t mixes row t (000 3.2).
 
@@ -295,6 +317,8 @@ def weighting_from_spec(spec: dict[str, Any]) -> Weighting:
             return LinearWeighting(spec["num_bases"], spec["low"], spec["high"])
         if kind == "trainable":
             return TrainableWeighting(spec["num_values"], spec["num_bases"], spec.get("init", "linear"))
+        if kind == "shared":
+            return SharedWeighting()
     except KeyError as exc:
         raise ValueError(f"weighting spec {spec} lacks key {exc}") from None
-    raise ValueError(f"unknown weighting kind {kind!r}; valid: index, linear, trainable")
+    raise ValueError(f"unknown weighting kind {kind!r}; valid: index, linear, trainable, shared")

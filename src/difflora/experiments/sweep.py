@@ -2,8 +2,8 @@
 
 A sweep YAML (typed below; an unknown key is an error naming the valid ones)::
 
-    name: design-space-digits
-    out: runs/design-space-digits          # default output directory (--out overrides)
+    name: design-space
+    out: runs/design-space          # default output directory (--out overrides)
     base: {data: ..., model: {adapters: [{name: pa, form: position, ...}]}, ...}
     seeds: [0, 1]                          # train.seed of each run
     eval: {num_samples: 500, steps: 50}    # as a study's eval block (difflora.experiments.study.StudyEval)
@@ -22,9 +22,13 @@ A sweep YAML (typed below; an unknown key is an error naming the valid ones)::
 Overrides reach inside the adapter list by index (``model.adapters.0.source``). A *full* design
 runs every combination of levels; a *fractional* one (a regular s-level fraction) runs every
 combination of the basic factors and sets each generated factor's level index to the sum of its
-generators' level indices modulo s (all s levels each: for s = 2 this is the classic 2^(k-p)
-design, e.g. ``C = AB``; for s = 3 with two generators a Latin square), so each main effect stays
-balanced and estimable with a fraction 1/s^p of the runs.
+generators' level indices modulo s, its number of levels (all s levels each: for s = 2 this is the
+classic 2^(k-p) design, e.g. ``C = AB``; for s = 3 with two generators a Latin square), so each main
+effect stays balanced and estimable with a fraction 1/s^p of the runs. A parent may have fewer
+levels than s if another has exactly s (every generated level then appears equally often, but the
+generated factor is only partly orthogonal to that parent: the ANOVA is type II, which allows it);
+e.g. 5 input positions x 2 output positions with the form (5 levels) generated from both puts each
+form at two (input, output) pairs: 10 cells instead of 50.
 
 Every cell is an arm of a generated study (named ``factor.level+factor.level...``) run by the study
 runner (``difflora.experiments.study``): runs go to ``<out>/<cell>/seed<k>/``, a finished run
@@ -92,9 +96,11 @@ class Sweep(BaseModel):
             if not parents or any(p not in basic for p in parents):
                 raise ValueError(f"generators.{gen}: list one or more basic (not generated) factors, from {basic}")
             sizes = {f: len(self.factors[f]) for f in (gen, *parents)}
-            if len(set(sizes.values())) != 1:
+            s = sizes[gen]
+            if max(sizes[p] for p in parents) != s:
                 raise ValueError(
-                    f"generators.{gen}: the factors of a generator need equal numbers of levels, got {sizes}"
+                    f"generators.{gen}: one parent needs as many levels as {gen} ({s}) and none more "
+                    f"(so each level of {gen} appears equally often), got {sizes}"
                 )
         return self
 
@@ -204,7 +210,7 @@ def plan_sweep(sweep: Sweep) -> tuple[list[tuple[Cell, StudyArm]], list[tuple[Ce
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep YAML (the cells' configs are checked by :func:`plan_sweep`)."""
     p = Path(path)
-    example, keys = "experiments/design-space/digits.yaml", "name, base, seeds, eval, factors, ..."
+    example, keys = "experiments/design-space/sweep.yaml", "name, base, seeds, eval, factors, ..."
     tree = read_yaml_mapping(p, SweepError, "sweep", example, keys)
     try:
         return Sweep.model_validate(tree)

@@ -84,6 +84,7 @@ class ResBlock(nn.Module):
 
     TAPS = ("in", "out")
     tap_layout = "channels_first"
+    tap_kernel = 3  # position adapters here are 3x3 convolutions by default, as 004's ResBlock adapters
 
     def __init__(
         self,
