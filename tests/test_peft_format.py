@@ -11,8 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-peft = pytest.importorskip("peft")
+pytest.importorskip("peft")
 pytest.importorskip("diffusers")
+
+import peft
 
 from difflora.adapters import IndexWeighting, LinearWeighting, adapter_layers, conditions, inject_adapter
 from difflora.adapters.peft_format import PeftFormatError, export_peft, import_peft, merge_and_unload
