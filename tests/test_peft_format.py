@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 pytest.importorskip("peft")
@@ -18,9 +19,24 @@ import peft
 
 from difflora.adapters import IndexWeighting, LinearWeighting, adapter_layers, conditions, inject_adapter
 from difflora.adapters.peft_format import PeftFormatError, export_peft, import_peft, merge_and_unload
+from difflora.cli import main
+from difflora.cli_inputs import run_config
+from difflora.model import build_model
 from difflora.nets.diffusers_wrap import build_diffusers_model
+from difflora.train import latest_checkpoint, load_weights
 
 TOL = 1e-5
+UNET = {
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "attention_head_dim": 8,
+}
 
 
 class Base(nn.Module):
@@ -110,18 +126,7 @@ def test_a_peft_trained_lora_imports_and_merges_into_a_plain_model(tmp_path, rsl
 
 
 def test_a_lora_on_a_diffusers_unet_round_trips_through_peft(tmp_path):
-    kwargs = {
-        "sample_size": 8,
-        "in_channels": 1,
-        "out_channels": 1,
-        "block_out_channels": [8, 16],
-        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-        "layers_per_block": 1,
-        "norm_num_groups": 4,
-        "attention_head_dim": 8,
-    }
-    unet = build_diffusers_model("UNet2DModel", kwargs).eval()
+    unet = build_diffusers_model("UNet2DModel", UNET).eval()
     ours = copy.deepcopy(unet)
     inject_adapter(ours, "lora", lambda: IndexWeighting(1), "lora", ["to_q", "to_v", "conv1"], rank=4)
     _random_b(ours)
@@ -158,3 +163,39 @@ def test_what_peft_format_cannot_hold_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ValueError, match=r"reading \['y'\]"):
         merge_and_unload(both, lora=0)
     assert list(adapter_layers(both))
+
+
+def test_difflora_export_peft_writes_a_trained_runs_lora_for_peft(tmp_path, capsys):
+    """A plain LoRA fine-tuned with ``difflora train`` (condition ``task``, data.task_id=0), exported
+    by the CLI, computes in peft what the run's model computes."""
+    tree = {
+        "data": {"task_id": 0},
+        "model": {
+            "arch": "diffusers",
+            "learn_sigma": False,
+            "diffusers": {"class_name": "UNet2DModel", "config": {k: v for k, v in UNET.items() if "size" not in k}},
+            "adapters": [{"name": "lora", "condition": "task", "weighting": "index", "num_values": 1, "rank": 2}],
+        },
+        "diffusion": {"steps": 50},
+        "train": {"steps": 3, "batch_size": 4, "lr": 1e-2, "train_base": False, "ckpt_every": 3, "ema_decay": 0},
+        "sample": {"num": 2, "steps": 2},
+    }
+    config = tmp_path / "lora.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run), "--no-progress"]) == 0
+    assert main(["export-peft", str(run), str(tmp_path / "peft")]) == 0
+    assert "wrote a peft LoRA" in capsys.readouterr().out
+    state, _ = load_weights(latest_checkpoint(run), "ema")
+    model = build_model(run_config(run))
+    model.load_state_dict(state)
+    unet = model.net.model.eval()
+    base = merge_and_unload(copy.deepcopy(unet), task=-1)  # -1: the LoRA off, i.e. the plain base
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 40])
+    with torch.no_grad():
+        plain = base(x, t).sample
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()  # wraps base in place
+    with torch.no_grad(), conditions(task=0):
+        ours = unet(x, t).sample
+        assert (ours - theirs(x, t).sample).abs().max() < TOL
+        assert (ours - plain).abs().max() > 1e-4  # three steps at lr 1e-2 moved B
