@@ -6,6 +6,8 @@ on the same base weights: outputs must agree to one tolerance.
 
 import copy
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ from difflora.model import build_model
 from difflora.nets.diffusers_wrap import build_diffusers_model
 from difflora.train import latest_checkpoint, load_weights
 
+ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 UNET = {
     "sample_size": 8,
@@ -199,3 +202,14 @@ def test_difflora_export_peft_writes_a_trained_runs_lora_for_peft(tmp_path, caps
         ours = unet(x, t).sample
         assert (ours - theirs(x, t).sample).abs().max() < TOL
         assert (ours - plain).abs().max() > 1e-4  # three steps at lr 1e-2 moved B
+
+
+def test_the_python_examples_of_docs_interop_run(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "interop.md").read_text(), re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "docs/interop.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "8 layers wrapped" in out  # 2 DiT blocks x (to_q, to_k, to_v, to_out.0)
+    errors = [float(v) for v in re.findall(r"(?:difflora|merged) vs peft: (\S+)", out)]
+    assert len(errors) == 2 and max(errors) < TOL
