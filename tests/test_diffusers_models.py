@@ -203,3 +203,24 @@ def test_a_diffusers_config_that_does_not_fit_is_an_error_naming_the_key():
     cfg = parse_config({"model": {**base, "diffusers": {"config": {**TINY["UNet2DModel"], "num_class_embeds": 4}}}})
     with pytest.raises(ValueError, match="num_class_embeds"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_model_arch_diffusers_builds_each_class_with_shapes_from_the_data(name):
+    cfg = parse_config(
+        {
+            "model": {
+                "arch": "diffusers",
+                "num_classes": 10,
+                "learn_sigma": True,  # out_channels is filled in as 2 x 1
+                "diffusers": {"class_name": name, "config": TINY[name]},
+                "adapters": [{"name": "cls", "condition": "y", "weighting": "index", "num_values": 10}],
+            },
+            "diffusion": {"loss": "hybrid"},
+        }
+    )
+    model = build_model(cfg)
+    assert type(model.net.model).__name__ == name
+    assert {p.rsplit(".", 1)[-1] for p in model.adapter_report.paths} == {"to_q", "to_k", "to_v", "0"}
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([2, -1, 7])
+    assert model(x, t, y).shape == (3, 2, 8, 8)
