@@ -393,6 +393,18 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_export_peft(args) -> int:
+    from difflora.adapters.peft_format import export_peft
+
+    cfg, model, _ = _load_run_model(args.run_dir, args.weights, args.checkpoint)
+    # peft wraps the backbone: the diffusers model itself for model.arch=diffusers.
+    root = model.net.model if cfg.model.arch == "diffusers" else model.net
+    out = export_peft(root, args.out_dir, args.adapter)
+    base = f"the diffusers {cfg.model.diffusers.class_name}" if cfg.model.arch == "diffusers" else "the run's net"
+    print(f"wrote a peft LoRA to {out} (adapter_config.json, adapter_model.safetensors); load it onto {base}")
+    return 0
+
+
 # Command name -> handler; the parser's grammar lives in difflora.cli_parser.
 HANDLERS = {
     "train": _cmd_train,
@@ -408,6 +420,7 @@ HANDLERS = {
     "anova": _cmd_anova,
     "runs": _cmd_runs,
     "demo": _cmd_demo,
+    "export_peft": _cmd_export_peft,
 }
 
 

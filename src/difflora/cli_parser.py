@@ -212,6 +212,18 @@ def _add_demo(sub, handlers: Handlers) -> None:
     d.set_defaults(fn=handlers["demo"])
 
 
+def _add_export_peft(sub, handlers: Handlers) -> None:
+    e = sub.add_parser(
+        "export-peft", help="write a run's plain LoRA in peft's format (adapter_config.json + safetensors)"
+    )
+    e.add_argument("run_dir")
+    e.add_argument("out_dir", help="the peft adapter directory to write")
+    e.add_argument("--adapter", default=None, help="the plain LoRA to export (default: the run's only adapter)")
+    e.add_argument("--weights", choices=["ema", "model"], default="ema")
+    e.add_argument("--checkpoint", metavar="STEP|PATH", default=None, help=_CKPT_HELP)
+    e.set_defaults(fn=handlers["export_peft"])
+
+
 def build_parser(handlers: Handlers) -> argparse.ArgumentParser:
     """The ``difflora`` parser; ``handlers`` maps each command (``train``, ``sample``, ...) to its function."""
     p = Parser(prog="difflora", description="Low-rank conditioning, adaptation and distillation of diffusion models.")
@@ -230,6 +242,7 @@ def build_parser(handlers: Handlers) -> argparse.ArgumentParser:
         _add_anova,
         _add_runs,
         _add_demo,
+        _add_export_peft,
     ):
         add(sub, handlers)
     return p

@@ -30,6 +30,7 @@ from difflora.config_adapters import (
     DistillConfig,
 )
 from difflora.config_base import ConfigError, StrictModel
+from difflora.config_diffusers import DiffusersConfig, diffusers_problem
 from difflora.presets import config_presets, resolve_config
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "DataConfig",
     "DiffusionConfig",
     "DiTConfig",
+    "DiffusersConfig",
     "DistillConfig",
     "ModelConfig",
     "SampleConfig",
@@ -165,7 +167,8 @@ class ContextConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    arch: Literal["unet", "dit"] = "unet"
+    # diffusers: a diffusers model built from model.diffusers (difflora.nets.diffusers_wrap).
+    arch: Literal["unet", "dit", "diffusers"] = "unet"
     # Filled from the data config when None.
     image_size: int | None = Field(default=None, ge=4)
     in_channels: int | None = Field(default=None, ge=1)
@@ -176,6 +179,7 @@ class ModelConfig(StrictModel):
     class_embed: bool = True
     unet: UNetConfig = Field(default_factory=UNetConfig)
     dit: DiTConfig = Field(default_factory=DiTConfig)
+    diffusers: DiffusersConfig = Field(default_factory=DiffusersConfig)
     # self: the backbone's own attention blocks. cross: LDM-style transformer blocks (self-attention,
     # cross-attention over model.context, GEGLU feed-forward) in their place; the class label then
     # enters through the context only (learned tokens per class, a learned null context for y = -1).
@@ -284,6 +288,8 @@ class Config(StrictModel):
             )
         if m.arch == "dit" and m.image_size % m.dit.patch_size:
             raise ValueError(f"model.dit.patch_size ({m.dit.patch_size}) must divide model.image_size ({m.image_size})")
+        if m.arch == "diffusers" and (problem := diffusers_problem(m, self.train.objective, self.distill.targets)):
+            raise ValueError(problem)
         self._check_affiner_tasks()
         if self.train.objective == "distill":
             self._resolve_distill()

@@ -88,7 +88,9 @@ CONFIG = [
         params("train.lr=[1,"),
         r"override train\.lr: cannot parse value '\[1,': line 1, column 4: expected the node content",
     ),
-    Fault("set-arch-unknown", params("model.arch=resnet"), r"model\.arch: input should be 'unet' or 'dit'"),
+    Fault(
+        "set-arch-unknown", params("model.arch=resnet"), r"model\.arch: input should be 'unet', 'dit' or 'diffusers'"
+    ),
     Fault("set-data-unknown", params("data.name=imagenet"), r"data\.name: input should be 'digits'"),
     Fault(
         "set-image-size-tiny",

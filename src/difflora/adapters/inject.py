@@ -58,6 +58,8 @@ __all__ = [
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "unet": ("qkv", "proj_out"),
     "dit": ("attn.qkv", "attn.proj"),
+    # diffusers' Attention modules (difflora.nets.diffusers_wrap), in all three wrapped models.
+    "diffusers": ("to_q", "to_k", "to_v", "to_out.0"),
 }
 
 

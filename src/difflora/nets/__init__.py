@@ -18,9 +18,13 @@ __all__ = ["DIT_PRESETS", "DiT", "UNetModel", "build_net", "count_parameters", "
 
 
 def build_net(cfg: ModelConfig) -> nn.Module:
-    """The backbone named by ``cfg.arch`` ("unet" or "dit"), freshly initialised."""
+    """The backbone named by ``cfg.arch`` ("unet", "dit" or "diffusers"), freshly initialised."""
     if cfg.arch == "unet":
         return UNetModel(cfg)
     if cfg.arch == "dit":
         return DiT(cfg)
-    raise ValueError(f"model.arch: unknown architecture {cfg.arch!r}; choose unet or dit")
+    if cfg.arch == "diffusers":
+        from difflora.nets.diffusers_wrap import DiffusersNet  # diffusers is optional: imported on use
+
+        return DiffusersNet.from_config(cfg)
+    raise ValueError(f"model.arch: unknown architecture {cfg.arch!r}; choose unet, dit or diffusers")
