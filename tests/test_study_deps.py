@@ -145,3 +145,14 @@ def test_a_claim_with_a_guidance_compares_both_arms_at_that_scale():
 def test_unknown_or_cyclic_dependencies_are_clear_errors(tmp_path, arms, message):
     with pytest.raises(StudyError, match=message):
         load_study(_write(tmp_path, {**TINY, "arms": arms, "claims": []}))
+
+
+def test_committed_distillation_studies_are_valid():
+    # load_study resolves every arm's config, so a bad key in a committed study fails here.
+    study = load_study(Path(__file__).resolve().parents[1] / "experiments" / "distill" / "digits.yaml")
+    assert len(study.seeds) >= 3 and {1.5, 2, 3, 4} <= set(study.eval.guidance)
+    students = [a for a in study.arms if study_mod.arm_dependency(study, a) == "teacher"]
+    cfgs = {a.name: arm_config(study, a, 0) for a in students}
+    assert sorted(c.distill.guidance for c in cfgs.values() if c.distill.guidance_range is None) == [1.5, 2, 3, 3, 4]
+    assert sum(c.train.train_base for c in cfgs.values()) == 1  # the full fine-tune with a teacher copy
+    assert [c.distill.guidance_range for c in cfgs.values() if c.distill.guidance_range] == [(1.0, 5.0)]
