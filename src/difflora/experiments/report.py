@@ -41,7 +41,7 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
                 continue
             cfg = arm_config(study, arm, seed)
             m = json.loads(mpath.read_text())
-            settings = eval_settings(study, cfg)
+            settings = eval_settings(study, cfg, teacher=arm.teacher_of is not None)
             if {k: m["settings"].get(k) for k in settings} != settings or m["checkpoint_step"] != cfg.train.steps:
                 continue
             acc = json.loads(apath.read_text())
@@ -102,7 +102,8 @@ def summarise(study: Study, records: dict[str, list[dict[str, Any]]], arms: list
                 "group": arm.group,
                 "guidance": w,
                 "seeds": [rec["seed"] for rec in recs],
-                "steps": arm_config(study, arm, study.seeds[0]).train.steps,
+                # A teacher_of arm trains nothing (its teacher is another arm's base).
+                "steps": "-" if arm.teacher_of else arm_config(study, arm, study.seeds[0]).train.steps,
                 "parameters": recs[0]["parameters"],
                 "train_images_per_s": _mean_std([rec["train_images_per_s"] for rec in recs]),
                 "sample_images_per_s": _mean_std([e["sample_images_per_s"] for e in entries]),

@@ -108,6 +108,9 @@ class StudyArm(_Strict):
     set: dict[str, Any] = Field(default_factory=dict)
     # Replaces the base's model.adapters when given (a list of AdapterConfig trees).
     adapters: list[dict[str, Any]] | None = None
+    # Trains nothing: scores the guided teacher held in the run of arm NAME (a LoRA-distilled
+    # student) of the same seed, at every eval.guidance scale (``difflora eval RUN --teacher``).
+    teacher_of: str | None = None
 
 
 class Claim(_Strict):
@@ -164,6 +167,11 @@ class Study(_Strict):
             for which in (c.arm, c.baseline):
                 if which not in names:
                     raise ValueError(f"claims: arm {which!r} of claim {c.text!r} is not an arm; arms: {names}")
+        for a in self.arms:
+            if a.teacher_of is not None and (a.set or a.adapters is not None):
+                raise ValueError(
+                    f"arms: arm {a.name!r} scores the teacher of {a.teacher_of!r}: it takes no set or adapters"
+                )
         _check_dependencies(self)
         return self
 
@@ -173,7 +181,10 @@ ARM_PREFIX = "arm:"
 
 
 def arm_dependency(study: Study, arm: StudyArm) -> str | None:
-    """The arm whose runs ``arm`` starts from (``train.init_from: arm:NAME`` in its ``set`` or the base), or None."""
+    """The arm whose runs ``arm`` starts from (``train.init_from: arm:NAME`` in its ``set`` or the base,
+    or ``teacher_of``), or None."""
+    if arm.teacher_of is not None:
+        return arm.teacher_of
     if "train.init_from" in arm.set:
         value = arm.set["train.init_from"]
     else:
@@ -191,7 +202,7 @@ def _check_dependencies(study: Study) -> None:
     for name, dep in deps.items():
         if dep is not None and dep not in deps:
             raise ValueError(
-                f"arms: arm {name!r} starts from train.init_from=arm:{dep}, which is not an arm; arms: {names}"
+                f"arms: arm {name!r} starts from arm {dep!r} (arm:{dep}), which is not an arm; arms: {names}"
             )
     for name in names:
         chain, dep = [name], deps[name]
@@ -269,7 +280,12 @@ def load_study(path: str | Path) -> Study:
     except ValidationError as err:
         raise _explain(err, str(p)) from None
     for arm in study.arms:
-        arm_config(study, arm, study.seeds[0])
+        cfg = arm_config(study, arm, study.seeds[0])
+        if arm.teacher_of is not None and (cfg.train.objective != "distill" or cfg.train.train_base):
+            raise StudyError(
+                f"arm {arm.name!r}: teacher_of needs an arm of LoRA-distilled students (train.objective: distill, "
+                f"train.train_base: false), and {arm.teacher_of!r} is not one"
+            )
     return study
 
 
@@ -277,7 +293,10 @@ def arm_config(study: Study, arm: StudyArm, seed: int, out: str | Path | None = 
     """The resolved difflora config of one run: base + the arm's adapters and overrides + train.seed.
 
     ``train.init_from: arm:NAME`` becomes ``<out>/NAME/seed<seed>`` (``out``: see :func:`study_out_dir`).
+    A ``teacher_of`` arm has the config of the students it scores the teacher of.
     """
+    if arm.teacher_of is not None:
+        return arm_config(study, next(a for a in study.arms if a.name == arm.teacher_of), seed, out)
     tree = copy.deepcopy(study.base)
     if arm.adapters is not None:
         tree.setdefault("model", {})["adapters"] = copy.deepcopy(arm.adapters)
@@ -326,13 +345,14 @@ def git_state(ignore: list[Path] | None = None, root: Path | None = None) -> tup
     return rev, dirty
 
 
-def _guidance_for(study: Study, cfg: Config) -> list[float]:
-    """Unconditional: 1. Class-conditional: every eval.guidance scale. A distilled student: its own w
-    (fixed-w), or the eval.guidance scales inside its range (guidance-scale LoRA; none: its default w)."""
+def _guidance_for(study: Study, cfg: Config, teacher: bool) -> list[float]:
+    """Unconditional: 1. Class-conditional (and a distilled run's ``teacher``): every eval.guidance
+    scale. A distilled student: its own w (fixed-w), or the eval.guidance scales inside its range
+    (guidance-scale LoRA; none: its default w)."""
     if not cfg.model.num_classes:
         return [1.0]
     scales = [float(w) for w in study.eval.guidance]
-    if cfg.train.objective != "distill":
+    if cfg.train.objective != "distill" or teacher:
         return scales
     d = cfg.distill
     if d.guidance_range is None:
@@ -341,15 +361,16 @@ def _guidance_for(study: Study, cfg: Config) -> list[float]:
     return [w for w in scales if low <= w <= high] or [float(d.guidance)]
 
 
-def eval_settings(study: Study, cfg: Config) -> dict[str, Any]:
-    """The eval settings a run's metrics.json must have to count as done for this study."""
+def eval_settings(study: Study, cfg: Config, teacher: bool = False) -> dict[str, Any]:
+    """The eval settings a run's metrics.json must have to count as done for this study
+    (``teacher``: of a ``teacher_of`` arm)."""
     e = study.eval
     return {
         "num_samples": e.num_samples,
         "steps": e.steps,
         "sampler": e.sampler,
         "eta": e.eta,
-        "guidance": _guidance_for(study, cfg),
+        "guidance": _guidance_for(study, cfg, teacher),
         "seed": e.seed,
         "metrics_version": METRICS_VERSION,
     }
@@ -380,12 +401,28 @@ def _run_state(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> str:
         return "new"
     if int(ckpts[-1].name.split("_")[-1]) < cfg.train.steps:
         return "partial"
+    return "done" if _evaluated(run_dir, cfg, settings) else "trained"
+
+
+def _evaluated(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> bool:
+    """Whether ``run_dir/eval/metrics.json`` scores the final checkpoint with ``settings``."""
     metrics = run_dir / "eval" / "metrics.json"
-    if metrics.is_file():
-        m = json.loads(metrics.read_text())
-        if {k: m["settings"].get(k) for k in settings} == settings and m["checkpoint_step"] == cfg.train.steps:
-            return "done"
-    return "trained"
+    if not metrics.is_file():
+        return False
+    m = json.loads(metrics.read_text())
+    return {k: m["settings"].get(k) for k in settings} == settings and m["checkpoint_step"] == cfg.train.steps
+
+
+def _teacher_accounting(student_dir: Path, run_dir: Path) -> None:
+    """A ``teacher_of`` arm's accounting.json: the teacher's parameters (the student's minus its adapters)."""
+    from difflora.eval.evaluate import merge_accounting
+
+    params = json.loads((student_dir / "accounting.json").read_text())["parameters"]
+    groups = {k: v for k, v in params["by_group"].items() if k not in ("adapters", "weighting")}
+    total = params["total"] - params["by_group"].get("adapters", 0) - params["by_group"].get("weighting", 0)
+    merge_accounting(
+        run_dir, {"parameters": {"total": total, "trainable": 0, "by_group": groups}, "train_images_per_s": None}
+    )
 
 
 def run_study(
@@ -464,8 +501,13 @@ def run_all(
         bar.set_postfix_str(f"{arm.name} seed {seed}")
         cfg = arm_config(study, arm, seed, out_dir)
         run_dir = out_dir / arm.name / f"seed{seed}"
-        settings = eval_settings(study, cfg)
-        state = _run_state(run_dir, cfg, settings)
+        teacher = arm.teacher_of is not None
+        settings = eval_settings(study, cfg, teacher)
+        if teacher:
+            source = out_dir / str(arm.teacher_of) / f"seed{seed}"
+            state = "done" if _evaluated(run_dir, cfg, settings) else "trained"
+        else:
+            source, state = run_dir, _run_state(run_dir, cfg, settings)
         if state == "done":
             log(f"[{arm.name} seed {seed}] done already: reusing {run_dir}")
             continue
@@ -474,7 +516,10 @@ def run_all(
             train(cfg, run_dir, resume=state == "partial", progress=False, log=log)
         t1 = time.perf_counter()
         ev = evaluate_run(
-            run_dir,
+            source,
+            out=run_dir / "eval",
+            teacher=teacher,
+            update_accounting=not teacher,
             num_samples=settings["num_samples"],
             steps=settings["steps"],
             sampler=settings["sampler"],
@@ -485,6 +530,8 @@ def run_all(
             cache_dir=cache_dir,
             feature_train=feature_train,
         )
+        if teacher:
+            _teacher_accounting(source, run_dir)
         fds = ", ".join(f"w={r['guidance']:g}: {r['fd']:.3f}" for r in ev["results"])
         floor = ev["noise_floor"]["fd"]
         log(
