@@ -303,9 +303,10 @@ def _cmd_eval(args) -> int:
         feature_train=_eval_feature_train(args),
         device=device,
         progress=not args.no_progress,
+        teacher=args.teacher,
         log=print,
     )
-    out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
+    out = Path(args.out) if args.out else Path(args.run_dir) / ("eval-teacher" if args.teacher else "eval")
     st = result["settings"]
     print(
         f"evaluated {args.run_dir} (step {result['checkpoint_step']}, {args.weights} weights): {st['num_samples']} samples, "

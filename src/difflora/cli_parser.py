@@ -152,7 +152,14 @@ def _add_eval(sub, handlers: Handlers) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--weights", choices=["ema", "model"], default="ema")
     ev.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
-    ev.add_argument("--out", default=None, help="output directory (default RUN_DIR/eval)")
+    ev.add_argument(
+        "--out", default=None, help="output directory (default RUN_DIR/eval, with --teacher RUN_DIR/eval-teacher)"
+    )
+    ev.add_argument(
+        "--teacher",
+        action="store_true",
+        help="a distilled run: score its guided teacher (the LoRA off, CFG at each --guidance) instead of the student",
+    )
     ev.add_argument("--feature-net", default=None, help="a saved feature network (default: the cached one)")
     ev.add_argument("--cache-dir", default=None, help="feature network cache directory")
     ev.add_argument("--feature-steps", type=int, default=None, help="feature net training steps if it must be trained")

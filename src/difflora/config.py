@@ -320,12 +320,19 @@ class Config(StrictModel):
                 "train.objective=distill distils classifier-free guidance, which needs a class-conditional "
                 "teacher (model.num_classes > 0); train the teacher with classes first"
             )
-        if self.train.train_base:
-            raise ValueError("train.objective=distill trains the LoRA only; set train.train_base=false")
         if not self.train.init_from:
             raise ValueError(
                 "train.objective=distill needs the teacher: set train.init_from to the teacher's run directory"
             )
+        if self.train.train_base:
+            # 003's "distillation without LoRA": the whole network trains, a frozen teacher copy guides it.
+            if self.distill.guidance_range is not None or self.distill.shared_forward or self.model.adapters:
+                raise ValueError(
+                    "train.objective=distill with train.train_base=true fully fine-tunes the teacher's plain network "
+                    "at one w: no distill.guidance_range, distill.shared_forward or model.adapters (or set "
+                    "train.train_base=false for the LoRA student)"
+                )
+            return
         want = self.distill.adapter(self.model.arch)
         have = [a for a in self.model.adapters if a.name == DISTILL_ADAPTER]
         if not have:

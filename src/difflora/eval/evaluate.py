@@ -14,6 +14,10 @@ one sample grid per scale, and merges the sampling speed into the run's ``accoun
 ``sampling``). The noise floor is what real images reach at the same sample count
 (``difflora.eval.uncertainty``): a score means something only next to it, and only at equal counts.
 
+A distilled run (``train.objective: distill``) is scored as its one-pass student; ``teacher=True``
+scores the guided teacher held in the same files instead (the LoRA off, classifier-free guidance at
+each scale; default output ``run_dir/eval-teacher``), so teacher and student sit side by side.
+
 Class-conditional models are sampled with labels balanced over the classes (0, 1, ..., C-1
 repeated) and get a class accuracy: the fraction of samples the feature network classifies as the
 class they were generated for. FD here is not Inception FID: its values are only comparable between
@@ -219,6 +223,7 @@ def evaluate_run(
     device: str | torch.device = "cpu",
     progress: bool = False,
     update_accounting: bool = True,
+    teacher: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Sample from a run and score the samples; returns (and writes to ``out/metrics.json``) the result.
@@ -229,18 +234,23 @@ def evaluate_run(
     ``run_dir/eval``. ``feature_net`` is a saved feature network (path stem) or a FeatureNet;
     default: the cached one for the run's dataset (trained on first use, with ``feature_train``).
     Each entry holds fd, kid_mean, kid_std, precision, recall, class_accuracy (class-conditional
-    runs), "ci" (``bootstrap``-draw 95% intervals of each), sample_seconds and sample_images_per_s;
+    runs), "ci" (``bootstrap``-draw 95% intervals of each), sample_seconds (wall time of the whole
+    draw), sample_seconds_per_image and sample_images_per_s;
     "noise_floor" holds the same scores of ``floor_draws`` real sets drawn like the samples
     (``difflora.eval.uncertainty``). Everything that can be checked (settings, the output
     directory, the data sizes the floor needs) is checked before any sampling, and nothing is
     written unless the evaluation succeeds.
+
+    ``teacher``: score a distilled run's guided teacher (see the module docstring); its sampling
+    speed goes to ``accounting.json`` as ``teacher_sampling``.
     """
     _check_request(num_samples, steps, sampler, bootstrap, floor_draws)
     run_dir = Path(run_dir)
-    out_dir = Path(out) if out is not None else run_dir / "eval"
+    out_dir = Path(out) if out is not None else run_dir / ("eval-teacher" if teacher else "eval")
     cfg, model, meta = load_run(run_dir, weights, checkpoint)
+    _check_teacher(cfg, run_dir, teacher)
     _check_out_dir(out_dir)
-    steps, sampler, eta, scales = _sampling_settings(cfg, run_dir, steps, sampler, eta, guidance)
+    steps, sampler, eta, scales = _sampling_settings(cfg, run_dir, steps, sampler, eta, guidance, teacher)
     dev = torch.device(device)
     say = log or (lambda _msg: None)
 
@@ -251,7 +261,7 @@ def evaluate_run(
 
     results, grids = [], []
     for w in scales:
-        sampled = dict(steps=steps, sampler=sampler, eta=eta, guidance=w, labels=labels, seed=seed)
+        sampled = dict(steps=steps, sampler=sampler, eta=eta, guidance=w, labels=labels, seed=seed, teacher=teacher)
         entry, fake = _score_scale(model, cfg, net, ref_f, ref_labels, num_samples, sampled, bootstrap, dev, progress)
         grids.append(fake[: min(grid_size, num_samples)])
         results.append(entry)
@@ -264,12 +274,29 @@ def evaluate_run(
     balanced = "balanced" if labels is not None else None
     settings = dict(num_samples=num_samples, steps=steps, sampler=sampler, eta=eta, guidance=scales, seed=seed)
     settings.update(labels=balanced, bootstrap=bootstrap, floor_draws=floor_draws, metrics_version=METRICS_VERSION)
+    settings["teacher"] = teacher
     result = _result_record(run_dir, cfg, meta, weights, settings, net, net_source, ref_f, pool_size, floor, dev)
     result["results"] = results
     _write(out_dir, result, grids, cfg, labels is not None)
     if update_accounting:
-        merge_accounting(run_dir, _sampling_accounting(results, sampler, steps, num_samples, dev))
+        acc = _sampling_accounting(results, sampler, steps, num_samples, dev)
+        merge_accounting(run_dir, {"teacher_sampling": acc["sampling"]} if teacher else acc)
     return result
+
+
+def _check_teacher(cfg: Config, run_dir: Path, teacher: bool) -> None:
+    """``teacher`` needs a distilled run whose file holds the teacher (a LoRA student on its weights)."""
+    if not teacher:
+        return
+    if cfg.train.objective != "distill":
+        raise EvalError(
+            f"--teacher scores the guided teacher of a distilled run; {run_dir} is not one (evaluate it without --teacher)"
+        )
+    if cfg.train.train_base:
+        raise EvalError(
+            f"{run_dir} is a fully fine-tuned student: its files hold no teacher; evaluate its teacher run "
+            f"{cfg.train.init_from} instead"
+        )
 
 
 def _sampling_settings(
@@ -279,14 +306,18 @@ def _sampling_settings(
     sampler: str | None,
     eta: float | None,
     guidance: Sequence[float] | None,
+    teacher: bool = False,
 ) -> tuple[int, str, float, list[float]]:
     """(steps, sampler, eta, guidance scales): the request, unset values from the run's ``sample``
-    config, checked against the run before any sampling."""
+    config, checked against the run before any sampling (a distilled student: the scales it can
+    sample, see ``difflora.generate.student_guidance``)."""
     s = cfg.sample
     steps = steps or s.steps
     sampler = sampler or s.sampler
     eta = s.eta if eta is None else eta
-    scales = [float(w) for w in (guidance if guidance else [s.guidance])]
+    # A distilled run's default scale is the one it was distilled at (student and teacher alike).
+    default = cfg.distill.guidance if cfg.train.objective == "distill" else s.guidance
+    scales = [float(w) for w in (guidance if guidance else [default])]
     if any(w < 0 or not math.isfinite(w) for w in scales):
         raise EvalError(f"guidance scales must be finite and >= 0, got {scales}")
     if cfg.model.num_classes == 0 and any(w != 1.0 for w in scales):
@@ -295,6 +326,14 @@ def _sampling_settings(
         raise EvalError(f"--steps {steps} exceeds the run's {cfg.diffusion.steps} diffusion timesteps")
     if eta < 0 or not math.isfinite(eta):
         raise EvalError(f"--eta must be finite and >= 0, got {eta}")
+    if cfg.train.objective == "distill" and not teacher:
+        from difflora.generate import student_guidance
+
+        try:
+            for w in scales:
+                student_guidance(cfg, w)
+        except ValueError as exc:
+            raise EvalError(str(exc)) from None
     return steps, sampler, eta, scales
 
 
@@ -332,6 +371,7 @@ def _score_scale(
         **metrics,
         "ci": ci,
         "sample_seconds": seconds,
+        "sample_seconds_per_image": seconds / num_samples,
         "sample_images_per_s": num_samples / seconds,
         "grid": f"samples_w{_fmt_scale(sampled['guidance'])}.png",
     }

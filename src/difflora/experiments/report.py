@@ -41,7 +41,7 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
                 continue
             cfg = arm_config(study, arm, seed)
             m = json.loads(mpath.read_text())
-            settings = eval_settings(study, cfg)
+            settings = eval_settings(study, cfg, teacher=arm.teacher_of is not None)
             if {k: m["settings"].get(k) for k in settings} != settings or m["checkpoint_step"] != cfg.train.steps:
                 continue
             acc = json.loads(apath.read_text())
@@ -102,7 +102,8 @@ def summarise(study: Study, records: dict[str, list[dict[str, Any]]], arms: list
                 "group": arm.group,
                 "guidance": w,
                 "seeds": [rec["seed"] for rec in recs],
-                "steps": arm_config(study, arm, study.seeds[0]).train.steps,
+                # A teacher_of arm trains nothing (its teacher is another arm's base).
+                "steps": "-" if arm.teacher_of else arm_config(study, arm, study.seeds[0]).train.steps,
                 "parameters": recs[0]["parameters"],
                 "train_images_per_s": _mean_std([rec["train_images_per_s"] for rec in recs]),
                 "sample_images_per_s": _mean_std([e["sample_images_per_s"] for e in entries]),
@@ -136,11 +137,20 @@ def _best(rows: list[dict[str, Any]], arm: str, metric: str) -> dict[str, Any] |
     return min(cands, key=lambda r: r[metric][0]) if cands else None
 
 
+def _at_scale(rows: list[dict[str, Any]], arm: str, metric: str, guidance: float | None) -> dict[str, Any] | None:
+    """The row of ``arm`` at guidance ``guidance``, or (None) its best row."""
+    if guidance is None:
+        return _best(rows, arm, metric)
+    return next((r for r in rows if r["arm"] == arm and r["guidance"] == guidance and r[metric] is not None), None)
+
+
 def claim_verdict(claim: Claim, rows: list[dict[str, Any]], alpha: float) -> dict[str, Any]:
-    """The verdict of a claim (``verdicts.judge_claim``) with the rows it compared, each at its best scale."""
-    a, b = _best(rows, claim.arm, claim.metric), _best(rows, claim.baseline, claim.metric)
+    """The verdict of a claim (``verdicts.judge_claim``) with the rows it compared: each at the claim's
+    guidance scale, or at its best scale."""
+    a, b = (_at_scale(rows, name, claim.metric, claim.guidance) for name in (claim.arm, claim.baseline))
     if a is None or b is None:
-        return {"verdict": "not run", "test": "one of the arms has no results", "a": a, "b": b}
+        at = f" at guidance {claim.guidance:g}" if claim.guidance is not None else ""
+        return {"verdict": "not run", "test": f"one of the arms has no results{at}", "a": a, "b": b}
     va = [v for v in a["values"][claim.metric] if v is not None]
     vb = [v for v in b["values"][claim.metric] if v is not None]
     return judge_claim(claim.relation, va, vb, alpha, claim.margin) | {"a": a, "b": b}
@@ -160,7 +170,8 @@ def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], comm
         f"- data: {base.data.name} at {base.model.image_size} px; backbone {base.model.arch}, batch "
         f"{base.train.batch_size}, training steps per arm in the table",
         f"- eval: {e.num_samples} samples per setting, {e.sampler} {e.steps} steps, {e.weights} weights, guidance "
-        f"{e.guidance} for class-conditional arms (balanced labels); against the held-out test split",
+        f"{e.guidance} for class-conditional arms (balanced labels; a distilled student at its own w, a "
+        "guidance-scale LoRA at the scales in its range); against the held-out test split",
         f"- statistics: mean ± sample std over seeds; claims at level alpha = {study.alpha:g}",
         "",
         f"**Scores are comparable only at equal sample counts** (here {e.num_samples} samples against the "
@@ -238,7 +249,7 @@ def _claims(study: Study, rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "## Claims",
         "",
-        "Each arm at its best guidance scale (lowest mean); the per-seed scores of the two arms are compared "
+        "Each arm at the claim's guidance scale, or (none given) at its best scale (lowest mean); the per-seed scores of the two arms are compared "
         f"with scipy's Welch t-test at alpha = {study.alpha:g}. *better*: one-sided test arm < baseline. "
         "*not worse*: non-inferiority, one-sided test arm < (1 + margin) x baseline, margin declared in the "
         "study YAML. A verdict is *does not hold* when the arm is significantly worse than the baseline, "

@@ -23,7 +23,21 @@ A study YAML (typed below; an unknown key is an error naming the valid ones)::
 Runs go to ``<out>/<arm>/seed<k>/`` (a normal run directory plus ``eval/metrics.json``). A run whose
 final checkpoint and metrics (with the study's eval settings) exist is reused, one with an earlier
 checkpoint is resumed, so an interrupted study continues where it stopped. Unconditional arms are
-evaluated at guidance 1 only; class-conditional ones at every ``eval.guidance`` scale.
+evaluated at guidance 1 only; class-conditional ones at every ``eval.guidance`` scale; distilled
+students (``train.objective: distill``) at the scales they can sample: a fixed-w student at its w,
+a guidance-scale LoRA at the ``eval.guidance`` scales inside its range.
+
+An arm can start from another arm's runs (adaptation, distillation): ``train.init_from: arm:NAME``
+(in the arm's ``set`` or in the base) is the run of arm NAME with the same seed,
+``<out>/NAME/seed<k>``. Such dependencies are trained first (also when ``--only`` leaves them out);
+an unknown arm or a cycle is an error before any work::
+
+    arms:
+      - name: teacher
+        set: {model.num_classes: 10}
+      - name: student-w3
+        set: {model.num_classes: 10, train.objective: distill, train.train_base: false,
+              train.init_from: "arm:teacher", distill.guidance: 3}
 """
 
 from __future__ import annotations
@@ -46,16 +60,20 @@ from difflora.eval.evaluate import METRICS_VERSION
 from difflora.presets import experiment_presets, resolve_shipped
 
 __all__ = [
+    "ARM_PREFIX",
     "Claim",
     "Study",
     "StudyArm",
     "StudyError",
     "StudyEval",
     "arm_config",
+    "arm_dependency",
     "eval_settings",
     "git_state",
     "load_study",
+    "run_order",
     "run_study",
+    "study_out_dir",
 ]
 
 
@@ -91,6 +109,9 @@ class StudyArm(_Strict):
     set: dict[str, Any] = Field(default_factory=dict)
     # Replaces the base's model.adapters when given (a list of AdapterConfig trees).
     adapters: list[dict[str, Any]] | None = None
+    # Trains nothing: scores the guided teacher held in the run of arm NAME (a LoRA-distilled
+    # student) of the same seed, at every eval.guidance scale (``difflora eval RUN --teacher``).
+    teacher_of: str | None = None
 
 
 class Claim(_Strict):
@@ -105,6 +126,9 @@ class Claim(_Strict):
     # not_worse only, and required there: the non-inferiority margin as a fraction of the baseline's
     # mean (0.1: the arm may be up to 10% worse).
     margin: float | None = Field(default=None, gt=0)
+    # Compare both arms at this guidance scale (e.g. a distilled student and its teacher at the
+    # student's w); None: each arm at its best scale.
+    guidance: float | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _margin(self) -> Claim:
@@ -144,7 +168,74 @@ class Study(_Strict):
             for which in (c.arm, c.baseline):
                 if which not in names:
                     raise ValueError(f"claims: arm {which!r} of claim {c.text!r} is not an arm; arms: {names}")
+        for a in self.arms:
+            if a.teacher_of is not None and (a.set or a.adapters is not None):
+                raise ValueError(
+                    f"arms: arm {a.name!r} scores the teacher of {a.teacher_of!r}: it takes no set or adapters"
+                )
+        _check_dependencies(self)
         return self
+
+
+# ``train.init_from: arm:NAME``: the run of arm NAME with the same seed (see the module docstring).
+ARM_PREFIX = "arm:"
+
+
+def arm_dependency(study: Study, arm: StudyArm) -> str | None:
+    """The arm whose runs ``arm`` starts from (``train.init_from: arm:NAME`` in its ``set`` or the base,
+    or ``teacher_of``), or None."""
+    if arm.teacher_of is not None:
+        return arm.teacher_of
+    if "train.init_from" in arm.set:
+        value = arm.set["train.init_from"]
+    else:
+        train = study.base.get("train")
+        value = train.get("init_from") if isinstance(train, dict) else None
+    if isinstance(value, str) and value.startswith(ARM_PREFIX):
+        return value[len(ARM_PREFIX) :]
+    return None
+
+
+def _check_dependencies(study: Study) -> None:
+    """Every ``arm:NAME`` names an arm, and no arm depends on itself through a chain (a cycle)."""
+    names = [a.name for a in study.arms]
+    deps = {a.name: arm_dependency(study, a) for a in study.arms}
+    for name, dep in deps.items():
+        if dep is not None and dep not in deps:
+            raise ValueError(
+                f"arms: arm {name!r} starts from arm {dep!r} (arm:{dep}), which is not an arm; arms: {names}"
+            )
+    for name in names:
+        chain, dep = [name], deps[name]
+        # One init_from per arm: the dependencies of an arm form a chain, a cycle repeats a name.
+        while dep is not None:
+            if dep in chain:
+                raise ValueError(f"arms: the arms' train.init_from form a cycle: {' -> '.join([*chain, dep])}")
+            chain.append(dep)
+            dep = deps[dep]
+
+
+def run_order(study: Study, arms: list[StudyArm]) -> list[StudyArm]:
+    """``arms`` plus the arms they start from (transitively), every dependency before its dependents."""
+    by_name = {a.name: a for a in study.arms}
+    order: list[StudyArm] = []
+
+    def visit(arm: StudyArm) -> None:
+        if any(a.name == arm.name for a in order):
+            return
+        dep = arm_dependency(study, arm)
+        if dep is not None:
+            visit(by_name[dep])
+        order.append(arm)
+
+    for arm in arms:
+        visit(arm)
+    return order
+
+
+def study_out_dir(study: Study, out: str | Path | None = None) -> Path:
+    """The output directory of a study: ``out`` (--out), else the YAML's ``out``, else runs/<name>."""
+    return Path(out or study.out or Path("runs") / study.name)
 
 
 def _explain(err: ValidationError, source: str) -> StudyError:
@@ -192,16 +283,30 @@ def load_study(path: str | Path) -> Study:
     except ValidationError as err:
         raise _explain(err, str(p)) from None
     for arm in study.arms:
-        arm_config(study, arm, study.seeds[0])
+        cfg = arm_config(study, arm, study.seeds[0])
+        if arm.teacher_of is not None and (cfg.train.objective != "distill" or cfg.train.train_base):
+            raise StudyError(
+                f"arm {arm.name!r}: teacher_of needs an arm of LoRA-distilled students (train.objective: distill, "
+                f"train.train_base: false), and {arm.teacher_of!r} is not one"
+            )
     return study
 
 
-def arm_config(study: Study, arm: StudyArm, seed: int) -> Config:
-    """The resolved difflora config of one run: base + the arm's adapters and overrides + train.seed."""
+def arm_config(study: Study, arm: StudyArm, seed: int, out: str | Path | None = None) -> Config:
+    """The resolved difflora config of one run: base + the arm's adapters and overrides + train.seed.
+
+    ``train.init_from: arm:NAME`` becomes ``<out>/NAME/seed<seed>`` (``out``: see :func:`study_out_dir`).
+    A ``teacher_of`` arm has the config of the students it scores the teacher of.
+    """
+    if arm.teacher_of is not None:
+        return arm_config(study, next(a for a in study.arms if a.name == arm.teacher_of), seed, out)
     tree = copy.deepcopy(study.base)
     if arm.adapters is not None:
         tree.setdefault("model", {})["adapters"] = copy.deepcopy(arm.adapters)
     overrides = [f"{k}={json.dumps(v)}" for k, v in arm.set.items()] + [f"train.seed={seed}"]
+    dep = arm_dependency(study, arm)
+    if dep is not None:
+        overrides.append(f"train.init_from={json.dumps(str(study_out_dir(study, out) / dep / f'seed{seed}'))}")
     try:
         return parse_config(tree, overrides)
     except ConfigError as exc:
@@ -243,19 +348,32 @@ def git_state(ignore: list[Path] | None = None, root: Path | None = None) -> tup
     return rev, dirty
 
 
-def _guidance_for(study: Study, cfg: Config) -> list[float]:
-    return [float(w) for w in study.eval.guidance] if cfg.model.num_classes else [1.0]
+def _guidance_for(study: Study, cfg: Config, teacher: bool) -> list[float]:
+    """Unconditional: 1. Class-conditional (and a distilled run's ``teacher``): every eval.guidance
+    scale. A distilled student: its own w (fixed-w), or the eval.guidance scales inside its range
+    (guidance-scale LoRA; none: its default w)."""
+    if not cfg.model.num_classes:
+        return [1.0]
+    scales = [float(w) for w in study.eval.guidance]
+    if cfg.train.objective != "distill" or teacher:
+        return scales
+    d = cfg.distill
+    if d.guidance_range is None:
+        return [float(d.guidance)]
+    low, high = d.guidance_range
+    return [w for w in scales if low <= w <= high] or [float(d.guidance)]
 
 
-def eval_settings(study: Study, cfg: Config) -> dict[str, Any]:
-    """The eval settings a run's metrics.json must have to count as done for this study."""
+def eval_settings(study: Study, cfg: Config, teacher: bool = False) -> dict[str, Any]:
+    """The eval settings a run's metrics.json must have to count as done for this study
+    (``teacher``: of a ``teacher_of`` arm)."""
     e = study.eval
     return {
         "num_samples": e.num_samples,
         "steps": e.steps,
         "sampler": e.sampler,
         "eta": e.eta,
-        "guidance": _guidance_for(study, cfg),
+        "guidance": _guidance_for(study, cfg, teacher),
         "seed": e.seed,
         "metrics_version": METRICS_VERSION,
     }
@@ -286,12 +404,28 @@ def _run_state(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> str:
         return "new"
     if int(ckpts[-1].name.split("_")[-1]) < cfg.train.steps:
         return "partial"
+    return "done" if _evaluated(run_dir, cfg, settings) else "trained"
+
+
+def _evaluated(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> bool:
+    """Whether ``run_dir/eval/metrics.json`` scores the final checkpoint with ``settings``."""
     metrics = run_dir / "eval" / "metrics.json"
-    if metrics.is_file():
-        m = json.loads(metrics.read_text())
-        if {k: m["settings"].get(k) for k in settings} == settings and m["checkpoint_step"] == cfg.train.steps:
-            return "done"
-    return "trained"
+    if not metrics.is_file():
+        return False
+    m = json.loads(metrics.read_text())
+    return {k: m["settings"].get(k) for k in settings} == settings and m["checkpoint_step"] == cfg.train.steps
+
+
+def _teacher_accounting(student_dir: Path, run_dir: Path) -> None:
+    """A ``teacher_of`` arm's accounting.json: the teacher's parameters (the student's minus its adapters)."""
+    from difflora.eval.evaluate import merge_accounting
+
+    params = json.loads((student_dir / "accounting.json").read_text())["parameters"]
+    groups = {k: v for k, v in params["by_group"].items() if k not in ("adapters", "weighting")}
+    total = params["total"] - params["by_group"].get("adapters", 0) - params["by_group"].get("weighting", 0)
+    merge_accounting(
+        run_dir, {"parameters": {"total": total, "trainable": 0, "by_group": groups}, "train_images_per_s": None}
+    )
 
 
 def run_study(
@@ -315,7 +449,7 @@ def run_study(
     from difflora.experiments.report import sync_records, weight_plots, write_report
 
     study = load_study(path)
-    out_dir = Path(out or study.out or Path("runs") / study.name)
+    out_dir = study_out_dir(study, out)
     report_dir = Path(study.report_dir) if study.report_dir else out_dir
     arms = study.arms
     if only:
@@ -359,15 +493,24 @@ def run_all(
     if study.threads:
         torch.set_num_threads(study.threads)
     feature_train = FeatureTrainConfig(max_steps=study.eval.feature_steps) if study.eval.feature_steps else None
-    runs = [(arm, seed) for arm in arms for seed in study.seeds]
+    ordered = run_order(study, arms)
+    for extra in ordered:
+        if all(a.name != extra.name for a in arms):
+            log(f"[{extra.name}] runs too: other arms start from its runs (train.init_from: arm:{extra.name})")
+    runs = [(arm, seed) for arm in ordered for seed in study.seeds]
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(runs, desc="study", unit="run", disable=not progress, dynamic_ncols=True)
     for arm, seed in bar:
         bar.set_postfix_str(f"{arm.name} seed {seed}")
-        cfg = arm_config(study, arm, seed)
+        cfg = arm_config(study, arm, seed, out_dir)
         run_dir = out_dir / arm.name / f"seed{seed}"
-        settings = eval_settings(study, cfg)
-        state = _run_state(run_dir, cfg, settings)
+        teacher = arm.teacher_of is not None
+        settings = eval_settings(study, cfg, teacher)
+        if teacher:
+            source = out_dir / str(arm.teacher_of) / f"seed{seed}"
+            state = "done" if _evaluated(run_dir, cfg, settings) else "trained"
+        else:
+            source, state = run_dir, _run_state(run_dir, cfg, settings)
         if state == "done":
             log(f"[{arm.name} seed {seed}] done already: reusing {run_dir}")
             continue
@@ -376,7 +519,10 @@ def run_all(
             train(cfg, run_dir, resume=state == "partial", progress=False, log=log)
         t1 = time.perf_counter()
         ev = evaluate_run(
-            run_dir,
+            source,
+            out=run_dir / "eval",
+            teacher=teacher,
+            update_accounting=not teacher,
             num_samples=settings["num_samples"],
             steps=settings["steps"],
             sampler=settings["sampler"],
@@ -387,6 +533,8 @@ def run_all(
             cache_dir=cache_dir,
             feature_train=feature_train,
         )
+        if teacher:
+            _teacher_accounting(source, run_dir)
         fds = ", ".join(f"w={r['guidance']:g}: {r['fd']:.3f}" for r in ev["results"])
         floor = ev["noise_floor"]["fd"]
         log(

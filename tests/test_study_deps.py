@@ -1,0 +1,175 @@
+"""Study arms that start from another arm's runs (``train.init_from: arm:NAME``): resolved per seed,
+trained after their dependency (also under ``--only``), reused on a second call; distilled students
+evaluated at the scales they can sample; claims at one guidance scale; unknown arms and cycles refused."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from difflora.experiments import study as study_mod
+from difflora.experiments.report import claim_verdict
+from difflora.experiments.study import (
+    Claim,
+    StudyError,
+    arm_config,
+    eval_settings,
+    load_study,
+    run_order,
+    run_study,
+)
+from test_study import TINY_STUDY
+
+TINY = {
+    "name": "tiny-distill",
+    "seeds": [0, 1],
+    "eval": {"num_samples": 8, "steps": 2, "guidance": [1, 2, 3], "feature_steps": 3},
+    # The tiny backbone of test_study, class-conditional (the teacher of distilled students).
+    "base": {**TINY_STUDY["base"], "model": {**TINY_STUDY["base"]["model"], "num_classes": 10}},
+    "arms": [
+        {"name": "teacher", "group": "teacher"},
+        {
+            "name": "student-w2",
+            "group": "students",
+            "set": {
+                "train.objective": "distill",
+                "train.train_base": False,
+                "train.init_from": "arm:teacher",
+                "distill.guidance": 2,
+                "distill.rank": 2,
+            },
+        },
+        {
+            "name": "student-range",
+            "group": "students",
+            "set": {
+                "train.objective": "distill",
+                "train.train_base": False,
+                "train.init_from": "arm:teacher",
+                "distill.guidance_range": [1.5, 5],
+                "distill.guidance": 3,
+                "distill.rank": 2,
+            },
+        },
+        {"name": "teacher-of-w2", "group": "teacher", "teacher_of": "student-w2"},
+    ],
+    "claims": [
+        {
+            "text": "student keeps the teacher's quality at w=2",
+            "arm": "student-w2",
+            "baseline": "teacher",
+            "relation": "not_worse",
+            "margin": 0.2,
+            "guidance": 2,
+        }
+    ],
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_tree(monkeypatch):
+    monkeypatch.setattr(study_mod, "git_state", lambda ignore=None: ("c0ffee" * 6 + "c0ff", False))
+
+
+def _write(tmp_path: Path, tree: dict) -> Path:
+    p = tmp_path / "study.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def test_init_from_arm_resolves_per_seed_and_orders_dependencies_first(tmp_path):
+    study = load_study(_write(tmp_path, TINY))
+    teacher, w2, rng, teacher_of = study.arms
+    assert [a.name for a in run_order(study, [teacher_of])] == ["teacher", "student-w2", "teacher-of-w2"]
+    assert [a.name for a in run_order(study, [rng, w2])] == ["teacher", "student-range", "student-w2"]
+    assert [a.name for a in run_order(study, [teacher])] == ["teacher"]
+    cfg = arm_config(study, w2, 1, tmp_path / "out")
+    assert cfg.train.init_from == str(tmp_path / "out" / "teacher" / "seed1")
+    assert arm_config(study, teacher, 1, tmp_path / "out").train.init_from is None
+    # Without --out: the study's own output directory (runs/<name> when the YAML sets none).
+    assert arm_config(study, w2, 0).train.init_from == str(Path("runs") / "tiny-distill" / "teacher" / "seed0")
+    # Eval scales: the teacher at every scale, a fixed-w student at its w, the range student inside its range.
+    scales = [eval_settings(study, arm_config(study, a, 0), a.teacher_of is not None)["guidance"] for a in study.arms]
+    assert scales == [[1.0, 2.0, 3.0], [2.0], [2.0, 3.0], [1.0, 2.0, 3.0]]
+
+
+def test_only_a_student_trains_its_teacher_first_and_a_second_call_reuses_both(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFLORA_CACHE", str(tmp_path / "cache"))
+    tree = {**TINY, "seeds": [0], "report_dir": str(tmp_path / "docs")}
+    path, out = _write(tmp_path, tree), tmp_path / "out"
+    logs: list[str] = []
+    report = run_study(path, out=out, only=["teacher-of-w2"], progress=False, log=logs.append)
+    assert any("[teacher] runs too" in line for line in logs)
+    trained = [line.split("]")[0][1:] for line in logs if "] train " in line]
+    assert trained == ["teacher seed 0", "student-w2 seed 0", "teacher-of-w2 seed 0"]
+    assert not (out / "teacher-of-w2" / "seed0" / "checkpoints").exists()  # scores, never trains
+    # The teacher held in the student's files scores exactly as the teacher arm's own run.
+    fds = [
+        [r["fd"] for r in json.loads((out / a / "seed0" / "eval" / "metrics.json").read_text())["results"]]
+        for a in ("teacher", "teacher-of-w2")
+    ]
+    assert fds[0] == pytest.approx(fds[1], rel=1e-6) and len(fds[0]) == 3
+    cfg = json.loads((out / "student-w2" / "seed0" / "config.json").read_text())
+    assert cfg["train"]["init_from"] == str(out / "teacher" / "seed0")
+    metrics = json.loads((out / "student-w2" / "seed0" / "eval" / "metrics.json").read_text())
+    assert metrics["settings"]["guidance"] == [2.0] and not metrics["settings"]["teacher"]
+    text = report.read_text()
+    assert "| student-w2 | 2 | 2 |" in text and "| teacher-of-w2 | - | 3 |" in text
+    logs.clear()
+    run_study(path, out=out, only=["teacher-of-w2"], progress=False, log=logs.append)
+    assert sum("done already" in line for line in logs) == 3
+
+
+def _row(arm: str, w: float, fds: list[float]) -> dict:
+    mean = sum(fds) / len(fds)
+    return {"arm": arm, "guidance": w, "fd": (mean, 0.0), "values": {"fd": fds}}
+
+
+def test_a_claim_with_a_guidance_compares_both_arms_at_that_scale():
+    rows = [
+        _row("teacher", 1.0, [1.0, 1.1, 0.9]),  # the teacher's best scale
+        _row("teacher", 2.0, [5.0, 5.2, 4.8]),
+        _row("student", 2.0, [5.1, 5.0, 4.9]),
+    ]
+    at2 = Claim(text="c", arm="student", baseline="teacher", relation="not_worse", margin=0.2, guidance=2.0)
+    v = claim_verdict(at2, rows, 0.05)
+    assert v["b"]["guidance"] == 2.0 and v["verdict"] == "holds"
+    best = claim_verdict(at2.model_copy(update={"guidance": None}), rows, 0.05)
+    assert best["b"]["guidance"] == 1.0 and best["verdict"] == "does not hold"
+    missing = claim_verdict(at2.model_copy(update={"guidance": 4.0}), rows, 0.05)
+    assert missing["verdict"] == "not run" and "guidance 4" in missing["test"]
+
+
+@pytest.mark.parametrize(
+    "arms, message",
+    [
+        (
+            [{"name": "a", "set": {"train.init_from": "arm:nope"}}],
+            r"'a' starts from arm 'nope' \(arm:nope\), which is not an arm",
+        ),
+        ([{"name": "a", "set": {"train.init_from": "arm:a"}}], r"cycle: a -> a"),
+        ([{"name": "a"}, {"name": "t", "teacher_of": "a"}], r"teacher_of needs an arm of LoRA-distilled students"),
+        ([{"name": "a"}, {"name": "t", "teacher_of": "a", "set": {"train.lr": 1}}], r"it takes no set or adapters"),
+        (
+            [{"name": "a", "set": {"train.init_from": "arm:b"}}, {"name": "b", "set": {"train.init_from": "arm:a"}}],
+            r"cycle: a -> b -> a",
+        ),
+    ],
+)
+def test_unknown_or_cyclic_dependencies_are_clear_errors(tmp_path, arms, message):
+    with pytest.raises(StudyError, match=message):
+        load_study(_write(tmp_path, {**TINY, "arms": arms, "claims": []}))
+
+
+@pytest.mark.parametrize("name", ["digits", "fashion-mnist"])
+def test_committed_distillation_studies_are_valid(name):
+    # load_study resolves every arm's config, so a bad key in a committed study fails here.
+    study = load_study(Path(__file__).resolve().parents[1] / "experiments" / "distill" / f"{name}.yaml")
+    assert len(study.seeds) >= 3 and {1.5, 2, 3, 4} <= set(study.eval.guidance)
+    assert [a.name for a in study.arms][0] == "teacher"
+    students = [a for a in study.arms if a.name != "teacher"]
+    cfgs = {a.name: arm_config(study, a, 0) for a in students}
+    assert sorted(c.distill.guidance for c in cfgs.values() if c.distill.guidance_range is None) == [1.5, 2, 3, 3, 4]
+    assert sum(c.train.train_base for c in cfgs.values()) == 1  # the full fine-tune with a teacher copy
+    assert [c.distill.guidance_range for c in cfgs.values() if c.distill.guidance_range] == [(1.0, 5.0)]
