@@ -165,6 +165,9 @@ class ModelConfig(StrictModel):
     learn_sigma: bool = True
     # 0 = unconditional. With classes, y = -1 is the null label (no class conditioning).
     num_classes: int = Field(default=0, ge=0)
+    # Incremental classes (DiffScaler, 002 eq. 1): the last new_classes of num_classes are new to a
+    # base of num_classes - new_classes classes (train.init_from); they start as the null class.
+    new_classes: int = Field(default=0, ge=0)
     time_embed: bool = True
     class_embed: bool = True
     unet: UNetConfig = Field(default_factory=UNetConfig)
@@ -210,6 +213,9 @@ class TrainConfig(StrictModel):
     # Train the backbone's own weights too (000 trains W with the LoRAs from scratch). False freezes
     # every parameter that is not an adapter's (build_model applies it): adapter fine-tuning.
     train_base: bool = True
+    # With train_base false: groups of the base's own parameters that still train (bias, norm,
+    # embedding: BitFit, DiffFit and embedding-only baselines; difflora.diffscaler.baselines).
+    base_groups: list[Literal["bias", "norm", "embedding"]] = Field(default_factory=list)
     # Adapt a trained model: a run directory (its newest checkpoint) or one checkpoint directory
     # of a run trained without adapters. Its weights fill the base (wrapped layers' base_layer);
     # the run's checkpoints then hold the trainable tensors only, plus the base's fingerprint.

@@ -15,7 +15,7 @@ from difflora.diffscaler.affiner import (
     affiner_counts,
     default_affiner_targets,
 )
-from difflora.diffscaler.classes import GrownEmbedding, GrownLabelEmbedder, add_classes
+from difflora.diffscaler.classes import GrownEmbedding, GrownLabelEmbedder, add_classes, base_model_config
 from difflora.diffscaler.tasks import add_tasks, export_task, import_task, num_tasks, remove_task, task_branches
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "GrownLabelEmbedder",
     "add_classes",
     "add_tasks",
+    "base_model_config",
     "export_task",
     "import_task",
     "num_tasks",
