@@ -225,6 +225,9 @@ class TrainConfig(StrictModel):
     # What the loop minimises (difflora.train.objectives): the diffusion loss of cfg.diffusion, or
     # distill: a LoRA student matches the classifier-free-guided teacher (the distill section).
     objective: Literal["diffusion", "distill"] = "diffusion"
+    # DiT masked training (DiffScaler, 002 section 4.2): each sample drops this fraction of its patch
+    # tokens (random per sample) and the loss covers the kept patches only. 0: no masking.
+    mask_ratio: float = Field(default=0.0, ge=0, lt=1)
     seed: int = 0
     device: str = "auto"
     log_every: int = Field(default=50, ge=1)
@@ -284,6 +287,10 @@ class Config(StrictModel):
         if m.arch == "dit" and m.image_size % m.dit.patch_size:
             raise ValueError(f"model.dit.patch_size ({m.dit.patch_size}) must divide model.image_size ({m.image_size})")
         self._check_affiner_tasks()
+        if self.train.mask_ratio and (m.arch != "dit" or self.train.objective != "diffusion"):
+            raise ValueError(
+                "train.mask_ratio drops DiT patch tokens in the diffusion loss: it needs model.arch=dit and train.objective=diffusion"
+            )
         if self.train.objective == "distill":
             self._resolve_distill()
         return self

@@ -73,14 +73,16 @@ class DiffusionModel(nn.Module):
         """Run ``net(x, t, y)`` with adapter conditions ``t`` (original units), ``y`` and ``extra`` set.
 
         ``extra`` (e.g. ``task=[N]``, ``guidance=[N]``) is seen by adapters only, not by the backbone,
-        except ``context`` [N x L x D], which goes to a cross-attention backbone (``model.attention: cross``).
+        except ``context`` [N x L x D], which goes to a cross-attention backbone (``model.attention: cross``),
+        and ``keep`` [N x K], the kept tokens of masked DiT training (``train.mask_ratio``).
         """
-        context = extra.pop("context", None)
+        # Backbone inputs, not adapter conditions: a cross-attention context, the kept tokens of masked DiT training.
+        net_kwargs = {k: v for k in ("context", "keep") if (v := extra.pop(k, None)) is not None}
         values = {"t": self.adapter_timesteps(t), "y": y, **extra}
         if self._merge_shared:
             merge_shared(self.net, **{k: values[k] for k in self._merge_shared if k in values})
         with conditions(**values):
-            return self.net(x, t, y) if context is None else self.net(x, t, y, context=context)
+            return self.net(x, t, y, **net_kwargs)
 
     @contextlib.contextmanager
     def merged(self, *names: str) -> Iterator[DiffusionModel]:
