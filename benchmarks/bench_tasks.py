@@ -219,6 +219,12 @@ def _layers_vs_peft(ours, twin, batch: int, task, names: list[str], runs: int, r
     return out
 
 
+def _line(what: str, row: dict) -> str:
+    lo, hi = row["ratio_range"]
+    fastest = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in row["fastest_s"].items())
+    return f"{what} = x{row['ratio_median']:.3f} (range {lo:.3f}..{hi:.3f}); fastest {fastest}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=64)
@@ -233,27 +239,12 @@ def main() -> None:
     }
     train = mixed_training(args.batch, args.runs, args.repeats)
     result["mixed_training"] = train
-    print(
-        f"P3 train: {TASKS} tasks mixed / single task = x{train['ratio_median']:.3f} (range "
-        f"{train['ratio_range'][0]:.3f}..{train['ratio_range'][1]:.3f}); fastest "
-        + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in train["fastest_s"].items()),
-        flush=True,
-    )
+    print(_line(f"P3 train: {TASKS} tasks mixed / single task", train), flush=True)
     infer = mixed_inference_vs_peft(args.batch, args.runs, args.repeats)
     result["mixed_inference_vs_peft"] = infer
-    print(
-        f"P3 inference: peft / difflora = x{infer['ratio_median']:.2f} (range {infer['ratio_range'][0]:.2f}.."
-        f"{infer['ratio_range'][1]:.2f}); fastest "
-        + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in infer["fastest_s"].items()),
-        flush=True,
-    )
+    print(_line("P3 inference: peft / difflora", infer), flush=True)
     for path, row in infer["layers"].items():
-        print(
-            f"  layer {path:<10} peft / difflora = x{row['ratio_median']:.2f} (range {row['ratio_range'][0]:.2f}.."
-            f"{row['ratio_range'][1]:.2f}); fastest "
-            + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in row["fastest_s"].items()),
-            flush=True,
-        )
+        print(_line(f"  layer {path:<10} peft / difflora", row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
