@@ -93,3 +93,12 @@ def test_base_groups_need_a_frozen_base_and_unknown_methods_are_refused():
         build_model(load_config(ROOT / "configs" / "tiny-unet.yaml", ["train.base_groups=[bias]"]))
     with pytest.raises(ValueError, match="unknown baseline"):
         baseline_overrides("adapterx", "unet")
+
+
+def test_params_prints_the_parameters_stored_per_task(capsys):
+    from difflora.cli import main
+
+    sets = [f"--set={o}" for o in baseline_overrides("bitfit", "dit", tasks=1)] + ["--set=data.task_id=0"]
+    assert main(["params", "tiny-dit", *sets]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("stored per task"))
+    assert "2,248" in line and "shared trainable 2,248" in line
