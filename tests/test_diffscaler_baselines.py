@@ -102,3 +102,17 @@ def test_params_prints_the_parameters_stored_per_task(capsys):
     assert main(["params", "tiny-dit", *sets]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("stored per task"))
     assert "2,248" in line and "shared trainable 2,248" in line
+
+
+def test_the_study_arms_are_the_baselines_at_one_budget():
+    from difflora.diffscaler.baselines import baseline_values
+    from difflora.experiments.study import arm_config, load_study
+
+    study = load_study(ROOT / "experiments" / "diffscaler" / "datasets.yaml")
+    steps = set()
+    for arm in study.arms:
+        arch, _, method = arm.name.split("-", 2)
+        method = method.removesuffix("-masked")
+        assert arm.set.items() >= baseline_values(method, arch).items(), arm.name
+        steps.add(arm_config(study, arm, 0).train.steps)
+    assert steps == {300}
