@@ -4,7 +4,12 @@
   default targets and its parameter counts;
 * ``tasks.py``: one model, many tasks: grow the task banks (sequential regime), remove a task,
   export one task to its own adapter file and import it back;
-* ``classes.py``: incremental classes (002 eq. 1).
+* ``classes.py``: incremental classes (002 eq. 1), ``model.new_classes`` from a config;
+* ``baselines.py``: the baselines of 002 Table 1 and the ablations of its Table 3 as config
+  overrides, ``train.base_groups``, and parameter counts per task.
+
+The sequential regime from a config (``model.affiner.frozen_tasks`` with ``train.init_from`` a
+multi-task run) is loaded by ``difflora.train.base``.
 """
 
 from difflora.diffscaler.affiner import (

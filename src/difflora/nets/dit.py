@@ -26,6 +26,10 @@ context, GEGLU feed-forward of width ``mlp_ratio * hidden``) keeping adaLN-Zero 
 vector; the class label enters through the context (``context_embedder``), so there is no
 ``y_embedder`` and ``c = t_embedder(t)``; ``net(x, t, y, context=...)`` takes a caller's context.
 
+Masked training (DiffScaler, 002 section 4.2; ``train.mask_ratio``): ``net(strip, t, y, keep=idx)``
+runs only the kept tokens ``idx`` [N x K] of each sample, given as a strip of their patches
+(:func:`patch_strip`), and returns the strip of their outputs; the dropped tokens never enter.
+
 Other differences: the fixed 2D sin-cos position embedding is a non-persistent buffer (not a
 parameter, so it is never trained nor saved; DiT keeps it as a frozen ``nn.Parameter``);
 attention uses ``scaled_dot_product_attention``; images are square (``image_size``), and
