@@ -9,6 +9,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from difflora.diffscaler.baselines import per_task_counts
+
 __all__ = ["count_parameters", "format_count", "peak_memory_mb", "parameter_group"]
 
 # Names that mark conditioning machinery, so `difflora params` can show what LoRA replaces.
@@ -53,7 +55,15 @@ def count_parameters(model: nn.Module) -> dict:
         by_group[parameter_group(name)] += n
         top = _top_level(name)
         by_module[top] = by_module.get(top, 0) + n
-    return {"total": total, "trainable": trainable, "by_group": dict(by_group), "by_module": dict(by_module)}
+    # Per task (DiffScaler): one entry of every task bank plus the trainable tensors outside them.
+    per_task = per_task_counts(model)
+    return {
+        "total": total,
+        "trainable": trainable,
+        "by_group": dict(by_group),
+        "by_module": dict(by_module),
+        "per_task": per_task,
+    }
 
 
 def format_count(n: int) -> str:

@@ -212,6 +212,10 @@ def _cmd_params(args) -> int:
     print("by module:")
     for k, v in counts["by_module"].items():
         print(f"  {k:<26}{v:>14,}")
+    task = counts["per_task"]
+    print(
+        f"{'stored per task':<28}{task['stored_per_task']:>14,}  (task entry {task['task_entry']:,} + shared trainable {task['shared_trainable']:,})"
+    )
     if "affiner" in counts:
         aff = counts["affiner"]
         print(f"affiner per task ({aff['tasks']} tasks, {aff['layers']} layers):")

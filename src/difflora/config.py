@@ -175,6 +175,9 @@ class ModelConfig(StrictModel):
     learn_sigma: bool = True
     # 0 = unconditional. With classes, y = -1 is the null label (no class conditioning).
     num_classes: int = Field(default=0, ge=0)
+    # Incremental classes (DiffScaler, 002 eq. 1): the last new_classes of num_classes are new to a
+    # base of num_classes - new_classes classes (train.init_from); they start as the null class.
+    new_classes: int = Field(default=0, ge=0)
     time_embed: bool = True
     class_embed: bool = True
     unet: UNetConfig = Field(default_factory=UNetConfig)
@@ -221,6 +224,9 @@ class TrainConfig(StrictModel):
     # Train the backbone's own weights too (000 trains W with the LoRAs from scratch). False freezes
     # every parameter that is not an adapter's (build_model applies it): adapter fine-tuning.
     train_base: bool = True
+    # With train_base false: groups of the base's own parameters that still train (bias, norm,
+    # embedding: BitFit, DiffFit and embedding-only baselines; difflora.diffscaler.baselines).
+    base_groups: list[Literal["bias", "norm", "embedding"]] = Field(default_factory=list)
     # Adapt a trained model: a run directory (its newest checkpoint) or one checkpoint directory
     # of a run trained without adapters. Its weights fill the base (wrapped layers' base_layer);
     # the run's checkpoints then hold the trainable tensors only, plus the base's fingerprint.
@@ -230,6 +236,9 @@ class TrainConfig(StrictModel):
     # What the loop minimises (difflora.train.objectives): the diffusion loss of cfg.diffusion, or
     # distill: a LoRA student matches the classifier-free-guided teacher (the distill section).
     objective: Literal["diffusion", "distill"] = "diffusion"
+    # DiT masked training (DiffScaler, 002 section 4.2): each sample drops this fraction of its patch
+    # tokens (random per sample) and the loss covers the kept patches only. 0: no masking.
+    mask_ratio: float = Field(default=0.0, ge=0, lt=1)
     seed: int = 0
     device: str = "auto"
     log_every: int = Field(default=50, ge=1)
@@ -291,6 +300,10 @@ class Config(StrictModel):
         if m.arch == "diffusers" and (problem := diffusers_problem(m, self.train.objective, self.distill.targets)):
             raise ValueError(problem)
         self._check_affiner_tasks()
+        if self.train.mask_ratio and (m.arch != "dit" or self.train.objective != "diffusion"):
+            raise ValueError(
+                "train.mask_ratio drops DiT patch tokens in the diffusion loss: it needs model.arch=dit and train.objective=diffusion"
+            )
         if self.train.objective == "distill":
             self._resolve_distill()
         return self

@@ -68,10 +68,15 @@ class AdapterConfig(StrictModel):
     # Module paths to wrap (layers; blocks for position): exact names, dotted suffixes, or regexes
     # prefixed with "re:". Empty: the attention qkv and output projections of the backbone.
     targets: list[str] = Field(default_factory=list)
+    # index weighting only: the first ``frozen`` entries (tasks, classes) are held frozen (002's
+    # sequential regime: entries a previous run trained, loaded from train.init_from).
+    frozen: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> AdapterConfig:
         where = f"model.adapters[{self.name}]"
+        if self.frozen and (self.weighting != "index" or self.frozen > self.num_values):
+            raise ValueError(f"{where}.frozen: only an index weighting freezes entries, at most num_values of them")
         if self.weighting == "shared":
             if self.num_bases is not None or self.num_values != 1:
                 raise ValueError(
@@ -125,11 +130,19 @@ class AffinerConfig(StrictModel):
     condition: str = Field(default="task", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     # The low-rank branch on a k x k convolution: 1x1 convolutions (002) or a k x k down factor.
     kernel: Literal["1x1", "full"] = "1x1"
+    # Sequential regime (002 section 3.3): tasks 0..frozen_tasks-1 come from the multi-task run
+    # train.init_from names and stay frozen, bit for bit; the tasks after them train.
+    frozen_tasks: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> AffinerConfig:
         if not self.parts or len(set(self.parts)) != len(self.parts):
             raise ValueError(f"model.affiner.parts: give each of scale, shift, lowrank at most once, got {self.parts}")
+        if self.frozen_tasks >= self.tasks:
+            raise ValueError(
+                f"model.affiner.frozen_tasks ({self.frozen_tasks}) leaves no task to train; set model.affiner.tasks "
+                f"to at least {self.frozen_tasks + 1}"
+            )
         return self
 
 

@@ -30,6 +30,8 @@ from difflora.adapters import (
 )
 from difflora.config import Config
 from difflora.diffscaler.affiner import affiner_adapter_configs
+from difflora.diffscaler.baselines import unfreeze_groups
+from difflora.diffscaler.classes import add_classes, base_model_config
 from difflora.diffusion import create_diffusion
 from difflora.model_adapters import add_context_tokens, check_adapter_configs, inject_adapters
 from difflora.nets import build_net
@@ -71,14 +73,16 @@ class DiffusionModel(nn.Module):
         """Run ``net(x, t, y)`` with adapter conditions ``t`` (original units), ``y`` and ``extra`` set.
 
         ``extra`` (e.g. ``task=[N]``, ``guidance=[N]``) is seen by adapters only, not by the backbone,
-        except ``context`` [N x L x D], which goes to a cross-attention backbone (``model.attention: cross``).
+        except ``context`` [N x L x D], which goes to a cross-attention backbone (``model.attention: cross``),
+        and ``keep`` [N x K], the kept tokens of masked DiT training (``train.mask_ratio``).
         """
-        context = extra.pop("context", None)
+        # Backbone inputs, not adapter conditions: a cross-attention context, the kept tokens of masked DiT training.
+        net_kwargs = {k: v for k in ("context", "keep") if (v := extra.pop(k, None)) is not None}
         values = {"t": self.adapter_timesteps(t), "y": y, **extra}
         if self._merge_shared:
             merge_shared(self.net, **{k: values[k] for k in self._merge_shared if k in values})
         with conditions(**values):
-            return self.net(x, t, y) if context is None else self.net(x, t, y, context=context)
+            return self.net(x, t, y, **net_kwargs)
 
     @contextlib.contextmanager
     def merged(self, *names: str) -> Iterator[DiffusionModel]:
@@ -117,15 +121,20 @@ def build_model(cfg: Config) -> DiffusionModel:
     :data:`difflora.adapters.DEFAULT_TARGETS`) and freezes every non-adapter parameter when
     ``cfg.train.train_base`` is false. The injection report is kept as ``model.adapter_report``.
     """
-    net = build_net(cfg.model)
+    net = build_net(base_model_config(cfg.model))  # model.new_classes: grown below
     report = None
     if cfg.model.adapters or cfg.model.affiner or cfg.model.context.new_tokens:
         check_adapter_configs(cfg)
         configs = [*cfg.model.adapters, *affiner_adapter_configs(cfg.model, net)]  # model.affiner: DiffScaler
         report = inject_adapters(net, configs, DEFAULT_TARGETS.get(cfg.model.arch, ()))
         add_context_tokens(net, cfg)  # model.context.new_tokens: a trainable class-token table
-        if not cfg.train.train_base:
-            freeze_base(net)
+    if not cfg.train.train_base:
+        freeze_base(net)
+        unfreeze_groups(net, cfg.train.base_groups)  # BitFit, DiffFit, embeddings only
+    elif cfg.train.base_groups:
+        raise ValueError("train.base_groups picks what trains of a frozen base; set train.train_base=false")
+    if cfg.model.new_classes:  # after freezing: the new class rows train, the old ones are frozen
+        add_classes(net, cfg.model.new_classes)
     scale = cfg.diffusion.steps / 1000.0 if cfg.diffusion.rescale_timesteps else 1.0
     model = DiffusionModel(net, timestep_scale=scale)
     model.adapter_report = report

@@ -20,13 +20,15 @@ from difflora.adapters import (
     SharedWeighting,
     TrainableWeighting,
     Weighting,
+    adapter_layers,
     add_new_class_tokens,
     inject_adapter,
     inject_position_adapter,
 )
 from difflora.config import AdapterConfig, Config
+from difflora.diffscaler.affiner import affiner_adapter_configs
 
-__all__ = ["add_context_tokens", "check_adapter_configs", "inject_adapters", "make_weighting"]
+__all__ = ["add_context_tokens", "check_adapter_configs", "freeze_entries", "inject_adapters", "make_weighting"]
 
 
 def make_weighting(cfg: AdapterConfig) -> Weighting:
@@ -44,7 +46,7 @@ def make_weighting(cfg: AdapterConfig) -> Weighting:
 
 def check_adapter_configs(cfg: Config) -> None:
     """Errors for adapter entries that do not fit the rest of ``cfg`` (diffusion steps, classes)."""
-    for a in cfg.model.adapters:
+    for a in [*cfg.model.adapters, *affiner_adapter_configs(cfg.model)]:
         if a.weighting == "shared":
             continue  # one entry for every sample: no range to cover
         if a.condition == "t" and a.weighting != "linear" and a.num_values < cfg.diffusion.steps:
@@ -59,6 +61,11 @@ def check_adapter_configs(cfg: Config) -> None:
                     f"model.adapters[{a.name}]: the linear weighting spans timesteps up to {high:g} but "
                     f"diffusion.steps is {cfg.diffusion.steps}; set num_values >= {cfg.diffusion.steps}"
                 )
+        if a.frozen and cfg.train.train_base:
+            raise ValueError(
+                f"adapter {a.name}: frozen entries (model.affiner.frozen_tasks, model.adapters[].frozen) keep their "
+                "outputs only on a frozen base; set train.train_base=false"
+            )
         if a.condition == "y" and cfg.model.num_classes and a.num_values != cfg.model.num_classes:
             raise ValueError(
                 f"model.adapters[{a.name}].num_values ({a.num_values}) differs from model.num_classes "
@@ -108,6 +115,8 @@ def inject_adapters(
                 cfg.kernel,
             )
         report.extend(part)
+        if cfg.frozen:
+            freeze_entries(model, cfg.name, cfg.frozen)
     return report
 
 
@@ -121,3 +130,11 @@ def add_context_tokens(net: nn.Module, cfg: Config) -> None:
             "model.context.new_tokens needs class tokens to replace: set model.attention=cross and model.num_classes"
         )
     add_new_class_tokens(net, init)
+
+
+def freeze_entries(model: nn.Module, name: str, frozen: int) -> None:
+    """Hold the first ``frozen`` entries of every bank of adapter ``name`` as frozen parameters."""
+    for _, layer in adapter_layers(model):
+        branch = layer.adapters[name] if name in layer.adapters else None
+        if branch is not None:
+            branch.set_entries({n: branch.entries(n) for n in branch.bank_names}, frozen)

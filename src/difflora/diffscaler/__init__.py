@@ -4,7 +4,12 @@
   default targets and its parameter counts;
 * ``tasks.py``: one model, many tasks: grow the task banks (sequential regime), remove a task,
   export one task to its own adapter file and import it back;
-* ``classes.py``: incremental classes (002 eq. 1).
+* ``classes.py``: incremental classes (002 eq. 1), ``model.new_classes`` from a config;
+* ``baselines.py``: the baselines of 002 Table 1 and the ablations of its Table 3 as config
+  overrides, ``train.base_groups``, and parameter counts per task.
+
+The sequential regime from a config (``model.affiner.frozen_tasks`` with ``train.init_from`` a
+multi-task run) is loaded by ``difflora.train.base``.
 """
 
 from difflora.diffscaler.affiner import (
@@ -15,7 +20,7 @@ from difflora.diffscaler.affiner import (
     affiner_counts,
     default_affiner_targets,
 )
-from difflora.diffscaler.classes import GrownEmbedding, GrownLabelEmbedder, add_classes
+from difflora.diffscaler.classes import GrownEmbedding, GrownLabelEmbedder, add_classes, base_model_config
 from difflora.diffscaler.tasks import add_tasks, export_task, import_task, num_tasks, remove_task, task_branches
 
 __all__ = [
@@ -26,6 +31,7 @@ __all__ = [
     "GrownLabelEmbedder",
     "add_classes",
     "add_tasks",
+    "base_model_config",
     "export_task",
     "import_task",
     "num_tasks",

@@ -101,6 +101,7 @@ def affiner_adapter_configs(cfg: ModelConfig, net: nn.Module | None = None) -> l
                 weighting="index",
                 num_values=aff.tasks,
                 targets=targets,
+                frozen=aff.frozen_tasks,
                 **extra,
             )
         )

@@ -6,11 +6,14 @@ so at step 0 a new class is denoised exactly as the unconditional model denoises
 the Affiner then learns what the class needs). In difflora:
 
 * **DiT**: the label table keeps its N + 1 rows (classes, then the learned null row, read for
-  ``y = -1``) frozen and gains M trainable rows, copies of the null row; label ``N + j`` reads new
-  row j. This is 002's layout: the old rows and their indices are untouched.
+  ``y = -1``) frozen and gains M trainable rows that start as the null row (stored as offsets from
+  it, initialised to zero); label ``N + j`` reads new row j. This is 002's layout: the old rows and their indices are untouched.
 * **U-Net**: the class embedding has no null row (the unconditional branch adds no class
   embedding), so the new rows start at zero: adding a zero embedding is exactly the null-class
   behaviour.
+
+From a config: ``model.new_classes: M`` with ``model.num_classes: N + M`` adds the M classes to a
+base of N classes (``train.init_from``) when the model is built.
 
 The old rows are a frozen parameter (``requires_grad=False``), so training the new classes cannot
 move the old classes' embeddings (no gradient, weight decay or EMA reaches them).
@@ -22,15 +25,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GrownEmbedding", "GrownLabelEmbedder", "add_classes"]
+from difflora.config import ModelConfig
+
+__all__ = ["GrownEmbedding", "GrownLabelEmbedder", "add_classes", "base_model_config"]
 
 
 class GrownEmbedding(nn.Module):
-    """An embedding of ``old + M`` rows: ``weight`` [old x D] (frozen) then ``new_rows`` [M x D] (trainable).
+    """An embedding of ``old + M`` rows: ``weight`` [old x D] (frozen) then M new rows.
 
-    ``forward(idx [N]) -> [N x D]``: index i < old reads ``weight[i]``, index old + j reads
-    ``new_rows[j]``. ``null_row``: the old index that new rows copy (the DiT null row), None for zeros.
+    ``forward(idx [N]) -> [N x D]``: index i < old reads ``weight[i]``, index old + j reads new row j
+    = ``weight[null_row] + new_rows[j]`` (``new_rows`` [M x D], trainable, initialised to zero; without
+    a ``null_row`` just ``new_rows[j]``). New rows are stored as offsets from the null row so that
+    they equal it at step 0 whatever values the base loads into ``weight`` later (``train.init_from``
+    fills ``weight`` after the model is built), and gradients reach them unchanged.
     """
+
+    # Parameters no base checkpoint holds (difflora.train.base: they keep their initialisation).
+    new_parameters = ("new_rows",)
 
     def __init__(self, old: nn.Embedding | GrownEmbedding, num_new: int, null_row: int | None):
         super().__init__()
@@ -38,8 +49,8 @@ class GrownEmbedding(nn.Module):
             raise ValueError(f"add_classes: the number of new classes must be >= 1, got {num_new}")
         table = old.full_table().detach() if isinstance(old, GrownEmbedding) else old.weight.detach()
         self.weight = nn.Parameter(table.clone(), requires_grad=False)
-        init = table[null_row].expand(num_new, -1) if null_row is not None else table.new_zeros(num_new, table.shape[1])
-        self.new_rows = nn.Parameter(init.clone())
+        self.null_row = null_row
+        self.new_rows = nn.Parameter(table.new_zeros(num_new, table.shape[1]))
 
     @property
     def num_embeddings(self) -> int:
@@ -47,7 +58,8 @@ class GrownEmbedding(nn.Module):
 
     def full_table(self) -> torch.Tensor:
         """Every row, [old + M x D]."""
-        return torch.cat([self.weight, self.new_rows])
+        new = self.new_rows if self.null_row is None else self.new_rows + self.weight[self.null_row]
+        return torch.cat([self.weight, new])
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.full_table())
@@ -86,3 +98,15 @@ def add_classes(net: nn.Module, num_new: int) -> int:
         raise ValueError("add_classes: the network has no class embedding (model.num_classes = 0 or class_embed off)")
     net.num_classes = first + num_new
     return first
+
+
+def base_model_config(cfg: ModelConfig) -> ModelConfig:
+    """The model config of the base that ``model.new_classes`` grows: ``num_classes - new_classes`` classes."""
+    if not cfg.new_classes:
+        return cfg
+    if cfg.new_classes >= cfg.num_classes:
+        raise ValueError(
+            f"model.new_classes ({cfg.new_classes}) must be below model.num_classes ({cfg.num_classes}), which "
+            "counts the base's classes and the new ones"
+        )
+    return cfg.model_copy(update={"num_classes": cfg.num_classes - cfg.new_classes, "new_classes": 0})

@@ -26,6 +26,10 @@ context, GEGLU feed-forward of width ``mlp_ratio * hidden``) keeping adaLN-Zero 
 vector; the class label enters through the context (``context_embedder``), so there is no
 ``y_embedder`` and ``c = t_embedder(t)``; ``net(x, t, y, context=...)`` takes a caller's context.
 
+Masked training (DiffScaler, 002 section 4.2; ``train.mask_ratio``): ``net(strip, t, y, keep=idx)``
+runs only the kept tokens ``idx`` [N x K] of each sample, given as a strip of their patches
+(:func:`patch_strip`), and returns the strip of their outputs; the dropped tokens never enter.
+
 Other differences: the fixed 2D sin-cos position embedding is a non-persistent buffer (not a
 parameter, so it is never trained nor saved; DiT keeps it as a frozen ``nn.Parameter``);
 attention uses ``scaled_dot_product_attention``; images are square (``image_size``), and
@@ -42,7 +46,7 @@ from difflora.config import ModelConfig
 from difflora.nets.layers import timestep_embedding
 from difflora.nets.transformer import ContextEmbedder, TransformerBlock
 
-__all__ = ["DIT_PRESETS", "DiT", "DiTBlock", "get_2d_sincos_pos_embed"]
+__all__ = ["DIT_PRESETS", "DiT", "DiTBlock", "get_2d_sincos_pos_embed", "patch_strip", "random_keep"]
 
 # name -> (depth, hidden_size, num_heads, patch_size). The twelve published models (DiT paper,
 # Table 1) plus tiny ones for CPU tests and demos.
@@ -76,6 +80,29 @@ def get_2d_sincos_pos_embed(dim: int, grid_size: int) -> torch.Tensor:
         raise ValueError(f"DiT hidden_size must be divisible by 4 for the 2D sin-cos embedding, got {dim}")
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
     return torch.cat([_sincos_1d(dim // 2, cols.reshape(-1)), _sincos_1d(dim // 2, rows.reshape(-1))], dim=1).float()
+
+
+def random_keep(n: int, tokens: int, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[N x K] indices of the tokens each sample keeps, ascending: a uniformly random subset of
+    ``K = tokens - round(ratio * tokens)`` (at least 1) per sample, drawn in one batched op."""
+    keep = max(1, tokens - round(ratio * tokens))
+    scores = torch.rand(n, tokens, generator=generator)
+    return scores.argsort(dim=1)[:, :keep].sort(dim=1).values
+
+
+def patch_strip(x: torch.Tensor, keep: torch.Tensor, patch: int) -> torch.Tensor:
+    """The kept p x p patches of images side by side: x [N x C x H x W], keep [N x K] row-major token
+    indices -> [N x C x p x K p]; patch k of the strip is token ``keep[:, k]``.
+
+    A strip is an image to the patch embedding (a p x p convolution with stride p reads each patch
+    alone) and to the diffusion's element-wise losses, so masked training needs no other layout.
+    """
+    n, c, h, w = x.shape
+    g = w // patch
+    tiles = x.reshape(n, c, h // patch, patch, g, patch).permute(0, 1, 2, 4, 3, 5).reshape(n, c, -1, patch, patch)
+    idx = keep[:, None, :, None, None].expand(n, c, keep.shape[1], patch, patch)
+    kept = tiles.gather(2, idx)  # (N, C, K, p, p)
+    return kept.permute(0, 1, 3, 2, 4).reshape(n, c, patch, keep.shape[1] * patch)
 
 
 class PatchEmbed(nn.Module):
@@ -276,6 +303,11 @@ class DiT(nn.Module):
         x = x.reshape(n, g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, g * p, g * p)
 
+    def unpatchify_strip(self, x: torch.Tensor) -> torch.Tensor:
+        """[N x K x p*p*C_out] tokens of kept patches -> their strip [N x C_out x p x K p] (:func:`patch_strip`)."""
+        n, k, p, c = x.shape[0], x.shape[1], self.patch_size, self.out_channels
+        return torch.einsum("nkpqc->ncpkq", x.reshape(n, k, p, p, c)).reshape(n, c, p, k * p)
+
     def condition(self, t: torch.Tensor, y: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor:
         """The adaLN conditioning vector c [N x hidden] (see the module docstring)."""
         device = self.pos_embed.device
@@ -290,14 +322,25 @@ class DiT(nn.Module):
         return c
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, context: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:param x: [N x C x H x W]. :param t: [N]. :param y: [N] labels (-1 = null) or None.
         :param context: ``attention: cross`` only: a caller's context [N x L x D].
+        :param keep: masked training (002 section 4.2): [N x K] indices of the tokens each sample
+            keeps; x is then their strip [N x C x p x K p] (:func:`patch_strip`), the dropped tokens
+            never enter the network, and the output is the strip [N x C_out x p x K p].
         :return: [N x C_out x H x W]."""
         if self.context_embedder is None and context is not None:
             raise ValueError("context= is for cross-attention blocks; set model.attention=cross")
-        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D), T = (H/p)(W/p)
+        if keep is None:
+            h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D), T = (H/p)(W/p)
+        else:  # masked training: x is a strip of the kept patches, only their tokens are processed
+            h = self.x_embedder(x) + self.pos_embed[0, keep].to(x.dtype)  # (N, K, D)
         c = self.condition(t, y, x.shape[0], h.dtype)  # (N, D)
         if self.context_embedder is None:
             for block in self.blocks:
@@ -307,4 +350,4 @@ class DiT(nn.Module):
             for block in self.blocks:
                 h = block(h, ctx, c)  # (N, T, D)
         h = self.final_layer(h, c)  # (N, T, p*p*C_out)
-        return self.unpatchify(h)
+        return self.unpatchify(h) if keep is None else self.unpatchify_strip(h)

@@ -111,6 +111,8 @@ def adapter_owned_keys(model: nn.Module) -> set[str]:
         params = list(module.parameters())
         if path and params and all(id(p) in own for p in params):
             owned_modules.append(path + ".")
+    # Parameters a module adds to a base model (new class rows, difflora.diffscaler.classes) are new too.
+    own |= {id(p) for m in model.modules() for n in getattr(m, "new_parameters", ()) for p in [getattr(m, n)]}
     keys = {name for name, p in model.named_parameters() if id(p) in own}
     keys.update(k for k in model.state_dict() if k.startswith(tuple(owned_modules)))
     return keys
@@ -162,14 +164,25 @@ def load_base(
 
     The record: ``path`` (the checkpoint directory, absolute), ``weights``, ``step``,
     ``fingerprint`` and ``keys`` (``{model key: base key}``). ``expect`` (a stored record) makes a
-    different fingerprint an error: the run was trained on another base.
+    different fingerprint an error: the run was trained on another base. ``init_from`` may be a
+    multi-task adapter run when the model holds frozen task entries (``model.affiner.frozen_tasks``):
+    its base is loaded, its task banks fill the frozen entries, and the record adds ``adapters_from``.
     """
     ckpt = resolve_base_checkpoint(init_from)
     sources, state = weight_sources(ckpt, weights)
+    frozen = _frozen_banks(model)
     if state.get("base", {}).get("keys"):
+        if not frozen:
+            raise ValueError(
+                f"train.init_from: {ckpt} is itself an adapter run (it stores its trainable tensors only, on "
+                f"base {state['base']['path']}); adapt a run trained without adapters, or add tasks to it "
+                "with model.affiner.frozen_tasks (the number of tasks it holds)"
+            )
+        return _load_adapter_run(model, ckpt, sources, state, frozen, expect)
+    if frozen and expect is None:
         raise ValueError(
-            f"train.init_from: {ckpt} is itself an adapter run (it stores its trainable tensors only, on "
-            f"base {state['base']['path']}); adapt a run trained without adapters"
+            f"train.init_from: frozen task entries (model.affiner.frozen_tasks) come from the multi-task run that "
+            f"trained them, but {ckpt} is a run without adapters; set train.init_from to that run"
         )
     keymap = base_key_map(model)
     wanted = {b: k for k, b in keymap.items()}
@@ -189,6 +202,54 @@ def load_base(
     if expect is not None and record["fingerprint"] != expect["fingerprint"]:
         raise base_missing(expect | {"path": str(ckpt)}, f"now holds other weights (fingerprint {fp.hexdigest()[:12]})")
     return record
+
+
+def _frozen_banks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{state-dict key of a bank: its frozen entries}`` of every adapter bank holding frozen entries."""
+    out = {}
+    for path, layer in adapter_layers(model):
+        for name, branch in layer.adapters.items():
+            if branch.frozen:
+                out.update({f"{path}.adapters.{name}.{b}": getattr(branch, b + "_frozen") for b in branch.bank_names})
+    return out
+
+
+@torch.no_grad()
+def _load_adapter_run(
+    model: nn.Module,
+    ckpt: Path,
+    sources: dict[str, Path],
+    state: dict[str, Any],
+    frozen: dict[str, torch.Tensor],
+    expect: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``init_from`` an adapter run (002's sequential regime): its base, then its banks (every entry,
+    frozen or not) as the model's frozen entries. The run then stores those entries itself, so it
+    needs the first run no more: its base record is the first run's base."""
+    tensors = dict(stream_weights(sources))  # the adapter run's own tensors: small
+    full = {
+        key: torch.cat([tensors[k] for k in (key + "_frozen", key) if k in tensors]) for key in frozen if key in tensors
+    }
+    used = {k for key in full for k in (key + "_frozen", key)}
+    problems = []
+    if missing := sorted(set(frozen) - set(full)):
+        problems.append(f"frozen banks it does not hold: {_listing(missing)}")
+    if extra := sorted(set(tensors) - used):
+        problems.append(f"tensors with no frozen place in this model (trained base weights?): {_listing(extra)}")
+    if bad := [
+        f"{k} {tuple(full[k].shape)} -> {tuple(frozen[k].shape)}"
+        for k in sorted(full)
+        if full[k].shape != frozen[k].shape
+    ]:
+        problems.append(
+            f"shapes differ (does model.affiner.frozen_tasks equal its number of tasks?): {_listing(bad, 3)}"
+        )
+    if problems:
+        raise ValueError(f"train.init_from: the adapter run {ckpt} does not fit this model: " + "; ".join(problems))
+    record = load_base(model, state["base"]["path"], state["base"]["weights"], expect=expect or state["base"])
+    for key, tensor in full.items():
+        frozen[key].copy_(tensor)
+    return record | {"adapters_from": str(ckpt)}
 
 
 def stored_state(model: nn.Module, keys: list[str]) -> dict[str, torch.Tensor]:

@@ -24,8 +24,9 @@ from torch import nn
 
 from difflora.config import Config
 from difflora.diffusion.guidance import drop_labels
+from difflora.nets.dit import DIT_PRESETS, patch_strip, random_keep
 
-__all__ = ["OBJECTIVES", "Batch", "DiffusionObjective", "Objective", "build_objective"]
+__all__ = ["OBJECTIVES", "Batch", "DiffusionObjective", "MaskedDiffusionObjective", "Objective", "build_objective"]
 
 
 @dataclass
@@ -61,16 +62,53 @@ class DiffusionObjective:
         self.num_classes = cfg.model.num_classes
         self.label_dropout = cfg.train.label_dropout
 
-    def __call__(
-        self, model: nn.Module, batch: Batch, generator: torch.Generator, device: torch.device
-    ) -> dict[str, torch.Tensor]:
+    def draw(
+        self, batch: Batch, generator: torch.Generator, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The draws of one batch: t [N], noise [N x C x H x W] and the model kwargs (on ``device``)."""
         x = batch.x
         t = torch.randint(self.diffusion.num_timesteps, (x.shape[0],), generator=generator)
         noise = torch.randn(x.shape, generator=generator)
         kwargs = {k: v.to(device) for k, v in batch.conditions.items() if k != "y"}
         if self.num_classes and "y" in batch.conditions:
             kwargs["y"] = drop_labels(batch.conditions["y"], self.label_dropout, generator).to(device)
-        return self.diffusion.training_losses(model, x.to(device), t.to(device), kwargs, noise=noise.to(device))
+        return t.to(device), noise.to(device), kwargs
+
+    def __call__(
+        self, model: nn.Module, batch: Batch, generator: torch.Generator, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        t, noise, kwargs = self.draw(batch, generator, device)
+        return self.diffusion.training_losses(model, batch.x.to(device), t, kwargs, noise=noise)
+
+
+class MaskedDiffusionObjective(DiffusionObjective):
+    """DiT masked training (002 section 4.2, ``train.mask_ratio`` r > 0): the diffusion loss on the
+    kept patches only, with the dropped tokens never entering the network.
+
+    After :class:`DiffusionObjective`'s draws it draws, per sample, the kept tokens (a random subset
+    of ``T - round(r T)``, :func:`~difflora.nets.dit.random_keep`). Images and noise become strips of
+    the kept patches (:func:`~difflora.nets.dit.patch_strip`), which the DiT reads with ``keep``; the
+    diffusion's element-wise loss terms, averaged over the strip, are the loss over kept pixels.
+    """
+
+    def __init__(self, cfg: Config, diffusion: Any):
+        super().__init__(cfg, diffusion)
+        self.ratio = cfg.train.mask_ratio
+        self.patch = DIT_PRESETS[cfg.model.dit.preset][3] if cfg.model.dit.preset else cfg.model.dit.patch_size
+        assert cfg.model.image_size is not None  # resolved from the data
+        self.tokens = (cfg.model.image_size // self.patch) ** 2
+
+    def __call__(
+        self, model: nn.Module, batch: Batch, generator: torch.Generator, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        t, noise, kwargs = self.draw(batch, generator, device)
+        keep = random_keep(batch.x.shape[0], self.tokens, self.ratio, generator).to(device)
+        x, noise = patch_strip(batch.x.to(device), keep, self.patch), patch_strip(noise, keep, self.patch)
+        return self.diffusion.training_losses(model, x, t, {**kwargs, "keep": keep}, noise=noise)
+
+
+def _diffusion_objective(cfg: Config, diffusion: Any) -> Objective:
+    return MaskedDiffusionObjective(cfg, diffusion) if cfg.train.mask_ratio else DiffusionObjective(cfg, diffusion)
 
 
 def _distill_objective(cfg: Config, diffusion: Any) -> Objective:
@@ -82,7 +120,7 @@ def _distill_objective(cfg: Config, diffusion: Any) -> Objective:
 
 # train.objective -> factory(cfg, diffusion). A new objective registers here and in TrainConfig.objective.
 OBJECTIVES: dict[str, Callable[[Config, Any], Objective]] = {
-    "diffusion": DiffusionObjective,
+    "diffusion": _diffusion_objective,
     "distill": _distill_objective,
 }
 

@@ -1,0 +1,188 @@
+"""The baselines of 002 Table 1 and the Affiner ablations of 002 Table 3, as config overrides.
+
+Every method adapts the same frozen base (``train.init_from``) and differs only in what trains:
+
+==============  =====================================================================================
+method          what trains (config)
+==============  =====================================================================================
+``full``        every base parameter (``train.train_base: true``, no adapters): full fine-tuning
+``lora``        LoRA (rank 8) on the attention projections (U-Net ``qkv``/``proj_out``; DiT
+                ``attn.qkv``/``attn.proj``), the default targets of ``model.adapters``
+``difffit``     DiffFit (Xie et al., arXiv 2304.06648): every bias, every normalisation layer's scale
+                and shift, and a learnable per-channel scale ``gamma`` (initialised to 1) on the output
+                of each block's residual branches (U-Net ResBlock ``out_layers.3`` and attention
+                ``proj_out``; DiT ``attn.proj`` and ``mlp.fc2``): a ``scale`` adapter (``1 + a``, a = 0)
+``bitfit``      BitFit (arXiv 2106.10199): every bias term (layers and normalisations)
+``embeddings``  the embeddings only: the timestep MLP and the class embedding table (002's claim:
+                embedding rows alone cannot produce a new dataset)
+``affiner``     the Affiner, every part, latent d = 32 (U-Net) or 64 (DiT): 002's DiffScaler
+``affiner-b``   002 Table 3(a) "b": the bias shift only
+``affiner-a``   002 Table 3(a) "a": the weight scale only
+``affiner-ab``  a and b (the cumulative reading of Table 3(a)'s second row)
+``affiner-dN``  002 Table 3(b): every part with latent width d = N (N in 1, 4, 16, 32)
+==============  =====================================================================================
+
+002 Table 3(a)'s "+ W_up" and "Full" rows differ only in the branch's scalar ``s`` (one parameter per
+layer) and ``W_up``'s initialisation; our Affiner always has ``s = 0`` and Kaiming ``W_up`` (the
+"Full" row), so "+ low-rank branch" is ``affiner``. Adapters read the ``task`` condition through
+an index weighting (one entry per task, -1 = the base), so every method serves task ids like the
+Affiner; the data must carry them (``data.task_id``).
+
+``train.base_groups`` (the base's own parameters that train while ``train.train_base`` is false):
+
+* ``bias``: every parameter named ``bias`` (Linear, Conv and normalisation layers);
+* ``norm``: every weight and bias of a GroupNorm / LayerNorm with affine parameters;
+* ``embedding``: every ``nn.Embedding`` (class rows) and the timestep MLP (``time_embed``,
+  ``t_embedder``), including new class rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from difflora.adapters import IndexWeighting, adapter_layers, adapter_parameters
+
+__all__ = [
+    "BASELINES",
+    "BASE_GROUPS",
+    "DIFFFIT_TARGETS",
+    "baseline_overrides",
+    "baseline_values",
+    "group_parameters",
+    "per_task_counts",
+    "unfreeze_groups",
+]
+
+BASE_GROUPS = ("bias", "norm", "embedding")
+_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
+_TIME_MLPS = ("time_embed", "t_embedder")
+
+# DiffFit's gamma: the output layer of every residual branch.
+DIFFFIT_TARGETS: dict[str, list[str]] = {
+    "unet": [r"re:.*out_layers\.3$", r"re:.*\.proj_out$"],
+    "dit": [r"re:blocks\.\d+\.(attn\.proj|mlp\.fc2)$"],
+}
+# LoRA's targets are model.adapters' defaults (the attention projections).
+LORA_RANK = 8
+
+BASELINES = (
+    "full",
+    "lora",
+    "difffit",
+    "bitfit",
+    "embeddings",
+    "affiner",
+    "affiner-b",
+    "affiner-a",
+    "affiner-ab",
+    "affiner-d1",
+    "affiner-d4",
+    "affiner-d16",
+    "affiner-d32",
+)
+
+
+def _task_adapter(name: str, tasks: int, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "condition": "task", "weighting": "index", "num_values": tasks, **extra}
+
+
+def baseline_overrides(method: str, arch: str, tasks: int = 1) -> list[str]:
+    """``--set`` overrides (``key=value``) that turn an adaptation config into ``method`` (module docstring)."""
+    return [f"{k}={json.dumps(v)}" for k, v in baseline_values(method, arch, tasks).items()]
+
+
+def baseline_values(method: str, arch: str, tasks: int = 1) -> dict[str, Any]:
+    """The config values (dotted keys) of :func:`baseline_overrides`."""
+    frozen = {"train.train_base": False}
+    if method == "full":
+        return {"train.train_base": True, "model.affiner": None, "model.adapters": []}
+    if method == "lora":
+        return {**frozen, "model.affiner": None, "model.adapters": [_task_adapter("lora", tasks, rank=LORA_RANK)]}
+    if method == "difffit":
+        gamma = _task_adapter("difffit_gamma", tasks, form="scale", targets=DIFFFIT_TARGETS[arch])
+        return {**frozen, "model.affiner": None, "model.adapters": [gamma], "train.base_groups": ["bias", "norm"]}
+    if method in ("bitfit", "embeddings"):
+        group = "bias" if method == "bitfit" else "embedding"
+        return {**frozen, "model.affiner": None, "model.adapters": [], "train.base_groups": [group]}
+    parts = {"affiner-b": ["shift"], "affiner-a": ["scale"], "affiner-ab": ["scale", "shift"]}
+    if method == "affiner" or method in parts:
+        return {
+            **frozen,
+            "model.adapters": [],
+            "model.affiner": {"tasks": tasks, **({"parts": parts[method]} if method in parts else {})},
+        }
+    if method.startswith("affiner-d") and method[len("affiner-d") :].isdigit():
+        return {
+            **frozen,
+            "model.adapters": [],
+            "model.affiner": {"tasks": tasks, "latent": int(method[len("affiner-d") :])},
+        }
+    raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}")
+
+
+def group_parameters(net: nn.Module, group: str) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of the base's parameters in ``group`` (module docstring); adapters' excluded."""
+    if group not in BASE_GROUPS:
+        raise ValueError(f"unknown base parameter group {group!r}; choose from {', '.join(BASE_GROUPS)}")
+    own = {id(p) for p in adapter_parameters(net)}
+    for path, module in net.named_modules():
+        top = path.split(".")[0]
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in own:
+                continue
+            hit = (
+                (group == "bias" and name == "bias")
+                or (group == "norm" and isinstance(module, _NORMS))
+                or (
+                    group == "embedding"
+                    and (isinstance(module, nn.Embedding) or top in _TIME_MLPS or name == "new_rows")
+                )
+            )
+            if hit:
+                yield (f"{path}.{name}" if path else name), p
+
+
+def unfreeze_groups(net: nn.Module, groups: list[str]) -> int:
+    """Let the base's parameters of ``groups`` train (after ``freeze_base``); returns their number.
+
+    Frozen class rows of incremental classes (``GrownEmbedding.weight``) stay frozen: they are the
+    old classes, which must not move.
+    """
+    count = 0
+    seen: set[int] = set()
+    for group in groups:
+        for name, p in group_parameters(net, group):
+            if id(p) in seen or (name.endswith(".weight") and hasattr(_owner(net, name), "new_rows")):
+                continue
+            seen.add(id(p))
+            p.requires_grad_(True)
+            count += p.numel()
+    return count
+
+
+def _owner(net: nn.Module, name: str) -> nn.Module:
+    return net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+
+
+def per_task_counts(net: nn.Module, condition: str = "task") -> dict[str, int]:
+    """Trainable and stored parameters per task: ``{"tasks": N, "task_entry": n, "shared_trainable": m,
+    "stored_per_task": n + m}``.
+
+    ``task_entry``: one entry of every index-weighted bank reading ``condition`` (what each task
+    owns); ``shared_trainable``: trainable parameters outside those banks (biases, norms, a whole
+    fine-tuned model), which a method must store once per task to serve several tasks.
+    """
+    entry, banked, tasks = 0, set(), 0
+    for _, layer in adapter_layers(net):
+        for branch in layer.adapters.values():
+            if branch.condition == condition and isinstance(branch.weighting, IndexWeighting):
+                params = [p for n, p in branch.named_parameters() if not n.startswith("weighting.")]
+                banked.update(id(p) for p in params)
+                entry += sum(p.numel() for p in params) // branch.num_bases
+                tasks = max(tasks, branch.num_bases)
+    shared = sum(p.numel() for p in net.parameters() if p.requires_grad and id(p) not in banked)
+    return {"tasks": tasks, "task_entry": entry, "shared_trainable": shared, "stored_per_task": entry + shared}
