@@ -71,14 +71,16 @@ class DiffusionModel(nn.Module):
         """Run ``net(x, t, y)`` with adapter conditions ``t`` (original units), ``y`` and ``extra`` set.
 
         ``extra`` (e.g. ``task=[N]``, ``guidance=[N]``) is seen by adapters only, not by the backbone,
-        except ``context`` [N x L x D], which goes to a cross-attention backbone (``model.attention: cross``).
+        except ``context`` [N x L x D], which goes to a cross-attention backbone (``model.attention: cross``),
+        and ``spatial`` [N x C_s x H x W], the condition image of spatial tasks (``data.spatial``).
         """
-        context = extra.pop("context", None)
+        # The backbone's own inputs beyond (x, t, y); None ones are left out (a plain net takes neither).
+        net_kw = {k: v for k in ("context", "spatial") if (v := extra.pop(k, None)) is not None}
         values = {"t": self.adapter_timesteps(t), "y": y, **extra}
         if self._merge_shared:
             merge_shared(self.net, **{k: values[k] for k in self._merge_shared if k in values})
         with conditions(**values):
-            return self.net(x, t, y) if context is None else self.net(x, t, y, context=context)
+            return self.net(x, t, y, **net_kw)
 
     @contextlib.contextmanager
     def merged(self, *names: str) -> Iterator[DiffusionModel]:
@@ -123,8 +125,8 @@ def build_model(cfg: Config) -> DiffusionModel:
         check_adapter_configs(cfg)
         configs = [*cfg.model.adapters, *affiner_adapter_configs(cfg.model, net)]  # model.affiner: DiffScaler
         report = inject_adapters(net, configs, DEFAULT_TARGETS.get(cfg.model.arch, ()))
-        if not cfg.train.train_base:
-            freeze_base(net)
+    if (cfg.model.adapters or cfg.model.affiner or cfg.model.spatial_channels) and not cfg.train.train_base:
+        freeze_base(net)  # the spatial input and a ControlNet branch stay trainable (nets.layers.BaseExtension)
     scale = cfg.diffusion.steps / 1000.0 if cfg.diffusion.rescale_timesteps else 1.0
     model = DiffusionModel(net, timestep_scale=scale)
     model.adapter_report = report
