@@ -327,6 +327,8 @@ def _sample_grid(st: TrainState, path: Path) -> Path:
     """A grid of the EMA model's samples; the EMA values are swapped in and out (no model copy)."""
     cfg = st.cfg
     labels = default_labels(cfg.sample.num, cfg.model.num_classes)
+    conditions = _grid_conditions(st.data, cfg.sample.num)
+    spatial = conditions.pop("spatial", None)  # condition images of spatial tasks (data.spatial)
     # Sampling must not move the training RNG: forked, so a run with grids resumes like one without.
     with torch.random.fork_rng(devices=[st.device] if st.device.type == "cuda" else []), st.ema.applied(st.model):
         images = generate(
@@ -336,7 +338,8 @@ def _sample_grid(st: TrainState, path: Path) -> Path:
             labels=labels,
             seed=cfg.train.seed,
             device=st.device,
-            conditions=_grid_conditions(st.data, cfg.sample.num),
+            conditions=conditions,
+            spatial=spatial,
         )
     return save_grid(images, path, nrow=cfg.model.num_classes or None)
 
