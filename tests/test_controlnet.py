@@ -9,14 +9,8 @@ from difflora.model import build_model
 from difflora.nets import ControlUNet, count_parameters
 from difflora.nets.controlnet import copy_encoder_into_control
 from difflora.train.base import base_key_map
+from test_spatial_model import TINY
 
-TINY = [
-    "data.name=digits",
-    "model.unet.model_channels=16",
-    "model.unet.num_res_blocks=1",
-    "model.unet.attention_resolutions=[4]",
-    "model.num_classes=10",
-]
 CONTROL = ["data.spatial={tasks: [edges, lowres, inpaint], lowres: 2}", "model.spatial_input=controlnet"]
 
 
