@@ -17,6 +17,7 @@ from difflora.cli_inputs import (
     parse_conditions,
     run_config,
     sample_settings,
+    spatial_inputs,
 )
 from difflora.config import ConfigError, load_config
 
@@ -132,8 +133,14 @@ def _cmd_sample(args) -> int:
         guidance=args.guidance,
         guidance_fraction=args.guidance_fraction,
     )
-    conditions = parse_conditions(args.condition, args.num, _without_student(cfg))
-    labels = default_labels(args.num, cfg.model.num_classes, args.cls)
+    spatial = None
+    if cfg.data.spatial is not None:  # spatial tasks: --condition task=K picks the condition images
+        conditions, spatial = spatial_inputs(args.condition, args.num, cfg, args.condition_images)
+    else:
+        conditions = parse_conditions(args.condition, args.num, _without_student(cfg))
+    # Spatial tasks trained with every label dropped (label_dropout 1) sample with y = -1.
+    null = spatial is not None and args.cls is None and cfg.train.label_dropout >= 1.0
+    labels = None if null else default_labels(args.num, cfg.model.num_classes, args.cls)
     if args.teacher and cfg.train.objective != "distill":
         raise CLIError(f"--teacher samples the guided teacher of a distilled run; {args.run_dir} is not one")
     guidance = _distilled_guidance(args, cfg, model) if cfg.train.objective == "distill" else s.guidance
@@ -153,6 +160,7 @@ def _cmd_sample(args) -> int:
         progress=not args.no_progress,
         guidance_fraction=s.guidance_fraction,
         teacher=args.teacher,
+        spatial=spatial,
     )
     nrow = cfg.model.num_classes if (labels is not None and args.cls is None) else None
     path = save_grid(images, args.out, nrow=nrow)
@@ -161,6 +169,7 @@ def _cmd_sample(args) -> int:
 
         tmp = Path(args.save_tensor + ".tmp")
         tensors = {"images": images.contiguous(), **({"labels": labels} if labels is not None else {})}
+        tensors |= {"spatial": spatial.contiguous()} if spatial is not None else {}
         save_file(tensors, str(tmp))
         os.replace(tmp, args.save_tensor)  # never a half-written file under the name asked for
     print(f"wrote {args.num} samples (step {meta['step']}, {args.weights} weights) to {path}")

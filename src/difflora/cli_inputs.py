@@ -28,6 +28,7 @@ __all__ = [
     "parse_conditions",
     "run_config",
     "sample_settings",
+    "spatial_inputs",
 ]
 
 
@@ -170,3 +171,55 @@ def parse_conditions(texts: list[str] | None, num: int, cfg: Config) -> dict[str
             f"this run's adapters read condition(s) {', '.join(missing)}: pass --condition {missing[0]}=VALUE"
         )
     return out
+
+
+def _condition_images(path: str, num: int) -> torch.Tensor:
+    """Clean images [num x C x H x W] from ``--condition-images FILE.safetensors`` (tensor ``images``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.endswith(".safetensors") or not Path(path).is_file():
+        raise CLIError(f"--condition-images {path}: give an existing .safetensors file holding a tensor 'images'")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CLIError(f"--condition-images {path}: not a readable safetensors file ({exc})") from None
+    images = tensors.get("images")
+    if images is None or images.ndim != 4 or len(images) < num:
+        got = "no tensor 'images'" if images is None else f"'images' of shape {tuple(images.shape)}"
+        raise CLIError(f"--condition-images {path}: needs 'images' [N x C x H x W] with N >= --num ({num}), has {got}")
+    return images[:num].float()
+
+
+def spatial_inputs(
+    texts: list[str] | None, num: int, cfg: Config, images_path: str | None
+) -> tuple[dict[str, float | list[float]], torch.Tensor]:
+    """A run with spatial tasks (``data.spatial``): (the conditions, with ``task``, and the condition
+    images [num x C_s x H x W]) for ``--condition task=K`` (one id or one per sample). The images
+    come from ``--condition-images`` or the held-out split (:func:`difflora.data.spatial.heldout_conditions`)."""
+    import torch
+
+    from difflora.data.spatial import heldout_conditions
+    from difflora.diffscaler.affiner import affiner_adapter_configs
+
+    texts = list(texts or [])
+    task_texts = [t for t in texts if t.partition("=")[0].strip() == "task"]
+    if len(task_texts) != 1:
+        names = ", ".join(f"{(cfg.data.task_id or 0) + k}={t}" for k, t in enumerate(cfg.data.spatial.tasks))
+        raise CLIError(f"this run has spatial tasks ({names}): pass --condition task=K once")
+    adapters = [*cfg.model.adapters, *affiner_adapter_configs(cfg.model)]
+    reads_task = any(a.condition == "task" for a in adapters)
+    conditions = parse_conditions(texts if reads_task else [t for t in texts if t not in task_texts], num, cfg)
+    try:
+        values = [int(finite_float(v.strip())) for v in task_texts[0].partition("=")[2].split(",")]
+    except argparse.ArgumentTypeError as exc:
+        raise CLIError(f"--condition task: {exc}") from None
+    if len(values) not in (1, num):
+        raise CLIError(f"--condition task: give one value or --num ({num}) values, got {len(values)}")
+    task = torch.tensor(values, dtype=torch.long).expand(num)
+    images = _condition_images(images_path, num) if images_path else None
+    try:
+        spatial, _ = heldout_conditions(cfg.data, task, images)
+    except ValueError as exc:
+        raise CLIError(f"--condition task: {exc}") from None
+    return {**conditions, "task": task.tolist()}, spatial

@@ -65,6 +65,12 @@ def _add_sample(sub, handlers: Handlers) -> None:
         metavar="NAME=VALUE[,VALUE...]",
         help="a condition the run's adapters read, e.g. task=2: one value for all samples or one per sample (repeatable)",
     )
+    s.add_argument(
+        "--condition-images",
+        metavar="FILE.safetensors",
+        help="spatial tasks: clean images (tensor 'images') to compute the condition images from "
+        "(default: the held-out split of the run's dataset)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--weights", choices=["ema", "model"], default="ema")
     s.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)

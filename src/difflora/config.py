@@ -48,6 +48,7 @@ __all__ = [
     "DistillConfig",
     "ModelConfig",
     "SampleConfig",
+    "SpatialConfig",
     "TaskDataConfig",
     "TrainConfig",
     "UNetConfig",
@@ -80,6 +81,33 @@ class TaskDataConfig(StrictModel):
     limit: int = Field(default=0, ge=0)
 
 
+SpatialTask = Literal["edges", "lowres", "inpaint"]
+
+
+class SpatialConfig(StrictModel):
+    """Spatial conditioning tasks (DiffScaler 002 section 3.4, ``difflora.data.spatial``): each clean
+    image appears once per task, paired with the condition image the task computes from it."""
+
+    # Task k of this list has task id data.task_id + k (0 + k when unset).
+    tasks: list[SpatialTask] = Field(min_length=1)
+    # lowres: the side of the block-mean image the condition shows (upsampled to the model size).
+    lowres: int = Field(default=4, ge=1)
+    # inpaint: the side of the masked (unknown) centre square, as a fraction of the image side.
+    hole: float = Field(default=0.5, gt=0, lt=1)
+    # edges: None keeps the Sobel magnitude (in [0, 1]); a number gives binary edges above it.
+    edge_threshold: float | None = Field(default=None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> SpatialConfig:
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"data.spatial.tasks: give each task at most once, got {self.tasks}")
+        return self
+
+    def channels(self, image_channels: int) -> int:
+        """Channels of the condition image: one slot per task (edges and lowres: C, inpaint: C + 1 for the mask)."""
+        return sum(image_channels + (t == "inpaint") for t in self.tasks)
+
+
 class DataConfig(StrictModel):
     name: DatasetName = "digits"
     # Directory holding the files; None means the dataset's default location (see data/).
@@ -101,6 +129,8 @@ class DataConfig(StrictModel):
     # data.tasks, and no task condition for a single dataset. Set it to adapt to one dataset as a
     # task of a multi-task model (DiffScaler: model.affiner), e.g. the new task of the sequential regime.
     task_id: int | None = Field(default=None, ge=0)
+    # Spatial conditioning (edge map / low-res / masked centre -> image), one task id per spatial task.
+    spatial: SpatialConfig | None = None
 
     def resolved_shape(self) -> tuple[int | None, int]:
         native, channels = DATASET_SHAPES[self.name]
@@ -118,6 +148,13 @@ class DataConfig(StrictModel):
                 )
             if size is None:
                 raise ValueError("data.image_size: required with data.tasks when data.name=image-folder")
+        if self.spatial is not None and (self.tasks or self.hflip):
+            raise ValueError(
+                "data.spatial: spatial tasks pair each image with its own condition image; remove data.tasks "
+                "and data.hflip (a flip would no longer match its condition)"
+            )
+        if self.spatial is not None and size is not None and size < self.spatial.lowres:
+            raise ValueError(f"data.spatial.lowres ({self.spatial.lowres}) exceeds the image size ({size})")
         return self
 
 
@@ -191,6 +228,11 @@ class ModelConfig(StrictModel):
     adapters: list[AdapterConfig] = Field(default_factory=list)
     # DiffScaler's Affiner on many layers at once (expanded into adapters when the model is built).
     affiner: AffinerConfig | None = None
+    # Channels of the spatial condition image (filled from data.spatial; 0 = none) and how it enters:
+    # concat: extra input channels of the first conv, zero-initialised (difflora.data.spatial);
+    # controlnet: a trainable copy of the encoder joined by zero 1x1 convs (difflora.nets.controlnet).
+    spatial_channels: int | None = Field(default=None, ge=0)
+    spatial_input: Literal["concat", "controlnet"] = "concat"
 
     @property
     def out_channels(self) -> int:
@@ -287,6 +329,7 @@ class Config(StrictModel):
             raise ValueError(
                 f"model.in_channels ({m.in_channels}) differs from the data's channels ({channels}) for data.name={self.data.name}"
             )
+        self._resolve_spatial()
         if self.diffusion.loss is None:
             object.__setattr__(self.diffusion, "loss", "hybrid" if m.learn_sigma else "mse")
         if self.diffusion.loss == "hybrid" and not m.learn_sigma:
@@ -308,17 +351,32 @@ class Config(StrictModel):
             self._resolve_distill()
         return self
 
+    def _resolve_spatial(self) -> None:
+        """model.spatial_channels follows data.spatial; spatial conditioning needs the U-Net."""
+        sp, m = self.data.spatial, self.model
+        want = sp.channels(m.in_channels) if sp is not None else 0
+        if m.spatial_channels is None:
+            object.__setattr__(m, "spatial_channels", want)
+        elif m.spatial_channels != want:
+            raise ValueError(
+                f"model.spatial_channels ({m.spatial_channels}) differs from the {want} channels data.spatial gives; "
+                "leave it unset (it follows data.spatial)"
+            )
+        if want and m.arch != "unet":
+            raise ValueError("data.spatial: spatial conditioning is built for model.arch=unet")
+
     def _check_affiner_tasks(self) -> None:
         """A ``task`` Affiner needs data that carries task ids, and one entry per id."""
         aff, data = self.model.affiner, self.data
         if aff is None or aff.condition != "task":
             return
-        if not data.tasks and data.task_id is None:
+        if not data.tasks and data.task_id is None and data.spatial is None:
             raise ValueError(
                 "model.affiner reads the condition task but the data carries no task ids: set data.task_id=K "
                 "(the task id of these images, e.g. 0) or list more datasets in data.tasks"
             )
-        needed = (data.task_id or 0) + len(data.tasks) + 1
+        extra = len(data.spatial.tasks) - 1 if data.spatial is not None else len(data.tasks)
+        needed = (data.task_id or 0) + extra + 1
         if aff.tasks < needed:
             raise ValueError(
                 f"model.affiner.tasks ({aff.tasks}) does not cover the data's task ids 0..{needed - 1}; "

@@ -175,6 +175,7 @@ def generate(
     progress: bool = False,
     guidance_fraction: float | None = None,
     teacher: bool = False,
+    spatial: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw ``num`` samples [num x C x H x W] in [-1, 1]; unset options come from ``cfg.sample``.
 
@@ -188,6 +189,8 @@ def generate(
     the first (noisiest) fraction of the steps, conditional on the rest. A distilled run samples
     its student in one pass per step at ``guidance`` (default ``distill.guidance``; see
     :func:`student_guidance`), or with ``teacher=True`` the guided teacher (the LoRA off).
+    ``spatial`` [num x C_s x H x W]: the condition images of a run with spatial tasks
+    (:func:`difflora.data.spatial.heldout_conditions`), one per sample, with ``conditions["task"]``.
     """
     s = cfg.sample
     steps = steps or s.steps
@@ -203,7 +206,7 @@ def generate(
         raise ValueError("guidance needs a class-conditional model (model.num_classes > 0)")
     diffusion = build_diffusion(cfg, respacing=f"ddim{steps}" if sampler == "ddim" else steps)
     fn, student, guidance = _sampling_fn(model, cfg, guidance, fraction, teacher, diffusion)
-    extra = condition_tensors({**(conditions or {}), **student}, num)
+    extra = condition_tensors({**(conditions or {}), **student}, num) | _spatial_condition(spatial, num, cfg)
     m = cfg.model
     shape = (m.in_channels, m.image_size, m.image_size)
     was_training = model.training
@@ -232,6 +235,19 @@ def generate(
             "try the other weights (--weights) or an earlier --checkpoint"
         )
     return images
+
+
+def _spatial_condition(spatial: torch.Tensor | None, num: int, cfg: Config) -> dict[str, torch.Tensor]:
+    """``{"spatial": [num x C_s x H x W]}`` checked against the model (``{}`` without condition images)."""
+    if spatial is None:
+        return {}
+    m = cfg.model
+    if spatial.shape != (num, m.spatial_channels, m.image_size, m.image_size):
+        raise ValueError(
+            f"spatial must be [{num} x {m.spatial_channels} x {m.image_size} x {m.image_size}] "
+            f"(one condition image per sample), got {tuple(spatial.shape)}"
+        )
+    return {"spatial": spatial.float()}
 
 
 def _draw_batches(

@@ -74,10 +74,12 @@ class DiffusionModel(nn.Module):
 
         ``extra`` (e.g. ``task=[N]``, ``guidance=[N]``) is seen by adapters only, not by the backbone,
         except ``context`` [N x L x D], which goes to a cross-attention backbone (``model.attention: cross``),
-        and ``keep`` [N x K], the kept tokens of masked DiT training (``train.mask_ratio``).
+        and ``keep`` [N x K], the kept tokens of masked DiT training (``train.mask_ratio``), and ``spatial``
+        [N x C_s x H x W], the condition image of spatial tasks (``data.spatial``).
         """
-        # Backbone inputs, not adapter conditions: a cross-attention context, the kept tokens of masked DiT training.
-        net_kwargs = {k: v for k in ("context", "keep") if (v := extra.pop(k, None)) is not None}
+        # Backbone inputs, not adapter conditions: a cross-attention context, the kept tokens of masked
+        # DiT training, a spatial condition image; None ones are left out (a plain net takes none).
+        net_kwargs = {k: v for k in ("context", "keep", "spatial") if (v := extra.pop(k, None)) is not None}
         values = {"t": self.adapter_timesteps(t), "y": y, **extra}
         if self._merge_shared:
             merge_shared(self.net, **{k: values[k] for k in self._merge_shared if k in values})

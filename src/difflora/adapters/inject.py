@@ -35,6 +35,7 @@ from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
 from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps
 from difflora.adapters.tokens import NewClassTokens
 from difflora.adapters.weightings import Weighting
+from difflora.nets.layers import BaseExtension
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -299,9 +300,10 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, ConditionalLoRA]]:
 
 def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """The adapters' own parameters: every form's factors and vectors, position adapters, trainable tables,
-    new class tokens (their table only, not the base embedder they wrap)."""
+    new class tokens (their table only, not the base embedder they wrap), and modules a base lacks
+    (:class:`~difflora.nets.layers.BaseExtension`: spatial input, ControlNet branch)."""
     for module in model.modules():
-        if isinstance(module, Branch | PositionAdapter):
+        if isinstance(module, Branch | PositionAdapter | BaseExtension):
             yield from module.parameters()
         elif isinstance(module, NewClassTokens):
             yield module.new_tokens

@@ -53,7 +53,8 @@ class ImageDataset(Dataset):
     hflip: whether :meth:`batch` flips each sample left-right with probability 1/2.
 
     conditions: per-sample conditions beyond the label, name -> [N] tensor (``{"task": ...}`` for
-    a multi-dataset run, see :mod:`difflora.data.tasks`; empty for one dataset).
+    a multi-dataset run, see :mod:`difflora.data.tasks`; empty for one dataset), or [N x ...]
+    (``spatial`` condition images, :mod:`difflora.data.spatial`).
 
     ``ds[i]`` returns ``(image [C x H x W], label)`` without augmentation (for evaluation and for
     ``DataLoader`` users); training draws batches with :meth:`batch`, which augments, and their
@@ -83,8 +84,11 @@ class ImageDataset(Dataset):
         for key, value in conditions.items():
             if key in ("t", "y") or not key.isidentifier():
                 raise ValueError(f"condition name {key!r} must be an identifier other than t and y")
-            if value.shape != (len(images),):
-                raise ValueError(f"condition {key!r} must be [N] with N = {len(images)}, got {tuple(value.shape)}")
+            # Per-sample values: [N] (a task id), or [N x ...] (a spatial condition image, data.spatial).
+            if value.ndim == 0 or value.shape[0] != len(images):
+                raise ValueError(
+                    f"condition {key!r} must be [N] with N = {len(images)} (or [N x ...]), got {tuple(value.shape)}"
+                )
         self.conditions = conditions
         self.images = images
         self.labels = labels
@@ -175,6 +179,10 @@ def load_dataset(cfg: DataConfig, split: Split) -> ImageDataset:
         from difflora.data.tasks import load_tasks  # it builds on this function
 
         return load_tasks(cfg, split)
+    if cfg.spatial is not None:
+        from difflora.data.spatial import load_spatial  # it builds on this function
+
+        return load_spatial(cfg, split)
     if cfg.name not in LOADERS:
         raise ValueError(f"unknown dataset {cfg.name!r}; choices: {', '.join(LOADERS)}")
     images, labels, class_names = LOADERS[cfg.name](cfg, split)

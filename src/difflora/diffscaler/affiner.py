@@ -45,6 +45,7 @@ from torch import nn
 
 from difflora.adapters import SUPPORTED_LAYERS, adapter_layers
 from difflora.config import AdapterConfig, ModelConfig
+from difflora.nets.layers import BaseExtension
 
 __all__ = [
     "AFFINER_NAMES",
@@ -69,7 +70,11 @@ def default_affiner_targets(net: nn.Module, arch: str) -> list[str]:
     """The layers 002 adapts (module docstring): a regex for the DiT, every layer path for the U-Net."""
     if arch == "dit":
         return list(DIT_TARGETS)
-    return [path for path, m in net.named_modules() if path and isinstance(m, SUPPORTED_LAYERS)]
+    # Not the layers of modules the base lacks (a spatial input, a ControlNet branch): they train whole.
+    extra = [p + "." for p, m in net.named_modules() if isinstance(m, BaseExtension)]
+    return [
+        p for p, m in net.named_modules() if p and isinstance(m, SUPPORTED_LAYERS) and not p.startswith(tuple(extra))
+    ]
 
 
 def affiner_adapter_configs(cfg: ModelConfig, net: nn.Module | None = None) -> list[AdapterConfig]:

@@ -44,6 +44,7 @@ from difflora.eval.features import (
     get_feature_net,
     load_feature_net,
 )
+from difflora.eval.fidelity import spatial_requests, task_fidelity
 from difflora.eval.metrics import extract_features, feature_kid_scale, metrics_from_features
 from difflora.eval.uncertainty import bootstrap_intervals, check_pool, reference_level
 
@@ -254,22 +255,28 @@ def evaluate_run(
     dev = torch.device(device)
     say = log or (lambda _msg: None)
 
-    net, net_source = _resolve_feature_net(cfg, feature_net, cache_dir, feature_train, dev, progress)
-    labels = _balanced_labels(num_samples, cfg.model.num_classes)
-    ref_f, ref_labels, floor, pool_size = _reference(cfg, net, num_samples, labels, seed, floor_draws)
+    # Spatial tasks: features, reference and floor of the plain dataset; one entry per task and scale.
+    plain = cfg.model_copy(update={"data": cfg.data.model_copy(update={"spatial": None})})
+    net, net_source = _resolve_feature_net(plain, feature_net, cache_dir, feature_train, dev, progress)
+    null = cfg.data.spatial is not None and cfg.train.label_dropout >= 1.0  # trained on null labels only
+    labels = None if null else _balanced_labels(num_samples, cfg.model.num_classes)
+    ref_f, ref_labels, floor, pool_size = _reference(plain, net, num_samples, labels, seed, floor_draws)
     model.to(dev)
 
     results, grids = [], []
     for w in scales:
-        sampled = dict(steps=steps, sampler=sampler, eta=eta, guidance=w, labels=labels, seed=seed, teacher=teacher)
-        entry, fake = _score_scale(model, cfg, net, ref_f, ref_labels, num_samples, sampled, bootstrap, dev, progress)
-        grids.append(fake[: min(grid_size, num_samples)])
-        results.append(entry)
-        acc = f", class accuracy {entry['class_accuracy']:.3f}" if "class_accuracy" in entry else ""
-        say(
-            f"guidance {w:g}: {_fmt_floor(entry, floor, entry['ci'])}{acc} "
-            f"({entry['sample_images_per_s']:.1f} images/s)"
-        )
+        for req in spatial_requests(cfg.data, num_samples) or [None]:
+            sampled = dict(steps=steps, sampler=sampler, eta=eta, guidance=w, labels=labels, seed=seed, teacher=teacher)
+            sampled |= {} if req is None else {"conditions": {"task": req.task_id}, "spatial": req.spatial}
+            entry, fake = _score_scale(
+                model, cfg, net, ref_f, ref_labels, num_samples, sampled, bootstrap, dev, progress
+            )
+            if req is not None:
+                entry |= {"task": req.task, "task_id": req.task_id, "grid": f"samples_w{_fmt_scale(w)}_{req.task}.png"}
+                entry["fidelity"] = task_fidelity(req.task, fake, req.clean, cfg.data.spatial)
+            grids.append(fake[: min(grid_size, num_samples)])
+            results.append(entry)
+            say(f"guidance {w:g}: {_fmt_entry(entry, floor)}")
 
     balanced = "balanced" if labels is not None else None
     settings = dict(num_samples=num_samples, steps=steps, sampler=sampler, eta=eta, guidance=scales, seed=seed)
@@ -297,6 +304,14 @@ def _check_teacher(cfg: Config, run_dir: Path, teacher: bool) -> None:
             f"{run_dir} is a fully fine-tuned student: its files hold no teacher; evaluate its teacher run "
             f"{cfg.train.init_from} instead"
         )
+
+
+def _fmt_entry(entry: dict[str, Any], floor: dict[str, dict[str, float]]) -> str:
+    acc = f", class accuracy {entry['class_accuracy']:.3f}" if "class_accuracy" in entry else ""
+    fid = ", ".join(f"{k} {v:.3f}" for k, v in entry.get("fidelity", {}).items())
+    task = f"task {entry['task']}: " if "task" in entry else ""
+    fid = f", {fid}" if fid else ""
+    return f"{task}{_fmt_floor(entry, floor, entry['ci'])}{acc}{fid} ({entry['sample_images_per_s']:.1f} images/s)"
 
 
 def _sampling_settings(

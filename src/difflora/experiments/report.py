@@ -24,6 +24,8 @@ __all__ = ["END_MARKER", "load_records", "summarise", "sync_records", "write_rep
 
 END_MARKER = "<!-- end of generated report -->"
 _SCORES = ("fd", "kid_mean", "precision", "recall", "class_accuracy")
+# The row of a spatial arm (data.spatial) that averages its tasks (the one claims compare).
+ALL_TASKS = "all tasks"
 
 
 def _dump(obj: Any) -> str:
@@ -60,7 +62,8 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
             path.write_text(_dump(record))
             if seed == study.seeds[0]:
                 for r in m["results"]:
-                    _copy(run_dir / "eval" / r["grid"], img_dir / f"samples-{arm.name}-w{r['guidance']:g}.png")
+                    task = f"-{r['task']}" if "task" in r else ""  # one grid per spatial task
+                    _copy(run_dir / "eval" / r["grid"], img_dir / f"samples-{arm.name}-w{r['guidance']:g}{task}.png")
             written += 1
     return written
 
@@ -115,8 +118,35 @@ def summarise(study: Study, records: dict[str, list[dict[str, Any]]], arms: list
             }
             for key in _SCORES:
                 row[key] = _mean_std(row["values"][key])
-            rows.append(row)
+            rows.append(row | _task_fields(entries))
+        rows += _all_tasks_rows(rows[len(rows) - len(recs[0]["eval"]["results"]) :])
     return rows
+
+
+def _task_fields(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """A spatial task's row (``data.spatial``): its name and condition-fidelity scores over seeds."""
+    if "task" not in entries[0]:
+        return {}
+    fid = {k: _mean_std([e["fidelity"][k] for e in entries]) for k in entries[0]["fidelity"]}
+    return {"task": entries[0]["task"], "fidelity": fid}
+
+
+def _all_tasks_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per guidance scale, the mean over an arm's spatial tasks of each seed's scores: the row claims compare."""
+    out = []
+    for w in dict.fromkeys(r["guidance"] for r in rows if r.get("task")):
+        tasks = [r for r in rows if r.get("task") and r["guidance"] == w]
+        values = {
+            k: [_mean_std([t["values"][k][i] for t in tasks]) for i in range(len(tasks[0]["seeds"]))] for k in _SCORES
+        }
+        values = {k: [v[0] if v else None for v in vs] for k, vs in values.items()}
+        row = tasks[0] | {"task": ALL_TASKS, "values": values, "fidelity": {}, "ci": {}}
+        out.append(row | {k: _mean_std(values[k]) for k in _SCORES})
+    return out
+
+
+def _label(row: dict[str, Any]) -> str:
+    return f"{row['arm']} [{row['task']}]" if row.get("task") else row["arm"]
 
 
 def _pm(ms: tuple[float, float] | None, digits: int = 2, scale: float = 1.0) -> str:
@@ -133,7 +163,8 @@ def _floor_cell(floor: dict[str, dict[str, float]], key: str, digits: int, scale
 
 
 def _best(rows: list[dict[str, Any]], arm: str, metric: str) -> dict[str, Any] | None:
-    cands = [r for r in rows if r["arm"] == arm and r[metric] is not None]
+    # A spatial arm is compared on the mean over its tasks, not on its best task.
+    cands = [r for r in rows if r["arm"] == arm and r[metric] is not None and r.get("task") in (None, ALL_TASKS)]
     return min(cands, key=lambda r: r[metric][0]) if cands else None
 
 
@@ -207,7 +238,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
             )
         g = r["parameters"]["by_group"]  # records written before "adapters" was its name say "lora"
         lines.append(
-            f"| {r['group']} | {r['arm']} | {r['steps']} | {r['guidance']:g} | {_pm(r['fd'])} "
+            f"| {r['group']} | {_label(r)} | {r['steps']} | {r['guidance']:g} | {_pm(r['fd'])} "
             f"| {_pm(r['kid_mean'], 2, 1e3)} "
             f"| {_pm(r['precision'])} | {_pm(r['recall'])} | {_pm(r['class_accuracy'])} "
             f"| {r['parameters']['total']:,} / {r['parameters']['trainable']:,} "
@@ -241,7 +272,30 @@ def _ci_table(rows: list[dict[str, Any]]) -> list[str]:
             if key == "fd":
                 lo, hi = 2 * r["fd"][0] - hi, 2 * r["fd"][0] - lo
             cells.append(f"[{lo * scale:.2f}, {hi * scale:.2f}]")
-        lines.append(f"| {r['arm']} | {r['guidance']:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_label(r)} | {r['guidance']:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _fidelity_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Condition fidelity of spatial tasks (``difflora.eval.fidelity``), mean ± std over seeds."""
+    rows = [r for r in rows if r.get("fidelity")]
+    if not rows:
+        return []
+    keys = list(dict.fromkeys(k for r in rows for k in r["fidelity"]))
+    lines = [
+        "",
+        "## Condition fidelity of the spatial tasks",
+        "",
+        "How well samples follow their condition images (`docs/spatial-tasks.md`): edge F1 and correlation "
+        "(higher is better), PSNR in dB of the 4x4 block means (higher), squared error on the known region "
+        "of inpainting (lower).",
+        "",
+        "| arm | w | " + " | ".join(keys) + " |",
+        "|---|---|" + "---|" * len(keys),
+    ]
+    for r in rows:
+        cells = [_pm(r["fidelity"].get(k), 3) for k in keys]
+        lines.append(f"| {_label(r)} | {r['guidance']:g} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -286,10 +340,11 @@ def _copy(src: Path, dst: Path) -> None:
 def _images(study: Study, rows: list[dict[str, Any]], img_dir: Path, arms: list[StudyArm]) -> list[str]:
     lines = ["## Samples", "", "First seed of each arm, the first 100 samples of its evaluation.", ""]
     for r in rows:
-        name = f"samples-{r['arm']}-w{r['guidance']:g}.png"
+        task = f"-{r['task']}" if r.get("task") else ""
+        name = f"samples-{r['arm']}-w{r['guidance']:g}{task}.png"
         if (img_dir / name).is_file():
             lines += [
-                f"**{r['arm']}**, guidance {r['guidance']:g}",
+                f"**{_label(r)}**, guidance {r['guidance']:g}",
                 "",
                 f"![{r['arm']} w={r['guidance']:g}]({study.name}/{name})",
                 "",
@@ -333,7 +388,9 @@ def write_report(
             "no commit holds the code that made these numbers.",
             "",
         ]
-    lines += _header(study, rows, arms, command, revision) + _table(rows) + [""] + _ci_table(rows)
+    lines += (
+        _header(study, rows, arms, command, revision) + _table(rows) + [""] + _ci_table(rows) + _fidelity_table(rows)
+    )
     if study.claims:
         lines += [""] + _claims(study, rows)
     lines += [""] + _images(study, rows, img_dir, arms)

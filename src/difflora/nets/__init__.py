@@ -10,17 +10,19 @@ from __future__ import annotations
 import torch.nn as nn
 
 from difflora.config import ModelConfig
+from difflora.nets.controlnet import ControlUNet
 from difflora.nets.dit import DIT_PRESETS, DiT
 from difflora.nets.layers import count_parameters
 from difflora.nets.unet import UNetModel, default_channel_mult
 
-__all__ = ["DIT_PRESETS", "DiT", "UNetModel", "build_net", "count_parameters", "default_channel_mult"]
+__all__ = ["DIT_PRESETS", "ControlUNet", "DiT", "UNetModel", "build_net", "count_parameters", "default_channel_mult"]
 
 
 def build_net(cfg: ModelConfig) -> nn.Module:
     """The backbone named by ``cfg.arch`` ("unet", "dit" or "diffusers"), freshly initialised."""
     if cfg.arch == "unet":
-        return UNetModel(cfg)
+        # A ControlNet-style branch for spatial tasks (model.spatial_input), else the plain U-Net.
+        return ControlUNet(cfg) if cfg.spatial_channels and cfg.spatial_input == "controlnet" else UNetModel(cfg)
     if cfg.arch == "dit":
         return DiT(cfg)
     if cfg.arch == "diffusers":

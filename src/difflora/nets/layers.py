@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 __all__ = [
+    "BaseExtension",
     "GroupNorm32",
     "count_parameters",
     "group_norm",
@@ -46,6 +47,13 @@ def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.detach().zero_()
     return module
+
+
+class BaseExtension(nn.Module):
+    """A module a base network's checkpoint does not have (the spatial condition input, a ControlNet
+    branch): it starts with zero effect, and adapter code treats its parameters as the adapters'
+    own (trained when the base is frozen, new when ``train.init_from`` loads a base, stored with the
+    adapters in a run's checkpoints)."""
 
 
 class GroupNorm32(nn.GroupNorm):

@@ -31,6 +31,12 @@ Differences from improved-diffusion, all optional or outside the layers themselv
   (``nets/transformer.py``) where the attention blocks were: the class label then reaches the net
   through the cross-attention's context (``context_embedder``), not ``label_emb``, and
   ``net(x, t, y, context=...)`` takes a caller's context [N x L x D].
+* Spatial conditioning (``model.spatial_channels`` > 0, ``docs/spatial-tasks.md``): ``net(x, t, y,
+  spatial=c)`` adds ``spatial_in(c)``, a zero-initialised 3x3 conv of the condition image, to the
+  first conv's output. A conv is linear in its input channels, so this is the first conv with the
+  condition concatenated to x as extra input channels whose weights start at zero, kept as its own
+  module so the base's weights and state-dict keys stay as they are (``nets/controlnet.py`` holds
+  the ControlNet-style alternative).
 * Named taps for position adapters (004): every ``ResBlock`` and ``AttentionBlock`` has
   parameter-free ``nn.Identity`` points ``tap_in`` (the block's input) and ``tap_out`` (its output,
   after the residual sum), listed in ``TAPS``. They add no parameters and change no parameter name.
@@ -43,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from difflora.config import ModelConfig
-from difflora.nets.layers import group_norm, masked_label_embedding, timestep_embedding, zero_module
+from difflora.nets.layers import BaseExtension, group_norm, masked_label_embedding, timestep_embedding, zero_module
 from difflora.nets.transformer import ContextEmbedder, SpatialTransformer
 
 __all__ = ["AttentionBlock", "Downsample", "ResBlock", "UNetModel", "Upsample", "default_channel_mult"]
@@ -196,6 +202,18 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
+class SpatialInput(BaseExtension):
+    """The condition image's extra input channels of the first conv: a 3x3 conv, zero-initialised
+    (so at step 0 the net is exactly the base). [N x C_s x H x W] -> [N x model_channels x H x W]."""
+
+    def __init__(self, channels: int, model_channels: int) -> None:
+        super().__init__()
+        self.conv = zero_module(nn.Conv2d(channels, model_channels, 3, padding=1))
+
+    def forward(self, spatial: torch.Tensor) -> torch.Tensor:
+        return self.conv(spatial)
+
+
 class EmbedSequential(nn.Sequential):
     """A Sequential that hands the embedding to its ResBlocks (improved-diffusion's TimestepEmbedSequential)
     and the context to its spatial transformers."""
@@ -231,8 +249,7 @@ class UNetModel(nn.Module):
             raise ValueError(
                 "model.image_size and model.in_channels must be set (they are filled from data in a Config)"
             )
-        u = cfg.unet
-        mc = u.model_channels
+        u, mc = cfg.unet, cfg.unet.model_channels
         channel_mult = tuple(u.channel_mult) if u.channel_mult else default_channel_mult(cfg.image_size)
         factor = 2 ** (len(channel_mult) - 1)
         if cfg.image_size % factor:
@@ -291,6 +308,7 @@ class UNetModel(nn.Module):
                 res //= 2
 
         self.middle_block = EmbedSequential(res_block(ch, ch), attention(ch, u.num_heads), res_block(ch, ch))
+        self._init_spatial(cfg, skip_chans)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -305,6 +323,12 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(EmbedSequential(*layers))
 
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(mc, self.out_channels, 3, padding=1)))
+
+    def _init_spatial(self, cfg: ModelConfig, skip_chans: list[int]) -> None:
+        self.skip_channels = tuple(skip_chans)  # output channels of each input block (nets/controlnet.py)
+        self.spatial_channels = cfg.spatial_channels or 0
+        concat = bool(self.spatial_channels) and cfg.spatial_input == "concat"
+        self.spatial_in = SpatialInput(self.spatial_channels, self.model_channels) if concat else None
 
     def embedding(self, t: torch.Tensor, y: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor | None:
         """The [N x 4*model_channels] vector fed to the ResBlocks, or None when they take none."""
@@ -322,22 +346,41 @@ class UNetModel(nn.Module):
             emb = emb + masked_label_embedding(self.label_emb, y)
         return emb
 
+    def encode(
+        self, x: torch.Tensor, emb: torch.Tensor | None, ctx: torch.Tensor | None, spatial: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Input blocks and middle block: (skip features, one per input block, and the middle's output)."""
+        hs = []
+        h = x
+        for i, block in enumerate(self.input_blocks):
+            h = block(h, emb, ctx)
+            if i == 0 and spatial is not None:
+                h = h + self.spatial_in(spatial.to(h.dtype))
+            hs.append(h)
+        return hs, self.middle_block(h, emb, ctx)
+
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, context: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        spatial: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:param x: [N x C x H x W]. :param t: [N] timesteps. :param y: [N] labels (-1 = null) or None.
         :param context: ``attention: cross`` only: a caller's context [N x L x D] (see
-        :class:`~difflora.nets.transformer.ContextEmbedder`). :return: [N x C_out x H x W]."""
+        :class:`~difflora.nets.transformer.ContextEmbedder`). :param spatial: the condition image
+        [N x C_s x H x W] (``model.spatial_channels``) or None. :return: [N x C_out x H x W]."""
         if self.context_embedder is None and context is not None:
             raise ValueError("context= is for cross-attention blocks; set model.attention=cross")
+        if spatial is not None and (self.spatial_channels == 0 or spatial.shape[1] != self.spatial_channels):
+            raise ValueError(
+                f"spatial= has {spatial.shape[1]} channels but the net takes {self.spatial_channels} "
+                "(model.spatial_channels, set by data.spatial)"
+            )
         ctx = None if self.context_embedder is None else self.context_embedder(y, x.shape[0], context).to(x.dtype)
         emb = self.embedding(t, y, x.shape[0], x.dtype)
-        hs = []
-        h = x
-        for block in self.input_blocks:
-            h = block(h, emb, ctx)
-            hs.append(h)
-        h = self.middle_block(h, emb, ctx)
+        hs, h = self.encode(x, emb, ctx, spatial)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb, ctx)
         return self.out(h)

@@ -36,9 +36,11 @@ from tqdm.auto import tqdm
 from difflora.accounting import count_parameters, peak_memory_mb
 from difflora.config import Config, config_to_dict
 from difflora.data import ImageDataset, load_dataset
+from difflora.data.spatial import grid_indices
 from difflora.generate import default_labels, generate
 from difflora.imaging import save_grid
 from difflora.model import build_diffusion, build_model
+from difflora.nets.controlnet import copy_encoder_into_control
 from difflora.train.base import load_base, stored_state
 from difflora.train.checkpoint import (
     CheckpointError,
@@ -182,6 +184,7 @@ def _init_base(model: torch.nn.Module, cfg: Config, ckpt: LoadedCheckpoint | Non
         return None
     if ckpt is None:
         record = load_base(model, cfg.train.init_from, cfg.train.init_weights)
+        copy_encoder_into_control(model)  # a ControlNet branch starts as a copy of the loaded encoder
         log(f"adapting {record['path']} (step {record['step']}, {record['weights']} weights)")
         return record
     rec = ckpt.state["base"]
@@ -324,6 +327,8 @@ def _sample_grid(st: TrainState, path: Path) -> Path:
     """A grid of the EMA model's samples; the EMA values are swapped in and out (no model copy)."""
     cfg = st.cfg
     labels = default_labels(cfg.sample.num, cfg.model.num_classes)
+    conditions = _grid_conditions(st.data, cfg.sample.num)
+    spatial = conditions.pop("spatial", None)  # condition images of spatial tasks (data.spatial)
     # Sampling must not move the training RNG: forked, so a run with grids resumes like one without.
     with torch.random.fork_rng(devices=[st.device] if st.device.type == "cuda" else []), st.ema.applied(st.model):
         images = generate(
@@ -333,7 +338,8 @@ def _sample_grid(st: TrainState, path: Path) -> Path:
             labels=labels,
             seed=cfg.train.seed,
             device=st.device,
-            conditions=_grid_conditions(st.data, cfg.sample.num),
+            conditions=conditions,
+            spatial=spatial,
         )
     return save_grid(images, path, nrow=cfg.model.num_classes or None)
 
@@ -341,6 +347,8 @@ def _sample_grid(st: TrainState, path: Path) -> Path:
 def _grid_conditions(data: ImageDataset, num: int) -> dict[str, torch.Tensor]:
     """Per-sample conditions for a training grid: each data condition (e.g. ``task``) cycles through
     the values the data holds, so a multi-task run shows every task."""
+    if "spatial" in data.conditions:  # condition images: whole samples of each task (data.spatial)
+        return data.batch_conditions(grid_indices(data.conditions["task"], num))
     out = {}
     for name, values in data.conditions.items():
         distinct = values.unique()
