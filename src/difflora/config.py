@@ -177,6 +177,10 @@ class ModelConfig(StrictModel):
     adapters: list[AdapterConfig] = Field(default_factory=list)
     # DiffScaler's Affiner on many layers at once (expanded into adapters when the model is built).
     affiner: AffinerConfig | None = None
+    # Activation checkpointing (training): each block of the backbone (U-Net input/middle/output
+    # blocks, DiT blocks) recomputes its activations in backward instead of storing them; the
+    # per-sample conditions are re-entered for the recompute (difflora.adapters.checkpoint).
+    checkpoint_blocks: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -225,6 +229,14 @@ class TrainConfig(StrictModel):
     ckpt_every: int = Field(default=500, ge=1)
     # 0 disables periodic sample grids.
     sample_every: int = Field(default=0, ge=0)
+    # Mixed precision (autocast; weights, optimizer state and EMA stay fp32): bf16, or fp16 with a
+    # gradient scaler. See README "Training at scale".
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Micro-batches per step: batch_size (the global batch, over all processes) is split into
+    # grad_accum parts whose gradients are summed before one optimizer step.
+    grad_accum: int = Field(default=1, ge=1)
+    # torch.compile the model for training (needs a C++ compiler on CPU).
+    compile: bool = False
 
 
 class SampleConfig(StrictModel):

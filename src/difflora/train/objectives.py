@@ -33,11 +33,23 @@ class Batch:
     """One training batch as drawn from the data (on the CPU).
 
     x: [N x C x H x W] images in [-1, 1]. conditions: per-sample [N] values the data supplies
-    (``y`` class labels, and e.g. ``task`` ids), keyed by condition name.
+    (``y`` class labels, and e.g. ``task`` ids), keyed by condition name. ``rows``: the rows this
+    call computes (a micro-batch, or this process's share under DDP; None: all). An objective
+    makes its random draws for all N rows, then keeps ``rows`` (:meth:`local`), so that how a batch
+    is split changes no draw (``difflora.train.step``).
     """
 
     x: torch.Tensor
     conditions: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: slice | None = None
+
+    def local(self, value: Any) -> Any:
+        """``value`` [N x ...] (or a dict of them) cut to ``rows``."""
+        if self.rows is None:
+            return value
+        if isinstance(value, dict):
+            return {k: v[self.rows] for k, v in value.items()}
+        return value[self.rows]
 
 
 class Objective(Protocol):
@@ -67,9 +79,11 @@ class DiffusionObjective:
         x = batch.x
         t = torch.randint(self.diffusion.num_timesteps, (x.shape[0],), generator=generator)
         noise = torch.randn(x.shape, generator=generator)
-        kwargs = {k: v.to(device) for k, v in batch.conditions.items() if k != "y"}
+        kwargs = {k: v for k, v in batch.conditions.items() if k != "y"}
         if self.num_classes and "y" in batch.conditions:
-            kwargs["y"] = drop_labels(batch.conditions["y"], self.label_dropout, generator).to(device)
+            kwargs["y"] = drop_labels(batch.conditions["y"], self.label_dropout, generator)
+        x, t, noise, kwargs = (batch.local(v) for v in (x, t, noise, kwargs))
+        kwargs = {k: v.to(device) for k, v in kwargs.items()}
         return self.diffusion.training_losses(model, x.to(device), t.to(device), kwargs, noise=noise.to(device))
 
 
