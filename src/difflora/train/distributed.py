@@ -149,8 +149,8 @@ def wrap_model(model: nn.Module, ctx: Dist, device: torch.device) -> nn.Module:
     if not ctx.distributed:
         return model
     ids = [device.index] if device.type == "cuda" else None
-    # Buffers (none is trained) are not rebroadcast each step: every process builds the same ones.
-    return DistributedModel(model, device_ids=ids, broadcast_buffers=False)
+    # Buffers (none is trained) are synchronised once at the start, not before every forward.
+    return DistributedModel(model, device_ids=ids, forward_sync_buffers=False)
 
 
 def launched_rank() -> int:

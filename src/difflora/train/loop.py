@@ -539,7 +539,9 @@ def train(
         ctx.barrier()  # every process has read the checkpoint before process 0 writes any
         start = st.step
         _run_steps(st, end, progress, log, callback)
-        return _finish(st, start, resumed=ckpt is not None)
+        result = _finish(st, start, resumed=ckpt is not None)
+        ctx.barrier()  # no process moves on (e.g. to resume the run) before process 0 has written it
+        return result
 
 
 def _silent(message: str) -> None:
