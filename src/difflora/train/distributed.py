@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -149,8 +150,11 @@ def wrap_model(model: nn.Module, ctx: Dist, device: torch.device) -> nn.Module:
     if not ctx.distributed:
         return model
     ids = [device.index] if device.type == "cuda" else None
-    # Buffers (none is trained) are synchronised once at the start, not before every forward.
-    return DistributedModel(model, device_ids=ids, forward_sync_buffers=False)
+    # Buffers (none is trained) are synchronised once at the start, not before every forward
+    # (newer torch names the switch forward_sync_buffers and deprecates broadcast_buffers).
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    quiet = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+    return DistributedModel(model, device_ids=ids, **quiet)
 
 
 def launched_rank() -> int:
