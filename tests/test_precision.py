@@ -14,7 +14,7 @@ import torch
 from difflora.adapters import adapter_layers, conditions
 from difflora.config import load_config
 from difflora.model import build_model
-from difflora.train import train
+from difflora.train import latest_checkpoint, load_checkpoint, train
 from difflora.train.precision import autocast, grad_scaler
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -137,3 +137,16 @@ def test_unknown_precision_is_refused():
         autocast("fp8", torch.device("cpu"))
     with pytest.raises(ValueError, match="precision"):
         load_config(CONFIGS / "tiny-unet.yaml", ["train.precision=fp8"])
+
+
+def test_fp16_resume_records_the_loss_scale_and_continues_bit_identically(tmp_path):
+    over = ["train.steps=4", "train.batch_size=4", "train.log_every=1", "train.ckpt_every=2", "train.precision=fp16"]
+    cfg = load_config(CONFIGS / "tiny-unet.yaml", over)
+    train(cfg, tmp_path / "straight", **QUIET)
+    train(cfg, tmp_path / "cut", stop_at=2, **QUIET)
+    scales = []
+    train(cfg, tmp_path / "cut", resume=True, callback=lambda st: scales.append(st.scaler.get_scale()), **QUIET)
+    state = load_checkpoint(latest_checkpoint(tmp_path / "cut")).state
+    assert state["grad_scaler"]["scale"] == scales[-1]
+    a, b = (load_checkpoint(latest_checkpoint(tmp_path / r)).model for r in ("straight", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -268,6 +268,8 @@ def _restore(st: TrainState, ckpt: LoadedCheckpoint) -> None:
     set_rng_state(st.generator, ckpt.rng)
     if st.dist.distributed:
         torch.manual_seed(st.cfg.train.seed + 7919 * (st.dist.rank + 1) + ckpt.step)  # see _prepare
+    if st.scaler.is_enabled() and "grad_scaler" in ckpt.state:
+        st.scaler.load_state_dict(ckpt.state["grad_scaler"])
     st.step = st.last_good = ckpt.step
     st.window = Window(st.device, ckpt.state.get("metrics_window", {}))
 
@@ -291,6 +293,8 @@ def _checkpoint(st: TrainState, step: int, rng: dict[str, torch.Tensor] | None =
     meta = {"config": config_to_dict(st.cfg), "ema_updates": st.ema.num_updates, "metrics_window": st.window.totals}
     if st.base is not None:
         meta["base"] = st.base
+    if st.scaler.is_enabled():
+        meta["grad_scaler"] = st.scaler.state_dict()  # fp16: the loss scale (numbers only)
     save_checkpoint(
         st.out,
         step,
