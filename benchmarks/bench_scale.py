@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", choices=["digits", "p5"], default=None)
     ap.add_argument("--p5-compile", action="store_true", help="compile the CIFAR U-Net too (long)")
-    ap.add_argument("--p5-channels-last-fp32", action="store_true", help="also channels-last without bf16")
+    ap.add_argument("--p5-bf16-channels-last", action="store_true", help="also bf16 with channels-last")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
     args = ap.parse_args()
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -173,11 +173,11 @@ def main() -> None:
             opts.append(("improved-diffusion fp32", "id", "fp32", False))
         opts += [
             ("difflora fp32", "d", "fp32", False),
+            ("difflora fp32 channels-last", "cl", "fp32", False),
             ("difflora bf16", "d", "bf16", False),
-            ("difflora bf16 channels-last", "cl", "bf16", False),
         ]
-        if args.p5_channels_last_fp32:
-            opts.append(("difflora fp32 channels-last", "cl", "fp32", False))
+        if args.p5_bf16_channels_last:
+            opts.append(("difflora bf16 channels-last", "cl", "bf16", False))
         opts += [(f"difflora {p} compiled", "d", p, True) for p in ("fp32", "bf16") if args.p5_compile]
         result["p5"] = measure(_variants(tr, opts), args.rounds, 1, log)
         ref = "improved-diffusion fp32" if args.improved_diffusion is not None else "difflora fp32"
