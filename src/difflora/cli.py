@@ -54,6 +54,8 @@ def _cmd_train(args) -> int:
             raise CLIError("--checkpoint picks the checkpoint to resume from: add --resume")
         checkpoint = select_checkpoint(out, args.checkpoint)
     result = train(cfg, out, resume=args.resume, checkpoint=checkpoint, progress=not args.no_progress)
+    if not result.get("main", True):
+        return 0  # torchrun / accelerate launch: process 0 reports
     last = result["last"]
     acc = result["accounting"]
     print(

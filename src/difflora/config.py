@@ -233,6 +233,10 @@ class ModelConfig(StrictModel):
     # controlnet: a trainable copy of the encoder joined by zero 1x1 convs (difflora.nets.controlnet).
     spatial_channels: int | None = Field(default=None, ge=0)
     spatial_input: Literal["concat", "controlnet"] = "concat"
+    # Activation checkpointing (training): each block of the backbone (U-Net input/middle/output
+    # blocks, DiT blocks) recomputes its activations in backward instead of storing them; the
+    # per-sample conditions are re-entered for the recompute (difflora.adapters.checkpoint).
+    checkpoint_blocks: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -287,6 +291,14 @@ class TrainConfig(StrictModel):
     ckpt_every: int = Field(default=500, ge=1)
     # 0 disables periodic sample grids.
     sample_every: int = Field(default=0, ge=0)
+    # Mixed precision (autocast; weights, optimizer state and EMA stay fp32): bf16, or fp16 with a
+    # gradient scaler. See README "Training at scale".
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Micro-batches per step: batch_size (the global batch, over all processes) is split into
+    # grad_accum parts whose gradients are summed before one optimizer step.
+    grad_accum: int = Field(default=1, ge=1)
+    # torch.compile the model for training (needs a C++ compiler on CPU).
+    compile: bool = False
 
 
 class SampleConfig(StrictModel):

@@ -38,7 +38,9 @@ _LOSS_TYPES = ("mse", "hybrid")
 def extract_into_tensor(arr: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
     """Gather ``arr[t]`` for a batch of timesteps ``t`` [N] and shape it [N x 1 x ... x 1] to broadcast
     against ``like``, on ``like``'s device, in ``like``'s dtype promoted to at least float32."""
-    values = torch.from_numpy(arr)[t.detach().cpu().long()]
+    # The table goes to t's device (a small host-to-device copy), never t to the host: reading t
+    # back would stall a GPU on every diffusion call.
+    values = torch.from_numpy(np.ascontiguousarray(arr)).to(t.device)[t.detach().long()]
     dtype = torch.promote_types(like.dtype, torch.float32)
     return values.to(device=like.device, dtype=dtype).reshape(-1, *([1] * (like.ndim - 1)))
 

@@ -115,10 +115,12 @@ class DistillObjective:
         n = batch.x.shape[0]
         t = torch.randint(self.diffusion.num_timesteps, (n,), generator=generator)
         noise = torch.randn(batch.x.shape, generator=generator)
-        w = self.scales(n, generator).to(device)
-        x_t = self.diffusion.q_sample(batch.x.to(device), t.to(device), noise.to(device))
+        w = self.scales(n, generator)
+        x, t, noise, w, y = (batch.local(v) for v in (batch.x, t, noise, w, y))  # this call's rows
+        w = w.to(device)
+        x_t = self.diffusion.q_sample(x.to(device), t.to(device), noise.to(device))
         t_model = self.diffusion.model_timesteps(t.to(device))
-        extra = {k: v.to(device) for k, v in batch.conditions.items() if k != "y"}
+        extra = {k: v.to(device) for k, v in batch.local(batch.conditions).items() if k != "y"}
         y = y.to(device)
         with dropout_off(model):
             if self.cfg.distill.shared_forward:

@@ -16,6 +16,12 @@ window, so an interrupted run continues bit-identically (on the same device and 
 ``train.init_from`` adapts a trained model (``base.py``): checkpoints then hold the trainable
 tensors only, plus the base's fingerprint, and one copy of the base lives in memory (the EMA
 shadows trainable tensors, sample grids swap the EMA values in and out).
+
+At scale (README "Training at scale"): a step itself (micro-batches, mixed precision, how the
+global batch is shared by processes) is ``step.py``; joining a torchrun / accelerate process
+group and DDP is ``distributed.py``. Under several processes every one trains, process 0 alone
+writes; Ctrl-C then stops at once and the newest checkpoint stands (a deferred stop would need
+every process to agree on the step).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from difflora.generate import default_labels, generate
 from difflora.imaging import save_grid
 from difflora.model import build_diffusion, build_model
 from difflora.nets.controlnet import copy_encoder_into_control
+from difflora.train.activation_checkpointing import checkpoint_blocks
 from difflora.train.base import load_base, stored_state
 from difflora.train.checkpoint import (
     CheckpointError,
@@ -51,8 +58,10 @@ from difflora.train.checkpoint import (
     save_checkpoint,
     select_checkpoint,
 )
+from difflora.train.distributed import Dist, launched_rank, process_group, wrap_model
 from difflora.train.ema import EMA
-from difflora.train.objectives import Batch, Objective, build_objective
+from difflora.train.objectives import Objective, build_objective
+from difflora.train.precision import grad_scaler
 from difflora.train.run_dir import (
     RunExistsError,
     check_writable,
@@ -62,6 +71,15 @@ from difflora.train.run_dir import (
     read_metrics,
     truncate_metrics,
     write_json,
+)
+from difflora.train.step import (
+    TrainingDiverged,
+    Window,
+    check_batch_split,
+    diverged,
+    rng_state,
+    set_rng_state,
+    train_step,
 )
 
 __all__ = [
@@ -75,11 +93,9 @@ __all__ = [
 ]
 
 # Keys a resumed run may change: they alter neither the model nor the draws of a step.
-_RESUMABLE_KEYS = {("train", "steps"), ("train", "log_every"), ("train", "ckpt_every")}
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the weights became NaN or infinite. The last good checkpoint is kept."""
+_RESUMABLE_KEYS = {("train", "steps"), ("train", "log_every"), ("train", "ckpt_every"), ("train", "compile")}
+# The step function the loop calls (a module attribute, so tests can wrap it).
+_train_step = train_step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,41 +107,21 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def _lr_at(cfg: Config, step: int) -> float:
-    # Linear warm-up, then constant (improved-diffusion trains at a constant rate).
-    warm = cfg.train.warmup_steps
-    return cfg.train.lr * min(1.0, (step + 1) / warm) if warm else cfg.train.lr
-
-
-def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
-    state = {"loop": gen.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            state[f"cuda{i}"] = s
-    return state
-
-
-def _set_rng_state(gen: torch.Generator, state: dict[str, torch.Tensor]) -> None:
-    gen.set_state(state["loop"])
-    torch.set_rng_state(state["torch"])
-    cuda = [state[k] for k in sorted(k for k in state if k.startswith("cuda"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-
-
 @dataclass
 class TrainState:
     """Everything a running training holds; ``train(callback=...)`` receives it after each step.
 
     ``step`` counts completed steps. ``stored_keys`` are the model's state-dict keys a checkpoint
     holds (all of them, or the trainable ones when adapting a base); ``base`` is the base record
-    (``difflora.train.base.load_base``) or None.
+    (``difflora.train.base.load_base``) or None; ``dist`` this process's rank among the run's.
     """
 
     cfg: Config
     out: Path
     device: torch.device
     model: torch.nn.Module
+    # What a step calls: ``model``, or DDP / torch.compile around it (same parameters).
+    train_model: torch.nn.Module
     objective: Objective
     data: ImageDataset
     optimizer: torch.optim.Optimizer
@@ -134,12 +130,16 @@ class TrainState:
     params: list[torch.nn.Parameter]
     stored_keys: list[str]
     base: dict[str, Any] | None
+    dist: Dist
+    scaler: torch.amp.GradScaler
+    # The loss terms since the last metrics row (``step.Window``; its totals are checkpointed).
+    window: Window
     step: int = 0
     last_good: int | None = None  # step of the newest checkpoint
-    # Sums of the loss terms since the last metrics row ("_n": steps summed); checkpointed.
-    window: dict[str, float] = field(default_factory=dict)
     timed_s: float = 0.0
     timed_steps: int = 0
+    row_s: float = 0.0  # seconds of the steps since the last metrics row (of this segment)
+    row_steps: int = 0
     # The RNG state at the start of the step in progress (None between steps), and whether the
     # optimizer/EMA update is under way: what an interrupt checkpoint needs to know.
     rng_mark: dict[str, torch.Tensor] | None = None
@@ -206,9 +206,20 @@ def _stored_keys(model: torch.nn.Module, base: dict[str, Any] | None) -> list[st
     return [k for k in model.state_dict() if k not in frozen]
 
 
-def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log) -> TrainState:
+def _training_model(model: torch.nn.Module, cfg: Config, ctx: Dist, device: torch.device) -> torch.nn.Module:
+    """The callable a step trains through: blocks checkpointed, DDP across processes, compiled."""
+    if cfg.model.checkpoint_blocks:
+        checkpoint_blocks(model)
+    wrapped = wrap_model(model, ctx, device)
+    if cfg.train.compile:
+        # DDP first, then compile: dynamo splits the graph at DDP's gradient buckets.
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log, ctx: Dist, device: torch.device) -> TrainState:
     """Build everything a run needs; bad input fails here, before the run directory is written."""
-    device = resolve_device(cfg.train.device)
+    check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, ctx.world_size)
     torch.manual_seed(cfg.train.seed)
     data = load_dataset(cfg.data, "train")
     if cfg.model.num_classes and data.num_classes > cfg.model.num_classes:
@@ -222,11 +233,15 @@ def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log) -> Trai
         raise ValueError(
             "nothing to train: every parameter is frozen (set train.train_base=true or add model.adapters)"
         )
+    if ctx.distributed:
+        # Dropout masks: each process its own stream (the model above is built the same everywhere).
+        torch.manual_seed(cfg.train.seed + 7919 * (ctx.rank + 1))
     st = TrainState(
         cfg=cfg,
         out=out,
         device=device,
         model=model,
+        train_model=_training_model(model, cfg, ctx, device),
         objective=build_objective(cfg, build_diffusion(cfg)),
         data=data,
         optimizer=torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay),
@@ -235,6 +250,9 @@ def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log) -> Trai
         params=params,
         stored_keys=_stored_keys(model, base),
         base=base,
+        dist=ctx,
+        scaler=grad_scaler(cfg.train.precision, device),
+        window=Window(device),
     )
     if ckpt is not None:
         _restore(st, ckpt)
@@ -250,77 +268,48 @@ def _restore(st: TrainState, ckpt: LoadedCheckpoint) -> None:
     st.model.load_state_dict(ckpt.model, strict=False)
     st.ema.load_state_dict(ckpt.ema, ckpt.state["ema_updates"])
     st.optimizer.load_state_dict(ckpt.optim)
-    _set_rng_state(st.generator, ckpt.rng)
+    set_rng_state(st.generator, ckpt.rng)
+    if st.dist.distributed:
+        torch.manual_seed(st.cfg.train.seed + 7919 * (st.dist.rank + 1) + ckpt.step)  # see _prepare
+    if st.scaler.is_enabled() and "grad_scaler" in ckpt.state:
+        st.scaler.load_state_dict(ckpt.state["grad_scaler"])
     st.step = st.last_good = ckpt.step
-    st.window = dict(ckpt.state.get("metrics_window", {}))
+    st.window = Window(st.device, ckpt.state.get("metrics_window", {}))
 
 
-def _diverged(st: TrainState, what: str) -> TrainingDiverged:
-    cfg = st.cfg.train
-    if st.last_good is not None:
-        kept = f"kept the last good checkpoint step {st.last_good} in {st.out / 'checkpoints'}"
-    else:
-        kept = f"no checkpoint was written yet (the first was due at step {min(cfg.ckpt_every, cfg.steps)})"
-    if cfg.grad_clip > 0:
-        fix = f"Lower train.lr or raise train.warmup_steps (gradients are already clipped to norm {cfg.grad_clip:g})."
-    else:
-        fix = "Lower train.lr, raise train.warmup_steps or set train.grad_clip > 0."
-    return TrainingDiverged(f"{what}; {kept}. {fix}")
+def _flush(st: TrainState) -> None:
+    """Read the window's device sums back (a collective); raise if a loss went non-finite."""
+    bad = st.window.flush(st.dist)
+    if bad:
+        raise diverged(st, f"the loss became non-finite at step {bad}")
 
 
 def _checkpoint(st: TrainState, step: int, rng: dict[str, torch.Tensor] | None = None) -> None:
+    """Every process checks, process 0 writes (``rng``: the RNG state to store, default now's)."""
+    _flush(st)
     # The loss of a step is computed before its update: the update itself can still overflow.
-    if not all(torch.isfinite(p).all() for p in st.params):
-        raise _diverged(st, f"the weights became non-finite at step {step}")
-    meta = {"config": config_to_dict(st.cfg), "ema_updates": st.ema.num_updates, "metrics_window": st.window}
+    if not bool(torch.stack([torch.isfinite(p).all() for p in st.params]).all()):
+        raise diverged(st, f"the weights became non-finite at step {step}")
+    if not st.dist.is_main:
+        st.last_good = step
+        return
+    meta = {"config": config_to_dict(st.cfg), "ema_updates": st.ema.num_updates, "metrics_window": st.window.totals}
     if st.base is not None:
         meta["base"] = st.base
+    if st.scaler.is_enabled():
+        meta["grad_scaler"] = st.scaler.state_dict()  # fp16: the loss scale (numbers only)
     save_checkpoint(
         st.out,
         step,
         model=stored_state(st.model, st.stored_keys),
         ema=st.ema.state_dict(),
         optimizer=st.optimizer,
-        rng=rng if rng is not None else _rng_state(st.generator),
+        rng=rng if rng is not None else rng_state(st.generator),
         meta=meta,
     )
     # config.json follows the newest checkpoint (a resume with a raised train.steps changes it only now).
     write_json(st.out / "config.json", meta["config"])
     st.last_good = step
-
-
-def _train_step(st: TrainState, step: int) -> float:
-    """Run step ``step`` (0-based); returns its learning rate. Everything random comes from
-    ``st.generator`` (data, flips, t, noise, label dropout) or the global torch RNG (dropout)."""
-    cfg = st.cfg.train
-    st.rng_mark = _rng_state(st.generator)
-    lr = _lr_at(st.cfg, step)
-    for group in st.optimizer.param_groups:
-        group["lr"] = lr
-    idx = torch.randint(len(st.data), (cfg.batch_size,), generator=st.generator)
-    # Per-sample conditions the data supplies (e.g. a task id per sample with data.tasks) go to the
-    # objective next to the labels; drawing them takes no random numbers.
-    x, y, conditions = st.data.batch_with_conditions(idx, generator=st.generator)
-    losses = st.objective(st.model, Batch(x, {"y": y, **conditions}), st.generator, st.device)
-    loss = losses["loss"].mean()
-    if not torch.isfinite(loss):
-        raise _diverged(st, f"the loss became {loss.item()} at step {step + 1}")
-    st.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    values = {k: v.mean().item() for k, v in losses.items()}
-    if cfg.grad_clip > 0:
-        values["grad_norm"] = torch.nn.utils.clip_grad_norm_(st.params, cfg.grad_clip).item()
-    # From here to the end of the step the state is mid-update: an interrupt must not checkpoint it.
-    st.updating = True
-    st.optimizer.step()
-    st.ema.update(st.model)
-    for k, v in values.items():
-        st.window[k] = st.window.get(k, 0.0) + v
-    st.window["_n"] = st.window.get("_n", 0) + 1
-    st.step = step + 1
-    st.updating = False
-    st.rng_mark = None
-    return lr
 
 
 def _sample_grid(st: TrainState, path: Path) -> Path:
@@ -356,21 +345,29 @@ def _grid_conditions(data: ImageDataset, num: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _after_step(st: TrainState, end: int, lr: float, dt: float, metrics, writer) -> None:
-    """Log, sample and checkpoint as the config asks after step ``st.step``."""
+def _log_due(st: TrainState, end: int) -> bool:
+    return st.step % st.cfg.train.log_every == 0 or st.step == end
+
+
+def _after_step(st: TrainState, end: int, lr: float, metrics, writer) -> None:
+    """Log, sample and checkpoint as the config asks after step ``st.step`` (``metrics`` and
+    ``writer`` are None on every process but 0, which alone writes)."""
     cfg, done = st.cfg.train, st.step
-    if done % cfg.log_every == 0 or done == end:
-        n = st.window.pop("_n")
-        row = {k: v / n for k, v in st.window.items()}
-        row.update(step=done, lr=lr, images_per_s=cfg.batch_size / dt)
-        st.window = {}
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        for k, v in row.items():
-            if k != "step":
-                writer.add_scalar(f"train/{k}", v, done)
+    if _log_due(st, end):
+        _flush(st)  # every process: the row holds the loss over the global batch
+        totals = st.window.totals
+        n = totals.pop("_n")
+        row = {k: v / n for k, v in totals.items()}
+        row.update(step=done, lr=lr, images_per_s=cfg.batch_size * st.row_steps / max(st.row_s, 1e-12))
+        st.window.totals, st.row_s, st.row_steps = {}, 0.0, 0
         st.last_row = row
-    if cfg.sample_every and done % cfg.sample_every == 0 and done != end:
+        if metrics is not None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            for k, v in row.items():
+                if k != "step":
+                    writer.add_scalar(f"train/{k}", v, done)
+    if cfg.sample_every and done % cfg.sample_every == 0 and done != end and st.dist.is_main:
         _sample_grid(st, st.out / "samples" / f"step_{done:07d}.png")
     if done % cfg.ckpt_every == 0 or done == end:
         _checkpoint(st, done)
@@ -391,9 +388,9 @@ class _DeferredInterrupt:
         self.log("\ninterrupt: finishing the current step, then checkpointing (Ctrl-C again to stop at once)")
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator[_DeferredInterrupt]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self  # signal handlers live in the main thread; elsewhere Ctrl-C is not ours
+    def installed(self, enabled: bool = True) -> Iterator[_DeferredInterrupt]:
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield self  # signal handlers live in the main thread (and a multi-process run stops at once)
             return
         previous = signal.signal(signal.SIGINT, self)
         try:
@@ -405,6 +402,11 @@ class _DeferredInterrupt:
 def _save_interrupted(st: TrainState, log: Callable[[str], None]) -> None:
     """Checkpoint the last completed step of an interrupted run (see the module docstring)."""
     newest = st.last_good or 0
+    if st.dist.distributed:
+        # The processes may be at different steps: a checkpoint (a collective) could wait forever.
+        if st.dist.is_main:
+            log(f"interrupted; resume continues from the newest checkpoint (step {newest}) in {st.out}")
+        return
     if st.updating:
         log(f"interrupted inside an update: not checkpointed; resume continues from step {newest} in {st.out}")
         return
@@ -413,28 +415,36 @@ def _save_interrupted(st: TrainState, log: Callable[[str], None]) -> None:
     log(f"interrupted; checkpoint at step {st.step} in {st.out}. Continue with --resume.")
 
 
+def _timed_step(st: TrainState, end: int, start: int) -> float:
+    """One step, its wall time added to the accounting; returns its learning rate."""
+    t0 = time.perf_counter()
+    lr = _train_step(st, st.step)
+    if st.device.type == "cuda" and _log_due(st, end):
+        # Only where a row is read back anyway: the clock then covers all the window's queued work.
+        torch.cuda.synchronize(st.device)
+    dt = time.perf_counter() - t0
+    if st.step > start + 1:  # the first step pays for allocation and warm-up (and compilation)
+        st.timed_s, st.timed_steps = st.timed_s + dt, st.timed_steps + 1
+    st.row_s, st.row_steps = st.row_s + dt, st.row_steps + 1
+    return lr
+
+
 def _run_steps(st: TrainState, end: int, progress: bool, log, callback) -> None:
     """Steps ``st.step`` .. ``end``; metrics rows never outlive the newest checkpoint on exit."""
     from torch.utils.tensorboard import SummaryWriter  # heavy import: only when training
 
-    cfg = st.cfg.train
-    writer = SummaryWriter(str(st.out / "tb"), purge_step=st.step)
-    metrics = open(st.out / "metrics.jsonl", "a")
-    bar = tqdm(total=cfg.steps, initial=st.step, desc="train", disable=not progress, dynamic_ncols=True)
+    main = st.dist.is_main
+    writer = SummaryWriter(str(st.out / "tb"), purge_step=st.step) if main else None
+    metrics = open(st.out / "metrics.jsonl", "a") if main else None
+    bar = tqdm(total=st.cfg.train.steps, initial=st.step, desc="train", disable=not (progress and main))
     start, ok = st.step, False
     st.model.train()
     try:
-        with _DeferredInterrupt(log).installed() as interrupt:
+        with _DeferredInterrupt(log).installed(not st.dist.distributed) as interrupt:
             while st.step < end:
-                t0 = time.perf_counter()
-                lr = _train_step(st, st.step)
-                if st.device.type == "cuda":
-                    torch.cuda.synchronize(st.device)
-                dt = time.perf_counter() - t0
-                if st.step > start + 1:  # the first step pays for allocation and warm-up
-                    st.timed_s, st.timed_steps = st.timed_s + dt, st.timed_steps + 1
+                lr = _timed_step(st, end, start)
                 bar.update(1)
-                _after_step(st, end, lr, dt, metrics, writer)
+                _after_step(st, end, lr, metrics, writer)
                 if st.last_row:
                     bar.set_postfix(loss=f"{st.last_row['loss']:.4f}")
                 if callback is not None:
@@ -447,10 +457,11 @@ def _run_steps(st: TrainState, end: int, progress: bool, log, callback) -> None:
         raise
     finally:
         bar.close()
-        metrics.close()
-        writer.close()
-        if not ok:
-            _drop_unsaved_rows(st, log)
+        if main:
+            metrics.close()
+            writer.close()
+            if not ok:
+                _drop_unsaved_rows(st, log)
 
 
 def _drop_unsaved_rows(st: TrainState, log) -> None:
@@ -462,9 +473,7 @@ def _drop_unsaved_rows(st: TrainState, log) -> None:
 
 def _finish(st: TrainState, start: int, resumed: bool) -> dict[str, Any]:
     cfg, out = st.cfg, st.out
-    grid = None
-    if st.step == cfg.train.steps and st.step > start:
-        grid = _sample_grid(st, out / "samples" / f"step_{st.step:07d}.png")
+    result: dict[str, Any] = {"step": st.step, "last": st.last_row, "grid": None, "main": st.dist.is_main}
     segment = {
         "parameters": count_parameters(st.model),
         "peak_memory_mb": peak_memory_mb(st.device),
@@ -473,10 +482,16 @@ def _finish(st: TrainState, start: int, resumed: bool) -> dict[str, Any]:
         "batch_size": cfg.train.batch_size,
         "device": str(st.device),
         "threads": torch.get_num_threads(),
+        "processes": st.dist.world_size,
+        "precision": cfg.train.precision,
     }
+    if not st.dist.is_main:
+        return result | {"accounting": merge_accounting_segment(None, segment)}
+    if st.step == cfg.train.steps and st.step > start:
+        result["grid"] = str(_sample_grid(st, out / "samples" / f"step_{st.step:07d}.png"))
     accounting = merge_accounting_segment(read_json(out / "accounting.json") if resumed else None, segment)
     write_json(out / "accounting.json", accounting)
-    return {"step": st.step, "last": st.last_row, "accounting": accounting, "grid": str(grid) if grid else None}
+    return result | {"accounting": accounting}
 
 
 def _nothing_to_do(out: Path, step: int, log) -> dict[str, Any]:
@@ -492,6 +507,7 @@ def _nothing_to_do(out: Path, step: int, log) -> dict[str, Any]:
         "last": rows[-1] if rows else {},
         "accounting": accounting,
         "grid": str(grid) if grid.is_file() else None,
+        "main": launched_rank() == 0,
     }
 
 
@@ -512,6 +528,10 @@ def train(
     (a step or a directory, see ``select_checkpoint``). ``stop_at`` ends the run after that step
     (with a checkpoint), as an interruption would: the tests use it to check resuming.
     ``callback(state)`` runs after every completed step (see :class:`TrainState`).
+
+    Started by torchrun or accelerate launch (or inside an initialised process group), every
+    process trains its share of each batch and process 0 alone logs and writes; the result's
+    ``main`` says whether this is that process.
     """
     out = Path(out_dir)
     if find_checkpoints(out) and not resume:
@@ -519,9 +539,28 @@ def train(
     ckpt = _load_resume_checkpoint(out, cfg, checkpoint) if resume else None
     end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
     if ckpt is not None and ckpt.step >= end:
-        return _nothing_to_do(out, ckpt.step, log)
-    check_writable(out)
-    st = _prepare(cfg, out, ckpt, log)
+        return _nothing_to_do(out, ckpt.step, log if launched_rank() == 0 else _silent)
+    with process_group(resolve_device(cfg.train.device)) as (ctx, device):
+        if not ctx.is_main:
+            log = _silent
+        else:
+            check_writable(out)
+        st = _prepare(cfg, out, ckpt, log, ctx, device)
+        if ctx.is_main:
+            _open_run_dir(out, cfg, ckpt, log)
+        ctx.barrier()  # every process has read the checkpoint before process 0 writes any
+        start = st.step
+        _run_steps(st, end, progress, log, callback)
+        result = _finish(st, start, resumed=ckpt is not None)
+        ctx.barrier()  # no process moves on (e.g. to resume the run) before process 0 has written it
+        return result
+
+
+def _silent(message: str) -> None:
+    """The log of every process but 0 (one copy of each message)."""
+
+
+def _open_run_dir(out: Path, cfg: Config, ckpt: LoadedCheckpoint | None, log) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
         # Steps logged after the checkpoint are about to be redone: drop them so no step appears twice.
@@ -530,6 +569,3 @@ def train(
     else:
         write_json(out / "config.json", config_to_dict(cfg))
         (out / "metrics.jsonl").write_text("")
-    start = st.step
-    _run_steps(st, end, progress, log, callback)
-    return _finish(st, start, resumed=ckpt is not None)

@@ -34,11 +34,23 @@ class Batch:
     """One training batch as drawn from the data (on the CPU).
 
     x: [N x C x H x W] images in [-1, 1]. conditions: per-sample [N] values the data supplies
-    (``y`` class labels, and e.g. ``task`` ids), keyed by condition name.
+    (``y`` class labels, and e.g. ``task`` ids), keyed by condition name. ``rows``: the rows this
+    call computes (a micro-batch, or this process's share under DDP; None: all). An objective
+    makes its random draws for all N rows, then keeps ``rows`` (:meth:`local`), so that how a batch
+    is split changes no draw (``difflora.train.step``).
     """
 
     x: torch.Tensor
     conditions: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: slice | None = None
+
+    def local(self, value: Any) -> Any:
+        """``value`` [N x ...] (or a dict of them) cut to ``rows``."""
+        if self.rows is None:
+            return value
+        if isinstance(value, dict):
+            return {k: v[self.rows] for k, v in value.items()}
+        return value[self.rows]
 
 
 class Objective(Protocol):
@@ -63,22 +75,28 @@ class DiffusionObjective:
         self.label_dropout = cfg.train.label_dropout
 
     def draw(
-        self, batch: Batch, generator: torch.Generator, device: torch.device
+        self, batch: Batch, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """The draws of one batch: t [N], noise [N x C x H x W] and the model kwargs (on ``device``)."""
+        """The draws of the whole (global) batch: t [N], noise [N x C x H x W] and the model kwargs.
+
+        Every process draws the same values for the global batch and keeps its own rows
+        (:meth:`Batch.local`), so the number of processes changes no random draw.
+        """
         x = batch.x
         t = torch.randint(self.diffusion.num_timesteps, (x.shape[0],), generator=generator)
         noise = torch.randn(x.shape, generator=generator)
-        kwargs = {k: v.to(device) for k, v in batch.conditions.items() if k != "y"}
+        kwargs = {k: v for k, v in batch.conditions.items() if k != "y"}
         if self.num_classes and "y" in batch.conditions:
-            kwargs["y"] = drop_labels(batch.conditions["y"], self.label_dropout, generator).to(device)
-        return t.to(device), noise.to(device), kwargs
+            kwargs["y"] = drop_labels(batch.conditions["y"], self.label_dropout, generator)
+        return t, noise, kwargs
 
     def __call__(
         self, model: nn.Module, batch: Batch, generator: torch.Generator, device: torch.device
     ) -> dict[str, torch.Tensor]:
-        t, noise, kwargs = self.draw(batch, generator, device)
-        return self.diffusion.training_losses(model, batch.x.to(device), t, kwargs, noise=noise)
+        t, noise, kwargs = self.draw(batch, generator)
+        x, t, noise, kwargs = (batch.local(v) for v in (batch.x, t, noise, kwargs))
+        kwargs = {k: v.to(device) for k, v in kwargs.items()}
+        return self.diffusion.training_losses(model, x.to(device), t.to(device), kwargs, noise=noise.to(device))
 
 
 class MaskedDiffusionObjective(DiffusionObjective):
@@ -101,10 +119,13 @@ class MaskedDiffusionObjective(DiffusionObjective):
     def __call__(
         self, model: nn.Module, batch: Batch, generator: torch.Generator, device: torch.device
     ) -> dict[str, torch.Tensor]:
-        t, noise, kwargs = self.draw(batch, generator, device)
-        keep = random_keep(batch.x.shape[0], self.tokens, self.ratio, generator).to(device)
-        x, noise = patch_strip(batch.x.to(device), keep, self.patch), patch_strip(noise, keep, self.patch)
-        return self.diffusion.training_losses(model, x, t, {**kwargs, "keep": keep}, noise=noise)
+        t, noise, kwargs = self.draw(batch, generator)
+        keep = random_keep(batch.x.shape[0], self.tokens, self.ratio, generator)
+        x, t, noise, keep, kwargs = (batch.local(v) for v in (batch.x, t, noise, keep, kwargs))
+        keep = keep.to(device)
+        x, noise = patch_strip(x.to(device), keep, self.patch), patch_strip(noise.to(device), keep, self.patch)
+        kwargs = {k: v.to(device) for k, v in kwargs.items()}
+        return self.diffusion.training_losses(model, x, t.to(device), {**kwargs, "keep": keep}, noise=noise)
 
 
 def _diffusion_objective(cfg: Config, diffusion: Any) -> Objective:

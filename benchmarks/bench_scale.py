@@ -1,0 +1,193 @@
+"""Training throughput at scale options: bf16, channels-last and torch.compile against fp32 eager,
+and P5: difflora's IDDPM U-Net against improved-diffusion's own ``UNetModel`` at the CIFAR config.
+
+A step is what the training loop does: q-sample, forward, hybrid loss, backward, AdamW, EMA, on a
+random batch of the dataset's shape. All variants live in one process and are timed in
+alternation: each round runs every variant for a few steps and keeps its fastest step; the table
+gives the fastest round and the spread of the rounds (slowest / fastest - 1). A step is timed in
+CPU seconds of this process (one thread: its compute), not wall seconds: on a machine shared with
+other jobs the wall clock measures the scheduler's share more than the step. Run it on one thread:
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --improved-diffusion DIR [--compile]
+
+DIR is a checkout of openai/improved-diffusion (the directory holding ``improved_diffusion/``);
+its model is imported from there as it is, nothing of it is part of difflora. Without it the P5
+rows of improved-diffusion are left out. Results go to ``benchmarks/results/scale.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from difflora.cli import resolve_config_path  # noqa: E402
+from difflora.config import load_config  # noqa: E402
+from difflora.model import build_diffusion, build_model  # noqa: E402
+from difflora.train.ema import EMA  # noqa: E402
+from difflora.train.precision import autocast  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@dataclass
+class Trainer:
+    """One model with its diffusion, optimizer and EMA; ``step`` runs one training step."""
+
+    model: torch.nn.Module
+    diffusion: object
+    x: torch.Tensor
+    callables: dict[bool, torch.nn.Module] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
+        self.ema = EMA(self.model, 0.9999)
+        self.callables[False] = self.model
+
+    def step(self, precision: str, compiled: bool) -> None:
+        if compiled and True not in self.callables:
+            self.callables[True] = torch.compile(self.model)
+        t = torch.randint(self.diffusion.num_timesteps, (self.x.shape[0],))
+        with autocast(precision, CPU):
+            loss = self.diffusion.training_losses(self.callables[compiled], self.x, t, {})["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.ema.update(self.model)
+
+
+def difflora_trainer(config: str, batch: int, channels_last: bool = False) -> Trainer:
+    torch.manual_seed(0)
+    cfg = load_config(resolve_config_path(config), ["model.num_classes=0"])
+    model = build_model(cfg).train()
+    m = cfg.model
+    x = torch.randn(batch, m.in_channels, m.image_size, m.image_size)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return Trainer(model, build_diffusion(cfg), x)
+
+
+def improved_diffusion_trainer(root: Path, batch: int) -> Trainer:
+    """improved-diffusion's model and diffusion with the flags of configs/paper/iddpm-cifar10.yaml."""
+    sys.path.insert(0, str(root))
+    from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+    torch.manual_seed(0)
+    flags = model_and_diffusion_defaults()
+    flags.update(
+        image_size=32,
+        num_channels=128,
+        num_res_blocks=3,
+        learn_sigma=True,
+        dropout=0.3,
+        diffusion_steps=4000,
+        noise_schedule="cosine",
+    )
+    model, diffusion = create_model_and_diffusion(**flags)
+    return Trainer(model.train(), diffusion, torch.randn(batch, 3, 32, 32))
+
+
+def measure(variants: dict[str, tuple], rounds: int, steps: int, log) -> dict[str, dict]:
+    """variants: name -> (trainer, precision, compiled). Warm-up (and compilation) first, then
+    ``rounds`` alternated rounds of ``steps`` steps; per variant the fastest step of each round."""
+    for name, (trainer, precision, compiled) in variants.items():
+        t0 = time.process_time()
+        trainer.step(precision, compiled)
+        log(f"  warm-up {name}: {time.process_time() - t0:.1f} CPU s")
+    best: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds):
+        for name, (trainer, precision, compiled) in variants.items():
+            times = []
+            for _ in range(steps):
+                t0 = time.process_time()
+                trainer.step(precision, compiled)
+                times.append(time.process_time() - t0)
+            best[name].append(min(times))
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {best[n][-1] * 1000:.0f} ms" for n in variants))
+    out = {}
+    for name, (trainer, _, _) in variants.items():
+        fastest = min(best[name])
+        out[name] = {
+            "step_ms": fastest * 1000,
+            "images_per_s": trainer.x.shape[0] / fastest,
+            "spread": max(best[name]) / fastest - 1,
+            "rounds_ms": [b * 1000 for b in best[name]],
+        }
+    return out
+
+
+def table(title: str, rows: dict[str, dict], reference: str) -> str:
+    ref = rows[reference]["step_ms"]
+    lines = [
+        title,
+        f"| variant | CPU ms/step | images/CPU s | throughput vs {reference} | spread of rounds |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['step_ms']:.0f} | {r['images_per_s']:.2f} | {ref / r['step_ms']:.2f}x | {r['spread'] * 100:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def _variants(trainers: dict[str, Trainer], options: list[tuple[str, str, str, bool]]) -> dict[str, tuple]:
+    return {name: (trainers[key], precision, compiled) for name, key, precision, compiled in options}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--improved-diffusion", type=Path, default=None, help="checkout of openai/improved-diffusion")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compilation)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", choices=["digits", "p5"], default=None)
+    ap.add_argument("--p5-compile", action="store_true", help="compile the CIFAR U-Net too (long)")
+    ap.add_argument("--p5-bf16-channels-last", action="store_true", help="also bf16 with channels-last")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
+    args = ap.parse_args()
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    result = {"threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": args.rounds}
+    compiled = [True] if args.compile else []
+    if args.only in (None, "digits"):
+        log("digits preset, batch 64: bf16 and compile against fp32 eager")
+        tr = {"digits": difflora_trainer("digits", 64)}
+        opts = [("fp32 eager", "digits", "fp32", False), ("bf16 eager", "digits", "bf16", False)]
+        opts += [(f"{p} compiled", "digits", p, True) for p in ("fp32", "bf16") for _ in compiled]
+        result["digits"] = measure(_variants(tr, opts), args.rounds, 3, log)
+        log(table("digits (1,081,730 parameters), batch 64", result["digits"], "fp32 eager"))
+    if args.only in (None, "p5"):
+        log("P5: the CIFAR-10 U-Net (52,546,438 parameters), batch 4")
+        tr = {"d": difflora_trainer("paper/iddpm-cifar10", 4), "cl": difflora_trainer("paper/iddpm-cifar10", 4, True)}
+        opts = []
+        if args.improved_diffusion is not None:
+            tr["id"] = improved_diffusion_trainer(args.improved_diffusion, 4)
+            opts.append(("improved-diffusion fp32", "id", "fp32", False))
+        opts += [
+            ("difflora fp32", "d", "fp32", False),
+            ("difflora fp32 channels-last", "cl", "fp32", False),
+            ("difflora bf16", "d", "bf16", False),
+        ]
+        if args.p5_bf16_channels_last:
+            opts.append(("difflora bf16 channels-last", "cl", "bf16", False))
+        opts += [(f"difflora {p} compiled", "d", p, True) for p in ("fp32", "bf16") if args.p5_compile]
+        result["p5"] = measure(_variants(tr, opts), args.rounds, 1, log)
+        ref = "improved-diffusion fp32" if args.improved_diffusion is not None else "difflora fp32"
+        log(table("P5: CIFAR-10 U-Net, batch 4", result["p5"], ref))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        result = json.loads(args.out.read_text()) | result  # --only keeps the other part
+    args.out.write_text(json.dumps(result, indent=2))
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""One optimizer step of the training loop: micro-batches, mixed precision, processes, metrics.
+
+A step of global batch B (``train.batch_size``) over W processes with ``train.grad_accum`` = k:
+
+1. every process draws the same B dataset indices (the data draws its flips) from the loop's
+   generator;
+2. for each micro-batch j of B/k rows, the objective draws the per-sample random numbers of the
+   whole batch (the generator is rewound to the same state for every j, so they are the numbers a
+   k = 1 step draws) and computes this process's B/(kW) rows of micro-batch j (``Batch.rows``);
+3. each micro-batch's loss is ``sum of its per-sample losses * W / B``: summed over micro-batches
+   and averaged over processes by DDP, the gradient is that of the mean loss of the B rows,
+   whatever k and W are. DDP synchronises on the last micro-batch only (``no_sync`` before);
+4. clipping (after the fp16 scaler's unscale), the optimizer step and the EMA update.
+
+No step reads a value back to the host: the loss terms are summed on the device
+(:class:`Window`) and read, over all processes at once, only when a metrics row or a checkpoint
+is due. A non-finite loss is recorded on the device too and raised (``TrainingDiverged``) there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+
+from difflora.train.objectives import Batch
+from difflora.train.precision import autocast
+
+if TYPE_CHECKING:
+    from difflora.train.distributed import Dist
+    from difflora.train.loop import TrainState
+
+__all__ = ["TrainingDiverged", "Window", "check_batch_split", "diverged", "rng_state", "set_rng_state", "train_step"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite. The last good checkpoint is kept."""
+
+
+def rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {"loop": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    return state
+
+
+def set_rng_state(gen: torch.Generator, state: dict[str, torch.Tensor]) -> None:
+    gen.set_state(state["loop"])
+    torch.set_rng_state(state["torch"])
+    cuda = [state[k] for k in sorted(k for k in state if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def check_batch_split(batch_size: int, grad_accum: int, world_size: int) -> None:
+    """The global batch must split evenly into micro-batches and processes; the error says how."""
+    parts = grad_accum * world_size
+    if batch_size % parts:
+        lower, upper = batch_size - batch_size % parts, batch_size + parts - batch_size % parts
+        raise ValueError(
+            f"train.batch_size={batch_size} (the global batch) must be a multiple of train.grad_accum={grad_accum} "
+            f"x {world_size} process(es) = {parts}; use train.batch_size={lower or upper} or {upper}"
+        )
+
+
+def diverged(st: TrainState, what: str) -> TrainingDiverged:
+    cfg = st.cfg.train
+    if st.last_good is not None:
+        kept = f"kept the last good checkpoint step {st.last_good} in {st.out / 'checkpoints'}"
+    else:
+        kept = f"no checkpoint was written yet (the first was due at step {min(cfg.ckpt_every, cfg.steps)})"
+    if cfg.grad_clip > 0:
+        fix = f"Lower train.lr or raise train.warmup_steps (gradients are already clipped to norm {cfg.grad_clip:g})."
+    else:
+        fix = "Lower train.lr, raise train.warmup_steps or set train.grad_clip > 0."
+    return TrainingDiverged(f"{what}; {kept}. {fix}")
+
+
+class Window:
+    """The loss terms of the steps since the last metrics row, summed on the device.
+
+    ``pending[name]`` (float64, so a window split by a checkpoint sums exactly as one that is not)
+    holds this process's share of each step's global batch mean; :meth:`flush` adds them over
+    processes into ``totals`` (Python floats, checkpointed) with one collective.
+    ``first_bad`` is the first step whose loss was not finite (0: none).
+    """
+
+    def __init__(self, device: torch.device, totals: dict[str, float] | None = None):
+        self.device = device
+        self.totals: dict[str, float] = dict(totals or {})
+        self.pending: dict[str, torch.Tensor] = {}
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, values: dict[str, torch.Tensor], step: int) -> None:
+        for name, v in values.items():
+            v = v.detach().double()
+            self.pending[name] = self.pending[name] + v if name in self.pending else v
+        bad = ~torch.isfinite(values["loss"])
+        self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
+        self.totals["_n"] = self.totals.get("_n", 0) + 1
+
+    def flush(self, ctx: Dist) -> int:
+        """Fold the pending sums into ``totals`` (all processes must call it); returns ``first_bad``."""
+        if self.pending:
+            names = sorted(self.pending)
+            summed = ctx.sum(torch.stack([self.pending[k] for k in names])).tolist()
+            for k, v in zip(names, summed, strict=True):
+                self.totals[k] = self.totals.get(k, 0.0) + v
+            self.pending = {}
+        return int(ctx.max(self.first_bad).item())
+
+
+def _micro_rows(j: int, micro: int, ctx: Dist) -> slice:
+    """This process's rows of micro-batch j (rows j*micro .. (j+1)*micro of the global batch)."""
+    own = ctx.rows(micro)
+    return slice(j * micro + own.start, j * micro + own.stop)
+
+
+def _accumulate(st: TrainState, x: torch.Tensor, conditions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Forward and backward of every micro-batch of this process; returns its share of the batch
+    means of the loss terms (0-d tensors on the device)."""
+    cfg, ctx = st.cfg.train, st.dist
+    k, total = cfg.grad_accum, cfg.batch_size
+    micro = total // k
+    mark = st.generator.get_state()
+    shares: dict[str, torch.Tensor] = {}
+    for j in range(k):
+        st.generator.set_state(mark)  # the same draws for the whole batch in every micro-batch
+        batch = Batch(x, conditions, rows=_micro_rows(j, micro, ctx) if (k > 1 or ctx.distributed) else None)
+        last = j == k - 1
+        quiet = st.train_model.no_sync() if (ctx.distributed and not last) else contextlib.nullcontext()
+        with quiet:
+            with autocast(cfg.precision, st.device):
+                losses = st.objective(st.train_model, batch, st.generator, st.device)
+            local = {name: v.float().sum() / total for name, v in losses.items()}
+            st.scaler.scale(local["loss"] * ctx.world_size).backward()
+        for name, v in local.items():
+            shares[name] = shares[name] + v if name in shares else v
+    return shares
+
+
+def train_step(st: TrainState, step: int) -> float:
+    """Run step ``step`` (0-based); returns its learning rate. Everything random comes from
+    ``st.generator`` (data, flips, t, noise, label dropout) or the global torch RNG (dropout)."""
+    cfg = st.cfg.train
+    st.rng_mark = rng_state(st.generator)
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr  # linear warm-up
+    for group in st.optimizer.param_groups:
+        group["lr"] = lr
+    idx = torch.randint(len(st.data), (cfg.batch_size,), generator=st.generator)
+    # Per-sample conditions the data supplies (e.g. a task id per sample with data.tasks) go to the
+    # objective next to the labels; drawing them takes no random numbers.
+    x, y, conditions = st.data.batch_with_conditions(idx, generator=st.generator)
+    st.optimizer.zero_grad(set_to_none=True)
+    shares = _accumulate(st, x, {"y": y, **conditions})
+    if cfg.grad_clip > 0:
+        st.scaler.unscale_(st.optimizer)
+        # Every process holds the same averaged gradients: its share of the norm is 1/W of it.
+        norm = torch.nn.utils.clip_grad_norm_(st.params, cfg.grad_clip)
+        shares["grad_norm"] = norm.detach().float() / st.dist.world_size
+    # From here to the end of the step the state is mid-update: an interrupt must not checkpoint it.
+    st.updating = True
+    st.scaler.step(st.optimizer)
+    st.scaler.update()
+    st.ema.update(st.model)
+    st.window.add(shares, step + 1)
+    st.step = step + 1
+    st.updating = False
+    st.rng_mark = None
+    return lr
