@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from difflora.config import load_config
+from difflora.presets import CONFIGS_DIR
 from difflora.train import latest_checkpoint, load_checkpoint, train
 from difflora.train.distributed import Dist, DistributedModel
 

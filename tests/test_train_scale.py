@@ -11,6 +11,7 @@ import torch
 from difflora.adapters import adapter_layers, current
 from difflora.config import load_config
 from difflora.model import build_diffusion, build_model
+from difflora.presets import CONFIGS_DIR
 from difflora.train import latest_checkpoint, load_checkpoint, train
 from difflora.train.activation_checkpointing import block_paths, checkpoint_blocks
 
