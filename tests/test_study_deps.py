@@ -19,6 +19,7 @@ from difflora.experiments.study import (
     run_order,
     run_study,
 )
+from difflora.presets import EXPERIMENTS_DIR
 from test_study import TINY_STUDY
 
 TINY = {
@@ -165,7 +166,7 @@ def test_unknown_or_cyclic_dependencies_are_clear_errors(tmp_path, arms, message
 @pytest.mark.parametrize("name", ["digits", "fashion-mnist"])
 def test_committed_distillation_studies_are_valid(name):
     # load_study resolves every arm's config, so a bad key in a committed study fails here.
-    study = load_study(Path(__file__).resolve().parents[1] / "experiments" / "distill" / f"{name}.yaml")
+    study = load_study(EXPERIMENTS_DIR / "distill" / f"{name}.yaml")
     assert len(study.seeds) >= 3 and {1.5, 2, 3, 4} <= set(study.eval.guidance)
     assert [a.name for a in study.arms][0] == "teacher"
     students = [a for a in study.arms if a.name != "teacher"]

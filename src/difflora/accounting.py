@@ -9,9 +9,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from difflora.diffscaler.baselines import per_task_counts
+from difflora.adapters import IndexWeighting, adapter_layers
 
-__all__ = ["count_parameters", "format_count", "peak_memory_mb", "parameter_group"]
+__all__ = ["count_parameters", "format_count", "parameter_group", "peak_memory_mb", "per_task_counts"]
 
 # Names that mark conditioning machinery, so `difflora params` can show what LoRA replaces.
 _EMBEDDING_PARTS = ("time_embed", "emb_layers", "label_emb", "t_embedder", "y_embedder", "context_embedder")
@@ -76,3 +76,23 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def per_task_counts(net: nn.Module, condition: str = "task") -> dict[str, int]:
+    """Trainable and stored parameters per task: ``{"tasks": N, "task_entry": n, "shared_trainable": m,
+    "stored_per_task": n + m}``.
+
+    ``task_entry``: one entry of every index-weighted bank reading ``condition`` (what each task
+    owns); ``shared_trainable``: trainable parameters outside those banks (biases, norms, a whole
+    fine-tuned model), which a method must store once per task to serve several tasks.
+    """
+    entry, banked, tasks = 0, set(), 0
+    for _, layer in adapter_layers(net):
+        for branch in layer.adapters.values():
+            if branch.condition == condition and isinstance(branch.weighting, IndexWeighting):
+                params = [p for n, p in branch.named_parameters() if not n.startswith("weighting.")]
+                banked.update(id(p) for p in params)
+                entry += sum(p.numel() for p in params) // branch.num_bases
+                tasks = max(tasks, branch.num_bases)
+    shared = sum(p.numel() for p in net.parameters() if p.requires_grad and id(p) not in banked)
+    return {"tasks": tasks, "task_entry": entry, "shared_trainable": shared, "stored_per_task": entry + shared}

@@ -44,7 +44,8 @@ from typing import Any
 
 from torch import nn
 
-from difflora.adapters import IndexWeighting, adapter_layers, adapter_parameters
+from difflora.accounting import per_task_counts
+from difflora.adapters import adapter_parameters
 
 __all__ = [
     "BASELINES",
@@ -166,23 +167,3 @@ def unfreeze_groups(net: nn.Module, groups: list[str]) -> int:
 
 def _owner(net: nn.Module, name: str) -> nn.Module:
     return net.get_submodule(name.rpartition(".")[0]) if "." in name else net
-
-
-def per_task_counts(net: nn.Module, condition: str = "task") -> dict[str, int]:
-    """Trainable and stored parameters per task: ``{"tasks": N, "task_entry": n, "shared_trainable": m,
-    "stored_per_task": n + m}``.
-
-    ``task_entry``: one entry of every index-weighted bank reading ``condition`` (what each task
-    owns); ``shared_trainable``: trainable parameters outside those banks (biases, norms, a whole
-    fine-tuned model), which a method must store once per task to serve several tasks.
-    """
-    entry, banked, tasks = 0, set(), 0
-    for _, layer in adapter_layers(net):
-        for branch in layer.adapters.values():
-            if branch.condition == condition and isinstance(branch.weighting, IndexWeighting):
-                params = [p for n, p in branch.named_parameters() if not n.startswith("weighting.")]
-                banked.update(id(p) for p in params)
-                entry += sum(p.numel() for p in params) // branch.num_bases
-                tasks = max(tasks, branch.num_bases)
-    shared = sum(p.numel() for p in net.parameters() if p.requires_grad and id(p) not in banked)
-    return {"tasks": tasks, "task_entry": entry, "shared_trainable": shared, "stored_per_task": entry + shared}
