@@ -263,20 +263,9 @@ def evaluate_run(
     ref_f, ref_labels, floor, pool_size = _reference(plain, net, num_samples, labels, seed, floor_draws)
     model.to(dev)
 
-    results, grids = [], []
-    for w in scales:
-        for req in spatial_requests(cfg.data, num_samples) or [None]:
-            sampled = dict(steps=steps, sampler=sampler, eta=eta, guidance=w, labels=labels, seed=seed, teacher=teacher)
-            sampled |= {} if req is None else {"conditions": {"task": req.task_id}, "spatial": req.spatial}
-            entry, fake = _score_scale(
-                model, cfg, net, ref_f, ref_labels, num_samples, sampled, bootstrap, dev, progress
-            )
-            if req is not None:
-                entry |= {"task": req.task, "task_id": req.task_id, "grid": f"samples_w{_fmt_scale(w)}_{req.task}.png"}
-                entry["fidelity"] = task_fidelity(req.task, fake, req.clean, cfg.data.spatial)
-            grids.append(fake[: min(grid_size, num_samples)])
-            results.append(entry)
-            say(f"guidance {w:g}: {_fmt_entry(entry, floor)}")
+    common = dict(steps=steps, sampler=sampler, eta=eta, labels=labels, seed=seed, teacher=teacher)
+    scored = (model, cfg, net, ref_f, ref_labels, floor)
+    results, grids = _score_all(scored, scales, common, num_samples, grid_size, bootstrap, dev, progress, say)
 
     balanced = "balanced" if labels is not None else None
     settings = dict(num_samples=num_samples, steps=steps, sampler=sampler, eta=eta, guidance=scales, seed=seed)
@@ -289,6 +278,40 @@ def evaluate_run(
         acc = _sampling_accounting(results, sampler, steps, num_samples, dev)
         merge_accounting(run_dir, {"teacher_sampling": acc["sampling"]} if teacher else acc)
     return result
+
+
+def _score_all(
+    scored: tuple[Any, ...],
+    scales: list[float],
+    common: dict[str, Any],
+    num_samples: int,
+    grid_size: int,
+    bootstrap: int,
+    dev: torch.device,
+    progress: bool,
+    say: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+    """One result entry and sample grid per guidance scale (and per spatial task of a spatial run).
+
+    ``scored``: (model, cfg, feature net, reference features, reference labels, noise floor);
+    ``common``: the sampling settings shared by every scale.
+    """
+    model, cfg, net, ref_f, ref_labels, floor = scored
+    results, grids = [], []
+    for w in scales:
+        for req in spatial_requests(cfg.data, num_samples) or [None]:
+            sampled = {**common, "guidance": w}
+            sampled |= {} if req is None else {"conditions": {"task": req.task_id}, "spatial": req.spatial}
+            entry, fake = _score_scale(
+                model, cfg, net, ref_f, ref_labels, num_samples, sampled, bootstrap, dev, progress
+            )
+            if req is not None:
+                entry |= {"task": req.task, "task_id": req.task_id, "grid": f"samples_w{_fmt_scale(w)}_{req.task}.png"}
+                entry["fidelity"] = task_fidelity(req.task, fake, req.clean, cfg.data.spatial)
+            grids.append(fake[: min(grid_size, num_samples)])
+            results.append(entry)
+            say(f"guidance {w:g}: {_fmt_entry(entry, floor)}")
+    return results, grids
 
 
 def _check_teacher(cfg: Config, run_dir: Path, teacher: bool) -> None:
