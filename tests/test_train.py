@@ -93,6 +93,20 @@ def test_resume_with_another_config_is_refused(tmp_path):
         train(tiny("train.steps=4", "train.lr=0.5"), tmp_path / "run", resume=True, progress=False)
 
 
+def test_resume_reads_the_saved_config_with_todays_defaults():
+    from difflora.config import config_to_dict
+    from difflora.train.loop import _check_resume_config
+
+    cfg = tiny("train.steps=2")
+    saved = config_to_dict(cfg)
+    # A run started before a (nested) key existed ran with its default: it resumes.
+    saved["model"]["context"] = {k: v for k, v in saved["model"]["context"].items() if k != "new_tokens"}
+    _check_resume_config(saved, cfg)
+    saved["train"]["lr"] = 0.5
+    with pytest.raises(ValueError, match="train.lr"):
+        _check_resume_config(saved, cfg)
+
+
 def test_optimizer_state_round_trips_through_tensors():
     p = torch.nn.Parameter(torch.randn(3, 2))
     opt = torch.optim.AdamW([p], lr=0.1)

@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflora.accounting import count_parameters, peak_memory_mb
-from difflora.config import Config, config_to_dict
+from difflora.config import Config, ConfigError, config_to_dict, parse_config
 from difflora.data import ImageDataset, load_dataset
 from difflora.data.spatial import grid_indices
 from difflora.generate import default_labels, generate
@@ -149,8 +149,15 @@ class TrainState:
 
 def _check_resume_config(saved: dict[str, Any], cfg: Config) -> None:
     """A resumed run must use the config it was started with; only train.steps (up), log_every,
-    ckpt_every, and the location of an init_from base (its fingerprint is checked) may change."""
+    ckpt_every, and the location of an init_from base (its fingerprint is checked) may change.
+
+    The saved config is read with today's defaults, so a run started before a config key existed
+    (and so ran with its default) resumes; a saved key today's schema rejects is compared as stored."""
     now = config_to_dict(cfg)
+    try:
+        saved = config_to_dict(parse_config(saved))
+    except ConfigError:
+        pass
     diffs = []
     for section, values in saved.items():
         for key, old in values.items():
