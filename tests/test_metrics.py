@@ -120,6 +120,21 @@ def test_bootstrap_copies_are_left_out_like_the_diagonal():
     assert got == pytest.approx(expected, rel=TOL)
 
 
+def test_a_class_without_distinct_pairs_falls_back_to_the_iid_estimator():
+    # Class 1 of x holds two copies of one sample (a bootstrap draw): its within-class block has no
+    # pair to estimate from, so the value is the unlabelled (i.i.d.) one instead of an error.
+    x, y = _t(_gaussian(8, 3, 31)), _t(_gaussian(8, 3, 32, shift=0.4))
+    kxx, kyy, kxy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    xl, yl = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1]), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    prior = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    src = torch.tensor([0, 1, 2, 3, 4, 5, 6, 6])
+    got = mmd2_unbiased(kxx, kyy, kxy, xl, yl, prior, x_source=src)
+    assert got == pytest.approx(mmd2_unbiased(kxx, kyy, kxy, x_source=src), rel=TOL)
+    # With distinct samples the stratified estimate is used, and it differs.
+    strat = mmd2_unbiased(kxx, kyy, kxy, xl, yl, prior)
+    assert abs(strat - mmd2_unbiased(kxx, kyy, kxy)) > 1e-6
+
+
 def test_kid_feature_scale_puts_the_kernel_at_two():
     f = _t(np.abs(_gaussian(50, 16, 25)) * 3)
     c = kid_feature_scale(f)

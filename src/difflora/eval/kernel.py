@@ -149,9 +149,23 @@ def mmd2_unbiased(
         prior = torch.ones(1, dtype=torch.float64)
     zx, px = _onehot(x_labels, n, prior)
     zy, py = _onehot(y_labels, m, prior)
-    exx = _within(kxx, zx, px, _distinct_pairs(x_source, n))
-    eyy = _within(kyy, zy, py, _distinct_pairs(y_source, m))
+    pxx, pyy = _distinct_pairs(x_source, n), _distinct_pairs(y_source, m)
+    if (x_labels is not None or y_labels is not None) and not (
+        _strata_filled(zx, px, pxx) and _strata_filled(zy, py, pyy)
+    ):
+        # A class of the prior has no distinct pair in a set (a small class, or a bootstrap draw that
+        # copied one sample of it): its block cannot be estimated, so the sets are scored as i.i.d.
+        # draws instead (the plain unbiased MMD^2, biased by about -V_between (1/n + 1/m)).
+        return mmd2_unbiased(kxx, kyy, kxy, x_source=x_source, y_source=y_source)
+    exx = _within(kxx, zx, px, pxx)
+    eyy = _within(kyy, zy, py, pyy)
     return float(exx + eyy - 2 * _cross(kxy, zx, px, zy, py))
+
+
+def _strata_filled(z: torch.Tensor, prior: torch.Tensor, pairs: torch.Tensor) -> bool:
+    """Whether every class with prior mass has at least one counted pair (so also a sample) in the set."""
+    per_class = (z.T @ pairs @ z).diagonal()
+    return bool((per_class[prior > 0] > 0).all())
 
 
 def stratified_subset(labels: torch.Tensor | None, n: int, size: int, gen: torch.Generator) -> torch.Tensor:
