@@ -74,3 +74,21 @@ def test_cli_eval_teacher(runs, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "eval-teacher" in printed and (runs["student"] / "eval-teacher" / "samples_w2.png").is_file()
+
+
+def test_the_student_is_scored_fused_and_the_teacher_with_its_lora_off(runs, tmp_path, monkeypatch):
+    # Evaluation samples the student as `difflora sample` does: its LoRA fused into W0 once for the
+    # draw (no adapter work per step), so the measured speed is the one-pass student's.
+    import difflora.generate as gen
+
+    seen = []
+    original = gen.generate
+
+    def spy(model, cfg, num, **kw):
+        seen.append((gen._has_student(model), kw["teacher"]))
+        return original(model, cfg, num, **kw)
+
+    monkeypatch.setattr(gen, "generate", spy)
+    _eval(runs["student"], runs["cache"], out=tmp_path / "s")
+    _eval(runs["student"], runs["cache"], guidance=[3], teacher=True, out=tmp_path / "t")
+    assert seen == [(False, False), (True, True)]

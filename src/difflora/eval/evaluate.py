@@ -264,6 +264,8 @@ def evaluate_run(
     model.to(dev)
 
     common = dict(steps=steps, sampler=sampler, eta=eta, labels=labels, seed=seed, teacher=teacher)
+    if cfg.train.objective == "distill" and not teacher:
+        model = _FusedStudent(run_dir, weights, checkpoint, dev)
     scored = (model, cfg, net, ref_f, ref_labels, floor)
     results, grids = _score_all(scored, scales, common, num_samples, grid_size, bootstrap, dev, progress, say)
 
@@ -302,8 +304,9 @@ def _score_all(
         for req in spatial_requests(cfg.data, num_samples) or [None]:
             sampled = {**common, "guidance": w}
             sampled |= {} if req is None else {"conditions": {"task": req.task_id}, "spatial": req.spatial}
+            at_w = model.at(w) if isinstance(model, _FusedStudent) else model
             entry, fake = _score_scale(
-                model, cfg, net, ref_f, ref_labels, num_samples, sampled, bootstrap, dev, progress
+                at_w, cfg, net, ref_f, ref_labels, num_samples, sampled, bootstrap, dev, progress
             )
             if req is not None:
                 entry |= {"task": req.task, "task_id": req.task_id, "grid": f"samples_w{_fmt_scale(w)}_{req.task}.png"}
@@ -312,6 +315,24 @@ def _score_all(
             results.append(entry)
             say(f"guidance {w:g}: {_fmt_entry(entry, floor)}")
     return results, grids
+
+
+class _FusedStudent:
+    """A distilled run's student as it samples: the LoRA fused into W0 once for the whole draw at
+    the scale asked for (``difflora.generate.fuse_student``), so one pass per step with no adapter
+    work, as ``difflora sample`` runs it. Each scale reloads the weights, which keeps a single copy
+    of W0 in memory (a reversible merge would hold a second one)."""
+
+    def __init__(self, run_dir: Path, weights: str, checkpoint: str | Path | None, dev: torch.device):
+        self.source = (run_dir, weights, checkpoint)
+        self.dev = dev
+
+    def at(self, w: float) -> torch.nn.Module:
+        from difflora.generate import fuse_student
+
+        cfg, model, _ = load_run(*self.source)
+        fuse_student(model, cfg, w)
+        return model.to(self.dev)
 
 
 def _check_teacher(cfg: Config, run_dir: Path, teacher: bool) -> None:
