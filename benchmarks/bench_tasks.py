@@ -13,7 +13,8 @@
    outputs are checked equal before timing). peft loops over the adapters present in the batch,
    running each LoRA on its sub-batch; difflora gathers every sample's factors and runs one
    batched product. Also per layer: each of the four adapted layers of one block alone (base GEMM +
-   LoRA) on the same tokens.
+   LoRA) on the same tokens. A third variant, the frozen base alone (adapters disabled; per layer
+   its base GEMM), gives each adapter path's own cost above the base, which is where the two differ.
 
 Timing: CPU time of the process (``time.process_time``; one thread, so it is the work done,
 robust to the other jobs of a loaded machine). Within each repeat the variants alternate for
@@ -40,10 +41,12 @@ import torch
 
 from difflora.config import load_config, parse_config
 from difflora.model import build_model
+from difflora.presets import CONFIGS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = 8
 LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+OURS, PEFT, BASE = "difflora", "peft adapter_names", "base alone"
 
 
 def _fastest(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
@@ -58,17 +61,23 @@ def _fastest(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float
 
 
 def _summary(ratios: list[float], times: list[dict[str, float]]) -> dict:
-    return {
+    out = {
         "ratio_median": statistics.median(ratios),
         "ratio_range": [min(ratios), max(ratios)],
         "fastest_s": {k: min(t[k] for t in times) for k in times[0]},
         "repeats": [{"ratio": r, **t} for r, t in zip(ratios, times, strict=True)],
     }
+    if BASE in times[0]:
+        # The adapters' own cost: each variant's time above the frozen base alone (the same GEMMs in
+        # both), measured in the same alternation.
+        over = [(t[PEFT] - t[BASE]) / (t[OURS] - t[BASE]) for t in times]
+        out |= {"overhead_ratio_median": statistics.median(over), "overhead_ratio_range": [min(over), max(over)]}
+    return out
 
 
 def mixed_training(batch: int, runs: int, repeats: int) -> dict:
     cfg = load_config(
-        ROOT / "configs" / "pretrain" / "fmnist16-unet.yaml",
+        CONFIGS_DIR / "pretrain" / "fmnist16-unet.yaml",
         [f"model.affiner={{tasks: {TASKS}}}", "data.task_id=0", "train.train_base=false"],
     )
     torch.manual_seed(0)
@@ -178,10 +187,14 @@ def mixed_inference_vs_peft(batch: int, runs: int, repeats: int, rank: int = 8) 
         with torch.no_grad():
             _peft_forward(twin, x, t, y, names)
 
-    fns = {"difflora": run_ours, "peft adapter_names": run_peft}
+    def run_base() -> None:
+        with torch.no_grad(), ours.adapters_disabled():
+            ours(x, t, y, task=task)
+
+    fns = {OURS: run_ours, PEFT: run_peft, BASE: run_base}
     _fastest(fns, 1)
     times = [_fastest(fns, runs) for _ in range(repeats)]
-    ratios = [tt["peft adapter_names"] / tt["difflora"] for tt in times]
+    ratios = [tt[PEFT] / tt[OURS] for tt in times]
     layers = _layers_vs_peft(ours, twin, batch, task, names, runs, repeats)
     return {
         "layers": layers,
@@ -212,17 +225,25 @@ def _layers_vs_peft(ours, twin, batch: int, task, names: list[str], runs: int, r
             with torch.no_grad():
                 layer(h, adapter_names=names)
 
-        fns = {"difflora": run_ours, "peft adapter_names": run_peft}
+        def run_base(layer=mine, h=h) -> None:
+            with torch.no_grad():
+                layer.base_layer(h)
+
+        fns = {OURS: run_ours, PEFT: run_peft, BASE: run_base}
         _fastest(fns, 1)
         times = [_fastest(fns, runs) for _ in range(repeats)]
-        out[path] = _summary([tt["peft adapter_names"] / tt["difflora"] for tt in times], times)
+        out[path] = _summary([tt[PEFT] / tt[OURS] for tt in times], times)
     return out
 
 
 def _line(what: str, row: dict) -> str:
     lo, hi = row["ratio_range"]
     fastest = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in row["fastest_s"].items())
-    return f"{what} = x{row['ratio_median']:.3f} (range {lo:.3f}..{hi:.3f}); fastest {fastest}"
+    line = f"{what} = x{row['ratio_median']:.3f} (range {lo:.3f}..{hi:.3f}); fastest {fastest}"
+    if "overhead_ratio_median" in row:
+        olo, ohi = row["overhead_ratio_range"]
+        line += f"; adapter cost above the base x{row['overhead_ratio_median']:.2f} ({olo:.2f}..{ohi:.2f})"
+    return line
 
 
 def main() -> None:
