@@ -42,6 +42,13 @@ def test_presets_live_only_in_the_package():
         stray = sorted(str(p.relative_to(ROOT)) for p in (ROOT / name).rglob("*.yaml"))
         assert not stray, f"move {stray} under src/difflora/presets/{name}/ (git mv): they would not ship"
 
+    # Scripts outside the package reach presets through difflora.presets, never the old root paths
+    # (a benchmark reading ROOT / "configs" broke silently when the presets moved).
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        text = script.read_text()
+        for name in ("configs", "experiments"):
+            assert f'ROOT / "{name}"' not in text, f"{script.name}: use difflora.presets' {name.upper()}_DIR"
+
 
 def test_preset_names_and_repository_paths_resolve_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ or experiments/ here
