@@ -112,3 +112,29 @@ def test_full_fine_tuning_trains_the_table_with_the_base_and_errors_are_named(ba
         )
     with pytest.raises(ValueError, match="class labels must be < 10"):
         model(*batch(2), torch.tensor([3, 10]))
+
+
+def test_token_lr_gives_the_table_its_own_learning_rate(base_run, tmp_path):
+    # Adam's first step is lr * g / (|g| + eps): linear in lr for the same gradient. The same seed
+    # gives the same first gradient, so with token_lr = 50 x train.lr the table moves 50 times as far
+    # as without it, and every other parameter moves exactly as without it.
+    from difflora.eval.evaluate import load_run
+
+    over = [f"train.init_from={base_run}", "train.train_base=false", "model.context.new_tokens=unconditional"]
+    over += [*ADAPTER, "train.steps=1", "train.ckpt_every=1", "train.lr=0.001", "train.warmup_steps=0"]
+    over += ["train.ema_decay=0", "train.weight_decay=0", "sample.num=1"]
+    start = dict(build_model(load_config(CONFIGS / "tiny-cross-unet.yaml", over)).named_parameters())
+    moved = {}
+    for name, extra in (("same", []), ("token", ["train.token_lr=0.05"])):
+        train(load_config(CONFIGS / "tiny-cross-unet.yaml", [*over, *extra]), tmp_path / name, progress=False)
+        model = load_run(tmp_path / name, "model")[1]
+        moved[name] = {n: (p - start[n]).detach() for n, p in model.named_parameters() if p.requires_grad}
+    table = "net.context_embedder.new_tokens"
+    assert moved["same"][table].abs().max() > 0
+    torch.testing.assert_close(moved["token"][table], 50 * moved["same"][table], rtol=1e-4, atol=1e-9)
+    for n in moved["same"]:
+        if n != table:
+            torch.testing.assert_close(moved["token"][n], moved["same"][n], rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="set model.context.new_tokens"):
+        train(load_config(CONFIGS / "tiny-unet.yaml", ["train.token_lr=0.05"]), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()

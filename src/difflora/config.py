@@ -273,6 +273,10 @@ class TrainConfig(StrictModel):
     # With train_base false: groups of the base's own parameters that still train (bias, norm,
     # embedding: BitFit, DiffFit and embedding-only baselines; difflora.diffscaler.baselines).
     base_groups: list[Literal["bias", "norm", "embedding"]] = Field(default_factory=list)
+    # Learning rate of the new class-token table (model.context.new_tokens); None: train.lr. The
+    # table starts at one base token and must travel the distance between the base's class tokens
+    # (~14 in the design-space base), far beyond what the adapters' lr moves it in a short run.
+    token_lr: float | None = Field(default=None, gt=0)
     # Adapt a trained model: a run directory (its newest checkpoint) or one checkpoint directory
     # of a run trained without adapters. Its weights fill the base (wrapped layers' base_layer);
     # the run's checkpoints then hold the trainable tensors only, plus the base's fingerprint.

@@ -77,6 +77,7 @@ from difflora.train.step import (
     Window,
     check_batch_split,
     diverged,
+    optimizer_groups,
     rng_state,
     set_rng_state,
     train_step,
@@ -251,7 +252,9 @@ def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log, ctx: Di
         train_model=_training_model(model, cfg, ctx, device),
         objective=build_objective(cfg, build_diffusion(cfg)),
         data=data,
-        optimizer=torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay),
+        optimizer=torch.optim.AdamW(
+            optimizer_groups(model, params, cfg), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        ),
         ema=EMA(model, cfg.train.ema_decay),
         generator=torch.Generator().manual_seed(cfg.train.seed + 1),
         params=params,

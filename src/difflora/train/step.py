@@ -28,10 +28,20 @@ from difflora.train.objectives import Batch
 from difflora.train.precision import autocast
 
 if TYPE_CHECKING:
+    from difflora.config import Config
     from difflora.train.distributed import Dist
     from difflora.train.loop import TrainState
 
-__all__ = ["TrainingDiverged", "Window", "check_batch_split", "diverged", "rng_state", "set_rng_state", "train_step"]
+__all__ = [
+    "TrainingDiverged",
+    "Window",
+    "check_batch_split",
+    "diverged",
+    "optimizer_groups",
+    "rng_state",
+    "set_rng_state",
+    "train_step",
+]
 
 
 class TrainingDiverged(RuntimeError):
@@ -148,7 +158,7 @@ def train_step(st: TrainState, step: int) -> float:
     st.rng_mark = rng_state(st.generator)
     lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr  # linear warm-up
     for group in st.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     idx = torch.randint(len(st.data), (cfg.batch_size,), generator=st.generator)
     # Per-sample conditions the data supplies (e.g. a task id per sample with data.tasks) go to the
     # objective next to the labels; drawing them takes no random numbers.
@@ -170,3 +180,20 @@ def train_step(st: TrainState, step: int) -> float:
     st.updating = False
     st.rng_mark = None
     return lr
+
+
+def optimizer_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: Config) -> list[dict]:
+    """AdamW parameter groups: ``params``, with the new class-token tables (``model.context.new_tokens``)
+    in a group of their own at ``train.token_lr`` when it is set (``lr_scale``: its ratio to ``train.lr``,
+    which the warm-up schedule multiplies)."""
+    from difflora.adapters.tokens import NewClassTokens
+
+    if cfg.train.token_lr is None:
+        return [{"params": params}]
+    tokens = {id(m.new_tokens) for m in model.modules() if isinstance(m, NewClassTokens)}
+    if not tokens:
+        raise ValueError("train.token_lr sets the learning rate of new class tokens: set model.context.new_tokens too")
+    table = [p for p in params if id(p) in tokens]
+    rest = [p for p in params if id(p) not in tokens]
+    groups = [{"params": rest}] if rest else []
+    return [*groups, {"params": table, "lr_scale": cfg.train.token_lr / cfg.train.lr}]
