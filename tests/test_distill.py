@@ -232,6 +232,13 @@ def test_bad_input_is_a_clear_error(teacher, tmp_path, capsys):
     fixed_cfg, fixed = student(teacher, "distill.guidance=2")
     with pytest.raises(ValueError, match="distilled at guidance 2"):
         generate(fixed, fixed_cfg, 2, steps=2, guidance=3.0)
+    # A training batch with a null label or no labels (the teacher is guided to each image's class).
+    obj, cpu = DistillObjective(fixed_cfg, build_diffusion(fixed_cfg)), torch.device("cpu")
+    nulled = batch()
+    nulled.conditions["y"][2] = -1
+    for bad in (nulled, Batch(nulled.x)):
+        with pytest.raises(ValueError, match="needs a class label for every training image"):
+            obj(fixed, bad, torch.Generator().manual_seed(0), cpu)
     # A teacher run whose checkpoints are missing.
     gone = tmp_path / "gone"
     shutil.copytree(teacher, gone)
