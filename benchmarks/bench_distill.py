@@ -1,25 +1,32 @@
-"""Distilling classifier-free guidance into a LoRA (003): peak memory against the usual setup, and
-the shared-forward vs two-call speed of the distillation step.
+"""Distilling classifier-free guidance into a LoRA (003): 003's Table 1 (peak training memory) at
+our scale, P4 (the fused student's sampling speed against the guided teacher) at three image
+sizes, and the shared-forward vs two-call speed of the distillation step.
 
 Memory settings, each in a fresh subprocess reporting its peak resident set size (``ru_maxrss``),
 on the paper CIFAR U-Net (configs/paper/iddpm-cifar10-class.yaml, 52.5M parameters, batch 2) and
-on the small digits config (configs/digits.yaml, batch 64):
+on the small digits config (configs/digits.yaml, batch 64). 003's four rows:
 
-* ``load``: build the distillation model (W0 + LoRA), no training (the floor);
-* ``lora distill``: 003's setup with difflora's objective: one module, W0 frozen, the LoRA (default
-  targets, rank 8) trained with AdamW and an EMA, the teacher = the same module with the LoRA off;
-* ``usual distill``: a frozen teacher copy plus a fully fine-tuned student copy (AdamW and an EMA
-  over every weight), the same loss (003's "distillation without LoRA");
-* ``sample teacher`` / ``sample student``: DDIM sampling with the guided teacher (2N per step)
-  and with the student fused once into W0 (N per step).
+* ``baseline``: the whole network fine-tuned with the ordinary diffusion loss (no distillation);
+* ``usual distill`` (+ distillation): difflora's fully fine-tuned student (``train.train_base``)
+  with its separate frozen teacher copy (003's "distillation without LoRA");
+* ``lora`` (+ LoRA): the distillation LoRA's targets and rank on the frozen W0, the diffusion loss;
+* ``lora distill`` (+ distillation + LoRA): 003's setup, one module, W0 frozen, the LoRA trained,
+  the teacher = the same module with the LoRA off;
 
-Both training settings run the same steps (teacher CFG pass of 2N under no_grad, student pass of N,
-backward, optimizer and EMA update) on random data of the config's shape; weight values do not
-change memory. Speed (digits): seconds per distillation step with ``distill.shared_forward`` true
-(one forward of 3N) and false (2N no-grad + N), median of timed steps after a warm-up; and seconds
-per sampled image of the guided teacher against the fused student at the same number of steps.
+and ``load`` (building W0 + LoRA, no training: the floor), ``sample teacher`` / ``sample student``
+(DDIM sampling, guided teacher 2N per step / student fused into W0, N per step). Every training row
+runs the same steps on the same random batch of the config's shape (weight values do not change
+memory) with AdamW and an EMA over its trainable weights.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_distill.py     # writes benchmarks/results/distill.json
+P4 (``sample_speed``): CPU seconds per image of the guided teacher (the plain base network, CFG at
+w = 3, a forward of 2N per step) and the fused student (the same weights + LoRA fused, N per step),
+timed in alternation, fastest run of each, ratio repeated (median and range); digits 8 px, the
+Fashion-MNIST base architecture 16 px and the CIFAR U-Net 32 px, random weights and no dataset.
+Distillation step (digits): CPU seconds per step with ``distill.shared_forward`` true (one forward
+of 3N) and false (2N no-grad + N).
+
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/bench_distill.py   # writes benchmarks/results/distill.json
+    ... --parts memory | --parts speed                                # one part; the other's entries are kept
 """
 
 from __future__ import annotations
@@ -42,8 +49,11 @@ CONFIGS = {
     "cifar": (CONFIGS_DIR / "paper" / "iddpm-cifar10-class.yaml", 2),
     "digits": (CONFIGS_DIR / "digits.yaml", 64),
 }
-MEMORY = ["load", "lora distill", "usual distill", "sample teacher", "sample student"]
-STEPS = 3
+MEMORY = ["load", "baseline", "usual distill", "lora", "lora distill", "sample teacher", "sample student"]
+# 003's Table 1 (Stable Diffusion, GB): its four rows and the settings here that stand for them.
+PAPER_TABLE1 = {"baseline": 21.0, "usual distill": 24.4, "lora": 9.6, "lora distill": 10.3}
+# Training steps per memory setting: the first creates the optimizer state (the peak); the second is timed.
+STEPS = 2
 
 
 def _cfg(name: str, *extra: str):
@@ -53,6 +63,11 @@ def _cfg(name: str, *extra: str):
     # init_from names the teacher the loop would load; here the weights stay random (memory only).
     over = ["train.objective=distill", "train.train_base=false", "train.init_from=teacher", "distill.guidance=3"]
     return load_config(path, [f"train.batch_size={batch}", "sample.steps=4", *over, *extra])
+
+
+def _plain_cfg(name: str, *extra: str):
+    """The config without distillation: the ordinary diffusion loss, nothing to load."""
+    return _cfg(name, "train.objective=diffusion", "train.init_from=null", *extra)
 
 
 def _data(cfg, generator):
@@ -78,60 +93,68 @@ def _lora_setup(cfg):
     return model, DistillObjective(cfg, build_diffusion(cfg)), torch.optim.AdamW(params, lr=1e-4), EMA(model), params
 
 
-class _UsualObjective:
-    """The usual distillation: a separate frozen teacher copy guides a fully trained student copy."""
-
-    def __init__(self, cfg, teacher):
-        from difflora.model import build_diffusion
-        from difflora.train.distill import DistillObjective
-
-        self.inner = DistillObjective(cfg, build_diffusion(cfg))
-        self.teacher = teacher
-
-    def __call__(self, student, batch, generator, device):
-        import torch
-
-        from difflora.diffusion.guidance import ClassifierFreeGuidance
-        from difflora.train.distill import distill_losses
-
-        d, n = self.inner.diffusion, batch.x.shape[0]
-        t = torch.randint(d.num_timesteps, (n,), generator=generator)
-        x_t = d.q_sample(batch.x, t, torch.randn(batch.x.shape, generator=generator))
-        tm, y = d.model_timesteps(t), batch.conditions["y"]
-        with torch.no_grad():
-            target = ClassifierFreeGuidance(self.teacher, self.inner.cfg.distill.guidance)(x_t, tm, y)
-        return distill_losses(student(x_t, tm, y=y), target, self.inner.channels)
-
-
 def _usual_setup(name: str):
+    """003's "+ distillation": difflora's fully fine-tuned student (``train.train_base``) guided by
+    its separate frozen teacher copy, the same objective and target (w = 3) as the LoRA setting."""
     import torch
 
-    from difflora.model import build_model
+    from difflora.model import build_diffusion, build_model
+    from difflora.train.distill import DistillObjective
     from difflora.train.ema import EMA
 
-    plain = _cfg(name, "train.objective=diffusion", "train.train_base=true", "train.init_from=null")
-    teacher = build_model(plain).eval().requires_grad_(False)
-    student = copy.deepcopy(teacher).requires_grad_(True)
+    plain = _plain_cfg(name, "train.train_base=true")
+    student = build_model(plain)
+    objective = DistillObjective(_cfg(name), build_diffusion(plain))
+    # The copy train_base loads from the teacher run (distill.frozen_teacher); here the random weights.
+    objective.teacher_copy = copy.deepcopy(student).eval().requires_grad_(False)
     params = list(student.parameters())
-    # plain keeps distill.guidance=3 from _cfg: the same target as the LoRA setting.
-    return student, _UsualObjective(plain, teacher), torch.optim.AdamW(params, lr=1e-4), EMA(student), params
+    return student, objective, torch.optim.AdamW(params, lr=1e-4), EMA(student), params
+
+
+def _diffusion_setup(cfg):
+    """003's rows without distillation: the ordinary diffusion loss on the model of ``cfg``, with the
+    same optimizer and EMA over its trainable weights as the distillation rows."""
+    import torch
+
+    from difflora.model import build_diffusion, build_model
+    from difflora.train.ema import EMA
+    from difflora.train.objectives import build_objective
+
+    model = build_model(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    objective = build_objective(cfg, build_diffusion(cfg))
+    return model, objective, torch.optim.AdamW(params, lr=1e-4), EMA(model), params
+
+
+def _baseline_setup(name: str):
+    """003's "baseline": the whole network fine-tuned with the diffusion loss (one copy, all trained)."""
+    return _diffusion_setup(_plain_cfg(name, "train.train_base=true"))
+
+
+def _plain_lora_setup(name: str):
+    """003's "+ LoRA": the distillation LoRA's targets and rank on the frozen W0, shared by every
+    sample (no on/off condition), trained with the diffusion loss."""
+    arch = _cfg(name).model.arch
+    lora = _cfg(name).distill.adapter(arch).model_dump(mode="json")
+    lora.update(name="lora", condition="t", weighting="shared", num_values=1)
+    return _diffusion_setup(_plain_cfg(name, "train.train_base=false", f"model.adapters=[{json.dumps(lora)}]"))
 
 
 def _train(setup, cfg, steps: int) -> list[float]:
-    """Run ``steps`` distillation steps; returns the seconds of each."""
+    """Run ``steps`` training steps; returns the CPU seconds of each (one thread)."""
     import torch
 
     model, objective, optim, ema, _ = setup
     g = torch.Generator().manual_seed(0)
     times = []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         loss = objective(model, _data(cfg, g), g, torch.device("cpu"))["loss"].mean()
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
         ema.update(model)
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return times
 
 
@@ -159,18 +182,23 @@ def run_one(setting: str, name: str) -> dict:
     cfg = _cfg(name)
     t0 = time.perf_counter()
     row: dict = {"setting": setting, "config": name, "batch": cfg.train.batch_size}
+    trained = {
+        "baseline": lambda: _baseline_setup(name),
+        "usual distill": lambda: _usual_setup(name),
+        "lora": lambda: _plain_lora_setup(name),
+        "lora distill": lambda: _lora_setup(cfg),
+    }
+    setup = None
     if setting == "load":
         setup = _lora_setup(cfg)
-    elif setting == "lora distill":
-        setup = _lora_setup(cfg)
+    elif setting in trained:
+        setup = trained[setting]()
+        # The same random batch (config shape and size) for every row.
         row["step_s"] = statistics.median(_train(setup, cfg, STEPS)[1:])
-    elif setting == "usual distill":
-        setup = _usual_setup(name)
-        row["step_s"] = statistics.median(_train(setup, cfg, STEPS)[1:])
-        row["teacher_params"] = count_parameters(setup[1].teacher)["total"]
+        if setting == "usual distill":
+            row["teacher_params"] = count_parameters(setup[1].teacher_copy)["total"]
     else:
         _sample(cfg, student=setting == "sample student")
-        setup = None
     if setup is not None:
         counts = count_parameters(setup[0])
         row.update(params=counts["total"], trainable=counts["trainable"])
@@ -186,37 +214,75 @@ def speed(name: str, steps: int) -> dict:
         times = _train(_lora_setup(cfg), cfg, steps + 1)[1:]
         out["shared_forward_s" if shared else "two_calls_s"] = statistics.median(times)
     out["two_calls_speedup"] = out["shared_forward_s"] / out["two_calls_s"]
-    out.update(sample_speed(_cfg(name)))
     return out
 
 
-def sample_speed(cfg, num: int = 64, steps: int = 20) -> dict:
-    """Seconds per sampled image at ``steps`` DDIM steps: the guided teacher (2N per step) against the
-    fused student (N per step); best of two runs each."""
+# P4 at three image sizes: config, samples per run (one sampler batch), DDIM steps, alternated
+# rounds per repeat, repeats. Fewer images and steps at 32 px keep the CIFAR U-Net within minutes.
+SPEED = {
+    "digits": (CONFIGS_DIR / "digits.yaml", 64, 4, 3, 3),
+    "fmnist16": (CONFIGS_DIR / "pretrain" / "fmnist16-unet.yaml", 32, 3, 3, 3),
+    "cifar": (CONFIGS_DIR / "paper" / "iddpm-cifar10-class.yaml", 2, 1, 3, 2),
+}
+
+
+def sample_speed(name: str) -> dict:
+    """P4: CPU seconds per sampled image, the guided teacher against the fused student at the same
+    images, seed and DDIM steps.
+
+    Teacher: the class-conditional base network sampled with classifier-free guidance at w = 3 (one
+    forward of 2N per step), as ``difflora sample TEACHER_RUN --guidance 3`` runs it. Student: the same
+    base weights with the distillation LoRA, fused (``difflora.generate.fuse_student``: the LoRA
+    written into W0, the wrappers gone), one forward of N per step, as ``difflora sample`` runs a
+    distilled run. Both are then the same plain network. Two model objects (speed, not memory).
+    After a warm-up of each, the two alternate for ``rounds`` rounds (the order flips every round)
+    and each keeps its fastest run; the ratio of the fastest runs is repeated ``repeats`` times.
+    """
     import torch
 
+    from difflora.config import load_config
     from difflora.generate import fuse_student, generate
     from difflora.model import build_model
 
-    model = build_model(cfg)
+    path, num, steps, rounds, repeats = SPEED[name]
+    over = ["train.objective=distill", "train.train_base=false", "train.init_from=teacher", "distill.guidance=3"]
+    cfg = load_config(path, [*over, f"sample.batch_size={num}"])
+    plain = load_config(path, [f"sample.batch_size={num}"])
+    torch.manual_seed(0)
+    teacher = build_model(plain)
+    torch.manual_seed(0)  # the same base weights: the network is built before the LoRA is injected
+    student = build_model(cfg)
+    fuse_student(student, cfg)
+    assert [type(m) for m in student.modules()] == [type(m) for m in teacher.modules()]  # one network
     labels = torch.arange(num) % cfg.model.num_classes
-
-    def timed(**kw) -> float:
-        best = float("inf")
-        for _ in range(2):
-            t0 = time.perf_counter()
-            generate(model, cfg, num, steps=steps, labels=labels, **kw)
-            best = min(best, time.perf_counter() - t0)
-        return best / num
-
-    teacher = timed(teacher=True)
-    fuse_student(model, cfg)
-    student = timed()
+    runs = {
+        "teacher": lambda: generate(teacher, plain, num, steps=steps, labels=labels, guidance=cfg.distill.guidance),
+        "student": lambda: generate(student, cfg, num, steps=steps, labels=labels),
+    }
+    for fn in runs.values():
+        fn()
+    order, ratios, fastest = list(runs), [], []
+    for _ in range(repeats):
+        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(rounds):
+            for key in order:
+                t0 = time.process_time()
+                runs[key]()
+                best[key] = min(best[key], time.process_time() - t0)
+            order.reverse()
+        ratios.append(best["teacher"] / best["student"])
+        fastest.append({k: v / num for k, v in best.items()})
     return {
+        "config": name,
+        "image_size": cfg.model.image_size,
+        "sample_batch": num,
         "sample_steps": steps,
-        "teacher_s_per_image": teacher,
-        "student_s_per_image": student,
-        "student_speedup": teacher / student,
+        "rounds": rounds,
+        "teacher_s_per_image": min(f["teacher"] for f in fastest),
+        "student_s_per_image": min(f["student"] for f in fastest),
+        "student_speedup_median": statistics.median(ratios),
+        "student_speedup_range": [min(ratios), max(ratios)],
+        "student_speedups": ratios,
     }
 
 
@@ -226,46 +292,100 @@ def _subprocess(args: list[str]) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def table1(rows: list[dict], configs: list[str]) -> dict:
+    """003's Table 1 beside ours: per config and row, peak RSS and its ratio to the baseline row
+    (003's "memory saving" is 1 minus that ratio)."""
+    out = {}
+    for name in configs:
+        by = {r["setting"]: r for r in rows if r["config"] == name}
+        base = by["baseline"]["peak_rss_mb"]
+        out[name] = {
+            key: {
+                "peak_rss_mb": by[key]["peak_rss_mb"],
+                "over_baseline": by[key]["peak_rss_mb"] / base,
+                "paper_gb": gb,
+                "paper_over_baseline": gb / PAPER_TABLE1["baseline"],
+            }
+            for key, gb in PAPER_TABLE1.items()
+        }
+        out[name]["lora distill over usual distill"] = (
+            by["lora distill"]["peak_rss_mb"] / by["usual distill"]["peak_rss_mb"]
+        )
+        out[name]["sample student over teacher"] = (
+            by["sample student"]["peak_rss_mb"] / by["sample teacher"]["peak_rss_mb"]
+        )
+    return out
+
+
+def _print_report(table: dict, speeds: list[dict]) -> None:
+    print("003 Table 1: peak RSS per fresh process, MB (x baseline); paper GB (x baseline)")
+    for name, by in table.items():
+        for key in PAPER_TABLE1:
+            r = by[key]
+            print(
+                f"  {name:7s} {key:14s} {r['peak_rss_mb']:8.0f} MB ({r['over_baseline']:.2f}x)"
+                f"   paper {r['paper_gb']:4.1f} GB ({r['paper_over_baseline']:.2f}x)"
+            )
+    print("P4: guided teacher / fused student CPU s per image, fastest of alternated runs; speed-up median [range]")
+    for sp in speeds:
+        lo, hi = sp["student_speedup_range"]
+        print(
+            f"  {sp['config']:8s} {sp['image_size']:2d} px, batch {sp['sample_batch']}, {sp['sample_steps']} steps: "
+            f"teacher {sp['teacher_s_per_image']:.4f} s, student {sp['student_s_per_image']:.4f} s, "
+            f"{sp['student_speedup_median']:.2f}x [{lo:.2f}, {hi:.2f}]"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--one", nargs=2, metavar=("SETTING", "CONFIG"), help=argparse.SUPPRESS)
     p.add_argument("--speed", metavar="CONFIG", help=argparse.SUPPRESS)
+    p.add_argument("--sample-speed", metavar="CONFIG", choices=list(SPEED), help=argparse.SUPPRESS)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    p.add_argument("--speed-configs", nargs="+", default=list(SPEED), choices=list(SPEED))
     p.add_argument("--speed-steps", type=int, default=6)
+    p.add_argument("--parts", nargs="+", default=["memory", "speed"], choices=["memory", "speed"])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distill.json"))
     args = p.parse_args()
     if args.one:
         print(json.dumps(run_one(*args.one)))
         return
-    if args.speed:
+    if args.speed or args.sample_speed:
         import torch
 
         torch.manual_seed(0)
-        print(json.dumps(speed(args.speed, args.speed_steps)))
+        print(json.dumps(speed(args.speed, args.speed_steps) if args.speed else sample_speed(args.sample_speed)))
         return
-    rows = []
-    for name in args.configs:
-        for setting in MEMORY:
-            rows.append(_subprocess(["--one", setting, name]))
-            print(json.dumps(rows[-1]), flush=True)
-    ratios = {}
-    for name in args.configs:
-        by = {r["setting"]: r for r in rows if r["config"] == name}
-        ratios[name] = {
-            "train_lora_over_usual": by["lora distill"]["peak_rss_mb"] / by["usual distill"]["peak_rss_mb"],
-            "sample_student_over_teacher": by["sample student"]["peak_rss_mb"] / by["sample teacher"]["peak_rss_mb"],
-        }
-    speeds = [_subprocess(["--speed", "digits", "--speed-steps", str(args.speed_steps)])]
-    result = {
-        "rows": rows,
-        "ratios": ratios,
-        "speed": speeds,
-        "threads": 1,
-        "note": "peak RSS per fresh process (includes the interpreter and torch, ~300 MB); shared 2-core CPU",
-    }
-    print(json.dumps({"ratios": ratios, "speed": speeds}, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result: dict = {}
+    if "memory" in args.parts:
+        rows = []
+        for name in args.configs:
+            for setting in MEMORY:
+                rows.append(_subprocess(["--one", setting, name]))
+                print(json.dumps(rows[-1]), flush=True)
+        result.update(rows=rows, table1=table1(rows, args.configs))
+    if "speed" in args.parts:
+        samples = []
+        for name in args.speed_configs:
+            samples.append(_subprocess(["--sample-speed", name]))
+            print(json.dumps(samples[-1]), flush=True)
+        result.update(sample_speed=samples)
+        if args.speed_steps:  # 0: skip (the file keeps its earlier entry)
+            result.update(distill_step_speed=_subprocess(["--speed", "digits", "--speed-steps", str(args.speed_steps)]))
+    result.update(
+        threads=1,
+        note="peak RSS per fresh process (includes the interpreter and torch, ~300 MB); P4 in CPU seconds "
+        "of the process (one thread); shared 2-core CPU",
+    )
+    out = Path(args.out)
+    # A part not run keeps its entries from the existing file (read now: parts may run side by side).
+    if out.exists() and set(args.parts) != {"memory", "speed"}:
+        result = {**json.loads(out.read_text()), **result}
+    for stale in ("ratios", "speed"):  # the keys of the file's earlier layout
+        result.pop(stale, None)
+    _print_report(result.get("table1", {}), result.get("sample_speed", []))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

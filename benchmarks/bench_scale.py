@@ -13,6 +13,13 @@ other jobs the wall clock measures the scheduler's share more than the step. Run
 DIR is a checkout of openai/improved-diffusion (the directory holding ``improved_diffusion/``);
 its model is imported from there as it is, nothing of it is part of difflora. Without it the P5
 rows of improved-diffusion are left out. Results go to ``benchmarks/results/scale.json``.
+
+Each P5 option's contribution is a row of its own against ``difflora fp32`` (SDPA attention,
+channels-first, fp32, eager): ``explicit attention`` swaps SDPA for softmax(q k^T / sqrt(d)) v
+written out (improved-diffusion's attention math), so its ratio is what SDPA gives;
+``channels-last``, ``bf16`` and ``compiled`` each change one thing. A compiled variant warms up
+for two steps (compilation, then any recompilation) before it is timed. ``--skip NAME`` leaves
+out every variant whose name contains NAME (to bound the run time on a busy machine).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -47,6 +55,7 @@ class Trainer:
     diffusion: object
     x: torch.Tensor
     callables: dict[bool, torch.nn.Module] = field(default_factory=dict)
+    explicit_attention: bool = False
 
     def __post_init__(self) -> None:
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
@@ -57,12 +66,26 @@ class Trainer:
         if compiled and True not in self.callables:
             self.callables[True] = torch.compile(self.model)
         t = torch.randint(self.diffusion.num_timesteps, (self.x.shape[0],))
-        with autocast(precision, CPU):
+        swap = explicit_attention() if self.explicit_attention else contextlib.nullcontext()
+        with autocast(precision, CPU), swap:
             loss = self.diffusion.training_losses(self.callables[compiled], self.x, t, {})["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         self.ema.update(self.model)
+
+
+def _explicit_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v written out, the softmax in float32 (improved-diffusion's math)."""
+    weight = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (N, heads, T, T)
+    return torch.softmax(weight.float(), dim=-1).to(weight.dtype) @ v
+
+
+@contextlib.contextmanager
+def explicit_attention():
+    """difflora's attention without ``scaled_dot_product_attention`` for the duration of the block."""
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _explicit_sdpa):
+        yield
 
 
 def difflora_trainer(config: str, batch: int, channels_last: bool = False) -> Trainer:
@@ -101,9 +124,10 @@ def measure(variants: dict[str, tuple], rounds: int, steps: int, log) -> dict[st
     """variants: name -> (trainer, precision, compiled). Warm-up (and compilation) first, then
     ``rounds`` alternated rounds of ``steps`` steps; per variant the fastest step of each round."""
     for name, (trainer, precision, compiled) in variants.items():
-        t0 = time.process_time()
-        trainer.step(precision, compiled)
-        log(f"  warm-up {name}: {time.process_time() - t0:.1f} CPU s")
+        for _ in range(2 if compiled else 1):
+            t0 = time.process_time()
+            trainer.step(precision, compiled)
+            log(f"  warm-up {name}: {time.process_time() - t0:.1f} CPU s")
     best: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(rounds):
         for name, (trainer, precision, compiled) in variants.items():
@@ -140,8 +164,14 @@ def table(title: str, rows: dict[str, dict], reference: str) -> str:
     return "\n".join(lines)
 
 
-def _variants(trainers: dict[str, Trainer], options: list[tuple[str, str, str, bool]]) -> dict[str, tuple]:
-    return {name: (trainers[key], precision, compiled) for name, key, precision, compiled in options}
+def _variants(
+    trainers: dict[str, Trainer], options: list[tuple[str, str, str, bool]], skip: list[str]
+) -> dict[str, tuple]:
+    return {
+        name: (trainers[key], precision, compiled)
+        for name, key, precision, compiled in options
+        if not any(s in name for s in skip)
+    }
 
 
 def main() -> None:
@@ -150,19 +180,23 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compilation)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", choices=["digits", "p5"], default=None)
-    ap.add_argument("--p5-compile", action="store_true", help="compile the CIFAR U-Net too (long)")
+    ap.add_argument("--p5-compile", action="store_true", help="compile the CIFAR U-Net too, fp32 (long)")
+    ap.add_argument("--p5-compile-bf16", action="store_true", help="and bf16 compiled (long; slow without AVX512-BF16)")
+    ap.add_argument("--skip", action="append", default=[], help="leave out variants whose name contains this")
     ap.add_argument("--p5-bf16-channels-last", action="store_true", help="also bf16 with channels-last")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
     args = ap.parse_args()
     log = lambda s: print(s, flush=True)  # noqa: E731
-    result = {"threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": args.rounds}
+    result: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    run = {"rounds": args.rounds, "skipped": args.skip}
     compiled = [True] if args.compile else []
     if args.only in (None, "digits"):
         log("digits preset, batch 64: bf16 and compile against fp32 eager")
         tr = {"digits": difflora_trainer("digits", 64)}
         opts = [("fp32 eager", "digits", "fp32", False), ("bf16 eager", "digits", "bf16", False)]
         opts += [(f"{p} compiled", "digits", p, True) for p in ("fp32", "bf16") for _ in compiled]
-        result["digits"] = measure(_variants(tr, opts), args.rounds, 3, log)
+        result["digits"] = measure(_variants(tr, opts, args.skip), args.rounds, 3, log)
+        result["digits_run"] = run | {"steps_per_round": 3}
         log(table("digits (1,081,730 parameters), batch 64", result["digits"], "fp32 eager"))
     if args.only in (None, "p5"):
         log("P5: the CIFAR-10 U-Net (52,546,438 parameters), batch 4")
@@ -171,15 +205,20 @@ def main() -> None:
         if args.improved_diffusion is not None:
             tr["id"] = improved_diffusion_trainer(args.improved_diffusion, 4)
             opts.append(("improved-diffusion fp32", "id", "fp32", False))
+        tr["ea"] = difflora_trainer("paper/iddpm-cifar10", 4)
+        tr["ea"].explicit_attention = True
         opts += [
             ("difflora fp32", "d", "fp32", False),
+            ("difflora fp32 explicit attention", "ea", "fp32", False),
             ("difflora fp32 channels-last", "cl", "fp32", False),
             ("difflora bf16", "d", "bf16", False),
         ]
         if args.p5_bf16_channels_last:
             opts.append(("difflora bf16 channels-last", "cl", "bf16", False))
-        opts += [(f"difflora {p} compiled", "d", p, True) for p in ("fp32", "bf16") if args.p5_compile]
-        result["p5"] = measure(_variants(tr, opts), args.rounds, 1, log)
+        opts += [("difflora fp32 compiled", "d", "fp32", True)] if args.p5_compile else []
+        opts += [("difflora bf16 compiled", "d", "bf16", True)] if args.p5_compile_bf16 else []
+        result["p5"] = measure(_variants(tr, opts, args.skip), args.rounds, 1, log)
+        result["p5_run"] = run | {"steps_per_round": 1}
         ref = "improved-diffusion fp32" if args.improved_diffusion is not None else "difflora fp32"
         log(table("P5: CIFAR-10 U-Net, batch 4", result["p5"], ref))
     args.out.parent.mkdir(parents=True, exist_ok=True)

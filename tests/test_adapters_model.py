@@ -140,6 +140,15 @@ def test_merge_shared_reports_and_skips_repeat_merges():
     assert model.net.qkv._unmerged_weight is saved
     merge_shared(model.net, t=torch.tensor([3, 4]))
     assert not model.net.qkv.merged and model.net.qkv._unmerged_weight is None
+    # Both conditions shared (read back together): merged at Python numbers of the tensors' kind.
+    assert merge_shared(model.net, t=torch.tensor([7, 7]), y=torch.tensor([2, 2])) == {"t": True, "y": True}
+    assert model.net.qkv.merged == {"time": 7, "cls": 2} and type(model.net.qkv.merged["time"]) is int
+    # A float condition, one sample with NaN ("no update": shared, as any one value), an empty batch.
+    assert merge_shared(model.net, w=torch.tensor([2.5, 2.5]), v=torch.tensor([float("nan")]), e=torch.ones(0)) == {
+        "w": True,
+        "v": True,
+        "e": False,
+    }
 
 
 # ----------------------------------------------------------------------------- config and build_model

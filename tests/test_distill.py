@@ -158,16 +158,16 @@ def test_exactly_one_copy_of_w0_while_distilling_and_sampling(teacher, tmp_path)
     model.load_state_dict(state)
     del state
     weights = {k: v.clone() for k, v in model.state_dict().items()}
+    path = next(p for p, _ in adapter_layers(model))
     fuse_student(model, cfg)
-    layers = dict(adapter_layers(model))
-    assert all(layer._unmerged_weight is None and "distill" not in layer.adapters for layer in layers.values())
+    assert not list(adapter_layers(model))  # every wrapper gave way to its base layer: no W0 kept aside
     distinct = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     assert len(distinct) == len(list(model.parameters())) + len(list(model.buffers()))
     # The fused weight is W0 + B A (the LoRA trained to non-zero B).
-    path, layer = next(iter(layers.items()))
     key = f"{path}.base_layer.weight"
     delta = weights[f"{path}.adapters.distill.lora_B"][0] @ weights[f"{path}.adapters.distill.lora_A"][0]
-    torch.testing.assert_close(layer.base_layer.weight, weights[key] + delta.reshape(weights[key].shape), **TOL)
+    fused = model.get_submodule(path).weight
+    torch.testing.assert_close(fused, weights[key] + delta.reshape(weights[key].shape), **TOL)
     assert delta.abs().max() > 0
 
 
@@ -232,6 +232,13 @@ def test_bad_input_is_a_clear_error(teacher, tmp_path, capsys):
     fixed_cfg, fixed = student(teacher, "distill.guidance=2")
     with pytest.raises(ValueError, match="distilled at guidance 2"):
         generate(fixed, fixed_cfg, 2, steps=2, guidance=3.0)
+    # A training batch with a null label or no labels (the teacher is guided to each image's class).
+    obj, cpu = DistillObjective(fixed_cfg, build_diffusion(fixed_cfg)), torch.device("cpu")
+    nulled = batch()
+    nulled.conditions["y"][2] = -1
+    for bad in (nulled, Batch(nulled.x)):
+        with pytest.raises(ValueError, match="needs a class label for every training image"):
+            obj(fixed, bad, torch.Generator().manual_seed(0), cpu)
     # A teacher run whose checkpoints are missing.
     gone = tmp_path / "gone"
     shutil.copytree(teacher, gone)

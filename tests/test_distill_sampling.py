@@ -71,6 +71,21 @@ def test_fused_student_is_the_per_sample_student_in_one_pass_per_step(teacher, o
         generate(model, cfg, N, steps=2, labels=LABELS, teacher=True)
 
 
+def test_fused_student_is_the_plain_network_holding_w0_plus_ba(teacher):
+    # No wrapper outlives the fusing: the student's state loads strictly into the plain base network,
+    # which then predicts what the per-sample student (W0 x + B A x, LoRA on) predicted.
+    cfg, model = student(teacher, "distill.guidance=3")
+    m, g = cfg.model, torch.Generator().manual_seed(2)
+    x, t = torch.randn(N, m.in_channels, m.image_size, m.image_size, generator=g), torch.tensor([0, 5, 9, 19])
+    with torch.no_grad():
+        reference = model(x, t, y=LABELS, distill=torch.zeros(N, dtype=torch.long))
+        fuse_student(model, cfg)
+        assert not list(adapter_layers(model))
+        plain = build_model(load_config(CONFIGS / "tiny-unet.yaml"))
+        plain.load_state_dict(model.state_dict())
+        torch.testing.assert_close(plain(x, t, y=LABELS), reference, **TOL)
+
+
 def test_guidance_scale_student_reads_w(teacher):
     cfg, model = student(teacher, "distill.guidance_range=[1.0, 4.0]", "distill.guidance=2.5")
     low = generate(model, cfg, N, steps=3, labels=LABELS, guidance=1.0)

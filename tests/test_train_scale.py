@@ -112,6 +112,7 @@ def test_compiled_model_with_adapters_and_conditions_equals_eager():
 HOT = {
     "train/step.py": ["train_step", "_accumulate", "_micro_rows", "add"],
     "train/objectives.py": ["__call__", "local"],
+    "train/distill.py": ["__call__", "teacher", "_shared", "scales", "student_kwargs", "distill_losses"],
     "diffusion/gaussian.py": [
         "extract_into_tensor",
         "q_sample",
@@ -120,14 +121,44 @@ HOT = {
         "training_losses",
     ],
     "diffusion/samplers.py": ["_last_step_mask", "p_sample_step", "ddim_step"],
+    "diffusion/guidance.py": ["forward", "guide", "_double", "drop_labels"],
     "model.py": ["forward", "adapter_timesteps"],
     "adapters/router.py": None,  # None: every function of the module
     "adapters/weightings.py": None,
     "adapters/forms.py": ["as_batch", "route", "current_route", "rank_term", "factors", "vector"],
     "adapters/layer.py": ["forward"],
     "adapters/context.py": ["conditions", "current", "checkpoint", "run"],
+    "adapters/inject.py": ["merge_shared", "_shared_values", "_all_equal"],
 }
-SYNCS = {"item", "cpu", "tolist", "numpy", "synchronize"}
+# Methods (and torch functions) that read back, or whose output size depends on values (a sync).
+SYNCS = {"item", "cpu", "tolist", "numpy", "synchronize", "nonzero", "unique", "masked_select"}
+# bool/int/float of a tensor reduction, e.g. ``bool((y < 0).any())``: a readback too.
+CASTS, REDUCTIONS = {"bool", "int", "float"}, {"any", "all", "sum", "max", "min", "mean", "equal", "allclose"}
+# The host decisions that must stay, each read at most this many times per call (and why).
+ALLOWED = {
+    # merge_shared: whether every sample shares a condition's value decides a weight rewrite on the
+    # host; all conditions' flags and values come back in one .tolist() per forward.
+    "inject.py _shared_values": 1,
+    # Validation of per-sample values: a plain check of CPU tensors, an asynchronous assert elsewhere.
+    "weightings.py check_values": 1,
+    # Selective guidance: a sampler step below min_t runs N rows instead of 2N (min_t None: no read).
+    "guidance.py forward": 1,
+}
+
+
+def _is_read(node: ast.AST) -> bool:
+    if not isinstance(node, ast.Call):
+        return False
+    if isinstance(node.func, ast.Attribute):
+        return node.func.attr in SYNCS
+    return (
+        isinstance(node.func, ast.Name)
+        and node.func.id in CASTS
+        and len(node.args) == 1
+        and isinstance(arg := node.args[0], ast.Call)
+        and isinstance(arg.func, ast.Attribute)
+        and arg.func.attr in REDUCTIONS
+    )
 
 
 def _host_reads(path: Path, names: list[str] | None) -> list[str]:
@@ -138,25 +169,29 @@ def _host_reads(path: Path, names: list[str] | None) -> list[str]:
         lazy = {id(n) for lam in ast.walk(fn) if isinstance(lam, ast.Lambda) for n in ast.walk(lam)}
         for node in ast.walk(fn):
             # Error messages built in a lambda run only on failure (see weightings.check_values).
-            if (
-                id(node) not in lazy
-                and isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Attribute)
-                and node.func.attr in SYNCS
-            ):
-                found.append(f"{path.name}:{node.lineno} {fn.name}: .{node.func.attr}()")
+            if id(node) not in lazy and _is_read(node):
+                what = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+                found.append(f"{path.name}:{node.lineno} {fn.name}: {what}()")
     return found
 
 
 def test_hot_paths_read_nothing_back_to_the_host():
     src = ROOT / "src" / "difflora"
     found = [hit for rel, names in HOT.items() for hit in _host_reads(src / rel, names)]
-    assert found == []
+    per_function: dict[str, int] = {}
+    for hit in found:
+        key = hit.split(":")[0] + " " + hit.split(" ")[1].rstrip(":")
+        per_function[key] = per_function.get(key, 0) + 1
+    assert {k: n for k, n in per_function.items() if n > ALLOWED.get(k, 0)} == {}, found
+    # Each allowed read is still there (else the allowance is stale and must go).
+    assert per_function == ALLOWED
     # The checker itself finds a readback (a check that cannot fail is no check).
     probe = ROOT / "tests" / "_probe_hot.py"
     try:
-        probe.write_text("def forward(x):\n    return x.sum().item()\n")
-        assert _host_reads(probe, ["forward"]) == ["_probe_hot.py:2 forward: .item()"]
+        probe.write_text(
+            "def forward(x, y):\n    if bool((y < 0).any()):\n        return x\n    return x.sum().item()\n"
+        )
+        assert _host_reads(probe, ["forward"]) == ["_probe_hot.py:2 forward: bool()", "_probe_hot.py:4 forward: item()"]
     finally:
         probe.unlink()
 

@@ -115,16 +115,21 @@ def fuse_student(model: nn.Module, cfg: Config, guidance: float | None = None) -
 
     ``W0 <- W0 + B A`` (or the guidance-scale bank's mixture at w) once for the whole sampling
     run: afterwards the model is the student, a plain network with zero per-step overhead, and
-    no copy of W0 is kept (a reversible merge would hold one per layer). Irreversible: for a
-    model loaded for one sampling run; the teacher is no longer in it.
+    no copy of W0 is kept (a reversible merge would hold one per layer). A wrapper left with no
+    adapter is replaced by its base layer (its per-call routing work would be pure overhead), so a
+    model whose only adapter was the student's LoRA becomes the plain network, module for module.
+    Irreversible: for a model loaded for one sampling run; the teacher is no longer in it.
     """
     w = student_guidance(cfg, guidance)
     values = student_conditions(cfg, w)
-    for _, layer in adapter_layers(model):
+    for path, layer in list(adapter_layers(model)):
         if DISTILL_ADAPTER in layer.adapters:
             branch = layer.adapters[DISTILL_ADAPTER]
             layer.base_layer.weight.add_(branch.delta_weight(values[branch.condition]).reshape(layer.weight.shape))
             del layer.adapters[DISTILL_ADAPTER]
+            if not layer.adapters and not layer.merged:
+                parent, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent), child, layer.base_layer)
     return w
 
 

@@ -332,17 +332,44 @@ def unmerge_adapters(model: nn.Module, *conditions: str) -> None:
         layer.unmerge(*conditions)
 
 
-def _shared_value(value: ConditionValue) -> tuple[bool, Any]:
-    """(True, v) if every sample of the batch has the value v, else (False, None)."""
-    if not isinstance(value, torch.Tensor):
-        return True, value
-    flat = value.reshape(-1)
-    if flat.numel() == 0:
-        return False, None
-    first = flat[:1]
-    if flat.numel() > 1 and not bool((flat == first).all()):
-        return False, None
-    return True, first[0]
+def _shared_values(values: dict[str, ConditionValue]) -> dict[str, tuple[bool, Any]]:
+    """{name: (True, v)} for a condition whose samples all have the value v (a Python number), else
+    {name: (False, None)}.
+
+    Whether a merge is possible is a host decision (it rewrites the weights), so the batch's values
+    must be read once: every tensor condition's "all equal" flag and first value are packed into
+    one float64 tensor and read back in a single ``.tolist()``, one readback per call however many
+    conditions there are (float64 holds every float value and every integer up to 2**53 exactly:
+    timesteps, labels and task ids are far below).
+    """
+    out: dict[str, tuple[bool, Any]] = {}
+    flat = {}
+    for name, value in values.items():
+        if not isinstance(value, torch.Tensor):
+            out[name] = (True, value)
+        elif value.numel() == 0:
+            out[name] = (False, None)
+        else:
+            flat[name] = value.reshape(-1)
+    if not flat:
+        return out
+    device = next(iter(flat.values())).device
+    packed = [torch.stack([_all_equal(f).double(), f[0].double()]).to(device) for f in flat.values()]
+    read = torch.cat(packed).tolist()  # the one host readback (see above)
+    for i, (name, f) in enumerate(flat.items()):
+        same, first = read[2 * i], read[2 * i + 1]
+        if not same:
+            out[name] = (False, None)
+        elif f.dtype == torch.bool:
+            out[name] = (True, bool(first))
+        else:
+            out[name] = (True, first if f.is_floating_point() else int(first))
+    return {name: out[name] for name in values}
+
+
+def _all_equal(flat: torch.Tensor) -> torch.Tensor:
+    """Whether every value of ``flat`` [K >= 1] equals the first, a bool on its device (one value: True, NaN too)."""
+    return (flat == flat[0]).all() if flat.numel() > 1 else torch.ones((), dtype=torch.bool, device=flat.device)
 
 
 def merge_shared(model: nn.Module, **values: ConditionValue) -> dict[str, bool]:
@@ -355,13 +382,9 @@ def merge_shared(model: nn.Module, **values: ConditionValue) -> dict[str, bool]:
     refused (a non-mergeable form reads the condition, see :meth:`ConditionalLoRA.merge_problem`)
     stays per sample: same output, no speed-up. Returns {condition: shared by the batch}.
     """
-    merged: dict[str, bool] = {}
-    to_merge: dict[str, Any] = {}
-    for name, value in values.items():
-        shared, v = _shared_value(value)
-        merged[name] = shared
-        if shared:
-            to_merge[name] = v.item() if isinstance(v, torch.Tensor) else v
+    read = _shared_values(values)  # at most one host readback per call, whatever the conditions
+    merged = {name: shared for name, (shared, _) in read.items()}
+    to_merge = {name: v for name, (shared, v) in read.items() if shared}
     for _, layer in adapter_layers(model):
         stale = [c for c, ok in merged.items() if not ok]
         if stale:

@@ -33,6 +33,7 @@ from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
 from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps, position_adapters
 from difflora.adapters.router import Geometry
 from difflora.adapters.weightings import weighting_from_spec
+from difflora.jsonfile import read_json_file
 
 __all__ = [
     "AdapterLoadError",
@@ -151,14 +152,12 @@ def save_adapters(
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     """The JSON of an adapter directory, checked to be one."""
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterLoadError(f"{path} does not exist: not an adapter directory (save_adapters writes one)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterLoadError(
-            f"{path} is not valid JSON ({exc}): the file is damaged; save the adapters again"
-        ) from None
+    config = read_json_file(
+        path,
+        fix="the file is damaged: save the adapters again",
+        error=AdapterLoadError,
+        missing=f"{path} does not exist: not an adapter directory (save_adapters writes one)",
+    )
     if not isinstance(config, dict) or config.get("format") != _FORMAT or config.get("version") not in _READABLE:
         raise AdapterLoadError(f"{path} is not a difflora adapter file of version {_VERSION}")
     return config

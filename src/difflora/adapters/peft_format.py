@@ -43,6 +43,7 @@ from difflora.adapters.inject import InjectionReport, adapter_layers, inject_ada
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
 from difflora.adapters.positions import position_adapters
 from difflora.adapters.weightings import IndexWeighting
+from difflora.jsonfile import read_json_file
 
 __all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "PeftFormatError", "export_peft", "import_peft", "merge_and_unload"]
 
@@ -145,10 +146,7 @@ def _read_peft(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     for path in (cfg_path, w_path):
         if not path.is_file():
             raise PeftFormatError(f"{path} does not exist: not a peft adapter directory (save_pretrained writes one)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PeftFormatError(f"{cfg_path} is not valid JSON ({exc})") from None
+    config = read_json_file(cfg_path, fix="export the adapter again with peft's save_pretrained", error=PeftFormatError)
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise PeftFormatError(f"{cfg_path}: peft_type is {kind!r}; difflora imports LoRA adapters (peft_type LORA)")

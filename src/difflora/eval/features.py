@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from difflora.config import DataConfig
 from difflora.eval.inception import InceptionFeatures, load_inception
 from difflora.eval.kernel import kid_feature_scale
+from difflora.jsonfile import read_json_file
 
 __all__ = [
     "FeatureNet",
@@ -366,8 +367,8 @@ def load_feature_net(
         if not p.is_file():
             raise FileNotFoundError(f"feature network file {p} does not exist")
     damaged = f"the feature network {j_path.with_suffix('')} is damaged; delete both of its files to retrain it"
+    meta = read_json_file(j_path, fix=damaged, expect=dict)
     try:
-        meta = json.loads(j_path.read_text())
         info = FeatureNetInfo.from_json(meta)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{j_path} is not a feature network's description ({exc}); {damaged}") from None

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from difflora.jsonfile import read_json_file
 from difflora.train.run_dir import read_metrics
 
 __all__ = ["collect_runs", "csv_text", "find_runs", "format_table", "run_row", "runs_table", "write_csv"]
@@ -67,13 +68,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    try:
-        tree = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); repair or delete it to list this run") from None
-    if not isinstance(tree, dict):
-        raise ValueError(f"{path} is not a JSON object; repair or delete it to list this run")
-    return tree
+    return read_json_file(path, fix="repair or delete it to list this run", expect=dict)
 
 
 def _eval_columns(record: dict[str, Any] | None) -> dict[str, Any]:

@@ -42,6 +42,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from difflora.jsonfile import read_json_file
+
 __all__ = [
     "CheckpointError",
     "LoadedCheckpoint",
@@ -173,17 +175,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
 
 
 def _read_state(ckpt: Path) -> dict[str, Any]:
-    state_path = ckpt / "state.json"
-    if not state_path.is_file():
-        raise CheckpointError(f"checkpoint {ckpt} is incomplete: state.json is missing (the write was cut short)")
-    try:
-        state = json.loads(state_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(
-            f"checkpoint {ckpt} is corrupt: state.json is not valid JSON ({exc}); {_ADVICE}"
-        ) from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {ckpt} is corrupt: state.json is not a JSON object; {_ADVICE}")
+    state = read_json_file(
+        ckpt / "state.json",
+        fix=_ADVICE,
+        error=CheckpointError,
+        expect=dict,
+        what=f"checkpoint {ckpt} is corrupt: state.json",
+        missing=f"checkpoint {ckpt} is incomplete: state.json is missing (the write was cut short)",
+    )
     if state.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {ckpt} has format {state.get('format')}, this difflora reads {FORMAT_VERSION}"

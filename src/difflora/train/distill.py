@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from difflora.adapters.weightings import check_values
 from difflora.config import DISTILL_ADAPTER, Config, config_to_dict, parse_config
 from difflora.diffusion.guidance import NULL_LABEL, ClassifierFreeGuidance, guide
 from difflora.diffusion.likelihoods import mean_flat
@@ -84,7 +85,9 @@ class DistillObjective:
 
     Per batch it draws, in this order from ``generator``: timesteps t ~ U{0..T-1} [N], noise
     ~ N(0, I) [N x C x H x W] and, for a guidance-scale LoRA, w ~ U[w_min, w_max] [N]. Every data
-    label must be a real class (the teacher is guided towards it): no label dropout.
+    label must be a real class (the teacher is guided towards it): no label dropout. The check
+    reads no value back from a GPU (:func:`~difflora.adapters.weightings.check_values`: a plain
+    check on CPU, an asynchronous device assert elsewhere).
     """
 
     def __init__(self, cfg: Config, diffusion: Any):
@@ -110,8 +113,9 @@ class DistillObjective:
         self, model: nn.Module, batch: Batch, generator: torch.Generator, device: torch.device
     ) -> dict[str, torch.Tensor]:
         y = batch.conditions.get("y")
-        if y is None or bool((y < 0).any()):
-            raise ValueError("distillation needs a class label for every training image (the teacher is guided to it)")
+        need = "distillation needs a class label for every training image (the teacher is guided to it)"
+        if y is None:
+            raise ValueError(need)
         n = batch.x.shape[0]
         t = torch.randint(self.diffusion.num_timesteps, (n,), generator=generator)
         noise = torch.randn(batch.x.shape, generator=generator)
@@ -122,6 +126,7 @@ class DistillObjective:
         t_model = self.diffusion.model_timesteps(t.to(device))
         extra = {k: v.to(device) for k, v in batch.local(batch.conditions).items() if k != "y"}
         y = y.to(device)
+        check_values(y >= 0, lambda: need, need)
         with dropout_off(model):
             if self.cfg.distill.shared_forward:
                 student, target = self._shared(model, x_t, t_model, y, w, extra)
@@ -149,7 +154,9 @@ class DistillObjective:
         n = x_t.shape[0]
         name, on = next(iter(student_conditions(self.cfg, w).items()))
         off = torch.full((2 * n,), NULL_LABEL if name == "distill" else float("nan"), device=x_t.device)
-        switch = torch.cat([off, torch.as_tensor(on, dtype=off.dtype, device=x_t.device).expand(n)])
+        # The student's value: w [N], already on the device, or the number 0 filled there (no host copy).
+        on = on.to(off.dtype) if torch.is_tensor(on) else torch.full((n,), on, dtype=off.dtype, device=x_t.device)
+        switch = torch.cat([off, on])
         rows = {
             k: torch.cat([v] * 3) if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v for k, v in extra.items()
         }

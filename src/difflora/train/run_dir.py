@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from difflora.config import Config, parse_config
+from difflora.jsonfile import read_json_file
 
 __all__ = [
     "RunDirNotWritable",
@@ -60,13 +61,10 @@ RESTORE_CONFIG = "each checkpoint's state.json holds the run's config (key 'conf
 def load_run_config(run_dir: str | Path) -> Config:
     """The resolved config saved in a run directory."""
     path = Path(run_dir) / "config.json"
-    if not path.is_file():
+    if not path.is_file():  # FileNotFoundError, not the ValueError of a damaged file
         raise FileNotFoundError(f"{run_dir} is not a difflora run directory: {path} is missing")
-    try:
-        tree = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); {RESTORE_CONFIG}") from None
-    return parse_config(tree)
+    # No expect=dict: parse_config words a config that is not a mapping itself (and cli_inputs adds the path).
+    return parse_config(read_json_file(path, fix=RESTORE_CONFIG))
 
 
 def check_writable(out: Path) -> None:
