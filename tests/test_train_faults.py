@@ -162,6 +162,18 @@ def test_throughput_accumulates_over_resumed_segments(tmp_path):
     assert second["train_images_per_s"] == first["train_images_per_s"] > 0
 
 
+@pytest.mark.parametrize("damage", [b"\x89PNG\r\n\x1a\n", b"[1, 2]", b'{"timed_steps": '])
+def test_a_damaged_accounting_record_is_rebuilt_on_resume(tmp_path, damage):
+    # accounting.json is a record the run rebuilds: binary, wrongly shaped or torn, resuming goes on
+    # and writes a fresh one (the resumed segment's own throughput).
+    cfg = tiny("train.steps=9")
+    train(cfg, tmp_path / "run", stop_at=8, **QUIET)
+    (tmp_path / "run" / "accounting.json").write_bytes(damage)
+    train(cfg, tmp_path / "run", resume=True, **QUIET)
+    rebuilt = json.loads((tmp_path / "run" / "accounting.json").read_text())
+    assert rebuilt["parameters"]["total"] > 0
+
+
 def test_damaged_metrics_log_is_repaired_on_resume(tmp_path):
     cfg = tiny("train.log_every=1")
     train(cfg, tmp_path / "run", stop_at=4, **QUIET)

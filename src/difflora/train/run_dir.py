@@ -152,8 +152,10 @@ def merge_accounting_segment(previous: dict[str, Any] | None, segment: dict[str,
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """``path`` as JSON, or None when it is missing or unreadable (a record that can be rebuilt)."""
+    """``path`` as JSON, or None when it is missing or unreadable (a record that can be rebuilt):
+    also when it is not UTF-8 text or holds something other than a JSON object."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return tree if isinstance(tree, dict) else None
