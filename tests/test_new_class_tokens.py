@@ -1,7 +1,8 @@
 """New class tokens on a frozen cross-attention base (``model.context.new_tokens``, adapters/tokens.py).
 
 References: the base model itself. With the table started at the base's null context (``unconditional``), every class
-of the adapted model is the base's unconditional model (y = -1), exactly; the "mean" start is the
+of the adapted model is the base's unconditional model (y = -1), exactly; started at the base's own
+class tokens (``base``) it is the base, exactly; the "mean" start is the
 base run with a hand-built context (the mean of its class tokens) passed by the caller. The base
 reaches the adapted model through the real ``train.init_from`` path (``load_base``), so the key
 mapping is tested too.
@@ -101,6 +102,18 @@ def test_mean_start_is_the_mean_of_the_base_class_tokens(base_run):
     mean = table[:10].double().mean(0).float().view(1, 2, 16).expand(6, -1, -1)
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y), base(x, t, y, context=mean), atol=1e-6, rtol=0)
+
+
+def test_base_start_is_the_base_with_its_own_class_tokens_exactly(base_run):
+    base = base_model(base_run).eval()
+    model = adapted(base_run, "model.context.new_tokens=base").eval()
+    x, t = batch()
+    y = torch.tensor([0, 3, 9, -1, 5, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), base(x, t, y), atol=0, rtol=0)
+    model(x, t, y).square().mean().backward()  # the offsets of the classes present get a gradient
+    grad = model.net.context_embedder.new_tokens.grad
+    assert grad[[0, 3, 5, 9]].abs().sum(1).min() > 0 and grad[[1, 2, 4, 6, 7, 8]].abs().sum() == 0
 
 
 def test_full_fine_tuning_trains_the_table_with_the_base_and_errors_are_named(base_run):

@@ -199,8 +199,9 @@ class ContextConfig(StrictModel):
     # New class tokens on an adapted base (difflora.adapters.tokens): a trainable token table in place
     # of the base's class tokens (the base's null context stays for y = -1), started at the base's
     # null context ("unconditional": every class starts as the unconditional base, exactly) or at the
-    # mean of its class tokens ("mean"). None: the base's own class tokens.
-    new_tokens: Literal["unconditional", "mean"] | None = None
+    # mean of its class tokens ("mean"), or at the base's token of the same class ("base": distinct
+    # from step 0; see adapters/tokens.py for why that matters). None: the base's own class tokens.
+    new_tokens: Literal["unconditional", "mean", "base"] | None = None
 
 
 class ModelConfig(StrictModel):
