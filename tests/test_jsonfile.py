@@ -14,7 +14,9 @@ from torch import nn
 
 from difflora.adapters.io import AdapterLoadError, read_adapter_config
 from difflora.adapters.peft_format import PeftFormatError, import_peft
+from difflora.eval.evaluate import merge_accounting
 from difflora.eval.features import load_feature_net
+from difflora.experiments.study import StudyError, read_run_json
 from difflora.jsonfile import read_json_file
 from difflora.train.checkpoint import CheckpointError, load_checkpoint
 from difflora.train.run_dir import load_run_config
@@ -131,6 +133,11 @@ def _feature_net(d: Path) -> None:
     load_feature_net(d / "net")
 
 
+def _study_run(d: Path) -> None:
+    _file(d, PNG, "accounting.json")
+    read_run_json(d / "accounting.json")
+
+
 @pytest.mark.parametrize(
     ("reader", "error", "message"),
     [
@@ -143,10 +150,19 @@ def _feature_net(d: Path) -> None:
         (_adapter_config, AdapterLoadError, r"adapter_config\.json " + NOT_UTF8 + r"the file is damaged: save the"),
         (_peft_config, PeftFormatError, r"adapter_config\.json " + NOT_UTF8 + r"export the adapter again"),
         (_feature_net, ValueError, r"net\.json " + NOT_UTF8 + r"the feature network .*net is damaged"),
+        (_study_run, StudyError, r"accounting\.json " + NOT_UTF8 + r"delete that run directory"),
     ],
-    ids=["run-config", "checkpoint-state", "adapter-config", "peft-config", "feature-net"],
+    ids=["run-config", "checkpoint-state", "adapter-config", "peft-config", "feature-net", "study-run"],
 )
 def test_every_reader_of_a_users_json_file_reports_a_binary_one(tmp_path, reader, error, message):
     with pytest.raises(error) as info:
         reader(tmp_path)
     assert re.search(message, str(info.value)) and "\n" not in str(info.value), str(info.value)
+
+
+def test_merging_into_a_damaged_accounting_file_rebuilds_it(tmp_path):
+    _file(tmp_path, PNG, "accounting.json")
+    path = merge_accounting(tmp_path, {"sample_images_per_s": 2.5})
+    assert read_json_file(path, fix=FIX) == {"sample_images_per_s": 2.5}
+    merge_accounting(tmp_path, {"peak_memory_mb": 10.0})  # an intact file keeps what it held
+    assert read_json_file(path, fix=FIX) == {"sample_images_per_s": 2.5, "peak_memory_mb": 10.0}

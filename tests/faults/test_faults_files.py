@@ -67,7 +67,17 @@ RUN_DIRS = [
         damage=lambda r, t: (r / "config.json").write_bytes(b"\xff\xfe\x00"),
     ),
     Fault(
-        "config-json-list", sample(), r"config\.json: a config must be a mapping", damage=write("config.json", "[1, 2]")
+        "config-json-list",
+        sample(),
+        r"config\.json is not a JSON object \(it holds an array\); .*state\.json holds the run's config",
+        damage=write("config.json", "[1, 2]"),
+    ),
+    # null once parsed as the default config and sampled a model the run never trained.
+    Fault(
+        "config-json-null",
+        sample(),
+        r"config\.json is not a JSON object \(it holds null\)",
+        damage=write("config.json", "null"),
     ),
     Fault(
         "config-json-bad-value",

@@ -26,7 +26,6 @@ runs scored by the same feature network (same dataset, size and feature-net sett
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -96,9 +95,10 @@ def load_run(
 def merge_accounting(run_dir: str | Path, update: dict[str, Any]) -> Path:
     """Merge keys into ``run_dir/accounting.json`` (created if missing), written atomically."""
     from difflora.train.loop import write_json
+    from difflora.train.run_dir import read_json
 
     path = Path(run_dir) / "accounting.json"
-    acc = json.loads(path.read_text()) if path.is_file() else {}
+    acc = read_json(path) or {}  # missing or damaged: rebuilt from what is known now
     acc.update(update)
     write_json(path, acc)
     return path

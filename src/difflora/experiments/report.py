@@ -17,8 +17,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from difflora.experiments.study import Claim, Study, StudyArm, arm_config, eval_settings
+from difflora.experiments.study import Claim, Study, StudyArm, StudyError, arm_config, eval_settings, read_run_json
 from difflora.experiments.verdicts import judge_claim
+from difflora.jsonfile import read_json_file
+
+# A record is a copy of a run's scores, so a damaged one is rebuilt from the run.
+REBUILD_RECORD = "delete it: `difflora study STUDY --report-only` writes it again from the run"
 
 __all__ = ["END_MARKER", "load_records", "summarise", "sync_records", "write_report"]
 
@@ -42,11 +46,11 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
             if not (mpath.is_file() and apath.is_file()):
                 continue
             cfg = arm_config(study, arm, seed)
-            m = json.loads(mpath.read_text())
+            m = read_run_json(mpath)
             settings = eval_settings(study, cfg, teacher=arm.teacher_of is not None)
             if {k: m["settings"].get(k) for k in settings} != settings or m["checkpoint_step"] != cfg.train.steps:
                 continue
-            acc = json.loads(apath.read_text())
+            acc = read_run_json(apath)
             # Machine-specific paths and settings stay out of a record meant for the repository.
             m = {k: v for k, v in m.items() if k not in ("run_dir", "device", "threads")}
             m["feature_net"] = {k: v for k, v in m["feature_net"].items() if k != "source"}
@@ -76,7 +80,7 @@ def load_records(study: Study, img_dir: Path, arms: list[StudyArm]) -> dict[str,
         for seed in study.seeds:
             path = img_dir / "records" / arm.name / f"seed{seed}.json"
             if path.is_file():
-                recs.append(json.loads(path.read_text()))
+                recs.append(read_json_file(path, fix=REBUILD_RECORD, error=StudyError, expect=dict))
         if recs:
             out[arm.name] = recs
     return out

@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from difflora.config import Config, ConfigError, config_to_dict, parse_config
 from difflora.eval.evaluate import METRICS_VERSION
+from difflora.jsonfile import read_json_file
 from difflora.presets import experiment_presets, resolve_shipped
 
 __all__ = [
@@ -75,6 +76,14 @@ __all__ = [
     "run_study",
     "study_out_dir",
 ]
+
+
+def read_run_json(path: Path) -> dict[str, Any]:
+    """A JSON object a study's run wrote (config.json, accounting.json, eval/metrics.json); a damaged
+    one is a :class:`StudyError` that names it and says how to rebuild it."""
+    return read_json_file(
+        path, fix="delete that run directory to make the study run it again", error=StudyError, expect=dict
+    )
 
 
 class StudyError(ValueError):
@@ -394,7 +403,7 @@ def _run_state(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> str:
     from difflora.train.checkpoint import find_checkpoints
 
     saved = run_dir / "config.json"
-    if saved.is_file() and not _same_config(json.loads(saved.read_text()), cfg):
+    if saved.is_file() and not _same_config(read_run_json(saved), cfg):
         raise StudyError(
             f"{run_dir} holds a run with another config than this study's arm; "
             "delete it or choose another --out (a study never overwrites a run it did not make)"
@@ -412,7 +421,7 @@ def _evaluated(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> bool:
     metrics = run_dir / "eval" / "metrics.json"
     if not metrics.is_file():
         return False
-    m = json.loads(metrics.read_text())
+    m = read_run_json(metrics)
     return {k: m["settings"].get(k) for k in settings} == settings and m["checkpoint_step"] == cfg.train.steps
 
 
@@ -420,7 +429,7 @@ def _teacher_accounting(student_dir: Path, run_dir: Path) -> None:
     """A ``teacher_of`` arm's accounting.json: the teacher's parameters (the student's minus its adapters)."""
     from difflora.eval.evaluate import merge_accounting
 
-    params = json.loads((student_dir / "accounting.json").read_text())["parameters"]
+    params = read_run_json(student_dir / "accounting.json")["parameters"]
     groups = {k: v for k, v in params["by_group"].items() if k not in ("adapters", "weighting")}
     total = params["total"] - params["by_group"].get("adapters", 0) - params["by_group"].get("weighting", 0)
     merge_accounting(

@@ -54,7 +54,16 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from difflora.experiments.study import Study, StudyArm, StudyError, StudyEval, arm_config, read_yaml_mapping, run_all
+from difflora.experiments.study import (
+    Study,
+    StudyArm,
+    StudyError,
+    StudyEval,
+    arm_config,
+    read_run_json,
+    read_yaml_mapping,
+    run_all,
+)
 
 __all__ = ["Cell", "Sweep", "SweepError", "load_sweep", "plan_sweep", "read_results", "run_sweep", "sweep_cells"]
 
@@ -262,8 +271,8 @@ _METRICS = ("fd", "kid_mean", "kid_std", "precision", "recall", "class_accuracy"
 
 def _rows(cell: Cell, arm: StudyArm, seed: int, out_dir: Path) -> list[dict[str, Any]]:
     run_dir = out_dir / arm.name / f"seed{seed}"
-    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    accounting = json.loads((run_dir / "accounting.json").read_text())
+    metrics = read_run_json(run_dir / "eval" / "metrics.json")
+    accounting = read_run_json(run_dir / "accounting.json")
     params = accounting.get("parameters", {})
     rows = []
     for entry in metrics["results"]:

@@ -16,7 +16,6 @@ again on resume, sampling and evaluation.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from difflora.adapters import adapter_layers, adapter_parameters
+from difflora.jsonfile import read_json_file
 from difflora.train.checkpoint import (
     CheckpointError,
     Fingerprint,
@@ -34,6 +34,7 @@ from difflora.train.checkpoint import (
     tensor_shapes,
     weight_sources,
 )
+from difflora.train.run_dir import RESTORE_CONFIG
 
 __all__ = [
     "PRETRAINED_PREFIX",
@@ -69,7 +70,7 @@ def _pretrained_checkpoint(init_from: str) -> Path:
     run = pretrained_run_dir(name)
     try:
         ckpt = select_checkpoint(run)
-        steps = json.loads((run / "config.json").read_text())["train"]["steps"]
+        steps = read_json_file(run / "config.json", fix=RESTORE_CONFIG, expect=dict)["train"]["steps"]
     except (CheckpointError, OSError, ValueError, KeyError):
         raise FileNotFoundError(
             f"train.init_from={init_from}: no finished base in {run}; run `difflora pretrain {name}` first"

@@ -63,8 +63,8 @@ def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.json"
     if not path.is_file():  # FileNotFoundError, not the ValueError of a damaged file
         raise FileNotFoundError(f"{run_dir} is not a difflora run directory: {path} is missing")
-    # No expect=dict: parse_config words a config that is not a mapping itself (and cli_inputs adds the path).
-    return parse_config(read_json_file(path, fix=RESTORE_CONFIG))
+    # expect=dict: parse_config would read a config.json holding null as the default config.
+    return parse_config(read_json_file(path, fix=RESTORE_CONFIG, expect=dict))
 
 
 def check_writable(out: Path) -> None:
