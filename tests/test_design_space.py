@@ -82,7 +82,7 @@ def test_main_sweep_is_the_balanced_tenth_of_input_output_form():
         assert set(Counter(c[factor] for c in cells).values()) == {times}
     assert len({(c["input"], c["output"]) for c in cells}) == 10  # every cell a distinct position pair
     assert sweep.base["train"]["init_from"] == "pretrained:fmnist16-cross-unet"
-    assert sweep.base["model"]["context"]["new_tokens"] == "unconditional"
+    assert sweep.base["model"]["context"]["new_tokens"] == "base"
     width = load_sweep(STUDY / "width.yaml")
     assert [c["width"] for c, _ in plan_sweep(width)[0]] == ["2", "8", "32"]
     assert {k: v for k, v in width.base.items() if k != "model"} == {
