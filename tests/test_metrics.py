@@ -7,15 +7,17 @@ import scipy.linalg
 import torch
 
 from difflora.eval import InceptionFeatures
-from difflora.eval.kernel import kid_feature_scale, mmd2_unbiased, polynomial_kernel, stratified_subset
+from difflora.eval.kernel import class_prior, kid_feature_scale, mmd2_unbiased, polynomial_kernel, stratified_subset
 from difflora.eval.metrics import (
     class_accuracy,
     compute_metrics,
     frechet_distance,
     inception_score,
     kernel_distance,
+    knn_radii,
     precision_recall,
 )
+from difflora.eval.uncertainty import resample
 
 # float64 throughout: agreement with the references is limited by rounding only.
 TOL = 1e-8
@@ -46,9 +48,12 @@ def test_fd_matches_closed_form_with_scipy_sqrtm():
     assert frechet_distance(_t(x), _t(y)) == pytest.approx(expected, rel=TOL)
 
 
-def _naive_kid(x: np.ndarray, y: np.ndarray, xl=None, yl=None, px=None, py=None) -> float:
-    """Stratified unbiased MMD^2 with the cubic kernel, pair by pair; an unlabelled set is one class, prior 1."""
+def _naive_kid(x: np.ndarray, y: np.ndarray, xl=None, yl=None, px=None, py=None, xsrc=None, ysrc=None) -> float:
+    """Stratified unbiased MMD^2 with the cubic kernel, pair by pair; an unlabelled set is one class, prior 1.
+    ``xsrc`` / ``ysrc``: the sample each row copies (a bootstrap resample); pairs of copies of one are left out."""
     d = x.shape[1]
+    xsrc = np.arange(len(x)) if xsrc is None else xsrc
+    ysrc = np.arange(len(y)) if ysrc is None else ysrc
     xl = np.zeros(len(x), int) if xl is None else xl
     yl = np.zeros(len(y), int) if yl is None else yl
     px = np.ones(1) if px is None else px
@@ -57,7 +62,7 @@ def _naive_kid(x: np.ndarray, y: np.ndarray, xl=None, yl=None, px=None, py=None)
     def k(a, b):
         return (a @ b / d + 1.0) ** 3
 
-    def term(a, al, pa, b, bl, pb, same):
+    def term(a, al, pa, b, bl, pb, src):
         total = 0.0
         for c in range(len(pa)):
             for c2 in range(len(pb)):
@@ -65,12 +70,12 @@ def _naive_kid(x: np.ndarray, y: np.ndarray, xl=None, yl=None, px=None, py=None)
                     k(a[i], b[j])
                     for i in range(len(a))
                     for j in range(len(b))
-                    if al[i] == c and bl[j] == c2 and not (same and i == j)
+                    if al[i] == c and bl[j] == c2 and not (src is not None and src[i] == src[j])
                 ]
                 total += pa[c] * pb[c2] * np.mean(vals)
         return total
 
-    return term(x, xl, px, x, xl, px, True) + term(y, yl, py, y, yl, py, True) - 2 * term(x, xl, px, y, yl, py, False)
+    return term(x, xl, px, x, xl, px, xsrc) + term(y, yl, py, y, yl, py, ysrc) - 2 * term(x, xl, px, y, yl, py, None)
 
 
 def test_kid_matches_naive_unbiased_mmd2_with_unequal_sizes():
@@ -107,16 +112,38 @@ def test_bootstrap_copies_are_left_out_like_the_diagonal():
     kxx, kyy, kxy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
     full = mmd2_unbiased(kxx, kyy, kxy)
     ix, iy = torch.randperm(12), torch.randperm(9)
-    same = mmd2_unbiased(kxx[ix][:, ix], kyy[iy][:, iy], kxy[ix][:, iy], x_source=ix, y_source=iy)
+    same = mmd2_unbiased(kxx, kyy, kxy, x_counts=torch.bincount(ix), y_counts=torch.bincount(iy))
     assert same == pytest.approx(full, rel=TOL)
     # With copies, pairs of copies are not counted: equal to the naive formula over distinct-source pairs.
     ix = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 6, 7, 8])
-    got = mmd2_unbiased(kxx[ix][:, ix], kyy, kxy[ix], x_source=ix)
+    got = mmd2_unbiased(kxx, kyy, kxy, x_counts=torch.bincount(ix, minlength=12))
     xs = x.numpy()[ix.numpy()]
     pairs = [((xs[i] @ xs[j]) / 3 + 1) ** 3 for i in range(12) for j in range(12) if ix[i] != ix[j]]
     yy = np.mean([((y[i] @ y[j]).item() / 3 + 1) ** 3 for i in range(9) for j in range(9) if i != j])
     xy = np.mean([((xs[i] @ y[j].numpy()) / 3 + 1) ** 3 for i in range(12) for j in range(9)])
     expected = np.mean(pairs) + yy - 2 * xy
+    assert got == pytest.approx(expected, rel=TOL)
+
+
+def test_a_stratified_resample_scored_from_counts_is_the_naive_formula_over_its_copies():
+    x, y = _gaussian(30, 3, 41), _gaussian(20, 3, 42, shift=0.3)
+    xl, yl = np.arange(30) % 3, np.arange(20) % 3
+    prior = class_prior(torch.from_numpy(xl))
+    g = torch.Generator().manual_seed(5)
+    ix, iy = resample(torch.from_numpy(xl), 30, g), resample(torch.from_numpy(yl), 20, g)
+    kxx, kyy, kxy = polynomial_kernel(_t(x), _t(x)), polynomial_kernel(_t(y), _t(y)), polynomial_kernel(_t(x), _t(y))
+    got = mmd2_unbiased(
+        kxx,
+        kyy,
+        kxy,
+        torch.from_numpy(xl),
+        torch.from_numpy(yl),
+        prior,
+        x_counts=torch.bincount(ix, minlength=30),
+        y_counts=torch.bincount(iy, minlength=20),
+    )
+    a, b = ix.numpy(), iy.numpy()
+    expected = _naive_kid(x[a], y[b], xl[a], yl[b], prior.numpy(), prior.numpy(), xsrc=a, ysrc=b)
     assert got == pytest.approx(expected, rel=TOL)
 
 
@@ -127,9 +154,9 @@ def test_a_class_without_distinct_pairs_falls_back_to_the_iid_estimator():
     kxx, kyy, kxy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
     xl, yl = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1]), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     prior = torch.tensor([0.5, 0.5], dtype=torch.float64)
-    src = torch.tensor([0, 1, 2, 3, 4, 5, 6, 6])
-    got = mmd2_unbiased(kxx, kyy, kxy, xl, yl, prior, x_source=src)
-    assert got == pytest.approx(mmd2_unbiased(kxx, kyy, kxy, x_source=src), rel=TOL)
+    counts = torch.tensor([1, 1, 1, 1, 1, 1, 2, 0])  # sample 6 twice, sample 7 not at all
+    got = mmd2_unbiased(kxx, kyy, kxy, xl, yl, prior, x_counts=counts)
+    assert got == pytest.approx(mmd2_unbiased(kxx, kyy, kxy, x_counts=counts), rel=TOL)
     # With distinct samples the stratified estimate is used, and it differs.
     strat = mmd2_unbiased(kxx, kyy, kxy, xl, yl, prior)
     assert abs(strat - mmd2_unbiased(kxx, kyy, kxy)) > 1e-6
@@ -207,6 +234,11 @@ def test_precision_recall_matches_naive_knn_with_chunking():
     got = precision_recall(_t(real), _t(fake), k=5, batch_size=7)  # 7 rows: chunks with a remainder
     assert 0 < expected[0] < 1 and 0 < expected[1] < 1  # not a trivial case
     assert got == pytest.approx(expected, abs=TOL)
+    # The real radii computed once and passed in give the same scores; radii of another k do not.
+    assert precision_recall(_t(real), _t(fake), k=5, real_radii=knn_radii(_t(real), 5)) == got
+    assert precision_recall(_t(real), _t(fake), k=5, real_radii=knn_radii(_t(real), 1)) != got
+    with pytest.raises(ValueError, match=r"real_radii must be \[N\] = \[60\], got \[50\]"):
+        precision_recall(_t(real), _t(fake), real_radii=knn_radii(_t(fake)))
 
 
 def test_class_accuracy_ignores_null_label():

@@ -12,6 +12,7 @@ from difflora.eval.features import floor_pool, split_train
 from difflora.eval.kernel import class_prior, kernel_distance
 from difflora.eval.metrics import precision_recall
 from difflora.eval.uncertainty import (
+    _Neighbours,
     _pr_resampled,
     bootstrap_intervals,
     check_pool,
@@ -101,9 +102,33 @@ def test_resampled_precision_recall_without_copies_is_the_plain_one():
         torch.randn(40, 3, generator=g, dtype=torch.float64),
         torch.randn(30, 3, generator=g, dtype=torch.float64) + 0.5,
     )
-    d = (torch.cdist(real, real), torch.cdist(fake, fake), torch.cdist(real, fake))
-    got = _pr_resampled(*d, torch.randperm(40, generator=g), torch.randperm(30, generator=g), 3)
+    nx, ny = _Neighbours(torch.cdist(real, real)), _Neighbours(torch.cdist(fake, fake))
+    got = _pr_resampled(
+        torch.cdist(real, fake), torch.randperm(40, generator=g), torch.randperm(30, generator=g), 3, nx, ny
+    )
     assert got == pytest.approx(precision_recall(real, fake, k=3), abs=TOL)
+
+
+def _naive_pr_resampled(real, fake, ix, iy, k):
+    """Precision and recall of a resample, gathered copy by copy: radii over its distinct points."""
+    ux, uy = ix.unique(), iy.unique()
+    rx = torch.cdist(real[ux], real[ux]).kthvalue(min(k + 1, len(ux)), dim=1).values
+    ry = torch.cdist(fake[uy], fake[uy]).kthvalue(min(k + 1, len(uy)), dim=1).values
+    precision = (torch.cdist(real[ux], fake[iy]) <= rx[:, None]).any(0).double().mean()
+    recall = (torch.cdist(real[ix], fake[uy]) <= ry[None, :]).any(1).double().mean()
+    return float(precision), float(recall)
+
+
+@pytest.mark.parametrize("keep", [64, 2])  # 2: every radius falls back to the full row
+def test_resampled_precision_recall_with_copies_is_the_naive_one(keep):
+    g = torch.Generator().manual_seed(6)
+    real = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    fake = torch.randn(50, 3, generator=g, dtype=torch.float64) + 0.3
+    nx, ny = _Neighbours(torch.cdist(real, real), keep), _Neighbours(torch.cdist(fake, fake), keep)
+    for _ in range(5):
+        ix, iy = torch.randint(60, (60,), generator=g), torch.randint(50, (50,), generator=g)
+        got = _pr_resampled(torch.cdist(real, fake), ix, iy, 3, nx, ny)
+        assert got == pytest.approx(_naive_pr_resampled(real, fake, ix, iy, 3), abs=TOL)
 
 
 def test_bootstrap_intervals_bracket_the_estimate_and_are_seeded(feats):

@@ -44,7 +44,7 @@ from difflora.eval.features import (
     load_feature_net,
 )
 from difflora.eval.fidelity import spatial_requests, task_fidelity
-from difflora.eval.metrics import extract_features, feature_kid_scale, metrics_from_features
+from difflora.eval.metrics import extract_features, feature_kid_scale, knn_radii, metrics_from_features
 from difflora.eval.uncertainty import bootstrap_intervals, check_pool, reference_level
 
 __all__ = ["EvalError", "METRICS_VERSION", "evaluate_run", "load_run", "merge_accounting", "MIN_SAMPLES"]
@@ -159,7 +159,8 @@ def _check_request(num_samples: int, steps: int | None, sampler: str | None, boo
 
 
 def _reference(cfg: Config, net: FeatureNet, num_samples: int, labels: torch.Tensor | None, seed: int, draws: int):
-    """(reference features, reference labels, noise floor) -- everything that can fail before sampling."""
+    """(reference features, reference labels, their k-NN radii, noise floor, pool size) -- everything
+    that can fail before sampling, and what every scored set is compared with."""
     from difflora.data import load_dataset
     from difflora.eval.features import floor_pool
 
@@ -172,6 +173,7 @@ def _reference(cfg: Config, net: FeatureNet, num_samples: int, labels: torch.Ten
     except ValueError as exc:
         raise EvalError(str(exc)) from None
     ref_f, _ = extract_features(net, ref.images)
+    radii = knn_radii(ref_f)
     pool_f, pool_logits = extract_features(net, pool_images)
     floor = reference_level(
         ref_f,
@@ -184,8 +186,9 @@ def _reference(cfg: Config, net: FeatureNet, num_samples: int, labels: torch.Ten
         kid_scale=feature_kid_scale(net),
         draws=draws,
         seed=seed,
+        ref_radii=radii,
     )
-    return ref_f, ref.labels, floor, int(pool_labels.shape[0])
+    return ref_f, ref.labels, radii, floor, int(pool_labels.shape[0])
 
 
 def _fmt_floor(metrics: dict[str, Any], floor: dict[str, dict[str, float]], ci: dict[str, list[float]]) -> str:
@@ -260,13 +263,13 @@ def evaluate_run(
     net, net_source = _resolve_feature_net(plain, feature_net, cache_dir, feature_train, dev, progress)
     null = cfg.data.spatial is not None and cfg.train.label_dropout >= 1.0  # trained on null labels only
     labels = None if null else _balanced_labels(num_samples, cfg.model.num_classes)
-    ref_f, ref_labels, floor, pool_size = _reference(plain, net, num_samples, labels, seed, floor_draws)
+    ref_f, ref_labels, radii, floor, pool_size = _reference(plain, net, num_samples, labels, seed, floor_draws)
     model.to(dev)
 
     common = dict(steps=steps, sampler=sampler, eta=eta, labels=labels, seed=seed, teacher=teacher)
     if cfg.train.objective == "distill" and not teacher:
         model = _FusedStudent(run_dir, weights, checkpoint, dev)
-    scored = (model, cfg, net, ref_f, ref_labels, floor)
+    scored = (model, cfg, net, (ref_f, ref_labels, radii), floor)
     results, grids = _score_all(scored, scales, common, num_samples, grid_size, bootstrap, dev, progress, say)
 
     balanced = "balanced" if labels is not None else None
@@ -295,19 +298,17 @@ def _score_all(
 ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
     """One result entry and sample grid per guidance scale (and per spatial task of a spatial run).
 
-    ``scored``: (model, cfg, feature net, reference features, reference labels, noise floor);
+    ``scored``: (model, cfg, feature net, (reference features, labels, k-NN radii), noise floor);
     ``common``: the sampling settings shared by every scale.
     """
-    model, cfg, net, ref_f, ref_labels, floor = scored
+    model, cfg, net, ref, floor = scored
     results, grids = [], []
     for w in scales:
         for req in spatial_requests(cfg.data, num_samples) or [None]:
             sampled = {**common, "guidance": w}
             sampled |= {} if req is None else {"conditions": {"task": req.task_id}, "spatial": req.spatial}
             at_w = model.at(w) if isinstance(model, _FusedStudent) else model
-            entry, fake = _score_scale(
-                at_w, cfg, net, ref_f, ref_labels, num_samples, sampled, bootstrap, dev, progress
-            )
+            entry, fake = _score_scale(at_w, cfg, net, ref, num_samples, sampled, bootstrap, dev, progress)
             if req is not None:
                 entry |= {"task": req.task, "task_id": req.task_id, "grid": f"samples_w{_fmt_scale(w)}_{req.task}.png"}
                 entry["fidelity"] = task_fidelity(req.task, fake, req.clean, cfg.data.spatial)
@@ -400,8 +401,7 @@ def _score_scale(
     model: torch.nn.Module,
     cfg: Config,
     net: FeatureNet,
-    ref_f: torch.Tensor,
-    ref_labels: torch.Tensor | None,
+    ref: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor],
     num_samples: int,
     sampled: dict[str, Any],
     bootstrap: int,
@@ -409,13 +409,14 @@ def _score_scale(
     progress: bool,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Draw ``num_samples`` images at one guidance scale (``sampled``: generate's settings) and score
-    them against the reference features; returns the result entry and the images."""
+    them against the reference (features, labels, k-NN radii); returns the result entry and the images."""
     from difflora.generate import generate
 
     t0 = time.perf_counter()
     fake = generate(model, cfg, num_samples, device=dev, progress=progress, **sampled)
     seconds = time.perf_counter() - t0
     fake_f, fake_logits = extract_features(net, fake)
+    ref_f, ref_labels, radii = ref
     scored = dict(
         real_labels=ref_labels,
         fake_labels=sampled["labels"],
@@ -423,7 +424,7 @@ def _score_scale(
         kid_scale=feature_kid_scale(net),
     )
     seed = sampled["seed"]
-    metrics = metrics_from_features(ref_f, fake_f, seed=seed, **scored)
+    metrics = metrics_from_features(ref_f, fake_f, seed=seed, real_radii=radii, **scored)
     ci = bootstrap_intervals(ref_f, fake_f, draws=bootstrap, seed=seed, **scored) if bootstrap else {}
     entry = {
         "guidance": sampled["guidance"],

@@ -96,34 +96,6 @@ def _onehot(labels: torch.Tensor | None, n: int, prior: torch.Tensor) -> tuple[t
     return torch.nn.functional.one_hot(labels, prior.numel()).to(torch.float64), prior
 
 
-def _within(k: torch.Tensor, z: torch.Tensor, prior: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    """sum_{c,c'} pi_c pi_c' mean of k over the counted pairs (``pairs`` [n x n] 0/1) of classes c, c'."""
-    sums = z.T @ (k * pairs) @ z
-    counts = z.T @ pairs @ z
-    w = prior[:, None] * prior[None, :]
-    keep = w > 0
-    if (counts[keep] == 0).any():
-        raise ValueError("KID: a class of the prior has fewer than 2 samples in a set (or none in one)")
-    return (w[keep] * sums[keep] / counts[keep]).sum()
-
-
-def _cross(k: torch.Tensor, zx: torch.Tensor, px: torch.Tensor, zy: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
-    sums = zx.T @ k @ zy
-    counts = zx.sum(0)[:, None] * zy.sum(0)[None, :]
-    w = px[:, None] * py[None, :]
-    keep = w > 0
-    if (counts[keep] == 0).any():
-        raise ValueError("KID: a class of the prior has no sample in one of the sets")
-    return (w[keep] * sums[keep] / counts[keep]).sum()
-
-
-def _distinct_pairs(source: torch.Tensor | None, n: int) -> torch.Tensor:
-    """[n x n] 1 where rows i, j are different samples: i != j, and different sources in a bootstrap resample."""
-    if source is None:
-        return 1.0 - torch.eye(n, dtype=torch.float64)
-    return (source[:, None] != source[None, :]).to(torch.float64)
-
-
 def mmd2_unbiased(
     kxx: torch.Tensor,
     kyy: torch.Tensor,
@@ -131,41 +103,62 @@ def mmd2_unbiased(
     x_labels: torch.Tensor | None = None,
     y_labels: torch.Tensor | None = None,
     prior: torch.Tensor | None = None,
-    x_source: torch.Tensor | None = None,
-    y_source: torch.Tensor | None = None,
+    x_counts: torch.Tensor | None = None,
+    y_counts: torch.Tensor | None = None,
 ) -> float:
     """Stratified unbiased MMD^2 from kernel blocks kxx [N x N], kyy [M x M], kxy [N x M] (module docstring).
 
     Labels [N] / [M] (None: the set is unlabelled, one class) index ``prior`` [C] (needed when any
-    set has labels). ``x_source`` / ``y_source`` [N] / [M]: for a bootstrap resample, the index of
-    the original sample each row copies; pairs of copies of one sample are left out like i = j.
+    set has labels). ``x_counts`` / ``y_counts`` [N] / [M]: for a bootstrap resample, how many
+    copies of each sample it holds (None: each once); pairs of copies of one sample are left out
+    like i = j. The resample is scored from the original kernel blocks with the counts as weights,
+    which is exact and costs one [N x N] x [N x C] product instead of gathering an [N x N] block.
     """
     n, m = kxx.shape[0], kyy.shape[0]
-    if min(n, m) < 2:
-        raise ValueError(f"unbiased MMD^2 needs at least 2 samples per set, got {n} and {m}")
+    cx = torch.ones(n, dtype=torch.float64) if x_counts is None else x_counts.to(torch.float64)
+    cy = torch.ones(m, dtype=torch.float64) if y_counts is None else y_counts.to(torch.float64)
+    if min(cx.sum(), cy.sum()) < 2:
+        raise ValueError(f"unbiased MMD^2 needs at least 2 samples per set, got {int(cx.sum())} and {int(cy.sum())}")
     if prior is None:
         if x_labels is not None or y_labels is not None:
             raise ValueError("labelled sets need the class prior")
         prior = torch.ones(1, dtype=torch.float64)
     zx, px = _onehot(x_labels, n, prior)
     zy, py = _onehot(y_labels, m, prior)
-    pxx, pyy = _distinct_pairs(x_source, n), _distinct_pairs(y_source, m)
-    if (x_labels is not None or y_labels is not None) and not (
-        _strata_filled(zx, px, pxx) and _strata_filled(zy, py, pyy)
-    ):
+    sx, nx = _pair_sums(kxx, zx, cx)
+    sy, ny = _pair_sums(kyy, zy, cy)
+    if (x_labels is not None or y_labels is not None) and not (_strata_filled(nx, px) and _strata_filled(ny, py)):
         # A class of the prior has no distinct pair in a set (a small class, or a bootstrap draw that
         # copied one sample of it): its block cannot be estimated, so the sets are scored as i.i.d.
         # draws instead (the plain unbiased MMD^2, biased by about -V_between (1/n + 1/m)).
-        return mmd2_unbiased(kxx, kyy, kxy, x_source=x_source, y_source=y_source)
-    exx = _within(kxx, zx, px, pxx)
-    eyy = _within(kyy, zy, py, pyy)
-    return float(exx + eyy - 2 * _cross(kxy, zx, px, zy, py))
+        return mmd2_unbiased(kxx, kyy, kxy, x_counts=x_counts, y_counts=y_counts)
+    wx, wy = zx * cx[:, None], zy * cy[:, None]
+    sxy, nxy = wx.T @ kxy @ wy, wx.sum(0)[:, None] * wy.sum(0)[None, :]
+    return float(_weighted(sx, nx, px, px) + _weighted(sy, ny, py, py) - 2 * _weighted(sxy, nxy, px, py))
 
 
-def _strata_filled(z: torch.Tensor, prior: torch.Tensor, pairs: torch.Tensor) -> bool:
+def _pair_sums(k: torch.Tensor, z: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of k and counts [C x C] over the pairs of distinct samples of classes (c, c') of a set
+    holding c_i copies of sample i: sum_{i != j} c_i c_j z_i z_j^T (k_ij and 1)."""
+    w = z * c[:, None]
+    same = z * (c * c)[:, None]  # the i = j terms: every pair of copies of one sample
+    sums = w.T @ (k @ w) - same.T @ (z * k.diagonal()[:, None])
+    total = w.sum(0)
+    return sums, total[:, None] * total[None, :] - same.T @ z
+
+
+def _strata_filled(counts: torch.Tensor, prior: torch.Tensor) -> bool:
     """Whether every class with prior mass has at least one counted pair (so also a sample) in the set."""
-    per_class = (z.T @ pairs @ z).diagonal()
-    return bool((per_class[prior > 0] > 0).all())
+    return bool((counts.diagonal()[prior > 0] > 0).all())
+
+
+def _weighted(sums: torch.Tensor, counts: torch.Tensor, pa: torch.Tensor, pb: torch.Tensor) -> torch.Tensor:
+    """sum_{c,c'} pa_c pb_c' sums / counts over the class pairs with prior mass."""
+    w = pa[:, None] * pb[None, :]
+    keep = w > 0
+    if (counts[keep] == 0).any():
+        raise ValueError("KID: a class of the prior has fewer than 2 samples in a set (or none in one)")
+    return (w[keep] * sums[keep] / counts[keep]).sum()
 
 
 def stratified_subset(labels: torch.Tensor | None, n: int, size: int, gen: torch.Generator) -> torch.Tensor:

@@ -43,6 +43,7 @@ __all__ = [
     "inception_score",
     "kernel_distance",
     "kid_labels",
+    "knn_radii",
     "mean_cov",
     "metrics_from_features",
     "precision_recall",
@@ -163,12 +164,19 @@ def _inside_manifold(
     return torch.cat([(torch.cdist(c, ref) <= radii[None, :]).any(dim=1) for c in points.split(rows)])
 
 
+def knn_radii(features: torch.Tensor, k: int = 3, batch_size: int | None = None) -> torch.Tensor:
+    """Distance [N] of each row of features [N x D] to its k-th nearest other row: the radii of the
+    set's manifold in :func:`precision_recall`, computed once when one real set meets many fakes."""
+    return _kth_neighbour_radius(_as_features(features, "features"), k, batch_size)
+
+
 def precision_recall(
     real_features: torch.Tensor,
     fake_features: torch.Tensor,
     k: int = 3,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
+    real_radii: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) of features [N x D] vs [M x D].
 
@@ -176,14 +184,18 @@ def precision_recall(
     point's k-th nearest neighbour in the same set. Precision: the fraction of fake points inside
     the real manifold (are samples realistic?). Recall: the fraction of real points inside the fake
     manifold (is the data covered?). ``batch_size`` rows of distances are computed at a time, on
-    ``device`` (default: the features' device); the work is O((N + M)^2 D), the costliest metric.
+    ``device`` (default: the features' device); the work is O((N + M)^2 D), the costliest metric,
+    and O(N^2 D) of it is the real radii, which ``real_radii`` (:func:`knn_radii` of the real set
+    with this k) passes in when they are known.
     """
     real, fake = _as_features(real_features, "real_features"), _as_features(fake_features, "fake_features")
     if device is not None:
         real, fake = real.to(device), fake.to(device)
     if not 1 <= k < min(real.shape[0], fake.shape[0]):
         raise ValueError(f"k={k} needs 1 <= k < min(#real, #fake) = {min(real.shape[0], fake.shape[0])}")
-    r_real = _kth_neighbour_radius(real, k, batch_size)
+    if real_radii is not None and real_radii.shape != (real.shape[0],):
+        raise ValueError(f"real_radii must be [N] = [{real.shape[0]}], got {list(real_radii.shape)}")
+    r_real = _kth_neighbour_radius(real, k, batch_size) if real_radii is None else real_radii.to(real)
     r_fake = _kth_neighbour_radius(fake, k, batch_size)
     precision = _inside_manifold(fake, real, r_real, batch_size).double().mean()
     recall = _inside_manifold(real, fake, r_fake, batch_size).double().mean()
@@ -240,12 +252,14 @@ def metrics_from_features(
     kid_subset_size: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
+    real_radii: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """FD, KID (mean, std), precision, recall and class accuracy of features [M x D] vs real [N x D].
 
     ``fake_labels`` [M] are the classes the samples were generated for (-1 = none). KID is stratified
     by class when ``real_labels`` are given and, for the fakes, when every fake has a class (see
     ``difflora.eval.kernel``); class accuracy needs ``fake_logits`` [M x K] and ``fake_labels``.
+    ``real_radii``: the real set's k-NN radii when known (see :func:`precision_recall`).
     """
     real_labels, kid_fake_labels = kid_labels(real_labels, fake_labels)
     kid_mean, kid_std = kernel_distance(
@@ -258,7 +272,7 @@ def metrics_from_features(
         scale=kid_scale,
         seed=seed,
     )
-    precision, recall = precision_recall(real_f, fake_f, k, device=device)
+    precision, recall = precision_recall(real_f, fake_f, k, device=device, real_radii=real_radii)
     out = {
         "fd": frechet_distance(real_f, fake_f),
         "kid_mean": kid_mean,

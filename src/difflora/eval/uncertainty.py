@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from difflora.eval.kernel import class_prior, mmd2_unbiased, polynomial_kernel, rank_in_class
-from difflora.eval.metrics import frechet_from_stats, kid_labels, mean_cov, metrics_from_features
+from difflora.eval.metrics import frechet_from_stats, kid_labels, knn_radii, mean_cov, metrics_from_features
 
 __all__ = ["SCORES", "bootstrap_intervals", "check_pool", "draw_like", "reference_level", "resample"]
 
@@ -42,21 +42,57 @@ def resample(labels: torch.Tensor | None, n: int, gen: torch.Generator) -> torch
     return order[pick]
 
 
+# Nearest neighbours kept per point for resampled k-NN radii: a resample holds ~63% of the distinct
+# points, so the k + 1 = 4 nearest members lie within the first 64 neighbours except with
+# probability ~1e-23; a row where they do not is computed in full.
+NEIGHBOURS = 64
+
+
+class _Neighbours:
+    """Each point's nearest neighbours in its own set, sorted, from the full distance matrix [N x N]:
+    the k-NN radius of any subset of distinct points is then read off the list, not recomputed."""
+
+    def __init__(self, d: torch.Tensor, keep: int = NEIGHBOURS) -> None:
+        self.d = d
+        self.dist, self.index = d.topk(min(keep, d.shape[0]), dim=1, largest=False, sorted=True)
+
+    def radii(self, members: torch.Tensor, kk: int) -> torch.Tensor:
+        """The distance [U] of each point of ``members`` (distinct indices, [U]) to its kk-th nearest
+        member, itself included at distance 0 (as ``kthvalue(kk)`` of ``d[members][:, members]``)."""
+        inside = torch.zeros(self.d.shape[0], dtype=torch.bool)
+        inside[members] = True
+        seen = inside[self.index[members]].cumsum(1)  # [U x keep]: members met so far, nearest first
+        reached = seen >= kk
+        out = self.dist[members].gather(1, reached.int().argmax(1, keepdim=True)).squeeze(1)
+        short = ~reached[:, -1]  # fewer than kk members among the kept neighbours: compute in full
+        if short.any():
+            rows = members[short]
+            out[short] = self.d[rows][:, members].kthvalue(kk, dim=1).values
+        return out
+
+
 def _pr_resampled(
-    dxx: torch.Tensor, dyy: torch.Tensor, dxy: torch.Tensor, ix: torch.Tensor, iy: torch.Tensor, k: int
+    dxy: torch.Tensor,
+    ix: torch.Tensor,
+    iy: torch.Tensor,
+    k: int,
+    nx: _Neighbours,
+    ny: _Neighbours,
 ) -> tuple[float, float]:
-    """Precision and recall of a resample from the full distance matrices.
+    """Precision and recall of a resample from the full distance matrices (neighbour lists ``nx``,
+    ``ny`` of the real and fake sets, ``dxy`` [N x M] between them).
 
     The manifold of a resample is the union of k-NN balls of its *distinct* points (a copy at
     distance 0 would shrink every radius to 0); points count with their multiplicity.
     """
     ux, uy = ix.unique(), iy.unique()
     # A resample of a tiny set can hold k or fewer distinct points: use its farthest neighbour then.
-    rx = dxx[ux][:, ux].kthvalue(min(k + 1, len(ux)), dim=1).values
-    ry = dyy[uy][:, uy].kthvalue(min(k + 1, len(uy)), dim=1).values
-    precision = (dxy[ux][:, iy] <= rx[:, None]).any(0).double().mean()
-    recall = (dxy[ix][:, uy] <= ry[None, :]).any(1).double().mean()
-    return float(precision), float(recall)
+    rx = nx.radii(ux, min(k + 1, len(ux)))
+    ry = ny.radii(uy, min(k + 1, len(uy)))
+    # Whether each original fake (real) point lies in the real (fake) manifold, counted per copy.
+    fake_in = (dxy[ux] <= rx[:, None]).any(0)
+    real_in = (dxy[:, uy] <= ry[None, :]).any(1)
+    return float(fake_in[iy].double().mean()), float(real_in[ix].double().mean())
 
 
 def bootstrap_intervals(
@@ -85,7 +121,7 @@ def bootstrap_intervals(
     prior = class_prior(real_labels) if real_labels is not None else None
     xs, ys = real * kid_scale, fake * kid_scale
     kxx, kyy, kxy = polynomial_kernel(xs, xs), polynomial_kernel(ys, ys), polynomial_kernel(xs, ys)
-    dxx, dyy, dxy = torch.cdist(real, real), torch.cdist(fake, fake), torch.cdist(real, fake)
+    nx, ny, dxy = _Neighbours(torch.cdist(real, real)), _Neighbours(torch.cdist(fake, fake)), torch.cdist(real, fake)
     correct = None
     if fake_labels is not None and fake_logits is not None and (fake_labels >= 0).any():
         keep = fake_labels >= 0
@@ -99,12 +135,9 @@ def bootstrap_intervals(
         ix = resample(real_labels, n, gen)
         iy = resample(ylab, m, gen)
         values["fd"].append(frechet_from_stats(*mean_cov(real[ix]), *mean_cov(fake[iy])))
-        xl = real_labels[ix] if real_labels is not None else None
-        yl = ylab[iy] if ylab is not None else None
-        values["kid_mean"].append(
-            mmd2_unbiased(kxx[ix][:, ix], kyy[iy][:, iy], kxy[ix][:, iy], xl, yl, prior, x_source=ix, y_source=iy)
-        )
-        p, r = _pr_resampled(dxx, dyy, dxy, ix, iy, k)
+        cx, cy = torch.bincount(ix, minlength=n), torch.bincount(iy, minlength=m)
+        values["kid_mean"].append(mmd2_unbiased(kxx, kyy, kxy, real_labels, ylab, prior, x_counts=cx, y_counts=cy))
+        p, r = _pr_resampled(dxy, ix, iy, k, nx, ny)
         values["precision"].append(p)
         values["recall"].append(r)
         if correct is not None:
@@ -169,6 +202,7 @@ def reference_level(
     draws: int = 20,
     level: float = 0.95,
     seed: int = 0,
+    ref_radii: torch.Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
     """The noise floor: each score of ``draws`` real sets of ``num`` pool images [P x D] vs the reference.
 
@@ -177,8 +211,11 @@ def reference_level(
     and scores it as an unconditional sample. Returns {score: {"mean", "std", "lo", "hi"}} with the
     percentile range at ``level`` over the draws, plus class accuracy (the classifier on real
     images: the ceiling of a generator's) when ``labels`` and ``pool_logits`` are given.
+    ``ref_radii``: the reference's k-NN radii (``knn_radii(ref_f, k)``), computed here when None;
+    every draw meets the same reference, so they are computed once, not once per draw.
     """
     check_pool(pool_labels, num, labels)
+    ref_radii = knn_radii(ref_f, k) if ref_radii is None else ref_radii
     gen = torch.Generator().manual_seed(seed)
     rows = []
     prior = class_prior(pool_labels)
@@ -201,6 +238,7 @@ def reference_level(
                 # 20 subsets: the spread that matters here is between draws, not within one.
                 kid_subsets=20,
                 seed=seed + d,
+                real_radii=ref_radii,
             )
         )
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
