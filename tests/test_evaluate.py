@@ -89,6 +89,26 @@ def test_equals_scoring_the_samples_by_hand(run_dir, cache, result):
         assert got[key] == pytest.approx(ref[key], rel=1e-9), key
 
 
+def test_run_trained_on_null_labels_only_is_scored_unconditionally(cache, tmp_path):
+    # label_dropout 1: only the null label was trained, so the samples are unconditional (the
+    # reference i.i.d., no class accuracy), equal to generating with y = None by hand.
+    cfg = load_config(
+        CONFIGS_DIR / "tiny-unet.yaml",
+        ["train.steps=2", "train.ckpt_every=2", "train.label_dropout=1.0", "sample.num=2"],
+    )
+    train(cfg, tmp_path / "u", progress=False, log=lambda _m: None)
+    kw = dict(num_samples=20, steps=3, seed=5, cache_dir=cache, feature_train=TINY_FEATURES, bootstrap=0)
+    got = evaluate_run(tmp_path / "u", guidance=[0], floor_draws=2, **kw)
+    assert got["settings"]["labels"] is None and got["results"][0].get("class_accuracy") is None
+    cfg, model, _ = load_run(tmp_path / "u", "ema")
+    fake = generate(model, cfg, 20, steps=3, sampler="ddim", labels=None, seed=5)
+    test = load_dataset(DataConfig(name="digits"), "test")
+    net = get_feature_net(cfg.data, cache, train=TINY_FEATURES, progress=False)
+    ref = compute_metrics(test.images, fake, net, None, real_labels=test.labels, seed=5)
+    for key in ("fd", "kid_mean", "precision", "recall"):
+        assert got["results"][0][key] == pytest.approx(ref[key], rel=1e-9), key
+
+
 def test_same_seed_same_numbers_other_seed_other_numbers(run_dir, cache, result, tmp_path):
     kw = dict(num_samples=20, steps=3, guidance=[1], cache_dir=cache, feature_train=TINY_FEATURES, bootstrap=5)
     again = evaluate_run(run_dir, seed=5, out=tmp_path / "a", update_accounting=False, **kw)

@@ -75,11 +75,17 @@ def test_scale_one_is_exactly_the_conditional_model():
 
 
 def test_scale_zero_is_the_unconditional_model_and_null_label_is_no_class_input():
-    net = ToyClassNet(2, learn_sigma=False)
+    net = ToyClassNet(2)
     x, t, y = inputs(2)
     # The null label equals calling the network without class input.
     torch.testing.assert_close(net(x, t, y=torch.full_like(y, NULL_LABEL)), net(x, t, y=None), rtol=0, atol=0)
-    torch.testing.assert_close(ClassifierFreeGuidance(net, 0.0)(x, t, y), net(x, t, y=None), **TOL)
+    uncond = net(x, t, y=None)
+    net.calls.clear()
+    # w = 0: one pass of N with the null label, noise and variance channels both unconditional.
+    torch.testing.assert_close(ClassifierFreeGuidance(net, 0.0)(x, t, y), uncond, rtol=0, atol=0)
+    assert len(net.calls) == 1 and net.calls[0][0] == N and net.calls[0][1].tolist() == [NULL_LABEL] * N
+    # Per-sample scales of 0 in a tensor (the guided 2N pass) give the same rows.
+    torch.testing.assert_close(ClassifierFreeGuidance(net, torch.zeros(N))(x, t, y), uncond, **TOL)
     # A sample whose own label is null gets the unconditional prediction whatever the scale.
     torch.testing.assert_close(ClassifierFreeGuidance(net, 7.0)(x, t, y)[2], net(x, t)[2], **TOL)
 

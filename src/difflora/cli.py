@@ -140,9 +140,7 @@ def _cmd_sample(args) -> int:
         conditions, spatial = spatial_inputs(args.condition, args.num, cfg, args.condition_images)
     else:
         conditions = parse_conditions(args.condition, args.num, _without_student(cfg))
-    # Spatial tasks trained with every label dropped (label_dropout 1) sample with y = -1.
-    null = spatial is not None and args.cls is None and cfg.train.label_dropout >= 1.0
-    labels = None if null else default_labels(args.num, cfg.model.num_classes, args.cls)
+    labels = default_labels(cfg, args.num, args.cls)
     if args.teacher and cfg.train.objective != "distill":
         raise CLIError(f"--teacher samples the guided teacher of a distilled run; {args.run_dir} is not one")
     guidance = _distilled_guidance(args, cfg, model) if cfg.train.objective == "distill" else s.guidance

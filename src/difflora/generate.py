@@ -64,9 +64,12 @@ def condition_tensors(conditions: dict[str, object] | None, num: int) -> dict[st
     return out
 
 
-def default_labels(num: int, num_classes: int, cls: int | None = None) -> torch.Tensor | None:
-    """Labels for ``num`` samples: all ``cls`` if given, else 0, 1, ..., C-1 repeated (a grid with one
-    class per column); None for an unconditional model."""
+def default_labels(cfg: Config, num: int, cls: int | None = None) -> torch.Tensor | None:
+    """Labels for ``num`` samples of a run with config ``cfg``: all ``cls`` if given, else 0, 1, ...,
+    C-1 repeated (a grid with one class per column); None (unconditional sampling) for an
+    unconditional model and for a run trained with every label dropped (``train.label_dropout`` 1:
+    only the null label was trained, so class labels would ask the untouched base's classes)."""
+    num_classes = cfg.model.num_classes
     if num_classes == 0:
         if cls is not None:
             raise ValueError("--class was given but the model is unconditional (model.num_classes = 0)")
@@ -75,6 +78,8 @@ def default_labels(num: int, num_classes: int, cls: int | None = None) -> torch.
         if not 0 <= cls < num_classes:
             raise ValueError(f"class {cls} is out of range: the model has classes 0..{num_classes - 1}")
         return torch.full((num,), cls, dtype=torch.long)
+    if cfg.train.label_dropout >= 1.0:
+        return None
     return torch.arange(num, dtype=torch.long) % num_classes
 
 

@@ -41,7 +41,10 @@ class ClassifierFreeGuidance(nn.Module):
     variance is the one trained for the distribution being sampled (GLIDE and DiT do the same).
 
     ``scale == 1`` (a Python number) is exactly the conditional model: one conditional pass, no
-    doubling. ``y=None`` (a wholly unconditional batch) has nothing to guide: one plain pass.
+    doubling. ``scale == 0`` is exactly the unconditional model: one pass with the null label, its
+    variance channels included (at w = 0 the unconditional distribution is the one sampled; per
+    sample scales of 0 in a tensor get the same rows).
+    ``y=None`` (a wholly unconditional batch) has nothing to guide: one plain pass.
 
     Args:
         model: ``model(x, t, y=..., **kw) -> [N x C_out x H x W]``; kept by reference (no copy).
@@ -68,6 +71,8 @@ class ClassifierFreeGuidance(nn.Module):
         scale = self.scale if guidance_scale is None else guidance_scale
         if y is None or (isinstance(scale, int | float) and scale == 1):
             return self.model(x, t, y=y, **kw)
+        if isinstance(scale, int | float) and scale == 0 and self.min_t is None:
+            return self.model(x, t, y=torch.full_like(y, NULL_LABEL), **kw)
         guided = None if self.min_t is None else t >= self.min_t
         if guided is not None and not bool(guided.any()):
             return self.model(x, t, y=y, **kw)  # a selective-guidance step without guidance: one pass
@@ -86,14 +91,18 @@ class ClassifierFreeGuidance(nn.Module):
 def guide(cond: Tensor, uncond: Tensor, scale: float | Tensor, channels: int) -> Tensor:
     """The classifier-free-guidance output from the two predictions [N x C_out x H x W]:
     ``uncond + scale (cond - uncond)`` on the first ``channels`` (noise) channels, the conditional
-    prediction on the rest (learned variance; see :class:`ClassifierFreeGuidance`). ``scale``: a
-    number or [N]. Also the distillation target (difflora.train.distill)."""
+    prediction on the rest (learned variance; see :class:`ClassifierFreeGuidance`), except at a
+    scale of exactly 0, the unconditional model, whose rows take the unconditional variance.
+    ``scale``: a number or [N]. Also the distillation target (difflora.train.distill)."""
     c = channels
     if isinstance(scale, Tensor):
         scale = scale.to(device=cond.device, dtype=cond.dtype).reshape(-1, *([1] * (cond.ndim - 1)))
+        var = torch.where(scale == 0, uncond[:, c:], cond[:, c:])
+    else:
+        var = uncond[:, c:] if scale == 0 else cond[:, c:]
     # Extrapolate from the unconditional towards (and past) the conditional noise prediction.
     eps = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
-    return torch.cat([eps, cond[:, c:]], dim=1)
+    return torch.cat([eps, var], dim=1)
 
 
 def selective_threshold(diffusion: Any, fraction: float) -> float | None:

@@ -20,7 +20,8 @@ each scale; default output ``run_dir/eval-teacher``), so teacher and student sit
 
 Class-conditional models are sampled with labels balanced over the classes (0, 1, ..., C-1
 repeated) and get a class accuracy: the fraction of samples the feature network classifies as the
-class they were generated for. FD here is not Inception FID: its values are only comparable between
+class they were generated for. A class-conditional base adapted with every label dropped
+(``train.label_dropout`` 1) learned only its null label: it is sampled and scored unconditionally. FD here is not Inception FID: its values are only comparable between
 runs scored by the same feature network (same dataset, size and feature-net settings).
 """
 
@@ -102,12 +103,6 @@ def merge_accounting(run_dir: str | Path, update: dict[str, Any]) -> Path:
     acc.update(update)
     write_json(path, acc)
     return path
-
-
-def _balanced_labels(num: int, num_classes: int) -> torch.Tensor | None:
-    # 0, 1, ..., C-1 repeated: every class gets num / C samples (up to one), and a grid with C
-    # columns shows one class per column.
-    return torch.arange(num, dtype=torch.long) % num_classes if num_classes else None
 
 
 def _resolve_feature_net(
@@ -261,8 +256,9 @@ def evaluate_run(
     # Spatial tasks: features, reference and floor of the plain dataset; one entry per task and scale.
     plain = cfg.model_copy(update={"data": cfg.data.model_copy(update={"spatial": None})})
     net, net_source = _resolve_feature_net(plain, feature_net, cache_dir, feature_train, dev, progress)
-    null = cfg.data.spatial is not None and cfg.train.label_dropout >= 1.0  # trained on null labels only
-    labels = None if null else _balanced_labels(num_samples, cfg.model.num_classes)
+    from difflora.generate import default_labels
+
+    labels = default_labels(cfg, num_samples)  # balanced classes; None if unconditional or trained so
     ref_f, ref_labels, radii, floor, pool_size = _reference(plain, net, num_samples, labels, seed, floor_draws)
     model.to(dev)
 

@@ -325,7 +325,7 @@ def _checkpoint(st: TrainState, step: int, rng: dict[str, torch.Tensor] | None =
 def _sample_grid(st: TrainState, path: Path) -> Path:
     """A grid of the EMA model's samples; the EMA values are swapped in and out (no model copy)."""
     cfg = st.cfg
-    labels = default_labels(cfg.sample.num, cfg.model.num_classes)
+    labels = default_labels(cfg, cfg.sample.num)
     conditions = _grid_conditions(st.data, cfg.sample.num)
     spatial = conditions.pop("spatial", None)  # condition images of spatial tasks (data.spatial)
     # Sampling must not move the training RNG: forked, so a run with grids resumes like one without.
