@@ -122,6 +122,33 @@ def test_only_a_student_trains_its_teacher_first_and_a_second_call_reuses_both(t
     assert sum("done already" in line for line in logs) == 3
 
 
+def test_a_teacher_shared_by_every_seed_is_scored_once(tmp_path, monkeypatch):
+    # Students of every seed start from one fixed base: the teacher held in their files is the same
+    # model, so seed 1 copies seed 0's scores instead of drawing the same samples again.
+    monkeypatch.setenv("DIFFLORA_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "out" / "teacher" / "seed0"
+    tree = {**TINY, "report_dir": str(tmp_path / "docs"), "claims": []}
+    run_study(_write(tmp_path, {**tree, "seeds": [0]}), out=tmp_path / "out", only=["teacher"], progress=False)
+    student = {**TINY["arms"][1], "set": {**TINY["arms"][1]["set"], "train.init_from": str(base)}}
+    tree["arms"] = [student, {"name": "teacher-of-w2", "group": "teacher", "teacher_of": "student-w2"}]
+    logs: list[str] = []
+    run_study(_write(tmp_path, tree), out=tmp_path / "shared", progress=False, log=logs.append)
+    assert [line.split("]")[0][1:] for line in logs if "] train " in line] == [
+        "student-w2 seed 0",
+        "student-w2 seed 1",
+        "teacher-of-w2 seed 0",
+    ]
+    assert any(line.startswith("[teacher-of-w2 seed 1] the same teacher as") for line in logs)
+    runs = [tmp_path / "shared" / "teacher-of-w2" / f"seed{k}" for k in (0, 1)]
+    for name in ("eval/metrics.json", "accounting.json"):
+        assert (runs[1] / name).read_text() == (runs[0] / name).read_text()
+    assert not (runs[1] / "eval.partial").exists()
+    # Seed-dependent teachers (arm:NAME) are scored per seed: the first test's study evaluates both.
+    study = load_study(_write(tmp_path, TINY))
+    settings = eval_settings(study, arm_config(study, study.arms[3], 1), True)
+    assert study_mod._shared_teacher_eval(study, study.arms[3], 1, tmp_path / "out", settings) is None
+
+
 def _row(arm: str, w: float, fds: list[float]) -> dict:
     mean = sum(fds) / len(fds)
     return {"arm": arm, "guidance": w, "fd": (mean, 0.0), "values": {"fd": fds}}

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -437,6 +438,35 @@ def _teacher_accounting(student_dir: Path, run_dir: Path) -> None:
     )
 
 
+def _shared_teacher_eval(
+    study: Study, arm: StudyArm, seed: int, out_dir: Path, settings: dict[str, Any]
+) -> Path | None:
+    """An earlier seed's finished evaluation of the same teacher, when the teacher does not depend on
+    the seed: students that all start from one fixed base (``train.init_from`` a path or
+    ``pretrained:NAME``, not ``arm:NAME``) hold the same teacher, and the eval seed is the study's,
+    so every seed would draw and score the same samples again. None otherwise."""
+    student = next(a for a in study.arms if a.name == arm.teacher_of)
+    inits = {arm_config(study, student, s, out_dir).train.init_from for s in study.seeds}
+    if len(inits) != 1 or None in inits:
+        return None
+    for earlier in study.seeds[: study.seeds.index(seed)]:
+        cfg = arm_config(study, arm, earlier, out_dir)
+        run_dir = out_dir / arm.name / f"seed{earlier}"
+        if _evaluated(run_dir, cfg, settings):
+            return run_dir
+    return None
+
+
+def _reuse_teacher_eval(source: Path, run_dir: Path) -> None:
+    """Copy ``source``'s eval directory and accounting into ``run_dir`` (complete or not at all)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "eval.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source / "eval", tmp)
+    shutil.copy2(source / "accounting.json", run_dir / "accounting.json")
+    tmp.rename(run_dir / "eval")
+
+
 def run_study(
     path: str | Path,
     *,
@@ -522,6 +552,11 @@ def run_all(
             source, state = run_dir, _run_state(run_dir, cfg, settings)
         if state == "done":
             log(f"[{arm.name} seed {seed}] done already: reusing {run_dir}")
+            continue
+        shared = _shared_teacher_eval(study, arm, seed, out_dir, settings) if teacher else None
+        if shared is not None:
+            _reuse_teacher_eval(shared, run_dir)
+            log(f"[{arm.name} seed {seed}] the same teacher as {shared} (one base for every seed): its scores copied")
             continue
         t0 = time.perf_counter()
         if state in ("new", "partial"):
