@@ -109,6 +109,24 @@ def test_run_trained_on_null_labels_only_is_scored_unconditionally(cache, tmp_pa
         assert got["results"][0][key] == pytest.approx(ref[key], rel=1e-9), key
 
 
+def test_an_affiner_run_is_scored_on_its_datasets_task(cache, tmp_path):
+    # The run adapted task 1 of a two-task Affiner to digits (data.task_id 1): eval samples task 1,
+    # equal to generating with that condition by hand.
+    over = ["train.steps=2", "train.ckpt_every=2", "sample.num=2", "data.task_id=1", "model.affiner={tasks: 2}"]
+    train(load_config(CONFIGS_DIR / "tiny-unet.yaml", over), tmp_path / "a", progress=False, log=lambda _m: None)
+    kw = dict(num_samples=20, steps=3, seed=5, cache_dir=cache, feature_train=TINY_FEATURES, bootstrap=0)
+    got = evaluate_run(tmp_path / "a", guidance=[1], floor_draws=2, **kw)
+    assert got["settings"]["task"] == 1
+    cfg, model, _ = load_run(tmp_path / "a", "ema")
+    labels = torch.arange(20) % 10
+    fake = generate(model, cfg, 20, steps=3, sampler="ddim", labels=labels, conditions={"task": 1}, seed=5)
+    test = load_dataset(DataConfig(name="digits"), "test")
+    net = get_feature_net(cfg.data, cache, train=TINY_FEATURES, progress=False)
+    ref = compute_metrics(test.images, fake, net, labels, real_labels=test.labels, seed=5)
+    for key in ("fd", "kid_mean", "precision", "recall", "class_accuracy"):
+        assert got["results"][0][key] == pytest.approx(ref[key], rel=1e-9), key
+
+
 def test_same_seed_same_numbers_other_seed_other_numbers(run_dir, cache, result, tmp_path):
     kw = dict(num_samples=20, steps=3, guidance=[1], cache_dir=cache, feature_train=TINY_FEATURES, bootstrap=5)
     again = evaluate_run(run_dir, seed=5, out=tmp_path / "a", update_accounting=False, **kw)

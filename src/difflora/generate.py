@@ -24,6 +24,7 @@ from difflora.model import DiffusionModel, build_diffusion
 __all__ = [
     "NonFiniteSamplesError",
     "condition_tensors",
+    "data_conditions",
     "default_labels",
     "fuse_student",
     "generate",
@@ -81,6 +82,16 @@ def default_labels(cfg: Config, num: int, cls: int | None = None) -> torch.Tenso
     if cfg.train.label_dropout >= 1.0:
         return None
     return torch.arange(num, dtype=torch.long) % num_classes
+
+
+def data_conditions(cfg: Config) -> dict[str, int]:
+    """The conditions of ``data.name``'s own samples beyond t and y: ``{"task": id}`` when the data
+    carries task ids (``data.task_id``, or task 0 of ``data.tasks``), else none. Spatial tasks are
+    not covered: each of them has its own id and condition images (``difflora.eval.fidelity``)."""
+    d = cfg.data
+    if d.spatial is None and (d.task_id is not None or d.tasks):
+        return {"task": d.task_id or 0}
+    return {}
 
 
 def student_guidance(cfg: Config, guidance: float | None = None) -> float:

@@ -256,13 +256,17 @@ def evaluate_run(
     # Spatial tasks: features, reference and floor of the plain dataset; one entry per task and scale.
     plain = cfg.model_copy(update={"data": cfg.data.model_copy(update={"spatial": None})})
     net, net_source = _resolve_feature_net(plain, feature_net, cache_dir, feature_train, dev, progress)
-    from difflora.generate import default_labels
+    from difflora.generate import data_conditions, default_labels
 
     labels = default_labels(cfg, num_samples)  # balanced classes; None if unconditional or trained so
     ref_f, ref_labels, radii, floor, pool_size = _reference(plain, net, num_samples, labels, seed, floor_draws)
     model.to(dev)
 
-    common = dict(steps=steps, sampler=sampler, eta=eta, labels=labels, seed=seed, teacher=teacher)
+    # data.name's own task (an Affiner run adapted to this dataset); spatial tasks set theirs per request.
+    conditions = data_conditions(cfg)
+    common = dict(
+        steps=steps, sampler=sampler, eta=eta, labels=labels, seed=seed, teacher=teacher, conditions=conditions
+    )
     if cfg.train.objective == "distill" and not teacher:
         model = _FusedStudent(run_dir, weights, checkpoint, dev)
     scored = (model, cfg, net, (ref_f, ref_labels, radii), floor)
@@ -271,7 +275,7 @@ def evaluate_run(
     balanced = "balanced" if labels is not None else None
     settings = dict(num_samples=num_samples, steps=steps, sampler=sampler, eta=eta, guidance=scales, seed=seed)
     settings.update(labels=balanced, bootstrap=bootstrap, floor_draws=floor_draws, metrics_version=METRICS_VERSION)
-    settings["teacher"] = teacher
+    settings.update(teacher=teacher, task=conditions.get("task"))
     result = _result_record(run_dir, cfg, meta, weights, settings, net, net_source, ref_f, pool_size, floor, dev)
     result["results"] = results
     _write(out_dir, result, grids, cfg, labels is not None)
