@@ -206,7 +206,8 @@ def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], comm
         f"{base.train.batch_size}, training steps per arm in the table",
         f"- eval: {e.num_samples} samples per setting, {e.sampler} {e.steps} steps, {e.weights} weights, guidance "
         f"{e.guidance} for class-conditional arms (balanced labels; a distilled student at its own w, a "
-        "guidance-scale LoRA at the scales in its range); against the held-out test split",
+        "guidance-scale LoRA at the scales in its range; unconditional samples for arms trained with every "
+        "label dropped); against the held-out test split",
         f"- statistics: mean ± sample std over seeds; claims at level alpha = {study.alpha:g}",
         "",
         f"**Scores are comparable only at equal sample counts** (here {e.num_samples} samples against the "
