@@ -262,11 +262,9 @@ def evaluate_run(
     ref_f, ref_labels, radii, floor, pool_size = _reference(plain, net, num_samples, labels, seed, floor_draws)
     model.to(dev)
 
+    common = dict(steps=steps, sampler=sampler, eta=eta, labels=labels, seed=seed, teacher=teacher)
     # data.name's own task (an Affiner run adapted to this dataset); spatial tasks set theirs per request.
-    conditions = data_conditions(cfg)
-    common = dict(
-        steps=steps, sampler=sampler, eta=eta, labels=labels, seed=seed, teacher=teacher, conditions=conditions
-    )
+    common["conditions"] = conditions = data_conditions(cfg)
     if cfg.train.objective == "distill" and not teacher:
         model = _FusedStudent(run_dir, weights, checkpoint, dev)
     scored = (model, cfg, net, (ref_f, ref_labels, radii), floor)
