@@ -33,7 +33,7 @@ STUDY = "experiments/diffscaler/datasets.yaml"
 
 def _config(study_path: str, arm_name: str, work: Path, steps: int):
     """The arm's config (seed 0) with its base resolved (cached or a stand-in) and a short run."""
-    from difflora.experiments.study import arm_config, load_study
+    from difflora.experiments.study_spec import arm_config, load_study
     from difflora.train.base import pretrained_run_dir
 
     study = load_study(study_path)
@@ -101,7 +101,7 @@ def _run(args: list[str], env: dict[str, str]) -> dict:
 
 
 def main() -> None:
-    from difflora.experiments.study import arm_config, load_study
+    from difflora.experiments.study_spec import arm_config, load_study
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("study", nargs="?", default=STUDY)

@@ -18,7 +18,7 @@ from difflora.adapters import IndexWeighting, SharedWeighting, conditions, injec
 from difflora.cli import resolve_config_path
 from difflora.config import ConfigError, load_config, parse_config
 from difflora.experiments.anova import run_anova
-from difflora.experiments.study import load_study
+from difflora.experiments.study_spec import load_study
 from difflora.experiments.sweep import load_sweep, plan_sweep, read_results, run_sweep
 from difflora.model import build_model
 from difflora.nets.transformer import TransformerBlock

@@ -104,7 +104,7 @@ def test_params_prints_the_parameters_stored_per_task(capsys):
 
 def test_the_study_arms_are_the_baselines_at_one_budget():
     from difflora.diffscaler.baselines import baseline_values
-    from difflora.experiments.study import arm_config, load_study
+    from difflora.experiments.study_spec import arm_config, load_study
 
     study = load_study(EXPERIMENTS_DIR / "diffscaler" / "datasets.yaml")
     steps = set()

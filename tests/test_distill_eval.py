@@ -65,15 +65,21 @@ def test_teacher_needs_a_distilled_run_with_a_lora_and_students_their_scale(runs
         _eval(runs["full"], runs["cache"], teacher=True, out=tmp_path / "b")
     with pytest.raises(EvalError, match="distilled at guidance 3"):
         _eval(runs["student"], runs["cache"], guidance=[2], out=tmp_path / "c")
-    assert not any((tmp_path / d).exists() for d in "abc")
+    with pytest.raises(EvalError, match="guidance fraction of 0.5 applies to classifier-free guidance"):
+        _eval(runs["student"], runs["cache"], guidance_fraction=0.5, out=tmp_path / "d")
+    assert not any((tmp_path / d).exists() for d in "abcd")
 
 
 def test_cli_eval_teacher(runs, capsys):
+    # Selective guidance of the teacher at half the steps: the student's cost at 4 steps.
     args = ["eval", str(runs["student"]), "--teacher", "--guidance", "2", "--num-samples", "8", "--steps", "2"]
+    args += ["--guidance-fraction", "0.5"]
     args += ["--cache-dir", str(runs["cache"]), "--feature-steps", "5", "--no-progress", "--device", "cpu"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "eval-teacher" in printed and (runs["student"] / "eval-teacher" / "samples_w2.png").is_file()
+    saved = json.loads((runs["student"] / "eval-teacher" / "metrics.json").read_text())
+    assert saved["settings"]["guidance_fraction"] == 0.5
 
 
 def test_the_student_is_scored_fused_and_the_teacher_with_its_lora_off(runs, tmp_path, monkeypatch):

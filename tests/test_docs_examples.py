@@ -135,7 +135,7 @@ def test_docs_name_no_file_outside_the_repository_and_the_index_lists_every_page
 
 
 def test_study_examples_load_from_an_empty_directory(tmp_path, monkeypatch):
-    from difflora.experiments.study import load_study
+    from difflora.experiments.study_spec import load_study
 
     monkeypatch.chdir(tmp_path)
     studies = {argv[1] for _, argv, _ in COMMANDS if argv[0] == "study"}

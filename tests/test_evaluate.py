@@ -89,6 +89,22 @@ def test_equals_scoring_the_samples_by_hand(run_dir, cache, result):
         assert got[key] == pytest.approx(ref[key], rel=1e-9), key
 
 
+def test_selective_guidance_equals_scoring_its_samples_by_hand(run_dir, cache, result, tmp_path):
+    # CFG on the first half of the steps only (round(0.5 x 3) = 2 of 3), scored as generate() draws it.
+    kw = dict(num_samples=20, steps=3, seed=5, cache_dir=cache, feature_train=TINY_FEATURES, bootstrap=0)
+    got = evaluate_run(run_dir, guidance=[3], guidance_fraction=0.5, floor_draws=2, out=tmp_path / "s", **kw)
+    assert got["settings"]["guidance_fraction"] == 0.5 and result["settings"]["guidance_fraction"] == 1.0
+    cfg, model, _ = load_run(run_dir, "ema")
+    labels = torch.arange(20) % 10
+    fake = generate(model, cfg, 20, steps=3, sampler="ddim", guidance=3.0, labels=labels, seed=5, guidance_fraction=0.5)
+    test = load_dataset(DataConfig(name="digits"), "test")
+    net = get_feature_net(cfg.data, cache, train=TINY_FEATURES, progress=False)
+    ref = compute_metrics(test.images, fake, net, labels, real_labels=test.labels, seed=5)
+    for key in ("fd", "kid_mean", "precision", "recall", "class_accuracy"):
+        assert got["results"][0][key] == pytest.approx(ref[key], rel=1e-9), key
+    assert got["results"][0]["fd"] != result["results"][1]["fd"]  # CFG on every step is another draw
+
+
 def test_run_trained_on_null_labels_only_is_scored_unconditionally(cache, tmp_path):
     # label_dropout 1: only the null label was trained, so the samples are unconditional (the
     # reference i.i.d., no class accuracy), equal to generating with y = None by hand.
@@ -156,6 +172,7 @@ def _no_sampling(*args, **kwargs):
         (dict(num_samples=800), "floor pool .* has 721: use --num-samples 721 or less"),
         (dict(num_samples=730), "floor pool .* has 721"),
         (dict(num_samples=8, eta=-1.0), "--eta must be finite"),
+        (dict(num_samples=8, guidance_fraction=1.5), r"guidance fraction must lie in \[0, 1\], got 1.5"),
     ],
 )
 def test_impossible_requests_fail_before_sampling_and_write_nothing(

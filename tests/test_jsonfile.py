@@ -16,7 +16,7 @@ from difflora.adapters.io import AdapterLoadError, read_adapter_config
 from difflora.adapters.peft_format import PeftFormatError, import_peft
 from difflora.eval.evaluate import merge_accounting
 from difflora.eval.features import load_feature_net
-from difflora.experiments.study import StudyError, read_run_json
+from difflora.experiments.study_spec import StudyError, read_run_json
 from difflora.jsonfile import read_json_file
 from difflora.train.checkpoint import CheckpointError, load_checkpoint
 from difflora.train.run_dir import load_run_config

@@ -24,7 +24,7 @@ import yaml
 import difflora
 from difflora.cli import main
 from difflora.config import ConfigError, load_config
-from difflora.experiments.study import StudyError, load_study
+from difflora.experiments.study_spec import StudyError, load_study
 from difflora.presets import CONFIGS_DIR, EXPERIMENTS_DIR, config_presets, experiment_presets, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def test_the_wheel_installs_and_runs_from_an_empty_directory(tmp_path):
     run = lambda *cmd: subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)  # noqa: E731
     probe = (
         "import difflora; from difflora.presets import resolve_config;"
-        "from difflora.experiments.study import load_study;"
+        "from difflora.experiments.study_spec import load_study;"
         "print(difflora.__version__); print(resolve_config('digits'));"
         "print(load_study('experiments/timelora/digits.yaml').name)"
     )

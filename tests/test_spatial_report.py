@@ -7,7 +7,7 @@ import json
 import pytest
 
 from difflora.experiments.report import ALL_TASKS, summarise, write_report
-from difflora.experiments.study import load_study
+from difflora.experiments.study_spec import load_study
 from difflora.presets import EXPERIMENTS_DIR
 
 TASKS = ("edges", "lowres", "inpaint")

@@ -14,7 +14,8 @@ from scipy import stats
 
 from difflora.cli import main
 from difflora.experiments import study as study_mod
-from difflora.experiments.study import StudyError, load_study, run_study
+from difflora.experiments.study import run_study
+from difflora.experiments.study_spec import StudyError, load_study
 from difflora.experiments.verdicts import judge_claim
 from difflora.presets import EXPERIMENTS_DIR
 
@@ -214,6 +215,24 @@ def test_better_is_a_one_sided_welch_test(arm, verdict):
 @pytest.mark.parametrize(
     "arm, verdict",
     [
+        ([0.95, 0.96, 0.955], "holds"),  # clearly higher accuracy
+        ([0.93, 0.97, 0.90], "within noise"),
+        ([0.85, 0.86, 0.84], "does not hold"),  # clearly lower
+    ],
+)
+def test_better_on_a_higher_is_better_score_tests_arm_above_baseline(arm, verdict):
+    base = [0.90, 0.91, 0.905]
+    got = judge_claim("better", arm, base, alpha=0.05, margin=None, higher_is_better=True)
+    assert got["verdict"] == verdict and "arm > baseline" in got["test"]
+    # P(mean(arm) > mean(base)) by Welch's formulas: the one-sided p of mean(base) < mean(arm).
+    assert got["p"] == pytest.approx(_welch_p(base, arm), rel=1e-9)
+    with pytest.raises(ValueError, match="'better' claims only"):
+        judge_claim("not_worse", arm, base, alpha=0.05, margin=0.1, higher_is_better=True)
+
+
+@pytest.mark.parametrize(
+    "arm, verdict",
+    [
         ([12.5, 12.7, 12.6], "holds"),  # 2% worse, tight: inside a 10% margin
         ([11.0, 14.0, 12.5], "within noise"),  # could be > 10% worse
         ([16.0, 16.4, 16.2], "does not hold"),  # significantly worse
@@ -230,6 +249,9 @@ def test_verdict_needs_two_seeds_and_a_margin(tmp_path):
     assert judge_claim("better", [1.0], [2.0, 3.0], 0.05, None)["verdict"] == "not testable"
     with pytest.raises(StudyError, match="needs a margin"):
         load_study(_write(tmp_path, {**TINY_STUDY, "claims": [{**TINY_STUDY["claims"][0], "relation": "not_worse"}]}))
+    accuracy = {**TINY_STUDY["claims"][0], "relation": "not_worse", "margin": 0.1, "metric": "class_accuracy"}
+    with pytest.raises(StudyError, match="higher is better.*is a 'better' claim"):
+        load_study(_write(tmp_path, {**TINY_STUDY, "claims": [accuracy]}))
 
 
 @pytest.mark.parametrize("name", ["digits", "fashion-mnist"])

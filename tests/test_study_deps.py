@@ -10,15 +10,8 @@ import yaml
 
 from difflora.experiments import study as study_mod
 from difflora.experiments.report import claim_verdict
-from difflora.experiments.study import (
-    Claim,
-    StudyError,
-    arm_config,
-    eval_settings,
-    load_study,
-    run_order,
-    run_study,
-)
+from difflora.experiments.study import eval_settings, run_study
+from difflora.experiments.study_spec import Claim, StudyError, arm_config, load_study, run_order
 from difflora.presets import EXPERIMENTS_DIR
 from test_study import TINY_STUDY
 
@@ -91,7 +84,7 @@ def test_init_from_arm_resolves_per_seed_and_orders_dependencies_first(tmp_path)
     # Without --out: the study's own output directory (runs/<name> when the YAML sets none).
     assert arm_config(study, w2, 0).train.init_from == str(Path("runs") / "tiny-distill" / "teacher" / "seed0")
     # Eval scales: the teacher at every scale, a fixed-w student at its w, the range student inside its range.
-    scales = [eval_settings(study, arm_config(study, a, 0), a.teacher_of is not None)["guidance"] for a in study.arms]
+    scales = [eval_settings(study, a, arm_config(study, a, 0))["guidance"] for a in study.arms]
     assert scales == [[1.0, 2.0, 3.0], [2.0], [2.0, 3.0], [1.0, 2.0, 3.0]]
 
 
@@ -145,8 +138,31 @@ def test_a_teacher_shared_by_every_seed_is_scored_once(tmp_path, monkeypatch):
     assert not (runs[1] / "eval.partial").exists()
     # Seed-dependent teachers (arm:NAME) are scored per seed: the first test's study evaluates both.
     study = load_study(_write(tmp_path, TINY))
-    settings = eval_settings(study, arm_config(study, study.arms[3], 1), True)
+    settings = eval_settings(study, study.arms[3], arm_config(study, study.arms[3], 1))
     assert study_mod._shared_teacher_eval(study, study.arms[3], 1, tmp_path / "out", settings) is None
+
+
+def test_an_arm_with_its_own_eval_scores_selective_guidance_at_the_students_cost(tmp_path, monkeypatch):
+    # The guided teacher at other steps with CFG on half of them (selective guidance): an arm's
+    # own eval settings, recorded, named in the report, and a rerun reuses every run.
+    monkeypatch.setenv("DIFFLORA_CACHE", str(tmp_path / "cache"))
+    selective = {"name": "selective", "group": "teacher", "teacher_of": "student-w2"}
+    selective["eval"] = {"steps": 4, "guidance": [2], "guidance_fraction": 0.5}
+    tree = {**TINY, "seeds": [0], "report_dir": str(tmp_path / "docs"), "arms": [*TINY["arms"][:2], selective]}
+    path, out = _write(tmp_path, tree), tmp_path / "out"
+    report = run_study(path, out=out, progress=False, log=lambda _m: None)
+    settings = json.loads((out / "selective" / "seed0" / "eval" / "metrics.json").read_text())["settings"]
+    assert (settings["steps"], settings["guidance"], settings["guidance_fraction"]) == (4, [2.0], 0.5)
+    assert (settings["teacher"], settings["num_samples"]) == (True, 8)
+    assert "- eval of `selective`: steps 4, guidance [2.0], guidance fraction 0.5" in report.read_text()
+    # A metrics.json written before the fraction was recorded ran at 1 and still counts as done.
+    mpath = out / "teacher" / "seed0" / "eval" / "metrics.json"
+    m = json.loads(mpath.read_text())
+    del m["settings"]["guidance_fraction"]
+    mpath.write_text(json.dumps(m))
+    logs: list[str] = []
+    run_study(path, out=out, progress=False, log=logs.append)
+    assert sum("done already" in line for line in logs) == 3
 
 
 def _row(arm: str, w: float, fds: list[float]) -> dict:
@@ -169,6 +185,17 @@ def test_a_claim_with_a_guidance_compares_both_arms_at_that_scale():
     assert missing["verdict"] == "not run" and "guidance 4" in missing["test"]
 
 
+def test_a_class_accuracy_claim_takes_each_arms_highest_accuracy():
+    def row(arm: str, w: float, accs: list[float]) -> dict:
+        return {"arm": arm, "guidance": w, "class_accuracy": (sum(accs) / 3, 0.0), "values": {"class_accuracy": accs}}
+
+    rows = [row("teacher", 1.0, [0.80, 0.81, 0.79]), row("teacher", 3.0, [0.97, 0.98, 0.975])]
+    rows.append(row("student", 3.0, [0.90, 0.91, 0.905]))
+    claim = Claim(text="c", arm="student", baseline="teacher", relation="better", metric="class_accuracy")
+    v = claim_verdict(claim, rows, 0.05)
+    assert v["b"]["guidance"] == 3.0 and v["verdict"] == "does not hold"
+
+
 @pytest.mark.parametrize(
     "arms, message",
     [
@@ -179,6 +206,21 @@ def test_a_claim_with_a_guidance_compares_both_arms_at_that_scale():
         ([{"name": "a", "set": {"train.init_from": "arm:a"}}], r"cycle: a -> a"),
         ([{"name": "a"}, {"name": "t", "teacher_of": "a"}], r"teacher_of needs an arm of LoRA-distilled students"),
         ([{"name": "a"}, {"name": "t", "teacher_of": "a", "set": {"train.lr": 1}}], r"it takes no set or adapters"),
+        (
+            [
+                {
+                    "name": "s",
+                    "set": TINY["arms"][1]["set"] | {"train.init_from": "x"},
+                    "eval": {"guidance_fraction": 0.5},
+                }
+            ],
+            r"arm 's': eval.guidance_fraction applies to classifier-free guidance, which a distilled student does not",
+        ),
+        (
+            [{"name": "u", "set": {"model.num_classes": 0}, "eval": {"guidance_fraction": 0.5}}],
+            r"which an unconditional model does not do",
+        ),
+        ([{"name": "a", "eval": {"guidance_fraction": 2}}], r"less than or equal to 1"),
         (
             [{"name": "a", "set": {"train.init_from": "arm:b"}}, {"name": "b", "set": {"train.init_from": "arm:a"}}],
             r"cycle: a -> b -> a",
@@ -196,8 +238,13 @@ def test_committed_distillation_studies_are_valid(name):
     study = load_study(EXPERIMENTS_DIR / "distill" / f"{name}.yaml")
     assert len(study.seeds) >= 3 and {1.5, 2, 3, 4} <= set(study.eval.guidance)
     assert [a.name for a in study.arms][0] == "teacher"
-    students = [a for a in study.arms if a.name != "teacher"]
+    students = [a for a in study.arms if a.teacher_of is None and a.name != "teacher"]
     cfgs = {a.name: arm_config(study, a, 0) for a in students}
     assert sorted(c.distill.guidance for c in cfgs.values() if c.distill.guidance_range is None) == [1.5, 2, 3, 3, 4]
     assert sum(c.train.train_base for c in cfgs.values()) == 1  # the full fine-tune with a teacher copy
     assert [c.distill.guidance_range for c in cfgs.values() if c.distill.guidance_range] == [(1.0, 5.0)]
+    # The guided teacher at the students' cost: steps + guided steps = the students' passes of N (+1).
+    priced = [a for a in study.arms if a.eval is not None]
+    for e in (study.eval_of(a) for a in priced):
+        assert e.steps + round(e.guidance_fraction * e.steps) in (study.eval.steps, study.eval.steps + 1)
+    assert len(priced) == 3 and all(a.teacher_of == "lora-w3" for a in priced)

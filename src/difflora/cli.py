@@ -297,7 +297,7 @@ def _cmd_eval(args) -> int:
     cfg = run_config(args.run_dir)
     for w in args.guidance or []:
         sample_settings(cfg, guidance=w)
-    sample_settings(cfg, steps=args.steps, eta=args.eta)
+    sample_settings(cfg, steps=args.steps, eta=args.eta, guidance_fraction=args.guidance_fraction)
     # Picked (and a damaged newest one reported) here, before any feature net or sampling work.
     checkpoint = select_checkpoint(args.run_dir, args.checkpoint)
     result = evaluate_run(
@@ -308,6 +308,7 @@ def _cmd_eval(args) -> int:
         sampler=args.sampler,
         eta=args.eta,
         guidance=args.guidance,
+        guidance_fraction=args.guidance_fraction,
         seed=args.seed,
         weights=args.weights,
         out=args.out,

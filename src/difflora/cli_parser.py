@@ -38,6 +38,16 @@ def _add_train(sub, handlers: Handlers) -> None:
     t.set_defaults(fn=handlers["train"])
 
 
+def _add_guidance_fraction(parser) -> None:
+    parser.add_argument(
+        "--guidance-fraction",
+        type=finite_float,
+        default=None,
+        metavar="F",
+        help="selective guidance: CFG on the first (noisiest) fraction F of the steps only, conditional on the rest",
+    )
+
+
 def _add_sample(sub, handlers: Handlers) -> None:
     s = sub.add_parser("sample", help="draw a sample grid from a trained run")
     s.add_argument("run_dir")
@@ -46,13 +56,7 @@ def _add_sample(sub, handlers: Handlers) -> None:
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
     s.add_argument("--eta", type=finite_float, default=None, help="DDIM eta (0 = deterministic)")
     s.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale (1 = none)")
-    s.add_argument(
-        "--guidance-fraction",
-        type=finite_float,
-        default=None,
-        metavar="F",
-        help="selective guidance: CFG on the first (noisiest) fraction F of the steps only, conditional on the rest",
-    )
+    _add_guidance_fraction(s)
     s.add_argument(
         "--teacher",
         action="store_true",
@@ -155,6 +159,7 @@ def _add_eval(sub, handlers: Handlers) -> None:
     ev.add_argument(
         "--guidance", type=finite_float, nargs="+", default=None, help="one or more CFG scales: one result each"
     )
+    _add_guidance_fraction(ev)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--weights", choices=["ema", "model"], default="ema")
     ev.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)

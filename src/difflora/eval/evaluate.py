@@ -209,6 +209,7 @@ def evaluate_run(
     sampler: str | None = None,
     eta: float | None = None,
     guidance: Sequence[float] | None = None,
+    guidance_fraction: float | None = None,
     seed: int = 0,
     weights: str = "ema",
     checkpoint: str | Path | None = None,
@@ -250,6 +251,7 @@ def evaluate_run(
     _check_teacher(cfg, run_dir, teacher)
     _check_out_dir(out_dir)
     steps, sampler, eta, scales = _sampling_settings(cfg, run_dir, steps, sampler, eta, guidance, teacher)
+    fraction = _guidance_fraction(cfg, guidance_fraction, teacher)
     dev = torch.device(device)
     say = log or (lambda _msg: None)
 
@@ -263,6 +265,7 @@ def evaluate_run(
     model.to(dev)
 
     common = dict(steps=steps, sampler=sampler, eta=eta, labels=labels, seed=seed, teacher=teacher)
+    common["guidance_fraction"] = fraction
     # data.name's own task (an Affiner run adapted to this dataset); spatial tasks set theirs per request.
     common["conditions"] = conditions = data_conditions(cfg)
     if cfg.train.objective == "distill" and not teacher:
@@ -273,7 +276,7 @@ def evaluate_run(
     balanced = "balanced" if labels is not None else None
     settings = dict(num_samples=num_samples, steps=steps, sampler=sampler, eta=eta, guidance=scales, seed=seed)
     settings.update(labels=balanced, bootstrap=bootstrap, floor_draws=floor_draws, metrics_version=METRICS_VERSION)
-    settings.update(teacher=teacher, task=conditions.get("task"))
+    settings.update(teacher=teacher, task=conditions.get("task"), guidance_fraction=fraction)
     result = _result_record(run_dir, cfg, meta, weights, settings, net, net_source, ref_f, pool_size, floor, dev)
     result["results"] = results
     _write(out_dir, result, grids, cfg, labels is not None)
@@ -393,6 +396,20 @@ def _sampling_settings(
         except ValueError as exc:
             raise EvalError(str(exc)) from None
     return steps, sampler, eta, scales
+
+
+def _guidance_fraction(cfg: Config, fraction: float | None, teacher: bool) -> float:
+    """The selective-guidance fraction asked for (default: the run's ``sample.guidance_fraction``),
+    checked: it needs classifier-free guidance, which a distilled student does not do."""
+    fraction = cfg.sample.guidance_fraction if fraction is None else float(fraction)
+    if not 0.0 <= fraction <= 1.0:
+        raise EvalError(f"the guidance fraction must lie in [0, 1], got {fraction}")
+    if fraction != 1.0 and cfg.train.objective == "distill" and not teacher:
+        raise EvalError(
+            f"a guidance fraction of {fraction:g} applies to classifier-free guidance; the distilled student has none "
+            "(score its guided teacher with teacher=True / --teacher)"
+        )
+    return fraction
 
 
 def _score_scale(

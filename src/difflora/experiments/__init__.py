@@ -3,23 +3,15 @@
     from difflora.experiments import load_study, run_study
     run_study("experiments/timelora/digits.yaml")      # runs/<study>/<arm>/seed<k>/, report .md
 
-See ``difflora.experiments.study`` for the study YAML, ``report`` for the report and its run
+See ``difflora.experiments.study_spec`` for the study YAML, ``study`` for running one, ``report`` for the report and its run
 records, ``verdicts`` for the statistics behind the claims, ``runs_table`` for ``difflora runs``
 (one table of the runs under a directory).
 """
 
 from difflora.experiments.report import write_report
 from difflora.experiments.runs_table import runs_table
-from difflora.experiments.study import (
-    Claim,
-    Study,
-    StudyArm,
-    StudyError,
-    StudyEval,
-    arm_config,
-    load_study,
-    run_study,
-)
+from difflora.experiments.study import run_study
+from difflora.experiments.study_spec import Claim, Study, StudyArm, StudyError, StudyEval, arm_config, load_study
 from difflora.experiments.verdicts import judge_claim
 
 __all__ = [

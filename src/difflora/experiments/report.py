@@ -17,7 +17,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from difflora.experiments.study import Claim, Study, StudyArm, StudyError, arm_config, eval_settings, read_run_json
+from difflora.experiments.study import eval_settings, scored_with
+from difflora.experiments.study_spec import (
+    HIGHER_IS_BETTER,
+    Claim,
+    Study,
+    StudyArm,
+    StudyError,
+    arm_config,
+    read_run_json,
+)
 from difflora.experiments.verdicts import judge_claim
 from difflora.jsonfile import read_json_file
 
@@ -47,8 +56,7 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
                 continue
             cfg = arm_config(study, arm, seed)
             m = read_run_json(mpath)
-            settings = eval_settings(study, cfg, teacher=arm.teacher_of is not None)
-            if {k: m["settings"].get(k) for k in settings} != settings or m["checkpoint_step"] != cfg.train.steps:
+            if not scored_with(m, cfg, eval_settings(study, arm, cfg)):
                 continue
             acc = read_run_json(apath)
             # Machine-specific paths and settings stay out of a record meant for the repository.
@@ -169,7 +177,8 @@ def _floor_cell(floor: dict[str, dict[str, float]], key: str, digits: int, scale
 def _best(rows: list[dict[str, Any]], arm: str, metric: str) -> dict[str, Any] | None:
     # A spatial arm is compared on the mean over its tasks, not on its best task.
     cands = [r for r in rows if r["arm"] == arm and r[metric] is not None and r.get("task") in (None, ALL_TASKS)]
-    return min(cands, key=lambda r: r[metric][0]) if cands else None
+    sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0
+    return min(cands, key=lambda r: sign * r[metric][0]) if cands else None
 
 
 def _at_scale(rows: list[dict[str, Any]], arm: str, metric: str, guidance: float | None) -> dict[str, Any] | None:
@@ -188,7 +197,20 @@ def claim_verdict(claim: Claim, rows: list[dict[str, Any]], alpha: float) -> dic
         return {"verdict": "not run", "test": f"one of the arms has no results{at}", "a": a, "b": b}
     va = [v for v in a["values"][claim.metric] if v is not None]
     vb = [v for v in b["values"][claim.metric] if v is not None]
-    return judge_claim(claim.relation, va, vb, alpha, claim.margin) | {"a": a, "b": b}
+    higher = claim.metric in HIGHER_IS_BETTER
+    return judge_claim(claim.relation, va, vb, alpha, claim.margin, higher) | {"a": a, "b": b}
+
+
+def _arm_evals(arms: list[StudyArm]) -> list[str]:
+    """One line per arm evaluated with its own settings (``arms[].eval``)."""
+    lines = []
+    for arm in arms:
+        if arm.eval is None:
+            continue
+        own = arm.eval.model_dump(exclude_none=True)
+        parts = [f"{k.replace('_', ' ')} {v}" for k, v in own.items()]
+        lines.append(f"- eval of `{arm.name}`: " + ", ".join(parts) + " (its own settings; the rest as above)")
+    return lines
 
 
 def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], command: str, revision: str) -> list[str]:
@@ -208,6 +230,7 @@ def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], comm
         f"{e.guidance} for class-conditional arms (balanced labels; a distilled student at its own w, a "
         "guidance-scale LoRA at the scales in its range; unconditional samples for arms trained with every "
         "label dropped); against the held-out test split",
+        *_arm_evals(arms),
         f"- statistics: mean ± sample std over seeds; claims at level alpha = {study.alpha:g}",
         "",
         f"**Scores are comparable only at equal sample counts** (here {e.num_samples} samples against the "
@@ -308,8 +331,9 @@ def _claims(study: Study, rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "## Claims",
         "",
-        "Each arm at the claim's guidance scale, or (none given) at its best scale (lowest mean); the per-seed scores of the two arms are compared "
-        f"with scipy's Welch t-test at alpha = {study.alpha:g}. *better*: one-sided test arm < baseline. "
+        "Each arm at the claim's guidance scale, or (none given) at its best scale (best mean); the per-seed scores of the two arms are compared "
+        f"with scipy's Welch t-test at alpha = {study.alpha:g}. *better*: one-sided test arm < baseline "
+        "(arm > baseline for class accuracy, where higher is better). "
         "*not worse*: non-inferiority, one-sided test arm < (1 + margin) x baseline, margin declared in the "
         "study YAML. A verdict is *does not hold* when the arm is significantly worse than the baseline, "
         "*within noise* when neither test is significant.",

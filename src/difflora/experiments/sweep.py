@@ -54,7 +54,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from difflora.experiments.study import (
+from difflora.experiments.study import run_all
+from difflora.experiments.study_spec import (
     Study,
     StudyArm,
     StudyError,
@@ -62,7 +63,6 @@ from difflora.experiments.study import (
     arm_config,
     read_run_json,
     read_yaml_mapping,
-    run_all,
 )
 
 __all__ = ["Cell", "Sweep", "SweepError", "load_sweep", "plan_sweep", "read_results", "run_sweep", "sweep_cells"]

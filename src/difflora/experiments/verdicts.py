@@ -1,7 +1,8 @@
 """Claim verdicts with real statistics: Welch's t-test over seeds, a non-inferiority test with a declared margin.
 
-A claim compares one score (FD or KID; lower is better) of an arm with a baseline's, each at its
-best guidance scale (lowest mean over seeds), using the per-seed values:
+A claim compares one score (FD or KID, lower is better; or class accuracy, higher is better, in
+"better" claims only) of an arm with a baseline's, each at its best guidance scale (best mean over
+seeds), using the per-seed values:
 
 - **better**: one-sided Welch's t-test (``scipy.stats.ttest_ind``, ``equal_var=False``,
   ``alternative="less"``) of arm < baseline. "holds" when p < alpha; "does not hold" when the
@@ -44,18 +45,29 @@ def _decide(out: dict[str, Any], arm: list[float], baseline: list[float], alpha:
 
 
 def judge_claim(
-    relation: str, arm: list[float], baseline: list[float], alpha: float, margin: float | None
+    relation: str,
+    arm: list[float],
+    baseline: list[float],
+    alpha: float,
+    margin: float | None,
+    higher_is_better: bool = False,
 ) -> dict[str, Any]:
     """The verdict of ``arm`` (per-seed values, lower is better) against ``baseline``; see the module docstring.
 
+    ``higher_is_better`` (a class accuracy; "better" claims only): the same tests of arm > baseline.
     Returns {"verdict", "test", "statistic", "p", "df", "alpha", "margin"}.
     """
     out: dict[str, Any] = {"alpha": alpha, "margin": margin, "statistic": math.nan, "p": math.nan, "df": math.nan}
     if len(arm) < 2 or len(baseline) < 2:
         return out | {"verdict": "not testable", "test": "needs at least 2 seeds per arm"}
+    if higher_is_better and relation != "better":
+        raise ValueError("a higher-is-better score takes 'better' claims only (margins are for lower-is-better scores)")
     if relation == "better":
+        if higher_is_better:  # arm > baseline is -arm < -baseline
+            arm, baseline = [-v for v in arm], [-v for v in baseline]
         t, p, df = _welch(arm, baseline, "less")
-        out |= {"test": "Welch t-test, one-sided (arm < baseline)", "statistic": t, "p": p, "df": df}
+        test = "Welch t-test, one-sided (arm " + (">" if higher_is_better else "<") + " baseline)"
+        out |= {"test": test, "statistic": t, "p": p, "df": df}
         return _decide(out, arm, baseline, alpha)
     if margin is None:
         raise ValueError("a not_worse claim needs a margin")

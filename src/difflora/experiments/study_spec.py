@@ -1,0 +1,358 @@
+"""A study's YAML, read and checked: several arms (configs) x several seeds, each trained and
+evaluated (``difflora.experiments.study``), summarised in a markdown report.
+
+A study YAML (typed below; an unknown key is an error naming the valid ones)::
+
+    name: study-timelora-digits          # report file name: <out>/<name>.md and images in <out>/<name>/
+    out: runs/study-digits               # default output directory (--out overrides)
+    base: {data: ..., model: ..., ...}   # a difflora config tree shared by every arm
+    seeds: [0, 1, 2]                      # train.seed of each run
+    eval: {num_samples: 500, steps: 50, sampler: ddim, guidance: [1, 2, 4], seed: 0}
+    arms:
+      - name: time-embed
+        group: unconditional
+        set: {model.num_classes: 0}      # dotted overrides of the base
+      - name: timelora-linear
+        set: {model.time_embed: false}
+        adapters: [{name: time, condition: t, weighting: linear, num_values: 1000, num_bases: 11}]
+    claims:                               # optional: statements the report checks on FD
+      - text: TimeLoRA is competitive with the time embedding
+        arm: timelora-linear
+        baseline: time-embed
+        relation: not_worse               # or better
+        margin: 0.1                       # not_worse: the arm may be up to 10% worse
+        # metric: fd (default), kid_mean, or class_accuracy (higher is better; better claims only)
+
+An arm can start from another arm's runs (adaptation, distillation): ``train.init_from: arm:NAME``
+(in the arm's ``set`` or in the base) is the run of arm NAME with the same seed,
+``<out>/NAME/seed<k>``. Such dependencies are trained first (also when ``--only`` leaves them out);
+an unknown arm or a cycle is an error before any work::
+
+    arms:
+      - name: teacher
+        set: {model.num_classes: 10}
+      - name: student-w3
+        set: {model.num_classes: 10, train.objective: distill, train.train_base: false,
+              train.init_from: "arm:teacher", distill.guidance: 3}
+
+An arm can be evaluated with its own settings (``eval`` in the arm: steps, guidance,
+guidance_fraction), e.g. ``teacher_of`` a student, the guided teacher with selective guidance at
+the student's cost::
+
+      - name: selective-f0.5
+        teacher_of: student-w3
+        eval: {steps: 17, guidance_fraction: 0.5, guidance: [3]}
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from difflora.config import Config, ConfigError, parse_config
+from difflora.jsonfile import read_json_file
+from difflora.presets import experiment_presets, resolve_shipped
+
+__all__ = [
+    "ARM_PREFIX",
+    "ArmEval",
+    "HIGHER_IS_BETTER",
+    "Claim",
+    "Study",
+    "StudyArm",
+    "StudyError",
+    "StudyEval",
+    "arm_config",
+    "arm_dependency",
+    "load_study",
+    "read_run_json",
+    "read_yaml_mapping",
+    "run_order",
+    "study_out_dir",
+]
+
+
+def read_run_json(path: Path) -> dict[str, Any]:
+    """A JSON object a study's run wrote (config.json, accounting.json, eval/metrics.json); a damaged
+    one is a :class:`StudyError` that names it and says how to rebuild it."""
+    return read_json_file(
+        path, fix="delete that run directory to make the study run it again", error=StudyError, expect=dict
+    )
+
+
+class StudyError(ValueError):
+    """A study YAML is invalid, or an existing run does not belong to this study."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StudyEval(_Strict):
+    """How every run is evaluated (see ``difflora.eval.evaluate.evaluate_run``)."""
+
+    num_samples: int = Field(default=500, ge=4)
+    steps: int = Field(default=50, ge=1)
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    eta: float = Field(default=0.0, ge=0)
+    # Classifier-free guidance scales of class-conditional arms (unconditional arms: 1 only).
+    guidance: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    seed: int = 0
+    weights: Literal["ema", "model"] = "ema"
+    # Optimizer steps of the feature network if it must be trained (None: its default).
+    feature_steps: int | None = Field(default=None, ge=1)
+    # Selective guidance: classifier-free guidance on the first (noisiest) fraction of the steps
+    # only, the conditional model alone on the rest (1: every step).
+    guidance_fraction: float = Field(default=1.0, ge=0, le=1)
+
+
+class ArmEval(_Strict):
+    """One arm's changes to the study's ``eval`` (unset: the study's value). E.g. the guided teacher
+    at a distilled student's cost: fewer steps, CFG on a fraction of them (selective guidance)."""
+
+    steps: int | None = Field(default=None, ge=1)
+    guidance: list[float] | None = Field(default=None, min_length=1)
+    guidance_fraction: float | None = Field(default=None, ge=0, le=1)
+
+
+class StudyArm(_Strict):
+    # A directory name: letters, digits and _ . - + only.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    group: str = ""
+    description: str = ""
+    # Dotted overrides of the base config, e.g. {model.time_embed: false}.
+    set: dict[str, Any] = Field(default_factory=dict)
+    # Replaces the base's model.adapters when given (a list of AdapterConfig trees).
+    adapters: list[dict[str, Any]] | None = None
+    # Trains nothing: scores the guided teacher held in the run of arm NAME (a LoRA-distilled
+    # student) of the same seed, at every eval.guidance scale (``difflora eval RUN --teacher``).
+    teacher_of: str | None = None
+    eval: ArmEval | None = None
+
+
+# Scores of which higher is better (the others: FD, KID).
+HIGHER_IS_BETTER = frozenset({"class_accuracy"})
+
+
+class Claim(_Strict):
+    """A statement the report tests (``verdicts.py``): ``arm`` is better than / not worse than ``baseline``."""
+
+    text: str
+    arm: str
+    baseline: str
+    relation: Literal["better", "not_worse"] = "better"
+    # The score compared: FD or KID (lower is better) or class accuracy (higher is better; "better"
+    # claims only, since a relative margin of an accuracy near 1 means little).
+    metric: Literal["fd", "kid_mean", "class_accuracy"] = "fd"
+    # not_worse only, and required there: the non-inferiority margin as a fraction of the baseline's
+    # mean (0.1: the arm may be up to 10% worse).
+    margin: float | None = Field(default=None, gt=0)
+    # Compare both arms at this guidance scale (e.g. a distilled student and its teacher at the
+    # student's w); None: each arm at its best scale.
+    guidance: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _margin(self) -> Claim:
+        if self.relation == "not_worse" and self.margin is None:
+            raise ValueError(f"claim {self.text!r}: a not_worse claim needs a margin (e.g. margin: 0.1 for 10%)")
+        if self.relation == "better" and self.margin is not None:
+            raise ValueError(f"claim {self.text!r}: margin applies to not_worse claims only")
+        if self.metric in HIGHER_IS_BETTER and self.relation != "better":
+            raise ValueError(f"claim {self.text!r}: a claim on {self.metric} (higher is better) is a 'better' claim")
+        return self
+
+
+class Study(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    out: str | None = None
+    # Where the report goes: <report_dir>/<name>.md, images and run records in <report_dir>/<name>/
+    # (default: the output directory). A repository path (docs) lets the records be committed.
+    report_dir: str | None = None
+    # Significance level of the claims' tests.
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+    # torch threads for training and sampling (None: torch's default).
+    threads: int | None = Field(default=None, ge=1)
+    base: dict[str, Any] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    eval: StudyEval = Field(default_factory=StudyEval)
+    arms: list[StudyArm] = Field(min_length=1)
+    claims: list[Claim] = Field(default_factory=list)
+
+    def eval_of(self, arm: StudyArm) -> StudyEval:
+        """The eval settings of ``arm``: the study's, with the arm's own ``eval`` values over them."""
+        if arm.eval is None:
+            return self.eval
+        return self.eval.model_copy(update=arm.eval.model_dump(exclude_none=True))
+
+    @model_validator(mode="after")
+    def _check(self) -> Study:
+        names = [a.name for a in self.arms]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"arms: duplicate arm names {dup}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: duplicates in {self.seeds}")
+        for c in self.claims:
+            for which in (c.arm, c.baseline):
+                if which not in names:
+                    raise ValueError(f"claims: arm {which!r} of claim {c.text!r} is not an arm; arms: {names}")
+        for a in self.arms:
+            if a.teacher_of is not None and (a.set or a.adapters is not None):
+                raise ValueError(
+                    f"arms: arm {a.name!r} scores the teacher of {a.teacher_of!r}: it takes no set or adapters"
+                )
+        _check_dependencies(self)
+        return self
+
+
+# ``train.init_from: arm:NAME``: the run of arm NAME with the same seed (see the module docstring).
+ARM_PREFIX = "arm:"
+
+
+def arm_dependency(study: Study, arm: StudyArm) -> str | None:
+    """The arm whose runs ``arm`` starts from (``train.init_from: arm:NAME`` in its ``set`` or the base,
+    or ``teacher_of``), or None."""
+    if arm.teacher_of is not None:
+        return arm.teacher_of
+    if "train.init_from" in arm.set:
+        value = arm.set["train.init_from"]
+    else:
+        train = study.base.get("train")
+        value = train.get("init_from") if isinstance(train, dict) else None
+    if isinstance(value, str) and value.startswith(ARM_PREFIX):
+        return value[len(ARM_PREFIX) :]
+    return None
+
+
+def _check_dependencies(study: Study) -> None:
+    """Every ``arm:NAME`` names an arm, and no arm depends on itself through a chain (a cycle)."""
+    names = [a.name for a in study.arms]
+    deps = {a.name: arm_dependency(study, a) for a in study.arms}
+    for name, dep in deps.items():
+        if dep is not None and dep not in deps:
+            raise ValueError(
+                f"arms: arm {name!r} starts from arm {dep!r} (arm:{dep}), which is not an arm; arms: {names}"
+            )
+    for name in names:
+        chain, dep = [name], deps[name]
+        # One init_from per arm: the dependencies of an arm form a chain, a cycle repeats a name.
+        while dep is not None:
+            if dep in chain:
+                raise ValueError(f"arms: the arms' train.init_from form a cycle: {' -> '.join([*chain, dep])}")
+            chain.append(dep)
+            dep = deps[dep]
+
+
+def run_order(study: Study, arms: list[StudyArm]) -> list[StudyArm]:
+    """``arms`` plus the arms they start from (transitively), every dependency before its dependents."""
+    by_name = {a.name: a for a in study.arms}
+    order: list[StudyArm] = []
+
+    def visit(arm: StudyArm) -> None:
+        if any(a.name == arm.name for a in order):
+            return
+        dep = arm_dependency(study, arm)
+        if dep is not None:
+            visit(by_name[dep])
+        order.append(arm)
+
+    for arm in arms:
+        visit(arm)
+    return order
+
+
+def study_out_dir(study: Study, out: str | Path | None = None) -> Path:
+    """The output directory of a study: ``out`` (--out), else the YAML's ``out``, else runs/<name>."""
+    return Path(out or study.out or Path("runs") / study.name)
+
+
+def _explain(err: ValidationError, source: str) -> StudyError:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        elif e["type"] == "value_error":
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        else:
+            lines.append(f"{key}: {e['msg']}, got {e.get('input')!r}")
+    valid = "top level: " + ", ".join(Study.model_fields) + "; arms[]: " + ", ".join(StudyArm.model_fields)
+    valid += "; eval: " + ", ".join(StudyEval.model_fields) + "; arms[].eval: " + ", ".join(ArmEval.model_fields)
+    return StudyError(f"invalid study {source}:\n  " + "\n  ".join(lines) + f"\n  (valid keys: {valid})")
+
+
+def read_yaml_mapping(path: str | Path, error: type[Exception], kind: str, example: str, keys: str) -> dict:
+    """The mapping a study or sweep YAML holds; ``error`` names the file and the problem otherwise.
+
+    ``kind`` ("study", "sweep") and ``example`` (a path) and ``keys`` (its main keys) word the errors.
+    An ``experiments/...`` path not on disk names the shipped copy (:mod:`difflora.presets`).
+    """
+    p = resolve_shipped(path)
+    if not p.is_file():
+        shipped = ", ".join(experiment_presets())
+        raise error(f"{kind} file {p} does not exist (e.g. {example}; shipped: {shipped})")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{p} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise error(f"{p}: a {kind} is a mapping ({keys})")
+    return tree
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study YAML, including every arm's config (so a bad key fails before training)."""
+    p = Path(path)
+    tree = read_yaml_mapping(
+        p, StudyError, "study", "experiments/timelora/digits.yaml", "name, base, seeds, eval, arms, ..."
+    )
+    try:
+        study = Study.model_validate(tree)
+    except ValidationError as err:
+        raise _explain(err, str(p)) from None
+    for arm in study.arms:
+        cfg = arm_config(study, arm, study.seeds[0])
+        if arm.teacher_of is not None and (cfg.train.objective != "distill" or cfg.train.train_base):
+            raise StudyError(
+                f"arm {arm.name!r}: teacher_of needs an arm of LoRA-distilled students (train.objective: distill, "
+                f"train.train_base: false), and {arm.teacher_of!r} is not one"
+            )
+        if study.eval_of(arm).guidance_fraction != 1.0 and (cfg.model.num_classes == 0 or _student(arm, cfg)):
+            raise StudyError(
+                f"arm {arm.name!r}: eval.guidance_fraction applies to classifier-free guidance, which "
+                + ("an unconditional model" if cfg.model.num_classes == 0 else "a distilled student")
+                + " does not do (a teacher_of arm scores a student's guided teacher)"
+            )
+    return study
+
+
+def _student(arm: StudyArm, cfg: Config) -> bool:
+    """Whether ``arm``'s runs are scored as distilled students (one pass per step, no guidance)."""
+    return cfg.train.objective == "distill" and arm.teacher_of is None
+
+
+def arm_config(study: Study, arm: StudyArm, seed: int, out: str | Path | None = None) -> Config:
+    """The resolved difflora config of one run: base + the arm's adapters and overrides + train.seed.
+
+    ``train.init_from: arm:NAME`` becomes ``<out>/NAME/seed<seed>`` (``out``: see :func:`study_out_dir`).
+    A ``teacher_of`` arm has the config of the students it scores the teacher of.
+    """
+    if arm.teacher_of is not None:
+        return arm_config(study, next(a for a in study.arms if a.name == arm.teacher_of), seed, out)
+    tree = copy.deepcopy(study.base)
+    if arm.adapters is not None:
+        tree.setdefault("model", {})["adapters"] = copy.deepcopy(arm.adapters)
+    overrides = [f"{k}={json.dumps(v)}" for k, v in arm.set.items()] + [f"train.seed={seed}"]
+    dep = arm_dependency(study, arm)
+    if dep is not None:
+        overrides.append(f"train.init_from={json.dumps(str(study_out_dir(study, out) / dep / f'seed{seed}'))}")
+    try:
+        return parse_config(tree, overrides)
+    except ConfigError as exc:
+        raise StudyError(f"arm {arm.name!r}: {exc}") from None
