@@ -226,6 +226,8 @@ def test_better_on_a_higher_is_better_score_tests_arm_above_baseline(arm, verdic
     assert got["verdict"] == verdict and "arm > baseline" in got["test"]
     # P(mean(arm) > mean(base)) by Welch's formulas: the one-sided p of mean(base) < mean(arm).
     assert got["p"] == pytest.approx(_welch_p(base, arm), rel=1e-9)
+    # t is reported for arm minus baseline: positive when the arm's accuracy is higher.
+    assert got["statistic"] == pytest.approx(stats.ttest_ind(arm, base, equal_var=False).statistic, rel=1e-9)
     with pytest.raises(ValueError, match="'better' claims only"):
         judge_claim("not_worse", arm, base, alpha=0.05, margin=0.1, higher_is_better=True)
 

@@ -68,7 +68,9 @@ def judge_claim(
         t, p, df = _welch(arm, baseline, "less")
         test = "Welch t-test, one-sided (arm " + (">" if higher_is_better else "<") + " baseline)"
         out |= {"test": test, "statistic": t, "p": p, "df": df}
-        return _decide(out, arm, baseline, alpha)
+        decided = _decide(out, arm, baseline, alpha)
+        # t of the scores as reported (arm minus baseline), not of their negatives.
+        return decided | {"statistic": -t if higher_is_better else t}
     if margin is None:
         raise ValueError("a not_worse claim needs a margin")
     shifted = [(1.0 + margin) * v for v in baseline]
