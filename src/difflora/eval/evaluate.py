@@ -251,7 +251,7 @@ def evaluate_run(
     _check_teacher(cfg, run_dir, teacher)
     _check_out_dir(out_dir)
     steps, sampler, eta, scales = _sampling_settings(cfg, run_dir, steps, sampler, eta, guidance, teacher)
-    fraction = _guidance_fraction(cfg, guidance_fraction, teacher)
+    fraction = _guidance_fraction(cfg, guidance_fraction, teacher)  # selective guidance when < 1
     dev = torch.device(device)
     say = log or (lambda _msg: None)
 
@@ -264,26 +264,29 @@ def evaluate_run(
     ref_f, ref_labels, radii, floor, pool_size = _reference(plain, net, num_samples, labels, seed, floor_draws)
     model.to(dev)
 
+    conditions = data_conditions(cfg)  # data.name's own task (Affiner runs); spatial tasks set theirs per request
     common = dict(steps=steps, sampler=sampler, eta=eta, labels=labels, seed=seed, teacher=teacher)
-    common["guidance_fraction"] = fraction
-    # data.name's own task (an Affiner run adapted to this dataset); spatial tasks set theirs per request.
-    common["conditions"] = conditions = data_conditions(cfg)
+    common |= dict(guidance_fraction=fraction, conditions=conditions)
     if cfg.train.objective == "distill" and not teacher:
         model = _FusedStudent(run_dir, weights, checkpoint, dev)
     scored = (model, cfg, net, (ref_f, ref_labels, radii), floor)
     results, grids = _score_all(scored, scales, common, num_samples, grid_size, bootstrap, dev, progress, say)
 
-    balanced = "balanced" if labels is not None else None
-    settings = dict(num_samples=num_samples, steps=steps, sampler=sampler, eta=eta, guidance=scales, seed=seed)
-    settings.update(labels=balanced, bootstrap=bootstrap, floor_draws=floor_draws, metrics_version=METRICS_VERSION)
-    settings.update(teacher=teacher, task=conditions.get("task"), guidance_fraction=fraction)
+    settings = {k: v for k, v in common.items() if k not in ("labels", "conditions")} | dict(guidance=scales)
+    settings |= dict(num_samples=num_samples, labels="balanced" if labels is not None else None, bootstrap=bootstrap)
+    settings |= dict(floor_draws=floor_draws, metrics_version=METRICS_VERSION, task=conditions.get("task"))
     result = _result_record(run_dir, cfg, meta, weights, settings, net, net_source, ref_f, pool_size, floor, dev)
     result["results"] = results
     _write(out_dir, result, grids, cfg, labels is not None)
     if update_accounting:
-        acc = _sampling_accounting(results, sampler, steps, num_samples, dev)
-        merge_accounting(run_dir, {"teacher_sampling": acc["sampling"]} if teacher else acc)
+        _record_speed(run_dir, _sampling_accounting(results, sampler, steps, num_samples, dev), teacher)
     return result
+
+
+def _record_speed(run_dir: Path, acc: dict[str, Any], teacher: bool) -> None:
+    """Merge the sampling speed into the run's accounting.json: a distilled run's guided teacher
+    under ``teacher_sampling``, so the student's own ``sampling`` record stays."""
+    merge_accounting(run_dir, {"teacher_sampling": acc["sampling"]} if teacher else acc)
 
 
 def _score_all(
