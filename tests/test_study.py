@@ -177,6 +177,10 @@ def test_a_changed_arm_does_not_reuse_another_config(tmp_path, monkeypatch):
         ({"arms": [{"name": "a", "set": {"train.lrr": 1.0}}]}, "(?s)arm 'a'.*train.lrr: unknown key"),
         ({"arms": [{"name": "a"}, {"name": "a"}]}, "duplicate arm names"),
         ({"claims": [{"text": "x", "arm": "nope", "baseline": "time-embed"}]}, "'nope' .* is not an arm"),
+        # DDIM on 20 steps takes every k-th: 10 or 7 steps exist, 8 does not; DDPM cannot take more than 20.
+        ({"eval": {**TINY_STUDY["eval"], "steps": 8}}, "arm 'time-embed': eval.steps = 8 cannot be sampled"),
+        ({"arms": [TINY_STUDY["arms"][0], {"name": "a", "eval": {"steps": 8}}]}, "arm 'a': eval.steps = 8"),
+        ({"eval": {**TINY_STUDY["eval"], "steps": 21, "sampler": "ddpm"}}, "21 steps exceed the 20"),
     ],
 )
 def test_bad_study_yaml_is_a_clear_error(tmp_path, change, message):

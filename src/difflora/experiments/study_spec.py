@@ -55,6 +55,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from difflora.config import Config, ConfigError, parse_config
+from difflora.diffusion.respace import space_timesteps
 from difflora.jsonfile import read_json_file
 from difflora.presets import experiment_presets, resolve_shipped
 
@@ -329,7 +330,24 @@ def load_study(path: str | Path) -> Study:
                 + ("an unconditional model" if cfg.model.num_classes == 0 else "a distilled student")
                 + " does not do (a teacher_of arm scores a student's guided teacher)"
             )
+        _check_sampling_steps(study, arm, cfg)
     return study
+
+
+def _check_sampling_steps(study: Study, arm: StudyArm, cfg: Config) -> None:
+    """Refuse an eval step count the arm's diffusion cannot take, at load time rather than after training."""
+    ev = study.eval_of(arm)
+    total = cfg.diffusion.steps
+    try:
+        if ev.steps > total:
+            raise ValueError(f"{ev.steps} steps exceed the {total} of diffusion.steps")
+        if ev.sampler == "ddim":
+            space_timesteps(total, f"ddim{ev.steps}")
+    except ValueError as exc:
+        raise StudyError(
+            f"arm {arm.name!r}: eval.steps = {ev.steps} cannot be sampled ({exc}); DDIM takes every k-th of the "
+            f"{total} steps, so pick a count len(range(0, {total}, k)) reaches"
+        ) from None
 
 
 def _student(arm: StudyArm, cfg: Config) -> bool:
