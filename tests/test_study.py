@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 from scipy import stats
 
 from difflora.cli import main
@@ -91,6 +92,12 @@ def test_tiny_study_reports_and_reuses_finished_runs(tmp_path, monkeypatch):
     assert len(list((tmp_path / "docs" / "tiny-study" / "records").glob("*/seed*.json"))) == 4
     ckpts = sorted(out.glob("*/seed*/checkpoints/*/model.safetensors"))
     assert len(ckpts) == 4
+    # time-embed trains every weight: a task of it stores the whole checkpoint (counted from the file).
+    stored = sum(
+        t.numel()
+        for t in load_file(out / "time-embed" / "seed0" / "checkpoints" / "step_0000002" / "model.safetensors").values()
+    )
+    assert f"| {stored:,} / {stored:,} | 0 | {stored:,} |" in text
     mtimes = [c.stat().st_mtime_ns for c in ckpts]
     metrics = sorted(out.glob("*/seed*/eval/metrics.json"))
     m_mtimes = [m.stat().st_mtime_ns for m in metrics]

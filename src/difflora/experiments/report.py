@@ -250,8 +250,8 @@ def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], comm
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| group | arm | steps | w | FD | KID x1e3 | precision | recall | class acc. | params (total / trainable) "
-        "| adapter params | train img/s | sample img/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| adapter params | stored per task | train img/s | sample img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     floors_done: set[tuple[str, Any]] = set()
     for r in rows:
@@ -262,7 +262,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(
                 f"| {r['group']} | *real data (noise floor)* | - | - | {_floor_cell(f, 'fd', 2)} "
                 f"| {_floor_cell(f, 'kid_mean', 2, 1e3)} | {_floor_cell(f, 'precision', 2)} "
-                f"| {_floor_cell(f, 'recall', 2)} | {_floor_cell(f, 'class_accuracy', 2)} | - | - | - | - |"
+                f"| {_floor_cell(f, 'recall', 2)} | {_floor_cell(f, 'class_accuracy', 2)} | - | - | - | - | - |"
             )
         g = r["parameters"]["by_group"]  # records written before "adapters" was its name say "lora"
         lines.append(
@@ -270,10 +270,18 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {_pm(r['kid_mean'], 2, 1e3)} "
             f"| {_pm(r['precision'])} | {_pm(r['recall'])} | {_pm(r['class_accuracy'])} "
             f"| {r['parameters']['total']:,} / {r['parameters']['trainable']:,} "
-            f"| {g.get('adapters', 0) + g.get('lora', 0) + g.get('weighting', 0):,} | {_pm(r['train_images_per_s'], 0)} "
+            f"| {g.get('adapters', 0) + g.get('lora', 0) + g.get('weighting', 0):,} | {_stored(r['parameters'])} "
+            f"| {_pm(r['train_images_per_s'], 0)} "
             f"| {_pm(r['sample_images_per_s'], 0)} |"
         )
     return lines
+
+
+def _stored(parameters: dict[str, Any]) -> str:
+    """What one more task adds to storage: its bank entries plus the parameters trained outside any bank (a
+    fully fine-tuned model stores everything per task); '-' for records written before the count existed."""
+    per_task = parameters.get("per_task")
+    return f"{per_task['stored_per_task']:,}" if per_task else "-"
 
 
 def _ci_table(rows: list[dict[str, Any]]) -> list[str]:
