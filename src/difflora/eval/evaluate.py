@@ -129,6 +129,43 @@ def _fmt_scale(w: float) -> str:
     return f"{w:g}".replace(".", "p")
 
 
+def default_eval_dir(run_dir: str | Path, teacher: bool = False, task: int | None = None) -> Path:
+    """Where an evaluation is written unless ``out`` says otherwise."""
+    name = "eval-teacher" if teacher else "eval"
+    return Path(run_dir) / (name if task is None else f"{name}-task{task}")
+
+
+def _task_config(cfg: Config, task: int | None) -> Config:
+    """``cfg`` with data.name replaced by task ``task``'s dataset: the split its samples are scored
+    against and the task id they are drawn with (``data_conditions``). None: the run's own task."""
+    if task is None:
+        return cfg
+    d = cfg.data
+    if d.spatial is not None:
+        raise EvalError("--task: a run with spatial tasks scores every one of them already (one entry each)")
+    if d.task_id is None and not d.tasks:
+        raise EvalError("--task: this run has no task condition (data.task_id, data.tasks); evaluate it without --task")
+    first = d.task_id or 0
+    known = {first: None} | {first + k + 1: t for k, t in enumerate(d.tasks)}
+    if task not in known:
+        raise EvalError(
+            f"--task {task}: the run's config names the datasets of tasks {sorted(known)} only (data.name is task "
+            f"{first}); a task trained in another run is scored from that run's directory"
+        )
+    if d.task_labels == "offset" and cfg.model.num_classes and cfg.train.label_dropout < 1:
+        raise EvalError(
+            "--task: this run numbers each task's classes after the previous tasks' (data.task_labels: offset), "
+            "and eval's balanced labels span every class; score a run with shared labels or trained label-free"
+        )
+    t = known[task]
+    if t is None:
+        return cfg
+    # data.tasks are resized to the run's image size (data.image_size may be unset: data.name's own).
+    update = {"name": t.name, "root": t.root, "limit": t.limit, "task_id": task, "tasks": []}
+    data = d.model_copy(update=update | {"image_size": cfg.model.image_size})
+    return cfg.model_copy(update={"data": data})
+
+
 def _check_out_dir(out_dir: Path) -> None:
     """Raise EvalError unless ``out_dir`` can be created and written (checked before any work)."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -224,6 +261,7 @@ def evaluate_run(
     progress: bool = False,
     update_accounting: bool = True,
     teacher: bool = False,
+    task: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Sample from a run and score the samples; returns (and writes to ``out/metrics.json``) the result.
@@ -242,18 +280,19 @@ def evaluate_run(
     written unless the evaluation succeeds.
 
     ``teacher``: score a distilled run's guided teacher (see the module docstring); its sampling
-    speed goes to ``accounting.json`` as ``teacher_sampling``.
+    speed goes to ``accounting.json`` as ``teacher_sampling``. ``task``: score task K of a multi-task
+    run against its own dataset, drawn with ``task=K`` (default: data.name's task; see :func:`_task_config`).
     """
     _check_request(num_samples, steps, sampler, bootstrap, floor_draws)
     run_dir = Path(run_dir)
-    out_dir = Path(out) if out is not None else run_dir / ("eval-teacher" if teacher else "eval")
+    out_dir = Path(out) if out is not None else default_eval_dir(run_dir, teacher, task)
     cfg, model, meta = load_run(run_dir, weights, checkpoint)
+    cfg = _task_config(cfg, task)
     _check_teacher(cfg, run_dir, teacher)
     _check_out_dir(out_dir)
     steps, sampler, eta, scales = _sampling_settings(cfg, run_dir, steps, sampler, eta, guidance, teacher)
     fraction = _guidance_fraction(cfg, guidance_fraction, teacher)  # selective guidance when < 1
     dev = torch.device(device)
-    say = log or (lambda _msg: None)
 
     # Spatial tasks: features, reference and floor of the plain dataset; one entry per task and scale.
     plain = cfg.model_copy(update={"data": cfg.data.model_copy(update={"spatial": None})})
@@ -270,17 +309,22 @@ def evaluate_run(
     if cfg.train.objective == "distill" and not teacher:
         model = _FusedStudent(run_dir, weights, checkpoint, dev)
     scored = (model, cfg, net, (ref_f, ref_labels, radii), floor)
-    results, grids = _score_all(scored, scales, common, num_samples, grid_size, bootstrap, dev, progress, say)
+    results, grids = _score_all(scored, scales, common, num_samples, grid_size, bootstrap, dev, progress, log)
 
-    settings = {k: v for k, v in common.items() if k not in ("labels", "conditions")} | dict(guidance=scales)
-    settings |= dict(num_samples=num_samples, labels="balanced" if labels is not None else None, bootstrap=bootstrap)
-    settings |= dict(floor_draws=floor_draws, metrics_version=METRICS_VERSION, task=conditions.get("task"))
+    settings = _settings_record(common, scales, num_samples=num_samples, bootstrap=bootstrap, floor_draws=floor_draws)
     result = _result_record(run_dir, cfg, meta, weights, settings, net, net_source, ref_f, pool_size, floor, dev)
     result["results"] = results
     _write(out_dir, result, grids, cfg, labels is not None)
     if update_accounting:
         _record_speed(run_dir, _sampling_accounting(results, sampler, steps, num_samples, dev), teacher)
     return result
+
+
+def _settings_record(common: dict[str, Any], scales: list[float], **counts: int) -> dict[str, Any]:
+    """The sampling settings an evaluation records (``settings`` of metrics.json)."""
+    settings = {k: v for k, v in common.items() if k not in ("labels", "conditions")} | dict(guidance=scales)
+    settings |= dict(labels="balanced" if common["labels"] is not None else None, task=common["conditions"].get("task"))
+    return settings | counts | dict(metrics_version=METRICS_VERSION)
 
 
 def _record_speed(run_dir: Path, acc: dict[str, Any], teacher: bool) -> None:
@@ -298,7 +342,7 @@ def _score_all(
     bootstrap: int,
     dev: torch.device,
     progress: bool,
-    say: Callable[[str], None],
+    log: Callable[[str], None] | None,
 ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
     """One result entry and sample grid per guidance scale (and per spatial task of a spatial run).
 
@@ -306,6 +350,7 @@ def _score_all(
     ``common``: the sampling settings shared by every scale.
     """
     model, cfg, net, ref, floor = scored
+    say = log or (lambda _msg: None)
     results, grids = [], []
     for w in scales:
         for req in spatial_requests(cfg.data, num_samples) or [None]:
