@@ -87,6 +87,7 @@ def test_tiny_study_reports_and_reuses_finished_runs(tmp_path, monkeypatch):
     assert "| time-embed | 2 | 1 |" in text and "| tclora | 2 | 1 |" in text and "| tclora | 2 | 2 |" in text
     assert f"git revision of the report: `{CLEAN[0]}`" in text and f"difflora study {path}" in text
     assert "comparable only at equal sample counts" in text
+    assert "- data and backbone: digits at 8 px, unet, batch 4; training steps" in text
     assert "LoRA wins" in text and "Welch" in text
     assert (tmp_path / "docs" / "tiny-study" / "samples-tclora-w2.png").is_file()
     assert len(list((tmp_path / "docs" / "tiny-study" / "records").glob("*/seed*.json"))) == 4

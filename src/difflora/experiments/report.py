@@ -215,7 +215,6 @@ def _arm_evals(arms: list[StudyArm]) -> list[str]:
 
 def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], command: str, revision: str) -> list[str]:
     e = study.eval
-    base = arm_config(study, arms[0], study.seeds[0])
     n_done = sum(len(r["seeds"]) for r in {r["arm"]: r for r in rows}.values())
     lines = [f"# {study.name}", ""]
     if study.description:
@@ -224,8 +223,7 @@ def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], comm
         f"- command: `{command}` (add `--report-only` to regenerate this file from the stored runs)",
         f"- git revision of the report: `{revision}`",
         f"- arms: {len(arms)}, seeds: {study.seeds}; runs with results: {n_done} of {len(arms) * len(study.seeds)}",
-        f"- data: {base.data.name} at {base.model.image_size} px; backbone {base.model.arch}, batch "
-        f"{base.train.batch_size}, training steps per arm in the table",
+        f"- data and backbone: {_setups(study, arms)}; training steps per arm in the table",
         f"- eval: {e.num_samples} samples per setting, {e.sampler} {e.steps} steps, {e.weights} weights, guidance "
         f"{e.guidance} for class-conditional arms (balanced labels; a distilled student at its own w, a "
         "guidance-scale LoRA at the scales in its range; unconditional samples for arms trained with every "
@@ -245,6 +243,15 @@ def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], comm
         "",
     ]
     return lines
+
+
+def _setups(study: Study, arms: list[StudyArm]) -> str:
+    """The distinct (dataset, size, backbone, batch) of the arms, in arm order: a study may span several."""
+    seen: dict[str, None] = {}
+    for arm in arms:
+        c = arm_config(study, arm, study.seeds[0])
+        seen[f"{c.data.name} at {c.model.image_size} px, {c.model.arch}, batch {c.train.batch_size}"] = None
+    return "; ".join(seen)
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
