@@ -80,6 +80,9 @@ def test_tiny_study_reports_and_reuses_finished_runs(tmp_path, monkeypatch):
     logs: list[str] = []
     report = run_study(path, out=out, progress=False, log=logs.append)
     assert report == tmp_path / "docs" / "tiny-study.md"
+    assert [ln.split("); ")[-1].split(",")[0] for ln in logs if "] train " in ln] == [
+        f"{k} of 4 runs" for k in (1, 2, 3, 4)
+    ]
     text = report.read_text()
     # One row per unconditional arm, one per guidance scale of the class-conditional arm, one floor per group.
     rows = [ln for ln in text.splitlines() if ln.startswith("| unconditional") or ln.startswith("| class-cond")]

@@ -260,7 +260,8 @@ def run_all(
     runs = [(arm, seed) for arm in ordered for seed in study.seeds]
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(runs, desc="study", unit="run", disable=not progress, dynamic_ncols=True)
-    for arm, seed in bar:
+    spent: list[float] = []  # wall time of each run trained or evaluated in this call, for the estimate
+    for i, (arm, seed) in enumerate(bar):
         bar.set_postfix_str(f"{arm.name} seed {seed}")
         cfg = arm_config(study, arm, seed, out_dir)
         run_dir = out_dir / arm.name / f"seed{seed}"
@@ -303,9 +304,13 @@ def run_all(
             _teacher_accounting(source, run_dir)
         fds = ", ".join(f"w={r['guidance']:g}: {r['fd']:.3f}" for r in ev["results"])
         floor = ev["noise_floor"]["fd"]
+        spent.append(time.perf_counter() - t0)
+        # An upper bound: runs still ahead that are done already take no time.
+        left = sum(spent) / len(spent) * (len(runs) - i - 1) / 60
         log(
             f"[{arm.name} seed {seed}] train {t1 - t0:.0f} s, eval {time.perf_counter() - t1:.0f} s; FD {fds} "
-            f"(real data at {settings['num_samples']} samples: {floor['mean']:.3f} ± {floor['std']:.3f})"
+            f"(real data at {settings['num_samples']} samples: {floor['mean']:.3f} ± {floor['std']:.3f}); "
+            f"{i + 1} of {len(runs)} runs, at most ~{left:.0f} min left at this pace"
         )
     bar.close()
 
