@@ -421,6 +421,14 @@ def _cmd_export_peft(args) -> int:
     return 0
 
 
+def _cmd_combine_tasks(args) -> int:
+    from difflora.train.combine_tasks import combine_task_runs
+
+    out = combine_task_runs(args.runs, args.out)
+    print(f"sample: difflora sample {out} --condition task=0; score: difflora eval {out} --task K")
+    return 0
+
+
 # Command name -> handler; the parser's grammar lives in difflora.cli_parser.
 HANDLERS = {
     "train": _cmd_train,
@@ -437,6 +445,7 @@ HANDLERS = {
     "runs": _cmd_runs,
     "demo": _cmd_demo,
     "export_peft": _cmd_export_peft,
+    "combine_tasks": _cmd_combine_tasks,
 }
 
 

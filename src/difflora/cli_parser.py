@@ -248,6 +248,15 @@ def _add_export_peft(sub, handlers: Handlers) -> None:
     e.set_defaults(fn=handlers["export_peft"])
 
 
+def _add_combine_tasks(sub, handlers: Handlers) -> None:
+    m = sub.add_parser(
+        "combine-tasks", help="one run serving the tasks of several runs on one base (task ids in the runs' order)"
+    )
+    m.add_argument("runs", nargs="+", metavar="RUN", help="runs that adapt the same base with task banks only")
+    m.add_argument("--out", required=True, help="the combined run directory to create (must not exist)")
+    m.set_defaults(fn=handlers["combine_tasks"])
+
+
 def build_parser(handlers: Handlers) -> argparse.ArgumentParser:
     """The ``difflora`` parser; ``handlers`` maps each command (``train``, ``sample``, ...) to its function."""
     p = Parser(prog="difflora", description="Low-rank conditioning, adaptation and distillation of diffusion models.")
@@ -267,6 +276,7 @@ def build_parser(handlers: Handlers) -> argparse.ArgumentParser:
         _add_runs,
         _add_demo,
         _add_export_peft,
+        _add_combine_tasks,
     ):
         add(sub, handlers)
     return p

@@ -1,4 +1,4 @@
-"""Fault catalogue, part 1: command-line flags of sample and eval, --condition, train-features."""
+"""Fault catalogue, part 1: command-line flags of sample and eval, --condition, train-features, combine-tasks."""
 
 from __future__ import annotations
 
@@ -169,8 +169,24 @@ EVAL = [
     ),
 ]
 
+COMBINE = [
+    Fault("combine-tasks-one-run", ("combine-tasks", "{run}", "--out", "{tmp}/c"), r"needs at least two runs"),
+    Fault(
+        "combine-tasks-full-run",
+        ("combine-tasks", "{run}", "{run}", "--out", "{tmp}/c"),
+        r"run stores every weight of its model .* only runs that adapt a shared base",
+    ),
+    Fault(
+        "combine-tasks-not-a-run",
+        ("combine-tasks", "{tmp}/nowhere", "{run}", "--out", "{tmp}/c"),
+        r"nowhere is not a difflora run directory",
+    ),
+    Fault("combine-tasks-out-exists", ("combine-tasks", "{run}", "{run}", "--out", "{run}"), r"already exists"),
+    Fault("combine-tasks-no-out", ("combine-tasks", "{run}", "{run}"), r"required: --out"),
+]
 
-CASES = FLAGS + CONDITIONS + EVAL
+
+CASES = FLAGS + CONDITIONS + EVAL + COMBINE
 
 
 @pytest.mark.parametrize("fault", cases(CASES))

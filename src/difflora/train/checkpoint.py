@@ -118,12 +118,16 @@ def save_checkpoint(
     *,
     model: dict[str, torch.Tensor],
     ema: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     rng: dict[str, torch.Tensor],
     meta: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and keep only the newest ``keep`` ones."""
+    """Write checkpoint ``step`` atomically and keep only the newest ``keep`` ones.
+
+    ``optimizer`` None stores no optimizer state (a run that serves but does not train, such as a
+    merged one: ``difflora.train.combine_tasks``).
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
@@ -131,7 +135,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    optim_tensors, optim_meta = optimizer_to_tensors(optimizer)
+    optim_tensors, optim_meta = optimizer_to_tensors(optimizer) if optimizer is not None else ({}, None)
     parts = {"model": model, "ema": ema, "optim": optim_tensors, "rng": rng}
     files = {}
     for name, tensors in parts.items():
@@ -226,6 +230,12 @@ def load_checkpoint(ckpt: str | Path) -> LoadedCheckpoint:
     """Load and verify every file of one checkpoint directory."""
     ckpt = Path(ckpt)
     state = _read_state(ckpt)
+    if state.get("combined_from"):
+        raise CheckpointError(
+            f"checkpoint {ckpt} belongs to a combined run (difflora combine-tasks): it serves its tasks but holds no "
+            "training state to resume; to train one more task, start a new run with train.init_from set to this "
+            "run and model.affiner.frozen_tasks set to its number of tasks"
+        )
     loaded = {name: _verified_load(ckpt, name, _record(ckpt, state, name)) for name in _FILES}
     try:
         optim = optimizer_from_tensors(loaded["optim"], state["optimizer"])
