@@ -277,9 +277,18 @@ def test_task_k_of_a_multi_task_run_is_scored_against_its_own_dataset(cache, tmp
     ref = compute_metrics(test.images, fake, net, None, real_labels=test.labels, seed=5)
     for key in ("fd", "kid_mean", "precision", "recall"):
         assert got["results"][0][key] == pytest.approx(ref[key], rel=1e-9), key
-    # Task 0 is data.name's task, digits: another dataset, another score.
+    # Task 0 is data.name's task, digits: scored against digits' held-out split alone (not both
+    # tasks' splits), by hand as above; without --task the run is scored the same way.
     own = evaluate_run(tmp_path / "m", guidance=[0], floor_draws=2, task=0, **kw)
-    assert own["settings"]["task"] == 0 and own["results"][0]["fd"] != got["results"][0]["fd"]
+    digits = DataConfig(name="digits", image_size=cfg.model.image_size)
+    test = load_dataset(digits, "test")
+    fake = generate(model, cfg, 20, steps=3, sampler="ddim", labels=None, conditions={"task": 0}, seed=5)
+    net = get_feature_net(digits, cache, train=TINY_FEATURES, progress=False)
+    ref = compute_metrics(test.images, fake, net, None, real_labels=test.labels, seed=5)
+    assert own["settings"]["task"] == 0 and own["num_real"] == len(test)
+    assert own["results"][0]["fd"] == pytest.approx(ref["fd"], rel=1e-9)
+    default = evaluate_run(tmp_path / "m", guidance=[0], floor_draws=2, out=tmp_path / "e", **kw)
+    assert default["settings"]["task"] == 0 and default["results"][0]["fd"] == own["results"][0]["fd"]
     with pytest.raises(EvalError, match=r"--task 2: the run's config names the datasets of tasks \[0, 1\]"):
         evaluate_run(tmp_path / "m", guidance=[0], task=2, **kw)
 

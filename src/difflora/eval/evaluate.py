@@ -137,10 +137,16 @@ def default_eval_dir(run_dir: str | Path, teacher: bool = False, task: int | Non
 
 def _task_config(cfg: Config, task: int | None) -> Config:
     """``cfg`` with data.name replaced by task ``task``'s dataset: the split its samples are scored
-    against and the task id they are drawn with (``data_conditions``). None: the run's own task."""
-    if task is None:
-        return cfg
+    against and the task id they are drawn with (``data_conditions``). None: the run's own task,
+    data.name's, scored against data.name alone (not every task's split: its samples are all
+    drawn as data.name's task). Offset class labels keep every task's split under None: the
+    balanced labels then span every task's classes."""
     d = cfg.data
+    offset_classes = d.task_labels == "offset" and cfg.model.num_classes and cfg.train.label_dropout < 1
+    if task is None:
+        if not d.tasks or offset_classes:
+            return cfg
+        task = d.task_id or 0
     if d.spatial is not None:
         raise EvalError("--task: a run with spatial tasks scores every one of them already (one entry each)")
     if d.task_id is None and not d.tasks:
@@ -152,14 +158,14 @@ def _task_config(cfg: Config, task: int | None) -> Config:
             f"--task {task}: the run's config names the datasets of tasks {sorted(known)} only (data.name is task "
             f"{first}); a task trained in another run is scored from that run's directory"
         )
-    if d.task_labels == "offset" and cfg.model.num_classes and cfg.train.label_dropout < 1:
+    if offset_classes:
         raise EvalError(
             "--task: this run numbers each task's classes after the previous tasks' (data.task_labels: offset), "
             "and eval's balanced labels span every class; score a run with shared labels or trained label-free"
         )
     t = known[task]
-    if t is None:
-        return cfg
+    if t is None:  # data.name's own task: its split alone
+        return cfg.model_copy(update={"data": d.model_copy(update={"tasks": [], "task_id": first})})
     # data.tasks are resized to the run's image size (data.image_size may be unset: data.name's own).
     update = {"name": t.name, "root": t.root, "limit": t.limit, "task_id": task, "tasks": []}
     data = d.model_copy(update=update | {"image_size": cfg.model.image_size})
