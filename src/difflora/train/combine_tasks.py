@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,7 +240,9 @@ def combine_task_runs(runs: Sequence[str | Path], out: str | Path, log: Callable
         first_id += s.tasks
     meta = {"config": config_to_dict(cfg), "base": sources[0].state["base"], "combined_from": combined_from}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    tmp = out.parent / f".tmp-{out.name}"  # not mkdtemp: its 0700 would outlive the rename
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed combine-tasks
+    tmp.mkdir()
     try:
         step = max(s.state["step"] for s in sources)
         save_checkpoint(tmp, step, model=tensors["model"], ema=tensors["ema"], optimizer=None, rng={}, meta=meta)
