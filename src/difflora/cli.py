@@ -165,12 +165,12 @@ def _cmd_sample(args) -> int:
     nrow = cfg.model.num_classes if (labels is not None and args.cls is None) else None
     path = save_grid(images, args.out, nrow=nrow)
     if args.save_tensor:
-        from safetensors.torch import save_file
+        from difflora.tensorfile import save_tensors
 
         tmp = Path(args.save_tensor + ".tmp")
         tensors = {"images": images.contiguous(), **({"labels": labels} if labels is not None else {})}
         tensors |= {"spatial": spatial.contiguous()} if spatial is not None else {}
-        save_file(tensors, str(tmp))
+        save_tensors(tensors, tmp)
         os.replace(tmp, args.save_tensor)  # never a half-written file under the name asked for
     print(f"wrote {args.num} samples (step {meta['step']}, {args.weights} weights) to {path}")
     return 0

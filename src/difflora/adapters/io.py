@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from difflora.adapters.forms import Branch, branch_from_spec
@@ -34,6 +34,7 @@ from difflora.adapters.positions import PositionAdapter, add_position_adapter, h
 from difflora.adapters.router import Geometry
 from difflora.adapters.weightings import weighting_from_spec
 from difflora.jsonfile import read_json_file
+from difflora.tensorfile import save_tensors
 
 __all__ = [
     "AdapterLoadError",
@@ -141,7 +142,7 @@ def save_adapters(
     directory.mkdir(parents=True, exist_ok=True)
     # Write both under temporary names, then rename: a crash never leaves a half-written pair.
     tmp_w, tmp_c = directory / (WEIGHTS_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
-    save_file(tensors, str(tmp_w), metadata={"format": "pt"})
+    save_tensors(tensors, tmp_w, metadata={"format": "pt"})
     tmp_c.write_text(json.dumps(config, indent=2))
     tmp_w.replace(directory / WEIGHTS_NAME)
     tmp_c.replace(directory / CONFIG_NAME)

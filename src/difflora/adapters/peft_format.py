@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from difflora.adapters.context import ConditionValue
@@ -44,6 +43,7 @@ from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
 from difflora.adapters.positions import position_adapters
 from difflora.adapters.weightings import IndexWeighting
 from difflora.jsonfile import read_json_file
+from difflora.tensorfile import save_tensors
 
 __all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "PeftFormatError", "export_peft", "import_peft", "merge_and_unload"]
 
@@ -132,7 +132,7 @@ def export_peft(model: nn.Module, directory: str | Path, adapter: str | None = N
     meta = {"format": "pt", "difflora_adapter": adapter, "difflora_condition": condition}
     # Both files under temporary names first: a crash never leaves a half-written pair.
     tmp_w, tmp_c = directory / (PEFT_WEIGHTS + ".tmp"), directory / (PEFT_CONFIG + ".tmp")
-    save_file(tensors, str(tmp_w), metadata=meta)
+    save_tensors(tensors, tmp_w, metadata=meta)
     tmp_c.write_text(json.dumps(config, indent=2))
     tmp_w.replace(directory / PEFT_WEIGHTS)
     tmp_c.replace(directory / PEFT_CONFIG)

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -52,6 +52,7 @@ from difflora.config import DataConfig
 from difflora.eval.inception import InceptionFeatures, load_inception
 from difflora.eval.kernel import kid_feature_scale
 from difflora.jsonfile import read_json_file
+from difflora.tensorfile import save_tensors
 
 __all__ = [
     "FeatureNet",
@@ -331,7 +332,7 @@ def save_feature_net(net: FeatureNet, path: str | Path) -> Path:
     w_path, j_path = _paths(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     with _atomic_path(w_path) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT})
+        save_tensors(state, tmp, metadata={"format": FORMAT})
         digest = _file_sha256(tmp)
     meta = net.info.to_json() | {"weights_sha256": digest}
     with _atomic_path(j_path) as tmp:

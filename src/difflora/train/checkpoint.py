@@ -40,9 +40,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from difflora.jsonfile import read_json_file
+from difflora.tensorfile import save_tensors
 
 __all__ = [
     "CheckpointError",
@@ -140,7 +141,7 @@ def save_checkpoint(
     files = {}
     for name, tensors in parts.items():
         path = tmp / f"{name}.safetensors"
-        save_file(_contiguous(tensors), str(path))
+        save_tensors(_contiguous(tensors), path)
         files[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     # The tensor counts, kept apart from the hashes, let a reader notice a file that was replaced
     # by one with fewer tensors and its hash recomputed (a checkpoint edited by another program).
