@@ -108,3 +108,25 @@ def test_bad_input_is_one_line(root, tmp_path, capsys):
     assert main(["runs", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "config.json is not valid JSON" in err and len(err.splitlines()) == 1
+
+
+def test_a_multi_task_run_gets_one_row_per_task_it_was_scored_on(root, tmp_path):
+    copy = tmp_path / "runs"
+    shutil.copytree(root, copy)
+    for task, fd in ((1, 12.5), (0, 7.25)):  # written out of order: rows follow the task ids
+        record = {"results": [{"guidance": 0.0, "fd": fd, "kid_mean": fd / 1000, "sample_images_per_s": 3.0}]}
+        (copy / "a" / f"eval-task{task}").mkdir()
+        (copy / "a" / f"eval-task{task}" / "metrics.json").write_text(json.dumps(record))
+    (copy / "a" / "eval-taskx").mkdir()  # not a task evaluation: ignored
+    columns, rows = runs_table(copy)
+    assert [r["run"] for r in rows] == ["a", "a (task 0)", "a (task 1)", "study/arm/seed1"]
+    a, t0, t1 = rows[:3]
+    assert (t0["fd"], t1["fd"], t1["kid"], t1["sample img/s"]) == (7.25, 12.5, 0.0125, 3.0)
+    assert a.get("fd") is None and "fd" in columns
+    for t in (t0, t1):  # the run's training columns and config, repeated
+        assert (t["loss"], t["step"], t["train.lr"], t["trainable"]) == (
+            a["loss"],
+            a["step"],
+            a["train.lr"],
+            a["trainable"],
+        )

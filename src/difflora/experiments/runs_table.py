@@ -1,7 +1,9 @@
 """``difflora runs [DIR]``: one table of the runs under a directory, to compare them at a glance.
 
 Every directory under DIR that holds a ``config.json`` is a run (study and sweep outputs nest them
-as ``<arm>/seed<k>/``; the search does not descend into a run). Each run gives one row:
+as ``<arm>/seed<k>/``; the search does not descend into a run). Each run gives one row, and a
+multi-task run one more row per task scored with ``difflora eval --task K`` (``eval-taskK/``),
+named ``RUN (task K)``, with that task's scores beside the run's training columns:
 
     run            its path relative to DIR
     step           the last logged step (of ``train.steps``)
@@ -85,6 +87,16 @@ def _eval_columns(record: dict[str, Any] | None) -> dict[str, Any]:
     return row
 
 
+def _task_evals(run_dir: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(K, record)`` of each ``eval-taskK/metrics.json`` of a multi-task run (``difflora eval --task K``)."""
+    found = []
+    for path in run_dir.glob("eval-task*/metrics.json"):
+        task = path.parent.name.removeprefix("eval-task")
+        if task.isdigit() and (record := _read_json(path)) is not None:
+            found.append((int(task), record))
+    return sorted(found, key=lambda item: item[0])
+
+
 def run_row(run_dir: Path, log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
     """(measured columns, flattened config) of one run directory."""
     config = _read_json(run_dir / "config.json") or {}
@@ -134,7 +146,10 @@ def runs_table(
     for run_dir, measured, config in runs:
         name = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
         rows.append({"run": name, **measured, **{k: config.get(k) for k in diff}})
-    evals = sorted({k for _, m, _ in runs for k in m if k.startswith(("fd", "kid"))}, key=_metric_order)
+        trained = {k: v for k, v in rows[-1].items() if not k.startswith(("fd", "kid", "sample img/s"))}
+        for task, record in _task_evals(run_dir):
+            rows.append(trained | {"run": f"{name} (task {task})", **_eval_columns(record)})
+    evals = sorted({k for r in rows for k in r if k.startswith(("fd", "kid"))}, key=_metric_order)
     columns = ["run", "step", "loss", *evals, *MEASURED[3:], *diff]
     columns = [c for c in columns if c == "run" or c in diff or any(r.get(c) is not None for r in rows)]
     if sort is not None:
