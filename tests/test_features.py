@@ -1,13 +1,14 @@
 """The feature network: learns digits on a tiny budget, caches atomically, round-trips exactly,
 and refuses to score a dataset or image size it was not trained for."""
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from difflora.config import DataConfig
+from difflora.config import DataConfig, TaskDataConfig
 from difflora.data import load_dataset
 from difflora.eval import (
     FeatureNetMismatchError,
@@ -127,6 +128,18 @@ def test_cache_location(monkeypatch, tmp_path):
     key = lambda cfg: F.feature_net_key(cfg, (32, 64, 128), 128, 2, TINY)  # noqa: E731
     assert key(DIGITS) != key(DIGITS.model_copy(update={"image_size": 16}))
     assert key(DIGITS) != F.feature_net_key(DIGITS, (32, 64, 128), 128, 2, FeatureTrainConfig(seed=1))
+    # A multi-dataset config (the union of its tasks' splits) is other data than data.name alone: a
+    # network trained on the union must not be cached, or found, under data.name's key.
+    union = DIGITS.model_copy(update={"tasks": [TaskDataConfig(name="mnist-5k")], "image_size": 8})
+    alone = DIGITS.model_copy(update={"image_size": 8})
+    assert key(union) != key(alone) and key(union).startswith("digits+mnist-5k-8px-")
+    assert F.data_fingerprint(union) != F.data_fingerprint(alone)
+    assert F.data_fingerprint(union) != F.data_fingerprint(union.model_copy(update={"task_labels": "offset"}))
+    # A single dataset's fingerprint is what it always was, so cached networks stay valid.
+    size, channels = DIGITS.resolved_shape()
+    old = {"name": "digits", "root": None, "image_size": size, "channels": channels}
+    text = json.dumps(old, sort_keys=True, separators=(",", ":"))
+    assert F.data_fingerprint(DIGITS) == hashlib.sha256(text.encode()).hexdigest()
     # The key covers the format version: networks of version 1 (trained on the whole train split) are not reused.
     current = key(DIGITS)
     monkeypatch.setattr(F, "FORMAT_VERSION", 1)

@@ -36,7 +36,9 @@ def test_save_tensors_gives_the_mode_open_would(umask, tmp_path):
 
 
 def test_checkpoints_and_adapter_files_are_readable_as_the_umask_allows(umask, tmp_path):
-    cfg = load_config(CONFIGS_DIR / "tiny-unet.yaml", ["model.adapters=[{name: lora, condition: t, weighting: shared}]"])
+    cfg = load_config(
+        CONFIGS_DIR / "tiny-unet.yaml", ["model.adapters=[{name: lora, condition: t, weighting: shared}]"]
+    )
     model = build_model(cfg)
     state = model.state_dict()
     opt = torch.optim.AdamW(model.parameters())

@@ -259,11 +259,25 @@ def _eval_data_config(cfg: DataConfig) -> DataConfig:
     return cfg.model_copy(update={"limit": 0, "hflip": False})
 
 
+def _resolved_root(root: str | None) -> str | None:
+    return str(Path(root).expanduser().resolve()) if root else None
+
+
 def data_fingerprint(cfg: DataConfig) -> str:
-    """sha256 of what decides the evaluation data: dataset name, root directory, resolved image size."""
+    """sha256 of what decides the evaluation data: dataset name, root directory, resolved image size,
+    and, for a multi-dataset config (the union of its tasks' splits, with offset or shared labels),
+    every task's dataset: a network trained on the union must never be cached as data.name's."""
     size, channels = cfg.resolved_shape()
-    root = str(Path(cfg.root).expanduser().resolve()) if cfg.root else None
-    return _sha256_json({"name": cfg.name, "root": root, "image_size": size, "channels": channels})
+    record: dict[str, Any] = {
+        "name": cfg.name,
+        "root": _resolved_root(cfg.root),
+        "image_size": size,
+        "channels": channels,
+    }
+    if cfg.tasks:  # absent otherwise, so single-dataset fingerprints (and cached networks) stay valid
+        record["tasks"] = [{"name": t.name, "root": _resolved_root(t.root)} for t in cfg.tasks]
+        record["task_labels"] = cfg.task_labels
+    return _sha256_json(record)
 
 
 def feature_net_key(
@@ -275,7 +289,8 @@ def feature_net_key(
     # The format version too: a change of the architecture rules (e.g. when the stem strides) bumps it.
     key = {"data": data_fingerprint(cfg), "arch": arch, "train": dataclasses.asdict(train), "format": FORMAT_VERSION}
     h = _sha256_json(key)
-    return f"{cfg.name}-{size or 'native'}px-{h[:16]}"
+    names = "+".join([cfg.name, *(t.name for t in cfg.tasks)])
+    return f"{names}-{size or 'native'}px-{h[:16]}"
 
 
 def default_cache_dir() -> Path:
