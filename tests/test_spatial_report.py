@@ -58,3 +58,11 @@ def test_spatial_rows_average_tasks_per_seed_and_list_fidelity(tmp_path):
     assert "| spatial | affiner-concat [all tasks] | 1000 | 1 | 3.00 ± 1.41 |" in text
     # The claim compares the task means (3 vs 6.5), not the best task (1 vs 5).
     assert "3.00" in text.split("## Claims")[1]
+
+
+def test_the_study_log_line_names_each_spatial_task():
+    from difflora.experiments.study import fd_summary
+
+    spatial = _record("affiner-concat", 0, (7.2334, 25.9411, 23.5631))["eval"]["results"]
+    assert fd_summary(spatial) == "edges w=1: 7.233, lowres w=1: 25.941, inpaint w=1: 23.563"
+    assert fd_summary([{"guidance": 0.0, "fd": 40.786}, {"guidance": 2.0, "fd": 12.0}]) == "w=0: 40.786, w=2: 12.000"

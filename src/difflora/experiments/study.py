@@ -302,7 +302,7 @@ def run_all(
         )
         if teacher:
             _teacher_accounting(source, run_dir)
-        fds = ", ".join(f"w={r['guidance']:g}: {r['fd']:.3f}" for r in ev["results"])
+        fds = fd_summary(ev["results"])
         floor = ev["noise_floor"]["fd"]
         spent.append(time.perf_counter() - t0)
         # An upper bound: runs still ahead that are done already take no time.
@@ -313,6 +313,12 @@ def run_all(
             f"{i + 1} of {len(runs)} runs, at most ~{left:.0f} min left at this pace"
         )
     bar.close()
+
+
+def fd_summary(results: list[dict]) -> str:
+    """The FD of each result entry for a log line: ``w=0: 40.786``, one per scale; spatial runs score
+    each task at each scale, so the task is named (``edges w=1: 7.233, lowres w=1: 25.941``)."""
+    return ", ".join(f"{r['task'] + ' ' if 'task' in r else ''}w={r['guidance']:g}: {r['fd']:.3f}" for r in results)
 
 
 def _default_command(path: str | Path, out: str | Path | None) -> str:
