@@ -142,6 +142,7 @@ def test_runs_that_cannot_share_one_model_are_refused_and_nothing_is_written(run
         "stores every weight": runs["base"],
         "outside its task banks": _train(tmp / "bitfit", aff, "train.base_groups=[bias]", *on_base),
         "differ in model.affiner": _train(tmp / "wide", "model.affiner={tasks: 1, latent: 8}", *on_base),
+        "every label dropped": _train(tmp / "label-free", aff, "train.label_dropout=1.0", *on_base),
         "only runs on one base": _train(
             tmp / "on-base2", aff, f"train.init_from={other_base}", *ADAPT, "data.limit=40"
         ),

@@ -15,8 +15,9 @@ carries the longest run's step and a ``combined_from`` record of every run it ca
 
 What cannot be combined is refused with the reason: full fine-tuning and methods that train tensors
 outside task banks (DiffFit's and BitFit's biases, embeddings, new class rows) store a different
-model per task; runs on different bases or with a different architecture; spatial tasks; offset
-labels; a run whose config does not name every one of its tasks' datasets.
+model per task; runs on different bases or with a different architecture; label-free runs with
+runs trained on labels; spatial tasks; offset labels; a run whose config does not name every one
+of its tasks' datasets.
 """
 
 from __future__ import annotations
@@ -136,6 +137,12 @@ def _check_compatible(sources: list[_Source]) -> None:
                     f"{s.run} and {first.run} differ in {section}.{', '.join(keys)}: only runs of one "
                     "architecture and one diffusion share a model"
                 )
+        if (s.cfg.train.label_dropout >= 1) != (first.cfg.train.label_dropout >= 1):
+            free = s if s.cfg.train.label_dropout >= 1 else first
+            raise CombineError(
+                f"{free.run} trained with every label dropped (train.label_dropout=1) and the other run with "
+                "labels: one config cannot sample both as trained (eval draws balanced labels or none)"
+            )
         other = s.state["base"]
         if other["fingerprint"] != base["fingerprint"]:
             raise CombineError(
