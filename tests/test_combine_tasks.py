@@ -14,10 +14,9 @@ import torch
 
 from difflora.cli import main
 from difflora.config import load_config
-from difflora.eval.evaluate import _task_config
-from difflora.model import build_model
+from difflora.eval.evaluate import _task_config, load_run
 from difflora.presets import CONFIGS_DIR
-from difflora.train import CheckpointError, RunExistsError, latest_checkpoint, load_weights, train
+from difflora.train import CheckpointError, RunExistsError, latest_checkpoint, train
 from difflora.train.combine_tasks import CombineError, combine_task_runs
 
 QUIET = dict(progress=False, log=lambda _: None)
@@ -31,20 +30,15 @@ def _train(out: Path, *overrides: str) -> Path:
 
 
 def _model(run: Path, weights: str = "ema"):
-    cfg = load_config(run / "config.json")
-    state, _ = load_weights(latest_checkpoint(run), weights)
-    model = build_model(cfg)
-    model.load_state_dict(state)
-    return model.eval()
+    """The run's model as sample and eval load it (the newest checkpoint, base included)."""
+    return load_run(run, weights)[1]
 
 
 def _inputs(n: int = 6):
+    """Noisy 8x8 images, timesteps and labels (x, t, y), fixed by seed."""
     g = torch.Generator().manual_seed(3)
-    return (
-        torch.randn(n, 1, 8, 8, generator=g),
-        torch.randint(100, (n,), generator=g),
-        torch.randint(10, (n,), generator=g),
-    )
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    return x, torch.randint(100, (n,), generator=g), torch.randint(10, (n,), generator=g)
 
 
 @pytest.fixture(scope="module")
