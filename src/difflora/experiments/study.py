@@ -229,7 +229,7 @@ def run_study(
     img_dir = report_dir / study.name
     if out_dir.is_dir():
         n = sync_records(study, out_dir, img_dir, study.arms)
-        log(f"study {study.name}: {n} finished runs recorded in {img_dir / 'runs'}")
+        log(f"study {study.name}: {n} finished runs recorded in {img_dir / 'records'}")
         for note in weight_plots(study, out_dir, img_dir, study.arms):
             log(f"weight plot failed: {note}")
     cmd = command or _default_command(path, out)
