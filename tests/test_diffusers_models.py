@@ -23,7 +23,9 @@ from difflora.nets.diffusers_wrap import DiffusersNet, build_diffusers_model
 from difflora.train import latest_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TOL = 1e-5
+# float32 through a whole diffusers network, computed two ways ((W + sum B A) x against W x + B (A x)):
+# up to ~2e-5 apart on some CPUs' kernels; a wrong timestep or class moves the output by 0.2 or more.
+TOL = 1e-4
 T_VALUES, BASES = 100, 5  # TimeLoRA: bases at t_i = i * 99 / 4
 TINY = {
     "UNet2DModel": {

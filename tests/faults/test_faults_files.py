@@ -388,7 +388,10 @@ def test_signal(case, runs, tmp_path):
     marker = tmp_path / "started"
     # The child marks the moment sampling starts (its first model call), then samples for long.
     code = (
-        "import sys, pathlib, difflora.generate as g\n"
+        "import signal, sys, pathlib, difflora.generate as g\n"
+        # Python's own SIGINT handler even when the child inherits SIGINT ignored (a test run
+        # started in the background of a non-interactive shell), which would make it unstoppable.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "orig = g.sample\n"
         "def marked(*a, **k):\n"
         f"    pathlib.Path({str(marker)!r}).touch()\n"
