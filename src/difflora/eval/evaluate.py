@@ -316,17 +316,15 @@ def evaluate_run(
     default: the cached one for the run's dataset (trained on first use, with ``feature_train``).
     Each entry holds fd, kid_mean, kid_std, precision, recall, class_accuracy (class-conditional
     runs), "ci" (``bootstrap``-draw 95% intervals of each), sample_seconds (wall time of the whole
-    draw), sample_seconds_per_image and sample_images_per_s;
-    "noise_floor" holds the same scores of ``floor_draws`` real sets drawn like the samples
-    (``difflora.eval.uncertainty``). Everything that can be checked (settings, the output
+    draw), sample_seconds_per_image and sample_images_per_s; "noise_floor" holds the same scores
+    of ``floor_draws`` real sets drawn like the samples (``difflora.eval.uncertainty``). Everything that can be checked (settings, the output
     directory, the data sizes the floor needs) is checked before any sampling, and nothing is
     written unless the evaluation succeeds.
 
     ``teacher``: score a distilled run's guided teacher (see the module docstring); its sampling
     speed goes to ``accounting.json`` as ``teacher_sampling``. ``task``: score task K of a multi-task
-    run against its own dataset, drawn with ``task=K`` (default: data.name's task; see :func:`_task_config`).
-    ``against``: score the run's unconditional samples against another dataset's held-out split (see
-    :func:`_against_config`), e.g. an unadapted base against the dataset an adaptation targets.
+    run against its own dataset (:func:`_task_config`); ``against``: unconditional samples against
+    another dataset's split (:func:`_against_config`), e.g. an unadapted base against a target.
     """
     _check_request(num_samples, steps, sampler, bootstrap, floor_draws)
     run_dir = Path(run_dir)
@@ -338,7 +336,6 @@ def evaluate_run(
     steps, sampler, eta, scales = _sampling_settings(cfg, run_dir, steps, sampler, eta, guidance, teacher)
     fraction = _guidance_fraction(cfg, guidance_fraction, teacher)  # selective guidance when < 1
     dev = torch.device(device)
-
     # Spatial tasks: features, reference and floor of the plain dataset; one entry per task and scale.
     plain = cfg.model_copy(update={"data": cfg.data.model_copy(update={"spatial": None})})
     net, net_source = _resolve_feature_net(plain, feature_net, cache_dir, feature_train, dev, progress)
@@ -348,9 +345,9 @@ def evaluate_run(
     ref_f, ref_labels, radii, floor, pool_size = _reference(plain, net, num_samples, labels, seed, floor_draws)
     model.to(dev)
 
-    conditions = data_conditions(cfg)  # data.name's own task (Affiner runs); spatial tasks set theirs per request
     common = dict(steps=steps, sampler=sampler, eta=eta, labels=labels, seed=seed, teacher=teacher)
-    common |= dict(guidance_fraction=fraction, conditions=conditions)
+    # data_conditions: data.name's own task (Affiner runs); spatial tasks set theirs per request.
+    common |= dict(guidance_fraction=fraction, conditions=data_conditions(cfg))
     if cfg.train.objective == "distill" and not teacher:
         model = _FusedStudent(run_dir, weights, checkpoint, dev)
     scored = (model, cfg, net, (ref_f, ref_labels, radii), floor)
