@@ -14,7 +14,8 @@ import torch
 
 from difflora.cli import main
 from difflora.config import load_config
-from difflora.eval.evaluate import _task_config, load_run
+from difflora.eval.evaluate import load_run
+from difflora.eval.target import task_config
 from difflora.presets import CONFIGS_DIR
 from difflora.train import CheckpointError, RunExistsError, latest_checkpoint, train
 from difflora.train.combine_tasks import CombineError, combine_task_runs
@@ -88,8 +89,8 @@ def test_every_combined_task_computes_what_its_own_run_computed(runs):
     assert cfg.model.affiner.tasks == 4
     assert [cfg.data.name, *[d.name for d in cfg.data.tasks]] == ["digits", "digits", "mnist-5k", "mnist-5k"]
     # eval --task K scores each task against its own dataset, drawn with its own task id.
-    assert (_task_config(cfg, 2).data.name, _task_config(cfg, 2).data.task_id) == ("mnist-5k", 2)
-    assert _task_config(cfg, 3).data.name == "mnist-5k" and _task_config(cfg, 1).data.name == "digits"
+    assert (task_config(cfg, 2).data.name, task_config(cfg, 2).data.task_id) == ("mnist-5k", 2)
+    assert task_config(cfg, 3).data.name == "mnist-5k" and task_config(cfg, 1).data.name == "digits"
     state = json.loads((latest_checkpoint(out) / "state.json").read_text())
     assert [m["tasks"] for m in state["combined_from"]] == [[0], [1, 2], [3]]
     assert (
