@@ -120,6 +120,39 @@ def test_tiny_study_reports_and_reuses_finished_runs(tmp_path, monkeypatch):
     assert again.read_bytes() == before and not out.exists()
 
 
+def test_a_fresh_clone_continues_from_the_records_and_reruns_only_what_they_lack(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFLORA_CACHE", str(tmp_path / "cache"))
+    tree = {**TINY_STUDY, "report_dir": str(tmp_path / "docs"), "claims": []}
+    records = tmp_path / "docs" / "tiny-study" / "records"
+    run_study(_write(tmp_path, tree), out=tmp_path / "out", progress=False, log=lambda _m: None)
+    kept = {p: p.read_bytes() for p in records.glob("*/seed*.json")}
+    assert len(kept) == 4
+    assert json.loads((records / "tclora" / "seed1.json").read_text())["config"] == json.loads(
+        (tmp_path / "out" / "tclora" / "seed1" / "config.json").read_text()
+    )
+    # A fresh clone: the committed records, no runs. One record lost, one from before records held
+    # their config: those two run again, the other two are skipped.
+    shutil.rmtree(tmp_path / "out")
+    (records / "tclora" / "seed1.json").unlink()
+    old = json.loads((records / "time-embed" / "seed1.json").read_text())
+    del old["config"]
+    (records / "time-embed" / "seed1.json").write_text(json.dumps(old))
+    logs: list[str] = []
+    run_study(_write(tmp_path, tree), out=tmp_path / "out", progress=False, log=logs.append)
+    assert [ln.split("]")[0][1:] for ln in logs if "] train " in ln] == ["time-embed seed 1", "tclora seed 1"]
+    assert [ln.split("]")[0][1:] for ln in logs if "recorded already" in ln] == ["time-embed seed 0", "tclora seed 0"]
+    assert not (tmp_path / "out" / "tclora" / "seed0").exists()
+    for path in (records / "time-embed" / "seed0.json", records / "tclora" / "seed0.json"):
+        assert path.read_bytes() == kept[path]  # a skipped run's record is left as it was
+    assert "config" in json.loads((records / "time-embed" / "seed1.json").read_text())
+    # Records of another config are not this study's: a changed learning rate reruns everything.
+    shutil.rmtree(tmp_path / "out")
+    tree["base"] = {**tree["base"], "train": {**tree["base"]["train"], "lr": 0.5}}
+    logs.clear()
+    run_study(_write(tmp_path, tree), out=tmp_path / "out", progress=False, log=logs.append)
+    assert sum("] train " in ln for ln in logs) == 4 and not any("recorded already" in ln for ln in logs)
+
+
 def test_dirty_tree_is_refused_or_marked(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFLORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(study_mod, "git_state", lambda ignore=None: ("abc", True))

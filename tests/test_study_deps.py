@@ -3,6 +3,7 @@ trained after their dependency (also under ``--only``), reused on a second call;
 evaluated at the scales they can sample; claims at one guidance scale; unknown arms and cycles refused."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,28 @@ def test_only_a_student_trains_its_teacher_first_and_a_second_call_reuses_both(t
     logs.clear()
     run_study(path, out=out, only=["teacher-of-w2"], progress=False, log=logs.append)
     assert sum("done already" in line for line in logs) == 3
+
+
+def test_a_recorded_run_still_trains_when_an_arm_that_starts_from_it_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFLORA_CACHE", str(tmp_path / "cache"))
+    tree = {**TINY, "seeds": [0], "report_dir": str(tmp_path / "docs"), "claims": []}
+    path, out = _write(tmp_path, tree), tmp_path / "out"
+    records = tmp_path / "docs" / "tiny-distill" / "records"
+    run_study(path, out=out, only=["teacher-of-w2"], progress=False, log=lambda _m: None)
+    assert {p.parent.name for p in records.glob("*/seed0.json")} == {"teacher", "student-w2", "teacher-of-w2"}
+    # A fresh clone with every record: nothing runs, not even the teacher the others start from.
+    shutil.rmtree(out)
+    logs: list[str] = []
+    run_study(path, out=out, only=["teacher-of-w2"], progress=False, log=logs.append)
+    assert sum("recorded already" in line for line in logs) == 3 and not any(out.iterdir())
+    # The scores of the teacher held in the student lost: the student and the teacher it starts
+    # from train again (both recorded), since that evaluation needs their files.
+    (records / "teacher-of-w2" / "seed0.json").unlink()
+    logs.clear()
+    run_study(path, out=out, only=["teacher-of-w2"], progress=False, log=logs.append)
+    trained = [line.split("]")[0][1:] for line in logs if "] train " in line]
+    assert trained == ["teacher seed 0", "student-w2 seed 0", "teacher-of-w2 seed 0"]
+    assert not any("recorded already" in line for line in logs)
 
 
 def test_a_teacher_shared_by_every_seed_is_scored_once(tmp_path, monkeypatch):

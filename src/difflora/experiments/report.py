@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from difflora.experiments.study import eval_settings, scored_with
+from difflora.config import Config
+from difflora.experiments.study import eval_settings, same_config, scored_with
 from difflora.experiments.study_spec import (
     HIGHER_IS_BETTER,
     Claim,
@@ -33,7 +34,7 @@ from difflora.jsonfile import read_json_file
 # A record is a copy of a run's scores, so a damaged one is rebuilt from the run.
 REBUILD_RECORD = "delete it: `difflora study STUDY --report-only` writes it again from the run"
 
-__all__ = ["END_MARKER", "load_records", "summarise", "sync_records", "write_report"]
+__all__ = ["END_MARKER", "load_records", "matching_record", "record_path", "summarise", "sync_records", "write_report"]
 
 END_MARKER = "<!-- end of generated report -->"
 _SCORES = ("fd", "kid_mean", "precision", "recall", "class_accuracy")
@@ -45,6 +46,25 @@ def _dump(obj: Any) -> str:
     return json.dumps(obj, indent=1, sort_keys=True) + "\n"
 
 
+def record_path(img_dir: Path, arm: str, seed: int) -> Path:
+    """Where the record of (``arm``, ``seed``) lives under a report's image directory."""
+    return img_dir / "records" / arm / f"seed{seed}.json"
+
+
+def matching_record(study: Study, img_dir: Path, arm: StudyArm, seed: int, cfg: Config) -> Path | None:
+    """The record of (``arm``, ``seed``) if it scores a run of config ``cfg`` with the study's eval
+    settings, else None. A record written before records held their run's config never matches:
+    nothing would show it is this config's."""
+    path = record_path(img_dir, arm.name, seed)
+    if not path.is_file():
+        return None
+    record = read_json_file(path, fix=REBUILD_RECORD, error=StudyError, expect=dict)
+    saved = record.get("config")
+    if not isinstance(saved, dict) or not same_config(saved, cfg):
+        return None
+    return path if scored_with(record["eval"], cfg, eval_settings(study, arm, cfg)) else None
+
+
 def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm]) -> int:
     """Write the record of every finished run of ``out_dir`` (metrics with the study's eval settings); returns how many."""
     written = 0
@@ -54,6 +74,9 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
             mpath, apath = run_dir / "eval" / "metrics.json", run_dir / "accounting.json"
             if not (mpath.is_file() and apath.is_file()):
                 continue
+            # The run's own config (a teacher_of arm's: its students'), so a fresh clone can tell
+            # which config a record scores (matching_record) without the run.
+            trained = out_dir / arm.teacher_of / f"seed{seed}" if arm.teacher_of else run_dir
             cfg = arm_config(study, arm, seed)
             m = read_run_json(mpath)
             if not scored_with(m, cfg, eval_settings(study, arm, cfg)):
@@ -69,7 +92,9 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
                 "parameters": acc["parameters"],
                 "train_images_per_s": acc["train_images_per_s"],
             }
-            path = img_dir / "records" / arm.name / f"seed{seed}.json"
+            if (trained / "config.json").is_file():
+                record["config"] = read_run_json(trained / "config.json")
+            path = record_path(img_dir, arm.name, seed)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(_dump(record))
             if seed == study.seeds[0]:
@@ -86,7 +111,7 @@ def load_records(study: Study, img_dir: Path, arms: list[StudyArm]) -> dict[str,
     for arm in arms:
         recs = []
         for seed in study.seeds:
-            path = img_dir / "records" / arm.name / f"seed{seed}.json"
+            path = record_path(img_dir, arm.name, seed)
             if path.is_file():
                 recs.append(read_json_file(path, fix=REBUILD_RECORD, error=StudyError, expect=dict))
         if recs:

@@ -2,7 +2,9 @@
 
 The study YAML is read and checked by :mod:`difflora.experiments.study_spec`. Runs go to ``<out>/<arm>/seed<k>/`` (a normal run directory plus ``eval/metrics.json``). A run whose
 final checkpoint and metrics (with the study's eval settings) exist is reused, one with an earlier
-checkpoint is resumed, so an interrupted study continues where it stopped. Unconditional arms are
+checkpoint is resumed, so an interrupted study continues where it stopped; a run with nothing on
+this machine whose committed record (``difflora.experiments.report``) scores its config is skipped,
+so a fresh clone continues from the records. Unconditional arms are
 evaluated at guidance 1 only; class-conditional ones at every ``eval.guidance`` scale; distilled
 students (``train.objective: distill``) at the scales they can sample: a fixed-w student at its w,
 a guidance-scale LoRA at the ``eval.guidance`` scales inside its range.
@@ -15,7 +17,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -28,13 +30,17 @@ from difflora.experiments.study_spec import (
     StudyError,
     StudyEval,
     arm_config,
+    arm_dependency,
     load_study,
     read_run_json,
     run_order,
     study_out_dir,
 )
 
-__all__ = ["eval_settings", "git_state", "run_all", "run_study", "scored_with"]
+if TYPE_CHECKING:
+    from difflora.eval.features import FeatureTrainConfig
+
+__all__ = ["eval_settings", "git_state", "run_all", "run_study", "same_config", "scored_with"]
 
 
 def git_state(ignore: list[Path] | None = None, root: Path | None = None) -> tuple[str, bool]:
@@ -113,7 +119,7 @@ def scored_with(metrics: dict[str, Any], cfg: Config, settings: dict[str, Any]) 
     return recorded == settings and metrics["checkpoint_step"] == cfg.train.steps
 
 
-def _same_config(saved: dict[str, Any], cfg: Config) -> bool:
+def same_config(saved: dict[str, Any], cfg: Config) -> bool:
     """Whether a run's recorded config is ``cfg``. The record is read with today's defaults, so a run
     made before a config key existed counts as having that key's default (which is what it ran with);
     a record today's schema rejects (a removed key) is another config."""
@@ -128,7 +134,7 @@ def _run_state(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> str:
     from difflora.train.checkpoint import find_checkpoints
 
     saved = run_dir / "config.json"
-    if saved.is_file() and not _same_config(read_run_json(saved), cfg):
+    if saved.is_file() and not same_config(read_run_json(saved), cfg):
         raise StudyError(
             f"{run_dir} holds a run with another config than this study's arm; "
             "delete it or choose another --out (a study never overwrites a run it did not make)"
@@ -224,9 +230,9 @@ def run_study(
             "behind this report: commit them, or pass --allow-dirty to mark the report NOT REPRODUCIBLE"
         )
     started = time.time()
-    if not report_only:
-        run_all(study, out_dir, arms, progress, cache_dir, log)
     img_dir = report_dir / study.name
+    if not report_only:
+        run_all(study, out_dir, arms, progress, cache_dir, log, records_dir=img_dir)
     if out_dir.is_dir():
         n = sync_records(study, out_dir, img_dir, study.arms)
         log(f"study {study.name}: {n} finished runs recorded in {img_dir / 'records'}")
@@ -245,8 +251,14 @@ def run_all(
     progress: bool,
     cache_dir: str | Path | None,
     log: Callable[[str], None],
+    records_dir: Path | None = None,
 ) -> None:
-    from difflora.eval.evaluate import evaluate_run
+    """Train and evaluate every (arm, seed) of ``arms`` (and the arms they start from) not done yet.
+
+    ``records_dir``: a report's image directory; a run with nothing on this machine whose record
+    there scores this config (``matching_record``) is skipped, so a fresh clone continues a study
+    from its committed records instead of rerunning it.
+    """
     from difflora.eval.features import FeatureTrainConfig
     from difflora.train import train
 
@@ -258,6 +270,7 @@ def run_all(
         if all(a.name != extra.name for a in arms):
             log(f"[{extra.name}] runs too: other arms start from its runs (train.init_from: arm:{extra.name})")
     runs = [(arm, seed) for arm in ordered for seed in study.seeds]
+    recorded = _recorded_runs(study, ordered, out_dir, records_dir) if records_dir is not None else {}
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(runs, desc="study", unit="run", disable=not progress, dynamic_ncols=True)
     spent: list[float] = []  # wall time of each run trained or evaluated in this call, for the estimate
@@ -267,6 +280,12 @@ def run_all(
         run_dir = out_dir / arm.name / f"seed{seed}"
         teacher = arm.teacher_of is not None
         settings = eval_settings(study, arm, cfg)
+        if (arm.name, seed) in recorded:
+            log(
+                f"[{arm.name} seed {seed}] recorded already ({recorded[arm.name, seed]}); its run is not on this "
+                "machine: skipped (delete the record to run it again)"
+            )
+            continue
         if teacher:
             source = out_dir / str(arm.teacher_of) / f"seed{seed}"
             state = "done" if _evaluated(run_dir, cfg, settings) else "trained"
@@ -284,24 +303,7 @@ def run_all(
         if state in ("new", "partial"):
             train(cfg, run_dir, resume=state == "partial", progress=False, log=log)
         t1 = time.perf_counter()
-        ev = evaluate_run(
-            source,
-            out=run_dir / "eval",
-            teacher=teacher,
-            update_accounting=not teacher,
-            num_samples=settings["num_samples"],
-            steps=settings["steps"],
-            sampler=settings["sampler"],
-            eta=settings["eta"],
-            guidance=settings["guidance"],
-            guidance_fraction=settings["guidance_fraction"],
-            seed=settings["seed"],
-            weights=study.eval.weights,
-            cache_dir=cache_dir,
-            feature_train=feature_train,
-        )
-        if teacher:
-            _teacher_accounting(source, run_dir)
+        ev = _score(study, source, run_dir, teacher, settings, cache_dir, feature_train)
         fds = fd_summary(ev["results"])
         floor = ev["noise_floor"]["fd"]
         spent.append(time.perf_counter() - t0)
@@ -313,6 +315,61 @@ def run_all(
             f"{i + 1} of {len(runs)} runs, at most ~{left:.0f} min left at this pace"
         )
     bar.close()
+
+
+def _score(
+    study: Study,
+    source: Path,
+    run_dir: Path,
+    teacher: bool,
+    settings: dict[str, Any],
+    cache_dir: str | Path | None,
+    feature_train: FeatureTrainConfig | None,
+) -> dict[str, Any]:
+    """Evaluate the run in ``source`` with the study's ``settings`` into ``run_dir/eval`` (a
+    ``teacher_of`` arm: the teacher held in its student's run, with the teacher's accounting)."""
+    from difflora.eval.evaluate import evaluate_run
+
+    ev = evaluate_run(
+        source,
+        out=run_dir / "eval",
+        teacher=teacher,
+        update_accounting=not teacher,
+        num_samples=settings["num_samples"],
+        steps=settings["steps"],
+        sampler=settings["sampler"],
+        eta=settings["eta"],
+        guidance=settings["guidance"],
+        guidance_fraction=settings["guidance_fraction"],
+        seed=settings["seed"],
+        weights=study.eval.weights,
+        cache_dir=cache_dir,
+        feature_train=feature_train,
+    )
+    if teacher:
+        _teacher_accounting(source, run_dir)
+    return ev
+
+
+def _recorded_runs(
+    study: Study, ordered: list[StudyArm], out_dir: Path, records_dir: Path
+) -> dict[tuple[str, int], Path]:
+    """{(arm, seed): its record} for the runs ``run_all`` may skip: no run directory on this machine,
+    a record that scores this config, and no run of this call that starts from it (the arms that
+    depend on it, for that seed, are skipped too). Dependents come after their dependencies in
+    ``ordered``, so one pass from the end decides each run after everything that needs it."""
+    from difflora.experiments.report import matching_record
+
+    skip: dict[tuple[str, int], Path] = {}
+    for arm in reversed(ordered):
+        dependents = [a.name for a in ordered if arm_dependency(study, a) == arm.name]
+        for seed in study.seeds:
+            if (out_dir / arm.name / f"seed{seed}").exists() or any((d, seed) not in skip for d in dependents):
+                continue
+            record = matching_record(study, records_dir, arm, seed, arm_config(study, arm, seed, out_dir))
+            if record is not None:
+                skip[arm.name, seed] = record
+    return skip
 
 
 def fd_summary(results: list[dict]) -> str:
