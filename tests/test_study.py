@@ -107,6 +107,9 @@ def test_tiny_study_reports_and_reuses_finished_runs(tmp_path, monkeypatch):
     m_mtimes = [m.stat().st_mtime_ns for m in metrics]
 
     logs.clear()
+    run_study(path, out=out, progress=False, plan_only=True, log=logs.append)
+    assert logs[-1] == "study tiny-study: 4 runs: 4 done"
+    logs.clear()
     run_study(path, out=out, progress=False, log=logs.append)
     assert sum("done already" in ln for ln in logs) == 4
     assert [c.stat().st_mtime_ns for c in ckpts] == mtimes
@@ -138,6 +141,17 @@ def test_a_fresh_clone_continues_from_the_records_and_reruns_only_what_they_lack
     del old["config"]
     (records / "time-embed" / "seed1.json").write_text(json.dumps(old))
     logs: list[str] = []
+    # --plan says so first, and writes nothing.
+    run_study(_write(tmp_path, tree), out=tmp_path / "out", progress=False, plan_only=True, log=logs.append)
+    assert logs[-1] == "study tiny-study: 4 runs: 2 recorded, 2 train"
+    assert [ln.split("] ")[1] for ln in logs[:-1]] == [
+        f"skip: its committed record scores this config ({records / 'time-embed' / 'seed0.json'})",
+        "train and score",
+        f"skip: its committed record scores this config ({records / 'tclora' / 'seed0.json'})",
+        "train and score",
+    ]
+    assert not (tmp_path / "out").exists()
+    logs.clear()
     run_study(_write(tmp_path, tree), out=tmp_path / "out", progress=False, log=logs.append)
     assert [ln.split("]")[0][1:] for ln in logs if "] train " in ln] == ["time-embed seed 1", "tclora seed 1"]
     assert [ln.split("]")[0][1:] for ln in logs if "recorded already" in ln] == ["time-embed seed 0", "tclora seed 0"]
@@ -151,6 +165,21 @@ def test_a_fresh_clone_continues_from_the_records_and_reruns_only_what_they_lack
     logs.clear()
     run_study(_write(tmp_path, tree), out=tmp_path / "out", progress=False, log=logs.append)
     assert sum("] train " in ln for ln in logs) == 4 and not any("recorded already" in ln for ln in logs)
+    # What is on the machine decides each run's action: an unscored run is scored, one whose newest
+    # checkpoint is before the last step resumes, one without checkpoints trains.
+    out = tmp_path / "out"
+    (out / "time-embed" / "seed1" / "eval" / "metrics.json").unlink()
+    ckpts = out / "tclora" / "seed0" / "checkpoints"
+    (ckpts / "step_0000002").rename(ckpts / "step_0000001")
+    shutil.rmtree(out / "tclora" / "seed1" / "checkpoints")
+    logs.clear()
+    run_study(_write(tmp_path, tree), out=out, progress=False, plan_only=True, log=logs.append)
+    assert [ln.split("] ")[1].split(":")[0] for ln in logs[:-1]] == [
+        "reuse",
+        "score",
+        "resume",
+        "train and score",
+    ]
 
 
 def test_dirty_tree_is_refused_or_marked(tmp_path, monkeypatch):

@@ -343,8 +343,10 @@ def _cmd_study(args) -> int:
         only=args.only,
         report_only=args.report_only,
         allow_dirty=args.allow_dirty,
+        plan_only=args.plan,
     )
-    print(f"report: {report}")
+    if not args.plan:
+        print(f"report: {report}")
     return 0
 
 

@@ -199,6 +199,9 @@ def _add_study(sub, handlers: Handlers) -> None:
     st.add_argument("--only", action="append", metavar="ARM", help="run only these arms (repeatable)")
     st.add_argument("--report-only", action="store_true", help="train nothing: rewrite the report from stored runs")
     st.add_argument(
+        "--plan", action="store_true", help="write nothing: list what each run would do (train, resume, reuse, skip)"
+    )
+    st.add_argument(
         "--allow-dirty", action="store_true", help="run from uncommitted code; the report is marked NOT REPRODUCIBLE"
     )
     st.add_argument("--no-progress", action="store_true")

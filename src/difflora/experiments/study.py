@@ -130,7 +130,8 @@ def same_config(saved: dict[str, Any], cfg: Config) -> bool:
 
 
 def _run_state(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> str:
-    """'done' (final checkpoint + matching metrics), 'trained', 'partial' or 'new'."""
+    """'done' (final checkpoint + matching metrics), 'score' (final checkpoint), 'resume' (an earlier
+    checkpoint) or 'train' (none)."""
     from difflora.train.checkpoint import find_checkpoints
 
     saved = run_dir / "config.json"
@@ -141,10 +142,10 @@ def _run_state(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> str:
         )
     ckpts = find_checkpoints(run_dir)
     if not ckpts:
-        return "new"
+        return "train"
     if int(ckpts[-1].name.split("_")[-1]) < cfg.train.steps:
-        return "partial"
-    return "done" if _evaluated(run_dir, cfg, settings) else "trained"
+        return "resume"
+    return "done" if _evaluated(run_dir, cfg, settings) else "score"
 
 
 def _evaluated(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> bool:
@@ -204,6 +205,7 @@ def run_study(
     command: str | None = None,
     report_only: bool = False,
     allow_dirty: bool = False,
+    plan_only: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Train and evaluate every (arm, seed) of a study not already done, then write the report; returns its path.
@@ -211,6 +213,7 @@ def run_study(
     The git tree must be clean (else StudyError before any work) unless ``allow_dirty``, which marks
     the report NOT REPRODUCIBLE. ``report_only`` trains and evaluates nothing: it rewrites the report
     from the stored run records (``difflora.experiments.report``), e.g. on a fresh clone.
+    ``plan_only`` logs what each run would do (:func:`plan_runs`) and writes nothing.
     """
     from difflora.experiments.report import sync_records, weight_plots, write_report
 
@@ -223,6 +226,9 @@ def run_study(
         if unknown:
             raise StudyError(f"--only: unknown arms {unknown}; arms: {[a.name for a in arms]}")
         arms = [a for a in arms if a.name in only]
+    if plan_only:
+        _log_plan(study, plan_runs(study, arms, out_dir, report_dir / study.name), log)
+        return report_dir / f"{study.name}.md"
     revision, dirty = git_state(ignore=[report_dir / f"{study.name}.md", report_dir / study.name])
     if dirty and not allow_dirty:
         raise StudyError(
@@ -269,39 +275,34 @@ def run_all(
     for extra in ordered:
         if all(a.name != extra.name for a in arms):
             log(f"[{extra.name}] runs too: other arms start from its runs (train.init_from: arm:{extra.name})")
-    runs = [(arm, seed) for arm in ordered for seed in study.seeds]
-    recorded = _recorded_runs(study, ordered, out_dir, records_dir) if records_dir is not None else {}
+    runs = plan_runs(study, arms, out_dir, records_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(runs, desc="study", unit="run", disable=not progress, dynamic_ncols=True)
     spent: list[float] = []  # wall time of each run trained or evaluated in this call, for the estimate
-    for i, (arm, seed) in enumerate(bar):
+    for i, (arm, seed, state, detail) in enumerate(bar):
         bar.set_postfix_str(f"{arm.name} seed {seed}")
         cfg = arm_config(study, arm, seed, out_dir)
         run_dir = out_dir / arm.name / f"seed{seed}"
         teacher = arm.teacher_of is not None
         settings = eval_settings(study, arm, cfg)
-        if (arm.name, seed) in recorded:
+        if state == "recorded":
             log(
-                f"[{arm.name} seed {seed}] recorded already ({recorded[arm.name, seed]}); its run is not on this "
+                f"[{arm.name} seed {seed}] recorded already ({detail}); its run is not on this "
                 "machine: skipped (delete the record to run it again)"
             )
             continue
-        if teacher:
-            source = out_dir / str(arm.teacher_of) / f"seed{seed}"
-            state = "done" if _evaluated(run_dir, cfg, settings) else "trained"
-        else:
-            source, state = run_dir, _run_state(run_dir, cfg, settings)
         if state == "done":
             log(f"[{arm.name} seed {seed}] done already: reusing {run_dir}")
             continue
+        source = out_dir / str(arm.teacher_of) / f"seed{seed}" if teacher else run_dir
         shared = _shared_teacher_eval(study, arm, seed, out_dir, settings) if teacher else None
         if shared is not None:
             _reuse_teacher_eval(shared, run_dir)
             log(f"[{arm.name} seed {seed}] the same teacher as {shared} (one base for every seed): its scores copied")
             continue
         t0 = time.perf_counter()
-        if state in ("new", "partial"):
-            train(cfg, run_dir, resume=state == "partial", progress=False, log=log)
+        if state in ("train", "resume"):
+            train(cfg, run_dir, resume=state == "resume", progress=False, log=log)
         t1 = time.perf_counter()
         ev = _score(study, source, run_dir, teacher, settings, cache_dir, feature_train)
         fds = fd_summary(ev["results"])
@@ -315,6 +316,50 @@ def run_all(
             f"{i + 1} of {len(runs)} runs, at most ~{left:.0f} min left at this pace"
         )
     bar.close()
+
+
+# What run_all does with a run, by the state plan_runs finds it in.
+PLAN_ACTIONS = {
+    "recorded": "skip: its committed record scores this config",
+    "done": "reuse: trained and scored",
+    "score": "score: trained, not scored with these settings",
+    "resume": "resume: its newest checkpoint is before the last step",
+    "train": "train and score",
+}
+
+
+def plan_runs(
+    study: Study, arms: list[StudyArm], out_dir: Path, records_dir: Path | None = None
+) -> list[tuple[StudyArm, int, str, str]]:
+    """(arm, seed, state, detail) for every run of ``arms`` and the arms they start from, in the order
+    ``run_all`` takes them; the state is a key of :data:`PLAN_ACTIONS`, the detail the record's path
+    for a recorded run. Reads the run directories and records only: it trains and writes nothing."""
+    ordered = run_order(study, arms)
+    recorded = _recorded_runs(study, ordered, out_dir, records_dir) if records_dir is not None else {}
+    plan = []
+    for arm in ordered:
+        for seed in study.seeds:
+            if (arm.name, seed) in recorded:
+                plan.append((arm, seed, "recorded", str(recorded[arm.name, seed])))
+                continue
+            cfg = arm_config(study, arm, seed, out_dir)
+            run_dir = out_dir / arm.name / f"seed{seed}"
+            settings = eval_settings(study, arm, cfg)
+            if arm.teacher_of is not None:  # scores the teacher in its students' runs, trains nothing
+                state = "done" if _evaluated(run_dir, cfg, settings) else "score"
+            else:
+                state = _run_state(run_dir, cfg, settings)
+            plan.append((arm, seed, state, ""))
+    return plan
+
+
+def _log_plan(study: Study, plan: list[tuple[StudyArm, int, str, str]], log: Callable[[str], None]) -> None:
+    """One line per run (what it would do), then how many runs take each action."""
+    for arm, seed, state, detail in plan:
+        log(f"  [{arm.name} seed {seed}] {PLAN_ACTIONS[state]}" + (f" ({detail})" if detail else ""))
+    counts = {state: sum(p[2] == state for p in plan) for state in PLAN_ACTIONS}
+    summary = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+    log(f"study {study.name}: {len(plan)} runs: {summary}")
 
 
 def _score(
