@@ -399,9 +399,9 @@ def bench_forms(runs: int, repeats: int, batch: int = 64, tokens: int = 64, d: i
 
 
 def bench_sampling(repeats: int, iters: int, batch: int) -> dict:
-    from difflora.cli import resolve_config_path
-    from difflora.config import load_config
-    from difflora.model import build_model
+    from difflora.cli.commands import resolve_config_path
+    from difflora.config.schema import load_config
+    from difflora.model.build import build_model
 
     torch.manual_seed(0)
     models = {}

@@ -57,7 +57,7 @@ STEPS = 2
 
 
 def _cfg(name: str, *extra: str):
-    from difflora.config import load_config
+    from difflora.config.schema import load_config
 
     path, batch = CONFIGS[name]
     # init_from names the teacher the loop would load; here the weights stay random (memory only).
@@ -84,8 +84,8 @@ def _lora_setup(cfg):
     """003: one module; the objective's teacher is the same module with the LoRA off."""
     import torch
 
-    from difflora.model import build_diffusion, build_model
-    from difflora.train.distill import DistillObjective
+    from difflora.distill.objective import DistillObjective
+    from difflora.model.build import build_diffusion, build_model
     from difflora.train.ema import EMA
 
     model = build_model(cfg)
@@ -98,8 +98,8 @@ def _usual_setup(name: str):
     its separate frozen teacher copy, the same objective and target (w = 3) as the LoRA setting."""
     import torch
 
-    from difflora.model import build_diffusion, build_model
-    from difflora.train.distill import DistillObjective
+    from difflora.distill.objective import DistillObjective
+    from difflora.model.build import build_diffusion, build_model
     from difflora.train.ema import EMA
 
     plain = _plain_cfg(name, "train.train_base=true")
@@ -116,7 +116,7 @@ def _diffusion_setup(cfg):
     same optimizer and EMA over its trainable weights as the distillation rows."""
     import torch
 
-    from difflora.model import build_diffusion, build_model
+    from difflora.model.build import build_diffusion, build_model
     from difflora.train.ema import EMA
     from difflora.train.objectives import build_objective
 
@@ -161,8 +161,8 @@ def _train(setup, cfg, steps: int) -> list[float]:
 def _sample(cfg, student: bool) -> None:
     import torch
 
-    from difflora.generate import fuse_student, generate
-    from difflora.model import build_model
+    from difflora.model.build import build_model
+    from difflora.sampling.generate import fuse_student, generate
 
     model = build_model(cfg)
     n = cfg.train.batch_size
@@ -176,7 +176,7 @@ def run_one(setting: str, name: str) -> dict:
     """One memory setting in this process (called in a fresh subprocess)."""
     import torch
 
-    from difflora.accounting import count_parameters
+    from difflora.model.accounting import count_parameters
 
     torch.manual_seed(0)
     cfg = _cfg(name)
@@ -232,7 +232,7 @@ def sample_speed(name: str) -> dict:
 
     Teacher: the class-conditional base network sampled with classifier-free guidance at w = 3 (one
     forward of 2N per step), as ``difflora sample TEACHER_RUN --guidance 3`` runs it. Student: the same
-    base weights with the distillation LoRA, fused (``difflora.generate.fuse_student``: the LoRA
+    base weights with the distillation LoRA, fused (``difflora.sampling.generate.fuse_student``: the LoRA
     written into W0, the wrappers gone), one forward of N per step, as ``difflora sample`` runs a
     distilled run. Both are then the same plain network. Two model objects (speed, not memory).
     After a warm-up of each, the two alternate for ``rounds`` rounds (the order flips every round)
@@ -240,9 +240,9 @@ def sample_speed(name: str) -> dict:
     """
     import torch
 
-    from difflora.config import load_config
-    from difflora.generate import fuse_student, generate
-    from difflora.model import build_model
+    from difflora.config.schema import load_config
+    from difflora.model.build import build_model
+    from difflora.sampling.generate import fuse_student, generate
 
     path, num, steps, rounds, repeats = SPEED[name]
     over = ["train.objective=distill", "train.train_base=false", "train.init_from=teacher", "distill.guidance=3"]

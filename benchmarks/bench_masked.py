@@ -40,8 +40,8 @@ def _rss_mb() -> float:
 def one(ratio: float, steps: int) -> dict:
     import torch
 
-    from difflora.config import parse_config
-    from difflora.model import build_diffusion, build_model
+    from difflora.config.schema import parse_config
+    from difflora.model.build import build_diffusion, build_model
     from difflora.train.objectives import Batch, build_objective
 
     cfg = parse_config(

@@ -53,7 +53,7 @@ SETTINGS: dict[str, list[str]] = {
 
 
 def _config(work: Path, extra: list[str]):
-    from difflora.config import load_config
+    from difflora.config.schema import load_config
 
     common = [
         f"data.root={work / 'cifar'}",
@@ -84,8 +84,8 @@ def _write_data(work: Path) -> None:
 def _make_base(work: Path) -> None:
     import torch
 
-    from difflora.config import config_to_dict
-    from difflora.model import build_model
+    from difflora.config.schema import config_to_dict
+    from difflora.model.build import build_model
     from difflora.train.checkpoint import save_checkpoint
 
     cfg = _config(work, [])
@@ -105,8 +105,8 @@ def _dir_bytes(path: Path) -> int:
 def one(work: Path, setting: str) -> dict:
     import torch
 
-    from difflora.accounting import count_parameters
-    from difflora.model import build_model
+    from difflora.model.accounting import count_parameters
+    from difflora.model.build import build_model
     from difflora.train import latest_checkpoint, load_base, train
 
     cfg = _config(work, SETTINGS[setting] + [f"train.init_from={work / 'base'}"])

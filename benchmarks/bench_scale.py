@@ -38,9 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from difflora.cli import resolve_config_path  # noqa: E402
-from difflora.config import load_config  # noqa: E402
-from difflora.model import build_diffusion, build_model  # noqa: E402
+from difflora.cli.commands import resolve_config_path  # noqa: E402
+from difflora.config.schema import load_config  # noqa: E402
+from difflora.model.build import build_diffusion, build_model  # noqa: E402
 from difflora.train.ema import EMA  # noqa: E402
 from difflora.train.precision import autocast  # noqa: E402
 

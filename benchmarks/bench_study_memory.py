@@ -52,8 +52,8 @@ def _stand_in(name: str, work: Path) -> Path:
     """A run directory holding one checkpoint of the base preset ``name`` at initialisation."""
     import torch
 
-    from difflora.config import config_to_dict, load_config
-    from difflora.model import build_model
+    from difflora.config.schema import config_to_dict, load_config
+    from difflora.model.build import build_model
     from difflora.presets import CONFIGS_DIR
     from difflora.train.checkpoint import save_checkpoint
 
@@ -74,7 +74,7 @@ def one(study_path: str, arm: str, work: Path, steps: int, floor: bool) -> dict:
     """Train (or, for the floor, only build and load) one arm in this process; its peak RSS."""
     import torch
 
-    from difflora.model import build_model
+    from difflora.model.build import build_model
     from difflora.train import load_base, train
 
     cfg = _config(study_path, arm, work, steps)

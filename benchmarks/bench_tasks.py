@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from difflora.config import load_config, parse_config
-from difflora.model import build_model
+from difflora.config.schema import load_config, parse_config
+from difflora.model.build import build_model
 from difflora.presets import CONFIGS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,10 +29,10 @@ PRESETS = [  # (config, batch size, timed steps)
 def one(config: str, batch: int, steps: int) -> dict:
     import torch
 
-    from difflora.accounting import count_parameters, peak_memory_mb
-    from difflora.cli import resolve_config_path
-    from difflora.config import load_config
-    from difflora.model import build_diffusion, build_model
+    from difflora.cli.commands import resolve_config_path
+    from difflora.config.schema import load_config
+    from difflora.model.accounting import count_parameters, peak_memory_mb
+    from difflora.model.build import build_diffusion, build_model
     from difflora.train.ema import EMA
 
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from difflora.cli import build_parser, main
+from difflora.cli.commands import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

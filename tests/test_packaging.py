@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 import difflora
-from difflora.cli import main
-from difflora.config import ConfigError, load_config
+from difflora.cli.commands import main
+from difflora.config.schema import ConfigError, load_config
 from difflora.experiments.study_spec import StudyError, load_study
 from difflora.presets import CONFIGS_DIR, EXPERIMENTS_DIR, config_presets, experiment_presets, resolve_config
 

@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from difflora.config import Config, ConfigError, load_config
+from difflora.config.schema import Config, ConfigError, load_config
 
 try:
     # One source of truth: pyproject.toml's version, as installed (wheel or editable).

@@ -1,5 +1,5 @@
 import sys
 
-from difflora.cli import main
+from difflora.cli.commands import main
 
 sys.exit(main())

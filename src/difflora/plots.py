@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from difflora.config import Config
+from difflora.config.schema import Config
 
 __all__ = [
     "WeightTables",
@@ -74,7 +74,7 @@ class WeightTables:
 def _adapter_layers_in_order(cfg: Config) -> list[tuple[str, dict[str, str]]]:
     """``(path, {adapter name: weighting kind})`` of every wrapped layer, in model order (no weights allocated)."""
     from difflora.adapters import adapter_layers
-    from difflora.model import build_model
+    from difflora.model.build import build_model
 
     with torch.device("meta"):
         model = build_model(cfg)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from faultkit import CONFIGS, TASK_ADAPTER
 
-from difflora.config import config_to_dict, load_config
-from difflora.model import build_model
+from difflora.config.schema import config_to_dict, load_config
+from difflora.model.build import build_model
 from difflora.train.checkpoint import save_checkpoint
 
 

@@ -11,7 +11,7 @@ no rewritten config.json. Entries with ``error=None`` are faults the CLI must su
 (exit 0), says what it did about the fault on a ``warning:`` line, and leaves the run unchanged.
 
 One tiny run is trained once per session (conftest.py); every entry works on its own copy. CLI
-entries run in-process through ``difflora.cli.main``; only the signal entries start a process.
+entries run in-process through ``difflora.cli.commands.main``; only the signal entries start a process.
 
 Not here: training-loop faults (interrupt/resume identity, unwritable output directories,
 damaged metrics.jsonl: tests/test_train.py) and adapter-file loading (tests/test_adapters_*.py).
@@ -31,7 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from difflora.cli import main
+from difflora.cli.commands import main
 from difflora.presets import CONFIGS_DIR
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -35,7 +35,7 @@ from faultkit import (
 )
 
 from difflora.adapters import AdapterLoadError
-from difflora.model import build_model
+from difflora.model.build import build_model
 from difflora.train import load_run_config
 from difflora.train.checkpoint import CheckpointError, load_checkpoint, load_weights
 
@@ -388,7 +388,7 @@ def test_signal(case, runs, tmp_path):
     marker = tmp_path / "started"
     # The child marks the moment sampling starts (its first model call), then samples for long.
     code = (
-        "import signal, sys, pathlib, difflora.generate as g\n"
+        "import signal, sys, pathlib, difflora.sampling.generate as g\n"
         # Python's own SIGINT handler even when the child inherits SIGINT ignored (a test run
         # started in the background of a non-interactive shell), which would make it unstoppable.
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
@@ -397,7 +397,7 @@ def test_signal(case, runs, tmp_path):
         f"    pathlib.Path({str(marker)!r}).touch()\n"
         "    return orig(*a, **k)\n"
         "g.sample = marked\n"
-        "from difflora.cli import main\n"
+        "from difflora.cli.commands import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     argv = ["sample", str(run), "--out", str(tmp_path / "a.png"), "--num", "64", "--steps", "100", "--no-progress"]

@@ -1,7 +1,7 @@
 """Per-sample conditions, set for the duration of one forward and read by the adapters inside it.
 
 Backbones keep their plain ``net(x, t, y)`` signature: the wrapper around the whole forward
-(:class:`difflora.model.DiffusionModel`) opens a :func:`conditions` block, and every adapter deep
+(:class:`difflora.model.build.DiffusionModel`) opens a :func:`conditions` block, and every adapter deep
 inside the network reads the condition it declared with :func:`current`::
 
     with conditions(t=t, y=y):          # t, y: [N] tensors, one value per sample
@@ -91,7 +91,7 @@ def current(name: str) -> ConditionValue:
         have = ", ".join(sorted(values)) or "none"
         raise MissingConditionError(
             f"an adapter reads condition {name!r} but none is set (conditions set: {have}). Call the "
-            f"network through difflora.model.DiffusionModel, which sets t and y, or wrap the call in "
+            f"network through difflora.model.build.DiffusionModel, which sets t and y, or wrap the call in "
             f"`with difflora.adapters.conditions({name}=...)`."
         )
     return values[name]

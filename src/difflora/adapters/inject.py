@@ -7,7 +7,7 @@ returns an :class:`InjectionReport`; ``form=`` picks the update form (``forms.py
 ``inject_position_adapter(model, "pa", factory, "task", ["re:blocks\\.\\d+"], "attn_out", "mlp_in")``
 adds a position adapter to every matching block with taps (``positions.py``). This module takes
 Python objects only; turning config entries into adapters is model building's job
-(``difflora.model_adapters``). A target is
+(``difflora.model.expand``). A target is
 
 * an exact module path (``"input_blocks.4.1.qkv"``),
 * a suffix of whole path components (``"qkv"`` matches ``"middle_block.1.qkv"``, not ``"myqkv"``),

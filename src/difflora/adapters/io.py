@@ -33,8 +33,8 @@ from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
 from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps, position_adapters
 from difflora.adapters.router import Geometry
 from difflora.adapters.weightings import weighting_from_spec
-from difflora.jsonfile import read_json_file
-from difflora.tensorfile import save_tensors
+from difflora.files.jsonfile import read_json_file
+from difflora.files.tensorfile import save_tensors
 
 __all__ = [
     "AdapterLoadError",

@@ -42,8 +42,8 @@ from difflora.adapters.inject import InjectionReport, adapter_layers, inject_ada
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
 from difflora.adapters.positions import position_adapters
 from difflora.adapters.weightings import IndexWeighting
-from difflora.jsonfile import read_json_file
-from difflora.tensorfile import save_tensors
+from difflora.files.jsonfile import read_json_file
+from difflora.files.tensorfile import save_tensors
 
 __all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "PeftFormatError", "export_peft", "import_peft", "merge_and_unload"]
 

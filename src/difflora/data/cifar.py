@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflora.config import DataConfig
+from difflora.config.schema import DataConfig
 from difflora.data.source import DatasetFormatError, SplitData, not_found, uint8_to_unit
 
 __all__ = ["CIFAR10_CLASSES", "cifar_file_names", "load_cifar10", "read_cifar_batch"]

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset
 
-from difflora.config import DATASET_SHAPES, DataConfig
+from difflora.config.schema import DATASET_SHAPES, DataConfig
 from difflora.data.cifar import load_cifar10
 from difflora.data.digits import load_digits, load_mnist_5k
 from difflora.data.folder import load_image_folder

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflora.config import DataConfig
+from difflora.config.schema import DataConfig
 from difflora.data.source import (
     DatasetFormatError,
     DatasetNotFoundError,

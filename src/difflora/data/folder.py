@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflora.config import ConfigError, DataConfig
+from difflora.config.schema import ConfigError, DataConfig
 from difflora.data.source import DatasetFormatError, SplitData, not_found, uint8_to_unit
 from difflora.data.split import stratified_split
 from difflora.data.transforms import resize_images

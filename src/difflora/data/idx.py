@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflora.config import DataConfig
+from difflora.config.schema import DataConfig
 from difflora.data.source import DatasetFormatError, SplitData, find_first, not_found, uint8_to_unit
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Spatial conditioning tasks (DiffScaler 002 section 3.4): condition images computed from clean images.
 
-``data.spatial`` (:class:`~difflora.config.SpatialConfig`) turns one dataset into several
+``data.spatial`` (:class:`~difflora.config.schema.SpatialConfig`) turns one dataset into several
 image-to-image tasks, mixed in one dataset and one batch. Every clean image appears once per task,
 paired with the condition image that task computes from it:
 
@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from difflora.config import DataConfig, SpatialConfig
+from difflora.config.schema import DataConfig, SpatialConfig
 from difflora.data.dataset import ImageDataset, Split, load_dataset
 
 __all__ = [

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from difflora.config import DataConfig
+from difflora.config.schema import DataConfig
 from difflora.data.dataset import ImageDataset, Split, load_dataset
 
 __all__ = ["load_tasks", "task_configs"]

@@ -41,3 +41,7 @@ __all__ = [
     "affiner_counts",
     "default_affiner_targets",
 ]
+
+
+def register() -> None:
+    """Add 002 to the shared registries (called once, through the ``difflora.papers`` entry point)."""

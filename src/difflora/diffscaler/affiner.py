@@ -18,8 +18,8 @@ term           adapter name     form (``difflora.adapters.forms``)
                                 (002 section 3.2) reading the centre of each receptive field
 =============  ===============  ==============================================================
 
-``model.affiner`` (:class:`~difflora.config.AffinerConfig`) expands into these
-:class:`~difflora.config.AdapterConfig` entries when the model is built
+``model.affiner`` (:class:`~difflora.config.schema.AffinerConfig`) expands into these
+:class:`~difflora.config.schema.AdapterConfig` entries when the model is built
 (:func:`affiner_adapter_configs`), so everything that handles adapters (injection, freezing,
 checkpoints, adapter files, ``--condition task=K``) handles the Affiner.
 
@@ -44,7 +44,7 @@ from typing import Any
 from torch import nn
 
 from difflora.adapters import SUPPORTED_LAYERS, adapter_layers
-from difflora.config import AdapterConfig, ModelConfig
+from difflora.config.schema import AdapterConfig, ModelConfig
 from difflora.nets.layers import BaseExtension
 
 __all__ = [

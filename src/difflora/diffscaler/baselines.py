@@ -44,8 +44,8 @@ from typing import Any
 
 from torch import nn
 
-from difflora.accounting import per_task_counts
 from difflora.adapters import adapter_parameters
+from difflora.model.accounting import per_task_counts
 
 __all__ = [
     "BASELINES",

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflora.config import ModelConfig
+from difflora.config.schema import ModelConfig
 
 __all__ = ["GrownEmbedding", "GrownLabelEmbedder", "add_classes", "base_model_config"]
 

@@ -93,7 +93,7 @@ def guide(cond: Tensor, uncond: Tensor, scale: float | Tensor, channels: int) ->
     ``uncond + scale (cond - uncond)`` on the first ``channels`` (noise) channels, the conditional
     prediction on the rest (learned variance; see :class:`ClassifierFreeGuidance`), except at a
     scale of exactly 0, the unconditional model, whose rows take the unconditional variance.
-    ``scale``: a number or [N]. Also the distillation target (difflora.train.distill)."""
+    ``scale``: a number or [N]. Also the distillation target (difflora.distill.objective)."""
     c = channels
     if isinstance(scale, Tensor):
         scale = scale.to(device=cond.device, dtype=cond.dtype).reshape(-1, *([1] * (cond.ndim - 1)))

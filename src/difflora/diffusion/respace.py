@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from difflora.config import DiffusionConfig
+from difflora.config.schema import DiffusionConfig
 from difflora.diffusion.gaussian import GaussianDiffusion
 from difflora.diffusion.schedules import get_named_beta_schedule
 

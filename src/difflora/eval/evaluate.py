@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from difflora.config import Config
+from difflora.config.schema import Config
 from difflora.eval.features import (
     FeatureNet,
     FeatureTrainConfig,
@@ -76,7 +76,7 @@ def load_run(
 
     Raises EvalError when the directory is not a run or holds no checkpoint yet.
     """
-    from difflora.model import build_model
+    from difflora.model.build import build_model
     from difflora.train import CheckpointError, load_run_config, load_weights
     from difflora.train.checkpoint import select_checkpoint
 
@@ -265,7 +265,7 @@ def evaluate_run(
     # Spatial tasks: features, reference and floor of the plain dataset; one entry per task and scale.
     plain = cfg.model_copy(update={"data": cfg.data.model_copy(update={"spatial": None})})
     net, net_source = _resolve_feature_net(plain, feature_net, cache_dir, feature_train, dev, progress)
-    from difflora.generate import data_conditions, default_labels
+    from difflora.sampling.generate import data_conditions, default_labels
 
     labels = default_labels(cfg, num_samples)  # balanced classes; None if unconditional or trained so
     ref_f, ref_labels, radii, floor, pool_size = _reference(plain, net, num_samples, labels, seed, floor_draws)
@@ -337,7 +337,7 @@ def _score_all(
 
 class _FusedStudent:
     """A distilled run's student as it samples: the LoRA fused into W0 once for the whole draw at
-    the scale asked for (``difflora.generate.fuse_student``), so one pass per step with no adapter
+    the scale asked for (``difflora.sampling.generate.fuse_student``), so one pass per step with no adapter
     work, as ``difflora sample`` runs it. Each scale reloads the weights, which keeps a single copy
     of W0 in memory (a reversible merge would hold a second one)."""
 
@@ -346,7 +346,7 @@ class _FusedStudent:
         self.dev = dev
 
     def at(self, w: float) -> torch.nn.Module:
-        from difflora.generate import fuse_student
+        from difflora.sampling.generate import fuse_student
 
         cfg, model, _ = load_run(*self.source)
         fuse_student(model, cfg, w)
@@ -387,7 +387,7 @@ def _sampling_settings(
 ) -> tuple[int, str, float, list[float]]:
     """(steps, sampler, eta, guidance scales): the request, unset values from the run's ``sample``
     config, checked against the run before any sampling (a distilled student: the scales it can
-    sample, see ``difflora.generate.student_guidance``)."""
+    sample, see ``difflora.sampling.generate.student_guidance``)."""
     s = cfg.sample
     steps = steps or s.steps
     sampler = sampler or s.sampler
@@ -404,7 +404,7 @@ def _sampling_settings(
     if eta < 0 or not math.isfinite(eta):
         raise EvalError(f"--eta must be finite and >= 0, got {eta}")
     if cfg.train.objective == "distill" and not teacher:
-        from difflora.generate import student_guidance
+        from difflora.sampling.generate import student_guidance
 
         try:
             for w in scales:
@@ -441,7 +441,7 @@ def _score_scale(
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Draw ``num_samples`` images at one guidance scale (``sampled``: generate's settings) and score
     them against the reference (features, labels, k-NN radii); returns the result entry and the images."""
-    from difflora.generate import generate
+    from difflora.sampling.generate import generate
 
     t0 = time.perf_counter()
     fake = generate(model, cfg, num_samples, device=dev, progress=progress, **sampled)
@@ -507,7 +507,7 @@ def _result_record(
 
 
 def _write(out_dir: Path, result: dict[str, Any], grids: list[torch.Tensor], cfg: Config, conditional: bool) -> None:
-    from difflora.imaging import save_grid
+    from difflora.files.images import save_grid
     from difflora.train.loop import write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)

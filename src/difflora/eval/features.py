@@ -48,11 +48,11 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from difflora.config import DataConfig
+from difflora.config.schema import DataConfig
 from difflora.eval.inception import InceptionFeatures, load_inception
 from difflora.eval.kernel import kid_feature_scale
-from difflora.jsonfile import read_json_file
-from difflora.tensorfile import save_tensors
+from difflora.files.jsonfile import read_json_file
+from difflora.files.tensorfile import save_tensors
 
 __all__ = [
     "FeatureNet",

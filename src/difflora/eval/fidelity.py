@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from difflora.config import DataConfig, SpatialConfig
+from difflora.config.schema import DataConfig, SpatialConfig
 from difflora.data.spatial import block_means, centre_mask, edge_map, heldout_conditions, sobel_magnitude
 
 __all__ = [

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import get_args
 
-from difflora.config import DATASET_SHAPES, Config, DatasetName
+from difflora.config.schema import DATASET_SHAPES, Config, DatasetName
 
 __all__ = ["EvalError", "against_config", "default_eval_dir", "scored_config", "task_config"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from difflora.config import Config
+from difflora.config.schema import Config
 from difflora.train import train
 from difflora.train.base import pretrained_run_dir
 from difflora.train.checkpoint import find_checkpoints

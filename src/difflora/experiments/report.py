@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from difflora.config import Config
+from difflora.config.schema import Config
 from difflora.experiments.study import eval_settings, same_config, scored_with
 from difflora.experiments.study_spec import (
     HIGHER_IS_BETTER,
@@ -29,7 +29,7 @@ from difflora.experiments.study_spec import (
     read_run_json,
 )
 from difflora.experiments.verdicts import judge_claim
-from difflora.jsonfile import read_json_file
+from difflora.files.jsonfile import read_json_file
 
 # A record is a copy of a run's scores, so a damaged one is rebuilt from the run.
 REBUILD_RECORD = "delete it: `difflora study STUDY --report-only` writes it again from the run"

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from difflora.jsonfile import read_json_file
+from difflora.files.jsonfile import read_json_file
 from difflora.train.run_dir import read_metrics
 
 __all__ = ["collect_runs", "csv_text", "find_runs", "format_table", "run_row", "runs_table", "write_csv"]

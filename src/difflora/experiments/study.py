@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from difflora.config import Config, ConfigError, config_to_dict, parse_config
+from difflora.config.schema import Config, ConfigError, config_to_dict, parse_config
 from difflora.eval.evaluate import METRICS_VERSION
 from difflora.experiments.study_spec import (
     Study,

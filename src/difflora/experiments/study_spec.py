@@ -54,9 +54,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from difflora.config import Config, ConfigError, parse_config
+from difflora.config.schema import Config, ConfigError, parse_config
 from difflora.diffusion.respace import space_timesteps
-from difflora.jsonfile import read_json_file
+from difflora.files.jsonfile import read_json_file
 from difflora.presets import experiment_presets, resolve_shipped
 
 __all__ = [

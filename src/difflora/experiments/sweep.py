@@ -196,7 +196,7 @@ def _study(sweep: Sweep, arms: list[StudyArm]) -> Study:
 
 def plan_sweep(sweep: Sweep) -> tuple[list[tuple[Cell, StudyArm]], list[tuple[Cell, str]]]:
     """(runnable cells with their arms, skipped cells with the reason); builds each model on the meta device."""
-    from difflora.model import build_model
+    from difflora.model.build import build_model
 
     runnable, skipped = [], []
     for cell in sweep_cells(sweep):

@@ -1,6 +1,6 @@
 """Backbones: the IDDPM U-Net and DiT, both called ``net(x, t, y=None)`` -> [N x C_out x H x W].
 
-Both take the whole :class:`difflora.config.ModelConfig`; ``y == -1`` is the null label (no class
+Both take the whole :class:`difflora.config.schema.ModelConfig`; ``y == -1`` is the null label (no class
 conditioning for that sample), ``y=None`` makes the whole batch unconditional. They know nothing
 about diffusion.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from difflora.config import ModelConfig
+from difflora.config.schema import ModelConfig
 from difflora.nets.controlnet import ControlUNet
 from difflora.nets.dit import DIT_PRESETS, DiT
 from difflora.nets.layers import count_parameters

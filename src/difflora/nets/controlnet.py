@@ -26,7 +26,7 @@ import copy
 import torch
 from torch import nn
 
-from difflora.config import ModelConfig
+from difflora.config.schema import ModelConfig
 from difflora.nets.layers import BaseExtension, zero_module
 from difflora.nets.unet import UNetModel
 

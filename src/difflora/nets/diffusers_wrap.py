@@ -3,7 +3,7 @@
 :class:`DiffusersNet` wraps a diffusers ``UNet2DModel``, ``UNet2DConditionModel`` or
 ``DiTTransformer2DModel`` (held as ``.model``, so its parameter names are diffusers' own under
 ``model.``) and translates difflora's call into diffusers' one. Wrapped in
-:class:`difflora.model.DiffusionModel`, adapters injected anywhere inside it (TimeLoRA on
+:class:`difflora.model.build.DiffusionModel`, adapters injected anywhere inside it (TimeLoRA on
 ``to_q``/``to_k``/``to_v``/``to_out.0``, ClassLoRA, task adapters) read their per-sample
 conditions as in difflora's own backbones: the diffusers code is not changed::
 
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflora.config import ModelConfig
+from difflora.config.schema import ModelConfig
 from difflora.nets.transformer import ContextEmbedder
 
 __all__ = ["DiffusersNet", "build_diffusers_model", "diffusers_classes"]

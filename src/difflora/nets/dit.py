@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from difflora.config import ModelConfig
+from difflora.config.schema import ModelConfig
 from difflora.nets.layers import timestep_embedding
 from difflora.nets.transformer import ContextEmbedder, TransformerBlock
 
@@ -224,7 +224,7 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """DiT built from a :class:`difflora.config.ModelConfig` (``arch: dit``).
+    """DiT built from a :class:`difflora.config.schema.ModelConfig` (``arch: dit``).
 
     ``net(x, t, y=None)``: x [N x C x H x W] (H = W = image_size), t [N] timesteps (or a scalar),
     y [N] int64 with -1 for the null label, or None (all null; ignored without a class embedding)

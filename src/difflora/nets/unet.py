@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from difflora.config import ModelConfig
+from difflora.config.schema import ModelConfig
 from difflora.nets.layers import BaseExtension, group_norm, masked_label_embedding, timestep_embedding, zero_module
 from difflora.nets.transformer import ContextEmbedder, SpatialTransformer
 
@@ -232,7 +232,7 @@ class EmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """The IDDPM U-Net built from a :class:`difflora.config.ModelConfig` (``arch: unet``).
+    """The IDDPM U-Net built from a :class:`difflora.config.schema.ModelConfig` (``arch: unet``).
 
     ``net(x, t, y=None)``: x [N x C x H x W], t [N] (timesteps, possibly fractional, or a scalar
     shared by the batch), y [N] int64 with -1 for the null label (or None: all null; ignored when

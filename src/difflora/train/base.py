@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from difflora.adapters import adapter_layers, adapter_parameters
-from difflora.jsonfile import read_json_file
+from difflora.files.jsonfile import read_json_file
 from difflora.train.checkpoint import (
     CheckpointError,
     Fingerprint,

@@ -42,8 +42,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from difflora.jsonfile import read_json_file
-from difflora.tensorfile import save_tensors
+from difflora.files.jsonfile import read_json_file
+from difflora.files.tensorfile import save_tensors
 
 __all__ = [
     "CheckpointError",

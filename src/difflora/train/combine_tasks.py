@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from difflora.config import Config, DataConfig, TaskDataConfig, config_to_dict, parse_config
+from difflora.config.schema import Config, DataConfig, TaskDataConfig, config_to_dict, parse_config
 from difflora.diffscaler.tasks import task_branches
-from difflora.model import build_model
+from difflora.model.build import build_model
 from difflora.train.checkpoint import save_checkpoint, select_checkpoint, stream_weights, weight_sources
 from difflora.train.run_dir import RunExistsError, check_writable, load_run_config, write_json
 

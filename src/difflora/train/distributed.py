@@ -133,7 +133,7 @@ def process_group(device: torch.device) -> Iterator[tuple[Dist, torch.device]]:
 
 
 class DistributedModel(DistributedDataParallel):
-    """``DistributedDataParallel`` around a :class:`~difflora.model.DiffusionModel`.
+    """``DistributedDataParallel`` around a :class:`~difflora.model.build.DiffusionModel`.
 
     DDP's ``forward`` is what registers a step's gradients for averaging, so objectives must call
     this wrapper, not the inner model; the model's own switches an objective uses (the distillation

@@ -39,14 +39,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from difflora.accounting import count_parameters, peak_memory_mb
-from difflora.config import Config, ConfigError, config_to_dict, parse_config
+from difflora.config.schema import Config, ConfigError, config_to_dict, parse_config
 from difflora.data import ImageDataset, load_dataset
 from difflora.data.spatial import grid_indices
-from difflora.generate import default_labels, generate
-from difflora.imaging import save_grid
-from difflora.model import build_diffusion, build_model
+from difflora.files.images import save_grid
+from difflora.model.accounting import count_parameters, peak_memory_mb
+from difflora.model.build import build_diffusion, build_model
 from difflora.nets.controlnet import copy_encoder_into_control
+from difflora.sampling.generate import default_labels, generate
 from difflora.train.activation_checkpointing import checkpoint_blocks
 from difflora.train.base import load_base, stored_state
 from difflora.train.checkpoint import (

@@ -22,9 +22,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from difflora.config import Config
+from difflora.config.schema import Config
 from difflora.diffusion.guidance import drop_labels
 from difflora.nets.dit import DIT_PRESETS, patch_strip, random_keep
+from difflora.registry import Registry
 
 __all__ = ["OBJECTIVES", "Batch", "DiffusionObjective", "MaskedDiffusionObjective", "Objective", "build_objective"]
 
@@ -132,26 +133,12 @@ def _diffusion_objective(cfg: Config, diffusion: Any) -> Objective:
     return MaskedDiffusionObjective(cfg, diffusion) if cfg.train.mask_ratio else DiffusionObjective(cfg, diffusion)
 
 
-def _distill_objective(cfg: Config, diffusion: Any) -> Objective:
-    # Imported on use: distill.py builds on this module (Batch), so it cannot be imported at its top.
-    from difflora.train.distill import DistillObjective
-
-    return DistillObjective(cfg, diffusion)
-
-
-# train.objective -> factory(cfg, diffusion). A new objective registers here and in TrainConfig.objective.
-OBJECTIVES: dict[str, Callable[[Config, Any], Objective]] = {
-    "diffusion": _diffusion_objective,
-    "distill": _distill_objective,
-}
+# train.objective -> factory(cfg, diffusion). The shared one is "diffusion"; a paper package registers
+# its own in its register() (difflora.registry), e.g. 003's "distill".
+OBJECTIVES: Registry[Callable[[Config, Any], Objective]] = Registry("train.objective")
+OBJECTIVES.register("diffusion", _diffusion_objective)
 
 
 def build_objective(cfg: Config, diffusion: Any) -> Objective:
     """The objective ``cfg.train.objective`` names."""
-    try:
-        factory = OBJECTIVES[cfg.train.objective]
-    except KeyError:
-        raise ValueError(
-            f"train.objective={cfg.train.objective!r} is not registered; objectives: {', '.join(OBJECTIVES)}"
-        ) from None
-    return factory(cfg, diffusion)
+    return OBJECTIVES[cfg.train.objective](cfg, diffusion)

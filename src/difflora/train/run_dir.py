@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from difflora.config import Config, parse_config
-from difflora.jsonfile import read_json_file
+from difflora.config.schema import Config, parse_config
+from difflora.files.jsonfile import read_json_file
 
 __all__ = [
     "RunDirNotWritable",

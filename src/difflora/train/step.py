@@ -28,7 +28,7 @@ from difflora.train.objectives import Batch
 from difflora.train.precision import autocast
 
 if TYPE_CHECKING:
-    from difflora.config import Config
+    from difflora.config.schema import Config
     from difflora.train.distributed import Dist
     from difflora.train.loop import TrainState
 

@@ -1,0 +1,292 @@
+"""The command-line grammar: one small function per command adds its subparser.
+
+The handlers (``difflora.cli.commands``'s ``_cmd_*`` functions) are passed in by name, so that this module
+knows the flags and their help texts but nothing of what the commands do.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from difflora.cli.inputs import Parser, finite_float
+
+__all__ = ["build_parser"]
+
+Handlers = dict[str, Callable[[argparse.Namespace], int]]
+
+_CKPT_HELP = "a step of the run (e.g. 1000) or a checkpoint directory (default: the newest intact one)"
+
+
+def _with_config(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("config", help="a YAML config or a preset name under configs/ (e.g. digits, tiny-unet)")
+    sp.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=2e-4 (repeatable)",
+    )
+
+
+def _add_train(sub, handlers: Handlers) -> None:
+    t = sub.add_parser("train", help="train a model from a config")
+    _with_config(t)
+    t.add_argument("--out", help="run directory (default runs/<config name>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest intact checkpoint")
+    t.add_argument("--checkpoint", metavar="STEP|PATH", help="with --resume: the checkpoint to continue from")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(fn=handlers["train"])
+
+
+def _add_guidance_fraction(parser) -> None:
+    parser.add_argument(
+        "--guidance-fraction",
+        type=finite_float,
+        default=None,
+        metavar="F",
+        help="selective guidance: CFG on the first (noisiest) fraction F of the steps only, conditional on the rest",
+    )
+
+
+def _add_sample(sub, handlers: Handlers) -> None:
+    s = sub.add_parser("sample", help="draw a sample grid from a trained run")
+    s.add_argument("run_dir")
+    s.add_argument("--num", type=int, default=64)
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
+    s.add_argument("--eta", type=finite_float, default=None, help="DDIM eta (0 = deterministic)")
+    s.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale (1 = none)")
+    _add_guidance_fraction(s)
+    s.add_argument(
+        "--teacher",
+        action="store_true",
+        help="a distilled run: sample its guided teacher (the LoRA off, CFG at --guidance) instead of the student",
+    )
+    s.add_argument("--class", dest="cls", type=int, default=None, help="sample only this class")
+    s.add_argument(
+        "--condition",
+        action="append",
+        metavar="NAME=VALUE[,VALUE...]",
+        help="a condition the run's adapters read, e.g. task=2: one value for all samples or one per sample (repeatable)",
+    )
+    s.add_argument(
+        "--condition-images",
+        metavar="FILE.safetensors",
+        help="spatial tasks: clean images (tensor 'images') to compute the condition images from "
+        "(default: the held-out split of the run's dataset)",
+    )
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--weights", choices=["ema", "model"], default="ema")
+    s.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True, help="output PNG")
+    s.add_argument("--save-tensor", metavar="FILE.safetensors", help="also save the raw samples")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=handlers["sample"])
+
+
+def _add_distill(sub, handlers: Handlers) -> None:
+    di = sub.add_parser(
+        "distill", help="distil a class-conditional run's classifier-free guidance into a LoRA student (003)"
+    )
+    di.add_argument("teacher_run", help="the run directory of a trained class-conditional model (the teacher)")
+    di.add_argument("--guidance", type=finite_float, default=None, metavar="W", help="the teacher's guidance scale")
+    di.add_argument(
+        "--guidance-range",
+        type=finite_float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="distil a guidance-scale LoRA serving every w in [LO, HI] (w drawn per sample)",
+    )
+    di.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="e.g. --set distill.rank=4 --set train.steps=500"
+    )
+    di.add_argument("--out", help="run directory (default runs/<teacher name>-distill)")
+    di.add_argument("--resume", action="store_true", help="continue the distillation run in --out")
+    di.add_argument("--no-progress", action="store_true")
+    di.set_defaults(fn=handlers["distill"])
+
+
+def _add_params(sub, handlers: Handlers) -> None:
+    pr = sub.add_parser("params", help="count a config's parameters (total, trainable, by group and module)")
+    _with_config(pr)
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(fn=handlers["params"])
+
+
+def _add_pretrain(sub, handlers: Handlers) -> None:
+    pt = sub.add_parser("pretrain", help="train a shared base (configs/pretrain/NAME) into the cache, or reuse it")
+    pt.add_argument("name", help="a preset under configs/pretrain/, e.g. fmnist16-unet or fmnist16-dit")
+    pt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    pt.add_argument("--no-progress", action="store_true")
+    pt.set_defaults(fn=handlers["pretrain"])
+
+
+def _add_plot_weights(sub, handlers: Handlers) -> None:
+    pw = sub.add_parser("plot-weights", help="heatmap of a run's trained TimeLoRA composition weights (000 Figure 3)")
+    pw.add_argument("run_dir")
+    pw.add_argument(
+        "--layer",
+        default=None,
+        help="a wrapped layer's path or suffix, or 'all' to average every layer "
+        "(default: middle_block.1.qkv in the U-Net, the median block's attn.qkv in a DiT)",
+    )
+    pw.add_argument("--adapter", default=None, help="adapter name (default: the run's only trainable one)")
+    pw.add_argument("--weights", choices=["ema", "model"], default="ema")
+    pw.add_argument("--out", default=None, help="output PNG (default: RUN_DIR/weights.png)")
+    pw.set_defaults(fn=handlers["plot_weights"])
+
+
+def _add_train_features(sub, handlers: Handlers) -> None:
+    tf = sub.add_parser("train-features", help="train (or load the cached) feature network of a dataset for eval")
+    tf.add_argument("dataset", help="a data name: digits, fashion-mnist, mnist, mnist-5k, cifar10, image-folder")
+    tf.add_argument("--set", action="append", metavar="data.KEY=VALUE", help="e.g. --set data.image_size=16")
+    tf.add_argument("--cache-dir", default=None, help="default $DIFFLORA_CACHE/features or ~/.cache/difflora/features")
+    tf.add_argument("--feature-steps", type=int, default=None, help="optimizer steps of the feature net (default 600)")
+    tf.add_argument("--device", default="auto")
+    tf.add_argument("--no-progress", action="store_true")
+    tf.set_defaults(fn=handlers["train_features"])
+
+
+def _add_eval(sub, handlers: Handlers) -> None:
+    ev = sub.add_parser("eval", help="sample from a run and score it against the held-out split (FD, KID, P/R)")
+    ev.add_argument("run_dir")
+    ev.add_argument("--num-samples", type=int, default=1000)
+    ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
+    ev.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
+    ev.add_argument("--eta", type=finite_float, default=None)
+    ev.add_argument(
+        "--guidance", type=finite_float, nargs="+", default=None, help="one or more CFG scales: one result each"
+    )
+    _add_guidance_fraction(ev)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--weights", choices=["ema", "model"], default="ema")
+    ev.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
+    ev.add_argument(
+        "--out", default=None, help="output directory (default RUN_DIR/eval, with --teacher RUN_DIR/eval-teacher)"
+    )
+    ev.add_argument(
+        "--teacher",
+        action="store_true",
+        help="a distilled run: score its guided teacher (the LoRA off, CFG at each --guidance) instead of the student",
+    )
+    ev.add_argument(
+        "--task",
+        type=int,
+        default=None,
+        help="a multi-task run (data.tasks): score task K against its own dataset (default: data.name's task)",
+    )
+    ev.add_argument(
+        "--against",
+        metavar="DATASET",
+        default=None,
+        help="score the run's unconditional samples against another dataset's held-out split "
+        "(e.g. an unadapted base against the dataset an adaptation targets)",
+    )
+    ev.add_argument("--feature-net", default=None, help="a saved feature network (default: the cached one)")
+    ev.add_argument("--cache-dir", default=None, help="feature network cache directory")
+    ev.add_argument("--feature-steps", type=int, default=None, help="feature net training steps if it must be trained")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(fn=handlers["eval"])
+
+
+def _add_study(sub, handlers: Handlers) -> None:
+    st = sub.add_parser("study", help="run a study YAML (arms x seeds: train, eval) and write its markdown report")
+    st.add_argument("study", help="a study YAML, e.g. experiments/timelora/digits.yaml")
+    st.add_argument("--out", default=None, help="output directory (default: the study's out, or runs/<name>)")
+    st.add_argument("--only", action="append", metavar="ARM", help="run only these arms (repeatable)")
+    st.add_argument("--report-only", action="store_true", help="train nothing: rewrite the report from stored runs")
+    st.add_argument(
+        "--plan", action="store_true", help="write nothing: list what each run would do (train, resume, reuse, skip)"
+    )
+    st.add_argument(
+        "--allow-dirty", action="store_true", help="run from uncommitted code; the report is marked NOT REPRODUCIBLE"
+    )
+    st.add_argument("--no-progress", action="store_true")
+    st.set_defaults(fn=handlers["study"])
+
+
+def _add_sweep(sub, handlers: Handlers) -> None:
+    sw = sub.add_parser("sweep", help="run a factorial sweep YAML (cells x seeds: train, eval) into one results table")
+    sw.add_argument("sweep", help="a sweep YAML, e.g. experiments/design-space/sweep.yaml")
+    sw.add_argument("--out", default=None, help="output directory (default: the sweep's out, or runs/<name>)")
+    sw.add_argument("--plan", action="store_true", help="list the cells (and skipped ones) and run nothing")
+    sw.add_argument("--no-progress", action="store_true")
+    sw.set_defaults(fn=handlers["sweep"])
+
+
+def _add_anova(sub, handlers: Handlers) -> None:
+    an = sub.add_parser("anova", help="ANOVA (type II) of a sweep's results: F, p, eta squared, effect plots")
+    an.add_argument("results", help="a results table: <sweep out>/results.csv or results.jsonl")
+    an.add_argument("--metric", action="append", help="the response column (repeatable; default fd)")
+    an.add_argument("--guidance", type=finite_float, default=None, help="rows of this guidance scale only")
+    an.add_argument("--interactions", action="store_true", help="also fit every two-factor interaction")
+    an.add_argument("--out", default=None, help="output directory (default: <results dir>/anova)")
+    an.set_defaults(fn=handlers["anova"])
+
+
+def _add_runs(sub, handlers: Handlers) -> None:
+    r = sub.add_parser("runs", help="a table of the runs under DIR: config differences, final loss, FD, speed")
+    r.add_argument("dir", nargs="?", default="runs", help="a directory of runs (default runs/)")
+    r.add_argument("--format", choices=["table", "csv"], default="table", help="print as aligned text or as CSV")
+    r.add_argument("--csv", metavar="FILE", help="also write the table as CSV to FILE")
+    r.add_argument("--sort", metavar="COLUMN", help="sort by a column, e.g. fd or loss (default: by run path)")
+    r.set_defaults(fn=handlers["runs"])
+
+
+def _add_demo(sub, handlers: Handlers) -> None:
+    d = sub.add_parser("demo", help="train the digits preset on the embedded data and write a sample grid")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE")
+    d.add_argument("--resume", action="store_true")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--eval-samples", type=int, default=500, help="samples scored at the end (0 = skip eval)")
+    d.set_defaults(fn=handlers["demo"])
+
+
+def _add_export_peft(sub, handlers: Handlers) -> None:
+    e = sub.add_parser(
+        "export-peft", help="write a run's plain LoRA in peft's format (adapter_config.json + safetensors)"
+    )
+    e.add_argument("run_dir")
+    e.add_argument("out_dir", help="the peft adapter directory to write")
+    e.add_argument("--adapter", default=None, help="the plain LoRA to export (default: the run's only adapter)")
+    e.add_argument("--weights", choices=["ema", "model"], default="ema")
+    e.add_argument("--checkpoint", metavar="STEP|PATH", default=None, help=_CKPT_HELP)
+    e.set_defaults(fn=handlers["export_peft"])
+
+
+def _add_combine_tasks(sub, handlers: Handlers) -> None:
+    m = sub.add_parser(
+        "combine-tasks", help="one run serving the tasks of several runs on one base (task ids in the runs' order)"
+    )
+    m.add_argument("runs", nargs="+", metavar="RUN", help="runs that adapt the same base with task banks only")
+    m.add_argument("--out", required=True, help="the combined run directory to create (must not exist)")
+    m.set_defaults(fn=handlers["combine_tasks"])
+
+
+def build_parser(handlers: Handlers) -> argparse.ArgumentParser:
+    """The ``difflora`` parser; ``handlers`` maps each command (``train``, ``sample``, ...) to its function."""
+    p = Parser(prog="difflora", description="Low-rank conditioning, adaptation and distillation of diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_train,
+        _add_sample,
+        _add_distill,
+        _add_params,
+        _add_pretrain,
+        _add_plot_weights,
+        _add_train_features,
+        _add_eval,
+        _add_study,
+        _add_sweep,
+        _add_anova,
+        _add_runs,
+        _add_demo,
+        _add_export_peft,
+        _add_combine_tasks,
+    ):
+        add(sub, handlers)
+    return p

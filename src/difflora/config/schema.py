@@ -1,0 +1,549 @@
+"""Typed configuration: one tree of pydantic models, loaded from YAML with dotted overrides.
+
+This module is the bottom of the house: every layer may import it and it imports nothing of
+difflora but its own parts (``config_base``: the strict base model; ``config_adapters``: the adapter,
+Affiner and distillation sections), which it re-exports, and :mod:`difflora.presets` (where the
+shipped configs are). A config is passed whole to the code
+that needs it (``UNetModel(cfg.model)``), never unpacked into a dozen keyword arguments.
+
+Errors name the key and what is allowed::
+
+    >>> load_config("configs/digits.yaml", ["train.lr=fast"])
+    ConfigError: train.lr: input should be a valid number, got 'fast'
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from difflora.config.adapters import (
+    DISTILL_ADAPTER,
+    DISTILL_TARGETS,
+    AdapterConfig,
+    AffinerConfig,
+    DistillConfig,
+)
+from difflora.config.base import ConfigError, StrictModel
+from difflora.config.diffusers import DiffusersConfig, diffusers_problem
+from difflora.presets import config_presets, resolve_config
+
+__all__ = [
+    "DISTILL_ADAPTER",
+    "DISTILL_TARGETS",
+    "AdapterConfig",
+    "AffinerConfig",
+    "Config",
+    "ConfigError",
+    "ContextConfig",
+    "DataConfig",
+    "DiffusionConfig",
+    "DiTConfig",
+    "DiffusersConfig",
+    "DistillConfig",
+    "ModelConfig",
+    "SampleConfig",
+    "SpatialConfig",
+    "TaskDataConfig",
+    "TrainConfig",
+    "UNetConfig",
+    "config_to_dict",
+    "load_config",
+    "parse_config",
+    "DATASET_SHAPES",
+]
+
+
+# Native (image_size, channels) of each dataset; None where the files decide (image folders).
+DATASET_SHAPES: dict[str, tuple[int | None, int]] = {
+    "digits": (8, 1),
+    "mnist": (28, 1),
+    "fashion-mnist": (28, 1),
+    "mnist-5k": (28, 1),
+    "cifar10": (32, 3),
+    "image-folder": (None, 3),
+}
+
+DatasetName = Literal["digits", "mnist", "fashion-mnist", "mnist-5k", "cifar10", "image-folder"]
+
+
+class TaskDataConfig(StrictModel):
+    """One more dataset of a multi-dataset run (``data.tasks``); its samples carry its task index."""
+
+    name: DatasetName
+    root: str | None = None
+    # First N training examples of this dataset (0 = all).
+    limit: int = Field(default=0, ge=0)
+
+
+SpatialTask = Literal["edges", "lowres", "inpaint"]
+
+
+class SpatialConfig(StrictModel):
+    """Spatial conditioning tasks (DiffScaler 002 section 3.4, ``difflora.data.spatial``): each clean
+    image appears once per task, paired with the condition image the task computes from it."""
+
+    # Task k of this list has task id data.task_id + k (0 + k when unset).
+    tasks: list[SpatialTask] = Field(min_length=1)
+    # lowres: the side of the block-mean image the condition shows (upsampled to the model size).
+    lowres: int = Field(default=4, ge=1)
+    # inpaint: the side of the masked (unknown) centre square, as a fraction of the image side.
+    hole: float = Field(default=0.5, gt=0, lt=1)
+    # edges: None keeps the Sobel magnitude (in [0, 1]); a number gives binary edges above it.
+    edge_threshold: float | None = Field(default=None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> SpatialConfig:
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"data.spatial.tasks: give each task at most once, got {self.tasks}")
+        return self
+
+    def channels(self, image_channels: int) -> int:
+        """Channels of the condition image: one slot per task (edges and lowres: C, inpaint: C + 1 for the mask)."""
+        return sum(image_channels + (t == "inpaint") for t in self.tasks)
+
+
+class DataConfig(StrictModel):
+    name: DatasetName = "digits"
+    # Directory holding the files; None means the dataset's default location (see data/).
+    root: str | None = None
+    # Resize to this side length (bilinear, antialiased); None keeps the native size.
+    image_size: int | None = Field(default=None, ge=4, le=1024)
+    hflip: bool = False
+    # Restrict training to the first N examples (0 = all); handy for quick experiments.
+    limit: int = Field(default=0, ge=0)
+    # Multi-dataset training: more datasets, tasks 1..K (the dataset above is task 0). Every sample
+    # carries its task index as the per-sample condition ``task``; images are resized to the run's
+    # image size and must have its number of channels.
+    tasks: list[TaskDataConfig] = Field(default_factory=list)
+    # Class labels of a multi-dataset run: "shared" keeps each dataset's own labels (class 3 of
+    # every task is label 3: one class embedding serves all tasks, as when adapting a base model);
+    # "offset" numbers the classes of task k after those of tasks 0..k-1 (disjoint labels).
+    task_labels: Literal["shared", "offset"] = "shared"
+    # The task id of data.name's samples (data.tasks[k] then get task_id + k + 1). None: 0 with
+    # data.tasks, and no task condition for a single dataset. Set it to adapt to one dataset as a
+    # task of a multi-task model (DiffScaler: model.affiner), e.g. the new task of the sequential regime.
+    task_id: int | None = Field(default=None, ge=0)
+    # Spatial conditioning (edge map / low-res / masked centre -> image), one task id per spatial task.
+    spatial: SpatialConfig | None = None
+
+    def resolved_shape(self) -> tuple[int | None, int]:
+        native, channels = DATASET_SHAPES[self.name]
+        return (self.image_size or native), channels
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> DataConfig:
+        size, channels = self.resolved_shape()
+        for k, task in enumerate(self.tasks, start=1):
+            c = DATASET_SHAPES[task.name][1]
+            if c != channels:
+                raise ValueError(
+                    f"data.tasks[{k - 1}].name: {task.name} has {c} channel(s) but task 0 ({self.name}) has "
+                    f"{channels}; every task of a run needs the same number of channels"
+                )
+            if size is None:
+                raise ValueError("data.image_size: required with data.tasks when data.name=image-folder")
+        if self.spatial is not None and (self.tasks or self.hflip):
+            raise ValueError(
+                "data.spatial: spatial tasks pair each image with its own condition image; remove data.tasks "
+                "and data.hflip (a flip would no longer match its condition)"
+            )
+        if self.spatial is not None and size is not None and size < self.spatial.lowres:
+            raise ValueError(f"data.spatial.lowres ({self.spatial.lowres}) exceeds the image size ({size})")
+        return self
+
+
+class UNetConfig(StrictModel):
+    """improved-diffusion's UNetModel flags, same names where they exist."""
+
+    model_channels: int = Field(default=128, ge=1)
+    num_res_blocks: int = Field(default=3, ge=1)
+    # Resolutions (side lengths in pixels) at which attention blocks sit.
+    attention_resolutions: list[int] = Field(default_factory=lambda: [16, 8])
+    # None: improved-diffusion's choice by image size.
+    channel_mult: list[int] | None = None
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    num_heads: int = Field(default=4, ge=1)
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = True
+    conv_resample: bool = True
+
+
+class DiTConfig(StrictModel):
+    """DiT (Peebles & Xie) with adaLN-Zero. ``preset`` fills the four size fields."""
+
+    preset: str | None = None
+    patch_size: int = Field(default=2, ge=1)
+    depth: int = Field(default=12, ge=1)
+    hidden_size: int = Field(default=384, ge=1)
+    num_heads: int = Field(default=6, ge=1)
+    mlp_ratio: float = Field(default=4.0, gt=0)
+
+
+class ContextConfig(StrictModel):
+    """The context of ``model.attention: cross`` (LDM-style transformer blocks, ``nets/transformer.py``)."""
+
+    # Width D of the context [N x L x D] the cross-attention reads (keys and values: D -> block width).
+    dim: int = Field(default=64, ge=1)
+    # Learned context tokens L per class label (and for the null context of y = -1).
+    tokens: int = Field(default=1, ge=1)
+    # U-Net only: transformer blocks per attention site (LDM's transformer_depth) and the GEGLU
+    # feed-forward's inner width as a multiple of the block width (the DiT uses dit.mlp_ratio).
+    depth: int = Field(default=1, ge=1)
+    ff_mult: float = Field(default=4.0, gt=0)
+    # New class tokens on an adapted base (difflora.adapters.tokens): a trainable token table in place
+    # of the base's class tokens (the base's null context stays for y = -1), started at the base's
+    # null context ("unconditional": every class starts as the unconditional base, exactly) or at the
+    # mean of its class tokens ("mean"), or at the base's token of the same class ("base": distinct
+    # from step 0; see adapters/tokens.py for why that matters). None: the base's own class tokens.
+    new_tokens: Literal["unconditional", "mean", "base"] | None = None
+
+
+class ModelConfig(StrictModel):
+    # diffusers: a diffusers model built from model.diffusers (difflora.nets.diffusers_wrap).
+    arch: Literal["unet", "dit", "diffusers"] = "unet"
+    # Filled from the data config when None.
+    image_size: int | None = Field(default=None, ge=4)
+    in_channels: int | None = Field(default=None, ge=1)
+    learn_sigma: bool = True
+    # 0 = unconditional. With classes, y = -1 is the null label (no class conditioning).
+    num_classes: int = Field(default=0, ge=0)
+    # Incremental classes (DiffScaler, 002 eq. 1): the last new_classes of num_classes are new to a
+    # base of num_classes - new_classes classes (train.init_from); they start as the null class.
+    new_classes: int = Field(default=0, ge=0)
+    time_embed: bool = True
+    class_embed: bool = True
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    dit: DiTConfig = Field(default_factory=DiTConfig)
+    diffusers: DiffusersConfig = Field(default_factory=DiffusersConfig)
+    # self: the backbone's own attention blocks. cross: LDM-style transformer blocks (self-attention,
+    # cross-attention over model.context, GEGLU feed-forward) in their place; the class label then
+    # enters through the context only (learned tokens per class, a learned null context for y = -1).
+    attention: Literal["self", "cross"] = "self"
+    context: ContextConfig = Field(default_factory=ContextConfig)
+    adapters: list[AdapterConfig] = Field(default_factory=list)
+    # DiffScaler's Affiner on many layers at once (expanded into adapters when the model is built).
+    affiner: AffinerConfig | None = None
+    # Channels of the spatial condition image (filled from data.spatial; 0 = none) and how it enters:
+    # concat: extra input channels of the first conv, zero-initialised (difflora.data.spatial);
+    # controlnet: a trainable copy of the encoder joined by zero 1x1 convs (difflora.nets.controlnet).
+    spatial_channels: int | None = Field(default=None, ge=0)
+    spatial_input: Literal["concat", "controlnet"] = "concat"
+    # Activation checkpointing (training): each block of the backbone (U-Net input/middle/output
+    # blocks, DiT blocks) recomputes its activations in backward instead of storing them; the
+    # per-sample conditions are re-entered for the recompute (difflora.adapters.checkpoint).
+    checkpoint_blocks: bool = False
+
+    @property
+    def out_channels(self) -> int:
+        assert self.in_channels is not None
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+
+class DiffusionConfig(StrictModel):
+    steps: int = Field(default=1000, ge=1)
+    noise_schedule: Literal["linear", "cosine"] = "linear"
+    # Without learned variance: fixed-small (posterior variance) or fixed-large (beta_t).
+    sigma_small: bool = False
+    # mse: L_simple. hybrid: L_simple + lambda L_vb (IDDPM; needs learn_sigma).
+    # None: hybrid with a learned variance, mse without (what improved-diffusion does).
+    loss: Literal["mse", "hybrid"] | None = None
+    # Feed the network t * 1000 / T, as improved-diffusion does, so time embeddings see one range.
+    rescale_timesteps: bool = True
+
+
+class TrainConfig(StrictModel):
+    steps: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    # 0 disables clipping.
+    grad_clip: float = Field(default=1.0, ge=0)
+    ema_decay: float = Field(default=0.9999, ge=0, le=1)
+    # Probability that a training label is replaced by the null label (classifier-free guidance).
+    label_dropout: float = Field(default=0.1, ge=0, le=1)
+    # Train the backbone's own weights too (000 trains W with the LoRAs from scratch). False freezes
+    # every parameter that is not an adapter's (build_model applies it): adapter fine-tuning.
+    train_base: bool = True
+    # With train_base false: groups of the base's own parameters that still train (bias, norm,
+    # embedding: BitFit, DiffFit and embedding-only baselines; difflora.diffscaler.baselines).
+    base_groups: list[Literal["bias", "norm", "embedding"]] = Field(default_factory=list)
+    # Learning rate of the new class-token table (model.context.new_tokens); None: train.lr. The
+    # table starts at one base token and must travel the distance between the base's class tokens
+    # (~14 in the design-space base), far beyond what the adapters' lr moves it in a short run.
+    token_lr: float | None = Field(default=None, gt=0)
+    # Adapt a trained model: a run directory (its newest checkpoint) or one checkpoint directory
+    # of a run trained without adapters. Its weights fill the base (wrapped layers' base_layer);
+    # the run's checkpoints then hold the trainable tensors only, plus the base's fingerprint.
+    init_from: str | None = None
+    # Which weights of init_from: the EMA weights (what sampling uses) or the raw model weights.
+    init_weights: Literal["ema", "model"] = "ema"
+    # What the loop minimises (difflora.train.objectives): the diffusion loss of cfg.diffusion, or
+    # distill: a LoRA student matches the classifier-free-guided teacher (the distill section).
+    objective: Literal["diffusion", "distill"] = "diffusion"
+    # DiT masked training (DiffScaler, 002 section 4.2): each sample drops this fraction of its patch
+    # tokens (random per sample) and the loss covers the kept patches only. 0: no masking.
+    mask_ratio: float = Field(default=0.0, ge=0, lt=1)
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = Field(default=50, ge=1)
+    ckpt_every: int = Field(default=500, ge=1)
+    # 0 disables periodic sample grids.
+    sample_every: int = Field(default=0, ge=0)
+    # Mixed precision (autocast; weights, optimizer state and EMA stay fp32): bf16, or fp16 with a
+    # gradient scaler. See README "Training at scale".
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Micro-batches per step: batch_size (the global batch, over all processes) is split into
+    # grad_accum parts whose gradients are summed before one optimizer step.
+    grad_accum: int = Field(default=1, ge=1)
+    # torch.compile the model for training (needs a C++ compiler on CPU).
+    compile: bool = False
+
+
+class SampleConfig(StrictModel):
+    """Defaults for sample grids written during training and by ``difflora sample``."""
+
+    num: int = Field(default=64, ge=1)
+    steps: int = Field(default=50, ge=1)
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    eta: float = Field(default=0.0, ge=0)
+    guidance: float = Field(default=1.0, ge=0)
+    # Selective guidance: classifier-free guidance on the first (noisiest) fraction of the sampler's
+    # steps only, the rest conditional (one pass per step); 1 = guidance on every step.
+    guidance_fraction: float = Field(default=1.0, ge=0, le=1)
+    batch_size: int = Field(default=256, ge=1)
+
+
+class Config(StrictModel):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Config:
+        size, channels = self.data.resolved_shape()
+        m = self.model
+        if m.image_size is None:
+            if size is None:
+                raise ValueError("model.image_size: set it or data.image_size (image folders have no native size)")
+            object.__setattr__(m, "image_size", size)
+        elif size is not None and m.image_size != size:
+            raise ValueError(
+                f"model.image_size ({m.image_size}) differs from the data's image size ({size}); set data.image_size={m.image_size}"
+            )
+        if m.in_channels is None:
+            object.__setattr__(m, "in_channels", channels)
+        elif m.in_channels != channels:
+            raise ValueError(
+                f"model.in_channels ({m.in_channels}) differs from the data's channels ({channels}) for data.name={self.data.name}"
+            )
+        self._resolve_spatial()
+        if self.diffusion.loss is None:
+            object.__setattr__(self.diffusion, "loss", "hybrid" if m.learn_sigma else "mse")
+        if self.diffusion.loss == "hybrid" and not m.learn_sigma:
+            raise ValueError("diffusion.loss=hybrid needs model.learn_sigma=true (the vb term trains the variance)")
+        if self.diffusion.loss == "mse" and m.learn_sigma:
+            raise ValueError(
+                "diffusion.loss=mse with model.learn_sigma=true leaves the variance channels untrained; use diffusion.loss=hybrid (IDDPM) or model.learn_sigma=false"
+            )
+        if m.arch == "dit" and m.image_size % m.dit.patch_size:
+            raise ValueError(f"model.dit.patch_size ({m.dit.patch_size}) must divide model.image_size ({m.image_size})")
+        if m.arch == "diffusers" and (problem := diffusers_problem(m, self.train.objective, self.distill.targets)):
+            raise ValueError(problem)
+        self._check_affiner_tasks()
+        if self.train.mask_ratio and (m.arch != "dit" or self.train.objective != "diffusion"):
+            raise ValueError(
+                "train.mask_ratio drops DiT patch tokens in the diffusion loss: it needs model.arch=dit and train.objective=diffusion"
+            )
+        if self.train.objective == "distill":
+            self._resolve_distill()
+        return self
+
+    def _resolve_spatial(self) -> None:
+        """model.spatial_channels follows data.spatial; spatial conditioning needs the U-Net."""
+        sp, m = self.data.spatial, self.model
+        want = sp.channels(m.in_channels) if sp is not None else 0
+        if m.spatial_channels is None:
+            object.__setattr__(m, "spatial_channels", want)
+        elif m.spatial_channels != want:
+            raise ValueError(
+                f"model.spatial_channels ({m.spatial_channels}) differs from the {want} channels data.spatial gives; "
+                "leave it unset (it follows data.spatial)"
+            )
+        if want and m.arch != "unet":
+            raise ValueError("data.spatial: spatial conditioning is built for model.arch=unet")
+
+    def _check_affiner_tasks(self) -> None:
+        """A ``task`` Affiner needs data that carries task ids, and one entry per id."""
+        aff, data = self.model.affiner, self.data
+        if aff is None or aff.condition != "task":
+            return
+        if not data.tasks and data.task_id is None and data.spatial is None:
+            raise ValueError(
+                "model.affiner reads the condition task but the data carries no task ids: set data.task_id=K "
+                "(the task id of these images, e.g. 0) or list more datasets in data.tasks"
+            )
+        extra = len(data.spatial.tasks) - 1 if data.spatial is not None else len(data.tasks)
+        needed = (data.task_id or 0) + extra + 1
+        if aff.tasks < needed:
+            raise ValueError(
+                f"model.affiner.tasks ({aff.tasks}) does not cover the data's task ids 0..{needed - 1}; "
+                f"set model.affiner.tasks={needed}"
+            )
+
+    def _resolve_distill(self) -> None:
+        """Distillation needs a class-conditional teacher; the distill section generates the
+        student's LoRA entry in model.adapters (a saved config already holds it: it must match)."""
+        if not self.model.num_classes:
+            raise ValueError(
+                "train.objective=distill distils classifier-free guidance, which needs a class-conditional "
+                "teacher (model.num_classes > 0); train the teacher with classes first"
+            )
+        if not self.train.init_from:
+            raise ValueError(
+                "train.objective=distill needs the teacher: set train.init_from to the teacher's run directory"
+            )
+        if self.train.train_base:
+            # 003's "distillation without LoRA": the whole network trains, a frozen teacher copy guides it.
+            if self.distill.guidance_range is not None or self.distill.shared_forward or self.model.adapters:
+                raise ValueError(
+                    "train.objective=distill with train.train_base=true fully fine-tunes the teacher's plain network "
+                    "at one w: no distill.guidance_range, distill.shared_forward or model.adapters (or set "
+                    "train.train_base=false for the LoRA student)"
+                )
+            return
+        want = self.distill.adapter(self.model.arch)
+        have = [a for a in self.model.adapters if a.name == DISTILL_ADAPTER]
+        if not have:
+            object.__setattr__(self.model, "adapters", [*self.model.adapters, want])
+        elif have[0] != want:
+            raise ValueError(
+                f"model.adapters[{DISTILL_ADAPTER}] differs from the one the distill section generates; "
+                "remove it from model.adapters (the distill section describes the student's LoRA)"
+            )
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-after"))
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the parent of ``loc`` (to list valid keys)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _explain(err: ValidationError) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = _format_loc(loc)
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            valid = sorted(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            lines.append(f"{key}: unknown key{hint}; valid keys here: {', '.join(valid)}")
+        elif e["type"] == "value_error":
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        else:
+            got = e.get("input")
+            lines.append(f"{key}: {e['msg'][0].lower() + e['msg'][1:]}, got {got!r}")
+    return ConfigError("invalid config:\n  " + "\n  ".join(lines))
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{p}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    # PyYAML's str() spans several lines with a drawing of the text; the problem and its place suffice.
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{getattr(exc, 'problem', None) or exc}"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=2e-4"`` -> ``("train.lr", 0.0002)``; values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=2e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {_yaml_problem(exc)}") from None
+    # YAML reads "1e-4" as a string (no dot); a number is what the user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def parse_config(tree: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    tree = copy.deepcopy(tree or {})
+    if not isinstance(tree, dict):
+        raise ConfigError("a config must be a mapping of sections (data, model, diffusion, train, sample)")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise _explain(err) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    ``path`` is a file, a repository-relative ``configs/...`` path or a preset name (``digits``):
+    see :mod:`difflora.presets`.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = resolve_config(path)
+        if p is None:
+            raise ConfigError(
+                f"config file {path} does not exist, neither on disk nor as a shipped preset "
+                f"(presets: {', '.join(config_presets())})"
+            )
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p} is not a YAML text file (not UTF-8)") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {_yaml_problem(exc)}") from None
+    return parse_config(tree, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,148 @@
+"""Build the network a config describes and wrap it as the model callable the diffusion code uses.
+
+``build_model(cfg)`` returns a :class:`DiffusionModel`: ``model(x, t, y=None, **conditions)``. The
+wrapper is where per-sample conditions (t, y, task, ...) are handed to adapters for the duration
+of one forward, so that backbones keep their plain ``net(x, t, y)`` signature.
+
+Timesteps. The diffusion hands the model IDDPM's timesteps: original-process timesteps, times
+1000/T when ``diffusion.rescale_timesteps``. Adapters read condition ``t`` as the **original-process
+integer timestep 0..T-1** (see ``difflora.adapters.weightings`` for the convention against 000's
+1..T), so the wrapper multiplies by ``timestep_scale`` (T/1000 or 1) and rounds. The backbone
+still receives the diffusion's t unchanged (its time embedding, if any, was built for that range).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from difflora.adapters import (
+    DEFAULT_TARGETS,
+    InjectionReport,
+    adapters_disabled,
+    conditions,
+    freeze_base,
+    merge_shared,
+    unmerge_adapters,
+)
+from difflora.config.schema import Config
+from difflora.diffscaler.affiner import affiner_adapter_configs
+from difflora.diffscaler.baselines import unfreeze_groups
+from difflora.diffscaler.classes import add_classes, base_model_config
+from difflora.diffusion import create_diffusion
+from difflora.model.expand import add_context_tokens, check_adapter_configs, inject_adapters
+from difflora.nets import build_net
+
+__all__ = ["DiffusionModel", "build_diffusion", "build_model", "merged_timesteps"]
+
+
+class DiffusionModel(nn.Module):
+    """The model callable: ``forward(x [N x C x H x W], t [N], y [N] | None, **conditions) -> [N x C_out x H x W]``.
+
+    Args:
+        net: the backbone, called ``net(x, t, y)``.
+        timestep_scale: original-process timestep = model-facing ``t * timestep_scale``
+            (``T / 1000`` when the diffusion rescales timesteps, else 1).
+    """
+
+    def __init__(self, net: nn.Module, timestep_scale: float = 1.0):
+        super().__init__()
+        self.net = net
+        self.timestep_scale = float(timestep_scale)
+        # Conditions whose adapters are merged whenever a batch shares their value (see merged()).
+        self._merge_shared: tuple[str, ...] = ()
+        self.adapter_report: InjectionReport | None = None
+
+    def adapters_disabled(self, *names: str) -> contextlib.AbstractContextManager[None]:
+        """``with model.adapters_disabled():`` the base model (peft's ``disable_adapter``); names: only those."""
+        return adapters_disabled(*names)
+
+    def adapter_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """Model-facing timesteps [N] -> original-process integer timesteps [N] (int64), condition ``t``."""
+        if not t.is_floating_point() and self.timestep_scale == 1.0:
+            return t.long()
+        # Rounding undoes the float error of t * 1000 / T (the original timesteps are integers).
+        return (t.float() * self.timestep_scale).round().long()
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **extra: torch.Tensor
+    ) -> torch.Tensor:
+        """Run ``net(x, t, y)`` with adapter conditions ``t`` (original units), ``y`` and ``extra`` set.
+
+        ``extra`` (e.g. ``task=[N]``, ``guidance=[N]``) is seen by adapters only, not by the backbone,
+        except ``context`` [N x L x D], which goes to a cross-attention backbone (``model.attention: cross``),
+        and ``keep`` [N x K], the kept tokens of masked DiT training (``train.mask_ratio``), and ``spatial``
+        [N x C_s x H x W], the condition image of spatial tasks (``data.spatial``).
+        """
+        # Backbone inputs, not adapter conditions: a cross-attention context, the kept tokens of masked
+        # DiT training, a spatial condition image; None ones are left out (a plain net takes none).
+        net_kwargs = {k: v for k in ("context", "keep", "spatial") if (v := extra.pop(k, None)) is not None}
+        values = {"t": self.adapter_timesteps(t), "y": y, **extra}
+        if self._merge_shared:
+            merge_shared(self.net, **{k: values[k] for k in self._merge_shared if k in values})
+        with conditions(**values):
+            return self.net(x, t, y, **net_kwargs)
+
+    @contextlib.contextmanager
+    def merged(self, *names: str) -> Iterator[DiffusionModel]:
+        """Fast sampling path: inside the block, adapters reading ``names`` (default ``"t"``) are
+        merged into the weights whenever every sample of a forward shares the value.
+
+        In a sampler step all samples share t, so the TimeLoRA update is merged once per step
+        (the class part stays per sample under classifier-free guidance); a batch with different
+        t falls back to the per-sample path. The decision is taken at each forward from the t the
+        model actually receives, so no sampler hook is needed and a stale merge cannot be used.
+        On exit every merge is undone (exactly: the original weights are restored). Inference
+        only: merged adapters get no gradient.
+
+            with model.merged():
+                x = sample(diffusion, model, shape, generator=g)
+        """
+        names = names or ("t",)
+        previous = self._merge_shared
+        self._merge_shared = tuple(dict.fromkeys(previous + names))
+        try:
+            yield self
+        finally:
+            self._merge_shared = previous
+            unmerge_adapters(self.net, *names)
+
+
+def merged_timesteps(model: DiffusionModel) -> contextlib.AbstractContextManager[DiffusionModel]:
+    """``with merged_timesteps(model): sample(...)``: merge the t-adapters once per sampler step."""
+    return model.merged("t")
+
+
+def build_model(cfg: Config) -> DiffusionModel:
+    """The network of ``cfg.model`` wrapped as a :class:`DiffusionModel` (weights freshly initialised).
+
+    Injects ``cfg.model.adapters`` (empty targets: the backbone's attention projections,
+    :data:`difflora.adapters.DEFAULT_TARGETS`) and freezes every non-adapter parameter when
+    ``cfg.train.train_base`` is false. The injection report is kept as ``model.adapter_report``.
+    """
+    net = build_net(base_model_config(cfg.model))  # model.new_classes: grown below
+    report = None
+    if cfg.model.adapters or cfg.model.affiner or cfg.model.context.new_tokens:
+        check_adapter_configs(cfg)
+        configs = [*cfg.model.adapters, *affiner_adapter_configs(cfg.model, net)]  # model.affiner: DiffScaler
+        report = inject_adapters(net, configs, DEFAULT_TARGETS.get(cfg.model.arch, ()))
+        add_context_tokens(net, cfg)  # model.context.new_tokens: a trainable class-token table
+    if not cfg.train.train_base:
+        freeze_base(net)
+        unfreeze_groups(net, cfg.train.base_groups)  # BitFit, DiffFit, embeddings only
+    elif cfg.train.base_groups:
+        raise ValueError("train.base_groups picks what trains of a frozen base; set train.train_base=false")
+    if cfg.model.new_classes:  # after freezing: the new class rows train, the old ones are frozen
+        add_classes(net, cfg.model.new_classes)
+    scale = cfg.diffusion.steps / 1000.0 if cfg.diffusion.rescale_timesteps else 1.0
+    model = DiffusionModel(net, timestep_scale=scale)
+    model.adapter_report = report
+    return model
+
+
+def build_diffusion(cfg: Config, respacing: str | int | None = None):
+    """The Gaussian diffusion of ``cfg.diffusion``; ``respacing`` (e.g. 50 or "ddim50") for sampling."""
+    return create_diffusion(cfg.diffusion, learn_sigma=cfg.model.learn_sigma, respacing=respacing)

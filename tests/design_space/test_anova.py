@@ -1,0 +1,144 @@
+"""ANOVA of a results table against hand computations on synthetic tables whose effects are known.
+
+References: for a balanced additive design the sums of squares are the classical
+``SS_A = sum_l n_l (mean_l - grand)^2`` computed here with numpy; for an unbalanced design the
+type II sum of squares of a factor is the increase of the residual sum of squares when it is
+dropped from the main-effects model (least squares on dummy codes with numpy); a one-way F
+statistic is scipy's ``f_oneway``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from difflora.cli.commands import main
+from difflora.experiments.anova import anova, dominant_sentence, run_anova
+from difflora.experiments.sweep import SweepError, write_results
+
+TOL = 1e-9
+EFFECT_A = {"a0": 0.0, "a1": 2.0, "a2": 4.0}  # strong
+EFFECT_B = {"b0": 0.0, "b1": 0.6}  # weak
+# factor C has no effect
+
+
+def synthetic(seeds: int = 4, drop=(), noise: float = 0.5) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for a, b, c in itertools.product(EFFECT_A, EFFECT_B, ("c0", "c1")):
+        if (a, b) in drop:
+            continue
+        for s in range(seeds):
+            y = 10 + EFFECT_A[a] + EFFECT_B[b] + noise * rng.standard_normal()
+            rows.append({"A": a, "B": b, "C": c, "seed": s, "guidance": 1.0, "fd": y, "class_accuracy": 1 / y})
+    return rows
+
+
+def by_term(table):
+    return {r["term"]: r for r in table}
+
+
+def test_balanced_sums_of_squares_effect_sizes_and_dominant_factor():
+    rows = synthetic()
+    table = by_term(anova(rows, "fd", ["A", "B", "C"]))
+    y = np.array([r["fd"] for r in rows])
+    grand = y.mean()
+    ss = {}
+    for f in "ABC":
+        levels = sorted({r[f] for r in rows})
+        ss[f] = sum(
+            len(v) * (np.mean(v) - grand) ** 2 for v in ([r["fd"] for r in rows if r[f] == lv] for lv in levels)
+        )
+    ss_total = ((y - grand) ** 2).sum()
+    ss_res = ss_total - sum(ss.values())
+    df_res = len(rows) - 1 - (2 + 1 + 1)
+    for f, df in (("A", 2), ("B", 1), ("C", 1)):
+        assert table[f]["sum_sq"] == pytest.approx(ss[f], abs=TOL)
+        assert table[f]["F"] == pytest.approx((ss[f] / df) / (ss_res / df_res), rel=TOL)
+        assert table[f]["p"] == pytest.approx(stats.f.sf(table[f]["F"], df, df_res), rel=1e-6)
+        assert table[f]["eta_sq"] == pytest.approx(ss[f] / ss_total, abs=TOL)
+        assert table[f]["partial_eta_sq"] == pytest.approx(ss[f] / (ss[f] + ss_res), abs=TOL)
+    assert table["Residual"]["sum_sq"] == pytest.approx(ss_res, abs=TOL)
+    # The known effects: A dominates, B is real but small, C is noise.
+    assert table["A"]["eta_sq"] > 0.8 and table["A"]["p"] < 1e-10
+    assert table["B"]["p"] < 0.05 and table["C"]["p"] > 0.05
+    sentence = dominant_sentence(list(table.values()), "fd")
+    assert sentence.startswith("The dominant factor for fd is A (F = ")
+    assert f"{100 * table['A']['eta_sq']:.0f}% of the variance" in sentence
+
+
+def test_one_way_f_equals_scipy():
+    rows = synthetic()
+    table = by_term(anova(rows, "fd", ["A"]))
+    groups = [[r["fd"] for r in rows if r["A"] == lv] for lv in EFFECT_A]
+    ref = stats.f_oneway(*groups)
+    assert table["A"]["F"] == pytest.approx(ref.statistic, rel=TOL)
+    assert table["A"]["p"] == pytest.approx(ref.pvalue, rel=1e-6)
+
+
+def dummy_rss(rows, factors) -> float:
+    cols = [np.ones(len(rows))]
+    for f in factors:
+        levels = sorted({r[f] for r in rows})
+        cols += [np.array([r[f] == lv for r in rows], dtype=float) for lv in levels[1:]]
+    x, y = np.stack(cols, 1), np.array([r["fd"] for r in rows])
+    beta = np.linalg.lstsq(x, y, rcond=None)[0]
+    return float(((y - x @ beta) ** 2).sum())
+
+
+def test_unbalanced_type_ii_is_the_drop_one_increase():
+    # Cells missing as in 004's space (an output before its input does not exist).
+    rows = synthetic(seeds=3, drop=[("a0", "b1"), ("a2", "b0")])
+    table = by_term(anova(rows, "fd", ["A", "B", "C"]))
+    full = dummy_rss(rows, "ABC")
+    for f in "ABC":
+        others = [g for g in "ABC" if g != f]
+        assert table[f]["sum_sq"] == pytest.approx(dummy_rss(rows, others) - full, abs=1e-8)
+    assert table["Residual"]["sum_sq"] == pytest.approx(full, abs=1e-8)
+
+
+def test_interactions_need_replicates_and_are_reported():
+    rows = synthetic(seeds=2)
+    table = by_term(anova(rows, "fd", ["A", "B"], interactions=True))
+    assert "A:B" in table and table["A:B"]["df"] == 2
+    with pytest.raises(SweepError, match="no residual degrees of freedom"):
+        # One row per (A, B) cell: the saturated model leaves nothing to estimate the noise.
+        anova([r for r in synthetic(seeds=1) if r["C"] == "c0"], "fd", ["A", "B"], interactions=True)
+
+
+def test_run_anova_writes_tables_plots_and_cli(tmp_path, capsys):
+    csv_path = write_results(synthetic(), ["A", "B", "C"], tmp_path)
+    lines = run_anova(csv_path, ["fd", "class_accuracy"])
+    out = tmp_path / "anova"
+    for name in ("main_effects_fd.png", "interaction_fd.png", "main_effects_class_accuracy.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((out / "anova.json").read_text())
+    assert record["metrics"]["fd"]["sentence"].startswith("The dominant factor for fd is A")
+    a1 = [r["fd"] for r in synthetic() if r["A"] == "a1"]
+    assert record["metrics"]["fd"]["level_means"]["A"]["a1"] == pytest.approx(np.mean(a1), abs=TOL)
+    assert any(line.startswith("The dominant factor for class_accuracy is A") for line in lines)
+    assert (out / "anova_fd.csv").read_text().splitlines()[0] == "term,sum_sq,df,F,p,eta_sq,partial_eta_sq"
+    # Same table from the JSONL twin.
+    jsonl = run_anova(csv_path.with_suffix(".jsonl"), ["fd"], out=tmp_path / "j")
+    assert jsonl[:5] == lines[:5]
+    assert main(["anova", str(csv_path), "--metric", "fd", "--out", str(tmp_path / "cli")]) == 0
+    assert "The dominant factor for fd is A" in capsys.readouterr().out
+
+
+def test_bad_tables_are_one_line_errors(tmp_path, capsys):
+    rows = synthetic()
+    two = rows + [{**r, "guidance": 2.0} for r in rows]
+    path = write_results(two, ["A", "B", "C"], tmp_path / "g")
+    with pytest.raises(SweepError, match=r"guidance scales \[1.0, 2.0\]: pick one with --guidance"):
+        run_anova(path, ["fd"])
+    assert run_anova(path, ["fd"], guidance=2.0)[0].startswith("ANOVA (type II) of fd")
+    assert main(["anova", str(path), "--metric", "kid_mean"]) == 2
+    assert "guidance scales" in capsys.readouterr().err
+    with pytest.raises(SweepError, match="metric 'kid_mean' is missing"):
+        run_anova(path, ["kid_mean"], guidance=1.0)
+    with pytest.raises(SweepError, match="does not exist"):
+        run_anova(tmp_path / "none.csv")

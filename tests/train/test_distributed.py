@@ -1,0 +1,162 @@
+"""Multi-process training (DDP on gloo CPU processes) against one process at the same global batch.
+
+Two processes started by torch.multiprocessing each call ``train``: the run they write must be the
+run one process writes (same metrics rows, same weights up to the order of float sums), written
+once (process 0 only), and resuming under DDP must continue it. A torchrun subprocess runs the
+command line as a user would (``torchrun -m difflora train``): one report, one set of files.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from difflora.config.schema import load_config
+from difflora.presets import CONFIGS_DIR
+from difflora.train import latest_checkpoint, load_checkpoint, train
+from difflora.train.distributed import Dist, DistributedModel
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = CONFIGS_DIR
+QUIET = {"progress": False, "log": lambda s: None}
+# Two processes sum a batch's gradient in two halves, then average: float32 rounding only.
+TOL = 1e-4
+
+
+def _cfg(*extra):
+    # TimeLoRA + ClassLoRA on a frozen base: per-sample conditions (t, y), only adapters train.
+    # hflip and label dropout draw per-sample random numbers; batch 8 splits into 2 x 4 rows.
+    over = ["train.steps=4", "train.batch_size=8", "train.log_every=1", "train.ckpt_every=2", "train.train_base=false"]
+    return load_config(CONFIGS / "tiny-tclora-unet.yaml", [*over, "data.hflip=true", "data.limit=64", *extra])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, report: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ["LOCAL_RANK"] = str(rank)
+    # Joined here, once: train() uses a group that exists (and leaves it open) for both calls.
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    seen = {}
+
+    def spy(st):
+        seen["wrapped"] = isinstance(st.train_model, DistributedModel)
+        seen["rows"] = [st.dist.rows(8).start, st.dist.rows(8).stop]
+
+    first = train(_cfg(), out, stop_at=2, callback=spy, **QUIET)
+    second = train(_cfg(), out, resume=True, **QUIET)
+    if rank == 1:
+        Path(report).write_text(json.dumps({"first": first["main"], "second": second["main"], **seen}))
+    dist.destroy_process_group()
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(latest_checkpoint(run)).model
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    train(_cfg(), tmp / "one", **QUIET)
+    # Forked, not spawned: the children inherit the imports the reference run paid for (seconds).
+    args = (2, _free_port(), str(tmp / "two"), str(tmp / "rank1.json"))
+    mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method="fork")
+    return tmp
+
+
+def test_two_processes_train_the_run_one_process_trains(runs):
+    one, two = _rows(runs / "one"), _rows(runs / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]  # each row once: process 0 alone wrote
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "mse", "vb", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=TOL, abs=TOL), (a["step"], key)
+    wa, wb = _final_weights(runs / "one"), _final_weights(runs / "two")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=TOL, atol=TOL)
+
+
+def test_only_process_zero_writes_and_reports(runs):
+    rank1 = json.loads((runs / "rank1.json").read_text())
+    assert rank1["first"] is False and rank1["second"] is False  # rank 1 reports nothing
+    assert rank1["wrapped"] is True
+    assert rank1["rows"] == [4, 8]  # its own half of every batch
+    steps = sorted(p.name for p in (runs / "two" / "checkpoints").iterdir())
+    assert steps == ["step_0000002", "step_0000004"]  # resumed from step 2 under DDP
+
+
+def test_rows_split_a_batch_into_disjoint_shares():
+    shares = [Dist(rank=r, world_size=4).rows(12) for r in range(4)]
+    covered = torch.cat([torch.arange(12)[s] for s in shares])
+    assert covered.tolist() == list(range(12))
+    with pytest.raises(ValueError, match="cannot be shared by 4 processes"):
+        Dist(rank=0, world_size=4).rows(10)
+
+
+def test_a_global_batch_that_does_not_split_is_refused_before_training(tmp_path, monkeypatch):
+    from difflora.train.step import check_batch_split
+
+    with pytest.raises(
+        ValueError, match=r"multiple of train.grad_accum=3 x 2 process\(es\) = 6; use train.batch_size=6 or 12"
+    ):
+        check_batch_split(8, 3, 2)
+    with pytest.raises(ValueError, match="grad_accum=3"):
+        train(_cfg("train.grad_accum=3"), tmp_path / "run", **QUIET)
+    assert not (tmp_path / "run").exists()
+
+
+# The launchers start fresh Python processes that import torch and the whole library: minutes on
+# this shared 2-core machine, so they run on request (DIFFLORA_TEST_LAUNCHERS=1), e.g. in CI.
+LAUNCHERS = pytest.mark.skipif(
+    os.environ.get("DIFFLORA_TEST_LAUNCHERS") != "1", reason="set DIFFLORA_TEST_LAUNCHERS=1 to run the launchers"
+)
+BIN = Path(sys.executable).parent
+
+
+def _launch(cmd: list[str], out: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    sets = ["train.steps=2", "train.batch_size=4", "train.log_every=1", "train.ckpt_every=2"]
+    args = ["-m", "difflora", "train", "tiny-unet", "--out", str(out), "--no-progress"]
+    args += [a for kv in sets for a in ("--set", kv)]
+    return subprocess.run(cmd + args, capture_output=True, text=True, env=env, timeout=900)
+
+
+def _one_run_written(done: subprocess.CompletedProcess, out: Path) -> None:
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained 2 steps") == 1  # one report, not one per process
+    assert [r["step"] for r in _rows(out)] == [1, 2]  # each row once
+    assert json.loads((out / "accounting.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+@LAUNCHERS
+def test_torchrun_command_line_writes_one_run(tmp_path):
+    done = _launch([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"], tmp_path / "run")
+    _one_run_written(done, tmp_path / "run")
+
+
+@pytest.mark.slow
+@LAUNCHERS
+def test_accelerate_launch_writes_one_run(tmp_path):
+    # --multi_gpu is accelerate's torchrun path; on a CPU-only machine difflora joins it with gloo.
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    done = _launch(
+        cmd + ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"], tmp_path / "run"
+    )
+    _one_run_written(done, tmp_path / "run")
