@@ -85,7 +85,7 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, iters: int) ->
 
 
 def bench_layer(repeats: int, iters: int, batch: int = 64, tokens: int = 64, d: int = 256) -> dict:
-    from difflora.adapters import ConditionalLoRA, LinearWeighting, TrainableWeighting, conditions
+    from difflora.adapters import ConditionalLayer, LinearWeighting, TrainableWeighting, conditions
 
     torch.manual_seed(0)
     m, r, T = 10, 4, 4001
@@ -96,7 +96,7 @@ def bench_layer(repeats: int, iters: int, batch: int = 64, tokens: int = 64, d: 
     t = torch.randint(0, T - 1, (batch,))
 
     def adapted(weighting):
-        layer = ConditionalLoRA(nn.Conv1d(d, d_out, 1), weighting, "t", rank=r)
+        layer = ConditionalLayer(nn.Conv1d(d, d_out, 1), weighting, "t", rank=r)
         layer.base_layer.load_state_dict(base.state_dict())
         with torch.no_grad():  # trained-looking factors (B = 0 at init would let no one skip work anyway)
             for bank in layer.adapters.values():
@@ -236,13 +236,13 @@ class FusedLowRank(torch.autograd.Function):
 
 
 def _p1_setting(frozen: bool, runs: int, repeats: int, compile_: bool, batch=64, tokens=64, d=256) -> dict:
-    from difflora.adapters import ConditionalLoRA, LinearWeighting, conditions
+    from difflora.adapters import ConditionalLayer, LinearWeighting, conditions
 
     torch.manual_seed(0)
     m, r, T = 10, 4, 4001
     d_out = 3 * d
     base = nn.Conv1d(d, d_out, 1)
-    layer = ConditionalLoRA(nn.Conv1d(d, d_out, 1), LinearWeighting(m + 1, 0, T - 1), "t", rank=r)
+    layer = ConditionalLayer(nn.Conv1d(d, d_out, 1), LinearWeighting(m + 1, 0, T - 1), "t", rank=r)
     layer.base_layer.load_state_dict(base.state_dict())
     bank = layer.adapters["default"]
     with torch.no_grad():
@@ -348,12 +348,12 @@ def _naive_forms(layer, x, task):
 
 
 def _bench_form(form: str, runs: int, repeats: int, batch: int, tokens: int, d: int) -> dict:
-    from difflora.adapters import ConditionalLoRA, IndexWeighting, conditions
+    from difflora.adapters import ConditionalLayer, IndexWeighting, conditions
 
     torch.manual_seed(0)
     d_out = 3 * d
     base = nn.Conv1d(d, d_out, 1).requires_grad_(False)
-    layer = ConditionalLoRA(nn.Conv1d(d, d_out, 1))
+    layer = ConditionalLayer(nn.Conv1d(d, d_out, 1))
     layer.base_layer.load_state_dict(base.state_dict())
     layer.base_layer.requires_grad_(False)
     act = "gelu" if form == "lowrank_act" else None

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflora.adapters import (
-    ConditionalLoRA,
+    ConditionalLayer,
     IndexWeighting,
     LinearWeighting,
-    LoRABank,
-    ScaleBank,
-    ShiftBank,
+    LowRankForm,
+    ScaleForm,
+    ShiftForm,
     TrainableWeighting,
     adapters_disabled,
     conditions,
@@ -92,7 +92,7 @@ def channel(base: nn.Module, v: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     return v if isinstance(base, nn.Linear) else v.view(-1, *([1] * (like.dim() - 2)))
 
 
-def naive(layer: ConditionalLoRA, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+def naive(layer: ConditionalLayer, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
     base = layer.base_layer
     outs = []
     for n in range(x.shape[0]):
@@ -103,11 +103,11 @@ def naive(layer: ConditionalLoRA, x: torch.Tensor, values: dict[str, torch.Tenso
         for branch in layer.adapters.values():
             w = ref_weights(branch.weighting, values[branch.condition][n : n + 1])[0]
             for i in range(branch.weighting.num_bases):
-                if isinstance(branch, ScaleBank):
+                if isinstance(branch, ScaleForm):
                     a = a + w[i] * branch.scale[i]
-                elif isinstance(branch, ShiftBank):
+                elif isinstance(branch, ShiftForm):
                     add = add + w[i] * channel(base, branch.shift[i], wx)
-                elif isinstance(branch, LoRABank):
+                elif isinstance(branch, LowRankForm):
                     h = down_apply(base, xn, branch.lora_A[i])
                     add = add + w[i] * branch.scaling * up_apply(base, h, branch.lora_B[i])
                 else:
@@ -118,7 +118,7 @@ def naive(layer: ConditionalLoRA, x: torch.Tensor, values: dict[str, torch.Tenso
     return torch.cat(outs)
 
 
-def randomize(layer: ConditionalLoRA, seed: int = 0) -> ConditionalLoRA:
+def randomize(layer: ConditionalLayer, seed: int = 0) -> ConditionalLayer:
     """Non-zero values for the zero-initialised tensors, so every branch changes the output."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -142,7 +142,7 @@ def make(base_key: str, forms=ALL_FORMS, bias: bool = True, seed: int = 0):
     base = factory().double()
     if not bias:
         base.bias = None
-    layer = ConditionalLoRA(base)
+    layer = ConditionalLayer(base)
     for name, form, cond, act in forms:
         layer.add_adapter(
             name, CONDS[cond][0](), cond, rank=3, alpha=6.0 if form == "lowrank" else None, form=form, activation=act
@@ -213,7 +213,7 @@ def test_null_rows_get_exactly_the_base_output():
 def test_fresh_branches_change_nothing(base_key):
     torch.manual_seed(0)
     factory, shape = BASES[base_key]
-    layer = ConditionalLoRA(factory().double())
+    layer = ConditionalLayer(factory().double())
     for name, form, cond, act in ALL_FORMS:
         layer.add_adapter(name, CONDS[cond][0](), cond, rank=3, form=form, activation=act)
     x = torch.randn(shape, dtype=torch.float64)
@@ -271,7 +271,7 @@ def test_biasless_base_runs_every_form():
 
 
 def test_unknown_form_and_activation_are_errors():
-    layer = ConditionalLoRA(nn.Linear(3, 2))
+    layer = ConditionalLayer(nn.Linear(3, 2))
     with pytest.raises(ValueError, match="unknown adapter form 'affine'; valid: lowrank, lowrank_act, scale, shift"):
         layer.add_adapter("a", IndexWeighting(2), "task", form="affine")
     with pytest.raises(ValueError, match="unknown activation 'tanh'; valid: relu"):
@@ -291,7 +291,7 @@ def test_adapters_disabled_by_name_and_all():
         with adapters_disabled("sc", "sh"):
             partial = layer(x)
         assert torch.equal(layer(x), full)  # restored on exit
-    keep = ConditionalLoRA(layer.base_layer)
+    keep = ConditionalLayer(layer.base_layer)
     keep.adapters["lr"], keep.adapters["act"] = layer.adapters["lr"], layer.adapters["act"]
     with conditions(**values):
         torch.testing.assert_close(partial, keep(x), atol=TOL, rtol=0)

@@ -11,7 +11,7 @@ from torch import nn
 from difflora.adapters import (
     DEFAULT_TARGETS,
     AdapterLoadError,
-    ConditionalLoRA,
+    ConditionalLayer,
     IndexWeighting,
     LinearWeighting,
     TrainableWeighting,
@@ -100,7 +100,7 @@ def test_find_targets_and_report():
     assert [e.num_params for e in report.layers] == [192, 192, 96]
     assert report.adapter_params == 480
     assert report.total_params == sum(p.numel() for p in net.parameters())
-    assert isinstance(net.blocks[0].qkv, ConditionalLoRA) and isinstance(net.blocks[0].proj_out, nn.Conv1d)
+    assert isinstance(net.blocks[0].qkv, ConditionalLayer) and isinstance(net.blocks[0].proj_out, nn.Conv1d)
     text = str(report)
     assert "blocks.1.proj_out" in text and "480 adapter parameters" in text
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflora.adapters import (
-    ConditionalLoRA,
+    ConditionalLayer,
     IndexWeighting,
     LinearWeighting,
     MissingConditionError,
@@ -60,7 +60,7 @@ def ref_weights(weighting, values: torch.Tensor) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
 
-def naive(layer: ConditionalLoRA, x: torch.Tensor, values: dict[str, torch.Tensor | None]) -> torch.Tensor:
+def naive(layer: ConditionalLayer, x: torch.Tensor, values: dict[str, torch.Tensor | None]) -> torch.Tensor:
     """Per-sample weight matrices, built one sample at a time (the slow path adapters avoid)."""
     base = layer.base_layer
     outs = []
@@ -106,7 +106,7 @@ WEIGHTINGS = {
 }
 
 
-def randomized(layer: ConditionalLoRA, seed: int = 0) -> ConditionalLoRA:
+def randomized(layer: ConditionalLayer, seed: int = 0) -> ConditionalLayer:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for bank in layer.adapters.values():
@@ -116,7 +116,7 @@ def randomized(layer: ConditionalLoRA, seed: int = 0) -> ConditionalLoRA:
 
 def make(base_key: str, weighting_keys: list[str], rank: int = 3, alpha: float | None = 6.0):
     factory, shape = BASES[base_key]
-    layer = ConditionalLoRA(factory().double())
+    layer = ConditionalLayer(factory().double())
     values = {}
     g = torch.Generator().manual_seed(1)
     for i, key in enumerate(weighting_keys):
@@ -179,7 +179,7 @@ def test_frozen_base_gets_no_gradient():
 def test_fresh_adapter_changes_nothing_and_init_statistics():
     torch.manual_seed(0)
     base = nn.Linear(64, 32).double()
-    layer = ConditionalLoRA(base, LinearWeighting(11, 0, 4000), "t", rank=4)
+    layer = ConditionalLayer(base, LinearWeighting(11, 0, 4000), "t", rank=4)
     x = torch.randn(5, 64, dtype=torch.float64)
     with conditions(t=torch.tensor([0, 1, 2000, 3999, 4000])):
         assert torch.equal(layer(x), base(x))
@@ -342,6 +342,6 @@ def test_batch_size_mismatch_is_a_clear_error():
 
 def test_unsupported_bases_are_rejected():
     with pytest.raises(TypeError, match="nn.Linear"):
-        ConditionalLoRA(nn.Embedding(3, 4))
+        ConditionalLayer(nn.Embedding(3, 4))
     with pytest.raises(ValueError, match="groups"):
-        ConditionalLoRA(nn.Conv2d(4, 4, 3, groups=2))
+        ConditionalLayer(nn.Conv2d(4, 4, 3, groups=2))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflora.adapters import ConditionalLoRA, IndexWeighting, adapter_layers, conditions
+from difflora.adapters import ConditionalLayer, IndexWeighting, adapter_layers, conditions
 from difflora.cli.commands import main
 from difflora.config.schema import ConfigError, DataConfig, parse_config
 from difflora.data import load_dataset
@@ -129,7 +129,7 @@ def _base_state(adapted: nn.Module, plain: nn.Module) -> dict[str, torch.Tensor]
 def test_the_1x1_branch_of_a_strided_3x3_conv_reads_the_centre_of_each_receptive_field():
     torch.manual_seed(1)
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
-    layer = ConditionalLoRA(conv)
+    layer = ConditionalLayer(conv)
     branch = layer.add_adapter(
         "lr", IndexWeighting(2), "task", rank=3, form="lowrank_act", activation="relu", kernel="1x1"
     )

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from difflora.adapters import (
-    ConditionalLoRA,
+    ConditionalLayer,
     IndexWeighting,
     LinearWeighting,
     adapter_layers,
@@ -185,7 +185,7 @@ def test_build_model_injects_config_adapters_and_freezes():
     x = torch.randn(3, 1, 8, 8)
     out = model(x, torch.tensor([0.0, 500.0, 990.0]), torch.tensor([3, -1, 9]))
     assert out.shape == (3, 2, 8, 8)
-    assert isinstance(model.net.get_submodule(report.paths[0]), ConditionalLoRA)
+    assert isinstance(model.net.get_submodule(report.paths[0]), ConditionalLayer)
 
 
 @pytest.mark.parametrize(

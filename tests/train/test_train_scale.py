@@ -125,7 +125,7 @@ HOT = {
     "model/build.py": ["forward", "adapter_timesteps"],
     "adapters/router.py": None,  # None: every function of the module
     "adapters/weightings.py": None,
-    "adapters/forms.py": ["as_batch", "route", "current_route", "rank_term", "factors", "vector"],
+    "adapters/forms.py": ["as_batch", "route", "current_route", "add_term", "rank_term", "factors", "vector"],
     "adapters/layer.py": ["forward"],
     "adapters/context.py": ["conditions", "current", "checkpoint", "run"],
     "adapters/inject.py": ["merge_shared", "_shared_values", "_all_equal"],

@@ -5,10 +5,11 @@ entries, a weighting (condition value -> mixing weights over the bank) and a for
 ``B A x``, low-rank with activation ``s W_up act(W_down x)``, weight scale ``(1 + a) (W x)`` or bias
 shift ``+ b``; position adapters add ``scale f(h)`` between two named taps of a block. Each
 sample's condition (timestep, class, task, guidance scale, any name) is read from the enclosing
-:func:`conditions` block. See ``forms.py`` (the forms), ``router.py`` (per-sample routing, written
-once), ``layer.py`` (the wrapper, merge), ``positions.py`` (taps), ``weightings.py`` (c -> w;
-timestep convention; "no update" values), ``inject.py`` (by module path), ``io.py`` (safetensors +
-JSON with a base fingerprint), ``context.py`` (conditions, :func:`adapters_disabled`, :func:`checkpoint`).
+:func:`conditions` block. See ``forms.py`` (the forms: one class each, ``...Form``), ``router.py``
+(per-sample routing, written once), ``layer.py`` (:class:`ConditionalLayer`, the wrapper; merge),
+``positions.py`` (taps), ``weightings.py`` (c -> w; timestep convention; "no update" values),
+``inject.py`` (by module path), ``io.py`` (safetensors + JSON with a base fingerprint),
+``context.py`` (conditions, :func:`adapters_disabled`, :func:`checkpoint`).
 
     from difflora.adapters import conditions, inject_adapter, LinearWeighting
     report = inject_adapter(net, "time", lambda: LinearWeighting(11, 0, 4000), "t", ["qkv", "proj_out"])
@@ -30,11 +31,12 @@ from difflora.adapters.context import (
 from difflora.adapters.forms import (
     ACTIVATIONS,
     FORMS,
-    ActivationBank,
     Branch,
-    LoRABank,
-    ScaleBank,
-    ShiftBank,
+    LowRankActForm,
+    LowRankForm,
+    MergedUpdate,
+    ScaleForm,
+    ShiftForm,
     branch_from_spec,
     make_branch,
 )
@@ -55,20 +57,29 @@ from difflora.adapters.inject import (
     unmerge_adapters,
 )
 from difflora.adapters.io import AdapterLoadError, base_fingerprint, load_adapters, read_adapter_config, save_adapters
-from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
+from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLayer
 from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps, position_adapters
-from difflora.adapters.router import Geometry, Route
+from difflora.adapters.router import Geometry, LayerTerms, Route
 from difflora.adapters.tokens import NEW_TOKEN_INITS, NewClassTokens, add_new_class_tokens
 from difflora.adapters.weightings import (
     NULL_VALUE,
     IndexWeighting,
     LinearWeighting,
-    Mix,
     SharedWeighting,
     TrainableWeighting,
     Weighting,
     weighting_from_spec,
 )
+
+# The names these had before issue 27, kept so that old code keeps working: ConditionalLoRA held
+# every form (not only LoRA), the ``...Bank`` names were the forms, and a weighting's ``Mix`` was
+# the same two fields as the router's ``Route``.
+ConditionalLoRA = ConditionalLayer  # old name of ConditionalLayer
+LoRABank = LowRankForm  # old name of LowRankForm
+ActivationBank = LowRankActForm  # old name of LowRankActForm
+ScaleBank = ScaleForm  # old name of ScaleForm
+ShiftBank = ShiftForm  # old name of ShiftForm
+Mix = Route  # old name of Route (what a weighting returns)
 
 __all__ = [
     "ACTIVATIONS",
@@ -84,20 +95,27 @@ __all__ = [
     "AdapterLoadError",
     "Branch",
     "ConditionValue",
+    "ConditionalLayer",
     "ConditionalLoRA",
     "Geometry",
     "IndexWeighting",
     "InjectedLayer",
     "InjectionReport",
+    "LayerTerms",
     "LinearWeighting",
     "LoRABank",
+    "LowRankActForm",
+    "LowRankForm",
+    "MergedUpdate",
     "MissingConditionError",
     "Mix",
     "PositionAdapter",
     "Route",
     "ScaleBank",
+    "ScaleForm",
     "SharedWeighting",
     "ShiftBank",
+    "ShiftForm",
     "TrainableWeighting",
     "Weighting",
     "active",

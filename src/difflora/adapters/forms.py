@@ -2,7 +2,10 @@
 
 Each branch is a bank with one entry per basis (or task, or class), a weighting that maps each
 sample's condition to mixing weights over the bank, the name of the condition it reads, and a
-form. Parameters are one tensor per kind with the bank as first dimension ([num_bases x ...]):
+form: one :class:`Branch` subclass per form (``...Form``), which answers everything the layer asks
+of it (:meth:`Branch.add_term`, :meth:`Branch.delta_weight`, :meth:`Branch.delta_bias`,
+:meth:`Branch.merge_problem`, :meth:`Branch.merge_into`); a new form is one class, listed in
+:data:`FORMS`. Parameters are one tensor per kind with the bank as first dimension ([num_bases x ...]):
 
 =================  ============================================  ==========  ============================
 form               update (per sample, c = its condition)        mergeable   parameters, initialisation
@@ -39,6 +42,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,17 +50,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflora.adapters.context import ConditionValue, current
-from difflora.adapters.router import Geometry, RankTerm, Route, rank_term
+from difflora.adapters.router import Geometry, LayerTerms, RankTerm, Route, per_row, rank_term
 from difflora.adapters.weightings import IndexWeighting, Weighting, weighting_from_spec
 
 __all__ = [
     "ACTIVATIONS",
     "FORMS",
-    "ActivationBank",
     "Branch",
-    "LoRABank",
-    "ScaleBank",
-    "ShiftBank",
+    "LowRankActForm",
+    "LowRankForm",
+    "MergedUpdate",
+    "ScaleForm",
+    "ShiftForm",
     "as_batch",
     "branch_from_spec",
     "make_branch",
@@ -94,11 +99,31 @@ def as_batch(value: ConditionValue, n: int, device: torch.device, name: str) -> 
     return value.to(device)
 
 
+@dataclass
+class MergedUpdate:
+    """What the merged branches of a layer write into its base: ``W' = factor ⊙ W + delta`` (``factor``
+    [d_out] scales the rows of W) and ``b' = b + shift``, accumulated in at least float32."""
+
+    factor: torch.Tensor
+    delta: torch.Tensor
+    shift: torch.Tensor
+
+
 class Branch(nn.Module, abc.ABC):
-    """A conditional branch: a bank of ``weighting.num_bases`` entries and the condition it reads."""
+    """A conditional branch: a bank of ``weighting.num_bases`` entries and the condition it reads.
+
+    Each subclass is one form and answers the wrapped layer's questions: its term for a batch's
+    route (:meth:`add_term`), its update of the base weight and bias at one shared value
+    (:meth:`delta_weight`, :meth:`delta_bias`, :meth:`merge_into`) and whether it can be merged
+    (:meth:`merge_problem`).
+    """
 
     form: str = ""
     mergeable: bool = False
+    # What a merge of this form does to the base weight: add to it, or scale its rows. A layer
+    # refuses to merge an addition while a scale stays per sample (the scale would multiply it too).
+    adds_to_weight: bool = False
+    scales_weight: bool = False
     # The parameters holding one row per bank entry (first dimension num_bases).
     bank_names: tuple[str, ...] = ()
 
@@ -162,8 +187,7 @@ class Branch(nn.Module, abc.ABC):
 
     def route(self, values: ConditionValue, n: int, device: torch.device) -> Route | None:
         """This branch's routing of a batch of ``n`` samples (None: no sample gets an update)."""
-        mix = self.weighting(as_batch(values, n, device, self.condition))
-        return None if mix is None else Route.of(mix)
+        return self.weighting(as_batch(values, n, device, self.condition))
 
     def current_route(self, n: int, device: torch.device) -> Route | None:
         """:meth:`route` for the condition value set by the enclosing ``conditions`` block."""
@@ -198,12 +222,59 @@ class Branch(nn.Module, abc.ABC):
     def reset_parameters(self) -> None:
         """Initialise so that the branch changes no output."""
 
+    @classmethod
+    @abc.abstractmethod
+    def from_options(
+        cls,
+        weighting: Weighting,
+        condition: str,
+        geometry: Geometry,
+        rank: int,
+        alpha: float | None,
+        act: str | None,
+        kernel: str,
+    ) -> Branch:
+        """A fresh branch of this form from the options any form may be given (:func:`make_branch`);
+        an option this form does not have, set to other than its default, is an error."""
 
-class _RankBank(Branch):
+    # --- what the wrapped layer asks of its branches ---------------------------------------------
+    @abc.abstractmethod
+    def add_term(self, terms: LayerTerms, route: Route, dtype: torch.dtype) -> None:
+        """Add this branch's term for a batch routed by ``route`` to the layer's ``terms``."""
+
+    def delta_weight(self, value: ConditionValue, weight: torch.Tensor) -> torch.Tensor | None:
+        """This branch's change of the base weight ``weight`` at one value shared by all samples,
+        shaped like it; None if the form does not change W."""
+        return None
+
+    def delta_bias(self, value: ConditionValue) -> torch.Tensor | None:
+        """This branch's change of the base bias at one shared value ([d_out]); None if it has none."""
+        return None
+
+    def merge_problem(self, name: str, has_bias: bool) -> str | None:
+        """Why this branch (called ``name``) cannot be merged into a base layer (``has_bias``: it has a
+        bias), as a one-line message; None if it can."""
+        if self.mergeable:
+            return None
+        return (
+            f"adapter {name!r} has form {self.form!r}, which cannot be merged into the weights "
+            f"(a non-linear branch); keep it per sample (do not merge condition {self.condition!r})"
+        )
+
+    def merge_into(self, update: MergedUpdate, value: ConditionValue) -> None:
+        """Add this branch's update at one shared ``value`` to the layer's merged ``update``
+        (only called when :meth:`merge_problem` found none)."""
+        raise ValueError(self.merge_problem("", True))
+
+
+class _RankForm(Branch):
     """Shared by the two rank-space forms: ``up (s * act(down x))`` routed by :func:`rank_term`."""
 
     act_name = "identity"
     branch_geometry: Geometry | None = None  # set when the branch's input layout differs from the layer's
+
+    def add_term(self, terms: LayerTerms, route: Route, dtype: torch.dtype) -> None:
+        terms.ranks.append(self.rank_term(route, dtype))
 
     def rank_term(self, route: Route, dtype: torch.dtype) -> RankTerm:
         down, up, scalars = self.factors()
@@ -216,7 +287,7 @@ class _RankBank(Branch):
         """(down [num_bases x r x F], up [num_bases x d_out x r], per-entry scalar(s))."""
 
 
-class LoRABank(_RankBank):
+class LowRankForm(_RankForm):
     """Low-rank ``scaling sum_i w_i B_i A_i x`` (TimeLoRA, ClassLoRA, plain LoRA): mergeable into W.
 
     ``lora_A`` [num_bases x rank x fan_in] ~ N(0, 1/rank) (000 C.1; variance 1/r),
@@ -225,7 +296,7 @@ class LoRABank(_RankBank):
     """
 
     form = "lowrank"
-    mergeable = True
+    mergeable = adds_to_weight = True
     bank_names = ("lora_A", "lora_B")
 
     def __init__(
@@ -233,7 +304,7 @@ class LoRABank(_RankBank):
     ):
         super().__init__(weighting, condition, geometry)
         if rank < 1:
-            raise ValueError(f"LoRABank: rank must be >= 1, got {rank}")
+            raise ValueError(f"LowRankForm: rank must be >= 1, got {rank}")
         self.rank = int(rank)
         self.alpha = float(alpha) if alpha is not None else float(rank)
         self.scaling = self.alpha / self.rank
@@ -249,14 +320,33 @@ class LoRABank(_RankBank):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.entries("lora_A"), self.entries("lora_B"), self.scaling
 
-    def delta_weight(self, value: ConditionValue) -> torch.Tensor:
-        """``scaling * sum_i w_i(value) B_i A_i`` for one shared value: [d_out x fan_in]."""
+    @classmethod
+    def from_options(
+        cls,
+        weighting: Weighting,
+        condition: str,
+        geometry: Geometry,
+        rank: int,
+        alpha: float | None,
+        act: str | None,
+        kernel: str,
+    ) -> LowRankForm:
+        _full_kernel_only(cls.form, kernel)
+        if act not in (None, "identity"):
+            raise ValueError(f"the lowrank form has no activation (got {act!r}); use form lowrank_act")
+        return cls(weighting, condition, geometry, rank, alpha)
+
+    def delta_weight(self, value: ConditionValue, weight: torch.Tensor) -> torch.Tensor:
+        """``scaling * sum_i w_i(value) B_i A_i`` for one shared value, shaped like ``weight``."""
         a, b = self.entries("lora_A"), self.entries("lora_B")
         w = self.shared_weights(value, a.device)
         if w is None:
-            return b.new_zeros(b.shape[1], a.shape[2])
+            return b.new_zeros(b.shape[1], a.shape[2]).reshape(weight.shape)
         w = w.to(a.dtype) * self.scaling
-        return torch.einsum("b,bor,brf->of", w, b, a)
+        return torch.einsum("b,bor,brf->of", w, b, a).reshape(weight.shape)
+
+    def merge_into(self, update: MergedUpdate, value: ConditionValue) -> None:
+        update.delta += self.delta_weight(value, update.delta).to(update.delta.dtype)
 
     def options(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha}
@@ -265,7 +355,7 @@ class LoRABank(_RankBank):
         return f"condition={self.condition!r}, rank={self.rank}, scaling={self.scaling:g}"
 
 
-class ActivationBank(_RankBank):
+class LowRankActForm(_RankForm):
     """Low-rank with activation ``sum_i w_i s_i W_up,i act(W_down,i x)`` (DiffScaler 002): not mergeable.
 
     ``lora_down`` [num_bases x rank x fan_in] and ``lora_up`` [num_bases x d_out x rank] are
@@ -290,9 +380,9 @@ class ActivationBank(_RankBank):
     ):
         super().__init__(weighting, condition, geometry)
         if rank < 1:
-            raise ValueError(f"ActivationBank: rank must be >= 1, got {rank}")
+            raise ValueError(f"LowRankActForm: rank must be >= 1, got {rank}")
         if kernel not in ("full", "1x1"):
-            raise ValueError(f"ActivationBank: kernel must be 'full' or '1x1', got {kernel!r}")
+            raise ValueError(f"LowRankActForm: kernel must be 'full' or '1x1', got {kernel!r}")
         activation(act)  # validates the name
         self.rank, self.act_name, self.kernel = int(rank), act, kernel
         if kernel == "1x1" and geometry.kind == "conv":
@@ -310,6 +400,19 @@ class ActivationBank(_RankBank):
             nn.init.kaiming_normal_(self.lora_up[i], nonlinearity="relu")
         nn.init.zeros_(self.lora_s)
 
+    @classmethod
+    def from_options(
+        cls,
+        weighting: Weighting,
+        condition: str,
+        geometry: Geometry,
+        rank: int,
+        alpha: float | None,
+        act: str | None,
+        kernel: str,
+    ) -> LowRankActForm:
+        return cls(weighting, condition, geometry, rank, act or "relu", kernel)
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.entries("lora_down"), self.entries("lora_up"), self.entries("lora_s")
 
@@ -322,7 +425,7 @@ class ActivationBank(_RankBank):
         return f"condition={self.condition!r}, rank={self.rank}, activation={self.act_name}"
 
 
-class _VectorBank(Branch):
+class _VectorForm(Branch):
     """A per-output-channel vector per entry, ``sum_i w_i(c) v_i``: shared by the scale and shift forms."""
 
     mergeable = True
@@ -351,17 +454,43 @@ class _VectorBank(Branch):
     def options(self) -> dict[str, Any]:
         return {}
 
+    @classmethod
+    def from_options(
+        cls,
+        weighting: Weighting,
+        condition: str,
+        geometry: Geometry,
+        rank: int,
+        alpha: float | None,
+        act: str | None,
+        kernel: str,
+    ) -> _VectorForm:
+        # rank, alpha and the activation do not apply to a vector per entry (and are not stored).
+        _full_kernel_only(cls.form, kernel)
+        return cls(weighting, condition, geometry)
 
-class ScaleBank(_VectorBank):
+
+class ScaleForm(_VectorForm):
     """Weight scale ``(1 + a(c)) ⊙ (W x)``, ``a(c) = sum_i w_i(c) a_i`` per output channel: mergeable into W.
 
     ``scale`` [num_bases x d_out] = 0 (the effective scale 1 + a starts at 1; see the module docstring).
     """
 
     form = param = "scale"
+    scales_weight = True
+
+    def add_term(self, terms: LayerTerms, route: Route, dtype: torch.dtype) -> None:
+        terms.scales.append(route.vectors(self.bank, dtype))
+
+    def delta_weight(self, value: ConditionValue, weight: torch.Tensor) -> torch.Tensor:
+        """``a(value) ⊙ W``: the rows of ``weight`` scaled by the mixed vector."""
+        return per_row(self.vector(value), weight) * weight
+
+    def merge_into(self, update: MergedUpdate, value: ConditionValue) -> None:
+        update.factor += self.vector(value).to(update.factor.dtype)
 
 
-class ShiftBank(_VectorBank):
+class ShiftForm(_VectorForm):
     """Bias shift ``+ b(c)``, ``b(c) = sum_i w_i(c) b_i`` per output channel: mergeable into the bias.
 
     ``shift`` [num_bases x d_out] = 0.
@@ -369,8 +498,25 @@ class ShiftBank(_VectorBank):
 
     form = param = "shift"
 
+    def add_term(self, terms: LayerTerms, route: Route, dtype: torch.dtype) -> None:
+        terms.shifts.append(route.vectors(self.bank, dtype))
 
-FORMS: dict[str, type[Branch]] = {cls.form: cls for cls in (LoRABank, ActivationBank, ScaleBank, ShiftBank)}
+    def delta_bias(self, value: ConditionValue) -> torch.Tensor:
+        return self.vector(value)
+
+    def merge_problem(self, name: str, has_bias: bool) -> str | None:
+        if has_bias:
+            return None
+        return (
+            f"adapter {name!r} is a bias shift but the base layer has no bias to merge it into; "
+            f"keep it per sample (do not merge condition {self.condition!r})"
+        )
+
+    def merge_into(self, update: MergedUpdate, value: ConditionValue) -> None:
+        update.shift += self.vector(value).to(update.shift.dtype)
+
+
+FORMS: dict[str, type[Branch]] = {cls.form: cls for cls in (LowRankForm, LowRankActForm, ScaleForm, ShiftForm)}
 
 
 def make_branch(
@@ -384,19 +530,14 @@ def make_branch(
     kernel: str = "full",
 ) -> Branch:
     """A fresh branch of ``form`` (see the module table); unknown forms are an error naming the valid ones."""
-    if kernel != "full" and form != "lowrank_act":
+    if form not in FORMS:
+        raise ValueError(f"unknown adapter form {form!r}; valid: {', '.join(FORMS)}")
+    return FORMS[form].from_options(weighting, condition, geometry, rank, alpha, act, kernel)
+
+
+def _full_kernel_only(form: str, kernel: str) -> None:
+    if kernel != "full":
         raise ValueError(f"kernel {kernel!r} is an option of form lowrank_act only (got form {form!r})")
-    if form == "lowrank":
-        if act not in (None, "identity"):
-            raise ValueError(f"the lowrank form has no activation (got {act!r}); use form lowrank_act")
-        return LoRABank(weighting, condition, geometry, rank, alpha)
-    if form == "lowrank_act":
-        return ActivationBank(weighting, condition, geometry, rank, act or "relu", kernel)
-    if form == "scale":
-        return ScaleBank(weighting, condition, geometry)
-    if form == "shift":
-        return ShiftBank(weighting, condition, geometry)
-    raise ValueError(f"unknown adapter form {form!r}; valid: {', '.join(FORMS)}")
 
 
 def branch_from_spec(spec: dict[str, Any], geometry: Geometry) -> Branch:

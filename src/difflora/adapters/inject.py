@@ -1,7 +1,7 @@
 """Inject conditional adapters into any ``nn.Module`` by module path, and act on all of them at once.
 
 ``inject_adapter(model, "time", weighting_factory, condition="t", targets=["qkv", "proj_out"])``
-replaces every matching layer by a :class:`~difflora.adapters.layer.ConditionalLoRA` (or adds the
+replaces every matching layer by a :class:`~difflora.adapters.layer.ConditionalLayer` (or adds the
 adapter to an existing wrapper, so TimeLoRA and ClassLoRA share one wrapper per projection) and
 returns an :class:`InjectionReport`; ``form=`` picks the update form (``forms.py``).
 ``inject_position_adapter(model, "pa", factory, "task", ["re:blocks\\.\\d+"], "attn_out", "mlp_in")``
@@ -31,7 +31,7 @@ from torch import nn
 
 from difflora.adapters.context import ConditionValue, checkpoint
 from difflora.adapters.forms import Branch
-from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
+from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLayer
 from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps
 from difflora.adapters.tokens import NewClassTokens
 from difflora.adapters.weightings import Weighting
@@ -79,7 +79,7 @@ class InjectedLayer:
     form: str = "lowrank"
 
     @classmethod
-    def of(cls, path: str, module: ConditionalLoRA, adapter: str, condition: str) -> InjectedLayer:
+    def of(cls, path: str, module: ConditionalLayer, adapter: str, condition: str) -> InjectedLayer:
         """The report row of adapter ``adapter`` in the wrapper ``module`` at ``path``."""
         return cls(
             path=path,
@@ -155,7 +155,7 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for path, module in model.named_modules():
         if any(path.startswith(p + ".") for p in inside):
             continue
-        if isinstance(module, ConditionalLoRA):
+        if isinstance(module, ConditionalLayer):
             inside.append(path)
         yield path, module
 
@@ -168,13 +168,13 @@ def find_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
     unmatched = set(targets)
     wrappable: list[str] = []
     for path, module in _candidates(model):
-        if isinstance(module, SUPPORTED_LAYERS + (ConditionalLoRA,)):
+        if isinstance(module, SUPPORTED_LAYERS + (ConditionalLayer,)):
             wrappable.append(path)
         hits = [t for t in targets if path and match_target(path, t)]
         if not hits:
             continue
         unmatched.difference_update(hits)
-        if not isinstance(module, SUPPORTED_LAYERS + (ConditionalLoRA,)):
+        if not isinstance(module, SUPPORTED_LAYERS + (ConditionalLayer,)):
             raise ValueError(
                 f"adapter target {hits[0]!r} matches {path!r}, a {type(module).__name__}; adapters wrap "
                 f"nn.Linear and nn.Conv1d/2d/3d only: make the target more specific"
@@ -220,13 +220,13 @@ def inject_adapter(
     paths = find_targets(model, targets)
     for path in paths:
         module = model.get_submodule(path)
-        if isinstance(module, ConditionalLoRA) and name in module.adapters:
+        if isinstance(module, ConditionalLayer) and name in module.adapters:
             raise ValueError(f"{path!r} already has an adapter named {name!r}")
     report = InjectionReport()
     for path in paths:
         module = model.get_submodule(path)
-        if not isinstance(module, ConditionalLoRA):
-            module = ConditionalLoRA(module)
+        if not isinstance(module, ConditionalLayer):
+            module = ConditionalLayer(module)
             _set_submodule(model, path, module)
         module.add_adapter(name, weighting(), condition, rank, alpha, form=form, activation=activation, kernel=kernel)
         report.layers.append(InjectedLayer.of(path, module, name, condition))
@@ -291,10 +291,10 @@ def checkpoint_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
 
 
 # --- acting on every adapter of a model ----------------------------------------------------------
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, ConditionalLoRA]]:
-    """``(path, wrapper)`` for every :class:`ConditionalLoRA` in ``model``."""
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, ConditionalLayer]]:
+    """``(path, wrapper)`` for every :class:`ConditionalLayer` in ``model``."""
     for path, module in model.named_modules():
-        if isinstance(module, ConditionalLoRA):
+        if isinstance(module, ConditionalLayer):
             yield path, module
 
 
@@ -321,13 +321,13 @@ def freeze_base(model: nn.Module, frozen: bool = True) -> int:
 
 
 def merge_adapters(model: nn.Module, **values: ConditionValue) -> None:
-    """:meth:`ConditionalLoRA.merge` on every wrapper: ``merge_adapters(model, t=500)``."""
+    """:meth:`ConditionalLayer.merge` on every wrapper: ``merge_adapters(model, t=500)``."""
     for _, layer in adapter_layers(model):
         layer.merge(**values)
 
 
 def unmerge_adapters(model: nn.Module, *conditions: str) -> None:
-    """:meth:`ConditionalLoRA.unmerge` on every wrapper (all merged adapters if no condition is named)."""
+    """:meth:`ConditionalLayer.unmerge` on every wrapper (all merged adapters if no condition is named)."""
     for _, layer in adapter_layers(model):
         layer.unmerge(*conditions)
 
@@ -379,7 +379,7 @@ def merge_shared(model: nn.Module, **values: ConditionValue) -> dict[str, bool]:
     merges the TimeLoRA update once, while ClassLoRA (different y per sample under classifier-free
     guidance) stays per sample. With different t in a batch the t-adapters fall back to the
     per-sample path. Merging at the value already merged is a no-op. A layer whose merge would be
-    refused (a non-mergeable form reads the condition, see :meth:`ConditionalLoRA.merge_problem`)
+    refused (a non-mergeable form reads the condition, see :meth:`ConditionalLayer.merge_problem`)
     stays per sample: same output, no speed-up. Returns {condition: shared by the batch}.
     """
     read = _shared_values(values)  # at most one host readback per call, whatever the conditions

@@ -29,7 +29,7 @@ from torch import nn
 
 from difflora.adapters.forms import Branch, branch_from_spec
 from difflora.adapters.inject import InjectedLayer, InjectionReport, adapter_layers
-from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
+from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLayer
 from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps, position_adapters
 from difflora.adapters.router import Geometry
 from difflora.adapters.weightings import weighting_from_spec
@@ -60,7 +60,7 @@ class AdapterLoadError(ValueError):
 # --- fingerprint ------------------------------------------------------------------------------
 def _base_tensors(module: nn.Module) -> list[torch.Tensor]:
     """The unmerged base weights of a layer, or every base parameter of a block (adapters excluded)."""
-    if isinstance(module, ConditionalLoRA):
+    if isinstance(module, ConditionalLayer):
         weight, bias = module._original()
         return [weight] + ([bias] if bias is not None else [])
     if isinstance(module, SUPPORTED_LAYERS):
@@ -80,10 +80,10 @@ def _adapter_container(module: nn.Module) -> bool:
 
 
 def _structure(module: nn.Module) -> dict[str, Any]:
-    if isinstance(module, ConditionalLoRA):
+    if isinstance(module, ConditionalLayer):
         return module.fingerprint()
     if isinstance(module, SUPPORTED_LAYERS):
-        return ConditionalLoRA(module).fingerprint()  # a throwaway wrapper describes a plain layer
+        return ConditionalLayer(module).fingerprint()  # a throwaway wrapper describes a plain layer
     return {"type": type(module).__name__, "taps": dict(module.tap_channels)}
 
 
@@ -93,7 +93,7 @@ def base_fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
     layers = {}
     for path in paths:
         module = model.get_submodule(path)
-        if not isinstance(module, SUPPORTED_LAYERS + (ConditionalLoRA,)) and not has_taps(module):
+        if not isinstance(module, SUPPORTED_LAYERS + (ConditionalLayer,)) and not has_taps(module):
             raise AdapterLoadError(f"{path!r} is a {type(module).__name__}, not a layer or block adapters can wrap")
         layers[path] = _structure(module)
         digest.update(path.encode())
@@ -190,14 +190,14 @@ def _fresh_module(model: nn.Module, entry: dict[str, Any]) -> nn.Module:
             entry["scale"],
             entry.get("kernel", 1),  # files written before the kernel choice hold 1x1 adapters
         )
-    base = target.base_layer if isinstance(target, ConditionalLoRA) else target
+    base = target.base_layer if isinstance(target, ConditionalLayer) else target
     return branch_from_spec(entry, Geometry.of_layer(base))
 
 
 def _existing(model: nn.Module, entry: dict[str, Any]) -> nn.Module | None:
     target = model.get_submodule(entry["path"])
     holder = getattr(target, "position_adapters" if entry.get("kind", "layer") == "position" else "adapters", None)
-    if isinstance(target, ConditionalLoRA) or entry.get("kind") == "position":
+    if isinstance(target, ConditionalLayer) or entry.get("kind") == "position":
         return holder[entry["name"]] if holder is not None and entry["name"] in holder else None
     return None
 
@@ -231,7 +231,7 @@ def _validate(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch
         except (KeyError, ValueError, TypeError) as exc:
             raise AdapterLoadError(f"{directory / CONFIG_NAME}: {where} has an invalid spec ({exc})") from None
         target = model.get_submodule(entry["path"])
-        if isinstance(target, ConditionalLoRA) and target.merged:
+        if isinstance(target, ConditionalLayer) and target.merged:
             raise AdapterLoadError(f"layer {entry['path']!r} has merged adapters: unmerge before loading")
         if existing is not None and existing.spec() != fresh.spec():
             raise AdapterLoadError(
@@ -298,8 +298,8 @@ def load_adapters(model: nn.Module, directory: str | Path, check_weights: bool =
                 add_position_adapter(model.get_submodule(path), module)
             else:
                 layer = model.get_submodule(path)
-                if not isinstance(layer, ConditionalLoRA):
-                    layer = ConditionalLoRA(layer)
+                if not isinstance(layer, ConditionalLayer):
+                    layer = ConditionalLayer(layer)
                     parent_path, _, child = path.rpartition(".")
                     setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
                 layer.add_branch(name, module)

@@ -1,8 +1,9 @@
-"""``ConditionalLoRA``: a wrapper around a dense layer that adds per-sample conditional updates.
+"""``ConditionalLayer``: a wrapper around a dense layer that adds per-sample conditional branches.
 
 For a base layer ``y = W x + b`` the wrapper holds any number of named branches (see
 ``forms.py``: low-rank, low-rank with activation, weight scale, bias shift), each a bank with a
-weighting and the condition it reads::
+weighting and the condition it reads. The layer never looks at a branch's form: it asks each
+branch for its term, its deltas and whether it can be merged::
 
     y = (1 + a(c)) ⊙ (W x) + b + sum_lowrank scaling B(c) A(c) x + sum_act s W_up act(W_down x) + b(c)
 
@@ -21,10 +22,10 @@ The wrapper holds the base layer as ``base_layer`` (it never subclasses it); the
 ``<path>.adapters.<name>.lora_A``, ``<path>.adapters.<name>.scale``, ...,
 ``<path>.adapters.<name>.weighting.table``.
 
-State changes are explicit: :meth:`ConditionalLoRA.merge` writes the mergeable updates into the
+State changes are explicit: :meth:`ConditionalLayer.merge` writes the mergeable updates into the
 base weight (low-rank, weight scale: ``W' = (1 + a) ⊙ W + sum B A``) and bias (shift: ``b' = b + b(c)``)
 for given condition values (used when every sample shares the value, e.g. the timestep of a
-sampler step), and :meth:`ConditionalLoRA.unmerge` restores the exact original weight and bias
+sampler step), and :meth:`ConditionalLayer.unmerge` restores the exact original weight and bias
 from saved copies (bit for bit, no float drift over thousands of cycles). Merging refuses a
 non-mergeable form (``lowrank_act``), a shift on a base without bias (there is no bias to write
 into; keep it per sample), and a low-rank merge while a weight-scale branch stays per sample
@@ -40,19 +41,19 @@ import torch
 from torch import nn
 
 from difflora.adapters.context import ConditionValue, is_disabled
-from difflora.adapters.forms import ActivationBank, Branch, LoRABank, ScaleBank, ShiftBank, make_branch
-from difflora.adapters.router import Geometry, add_rank_terms, per_channel
+from difflora.adapters.forms import Branch, MergedUpdate, make_branch
+from difflora.adapters.router import Geometry, LayerTerms, per_row
 from difflora.adapters.weightings import Weighting
 
-__all__ = ["ConditionalLoRA", "SUPPORTED_LAYERS"]
+__all__ = ["ConditionalLayer", "SUPPORTED_LAYERS"]
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class ConditionalLoRA(nn.Module):
+class ConditionalLayer(nn.Module):
     """Wrap ``base_layer`` (Linear / Conv1d-3d) with per-sample conditional branches of any form.
 
-    ``ConditionalLoRA(base, weighting=LinearWeighting(11, 0, 4000), condition="t", rank=4)`` wraps
+    ``ConditionalLayer(base, weighting=LinearWeighting(11, 0, 4000), condition="t", rank=4)`` wraps
     with one low-rank adapter named ``name``; more are added with :meth:`add_adapter` (TimeLoRA
     and ClassLoRA on the same projection, or DiffScaler's scale, shift and activation branches,
     are several adapters of one wrapper).
@@ -73,20 +74,20 @@ class ConditionalLoRA(nn.Module):
         activation: str | None = None,
     ):
         super().__init__()
-        if isinstance(base_layer, ConditionalLoRA):
-            raise TypeError("base_layer is already a ConditionalLoRA; add adapters to it with add_adapter")
+        if isinstance(base_layer, ConditionalLayer):
+            raise TypeError("base_layer is already a ConditionalLayer; add adapters to it with add_adapter")
         if not isinstance(base_layer, SUPPORTED_LAYERS):
             raise TypeError(
-                f"ConditionalLoRA wraps nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(base_layer).__name__}"
+                f"ConditionalLayer wraps nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(base_layer).__name__}"
             )
         if not isinstance(base_layer, nn.Linear):
             if base_layer.groups != 1:
                 raise ValueError(
-                    f"ConditionalLoRA: grouped convolutions (groups={base_layer.groups}) are not supported"
+                    f"ConditionalLayer: grouped convolutions (groups={base_layer.groups}) are not supported"
                 )
             if base_layer.padding_mode != "zeros":
                 raise ValueError(
-                    f"ConditionalLoRA: padding_mode={base_layer.padding_mode!r} is not supported (zeros only)"
+                    f"ConditionalLayer: padding_mode={base_layer.padding_mode!r} is not supported (zeros only)"
                 )
         self.geometry = Geometry.of_layer(base_layer)
         self.kind = "linear" if self.geometry.kind == "linear" else "conv"
@@ -141,7 +142,7 @@ class ConditionalLoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         n, dtype = x.shape[0], x.dtype
-        scales, terms, shifts = [], [], []
+        terms = LayerTerms()
         for name, branch in self.adapters.items():
             if is_disabled(name):
                 if name in self.merged:
@@ -150,28 +151,9 @@ class ConditionalLoRA(nn.Module):
             if name in self.merged:
                 continue
             route = branch.current_route(n, x.device)
-            if route is None:
-                continue
-            if isinstance(branch, ScaleBank):
-                scales.append(route.vectors(branch.bank, dtype))
-            elif isinstance(branch, ShiftBank):
-                shifts.append(route.vectors(branch.bank, dtype))
-            else:
-                terms.append(branch.rank_term(route, dtype))
-        if scales:
-            # (1 + a) (W x) + b = (1 + a) out - a b: the scale multiplies W x only, not the bias.
-            # One addcmul is one pass over the output (and one over its gradient).
-            a = per_channel(sum(scales), out, self.geometry).to(out.dtype)
-            bias = self.base_layer.bias
-            if bias is None:
-                out = out * (1 + a)
-            else:
-                out = torch.addcmul(-a * per_channel(bias[None], out, self.geometry).to(out.dtype), out, 1 + a)
-        if terms:
-            out = add_rank_terms(out, x, self.geometry, terms)
-        if shifts:
-            out = out + per_channel(sum(shifts), out, self.geometry).to(out.dtype)
-        return out
+            if route is not None:
+                branch.add_term(terms, route, dtype)
+        return terms.apply(out, x, self.geometry, self.base_layer.bias)
 
     # --- delta weights, merge, unmerge ---------------------------------------------------------
     def _original(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -189,19 +171,18 @@ class ConditionalLoRA(nn.Module):
         weight = self._original()[0]
         delta = torch.zeros_like(weight)
         for _, branch in self._named_branches_reading(values):
-            value = values[branch.condition]
-            if isinstance(branch, LoRABank):
-                delta = delta + branch.delta_weight(value).reshape(delta.shape).to(delta.dtype)
-            elif isinstance(branch, ScaleBank):
-                delta = delta + _rows(branch.vector(value), weight) * weight
+            change = branch.delta_weight(values[branch.condition], weight)
+            if change is not None:
+                delta = delta + change.to(delta.dtype)
         return delta
 
     def get_delta_bias(self, **values: ConditionValue) -> torch.Tensor:
         """Sum of the bias shifts of the branches whose condition is given: [d_out]."""
         delta = self.base_layer.weight.new_zeros(self.out_features)
         for _, branch in self._named_branches_reading(values):
-            if isinstance(branch, ShiftBank):
-                delta = delta + branch.vector(values[branch.condition]).to(delta.dtype)
+            change = branch.delta_bias(values[branch.condition])
+            if change is not None:
+                delta = delta + change.to(delta.dtype)
         return delta
 
     @torch.no_grad()
@@ -224,20 +205,14 @@ class ConditionalLoRA(nn.Module):
     def merge_problem(self, **values: ConditionValue) -> str | None:
         """Why :meth:`merge` with these values would be refused (a one-line message), or None."""
         branches = dict(self._named_branches_reading(values))
+        has_bias = self.base_layer.bias is not None
         for name, branch in branches.items():
-            if not branch.mergeable:
-                return (
-                    f"adapter {name!r} has form {branch.form!r}, which cannot be merged into the weights "
-                    f"(a non-linear branch); keep it per sample (do not merge condition {branch.condition!r})"
-                )
-            if isinstance(branch, ShiftBank) and self.base_layer.bias is None:
-                return (
-                    f"adapter {name!r} is a bias shift but the base layer has no bias to merge it into; "
-                    f"keep it per sample (do not merge condition {branch.condition!r})"
-                )
+            problem = branch.merge_problem(name, has_bias)
+            if problem:
+                return problem
         merged = set(self.merged) | set(branches)
-        live_scale = [n for n, b in self.adapters.items() if isinstance(b, ScaleBank) and n not in merged]
-        if live_scale and any(isinstance(self.adapters[n], LoRABank) for n in merged):
+        live_scale = [n for n, b in self.adapters.items() if b.scales_weight and n not in merged]
+        if live_scale and any(self.adapters[n].adds_to_weight for n in merged):
             return (
                 f"merging a low-rank adapter while the weight scale {live_scale[0]!r} stays per sample would "
                 f"scale the merged update too; merge the scale's condition "
@@ -270,31 +245,25 @@ class ConditionalLoRA(nn.Module):
         # Accumulate in at least float32 (half-precision weights would lose small updates).
         dtype = torch.promote_types(weight.dtype, torch.float32)
         values = {self.adapters[n].condition: v for n, v in self.merged.items()}
-        merged_names = set(self.merged)
         w = weight.to(dtype)
-        factor = torch.ones(self.out_features, dtype=dtype, device=w.device)
-        delta = torch.zeros_like(w)
-        shift = torch.zeros(self.out_features, dtype=dtype, device=w.device)
+        update = MergedUpdate(
+            factor=torch.ones(self.out_features, dtype=dtype, device=w.device),
+            delta=torch.zeros_like(w),
+            shift=torch.zeros(self.out_features, dtype=dtype, device=w.device),
+        )
         for name, branch in self.adapters.items():
-            if name not in merged_names:
-                continue
-            value = values[branch.condition]
-            if isinstance(branch, LoRABank):
-                delta += branch.delta_weight(value).reshape(delta.shape).to(dtype)
-            elif isinstance(branch, ScaleBank):
-                factor += branch.vector(value).to(dtype)
-            elif isinstance(branch, ShiftBank):
-                shift += branch.vector(value).to(dtype)
-        base.weight.copy_((_rows(factor, w) * w + delta).to(base.weight.dtype))
+            if name in self.merged:
+                branch.merge_into(update, values[branch.condition])
+        base.weight.copy_((per_row(update.factor, w) * w + update.delta).to(base.weight.dtype))
         if bias is not None:
-            base.bias.copy_((bias.to(dtype) + shift).to(bias.dtype))
+            base.bias.copy_((bias.to(dtype) + update.shift).to(bias.dtype))
 
     def _named_branches_reading(self, values: dict[str, Any]) -> list[tuple[str, Branch]]:
         return [(name, branch) for name, branch in self.adapters.items() if branch.condition in values]
 
     def has_nonmergeable(self) -> bool:
         """Whether any branch cannot be merged (``lowrank_act``)."""
-        return any(isinstance(b, ActivationBank) for b in self.adapters.values())
+        return any(not b.mergeable for b in self.adapters.values())
 
     # --- description ----------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -316,11 +285,6 @@ class ConditionalLoRA(nn.Module):
     def extra_repr(self) -> str:
         merged = f", merged={self.merged}" if self.merged else ""
         return f"kind={self.kind}, in={self.in_features}, out={self.out_features}{merged}"
-
-
-def _rows(vec: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A [d_out] vector viewed to scale the rows (output channels) of a weight [d_out x ...]."""
-    return vec.to(weight.dtype).view(-1, *([1] * (weight.dim() - 1)))
 
 
 def _scalar(value: ConditionValue, name: str) -> Any:

@@ -11,7 +11,7 @@ sample). peft stores exactly that, in a directory of two files:
 Layouts. For ``nn.Linear`` peft's ``lora_A.weight`` is [r x d_in] and ``lora_B.weight`` [d_out x r];
 for a k x k ``nn.Conv2d`` (``Conv1d``) ``lora_A`` is a k x k convolution with the base's stride,
 padding and dilation, [r x C_in x k x k], and ``lora_B`` a 1x1 one, [d_out x r x 1 x 1]. difflora's
-:class:`~difflora.adapters.forms.LoRABank` is the same factorisation stored flattened, with the
+:class:`~difflora.adapters.forms.LowRankForm` is the same factorisation stored flattened, with the
 bank first: ``lora_A`` [1 x r x C_in k k], ``lora_B`` [1 x d_out x r]; ``scaling = alpha / r`` in both
 (peft's rsLoRA, ``alpha / sqrt(r)``, is imported as ``alpha sqrt(r)``). So conversion is a reshape.
 
@@ -37,9 +37,9 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from difflora.adapters.context import ConditionValue
-from difflora.adapters.forms import LoRABank
+from difflora.adapters.forms import LowRankForm
 from difflora.adapters.inject import InjectionReport, adapter_layers, inject_adapter
-from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLoRA
+from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLayer
 from difflora.adapters.positions import position_adapters
 from difflora.adapters.weightings import IndexWeighting
 from difflora.files.jsonfile import read_json_file
@@ -66,7 +66,9 @@ class PeftFormatError(ValueError):
 
 
 # --- export -------------------------------------------------------------------------------------
-def _plain_branches(model: nn.Module, adapter: str | None) -> tuple[str, dict[str, tuple[ConditionalLoRA, LoRABank]]]:
+def _plain_branches(
+    model: nn.Module, adapter: str | None
+) -> tuple[str, dict[str, tuple[ConditionalLayer, LowRankForm]]]:
     """The adapter to export (named, or the only one) and its branch at each path; errors otherwise."""
     names = sorted({n for _, layer in adapter_layers(model) for n in layer.adapters})
     if adapter is None:
@@ -79,7 +81,7 @@ def _plain_branches(model: nn.Module, adapter: str | None) -> tuple[str, dict[st
     if not found:
         raise PeftFormatError(f"no adapter named {adapter!r} in the model (adapters: {', '.join(names) or 'none'})")
     for path, (_, branch) in found.items():
-        if not isinstance(branch, LoRABank) or branch.num_bases != 1:
+        if not isinstance(branch, LowRankForm) or branch.num_bases != 1:
             raise PeftFormatError(
                 f"adapter {adapter!r} at {path!r} is a {branch.form} bank of {branch.num_bases} entries "
                 f"({branch.weighting.kind} weighting); peft's format holds a plain LoRA only (form lowrank, "
@@ -188,7 +190,7 @@ def _peft_layers(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
         if set(factors) != {"lora_A", "lora_B"}:
             raise PeftFormatError(f"{where}: {path!r} has {sorted(factors)} only; a LoRA needs lora_A and lora_B")
         module = modules.get(path)
-        if isinstance(module, ConditionalLoRA):
+        if isinstance(module, ConditionalLayer):
             if name in module.adapters:
                 raise PeftFormatError(f"{path!r} already has an adapter named {name!r}; import under another name")
             module = module.base_layer

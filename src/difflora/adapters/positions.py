@@ -149,8 +149,7 @@ class PositionAdapter(nn.Module):
         nn.init.zeros_(self.bias)
 
     def route(self, n: int, device: torch.device) -> Route | None:
-        mix = self.weighting(as_batch(current(self.condition), n, device, self.condition))
-        return None if mix is None else Route.of(mix)
+        return self.weighting(as_batch(current(self.condition), n, device, self.condition))
 
     def _read(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         if self.source != self.dest:

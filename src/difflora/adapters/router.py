@@ -2,8 +2,8 @@
 
 Every form (low-rank, low-rank with activation, weight scale, bias shift, position adapters) asks
 the router for its parameters routed to the batch; the router never builds a weight per sample
-and never loops over samples or bank entries in Python. A :class:`Route` is a weighting's
-:class:`~difflora.adapters.weightings.Mix` for one batch:
+and never loops over samples or bank entries in Python. A :class:`Route` is what a weighting
+returns for one batch, a mixture over the bank:
 
 * **sparse** (index, linear weightings): each sample uses K (1 or 2) entries, ``index`` [N x K],
   ``weight`` [N x K]. The router *gathers* those K entries per sample (``index_select``, whose
@@ -22,21 +22,22 @@ Two kinds of routed parameters cover every form:
   per-sample weights scale rank space (N x K r numbers, not the gathered up factors), then
   ``out += up h`` added into the output. The linear-weighting interpolation is over branches,
   ``sum_k w_k s_k up_k act(down_k x)``, which equals ``B A x`` mixing for the identity activation.
+
+A wrapped layer collects what its live branches add in one :class:`LayerTerms` (each form adds
+its own term, ``forms.py``) and applies them in one fixed order: scales, rank terms, shifts.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflora.adapters.weightings import Mix
-
-__all__ = ["Geometry", "RankTerm", "Route", "add_rank_terms", "per_channel", "rank_term"]
+__all__ = ["Geometry", "LayerTerms", "RankTerm", "Route", "add_rank_terms", "per_channel", "per_row", "rank_term"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -122,17 +123,28 @@ def per_channel(vec: torch.Tensor, out: torch.Tensor, geometry: Geometry) -> tor
     return vec.view(vec.shape[0], vec.shape[1], *ones)
 
 
+def per_row(vec: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A [d_out] vector viewed to scale the rows (output channels) of a weight [d_out x ...]."""
+    return vec.to(weight.dtype).view(-1, *([1] * (weight.dim() - 1)))
+
+
 @dataclass
 class Route:
-    """A batch's mixture over a bank: sparse (``index`` [N x K], ``weight`` [N x K]) or dense
-    (``index`` None, ``weight`` [N x num_bases])."""
+    """A batch's mixing weights over a bank of ``num_bases`` entries, as a weighting returns them.
+
+    Sparse: ``index`` [N x K] (int64) and ``weight`` [N x K]. Dense: ``index`` is None and ``weight``
+    is [N x num_bases].
+    """
 
     weight: torch.Tensor
-    index: torch.Tensor | None
+    index: torch.Tensor | None = None
 
-    @classmethod
-    def of(cls, mix: Mix) -> Route:
-        return cls(mix.weight, mix.index)
+    def dense(self, num_bases: int) -> torch.Tensor:
+        """The same weights as an [N x num_bases] matrix (for merges, tests and inspection)."""
+        if self.index is None:
+            return self.weight
+        out = self.weight.new_zeros(self.weight.shape[0], num_bases)
+        return out.scatter_add(1, self.index, self.weight)
 
     @property
     def sparse(self) -> bool:
@@ -216,6 +228,35 @@ def add_rank_terms(out: torch.Tensor, x: torch.Tensor, geometry: Geometry, terms
     for term in fused + rest:
         out = _add_term(out, x, term.geometry or geometry, term)
     return out
+
+
+@dataclass
+class LayerTerms:
+    """What the live branches of one wrapped layer add to its output ``out = W x + b``, per sample.
+
+    ``scales`` [N x d_out] multiply ``W x`` (not the bias), ``ranks`` add ``up (s * act(down x))``,
+    ``shifts`` [N x d_out] add to the result; :meth:`apply` applies them in that order.
+    """
+
+    scales: list[torch.Tensor] = field(default_factory=list)
+    ranks: list[RankTerm] = field(default_factory=list)
+    shifts: list[torch.Tensor] = field(default_factory=list)
+
+    def apply(self, out: torch.Tensor, x: torch.Tensor, geometry: Geometry, bias: torch.Tensor | None) -> torch.Tensor:
+        """``out`` (the base output for input ``x``; ``bias`` the base's) with every term added."""
+        if self.scales:
+            # (1 + a) (W x) + b = (1 + a) out - a b: the scale multiplies W x only, not the bias.
+            # One addcmul is one pass over the output (and one over its gradient).
+            a = per_channel(sum(self.scales), out, geometry).to(out.dtype)
+            if bias is None:
+                out = out * (1 + a)
+            else:
+                out = torch.addcmul(-a * per_channel(bias[None], out, geometry).to(out.dtype), out, 1 + a)
+        if self.ranks:
+            out = add_rank_terms(out, x, geometry, self.ranks)
+        if self.shifts:
+            out = out + per_channel(sum(self.shifts), out, geometry).to(out.dtype)
+        return out
 
 
 def _add_into(out: torch.Tensor, shape: tuple[int, ...], b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:

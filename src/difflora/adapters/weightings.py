@@ -1,8 +1,8 @@
 """Weightings: map each sample's condition value to mixing weights over an adapter's bank of LoRAs.
 
 An adapter computes ``W(c) = W + scaling * sum_i w_i(c) B_i A_i``; the weighting supplies w(c) for
-a batch of values ``c`` ([N]). Two output forms, chosen so that no weight matrix is ever built per
-sample:
+a batch of values ``c`` ([N]) as a :class:`~difflora.adapters.router.Route`, in one of two layouts,
+chosen so that no weight matrix is ever built per sample:
 
 * **sparse** (:class:`IndexWeighting`, :class:`LinearWeighting`): each sample uses at most K bases
   (K = 1 or 2). The weighting returns ``index`` [N x K] and ``weight`` [N x K]; the layer gathers
@@ -34,17 +34,17 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from difflora.adapters.router import Route
+
 __all__ = [
     "IndexWeighting",
     "SharedWeighting",
     "LinearWeighting",
-    "Mix",
     "NULL_VALUE",
     "TrainableWeighting",
     "Weighting",
@@ -55,25 +55,6 @@ __all__ = [
 # The null value of index weightings: y == -1 is classifier-free guidance's unconditional label,
 # and for any index-weighted condition it means "this sample gets no update".
 NULL_VALUE = -1
-
-
-@dataclass
-class Mix:
-    """Mixing weights of a batch over a bank of ``num_bases`` LoRAs.
-
-    Sparse: ``index`` [N x K] (int64) and ``weight`` [N x K]. Dense: ``index`` is None and ``weight``
-    is [N x num_bases].
-    """
-
-    weight: torch.Tensor
-    index: torch.Tensor | None = None
-
-    def dense(self, num_bases: int) -> torch.Tensor:
-        """The same weights as an [N x num_bases] matrix (for merges, tests and inspection)."""
-        if self.index is None:
-            return self.weight
-        out = self.weight.new_zeros(self.weight.shape[0], num_bases)
-        return out.scatter_add(1, self.index, self.weight)
 
 
 def check_values(ok: torch.Tensor, message: Callable[[], str], short: str) -> None:
@@ -110,7 +91,7 @@ def _position_dtype(device: torch.device) -> torch.dtype:
 
 
 class Weighting(nn.Module, abc.ABC):
-    """Abstract base: ``forward(values [N]) -> Mix`` over ``num_bases`` bases.
+    """Abstract base: ``forward(values [N]) -> Route`` over ``num_bases`` bases.
 
     Subclasses (index, linear, trainable) must define both methods; instantiating one that
     does not is a TypeError, not a failure at the first forward.
@@ -121,7 +102,7 @@ class Weighting(nn.Module, abc.ABC):
     sparse: bool
 
     @abc.abstractmethod
-    def forward(self, values: torch.Tensor | None) -> Mix | None:
+    def forward(self, values: torch.Tensor | None) -> Route | None:
         """Mixing weights of each sample over the bank; None when no sample gets an update."""
 
     @abc.abstractmethod
@@ -145,7 +126,7 @@ class IndexWeighting(Weighting):
             raise ValueError(f"IndexWeighting: num_values must be >= 1, got {num_values}")
         self.num_values = self.num_bases = int(num_values)
 
-    def forward(self, values: torch.Tensor | None) -> Mix | None:
+    def forward(self, values: torch.Tensor | None) -> Route | None:
         if values is None:
             return None
         v, keep = _integral(values, "index weighting")
@@ -158,7 +139,7 @@ class IndexWeighting(Weighting):
             "index weighting: value out of range",
         )
         # A null sample gathers bank entry 0 with weight 0: same shapes for every sample, no branch.
-        return Mix(weight=keep.float()[:, None], index=v[:, None])
+        return Route(weight=keep.float()[:, None], index=v[:, None])
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_values": self.num_values}
@@ -193,7 +174,7 @@ class LinearWeighting(Weighting):
         m = self.num_bases - 1
         return torch.tensor([self.low + i * (self.high - self.low) / m for i in range(m + 1)], dtype=torch.float64)
 
-    def forward(self, values: torch.Tensor | None) -> Mix:
+    def forward(self, values: torch.Tensor | None) -> Route:
         if values is None:
             raise ValueError("linear weighting: the condition is None; it needs a value for every sample")
         m = self.num_bases - 1
@@ -215,7 +196,7 @@ class LinearWeighting(Weighting):
         frac = pos - lower
         index = torch.stack([lower, lower + 1], dim=1).long()
         weight = torch.stack([1 - frac, frac], dim=1) * keep[:, None]  # float64 (float32 on MPS); the layer casts
-        return Mix(weight=weight, index=index)
+        return Route(weight=weight, index=index)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_bases": self.num_bases, "low": self.low, "high": self.high}
@@ -235,11 +216,11 @@ class SharedWeighting(Weighting):
     sparse = True
     num_bases = 1
 
-    def forward(self, values: torch.Tensor | None) -> Mix | None:
+    def forward(self, values: torch.Tensor | None) -> Route | None:
         if values is None:
             return None
         keep = ~values.isnan() if values.is_floating_point() else values != NULL_VALUE
-        return Mix(weight=keep.float()[:, None], index=torch.zeros_like(keep, dtype=torch.long)[:, None])
+        return Route(weight=keep.float()[:, None], index=torch.zeros_like(keep, dtype=torch.long)[:, None])
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind}
@@ -284,7 +265,7 @@ class TrainableWeighting(Weighting):
         else:
             raise ValueError(f"TrainableWeighting: init must be gaussian, onehot or linear, got {self.init!r}")
 
-    def forward(self, values: torch.Tensor | None) -> Mix:
+    def forward(self, values: torch.Tensor | None) -> Route:
         if values is None:
             raise ValueError("trainable weighting: the condition is None; it needs a value for every sample")
         v, keep = _integral(values, "trainable weighting")
@@ -298,7 +279,7 @@ class TrainableWeighting(Weighting):
             "trainable weighting: value out of range",
         )
         # The mask, not the table row, zeroes a null sample: row 0 then gets no gradient from it.
-        return Mix(weight=self.table[v] * keep[:, None].to(self.table.dtype))
+        return Route(weight=self.table[v] * keep[:, None].to(self.table.dtype))
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_values": self.num_values, "num_bases": self.num_bases, "init": self.init}

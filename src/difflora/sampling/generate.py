@@ -141,7 +141,7 @@ def fuse_student(model: nn.Module, cfg: Config, guidance: float | None = None) -
     for path, layer in list(adapter_layers(model)):
         if DISTILL_ADAPTER in layer.adapters:
             branch = layer.adapters[DISTILL_ADAPTER]
-            layer.base_layer.weight.add_(branch.delta_weight(values[branch.condition]).reshape(layer.weight.shape))
+            layer.base_layer.weight.add_(branch.delta_weight(values[branch.condition], layer.weight))
             del layer.adapters[DISTILL_ADAPTER]
             if not layer.adapters and not layer.merged:
                 parent, _, child = path.rpartition(".")
