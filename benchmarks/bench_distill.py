@@ -176,7 +176,7 @@ def run_one(setting: str, name: str) -> dict:
     """One memory setting in this process (called in a fresh subprocess)."""
     import torch
 
-    from difflora.model.accounting import count_parameters
+    from difflora.model.accounting import parameter_counts
 
     torch.manual_seed(0)
     cfg = _cfg(name)
@@ -196,11 +196,11 @@ def run_one(setting: str, name: str) -> dict:
         # The same random batch (config shape and size) for every row.
         row["step_s"] = statistics.median(_train(setup, cfg, STEPS)[1:])
         if setting == "usual distill":
-            row["teacher_params"] = count_parameters(setup[1].teacher_copy)["total"]
+            row["teacher_params"] = parameter_counts(setup[1].teacher_copy)["total"]
     else:
         _sample(cfg, student=setting == "sample student")
     if setup is not None:
-        counts = count_parameters(setup[0])
+        counts = parameter_counts(setup[0])
         row.update(params=counts["total"], trainable=counts["trainable"])
     row.update(seconds=time.perf_counter() - t0, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return row

@@ -105,7 +105,7 @@ def _dir_bytes(path: Path) -> int:
 def one(work: Path, setting: str) -> dict:
     import torch
 
-    from difflora.model.accounting import count_parameters
+    from difflora.model.accounting import parameter_counts
     from difflora.model.build import build_model
     from difflora.train import latest_checkpoint, load_base, train
 
@@ -115,7 +115,7 @@ def one(work: Path, setting: str) -> dict:
     if setting == "load base":
         model = build_model(cfg)
         load_base(model, work / "base")
-        counts = count_parameters(model)
+        counts = parameter_counts(model)
     else:
         out = work / "runs" / str(list(SETTINGS).index(setting))
         result = train(cfg, out, progress=False, log=lambda s: None)

@@ -31,7 +31,7 @@ def one(config: str, batch: int, steps: int) -> dict:
 
     from difflora.cli.commands import resolve_config_path
     from difflora.config.schema import load_config
-    from difflora.model.accounting import count_parameters, peak_memory_mb
+    from difflora.model.accounting import parameter_counts, peak_memory_mb
     from difflora.model.build import build_diffusion, build_model
     from difflora.train.ema import EMA
 
@@ -61,7 +61,7 @@ def one(config: str, batch: int, steps: int) -> dict:
     dt = (time.perf_counter() - t0) / steps
     return {
         "config": config,
-        "params": count_parameters(model)["total"],
+        "params": parameter_counts(model)["total"],
         "batch": batch,
         "step_s": dt,
         "images_per_s": batch / dt,

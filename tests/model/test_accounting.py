@@ -6,7 +6,7 @@ from pathlib import Path
 
 from difflora.adapters import adapter_parameters
 from difflora.config.schema import load_config
-from difflora.model.accounting import count_parameters
+from difflora.model.accounting import parameter_counts
 from difflora.model.build import build_model
 from difflora.presets import CONFIGS_DIR
 
@@ -25,7 +25,7 @@ def test_every_adapter_form_is_counted_as_adapters():
     )
     cfg = load_config(CONFIGS_DIR / "tiny-dit.yaml", [adapters])
     model = build_model(cfg)
-    groups = count_parameters(model)["by_group"]
+    groups = parameter_counts(model)["by_group"]
     tables = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weighting.table"))
     owned = sum(p.numel() for p in adapter_parameters(model))
     assert tables > 0

@@ -199,13 +199,13 @@ def _distilled_guidance(args, cfg, model) -> float | None:
 def _cmd_params(args) -> int:
     import torch
 
-    from difflora.model.accounting import count_parameters
+    from difflora.model.accounting import parameter_counts
     from difflora.model.build import build_model
 
     cfg = _load(args)
     with torch.device("meta"):  # count without allocating or initialising weights
         model = build_model(cfg)
-    counts = count_parameters(model)
+    counts = parameter_counts(model)
     if cfg.model.affiner is not None:
         from difflora.diffscaler import affiner_counts
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from difflora.adapters import IndexWeighting, adapter_layers
 
-__all__ = ["count_parameters", "format_count", "parameter_group", "peak_memory_mb", "per_task_counts"]
+__all__ = ["format_count", "parameter_counts", "parameter_group", "peak_memory_mb", "per_task_counts"]
 
 # Names that mark conditioning machinery, so `difflora params` can show what LoRA replaces.
 _EMBEDDING_PARTS = ("time_embed", "emb_layers", "label_emb", "t_embedder", "y_embedder", "context_embedder")
@@ -39,8 +39,12 @@ def _top_level(name: str) -> str:
     return parts[1] if parts[0] == "net" and len(parts) > 1 else parts[0]
 
 
-def count_parameters(model: nn.Module) -> dict:
-    """Total and trainable parameters, by group and by top-level module (shared tensors counted once)."""
+def parameter_counts(model: nn.Module) -> dict:
+    """Total and trainable parameters, by group and by top-level module (shared tensors counted once).
+
+    A dict of counts (before issue 27 also named ``count_parameters``); the one number of a module
+    is :func:`difflora.nets.count_parameters`.
+    """
     seen: set[int] = set()
     total = trainable = 0
     by_group: dict[str, int] = OrderedDict((g, 0) for g in ("base", "embeddings", "adapters", "weighting"))

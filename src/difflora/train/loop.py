@@ -43,7 +43,7 @@ from difflora.config.schema import Config, ConfigError, config_to_dict, parse_co
 from difflora.data import ImageDataset, load_dataset
 from difflora.data.spatial import grid_indices
 from difflora.files.images import save_grid
-from difflora.model.accounting import count_parameters, peak_memory_mb
+from difflora.model.accounting import parameter_counts, peak_memory_mb
 from difflora.model.build import build_diffusion, build_model
 from difflora.nets.controlnet import copy_encoder_into_control
 from difflora.sampling.generate import default_labels, generate
@@ -485,7 +485,7 @@ def _finish(st: TrainState, start: int, resumed: bool) -> dict[str, Any]:
     cfg, out = st.cfg, st.out
     result: dict[str, Any] = {"step": st.step, "last": st.last_row, "grid": None, "main": st.dist.is_main}
     segment = {
-        "parameters": count_parameters(st.model),
+        "parameters": parameter_counts(st.model),
         "peak_memory_mb": peak_memory_mb(st.device),
         "timed_steps": st.timed_steps,
         "timed_s": st.timed_s,
