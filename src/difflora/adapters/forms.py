@@ -196,12 +196,7 @@ class Branch(nn.Module, abc.ABC):
     def shared_weights(self, value: ConditionValue, device: torch.device) -> torch.Tensor | None:
         """[num_bases] mixing weights of one value shared by every sample (merges), None for no update."""
         route = self.route(value, 1, device)
-        if route is None:
-            return None
-        w = route.weight
-        if route.index is not None:
-            w = w.new_zeros(1, self.num_bases).scatter_add(1, route.index, w)
-        return w[0]
+        return None if route is None else route.dense(self.num_bases)[0]
 
     def spec(self) -> dict[str, Any]:
         """JSON-able description: :func:`branch_from_spec` rebuilds the branch from it."""
@@ -263,8 +258,8 @@ class Branch(nn.Module, abc.ABC):
 
     def merge_into(self, update: MergedUpdate, value: ConditionValue) -> None:
         """Add this branch's update at one shared ``value`` to the layer's merged ``update``
-        (only called when :meth:`merge_problem` found none)."""
-        raise ValueError(self.merge_problem("", True))
+        (the layer calls it only when :meth:`merge_problem` found none)."""
+        raise ValueError(f"form {self.form!r} writes nothing into the weights: it cannot be merged")
 
 
 class _RankForm(Branch):
