@@ -2,14 +2,15 @@
 
 For a base layer ``y = W x + b`` the wrapper holds any number of named branches (see
 ``forms.py``: low-rank, low-rank with activation, weight scale, bias shift), each a bank with a
-weighting and the condition it reads. The layer never looks at a branch's form: it asks each
-branch for its term, its deltas and whether it can be merged::
+weighting and the condition it reads::
 
     y = (1 + a(c)) ⊙ (W x) + b + sum_lowrank scaling B(c) A(c) x + sum_act s W_up act(W_down x) + b(c)
 
 computed for a whole batch at once, with a different condition per sample, through the router
 (``router.py``): sparse weightings gather the entries each sample uses, dense ones apply the whole
-bank once and mix per sample. No weight matrix is ever built per sample.
+bank once and mix per sample. No weight matrix is ever built per sample. The layer never looks at
+a branch's form: it asks each branch for its term, its changes of W and b and whether it can be
+merged (:class:`~difflora.adapters.forms.Branch`), so a new form needs no change here.
 
 Supported bases: ``nn.Linear`` (inputs [N x ... x d_in]), ``nn.Conv1d`` / ``nn.Conv2d`` /
 ``nn.Conv3d`` with ``groups=1`` and zero padding (inputs [N x C x ...]). For a k x k convolution
