@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from difflora.config.schema import DataConfig, SpatialConfig
-from difflora.data.dataset import ImageDataset, Split, load_dataset
+from difflora.data.dataset import ImageDataset, Split, load_source
 
 __all__ = [
     "block_means",
@@ -141,7 +141,7 @@ def load_spatial(cfg: DataConfig, split: Split) -> ImageDataset:
     """Split ``split`` of ``cfg.name`` once per spatial task: images and labels repeated per task
     (task 0's copy first), with conditions ``task`` [N] and ``spatial`` [N x C_s x H x W]."""
     assert cfg.spatial is not None
-    plain = load_dataset(cfg.model_copy(update={"spatial": None, "task_id": None}), split)
+    plain = load_source(cfg.model_copy(update={"spatial": None, "task_id": None}), split)
     k, n = len(cfg.spatial.tasks), len(plain)
     which = torch.arange(k).repeat_interleave(n)
     images = plain.images.repeat(k, 1, 1, 1)
@@ -169,7 +169,7 @@ def heldout_conditions(
             f"choose among {first}..{first + k - 1} ({', '.join(cfg.spatial.tasks)}) or -1 (the base)"
         )
     if images is None:
-        pool = load_dataset(cfg.model_copy(update={"spatial": None, "task_id": None}), "test").images
+        pool = load_source(cfg.model_copy(update={"spatial": None, "task_id": None}), "test").images
         images = pool[torch.arange(len(task)) % len(pool)]
     if images.ndim != 4 or len(images) != len(task):
         raise ValueError(f"condition images must be [{len(task)} x C x H x W], got {tuple(images.shape)}")
