@@ -50,8 +50,9 @@ __all__ = [
 ]
 
 # Sobel kernel for the derivative along W (cross-correlation, as F.conv2d computes); its
-# transpose differentiates along H.
-_SOBEL_W = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+# transpose differentiates along H. Numbers, not a tensor: a tensor made at import would land on
+# whatever default device is active then (e.g. "meta" while `difflora params` builds a model).
+_SOBEL_W = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
 
 
 def sobel_magnitude(images: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,8 @@ def sobel_magnitude(images: torch.Tensor) -> torch.Tensor:
     """
     n, c, h, w = images.shape
     x = F.pad(images.reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
-    kernel = torch.stack([_SOBEL_W.T, _SOBEL_W]).unsqueeze(1).to(images)  # (2, 1, 3, 3): d/dH, d/dW
+    sobel_w = torch.tensor(_SOBEL_W, dtype=images.dtype, device=images.device)
+    kernel = torch.stack([sobel_w.T, sobel_w]).unsqueeze(1)  # (2, 1, 3, 3): d/dH, d/dW
     grad = F.conv2d(x, kernel)  # (N*C, 2, H, W)
     return grad.square().sum(1).sqrt().reshape(n, c, h, w)
 

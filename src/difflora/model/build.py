@@ -115,9 +115,9 @@ def build_model(cfg: Config) -> DiffusionModel:
 
     The one expansion step (:func:`difflora.model.expand.expand_model`) adds what the config asks
     for: the adapter entries (``cfg.model.adapters``, empty targets: the backbone's attention
-    projections; and the entries the papers derive, e.g. ``model.affiner``), frozen non-adapter
-    parameters when ``cfg.train.train_base`` is false, and the papers' other parts. The injection
-    report is kept as ``model.adapter_report``.
+    projections; then the entries the papers' expansions derive), frozen non-adapter parameters
+    when ``cfg.train.train_base`` is false, and the papers' other parts. The injection report is
+    kept as ``model.adapter_report`` (None when no adapter is injected).
     """
     net, report = expand_model(cfg)
     scale = cfg.diffusion.steps / 1000.0 if cfg.diffusion.rescale_timesteps else 1.0

@@ -135,7 +135,7 @@ def adapter_owned_keys(model: nn.Module) -> set[str]:
         params = list(module.parameters())
         if path and params and all(id(p) in own for p in params):
             owned_modules.append(path + ".")
-    # Parameters a module adds to a base model (new class rows, difflora.diffscaler.classes) are new too.
+    # Parameters a module adds to a base model (e.g. 002's new class rows) are new too.
     own |= {id(p) for m in model.modules() for n in getattr(m, "new_parameters", ()) for p in [getattr(m, n)]}
     keys = {name for name, p in model.named_parameters() if id(p) in own}
     keys.update(k for k in model.state_dict() if k.startswith(tuple(owned_modules)))
