@@ -1,4 +1,4 @@
-"""The ControlNet-style baseline (nets/controlnet.py): zero-initialised, an encoder copy, frozen base."""
+"""The ControlNet-style baseline (diffscaler/controlnet.py): zero-initialised, an encoder copy, frozen base."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import torch
 from test_spatial_model import TINY
 
 from difflora.config.schema import parse_config
+from difflora.diffscaler.controlnet import ControlUNet, copy_encoder_into_control
 from difflora.model.build import build_model
-from difflora.nets import ControlUNet, count_parameters
-from difflora.nets.controlnet import copy_encoder_into_control
+from difflora.nets import count_parameters
 from difflora.train.base import base_key_map
 
 CONTROL = ["data.spatial={tasks: [edges, lowres, inpaint], lowres: 2}", "model.spatial_input=controlnet"]

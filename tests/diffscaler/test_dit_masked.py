@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from difflora.config.schema import load_config
+from difflora.diffscaler.masked import MaskedDiffusionObjective, random_keep
 from difflora.diffusion.guidance import drop_labels
 from difflora.model.build import build_diffusion, build_model
-from difflora.nets.dit import patch_strip, random_keep
+from difflora.nets.dit import patch_strip
 from difflora.presets import CONFIGS_DIR
 from difflora.train import train
-from difflora.train.objectives import Batch, DiffusionObjective, MaskedDiffusionObjective, build_objective
+from difflora.train.objectives import Batch, DiffusionObjective, build_objective
 
 TOL = dict(rtol=0, atol=1e-5)
 # 8x8 digits, patch 2: a 4 x 4 grid of T = 16 tokens.

@@ -425,7 +425,7 @@ def _cmd_export_peft(args) -> int:
 
 
 def _cmd_combine_tasks(args) -> int:
-    from difflora.train.combine_tasks import combine_task_runs
+    from difflora.diffscaler.combine_tasks import combine_task_runs
 
     out = combine_task_runs(args.runs, args.out)
     print(f"sample: difflora sample {out} --condition task=0; score: difflora eval {out} --task K")

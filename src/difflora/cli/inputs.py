@@ -138,9 +138,9 @@ def misfit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
 def parse_conditions(texts: list[str] | None, num: int, cfg: Config) -> dict[str, float | list[float]]:
     """``--condition task=2`` / ``task=0,1,2`` (one value, or one per sample) -> name -> values,
     checked against the conditions the run's adapters read and the values their weightings take."""
-    from difflora.diffscaler.affiner import affiner_adapter_configs  # model.affiner reads conditions too
+    from difflora.model.expand import adapter_entries  # e.g. model.affiner reads conditions too
 
-    adapters = [*cfg.model.adapters, *affiner_adapter_configs(cfg.model)]
+    adapters = adapter_entries(cfg)
     read = {a.condition: a for a in adapters if a.condition not in ("t", "y")}
     out: dict[str, list[float]] = {}
     for text in texts or []:
@@ -200,15 +200,14 @@ def spatial_inputs(
     import torch
 
     from difflora.data.spatial import heldout_conditions
-    from difflora.diffscaler.affiner import affiner_adapter_configs
+    from difflora.model.expand import adapter_entries
 
     texts = list(texts or [])
     task_texts = [t for t in texts if t.partition("=")[0].strip() == "task"]
     if len(task_texts) != 1:
         names = ", ".join(f"{(cfg.data.task_id or 0) + k}={t}" for k, t in enumerate(cfg.data.spatial.tasks))
         raise CLIError(f"this run has spatial tasks ({names}): pass --condition task=K once")
-    adapters = [*cfg.model.adapters, *affiner_adapter_configs(cfg.model)]
-    reads_task = any(a.condition == "task" for a in adapters)
+    reads_task = any(a.condition == "task" for a in adapter_entries(cfg))
     conditions = parse_conditions(texts if reads_task else [t for t in texts if t not in task_texts], num, cfg)
     try:
         values = [int(finite_float(v.strip())) for v in task_texts[0].partition("=")[2].split(",")]

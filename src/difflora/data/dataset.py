@@ -1,12 +1,13 @@
-"""``ImageDataset`` (images and labels held in memory as tensors) and ``load_dataset``, the registry.
+"""``ImageDataset`` (images and labels held in memory as tensors) and ``load_source``, the registry.
 
 Every dataset difflora trains on is small enough to hold in memory as one float32 tensor (CIFAR-10's
 train split, the largest, is 600 MB), so a dataset is two tensors and batches are index lookups:
-no worker processes, no per-sample Python. ``load_dataset`` picks the source by ``DataConfig.name``
+no worker processes, no per-sample Python. ``load_source`` picks the source by ``DataConfig.name``
 (see the modules of this package for each format, its files and its split), applies ``data.limit``,
-and resizes once to ``data.image_size``.
+and resizes once to ``data.image_size``. Datasets built from sources (``data.tasks``,
+``data.spatial``) build on it; :func:`difflora.data.load.load_dataset` picks among them.
 
-    >>> ds = load_dataset(DataConfig(name="digits"), "train")
+    >>> ds = load_source(DataConfig(name="digits"), "train")
     >>> ds.images.shape, ds.num_classes
     (torch.Size([1438, 1, 8, 8]), 10)
     >>> x, y = ds.batch(torch.arange(16), generator=torch.Generator().manual_seed(0))
@@ -28,7 +29,7 @@ from difflora.data.idx import load_fashion_mnist, load_mnist
 from difflora.data.source import SplitData
 from difflora.data.transforms import random_hflip, resize_images
 
-__all__ = ["LOADERS", "ImageDataset", "Split", "load_dataset"]
+__all__ = ["LOADERS", "ImageDataset", "Split", "load_source"]
 
 Split = Literal["train", "test"]
 Loader = Callable[[DataConfig, str], SplitData]
@@ -164,25 +165,18 @@ class ImageDataset(Dataset):
         )
 
 
-def load_dataset(cfg: DataConfig, split: Split) -> ImageDataset:
-    """Load one split of the dataset ``cfg.name``.
+def load_source(cfg: DataConfig, split: Split) -> ImageDataset:
+    """Load split ``split`` of the one dataset ``cfg.name`` (``data.tasks`` and ``data.spatial`` are
+    :func:`difflora.data.load.load_dataset`'s; they must be unset here).
 
     The train split is cut to its first ``cfg.limit`` examples when ``cfg.limit > 0`` (the test split
     never is); images are resized once to ``cfg.image_size`` when it is set. Raises
     :class:`DatasetNotFoundError` (files missing: the message says where it looked and how to get
-    them) or :class:`DatasetFormatError` (a file is corrupt). With ``cfg.tasks``, the datasets of
-    every task are concatenated (:func:`difflora.data.tasks.load_tasks`).
+    them) or :class:`DatasetFormatError` (a file is corrupt).
     """
+    assert not cfg.tasks and cfg.spatial is None, "load_source reads one dataset; load_dataset builds the others"
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if cfg.tasks:
-        from difflora.data.tasks import load_tasks  # it builds on this function
-
-        return load_tasks(cfg, split)
-    if cfg.spatial is not None:
-        from difflora.data.spatial import load_spatial  # it builds on this function
-
-        return load_spatial(cfg, split)
     if cfg.name not in LOADERS:
         raise ValueError(f"unknown dataset {cfg.name!r}; choices: {', '.join(LOADERS)}")
     images, labels, class_names = LOADERS[cfg.name](cfg, split)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from difflora.config.schema import DataConfig, SpatialConfig
-from difflora.data.dataset import ImageDataset, Split, load_dataset
+from difflora.data.dataset import ImageDataset, Split, load_source
 
 __all__ = [
     "block_means",
@@ -50,8 +50,9 @@ __all__ = [
 ]
 
 # Sobel kernel for the derivative along W (cross-correlation, as F.conv2d computes); its
-# transpose differentiates along H.
-_SOBEL_W = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+# transpose differentiates along H. Numbers, not a tensor: a tensor made at import would land on
+# whatever default device is active then (e.g. "meta" while `difflora params` builds a model).
+_SOBEL_W = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
 
 
 def sobel_magnitude(images: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,8 @@ def sobel_magnitude(images: torch.Tensor) -> torch.Tensor:
     """
     n, c, h, w = images.shape
     x = F.pad(images.reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
-    kernel = torch.stack([_SOBEL_W.T, _SOBEL_W]).unsqueeze(1).to(images)  # (2, 1, 3, 3): d/dH, d/dW
+    sobel_w = torch.tensor(_SOBEL_W, dtype=images.dtype, device=images.device)
+    kernel = torch.stack([sobel_w.T, sobel_w]).unsqueeze(1)  # (2, 1, 3, 3): d/dH, d/dW
     grad = F.conv2d(x, kernel)  # (N*C, 2, H, W)
     return grad.square().sum(1).sqrt().reshape(n, c, h, w)
 
@@ -141,7 +143,7 @@ def load_spatial(cfg: DataConfig, split: Split) -> ImageDataset:
     """Split ``split`` of ``cfg.name`` once per spatial task: images and labels repeated per task
     (task 0's copy first), with conditions ``task`` [N] and ``spatial`` [N x C_s x H x W]."""
     assert cfg.spatial is not None
-    plain = load_dataset(cfg.model_copy(update={"spatial": None, "task_id": None}), split)
+    plain = load_source(cfg.model_copy(update={"spatial": None, "task_id": None}), split)
     k, n = len(cfg.spatial.tasks), len(plain)
     which = torch.arange(k).repeat_interleave(n)
     images = plain.images.repeat(k, 1, 1, 1)
@@ -169,7 +171,7 @@ def heldout_conditions(
             f"choose among {first}..{first + k - 1} ({', '.join(cfg.spatial.tasks)}) or -1 (the base)"
         )
     if images is None:
-        pool = load_dataset(cfg.model_copy(update={"spatial": None, "task_id": None}), "test").images
+        pool = load_source(cfg.model_copy(update={"spatial": None, "task_id": None}), "test").images
         images = pool[torch.arange(len(task)) % len(pool)]
     if images.ndim != 4 or len(images) != len(task):
         raise ValueError(f"condition images must be [{len(task)} x C x H x W], got {tuple(images.shape)}")

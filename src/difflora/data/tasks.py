@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from difflora.config.schema import DataConfig
-from difflora.data.dataset import ImageDataset, Split, load_dataset
+from difflora.data.dataset import ImageDataset, Split, load_source
 
 __all__ = ["load_tasks", "task_configs"]
 
@@ -61,7 +61,7 @@ def load_tasks(cfg: DataConfig, split: Split) -> ImageDataset:
     and labels as ``cfg.task_labels`` says. ``data.limit`` applies to task 0, ``tasks[k].limit``
     to task k + 1 (train split only, as for one dataset).
     """
-    parts = [load_dataset(c, split) for c in task_configs(cfg)]
+    parts = [load_source(c, split) for c in task_configs(cfg)]
     shapes = {tuple(p.images.shape[1:]) for p in parts}
     # The config checks channels and every task is resized to one size, so this cannot differ.
     assert len(shapes) == 1, f"tasks loaded with different image shapes {shapes}"

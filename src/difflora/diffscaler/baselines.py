@@ -45,6 +45,7 @@ from typing import Any
 from torch import nn
 
 from difflora.adapters import adapter_parameters
+from difflora.config.schema import Config
 from difflora.model.accounting import per_task_counts
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "baseline_values",
     "group_parameters",
     "per_task_counts",
+    "unfreeze_base_groups",
     "unfreeze_groups",
 ]
 
@@ -163,6 +165,16 @@ def unfreeze_groups(net: nn.Module, groups: list[str]) -> int:
             p.requires_grad_(True)
             count += p.numel()
     return count
+
+
+def unfreeze_base_groups(net: nn.Module, cfg: Config) -> None:
+    """``train.base_groups`` of ``cfg`` on the built ``net`` (a step of the model's expansion, after the
+    base is frozen): let those groups of the base train."""
+    if not cfg.train.base_groups:
+        return
+    if cfg.train.train_base:
+        raise ValueError("train.base_groups picks what trains of a frozen base; set train.train_base=false")
+    unfreeze_groups(net, cfg.train.base_groups)
 
 
 def _owner(net: nn.Module, name: str) -> nn.Module:

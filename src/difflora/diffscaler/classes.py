@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflora.config.schema import ModelConfig
+from difflora.config.schema import Config, ModelConfig
 
-__all__ = ["GrownEmbedding", "GrownLabelEmbedder", "add_classes", "base_model_config"]
+__all__ = ["GrownEmbedding", "GrownLabelEmbedder", "add_classes", "base_model_config", "grow_classes"]
 
 
 class GrownEmbedding(nn.Module):
@@ -98,6 +98,13 @@ def add_classes(net: nn.Module, num_new: int) -> int:
         raise ValueError("add_classes: the network has no class embedding (model.num_classes = 0 or class_embed off)")
     net.num_classes = first + num_new
     return first
+
+
+def grow_classes(net: nn.Module, cfg: Config) -> None:
+    """``model.new_classes`` of ``cfg`` on the built base ``net`` (a step of the model's expansion, after
+    the base is frozen, so the new class rows train and the old ones do not)."""
+    if cfg.model.new_classes:
+        add_classes(net, cfg.model.new_classes)
 
 
 def base_model_config(cfg: ModelConfig) -> ModelConfig:

@@ -20,21 +20,15 @@ import torch
 from torch import nn
 
 from difflora.adapters import (
-    DEFAULT_TARGETS,
     InjectionReport,
     adapters_disabled,
     conditions,
-    freeze_base,
     merge_shared,
     unmerge_adapters,
 )
 from difflora.config.schema import Config
-from difflora.diffscaler.affiner import affiner_adapter_configs
-from difflora.diffscaler.baselines import unfreeze_groups
-from difflora.diffscaler.classes import add_classes, base_model_config
 from difflora.diffusion import create_diffusion
-from difflora.model.expand import add_context_tokens, check_adapter_configs, inject_adapters
-from difflora.nets import build_net
+from difflora.model.expand import expand_model
 
 __all__ = ["DiffusionModel", "build_diffusion", "build_model", "merged_timesteps"]
 
@@ -119,24 +113,13 @@ def merged_timesteps(model: DiffusionModel) -> contextlib.AbstractContextManager
 def build_model(cfg: Config) -> DiffusionModel:
     """The network of ``cfg.model`` wrapped as a :class:`DiffusionModel` (weights freshly initialised).
 
-    Injects ``cfg.model.adapters`` (empty targets: the backbone's attention projections,
-    :data:`difflora.adapters.DEFAULT_TARGETS`) and freezes every non-adapter parameter when
-    ``cfg.train.train_base`` is false. The injection report is kept as ``model.adapter_report``.
+    The one expansion step (:func:`difflora.model.expand.expand_model`) adds what the config asks
+    for: the adapter entries (``cfg.model.adapters``, empty targets: the backbone's attention
+    projections; then the entries the papers' expansions derive), frozen non-adapter parameters
+    when ``cfg.train.train_base`` is false, and the papers' other parts. The injection report is
+    kept as ``model.adapter_report`` (None when no adapter is injected).
     """
-    net = build_net(base_model_config(cfg.model))  # model.new_classes: grown below
-    report = None
-    if cfg.model.adapters or cfg.model.affiner or cfg.model.context.new_tokens:
-        check_adapter_configs(cfg)
-        configs = [*cfg.model.adapters, *affiner_adapter_configs(cfg.model, net)]  # model.affiner: DiffScaler
-        report = inject_adapters(net, configs, DEFAULT_TARGETS.get(cfg.model.arch, ()))
-        add_context_tokens(net, cfg)  # model.context.new_tokens: a trainable class-token table
-    if not cfg.train.train_base:
-        freeze_base(net)
-        unfreeze_groups(net, cfg.train.base_groups)  # BitFit, DiffFit, embeddings only
-    elif cfg.train.base_groups:
-        raise ValueError("train.base_groups picks what trains of a frozen base; set train.train_base=false")
-    if cfg.model.new_classes:  # after freezing: the new class rows train, the old ones are frozen
-        add_classes(net, cfg.model.new_classes)
+    net, report = expand_model(cfg)
     scale = cfg.diffusion.steps / 1000.0 if cfg.diffusion.rescale_timesteps else 1.0
     model = DiffusionModel(net, timestep_scale=scale)
     model.adapter_report = report

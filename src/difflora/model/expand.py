@@ -1,4 +1,11 @@
-"""Turn ``model.adapters`` config entries into adapters on a backbone (model building, not ``adapters/``).
+"""The one expansion step of model building: config entries -> a backbone with its adapters.
+
+:func:`expand_model` builds the backbone and adds everything the config asks for on top of it,
+once: the adapter entries (``model.adapters``, and the entries a paper derives from its own
+section, e.g. 002's ``model.affiner``), new class tokens (``model.context.new_tokens``), the frozen
+base, and what a paper adds after that (e.g. 002's trainable base groups and new classes). The
+papers' parts are :class:`Expansion` entries of the ordered registry :data:`EXPANSIONS`, which
+their ``register()`` fills (:mod:`difflora.registry`); the shared entries come first.
 
 ``difflora.adapters`` takes Python objects only (weightings, forms, targets); this module reads
 the typed config (:class:`difflora.config.schema.AdapterConfig`), checks each entry against the rest of
@@ -9,11 +16,13 @@ and calls :func:`~difflora.adapters.inject_adapter` or
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from torch import nn
 
 from difflora.adapters import (
+    DEFAULT_TARGETS,
     IndexWeighting,
     InjectionReport,
     LinearWeighting,
@@ -22,13 +31,85 @@ from difflora.adapters import (
     Weighting,
     adapter_layers,
     add_new_class_tokens,
+    freeze_base,
     inject_adapter,
     inject_position_adapter,
 )
-from difflora.config.schema import AdapterConfig, Config
-from difflora.diffscaler.affiner import affiner_adapter_configs
+from difflora.config.schema import AdapterConfig, Config, ModelConfig
+from difflora.nets import build_net
+from difflora.registry import Registry
 
-__all__ = ["add_context_tokens", "check_adapter_configs", "freeze_entries", "inject_adapters", "make_weighting"]
+__all__ = [
+    "EXPANSIONS",
+    "Expansion",
+    "adapter_entries",
+    "add_context_tokens",
+    "check_adapter_configs",
+    "expand_model",
+    "freeze_entries",
+    "inject_adapters",
+    "make_weighting",
+]
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """One part of the expansion step; each hook is optional. In the order of :func:`expand_model`:
+
+    * ``net_config(model_cfg) -> model_cfg``: the backbone to build before expanding it (e.g. the
+      base of fewer classes that 002's ``model.new_classes`` grows);
+    * ``adapter_configs(model_cfg, net) -> [AdapterConfig]``: adapter entries this part adds.
+      ``net`` is None when only the entries' conditions and values are wanted (``--condition``
+      checks): the entries may then lack their default targets;
+    * ``extend(net, cfg)``: changes after the adapters are injected and, without
+      ``train.train_base``, the base is frozen (trainable tokens, base groups, class rows).
+    """
+
+    net_config: Callable[[ModelConfig], ModelConfig] | None = None
+    adapter_configs: Callable[[ModelConfig, nn.Module | None], list[AdapterConfig]] | None = None
+    extend: Callable[[nn.Module, Config], None] | None = None
+
+
+# The parts of the expansion step, applied in registration order: the shared ones below, then each
+# paper's (its register(), difflora.registry).
+EXPANSIONS: Registry[Expansion] = Registry("model.expansion")
+
+
+def expand_model(cfg: Config) -> tuple[nn.Module, InjectionReport | None]:
+    """The backbone of ``cfg.model`` with everything the config adds (module docstring), and the
+    report of the adapters injected (None when the config injects none).
+
+    Entries with empty ``targets`` go on the backbone's default targets
+    (:data:`difflora.adapters.DEFAULT_TARGETS`, its attention projections).
+    """
+    parts = EXPANSIONS.values()
+    model_cfg = cfg.model
+    for part in parts:
+        if part.net_config is not None:
+            model_cfg = part.net_config(model_cfg)
+    net = build_net(model_cfg)
+    configs = adapter_entries(cfg, net)
+    report = None
+    if configs:
+        check_adapter_configs(cfg, configs)
+        report = inject_adapters(net, configs, DEFAULT_TARGETS.get(cfg.model.arch, ()))
+    if not cfg.train.train_base:
+        freeze_base(net)
+    for part in parts:
+        if part.extend is not None:
+            part.extend(net, cfg)
+    return net, report
+
+
+def adapter_entries(cfg: Config, net: nn.Module | None = None) -> list[AdapterConfig]:
+    """Every adapter entry ``cfg`` expands into, ``model.adapters`` first; ``net`` gives default targets
+    (without it, entries a paper derives may lack targets: enough to know the conditions read)."""
+    return [
+        entry
+        for part in EXPANSIONS.values()
+        if part.adapter_configs is not None
+        for entry in part.adapter_configs(cfg.model, net)
+    ]
 
 
 def make_weighting(cfg: AdapterConfig) -> Weighting:
@@ -44,9 +125,10 @@ def make_weighting(cfg: AdapterConfig) -> Weighting:
     return TrainableWeighting(cfg.num_values, cfg.num_bases, cfg.init)
 
 
-def check_adapter_configs(cfg: Config) -> None:
-    """Errors for adapter entries that do not fit the rest of ``cfg`` (diffusion steps, classes)."""
-    for a in [*cfg.model.adapters, *affiner_adapter_configs(cfg.model)]:
+def check_adapter_configs(cfg: Config, configs: Sequence[AdapterConfig]) -> None:
+    """Errors for adapter entries (``configs``, from :func:`adapter_entries`) that do not fit the rest
+    of ``cfg`` (diffusion steps, classes)."""
+    for a in configs:
         if a.weighting == "shared":
             continue  # one entry for every sample: no range to cover
         if a.condition == "t" and a.weighting != "linear" and a.num_values < cfg.diffusion.steps:
@@ -138,3 +220,11 @@ def freeze_entries(model: nn.Module, name: str, frozen: int) -> None:
         branch = layer.adapters[name] if name in layer.adapters else None
         if branch is not None:
             branch.set_entries({n: branch.entries(n) for n in branch.bank_names}, frozen)
+
+
+def _model_adapters(cfg: ModelConfig, net: nn.Module | None) -> list[AdapterConfig]:
+    return list(cfg.adapters)
+
+
+EXPANSIONS.register("adapters", Expansion(adapter_configs=_model_adapters))  # model.adapters
+EXPANSIONS.register("context_tokens", Expansion(extend=add_context_tokens))  # model.context.new_tokens

@@ -7,22 +7,37 @@ about diffusion.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn as nn
 
 from difflora.config.schema import ModelConfig
-from difflora.nets.controlnet import ControlUNet
 from difflora.nets.dit import DIT_PRESETS, DiT
 from difflora.nets.layers import count_parameters
 from difflora.nets.unet import UNetModel, default_channel_mult
+from difflora.registry import Registry
 
-__all__ = ["DIT_PRESETS", "ControlUNet", "DiT", "UNetModel", "build_net", "count_parameters", "default_channel_mult"]
+__all__ = [
+    "DIT_PRESETS",
+    "SPATIAL_INPUTS",
+    "DiT",
+    "UNetModel",
+    "build_net",
+    "count_parameters",
+    "default_channel_mult",
+]
+
+# model.spatial_input -> the U-Net that reads a spatial condition that way. "concat" is the U-Net's
+# own input; a paper package registers others in its register() (difflora.registry), e.g. 002's
+# ControlNet-style branch.
+SPATIAL_INPUTS: Registry[Callable[[ModelConfig], nn.Module]] = Registry("model.spatial_input")
+SPATIAL_INPUTS.register("concat", UNetModel)
 
 
 def build_net(cfg: ModelConfig) -> nn.Module:
     """The backbone named by ``cfg.arch`` ("unet", "dit" or "diffusers"), freshly initialised."""
     if cfg.arch == "unet":
-        # A ControlNet-style branch for spatial tasks (model.spatial_input), else the plain U-Net.
-        return ControlUNet(cfg) if cfg.spatial_channels and cfg.spatial_input == "controlnet" else UNetModel(cfg)
+        return SPATIAL_INPUTS[cfg.spatial_input](cfg) if cfg.spatial_channels else UNetModel(cfg)
     if cfg.arch == "dit":
         return DiT(cfg)
     if cfg.arch == "diffusers":

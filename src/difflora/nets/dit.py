@@ -28,7 +28,8 @@ vector; the class label enters through the context (``context_embedder``), so th
 
 Masked training (DiffScaler, 002 section 4.2; ``train.mask_ratio``): ``net(strip, t, y, keep=idx)``
 runs only the kept tokens ``idx`` [N x K] of each sample, given as a strip of their patches
-(:func:`patch_strip`), and returns the strip of their outputs; the dropped tokens never enter.
+(:func:`patch_strip`), and returns the strip of their outputs; the dropped tokens never enter
+(the objective that draws them is 002's, ``difflora.diffscaler.masked``).
 
 Other differences: the fixed 2D sin-cos position embedding is a non-persistent buffer (not a
 parameter, so it is never trained nor saved; DiT keeps it as a frozen ``nn.Parameter``);
@@ -46,7 +47,7 @@ from difflora.config.schema import ModelConfig
 from difflora.nets.layers import timestep_embedding
 from difflora.nets.transformer import ContextEmbedder, TransformerBlock
 
-__all__ = ["DIT_PRESETS", "DiT", "DiTBlock", "get_2d_sincos_pos_embed", "patch_strip", "random_keep"]
+__all__ = ["DIT_PRESETS", "DiT", "DiTBlock", "get_2d_sincos_pos_embed", "patch_strip"]
 
 # name -> (depth, hidden_size, num_heads, patch_size). The twelve published models (DiT paper,
 # Table 1) plus tiny ones for CPU tests and demos.
@@ -80,14 +81,6 @@ def get_2d_sincos_pos_embed(dim: int, grid_size: int) -> torch.Tensor:
         raise ValueError(f"DiT hidden_size must be divisible by 4 for the 2D sin-cos embedding, got {dim}")
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
     return torch.cat([_sincos_1d(dim // 2, cols.reshape(-1)), _sincos_1d(dim // 2, rows.reshape(-1))], dim=1).float()
-
-
-def random_keep(n: int, tokens: int, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[N x K] indices of the tokens each sample keeps, ascending: a uniformly random subset of
-    ``K = tokens - round(ratio * tokens)`` (at least 1) per sample, drawn in one batched op."""
-    keep = max(1, tokens - round(ratio * tokens))
-    scores = torch.rand(n, tokens, generator=generator)
-    return scores.argsort(dim=1)[:, :keep].sort(dim=1).values
 
 
 def patch_strip(x: torch.Tensor, keep: torch.Tensor, patch: int) -> torch.Tensor:

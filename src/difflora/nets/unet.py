@@ -35,8 +35,9 @@ Differences from improved-diffusion, all optional or outside the layers themselv
   spatial=c)`` adds ``spatial_in(c)``, a zero-initialised 3x3 conv of the condition image, to the
   first conv's output. A conv is linear in its input channels, so this is the first conv with the
   condition concatenated to x as extra input channels whose weights start at zero, kept as its own
-  module so the base's weights and state-dict keys stay as they are (``nets/controlnet.py`` holds
-  the ControlNet-style alternative).
+  module so the base's weights and state-dict keys stay as they are (002's package holds the
+  ControlNet-style alternative, ``model.spatial_input: controlnet``, registered in
+  ``difflora.nets.SPATIAL_INPUTS``).
 * Named taps for position adapters (004): every ``ResBlock`` and ``AttentionBlock`` has
   parameter-free ``nn.Identity`` points ``tap_in`` (the block's input) and ``tap_out`` (its output,
   after the residual sum), listed in ``TAPS``. They add no parameters and change no parameter name.
@@ -325,7 +326,7 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(mc, self.out_channels, 3, padding=1)))
 
     def _init_spatial(self, cfg: ModelConfig, skip_chans: list[int]) -> None:
-        self.skip_channels = tuple(skip_chans)  # output channels of each input block (nets/controlnet.py)
+        self.skip_channels = tuple(skip_chans)  # output channels of each input block (a ControlNet branch)
         self.spatial_channels = cfg.spatial_channels or 0
         concat = bool(self.spatial_channels) and cfg.spatial_input == "concat"
         self.spatial_in = SpatialInput(self.spatial_channels, self.model_channels) if concat else None

@@ -12,11 +12,18 @@ The base is read one tensor at a time straight into the model's parameters, so l
 second copy of it to memory; the same pass computes its fingerprint (a content hash, see
 :class:`~difflora.train.checkpoint.Fingerprint`) that the run records to find and check its base
 again on resume, sampling and evaluation.
+
+Two registries let a paper package extend this (its ``register()``, :mod:`difflora.registry`):
+:data:`BASE_READERS` read a checkpoint in another way before it is read as a plain base (002's
+sequential regime: a multi-task adapter run fills the model's frozen task entries), and
+:data:`BASE_LOADED` hooks finish a freshly built model once its base is in (002's ControlNet
+branch starts as a copy of the loaded encoder).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,7 @@ from torch import nn
 
 from difflora.adapters import adapter_layers, adapter_parameters
 from difflora.files.jsonfile import read_json_file
+from difflora.registry import Registry
 from difflora.train.checkpoint import (
     CheckpointError,
     Fingerprint,
@@ -37,18 +45,33 @@ from difflora.train.checkpoint import (
 from difflora.train.run_dir import RESTORE_CONFIG
 
 __all__ = [
+    "BASE_LOADED",
+    "BASE_READERS",
     "PRETRAINED_PREFIX",
+    "BaseReader",
     "adapter_owned_keys",
     "base_key_map",
     "bases_cache_dir",
+    "key_listing",
     "load_base",
     "pretrained_run_dir",
     "resolve_base_checkpoint",
+    "start_from_base",
     "stored_state",
 ]
 
 # ``train.init_from: pretrained:NAME``: the shared base ``difflora pretrain NAME`` trained into the cache.
 PRETRAINED_PREFIX = "pretrained:"
+
+# ``reader(model, ckpt, sources, state, expect)``: the base record when it read the checkpoint ``ckpt``
+# (weight files ``sources``, ``state.json`` contents ``state``) into ``model`` itself, None when the
+# checkpoint is not its kind (it may raise when the model needs its kind); ``expect`` as in load_base.
+BaseReader = Callable[[nn.Module, Path, dict[str, Path], dict[str, Any], dict[str, Any] | None], dict[str, Any] | None]
+# Readers load_base asks, in registration order, before it reads a checkpoint as a plain base.
+BASE_READERS: Registry[BaseReader] = Registry("train.base_reader")
+# ``hook(model)`` after the base is loaded into a freshly built model (not on resume: the run's checkpoint
+# then restores what a hook set).
+BASE_LOADED: Registry[Callable[[nn.Module], object]] = Registry("train.base_loaded")
 
 
 def bases_cache_dir() -> Path:
@@ -112,7 +135,7 @@ def adapter_owned_keys(model: nn.Module) -> set[str]:
         params = list(module.parameters())
         if path and params and all(id(p) in own for p in params):
             owned_modules.append(path + ".")
-    # Parameters a module adds to a base model (new class rows, difflora.diffscaler.classes) are new too.
+    # Parameters a module adds to a base model (e.g. 002's new class rows) are new too.
     own |= {id(p) for m in model.modules() for n in getattr(m, "new_parameters", ()) for p in [getattr(m, n)]}
     keys = {name for name, p in model.named_parameters() if id(p) in own}
     keys.update(k for k in model.state_dict() if k.startswith(tuple(owned_modules)))
@@ -125,7 +148,8 @@ def base_key_map(model: nn.Module) -> dict[str, str]:
     return {k: ".".join(p for p in k.split(".") if p != "base_layer") for k in model.state_dict() if k not in owned}
 
 
-def _listing(keys: list[str], limit: int = 6) -> str:
+def key_listing(keys: list[str], limit: int = 6) -> str:
+    """Up to ``limit`` of ``keys``, comma-separated, and how many more (for one-line errors)."""
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
 
@@ -136,9 +160,9 @@ def _check_fit(ckpt: Path, sources: dict[str, Path], wanted: dict[str, str], mod
     unexpected = sorted(set(sources) - set(wanted))
     problems = []
     if missing:
-        problems.append(f"missing from the base (the model needs them): {_listing(missing)}")
+        problems.append(f"missing from the base (the model needs them): {key_listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected in the base (the model has no place for them): {_listing(unexpected)}")
+        problems.append(f"unexpected in the base (the model has no place for them): {key_listing(unexpected)}")
     if not problems:
         target = model.state_dict()
         shapes = tensor_shapes(sources)
@@ -148,7 +172,7 @@ def _check_fit(ckpt: Path, sources: dict[str, Path], wanted: dict[str, str], mod
             if shapes[b] != tuple(target[k].shape)
         ]
         if bad:
-            problems.append(f"shapes differ: {_listing(bad, 3)}")
+            problems.append(f"shapes differ: {key_listing(bad, 3)}")
     if problems:
         raise ValueError(
             f"train.init_from: the checkpoint {ckpt} does not fit the model of this config; "
@@ -165,25 +189,21 @@ def load_base(
 
     The record: ``path`` (the checkpoint directory, absolute), ``weights``, ``step``,
     ``fingerprint`` and ``keys`` (``{model key: base key}``). ``expect`` (a stored record) makes a
-    different fingerprint an error: the run was trained on another base. ``init_from`` may be a
-    multi-task adapter run when the model holds frozen task entries (``model.affiner.frozen_tasks``):
-    its base is loaded, its task banks fill the frozen entries, and the record adds ``adapters_from``.
+    different fingerprint an error: the run was trained on another base. A checkpoint a reader of
+    :data:`BASE_READERS` takes is read by it (e.g. 002's multi-task adapter run filling
+    ``model.affiner.frozen_tasks``); any other adapter run is an error.
     """
     ckpt = resolve_base_checkpoint(init_from)
     sources, state = weight_sources(ckpt, weights)
-    frozen = _frozen_banks(model)
+    for reader in BASE_READERS.values():
+        record = reader(model, ckpt, sources, state, expect)
+        if record is not None:
+            return record
     if state.get("base", {}).get("keys"):
-        if not frozen:
-            raise ValueError(
-                f"train.init_from: {ckpt} is itself an adapter run (it stores its trainable tensors only, on "
-                f"base {state['base']['path']}); adapt a run trained without adapters, or add tasks to it "
-                "with model.affiner.frozen_tasks (the number of tasks it holds)"
-            )
-        return _load_adapter_run(model, ckpt, sources, state, frozen, expect)
-    if frozen and expect is None:
         raise ValueError(
-            f"train.init_from: frozen task entries (model.affiner.frozen_tasks) come from the multi-task run that "
-            f"trained them, but {ckpt} is a run without adapters; set train.init_from to that run"
+            f"train.init_from: {ckpt} is itself an adapter run (it stores its trainable tensors only, on "
+            f"base {state['base']['path']}); adapt a run trained without adapters, or add tasks to it "
+            "with model.affiner.frozen_tasks (the number of tasks it holds)"
         )
     keymap = base_key_map(model)
     wanted = {b: k for k, b in keymap.items()}
@@ -205,52 +225,12 @@ def load_base(
     return record
 
 
-def _frozen_banks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{state-dict key of a bank: its frozen entries}`` of every adapter bank holding frozen entries."""
-    out = {}
-    for path, layer in adapter_layers(model):
-        for name, branch in layer.adapters.items():
-            if branch.frozen:
-                out.update({f"{path}.adapters.{name}.{b}": getattr(branch, b + "_frozen") for b in branch.bank_names})
-    return out
-
-
-@torch.no_grad()
-def _load_adapter_run(
-    model: nn.Module,
-    ckpt: Path,
-    sources: dict[str, Path],
-    state: dict[str, Any],
-    frozen: dict[str, torch.Tensor],
-    expect: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """``init_from`` an adapter run (002's sequential regime): its base, then its banks (every entry,
-    frozen or not) as the model's frozen entries. The run then stores those entries itself, so it
-    needs the first run no more: its base record is the first run's base."""
-    tensors = dict(stream_weights(sources))  # the adapter run's own tensors: small
-    full = {
-        key: torch.cat([tensors[k] for k in (key + "_frozen", key) if k in tensors]) for key in frozen if key in tensors
-    }
-    used = {k for key in full for k in (key + "_frozen", key)}
-    problems = []
-    if missing := sorted(set(frozen) - set(full)):
-        problems.append(f"frozen banks it does not hold: {_listing(missing)}")
-    if extra := sorted(set(tensors) - used):
-        problems.append(f"tensors with no frozen place in this model (trained base weights?): {_listing(extra)}")
-    if bad := [
-        f"{k} {tuple(full[k].shape)} -> {tuple(frozen[k].shape)}"
-        for k in sorted(full)
-        if full[k].shape != frozen[k].shape
-    ]:
-        problems.append(
-            f"shapes differ (does model.affiner.frozen_tasks equal its number of tasks?): {_listing(bad, 3)}"
-        )
-    if problems:
-        raise ValueError(f"train.init_from: the adapter run {ckpt} does not fit this model: " + "; ".join(problems))
-    record = load_base(model, state["base"]["path"], state["base"]["weights"], expect=expect or state["base"])
-    for key, tensor in full.items():
-        frozen[key].copy_(tensor)
-    return record | {"adapters_from": str(ckpt)}
+def start_from_base(model: nn.Module, init_from: str | Path, weights: str = "ema") -> dict[str, Any]:
+    """:func:`load_base` into a freshly built ``model``, then every :data:`BASE_LOADED` hook; the base record."""
+    record = load_base(model, init_from, weights)
+    for hook in BASE_LOADED.values():
+        hook(model)
+    return record
 
 
 def stored_state(model: nn.Module, keys: list[str]) -> dict[str, torch.Tensor]:

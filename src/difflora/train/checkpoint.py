@@ -127,7 +127,7 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically and keep only the newest ``keep`` ones.
 
     ``optimizer`` None stores no optimizer state (a run that serves but does not train, such as a
-    merged one: ``difflora.train.combine_tasks``).
+    merged one: 002's ``difflora combine-tasks``).
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)

@@ -45,10 +45,9 @@ from difflora.data.spatial import grid_indices
 from difflora.files.images import save_grid
 from difflora.model.accounting import parameter_counts, peak_memory_mb
 from difflora.model.build import build_diffusion, build_model
-from difflora.nets.controlnet import copy_encoder_into_control
 from difflora.sampling.generate import default_labels, generate
 from difflora.train.activation_checkpointing import checkpoint_blocks
-from difflora.train.base import load_base, stored_state
+from difflora.train.base import load_base, start_from_base, stored_state
 from difflora.train.checkpoint import (
     CheckpointError,
     LoadedCheckpoint,
@@ -191,8 +190,7 @@ def _init_base(model: torch.nn.Module, cfg: Config, ckpt: LoadedCheckpoint | Non
     if not cfg.train.init_from:
         return None
     if ckpt is None:
-        record = load_base(model, cfg.train.init_from, cfg.train.init_weights)
-        copy_encoder_into_control(model)  # a ControlNet branch starts as a copy of the loaded encoder
+        record = start_from_base(model, cfg.train.init_from, cfg.train.init_weights)
         log(f"adapting {record['path']} (step {record['step']}, {record['weights']} weights)")
         return record
     rec = ckpt.state["base"]

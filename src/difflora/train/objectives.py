@@ -17,17 +17,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
 
 from difflora.config.schema import Config
 from difflora.diffusion.guidance import drop_labels
-from difflora.nets.dit import DIT_PRESETS, patch_strip, random_keep
 from difflora.registry import Registry
 
-__all__ = ["OBJECTIVES", "Batch", "DiffusionObjective", "MaskedDiffusionObjective", "Objective", "build_objective"]
+__all__ = [
+    "DIFFUSION_VARIANTS",
+    "OBJECTIVES",
+    "Batch",
+    "DiffusionObjective",
+    "DiffusionVariant",
+    "Objective",
+    "build_objective",
+]
 
 
 @dataclass
@@ -100,37 +107,23 @@ class DiffusionObjective:
         return self.diffusion.training_losses(model, x.to(device), t.to(device), kwargs, noise=noise.to(device))
 
 
-class MaskedDiffusionObjective(DiffusionObjective):
-    """DiT masked training (002 section 4.2, ``train.mask_ratio`` r > 0): the diffusion loss on the
-    kept patches only, with the dropped tokens never entering the network.
+class DiffusionVariant(NamedTuple):
+    """A variant of the diffusion objective: ``build(cfg, diffusion)`` when ``wanted(cfg)``."""
 
-    After :class:`DiffusionObjective`'s draws it draws, per sample, the kept tokens (a random subset
-    of ``T - round(r T)``, :func:`~difflora.nets.dit.random_keep`). Images and noise become strips of
-    the kept patches (:func:`~difflora.nets.dit.patch_strip`), which the DiT reads with ``keep``; the
-    diffusion's element-wise loss terms, averaged over the strip, are the loss over kept pixels.
-    """
+    wanted: Callable[[Config], bool]
+    build: Callable[[Config, Any], Objective]
 
-    def __init__(self, cfg: Config, diffusion: Any):
-        super().__init__(cfg, diffusion)
-        self.ratio = cfg.train.mask_ratio
-        self.patch = DIT_PRESETS[cfg.model.dit.preset][3] if cfg.model.dit.preset else cfg.model.dit.patch_size
-        assert cfg.model.image_size is not None  # resolved from the data
-        self.tokens = (cfg.model.image_size // self.patch) ** 2
 
-    def __call__(
-        self, model: nn.Module, batch: Batch, generator: torch.Generator, device: torch.device
-    ) -> dict[str, torch.Tensor]:
-        t, noise, kwargs = self.draw(batch, generator)
-        keep = random_keep(batch.x.shape[0], self.tokens, self.ratio, generator)
-        x, t, noise, keep, kwargs = (batch.local(v) for v in (batch.x, t, noise, keep, kwargs))
-        keep = keep.to(device)
-        x, noise = patch_strip(x.to(device), keep, self.patch), patch_strip(noise.to(device), keep, self.patch)
-        kwargs = {k: v.to(device) for k, v in kwargs.items()}
-        return self.diffusion.training_losses(model, x, t.to(device), {**kwargs, "keep": keep}, noise=noise)
+# Variants of "diffusion" chosen by the config (the first that wants it, else DiffusionObjective); a
+# paper package registers its own in its register() (difflora.registry), e.g. 002's masked DiT training.
+DIFFUSION_VARIANTS: Registry[DiffusionVariant] = Registry("train.objective.diffusion")
 
 
 def _diffusion_objective(cfg: Config, diffusion: Any) -> Objective:
-    return MaskedDiffusionObjective(cfg, diffusion) if cfg.train.mask_ratio else DiffusionObjective(cfg, diffusion)
+    for variant in DIFFUSION_VARIANTS.values():
+        if variant.wanted(cfg):
+            return variant.build(cfg, diffusion)
+    return DiffusionObjective(cfg, diffusion)
 
 
 # train.objective -> factory(cfg, diffusion). The shared one is "diffusion"; a paper package registers

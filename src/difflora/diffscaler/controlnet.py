@@ -1,6 +1,7 @@
 """ControlNet-style spatial conditioning: the baseline DiffScaler's spatial tasks are compared against.
 
-``model.spatial_input: controlnet`` builds :class:`ControlUNet`: the IDDPM U-Net (``nets/unet.py``)
+``model.spatial_input: controlnet`` (registered in :data:`difflora.nets.SPATIAL_INPUTS`) builds
+:class:`ControlUNet`: the IDDPM U-Net (``nets/unet.py``)
 plus a :class:`ControlBranch`, a trainable copy of its encoder (``input_blocks``) and middle block
 (Zhang et al., "Adding Conditional Control to Text-to-Image Diffusion Models", arXiv 2302.05543):
 
@@ -13,7 +14,8 @@ plus a :class:`ControlBranch`, a trainable copy of its encoder (``input_blocks``
 
 The branch uses the U-Net's own time and class embedding (a frozen base's, when adapting; not a
 copy), and starts as an exact copy of the encoder: :func:`copy_encoder_into_control` repeats the
-copy after ``train.init_from`` has loaded the base's weights. Every zero conv starts at zero, so
+copy after ``train.init_from`` has loaded the base's weights (a hook of
+:data:`difflora.train.base.BASE_LOADED`). Every zero conv starts at zero, so
 at step 0 the model is exactly the base. The branch is a
 :class:`~difflora.nets.layers.BaseExtension`: trained while the base is frozen, new to the base
 checkpoint, stored in the run's checkpoints.

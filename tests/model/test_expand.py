@@ -1,0 +1,65 @@
+"""The one expansion step of model building: shared parts first, then the papers', each applied once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from difflora.config.schema import parse_config
+from difflora.diffscaler import AFFINER_NAMES
+from difflora.model.expand import EXPANSIONS, adapter_entries, expand_model
+
+TINY_UNET = {"model_channels": 16, "num_res_blocks": 1, "attention_resolutions": [4], "channel_mult": [1, 2]}
+
+
+def _cfg(**model) -> object:
+    return parse_config(
+        {
+            "data": {"name": "digits", "task_id": 0},
+            "model": {"arch": "unet", "num_classes": 10, "unet": TINY_UNET, **model},
+            "diffusion": {"steps": 50},
+            "train": {"train_base": False},
+        }
+    )
+
+
+def test_the_shared_parts_come_first_then_002s_in_its_order():
+    names = list(EXPANSIONS)
+    assert names[:2] == ["adapters", "context_tokens"]
+    mine = [n for n in names if n in ("affiner", "base_groups", "new_classes")]
+    assert mine == ["affiner", "base_groups", "new_classes"]
+
+
+def test_adapter_entries_list_model_adapters_then_the_affiner_and_targets_need_the_net():
+    lora = {"name": "lora", "condition": "task", "weighting": "index", "num_values": 2, "rank": 2}
+    cfg = _cfg(adapters=[lora], affiner={"tasks": 2, "latent": 4})
+    entries = adapter_entries(cfg)
+    assert [e.name for e in entries] == ["lora", *AFFINER_NAMES.values()]
+    assert all(not e.targets for e in entries[1:])  # no net: no default targets (enough for --condition)
+    net, report = expand_model(cfg)
+    assert all(e.targets for e in adapter_entries(cfg, net)[1:])
+    assert {row.adapter for row in report.layers} == {"lora", *AFFINER_NAMES.values()}
+
+
+def test_a_plain_config_injects_nothing_and_reports_none():
+    net, report = expand_model(_cfg())
+    assert report is None
+    assert all(not p.requires_grad for p in net.parameters())  # train.train_base false: all frozen
+
+
+def test_building_under_the_meta_device_leaves_no_meta_tensor_in_the_modules_it_imports():
+    # Building loads the paper packages (difflora.registry); `difflora params` does that under
+    # torch.device("meta"), so a tensor made at import would stay on "meta" for the process.
+    code = (
+        "import torch\n"
+        "from difflora.config.schema import parse_config\n"
+        "from difflora.model.build import build_model\n"
+        "cfg = parse_config({'data': {'name': 'digits'}, 'model': {'arch': 'unet', 'unet': {'model_channels': 16,"
+        " 'num_res_blocks': 1, 'attention_resolutions': [4], 'channel_mult': [1, 2]}}})\n"
+        "with torch.device('meta'):\n"
+        "    build_model(cfg)\n"
+        "from difflora.data.spatial import edge_map\n"
+        "print(edge_map(torch.zeros(1, 1, 4, 4)).device)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "cpu"
