@@ -7,6 +7,8 @@ package fills in :func:`register` (:mod:`difflora.registry`).
 """
 
 from difflora.distill.objective import DistillObjective
+from difflora.distill.student import DistilledStudent
+from difflora.sampling.student import STUDENTS
 from difflora.train.objectives import OBJECTIVES
 
 __all__ = ["register"]
@@ -15,3 +17,4 @@ __all__ = ["register"]
 def register() -> None:
     """Add 003 to the shared registries (called once, through the ``difflora.papers`` entry point)."""
     OBJECTIVES.register("distill", DistillObjective)
+    STUDENTS.register("distill", DistilledStudent())
