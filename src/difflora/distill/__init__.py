@@ -2,8 +2,11 @@
 Models", arXiv 2312.06899): a LoRA student that shares the teacher's frozen weights learns to
 reproduce classifier-free guidance in one pass.
 
-Everything of 003 lives here; the shared code reaches it only through the registries this
-package fills in :func:`register` (:mod:`difflora.registry`).
+Everything of 003 lives here: the training objective (``objective.py``), the student as it samples
+and its guided teacher (``student.py``), and the logic of ``difflora distill`` and of sampling a
+distilled run (``command.py``). The shared code reaches it only through the registries this
+package fills in :func:`register` (:mod:`difflora.registry`): ``train.objective`` and
+``sampling.student``; it asks a config whether it is a distilled run through ``Config.distilled``.
 """
 
 from difflora.distill.objective import DistillObjective

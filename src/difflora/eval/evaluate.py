@@ -14,7 +14,7 @@ one sample grid per scale, and merges the sampling speed into the run's ``accoun
 ``sampling``). The noise floor is what real images reach at the same sample count
 (``difflora.eval.uncertainty``): a score means something only next to it, and only at equal counts.
 
-A one-pass student's run (:mod:`difflora.sampling.student`, e.g. 003's distilled student) is scored
+A one-pass student's run (:mod:`difflora.sampling.student`, e.g. 003's LoRA student) is scored
 as its student; ``teacher=True`` scores the guided teacher held in the same files instead (the
 student off, classifier-free guidance at each scale; default output ``run_dir/eval-teacher``), so
 teacher and student sit side by side.
@@ -246,7 +246,7 @@ def _settings_record(s: SampleConfig, scales: list[float], draw: dict[str, Any],
 
 
 def _record_speed(run_dir: Path, acc: dict[str, Any], teacher: bool) -> None:
-    """Merge the sampling speed into the run's accounting.json: a distilled run's guided teacher
+    """Merge the sampling speed into the run's accounting.json: a one-pass student's guided teacher
     under ``teacher_sampling``, so the student's own ``sampling`` record stays."""
     merge_accounting(run_dir, {"teacher_sampling": acc["sampling"]} if teacher else acc)
 

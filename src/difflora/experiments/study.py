@@ -5,9 +5,8 @@ final checkpoint and metrics (with the study's eval settings) exist is reused, o
 checkpoint is resumed, so an interrupted study continues where it stopped; a run with nothing on
 this machine whose committed record (``difflora.experiments.report``) scores its config is skipped,
 so a fresh clone continues from the records. Unconditional arms are
-evaluated at guidance 1 only; class-conditional ones at every ``eval.guidance`` scale; distilled
-students (``train.objective: distill``) at the scales they can sample: a fixed-w student at its w,
-a guidance-scale LoRA at the ``eval.guidance`` scales inside its range.
+evaluated at guidance 1 only; class-conditional ones at every ``eval.guidance`` scale; one-pass
+students (:mod:`difflora.sampling.student`; 003's) at the scales they can sample.
 """
 
 from __future__ import annotations

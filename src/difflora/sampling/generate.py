@@ -101,8 +101,9 @@ def sampling_settings(cfg: Config, **changes: object) -> SampleConfig:
 
 
 def _sampling_fn(model: nn.Module, cfg: Config, s: SampleConfig, teacher: bool, diffusion):
-    """(model callable, extra conditions): CFG (selective when ``s.guidance_fraction`` < 1), or a
-    one-pass student switched on by its conditions. Checks the scale a student samples at."""
+    """(model callable, extra conditions, the block to sample in): CFG (selective when
+    ``s.guidance_fraction`` < 1), or a one-pass student switched on by its conditions (the scale
+    checked), or with ``teacher`` its guided teacher (the student switched off in the block)."""
     student = student_of(cfg)
     if teacher and student is None:
         raise ValueError(
@@ -114,11 +115,12 @@ def _sampling_fn(model: nn.Module, cfg: Config, s: SampleConfig, teacher: bool, 
                 "the guidance fraction applies to classifier-free guidance; a one-pass student has none "
                 "(sample the teacher with --teacher)"
             )
-        return model, student.conditions(cfg, student.check_guidance(cfg, s.guidance))
+        return model, student.conditions(cfg, student.check_guidance(cfg, s.guidance)), contextlib.nullcontext()
+    block = student.teacher(model, cfg) if teacher else contextlib.nullcontext()
     if s.guidance == 1.0:
-        return model, {}
+        return model, {}, block
     min_t = selective_threshold(diffusion, s.guidance_fraction)
-    return ClassifierFreeGuidance(model, s.guidance, min_t=min_t), {}
+    return ClassifierFreeGuidance(model, s.guidance, min_t=min_t), {}, block
 
 
 @torch.no_grad()
@@ -146,7 +148,7 @@ def generate(
 
     A guidance fraction < 1 is selective guidance: CFG on the first (noisiest) fraction of the
     steps, conditional on the rest. A one-pass student's run (:mod:`difflora.sampling.student`, e.g.
-    003's distilled student) samples the student in one pass per step at the guidance scale, or with
+    003's LoRA student) samples the student in one pass per step at the guidance scale, or with
     ``teacher=True`` the guided teacher held in the same weights.
     ``spatial`` [num x C_s x H x W]: the condition images of a run with spatial tasks
     (:func:`difflora.data.spatial.heldout_conditions`), one per sample, with ``conditions["task"]``.
@@ -158,7 +160,7 @@ def generate(
     if s.guidance != 1.0 and cfg.model.num_classes == 0:
         raise ValueError("guidance needs a class-conditional model (model.num_classes > 0)")
     diffusion = build_diffusion(cfg, respacing=f"ddim{s.steps}" if s.sampler == "ddim" else s.steps)
-    fn, student = _sampling_fn(model, cfg, s, teacher, diffusion)
+    fn, student, guided_teacher = _sampling_fn(model, cfg, s, teacher, diffusion)
     extra = condition_tensors({**(conditions or {}), **student}, num) | _spatial_condition(spatial, num, cfg)
     m = cfg.model
     shape = (m.in_channels, m.image_size, m.image_size)
@@ -171,7 +173,6 @@ def generate(
     # Every sample of a sampler step shares t: the TimeLoRA update is merged once per step (exact,
     # undone on exit); class adapters stay per sample, as classifier-free guidance needs.
     merged = model.merged("t") if isinstance(model, DiffusionModel) else contextlib.nullcontext()
-    guided_teacher = student_of(cfg).teacher(model, cfg) if teacher else contextlib.nullcontext()
     try:
         with merged, guided_teacher:
             draw = dict(generator=gen, sampler=s.sampler, eta=s.eta, progress=progress, device=device)

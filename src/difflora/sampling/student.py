@@ -1,6 +1,6 @@
 """One-pass students: runs whose network samples in one pass what a guided teacher does in two.
 
-A paper package may make such runs (003's distilled student: the teacher's frozen weights plus a
+A paper package may make such runs (003's student: the teacher's frozen weights plus a
 LoRA). Sampling, evaluation and studies never name that paper: they ask :func:`student_of` for the
 :class:`Student` that owns a run's config (None for every other run) and let it pick and check the
 guidance scale, switch the student on (its conditions) or off (the guided teacher held in the same
@@ -51,7 +51,7 @@ class Student(Protocol):
         """Write the student at ``guidance`` (default: its own) into ``model``'s weights; returns the scale."""
 
 
-# The kinds of one-pass students, filled by the paper packages (003: "distill").
+# The kinds of one-pass students, filled by the paper packages' ``register()``.
 STUDENTS: Registry[Student] = Registry("sampling.student")
 
 
