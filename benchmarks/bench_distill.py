@@ -161,15 +161,16 @@ def _train(setup, cfg, steps: int) -> list[float]:
 def _sample(cfg, student: bool) -> None:
     import torch
 
+    from difflora.distill.student import fuse_student
     from difflora.model.build import build_model
-    from difflora.sampling.generate import fuse_student, generate
+    from difflora.sampling.generate import generate, sampling_settings
 
     model = build_model(cfg)
     n = cfg.train.batch_size
     if student:
         fuse_student(model, cfg)
     labels = torch.arange(n) % cfg.model.num_classes
-    generate(model, cfg, n, steps=cfg.sample.steps, labels=labels, teacher=not student)
+    generate(model, cfg, sampling_settings(cfg, num=n, steps=cfg.sample.steps), labels=labels, teacher=not student)
 
 
 def run_one(setting: str, name: str) -> dict:
@@ -241,8 +242,9 @@ def sample_speed(name: str) -> dict:
     import torch
 
     from difflora.config.schema import load_config
+    from difflora.distill.student import fuse_student
     from difflora.model.build import build_model
-    from difflora.sampling.generate import fuse_student, generate
+    from difflora.sampling.generate import generate, sampling_settings
 
     path, num, steps, rounds, repeats = SPEED[name]
     over = ["train.objective=distill", "train.train_base=false", "train.init_from=teacher", "distill.guidance=3"]
@@ -256,8 +258,10 @@ def sample_speed(name: str) -> dict:
     assert [type(m) for m in student.modules()] == [type(m) for m in teacher.modules()]  # one network
     labels = torch.arange(num) % cfg.model.num_classes
     runs = {
-        "teacher": lambda: generate(teacher, plain, num, steps=steps, labels=labels, guidance=cfg.distill.guidance),
-        "student": lambda: generate(student, cfg, num, steps=steps, labels=labels),
+        "teacher": lambda: generate(
+            teacher, plain, sampling_settings(plain, num=num, steps=steps, guidance=cfg.distill.guidance), labels=labels
+        ),
+        "student": lambda: generate(student, cfg, sampling_settings(cfg, num=num, steps=steps), labels=labels),
     }
     for fn in runs.values():
         fn()

@@ -10,7 +10,7 @@ try:
 except PackageNotFoundError:  # a source tree on sys.path that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["Config", "ConfigError", "__version__", "build_diffusion", "build_model", "load_config"]
+__all__ = ["Config", "ConfigError", "__version__", "build_diffusion", "build_model", "load_config", "open_run"]
 
 
 def __getattr__(name: str):
@@ -19,4 +19,8 @@ def __getattr__(name: str):
         from difflora import model
 
         return getattr(model, name)
+    if name == "open_run":
+        from difflora import train
+
+        return train.open_run
     raise AttributeError(f"module 'difflora' has no attribute {name!r}")

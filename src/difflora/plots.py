@@ -90,7 +90,7 @@ def load_weight_tables(run_dir: str | Path, weights: str = "ema", adapter: str |
     ``adapter`` picks one adapter by name; by default the run's only adapter with a trainable
     weighting. Raises ``ValueError`` when there is none (or several and none was named).
     """
-    from difflora.train import load_run_config, load_weights, select_checkpoint
+    from difflora.train import load_run_config, open_run
 
     cfg = load_run_config(run_dir)
     layers = _adapter_layers_in_order(cfg)
@@ -115,7 +115,7 @@ def load_weight_tables(run_dir: str | Path, weights: str = "ema", adapter: str |
         raise ValueError(
             f"adapter {adapter!r} of run {run_dir} {what}; trainable adapters: {', '.join(trainable) or 'none'}"
         )
-    state, _ = load_weights(select_checkpoint(run_dir), weights)
+    state = open_run(run_dir, weights)[1].state_dict()
     tables = {}
     for path, adapters in layers:
         if adapter in adapters:

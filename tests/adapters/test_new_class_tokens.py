@@ -131,7 +131,7 @@ def test_token_lr_gives_the_table_its_own_learning_rate(base_run, tmp_path):
     # Adam's first step is lr * g / (|g| + eps): linear in lr for the same gradient. The same seed
     # gives the same first gradient, so with token_lr = 50 x train.lr the table moves 50 times as far
     # as without it, and every other parameter moves exactly as without it.
-    from difflora.eval.evaluate import load_run
+    from difflora.train import open_run
 
     over = [f"train.init_from={base_run}", "train.train_base=false", "model.context.new_tokens=unconditional"]
     over += [*ADAPTER, "train.steps=1", "train.ckpt_every=1", "train.lr=0.001", "train.warmup_steps=0"]
@@ -140,7 +140,7 @@ def test_token_lr_gives_the_table_its_own_learning_rate(base_run, tmp_path):
     moved = {}
     for name, extra in (("same", []), ("token", ["train.token_lr=0.05"])):
         train(load_config(CONFIGS / "tiny-cross-unet.yaml", [*over, *extra]), tmp_path / name, progress=False)
-        model = load_run(tmp_path / name, "model")[1]
+        model = open_run(tmp_path / name, "model")[1]
         moved[name] = {n: (p - start[n]).detach() for n, p in model.named_parameters() if p.requires_grad}
     table = "net.context_embedder.new_tokens"
     assert moved["same"][table].abs().max() > 0

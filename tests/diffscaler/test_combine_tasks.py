@@ -15,10 +15,9 @@ import torch
 from difflora.cli.commands import main
 from difflora.config.schema import load_config
 from difflora.diffscaler.combine_tasks import CombineError, combine_task_runs
-from difflora.eval.evaluate import load_run
 from difflora.eval.target import task_config
 from difflora.presets import CONFIGS_DIR
-from difflora.train import CheckpointError, RunExistsError, latest_checkpoint, train
+from difflora.train import CheckpointError, RunExistsError, latest_checkpoint, open_run, train
 
 QUIET = dict(progress=False, log=lambda _: None)
 SHORT = ["train.steps=2", "train.ckpt_every=2", "sample.num=2", "sample.steps=2", "train.lr=0.02"]
@@ -32,7 +31,7 @@ def _train(out: Path, *overrides: str) -> Path:
 
 def _model(run: Path, weights: str = "ema"):
     """The run's model as sample and eval load it (the newest checkpoint, base included)."""
-    return load_run(run, weights)[1]
+    return open_run(run, weights)[1]
 
 
 def _inputs(n: int = 6):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from difflora.cli.commands import main
 from difflora.config.schema import load_config
 from difflora.eval import FeatureTrainConfig
-from difflora.eval.evaluate import evaluate_run
+from difflora.eval.evaluate import EvalSettings, evaluate_run
 from difflora.presets import CONFIGS_DIR
 from difflora.train import latest_checkpoint, load_checkpoint, train
 
@@ -80,12 +80,9 @@ def test_eval_scores_each_task_with_its_fidelity(affiner_run, tmp_path):
     tiny = FeatureTrainConfig(epochs=1, batch_size=64, max_steps=3, seed=0)
     result = evaluate_run(
         affiner_run,
-        num_samples=12,
-        steps=2,
+        EvalSettings(num_samples=12, steps=2, bootstrap=0, floor_draws=2),
         cache_dir=tmp_path / "cache",
         feature_train=tiny,
-        bootstrap=0,
-        floor_draws=2,
         out=tmp_path / "eval",
     )
     entries = result["results"]

@@ -151,7 +151,7 @@ def test_exactly_one_copy_of_w0_while_distilling_and_sampling(teacher, tmp_path)
     train(cfg, tmp_path / "run", callback=check, **QUIET)
     assert seen["frozen"] > 10 * cfg.distill.rank and set(seen["copies"]) == {1}
     # Sampling: the student's LoRA fused into the one copy; nothing kept aside.
-    from difflora.sampling.generate import fuse_student
+    from difflora.distill.student import fuse_student
 
     model = build_model(cfg)
     state, _ = load_weights(latest_checkpoint(tmp_path / "run"), "ema")
@@ -225,13 +225,13 @@ def test_bad_input_is_a_clear_error(teacher, tmp_path, capsys):
     with pytest.raises(ValueError, match="must lie in distill.guidance_range"):
         distill_config(teacher, guidance=7.0, guidance_range=(1.0, 5.0))
     cfg, model = student(teacher, "distill.guidance_range=[1.0, 5.0]", "distill.guidance=2")
-    from difflora.sampling.generate import generate
+    from difflora.sampling.generate import generate, sampling_settings
 
     with pytest.raises(ValueError, match=r"outside the range \[1, 5\]"):
-        generate(model, cfg, 2, steps=2, guidance=6.0)
+        generate(model, cfg, sampling_settings(cfg, num=2, steps=2, guidance=6.0))
     fixed_cfg, fixed = student(teacher, "distill.guidance=2")
     with pytest.raises(ValueError, match="distilled at guidance 2"):
-        generate(fixed, fixed_cfg, 2, steps=2, guidance=3.0)
+        generate(fixed, fixed_cfg, sampling_settings(fixed_cfg, num=2, steps=2, guidance=3.0))
     # A training batch with a null label or no labels (the teacher is guided to each image's class).
     obj, cpu = DistillObjective(fixed_cfg, build_diffusion(fixed_cfg)), torch.device("cpu")
     nulled = batch()

@@ -10,7 +10,7 @@ from difflora.cli.commands import main
 from difflora.config.schema import load_config
 from difflora.distill.objective import distill_config
 from difflora.eval import FeatureTrainConfig
-from difflora.eval.evaluate import EvalError, evaluate_run
+from difflora.eval.evaluate import EvalError, EvalSettings, evaluate_run
 from difflora.presets import CONFIGS_DIR
 from difflora.train import train
 
@@ -33,10 +33,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {"teacher": teacher, "student": student, "full": full, "cache": root / "cache"}
 
 
-def _eval(run: Path, cache: Path, **kw) -> dict:
-    return evaluate_run(
-        run, num_samples=10, steps=3, seed=2, cache_dir=cache, feature_train=TINY_FEATURES, bootstrap=5, **kw
-    )
+def _eval(run: Path, cache: Path, out: Path | None = None, **kw) -> dict:
+    settings = EvalSettings(num_samples=10, steps=3, seed=2, bootstrap=5, **kw)
+    return evaluate_run(run, settings, out=out, cache_dir=cache, feature_train=TINY_FEATURES)
 
 
 def test_teacher_of_a_distilled_run_scores_as_the_teacher_run(runs):
@@ -86,13 +85,14 @@ def test_the_student_is_scored_fused_and_the_teacher_with_its_lora_off(runs, tmp
     # Evaluation samples the student as `difflora sample` does: its LoRA fused into W0 once for the
     # draw (no adapter work per step), so the measured speed is the one-pass student's.
     import difflora.sampling.generate as gen
+    from difflora.distill.student import has_student
 
     seen = []
     original = gen.generate
 
-    def spy(model, cfg, num, **kw):
-        seen.append((gen._has_student(model), kw["teacher"]))
-        return original(model, cfg, num, **kw)
+    def spy(model, cfg, settings, **kw):
+        seen.append((has_student(model), kw["teacher"]))
+        return original(model, cfg, settings, **kw)
 
     monkeypatch.setattr(gen, "generate", spy)
     _eval(runs["student"], runs["cache"], out=tmp_path / "s")

@@ -11,7 +11,7 @@ from difflora.diffusion.guidance import NULL_LABEL
 from difflora.distill.objective import DistillObjective, distill_config
 from difflora.model.build import build_diffusion, build_model
 from difflora.presets import CONFIGS_DIR
-from difflora.sampling.generate import generate
+from difflora.sampling.generate import generate, sampling_settings
 from difflora.train import latest_checkpoint, load_base, load_weights, train
 from difflora.train.objectives import Batch
 
@@ -99,10 +99,10 @@ def test_full_student_samples_in_one_pass_per_step(teacher, tmp_path):
     calls = []
     model.net.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     labels = torch.tensor([0, 3, 7, 9])
-    out = generate(model, cfg, 4, steps=3, labels=labels)
+    out = generate(model, cfg, sampling_settings(cfg, num=4, steps=3), labels=labels)
     assert calls == [4, 4, 4] and out.shape == (4, 1, 8, 8)
     with pytest.raises(ValueError, match="distilled at guidance 3"):
-        generate(model, cfg, 4, steps=3, guidance=2.0)
+        generate(model, cfg, sampling_settings(cfg, num=4, steps=3, guidance=2.0))
 
 
 @pytest.mark.parametrize(

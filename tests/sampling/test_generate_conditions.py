@@ -12,7 +12,7 @@ import torch
 from difflora.config.schema import load_config
 from difflora.model.build import build_model
 from difflora.presets import CONFIGS_DIR
-from difflora.sampling.generate import NonFiniteSamplesError, condition_tensors, generate
+from difflora.sampling.generate import NonFiniteSamplesError, condition_tensors, generate, sampling_settings
 
 CONFIGS = CONFIGS_DIR
 TASK_ADAPTER = "model.adapters=[{name: task, condition: task, weighting: index, num_values: 3, rank: 2}]"
@@ -35,12 +35,13 @@ def task_model():
 def test_per_sample_tasks_match_one_task_per_batch(guidance):
     cfg, model = task_model()
     labels = torch.tensor([1, 4, 7])
-    kw = dict(steps=3, sampler="ddpm", guidance=guidance, labels=labels, seed=5)
-    mixed = generate(model, cfg, 3, conditions={"task": [0, 2, 1]}, **kw)
+    s = sampling_settings(cfg, num=3, steps=3, sampler="ddpm", guidance=guidance)
+    kw = dict(labels=labels, seed=5)
+    mixed = generate(model, cfg, s, conditions={"task": [0, 2, 1]}, **kw)
     for i, task in enumerate([0, 2, 1]):
-        alone = generate(model, cfg, 3, conditions={"task": task}, **kw)
+        alone = generate(model, cfg, s, conditions={"task": task}, **kw)
         torch.testing.assert_close(mixed[i], alone[i], atol=ATOL, rtol=0)
-    other = generate(model, cfg, 3, conditions={"task": 1}, **kw)
+    other = generate(model, cfg, s, conditions={"task": 1}, **kw)
     assert (mixed[0] - other[0]).abs().max() > 1e-2  # the task changes the samples: the test can fail
 
 
@@ -51,9 +52,9 @@ def test_no_update_rows_equal_the_base_model():
     # The adapted model wraps each target layer: its weights live under `<path>.base_layer.`.
     state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".adapters." not in k}
     base.load_state_dict(state)
-    kw = dict(steps=2, sampler="ddim", labels=torch.tensor([0, 3]), seed=1)
-    got = generate(model, cfg, 2, conditions={"task": -1}, **kw)
-    want = generate(base, base_cfg, 2, **kw)
+    kw = dict(labels=torch.tensor([0, 3]), seed=1)
+    got = generate(model, cfg, sampling_settings(cfg, num=2, steps=2, sampler="ddim"), conditions={"task": -1}, **kw)
+    want = generate(base, base_cfg, sampling_settings(base_cfg, num=2, steps=2, sampler="ddim"), **kw)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
@@ -76,4 +77,6 @@ def test_non_finite_samples_are_an_error():
     with torch.no_grad():
         model.net.out[-1].bias.fill_(float("nan"))
     with pytest.raises(NonFiniteSamplesError, match="NaN or infinite values in 2 of 2 samples"):
-        generate(model, cfg, 2, steps=2, conditions={"task": 0}, labels=torch.tensor([0, 1]))
+        generate(
+            model, cfg, sampling_settings(cfg, num=2, steps=2), conditions={"task": 0}, labels=torch.tensor([0, 1])
+        )

@@ -281,11 +281,11 @@ def test_sample_cli_loads_an_adapter_run_and_names_a_missing_base(base_run, tmp_
 
 
 def test_eval_loads_an_adapter_run_through_the_shared_loader(base_run, tmp_path):
-    from difflora.eval.evaluate import load_run
+    from difflora.train import open_run
 
     run = tmp_path / "adapted"
     train(adapted_cfg(base_run, "train.steps=2"), run, **QUIET)
-    _, model, meta = load_run(run)
+    _, model, meta = open_run(run)
     full, _ = load_weights(latest_checkpoint(run))
     assert meta["step"] == 2
     for k, v in model.state_dict().items():

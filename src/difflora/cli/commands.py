@@ -12,7 +12,6 @@ from pathlib import Path
 from difflora.cli.inputs import (
     CLIError,
     check_device,
-    misfit,
     one_line,
     parse_conditions,
     run_config,
@@ -68,46 +67,21 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_distill(args) -> int:
+    from difflora.distill.command import distill_out_dir, run_distill
     from difflora.distill.objective import distill_config
-    from difflora.train import train
 
     cfg = distill_config(args.teacher_run, args.guidance, args.guidance_range, args.set or [])
     check_device(cfg.train.device, "train.device")
-    out = Path(args.out or Path("runs") / f"{Path(args.teacher_run).name}-distill")
-    result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    d = cfg.distill
-    what = (
-        f"guidance {d.guidance:g}"
-        if d.guidance_range is None
-        else "guidance range [{:g}, {:g}]".format(*d.guidance_range)
-    )
-    acc = result["accounting"]
-    print(
-        f"distilled {args.teacher_run} ({what}) into {out}: {result['step']} steps, loss "
-        f"{result['last'].get('loss', float('nan')):.5f}, {acc['parameters']['trainable']:,} trainable parameters, "
-        f"peak memory {acc['peak_memory_mb']:.0f} MB"
-    )
+    out = distill_out_dir(args.teacher_run, args.out)
+    print(run_distill(cfg, args.teacher_run, out, resume=args.resume, progress=not args.no_progress))
     return 0
 
 
-def _load_run_model(run_dir: str, weights: str, checkpoint: str | None = None):
-    from difflora.model.build import build_model
-    from difflora.train import load_weights
-    from difflora.train.checkpoint import select_checkpoint
+def _open_run(run_dir: str, weights: str, checkpoint: str | None = None):
+    from difflora.train.run_loader import open_run
 
-    cfg = run_config(run_dir)
-    ckpt = select_checkpoint(run_dir, checkpoint)
-    state, meta = load_weights(ckpt, weights)
-    model = build_model(cfg)
-    problem = misfit(model.state_dict(), state)
-    if problem:
-        raise CLIError(
-            f"the weights in {ckpt} do not fit the model of {run_dir}/config.json ({problem}); "
-            "the checkpoint belongs to another config"
-        )
-    model.load_state_dict(state)
-    model.eval()
-    return cfg, model, meta
+    run_config(run_dir)  # a missing or damaged config.json: the CLI's one-line errors
+    return open_run(run_dir, weights, checkpoint)
 
 
 def _check_outputs(args) -> None:
@@ -120,12 +94,13 @@ def _check_outputs(args) -> None:
 
 
 def _cmd_sample(args) -> int:
+    from difflora.distill.command import sampling_guidance, without_student
     from difflora.files.images import save_grid
     from difflora.sampling.generate import default_labels, generate
 
     _check_outputs(args)
     device = check_device(args.device, "--device")
-    cfg, model, meta = _load_run_model(args.run_dir, args.weights, args.checkpoint)
+    cfg, model, meta = _open_run(args.run_dir, args.weights, args.checkpoint)
     s = sample_settings(
         cfg,
         num=args.num,
@@ -139,28 +114,25 @@ def _cmd_sample(args) -> int:
     if cfg.data.spatial is not None:  # spatial tasks: --condition task=K picks the condition images
         conditions, spatial = spatial_inputs(args.condition, args.num, cfg, args.condition_images)
     else:
-        conditions = parse_conditions(args.condition, args.num, _without_student(cfg))
+        conditions = parse_conditions(args.condition, args.num, without_student(cfg))
     labels = default_labels(cfg, args.num, args.cls)
-    if args.teacher and cfg.train.objective != "distill":
+    if args.teacher and not cfg.distilled:
         raise CLIError(f"--teacher samples the guided teacher of a distilled run; {args.run_dir} is not one")
-    guidance = _distilled_guidance(args, cfg, model) if cfg.train.objective == "distill" else s.guidance
+    if cfg.distilled:
+        w = sampling_guidance(model, cfg, args.guidance, args.guidance_fraction, args.teacher)
+        s = s.model_copy(update={"guidance": w})
     model.to(device)
     images = generate(
         model,
         cfg,
-        args.num,
-        steps=s.steps,
-        sampler=s.sampler,
-        eta=s.eta,
-        guidance=guidance,
+        s,
         labels=labels,
         conditions=conditions,
+        spatial=spatial,
         seed=args.seed,
         device=device,
         progress=not args.no_progress,
-        guidance_fraction=s.guidance_fraction,
         teacher=args.teacher,
-        spatial=spatial,
     )
     nrow = cfg.model.num_classes if (labels is not None and args.cls is None) else None
     path = save_grid(images, args.out, nrow=nrow)
@@ -174,26 +146,6 @@ def _cmd_sample(args) -> int:
         os.replace(tmp, args.save_tensor)  # never a half-written file under the name asked for
     print(f"wrote {args.num} samples (step {meta['step']}, {args.weights} weights) to {path}")
     return 0
-
-
-def _without_student(cfg):
-    """``cfg`` without a distilled run's student LoRA, whose condition sampling sets (not --condition)."""
-    from difflora.config.schema import DISTILL_ADAPTER
-
-    adapters = [a for a in cfg.model.adapters if a.name != DISTILL_ADAPTER]
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"adapters": adapters})})
-
-
-def _distilled_guidance(args, cfg, model) -> float | None:
-    """A distilled run: the student's LoRA is fused into the weights once for the whole sampling run
-    (at --guidance, which sets its guidance condition); --teacher keeps it off and guides instead."""
-    from difflora.sampling.generate import fuse_student
-
-    if args.guidance_fraction not in (None, 1.0) and not args.teacher:
-        raise CLIError("--guidance-fraction applies to classifier-free guidance: add --teacher (the student has none)")
-    if args.teacher:
-        return args.guidance
-    return fuse_student(model, cfg, args.guidance)
 
 
 def _cmd_params(args) -> int:
@@ -290,7 +242,7 @@ def _cmd_train_features(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from difflora.eval.evaluate import default_eval_dir, evaluate_run
+    from difflora.eval.evaluate import EvalSettings, default_eval_dir, evaluate_run
     from difflora.train.checkpoint import select_checkpoint
 
     device = check_device(args.device, "--device")
@@ -300,9 +252,7 @@ def _cmd_eval(args) -> int:
     sample_settings(cfg, steps=args.steps, eta=args.eta, guidance_fraction=args.guidance_fraction)
     # Picked (and a damaged newest one reported) here, before any feature net or sampling work.
     checkpoint = select_checkpoint(args.run_dir, args.checkpoint)
-    result = evaluate_run(
-        args.run_dir,
-        checkpoint=checkpoint,
+    settings = EvalSettings(
         num_samples=args.num_samples,
         steps=args.steps,
         sampler=args.sampler,
@@ -311,15 +261,20 @@ def _cmd_eval(args) -> int:
         guidance_fraction=args.guidance_fraction,
         seed=args.seed,
         weights=args.weights,
+        checkpoint=checkpoint,
+        teacher=args.teacher,
+        task=args.task,
+        against=args.against,
+    )
+    result = evaluate_run(
+        args.run_dir,
+        settings,
         out=args.out,
         feature_net=args.feature_net,
         cache_dir=args.cache_dir,
         feature_train=_eval_feature_train(args),
         device=device,
         progress=not args.no_progress,
-        teacher=args.teacher,
-        task=args.task,
-        against=args.against,
         log=print,
     )
     out = Path(args.out) if args.out else default_eval_dir(args.run_dir, args.teacher, args.task, args.against)
@@ -393,14 +348,14 @@ def _cmd_demo(args) -> int:
     acc = result["accounting"]
     print(f"done: loss {result['last'].get('loss', float('nan')):.4f}, {acc['train_images_per_s']:.0f} images/s")
     print(f"sample grid (one column per class, EMA weights): {result['grid']}")
-    from difflora.eval.evaluate import evaluate_run
+    from difflora.eval.evaluate import EvalSettings, evaluate_run
 
     # Score what was trained: FD against the 359 held-out digits in the feature space of a small
     # classifier difflora trains on the train split (cached after the first demo, ~10 s).
     n = args.eval_samples
     if n > 0:
         print(f"evaluating {n} samples ({cfg.sample.sampler}, {cfg.sample.steps} steps) against the held-out digits")
-        ev = evaluate_run(out, num_samples=n, out=out / "eval", progress=not args.no_progress)
+        ev = evaluate_run(out, EvalSettings(num_samples=n), out=out / "eval", progress=not args.no_progress)
         r = ev["results"][0]
         acc = f", class accuracy {r['class_accuracy']:.3f}" if "class_accuracy" in r else ""
         print(
@@ -415,7 +370,7 @@ def _cmd_demo(args) -> int:
 def _cmd_export_peft(args) -> int:
     from difflora.adapters.peft_format import export_peft
 
-    cfg, model, _ = _load_run_model(args.run_dir, args.weights, args.checkpoint)
+    cfg, model, _ = _open_run(args.run_dir, args.weights, args.checkpoint)
     # peft wraps the backbone: the diffusers model itself for model.arch=diffusers.
     root = model.net.model if cfg.model.arch == "diffusers" else model.net
     out = export_peft(root, args.out_dir, args.adapter)

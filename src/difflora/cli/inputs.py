@@ -23,7 +23,6 @@ __all__ = [
     "Parser",
     "check_device",
     "finite_float",
-    "misfit",
     "one_line",
     "parse_conditions",
     "run_config",
@@ -116,23 +115,6 @@ def one_line(message: str) -> str:
     if lines[0].endswith(":"):
         return f"{lines[0]} {'; '.join(lines[1:])}"
     return " ".join(lines)
-
-
-def misfit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
-    """What keeps ``state`` from loading into a model whose state dict is ``own`` ('' if nothing),
-    in one line: torch's own message lists every key over many lines."""
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing tensor(s), e.g. {missing[0]}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-    if shapes:
-        k = shapes[0]
-        parts.append(f"{len(shapes)} of another shape, e.g. {k}: {list(state[k].shape)} vs {list(own[k].shape)}")
-    return "; ".join(parts)
 
 
 def parse_conditions(texts: list[str] | None, num: int, cfg: Config) -> dict[str, float | list[float]]:

@@ -157,6 +157,8 @@ DISTILL_TARGETS: dict[str, tuple[str, ...]] = {
 # reads ``distill`` (0 = on, -1 = off: the teacher's rows); a guidance-scale LoRA reads ``guidance``
 # (the scale w; NaN = off).
 DISTILL_ADAPTER = "distill"
+# The ``train.objective`` of a distilled run (asked through ``Config.distilled``).
+DISTILL_OBJECTIVE = "distill"
 
 
 class DistillConfig(StrictModel):

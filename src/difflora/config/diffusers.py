@@ -42,7 +42,7 @@ class DiffusersConfig(StrictModel):
         return {"sample_size": image_size, "in_channels": in_channels, "out_channels": out_channels, **self.config}
 
 
-def diffusers_problem(model: Any, objective: str, distill_targets: list[str]) -> str | None:
+def diffusers_problem(model: Any) -> str | None:
     """Why a ``model.arch: diffusers`` section (a resolved ``ModelConfig``) is invalid, or None.
 
     Checks what can be checked without diffusers: the shape keys against the data, and the keys
@@ -68,6 +68,4 @@ def diffusers_problem(model: Any, objective: str, distill_targets: list[str]) ->
         )
     if model.affiner is not None and (model.affiner.latent is None or not model.affiner.targets):
         return "model.affiner on a diffusers model needs model.affiner.latent and model.affiner.targets (no defaults)"
-    if objective == "distill" and not distill_targets:
-        return "train.objective=distill on a diffusers model needs distill.targets (module paths; no defaults)"
     return None

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from difflora.config.adapters import (
     DISTILL_ADAPTER,
+    DISTILL_OBJECTIVE,
     DISTILL_TARGETS,
     AdapterConfig,
     AffinerConfig,
@@ -35,6 +36,7 @@ from difflora.presets import config_presets, resolve_config
 
 __all__ = [
     "DISTILL_ADAPTER",
+    "DISTILL_OBJECTIVE",
     "DISTILL_TARGETS",
     "AdapterConfig",
     "AffinerConfig",
@@ -357,16 +359,22 @@ class Config(StrictModel):
             )
         if m.arch == "dit" and m.image_size % m.dit.patch_size:
             raise ValueError(f"model.dit.patch_size ({m.dit.patch_size}) must divide model.image_size ({m.image_size})")
-        if m.arch == "diffusers" and (problem := diffusers_problem(m, self.train.objective, self.distill.targets)):
+        if m.arch == "diffusers" and (problem := diffusers_problem(m)):
             raise ValueError(problem)
         self._check_affiner_tasks()
         if self.train.mask_ratio and (m.arch != "dit" or self.train.objective != "diffusion"):
             raise ValueError(
                 "train.mask_ratio drops DiT patch tokens in the diffusion loss: it needs model.arch=dit and train.objective=diffusion"
             )
-        if self.train.objective == "distill":
+        if self.distilled:
             self._resolve_distill()
         return self
+
+    @property
+    def distilled(self) -> bool:
+        """Whether this is a distilled run (``train.objective: distill``, 003): its network samples as
+        a one-pass student of a guided teacher. The one place the code asks it."""
+        return self.train.objective == DISTILL_OBJECTIVE
 
     def _resolve_spatial(self) -> None:
         """model.spatial_channels follows data.spatial; spatial conditioning needs the U-Net."""
@@ -403,6 +411,10 @@ class Config(StrictModel):
     def _resolve_distill(self) -> None:
         """Distillation needs a class-conditional teacher; the distill section generates the
         student's LoRA entry in model.adapters (a saved config already holds it: it must match)."""
+        if self.model.arch == "diffusers" and not self.distill.targets:
+            raise ValueError(
+                "train.objective=distill on a diffusers model needs distill.targets (module paths; no defaults)"
+            )
         if not self.model.num_classes:
             raise ValueError(
                 "train.objective=distill distils classifier-free guidance, which needs a class-conditional "

@@ -47,8 +47,8 @@ from difflora.adapters.weightings import check_values
 from difflora.config.schema import DISTILL_ADAPTER, Config, config_to_dict, parse_config
 from difflora.diffusion.guidance import NULL_LABEL, ClassifierFreeGuidance, guide
 from difflora.diffusion.likelihoods import mean_flat
+from difflora.distill.student import student_conditions
 from difflora.model.build import build_model
-from difflora.sampling.generate import student_conditions
 from difflora.train.base import load_base
 from difflora.train.objectives import Batch
 from difflora.train.run_dir import load_run_config

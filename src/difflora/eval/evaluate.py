@@ -5,7 +5,7 @@
 them with the test split of the run's dataset at the run's image size, in the feature space of the
 classifier difflora trains on that dataset (``get_feature_net``)::
 
-    result = evaluate_run("runs/digits", num_samples=1000, steps=50, sampler="ddim", guidance=[1, 2, 4])
+    result = evaluate_run("runs/digits", EvalSettings(num_samples=1000, steps=50, sampler="ddim", guidance=[1, 2, 4]))
     result["results"][0]["fd"]
 
 It writes ``<out>/metrics.json`` (the settings used, the checkpoint step, the feature network's test
@@ -14,9 +14,10 @@ one sample grid per scale, and merges the sampling speed into the run's ``accoun
 ``sampling``). The noise floor is what real images reach at the same sample count
 (``difflora.eval.uncertainty``): a score means something only next to it, and only at equal counts.
 
-A distilled run (``train.objective: distill``) is scored as its one-pass student; ``teacher=True``
-scores the guided teacher held in the same files instead (the LoRA off, classifier-free guidance at
-each scale; default output ``run_dir/eval-teacher``), so teacher and student sit side by side.
+A one-pass student's run (:mod:`difflora.sampling.student`, e.g. 003's LoRA student) is scored
+as its student; ``teacher=True`` scores the guided teacher held in the same files instead (the
+student off, classifier-free guidance at each scale; default output ``run_dir/eval-teacher``), so
+teacher and student sit side by side.
 
 Class-conditional models are sampled with labels balanced over the classes (0, 1, ..., C-1
 repeated) and get a class accuracy: the fraction of samples the feature network classifies as the
@@ -30,13 +31,13 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from difflora.config.schema import Config
+from difflora.config.schema import Config, SampleConfig
 from difflora.eval.features import (
     FeatureNet,
     FeatureTrainConfig,
@@ -46,15 +47,19 @@ from difflora.eval.features import (
 )
 from difflora.eval.fidelity import spatial_requests, task_fidelity
 from difflora.eval.metrics import extract_features, feature_kid_scale, knn_radii, metrics_from_features
+from difflora.eval.settings import MIN_SAMPLES, EvalSettings
 from difflora.eval.target import EvalError, default_eval_dir, scored_config
 from difflora.eval.uncertainty import bootstrap_intervals, check_pool, reference_level
+from difflora.sampling.student import Student, student_of
+from difflora.train.checkpoint import CheckpointError
+from difflora.train.run_loader import open_run
 
 __all__ = [
     "EvalError",
+    "EvalSettings",
     "METRICS_VERSION",
     "default_eval_dir",
     "evaluate_run",
-    "load_run",
     "merge_accounting",
     "MIN_SAMPLES",
 ]
@@ -62,40 +67,6 @@ __all__ = [
 # 2: stratified KID on rescaled features, noise floors and bootstrap intervals (a study re-evaluates
 # runs whose metrics.json has another version).
 METRICS_VERSION = 2
-
-# Precision/recall use the 3rd nearest neighbour within each set, KID needs 2 per subset: 4 samples
-# is the least for which every metric is defined (meaningful values need hundreds).
-MIN_SAMPLES = 4
-
-
-def load_run(
-    run_dir: str | Path, weights: str = "ema", checkpoint: str | Path | None = None
-) -> tuple[Config, torch.nn.Module, dict[str, Any]]:
-    """(config, model in eval mode, checkpoint state) of a run directory's newest intact checkpoint,
-    or of ``checkpoint`` (a step or a directory, see ``difflora.train.checkpoint.select_checkpoint``).
-
-    Raises EvalError when the directory is not a run or holds no checkpoint yet.
-    """
-    from difflora.model.build import build_model
-    from difflora.train import CheckpointError, load_run_config, load_weights
-    from difflora.train.checkpoint import select_checkpoint
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise EvalError(f"{run_dir} is not a difflora run directory: {run_dir / 'config.json'} is missing")
-    cfg = load_run_config(run_dir)
-    try:
-        ckpt = select_checkpoint(run_dir, checkpoint)
-        state, meta = load_weights(ckpt, weights)
-    except CheckpointError as exc:
-        raise EvalError(str(exc)) from None
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise EvalError(f"the weights in {ckpt} do not fit the model of {run_dir / 'config.json'}: {exc}") from None
-    model.eval()
-    return cfg, model, meta
 
 
 def merge_accounting(run_dir: str | Path, update: dict[str, Any]) -> Path:
@@ -143,19 +114,6 @@ def _check_out_dir(out_dir: Path) -> None:
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
         raise EvalError(f"cannot write to {parent} (for {out_dir}): choose a writable --out")
-
-
-def _check_request(num_samples: int, steps: int | None, sampler: str | None, bootstrap: int, floor_draws: int) -> None:
-    if num_samples < MIN_SAMPLES:
-        raise EvalError(
-            f"--num-samples must be at least {MIN_SAMPLES} (precision/recall use 3 nearest neighbours), got {num_samples}"
-        )
-    if steps is not None and steps < 1:
-        raise EvalError(f"--steps must be at least 1, got {steps}")
-    if sampler is not None and sampler not in ("ddpm", "ddim"):
-        raise EvalError(f"--sampler must be ddpm or ddim, got {sampler!r}")
-    if bootstrap < 0 or floor_draws < 2:
-        raise EvalError(f"bootstrap must be >= 0 and floor draws >= 2, got {bootstrap} and {floor_draws}")
 
 
 def _reference(cfg: Config, net: FeatureNet, num_samples: int, labels: torch.Tensor | None, seed: int, draws: int):
@@ -208,106 +166,97 @@ def _fmt_floor(metrics: dict[str, Any], floor: dict[str, dict[str, float]], ci: 
 
 def evaluate_run(
     run_dir: str | Path,
+    settings: EvalSettings | None = None,
     *,
-    num_samples: int = 1000,
-    steps: int | None = None,
-    sampler: str | None = None,
-    eta: float | None = None,
-    guidance: Sequence[float] | None = None,
-    guidance_fraction: float | None = None,
-    seed: int = 0,
-    weights: str = "ema",
-    checkpoint: str | Path | None = None,
     out: str | Path | None = None,
     feature_net: str | Path | FeatureNet | None = None,
     cache_dir: str | Path | None = None,
     feature_train: FeatureTrainConfig | None = None,
-    grid_size: int = 100,
-    bootstrap: int = 100,
-    floor_draws: int = 20,
     device: str | torch.device = "cpu",
     progress: bool = False,
     update_accounting: bool = True,
-    teacher: bool = False,
-    task: int | None = None,
-    against: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Sample from a run and score the samples; returns (and writes to ``out/metrics.json``) the result.
 
-    Unset ``steps``, ``sampler``, ``eta`` come from the run's ``sample`` config; ``guidance`` is a
-    list of classifier-free guidance scales (default: the run's ``sample.guidance``), one result
-    entry each, all drawn from the same initial noise and labels (``seed``). ``out`` defaults to
-    ``run_dir/eval``. ``feature_net`` is a saved feature network (path stem) or a FeatureNet;
-    default: the cached one for the run's dataset (trained on first use, with ``feature_train``).
+    ``settings``: what to draw and score (:class:`~difflora.eval.settings.EvalSettings`; default
+    ``EvalSettings()``), one result entry per guidance scale, all drawn from the same initial noise
+    and labels. ``out`` defaults to ``run_dir/eval`` (``eval-teacher``, ``eval-task<K>``, ...).
+    ``feature_net`` is a saved feature network (path stem) or a FeatureNet; default: the cached one
+    for the run's dataset (trained on first use, with ``feature_train``).
     Each entry holds fd, kid_mean, kid_std, precision, recall, class_accuracy (class-conditional
-    runs), "ci" (``bootstrap``-draw 95% intervals of each), sample_seconds (wall time of the whole
+    runs), "ci" (95% bootstrap intervals of each), sample_seconds (wall time of the whole
     draw), sample_seconds_per_image and sample_images_per_s; "noise_floor" holds the same scores
-    of ``floor_draws`` real sets drawn like the samples (``difflora.eval.uncertainty``). Everything that can be checked (settings, the output
+    of real sets drawn like the samples (``difflora.eval.uncertainty``). Everything that can be checked (settings, the output
     directory, the data sizes the floor needs) is checked before any sampling, and nothing is
-    written unless the evaluation succeeds.
-
-    ``teacher``: score a distilled run's guided teacher (see the module docstring); its sampling
-    speed goes to ``accounting.json`` as ``teacher_sampling``. ``task``: score task K of a multi-task
-    run against its own dataset; ``against``: unconditional samples against another dataset's split,
-    e.g. an unadapted base against a target (both: :func:`difflora.eval.target.scored_config`).
+    written unless the evaluation succeeds. A teacher's sampling speed goes to ``accounting.json``
+    as ``teacher_sampling``.
     """
-    _check_request(num_samples, steps, sampler, bootstrap, floor_draws)
+    e = settings if settings is not None else EvalSettings()
     run_dir = Path(run_dir)
-    out_dir = Path(out) if out is not None else default_eval_dir(run_dir, teacher, task, against)
-    cfg, model, meta = load_run(run_dir, weights, checkpoint)
-    cfg = scored_config(cfg, task, against)
-    _check_teacher(cfg, run_dir, teacher)
+    out_dir = Path(out) if out is not None else default_eval_dir(run_dir, e.teacher, e.task, e.against)
+    cfg, model, meta = _open(run_dir, e)
+    cfg = scored_config(cfg, e.task, e.against)
+    student = _check_teacher(cfg, run_dir, e.teacher)
     _check_out_dir(out_dir)
-    steps, sampler, eta, scales = _sampling_settings(cfg, run_dir, steps, sampler, eta, guidance, teacher)
-    fraction = _guidance_fraction(cfg, guidance_fraction, teacher)  # selective guidance when < 1
+    s, scales = e.sampling(cfg, run_dir)
     dev = torch.device(device)
     # Spatial tasks: features, reference and floor of the plain dataset; one entry per task and scale.
     plain = cfg.model_copy(update={"data": cfg.data.model_copy(update={"spatial": None})})
     net, net_source = _resolve_feature_net(plain, feature_net, cache_dir, feature_train, dev, progress)
     from difflora.sampling.generate import data_conditions, default_labels
 
-    labels = default_labels(cfg, num_samples)  # balanced classes; None if unconditional or trained so
-    ref_f, ref_labels, radii, floor, pool_size = _reference(plain, net, num_samples, labels, seed, floor_draws)
+    labels = default_labels(cfg, e.num_samples)  # balanced classes; None if unconditional or trained so
+    ref_f, ref_labels, radii, floor, pool_size = _reference(plain, net, e.num_samples, labels, e.seed, e.floor_draws)
     model.to(dev)
 
-    common = dict(steps=steps, sampler=sampler, eta=eta, labels=labels, seed=seed, teacher=teacher)
     # data_conditions: data.name's own task (Affiner runs); spatial tasks set theirs per request.
-    common |= dict(guidance_fraction=fraction, conditions=data_conditions(cfg))
-    if cfg.train.objective == "distill" and not teacher:
-        model = _FusedStudent(run_dir, weights, checkpoint, dev)
+    draw = dict(labels=labels, seed=e.seed, teacher=e.teacher, conditions=data_conditions(cfg))
+    if student is not None and not e.teacher:
+        model = _FusedStudent(run_dir, e, student, dev)
     scored = (model, cfg, net, (ref_f, ref_labels, radii), floor)
-    results, grids = _score_all(scored, scales, common, num_samples, grid_size, bootstrap, dev, progress, log)
+    results, grids = _score_all(scored, s, scales, draw, e, dev, progress, log)
 
-    settings = _settings_record(common, scales, num_samples=num_samples, bootstrap=bootstrap, floor_draws=floor_draws)
-    result = _result_record(run_dir, cfg, meta, weights, settings, net, net_source, ref_f, pool_size, floor, dev)
+    settings_record = _settings_record(s, scales, draw, e)
+    result = _result_record(
+        run_dir, cfg, meta, e.weights, settings_record, net, net_source, ref_f, pool_size, floor, dev
+    )
     result["results"] = results
     _write(out_dir, result, grids, cfg, labels is not None)
     if update_accounting:
-        _record_speed(run_dir, _sampling_accounting(results, sampler, steps, num_samples, dev), teacher)
+        _record_speed(run_dir, _sampling_accounting(results, s.sampler, s.steps, e.num_samples, dev), e.teacher)
     return result
 
 
-def _settings_record(common: dict[str, Any], scales: list[float], **counts: int) -> dict[str, Any]:
+def _open(run_dir: Path, e: EvalSettings) -> tuple[Config, torch.nn.Module, dict[str, Any]]:
+    """:func:`~difflora.train.open_run` with its errors as EvalError."""
+    try:
+        return open_run(run_dir, e.weights, e.checkpoint)
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise EvalError(str(exc)) from None
+
+
+def _settings_record(s: SampleConfig, scales: list[float], draw: dict[str, Any], e: EvalSettings) -> dict[str, Any]:
     """The sampling settings an evaluation records (``settings`` of metrics.json)."""
-    settings = {k: v for k, v in common.items() if k not in ("labels", "conditions")} | dict(guidance=scales)
-    settings |= dict(labels="balanced" if common["labels"] is not None else None, task=common["conditions"].get("task"))
+    settings = dict(steps=s.steps, sampler=s.sampler, eta=s.eta, seed=e.seed, teacher=e.teacher)
+    settings |= dict(guidance_fraction=s.guidance_fraction, guidance=scales)
+    settings |= dict(labels="balanced" if draw["labels"] is not None else None, task=draw["conditions"].get("task"))
+    counts = dict(num_samples=e.num_samples, bootstrap=e.bootstrap, floor_draws=e.floor_draws)
     return settings | counts | dict(metrics_version=METRICS_VERSION)
 
 
 def _record_speed(run_dir: Path, acc: dict[str, Any], teacher: bool) -> None:
-    """Merge the sampling speed into the run's accounting.json: a distilled run's guided teacher
+    """Merge the sampling speed into the run's accounting.json: a one-pass student's guided teacher
     under ``teacher_sampling``, so the student's own ``sampling`` record stays."""
     merge_accounting(run_dir, {"teacher_sampling": acc["sampling"]} if teacher else acc)
 
 
 def _score_all(
     scored: tuple[Any, ...],
+    s: SampleConfig,
     scales: list[float],
-    common: dict[str, Any],
-    num_samples: int,
-    grid_size: int,
-    bootstrap: int,
+    draw: dict[str, Any],
+    e: EvalSettings,
     dev: torch.device,
     progress: bool,
     log: Callable[[str], None] | None,
@@ -315,57 +264,58 @@ def _score_all(
     """One result entry and sample grid per guidance scale (and per spatial task of a spatial run).
 
     ``scored``: (model, cfg, feature net, (reference features, labels, k-NN radii), noise floor);
-    ``common``: the sampling settings shared by every scale.
+    ``s``: the sampling settings, ``draw``: generate's other inputs shared by every scale.
     """
     model, cfg, net, ref, floor = scored
     say = log or (lambda _msg: None)
     results, grids = [], []
     for w in scales:
-        for req in spatial_requests(cfg.data, num_samples) or [None]:
-            sampled = {**common, "guidance": w}
-            sampled |= {} if req is None else {"conditions": {"task": req.task_id}, "spatial": req.spatial}
+        for req in spatial_requests(cfg.data, e.num_samples) or [None]:
+            at = dict(draw)
+            at |= {} if req is None else {"conditions": {"task": req.task_id}, "spatial": req.spatial}
             at_w = model.at(w) if isinstance(model, _FusedStudent) else model
-            entry, fake = _score_scale(at_w, cfg, net, ref, num_samples, sampled, bootstrap, dev, progress)
+            sampled = (s.model_copy(update={"guidance": w}), at)
+            entry, fake = _score_scale(at_w, cfg, net, ref, sampled, e.bootstrap, dev, progress)
             if req is not None:
                 entry |= {"task": req.task, "task_id": req.task_id, "grid": f"samples_w{_fmt_scale(w)}_{req.task}.png"}
                 entry["fidelity"] = task_fidelity(req.task, fake, req.clean, cfg.data.spatial)
-            grids.append(fake[: min(grid_size, num_samples)])
+            grids.append(fake[: min(e.grid_size, e.num_samples)])
             results.append(entry)
             say(f"guidance {w:g}: {_fmt_entry(entry, floor)}")
     return results, grids
 
 
 class _FusedStudent:
-    """A distilled run's student as it samples: the LoRA fused into W0 once for the whole draw at
-    the scale asked for (``difflora.sampling.generate.fuse_student``), so one pass per step with no adapter
-    work, as ``difflora sample`` runs it. Each scale reloads the weights, which keeps a single copy
-    of W0 in memory (a reversible merge would hold a second one)."""
+    """A one-pass student's run as it samples: the student fused into W0 once for the whole draw at
+    the scale asked for (:meth:`~difflora.sampling.student.Student.fuse`), so one pass per step with no
+    adapter work, as ``difflora sample`` runs it. Each scale reopens the run, which keeps a single
+    copy of W0 in memory (a reversible merge would hold a second one)."""
 
-    def __init__(self, run_dir: Path, weights: str, checkpoint: str | Path | None, dev: torch.device):
-        self.source = (run_dir, weights, checkpoint)
+    def __init__(self, run_dir: Path, e: EvalSettings, student: Student, dev: torch.device):
+        self.source = (run_dir, e)
+        self.student = student
         self.dev = dev
 
     def at(self, w: float) -> torch.nn.Module:
-        from difflora.sampling.generate import fuse_student
-
-        cfg, model, _ = load_run(*self.source)
-        fuse_student(model, cfg, w)
+        cfg, model, _ = _open(*self.source)
+        self.student.fuse(model, cfg, w)
         return model.to(self.dev)
 
 
-def _check_teacher(cfg: Config, run_dir: Path, teacher: bool) -> None:
-    """``teacher`` needs a distilled run whose file holds the teacher (a LoRA student on its weights)."""
+def _check_teacher(cfg: Config, run_dir: Path, teacher: bool) -> Student | None:
+    """The run's one-pass student (None: an ordinary run); ``teacher`` needs one whose files hold
+    the teacher."""
+    student = student_of(cfg)
     if not teacher:
-        return
-    if cfg.train.objective != "distill":
+        return student
+    if student is None:
         raise EvalError(
             f"--teacher scores the guided teacher of a distilled run; {run_dir} is not one (evaluate it without --teacher)"
         )
-    if cfg.train.train_base:
-        raise EvalError(
-            f"{run_dir} is a fully fine-tuned student: its files hold no teacher; evaluate its teacher run "
-            f"{cfg.train.init_from} instead"
-        )
+    problem = student.teacher_problem(cfg)
+    if problem is not None:
+        raise EvalError(f"{run_dir} is {problem}")
+    return student
 
 
 def _fmt_entry(entry: dict[str, Any], floor: dict[str, dict[str, float]]) -> str:
@@ -376,95 +326,43 @@ def _fmt_entry(entry: dict[str, Any], floor: dict[str, dict[str, float]]) -> str
     return f"{task}{_fmt_floor(entry, floor, entry['ci'])}{acc}{fid} ({entry['sample_images_per_s']:.1f} images/s)"
 
 
-def _sampling_settings(
-    cfg: Config,
-    run_dir: Path,
-    steps: int | None,
-    sampler: str | None,
-    eta: float | None,
-    guidance: Sequence[float] | None,
-    teacher: bool = False,
-) -> tuple[int, str, float, list[float]]:
-    """(steps, sampler, eta, guidance scales): the request, unset values from the run's ``sample``
-    config, checked against the run before any sampling (a distilled student: the scales it can
-    sample, see ``difflora.sampling.generate.student_guidance``)."""
-    s = cfg.sample
-    steps = steps or s.steps
-    sampler = sampler or s.sampler
-    eta = s.eta if eta is None else eta
-    # A distilled run's default scale is the one it was distilled at (student and teacher alike).
-    default = cfg.distill.guidance if cfg.train.objective == "distill" else s.guidance
-    scales = [float(w) for w in (guidance if guidance else [default])]
-    if any(w < 0 or not math.isfinite(w) for w in scales):
-        raise EvalError(f"guidance scales must be finite and >= 0, got {scales}")
-    if cfg.model.num_classes == 0 and any(w != 1.0 for w in scales):
-        raise EvalError(f"{run_dir} is unconditional (model.num_classes = 0): guidance must be 1, got {scales}")
-    if steps > cfg.diffusion.steps:
-        raise EvalError(f"--steps {steps} exceeds the run's {cfg.diffusion.steps} diffusion timesteps")
-    if eta < 0 or not math.isfinite(eta):
-        raise EvalError(f"--eta must be finite and >= 0, got {eta}")
-    if cfg.train.objective == "distill" and not teacher:
-        from difflora.sampling.generate import student_guidance
-
-        try:
-            for w in scales:
-                student_guidance(cfg, w)
-        except ValueError as exc:
-            raise EvalError(str(exc)) from None
-    return steps, sampler, eta, scales
-
-
-def _guidance_fraction(cfg: Config, fraction: float | None, teacher: bool) -> float:
-    """The selective-guidance fraction asked for (default: the run's ``sample.guidance_fraction``),
-    checked: it needs classifier-free guidance, which a distilled student does not do."""
-    fraction = cfg.sample.guidance_fraction if fraction is None else float(fraction)
-    if not 0.0 <= fraction <= 1.0:
-        raise EvalError(f"the guidance fraction must lie in [0, 1], got {fraction}")
-    if fraction != 1.0 and cfg.train.objective == "distill" and not teacher:
-        raise EvalError(
-            f"a guidance fraction of {fraction:g} applies to classifier-free guidance; the distilled student has none "
-            "(score its guided teacher with teacher=True / --teacher)"
-        )
-    return fraction
-
-
 def _score_scale(
     model: torch.nn.Module,
     cfg: Config,
     net: FeatureNet,
     ref: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor],
-    num_samples: int,
-    sampled: dict[str, Any],
+    sampled: tuple[SampleConfig, dict[str, Any]],
     bootstrap: int,
     dev: torch.device,
     progress: bool,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """Draw ``num_samples`` images at one guidance scale (``sampled``: generate's settings) and score
+    """Draw images at one guidance scale (``sampled``: generate's settings and other inputs) and score
     them against the reference (features, labels, k-NN radii); returns the result entry and the images."""
     from difflora.sampling.generate import generate
 
+    s, draw = sampled
     t0 = time.perf_counter()
-    fake = generate(model, cfg, num_samples, device=dev, progress=progress, **sampled)
+    fake = generate(model, cfg, s, device=dev, progress=progress, **draw)
     seconds = time.perf_counter() - t0
     fake_f, fake_logits = extract_features(net, fake)
     ref_f, ref_labels, radii = ref
     scored = dict(
         real_labels=ref_labels,
-        fake_labels=sampled["labels"],
+        fake_labels=draw["labels"],
         fake_logits=fake_logits,
         kid_scale=feature_kid_scale(net),
     )
-    seed = sampled["seed"]
+    seed = draw["seed"]
     metrics = metrics_from_features(ref_f, fake_f, seed=seed, real_radii=radii, **scored)
     ci = bootstrap_intervals(ref_f, fake_f, draws=bootstrap, seed=seed, **scored) if bootstrap else {}
     entry = {
-        "guidance": sampled["guidance"],
+        "guidance": s.guidance,
         **metrics,
         "ci": ci,
         "sample_seconds": seconds,
-        "sample_seconds_per_image": seconds / num_samples,
-        "sample_images_per_s": num_samples / seconds,
-        "grid": f"samples_w{_fmt_scale(sampled['guidance'])}.png",
+        "sample_seconds_per_image": seconds / s.num,
+        "sample_images_per_s": s.num / seconds,
+        "grid": f"samples_w{_fmt_scale(s.guidance)}.png",
     }
     return entry, fake
 

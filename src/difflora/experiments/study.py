@@ -5,9 +5,8 @@ final checkpoint and metrics (with the study's eval settings) exist is reused, o
 checkpoint is resumed, so an interrupted study continues where it stopped; a run with nothing on
 this machine whose committed record (``difflora.experiments.report``) scores its config is skipped,
 so a fresh clone continues from the records. Unconditional arms are
-evaluated at guidance 1 only; class-conditional ones at every ``eval.guidance`` scale; distilled
-students (``train.objective: distill``) at the scales they can sample: a fixed-w student at its w,
-a guidance-scale LoRA at the ``eval.guidance`` scales inside its range.
+evaluated at guidance 1 only; class-conditional ones at every ``eval.guidance`` scale; one-pass
+students (:mod:`difflora.sampling.student`; 003's) at the scales they can sample.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from difflora.experiments.study_spec import (
     run_order,
     study_out_dir,
 )
+from difflora.sampling.student import student_of
 
 if TYPE_CHECKING:
     from difflora.eval.features import FeatureTrainConfig
@@ -79,19 +79,14 @@ def git_state(ignore: list[Path] | None = None, root: Path | None = None) -> tup
 
 
 def _guidance_for(e: StudyEval, cfg: Config, teacher: bool) -> list[float]:
-    """Unconditional: 1. Class-conditional (and a distilled run's ``teacher``): every ``e.guidance``
-    scale. A distilled student: its own w (fixed-w), or the ``e.guidance`` scales inside its range
-    (guidance-scale LoRA; none: its default w)."""
+    """Unconditional: 1. Class-conditional (and a one-pass student's ``teacher``): every ``e.guidance``
+    scale. A one-pass student: the scales it can sample (:meth:`~difflora.sampling.student.Student.scales`;
+    003: a fixed-w student its own w, a guidance-scale LoRA the scales inside its range)."""
     if not cfg.model.num_classes:
         return [1.0]
     scales = [float(w) for w in e.guidance]
-    if cfg.train.objective != "distill" or teacher:
-        return scales
-    d = cfg.distill
-    if d.guidance_range is None:
-        return [float(d.guidance)]
-    low, high = d.guidance_range
-    return [w for w in scales if low <= w <= high] or [float(d.guidance)]
+    student = student_of(cfg)
+    return scales if student is None or teacher else student.scales(cfg, scales)
 
 
 def eval_settings(study: Study, arm: StudyArm, cfg: Config) -> dict[str, Any]:
@@ -373,21 +368,15 @@ def _score(
 ) -> dict[str, Any]:
     """Evaluate the run in ``source`` with the study's ``settings`` into ``run_dir/eval`` (a
     ``teacher_of`` arm: the teacher held in its student's run, with the teacher's accounting)."""
-    from difflora.eval.evaluate import evaluate_run
+    from difflora.eval.evaluate import EvalSettings, evaluate_run
 
+    sampling = {k: v for k, v in settings.items() if k != "metrics_version"}
+    chosen = EvalSettings(**sampling, weights=study.eval.weights, teacher=teacher)
     ev = evaluate_run(
         source,
+        chosen,
         out=run_dir / "eval",
-        teacher=teacher,
         update_accounting=not teacher,
-        num_samples=settings["num_samples"],
-        steps=settings["steps"],
-        sampler=settings["sampler"],
-        eta=settings["eta"],
-        guidance=settings["guidance"],
-        guidance_fraction=settings["guidance_fraction"],
-        seed=settings["seed"],
-        weights=study.eval.weights,
         cache_dir=cache_dir,
         feature_train=feature_train,
     )

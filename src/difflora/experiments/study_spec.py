@@ -58,6 +58,7 @@ from difflora.config.schema import Config, ConfigError, parse_config
 from difflora.diffusion.respace import space_timesteps
 from difflora.files.jsonfile import read_json_file
 from difflora.presets import experiment_presets, resolve_shipped
+from difflora.sampling.student import student_of
 
 __all__ = [
     "ARM_PREFIX",
@@ -319,7 +320,8 @@ def load_study(path: str | Path) -> Study:
         raise _explain(err, str(p)) from None
     for arm in study.arms:
         cfg = arm_config(study, arm, study.seeds[0])
-        if arm.teacher_of is not None and (cfg.train.objective != "distill" or cfg.train.train_base):
+        student = student_of(cfg)
+        if arm.teacher_of is not None and (student is None or student.teacher_problem(cfg) is not None):
             raise StudyError(
                 f"arm {arm.name!r}: teacher_of needs an arm of LoRA-distilled students (train.objective: distill, "
                 f"train.train_base: false), and {arm.teacher_of!r} is not one"
@@ -351,8 +353,8 @@ def _check_sampling_steps(study: Study, arm: StudyArm, cfg: Config) -> None:
 
 
 def _student(arm: StudyArm, cfg: Config) -> bool:
-    """Whether ``arm``'s runs are scored as distilled students (one pass per step, no guidance)."""
-    return cfg.train.objective == "distill" and arm.teacher_of is None
+    """Whether ``arm``'s runs are scored as one-pass students (no guidance; :mod:`difflora.sampling.student`)."""
+    return student_of(cfg) is not None and arm.teacher_of is None
 
 
 def arm_config(study: Study, arm: StudyArm, seed: int, out: str | Path | None = None) -> Config:

@@ -1,10 +1,9 @@
 """Generate images from a model: the one sampling entry point used by training grids, the CLI and eval.
 
-A distilled run (``train.objective: distill``) samples its student: one conditional pass per step,
-the LoRA switched on by the condition it reads (``distill=0``, or ``guidance=w`` for a
-guidance-scale LoRA), no guidance wrapper. ``teacher=True`` samples the same model with the LoRA off
-and classifier-free guidance at w instead. :func:`fuse_student` writes the student's LoRA into
-the weights once for a whole sampling run (no second copy of any weight).
+The run's validated sampling settings (a :class:`~difflora.config.schema.SampleConfig`) travel
+whole. A one-pass student's run (:mod:`difflora.sampling.student`) samples its student, one
+conditional pass per step with no guidance wrapper, or with ``teacher=True`` the guided teacher
+held in the same weights.
 """
 
 from __future__ import annotations
@@ -15,21 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflora.adapters import adapter_layers
-from difflora.config.schema import DISTILL_ADAPTER, Config
+from difflora.config.schema import Config, SampleConfig
 from difflora.diffusion.guidance import ClassifierFreeGuidance, selective_threshold
 from difflora.diffusion.samplers import sample
 from difflora.model.build import DiffusionModel, build_diffusion
+from difflora.sampling.student import student_of
 
 __all__ = [
     "NonFiniteSamplesError",
     "condition_tensors",
     "data_conditions",
     "default_labels",
-    "fuse_student",
     "generate",
-    "student_conditions",
-    "student_guidance",
+    "sampling_settings",
 ]
 
 
@@ -94,139 +91,76 @@ def data_conditions(cfg: Config) -> dict[str, int]:
     return {}
 
 
-def student_guidance(cfg: Config, guidance: float | None = None) -> float:
-    """The guidance scale a distilled run's student samples at: ``guidance``, or ``distill.guidance``.
+def sampling_settings(cfg: Config, **changes: object) -> SampleConfig:
+    """The sampling settings of a run with config ``cfg`` (``cfg.sample``; the guidance scale of a
+    one-pass student is its own, see :mod:`difflora.sampling.student`) with ``changes`` (None: keep)
+    applied, validated by the rules of the ``sample`` keys (pydantic's ValidationError, a ValueError)."""
+    student = student_of(cfg)
+    base = cfg.sample.model_dump() | ({"guidance": student.default_guidance(cfg)} if student is not None else {})
+    return SampleConfig.model_validate(base | {k: v for k, v in changes.items() if v is not None})
 
-    A fixed-w student knows its own w only; a guidance-scale LoRA any w of its range."""
-    d = cfg.distill
-    w = d.guidance if guidance is None else float(guidance)
-    if d.guidance_range is None:
-        if w != d.guidance:
-            raise ValueError(
-                f"this student was distilled at guidance {d.guidance:g} and samples at that scale only, not {w:g}; "
-                "sample the teacher at other scales (--teacher) or distil a guidance-scale LoRA (--guidance-range)"
-            )
-        return w
-    low, high = d.guidance_range
-    if not low <= w <= high:
+
+def _sampling_fn(model: nn.Module, cfg: Config, s: SampleConfig, teacher: bool, diffusion):
+    """(model callable, extra conditions, the block to sample in): CFG (selective when
+    ``s.guidance_fraction`` < 1), or a one-pass student switched on by its conditions (the scale
+    checked), or with ``teacher`` its guided teacher (the student switched off in the block)."""
+    student = student_of(cfg)
+    if teacher and student is None:
         raise ValueError(
-            f"guidance {w:g} is outside the range [{low:g}, {high:g}] the guidance-scale LoRA was distilled on; "
-            f"choose a scale in the range (or sample the teacher with --teacher)"
+            "teacher=True samples the guided teacher held in a one-pass student's run; this run is not one"
         )
-    return w
-
-
-def student_conditions(cfg: Config, guidance: float | torch.Tensor) -> dict[str, float | torch.Tensor]:
-    """The condition that switches a distilled run's LoRA on: ``distill=0`` (fixed w) or ``guidance=w``."""
-    return {"distill": 0} if cfg.distill.guidance_range is None else {"guidance": guidance}
-
-
-def _has_student(model: nn.Module) -> bool:
-    return any(DISTILL_ADAPTER in layer.adapters for _, layer in adapter_layers(model))
-
-
-@torch.no_grad()
-def fuse_student(model: nn.Module, cfg: Config, guidance: float | None = None) -> float:
-    """Write the student's LoRA at ``guidance`` into the weights in place and drop it; returns w.
-
-    ``W0 <- W0 + B A`` (or the guidance-scale bank's mixture at w) once for the whole sampling
-    run: afterwards the model is the student, a plain network with zero per-step overhead, and
-    no copy of W0 is kept (a reversible merge would hold one per layer). A wrapper left with no
-    adapter is replaced by its base layer (its per-call routing work would be pure overhead), so a
-    model whose only adapter was the student's LoRA becomes the plain network, module for module.
-    Irreversible: for a model loaded for one sampling run; the teacher is no longer in it.
-    """
-    w = student_guidance(cfg, guidance)
-    values = student_conditions(cfg, w)
-    for path, layer in list(adapter_layers(model)):
-        if DISTILL_ADAPTER in layer.adapters:
-            branch = layer.adapters[DISTILL_ADAPTER]
-            layer.base_layer.weight.add_(branch.delta_weight(values[branch.condition], layer.weight))
-            del layer.adapters[DISTILL_ADAPTER]
-            if not layer.adapters and not layer.merged:
-                parent, _, child = path.rpartition(".")
-                setattr(model.get_submodule(parent), child, layer.base_layer)
-    return w
-
-
-def _resolve_guidance(model: nn.Module, cfg: Config, guidance: float | None, teacher: bool) -> float:
-    """The scale to sample at: ``guidance``, else a distilled run's ``distill.guidance``, else ``sample.guidance``."""
-    distilled = cfg.train.objective == "distill"
-    if teacher and not (distilled and _has_student(model)):
-        raise ValueError(
-            "the teacher is sampled from a distilled run whose student LoRA is not fused into the weights; "
-            "this model has no student LoRA"
-        )
-    if not distilled:
-        return cfg.sample.guidance if guidance is None else guidance
-    guidance = cfg.distill.guidance if guidance is None else guidance
-    return guidance if teacher else student_guidance(cfg, guidance)
-
-
-def _sampling_fn(model: nn.Module, cfg: Config, guidance: float, fraction: float, teacher: bool, diffusion):
-    """(model callable, extra conditions, effective guidance): CFG (selective when fraction < 1), or a
-    distilled run's one-pass student."""
-    if cfg.train.objective == "distill" and not teacher:
-        if fraction != 1.0:
+    if student is not None and not teacher:
+        if s.guidance_fraction != 1.0:
             raise ValueError(
-                "the guidance fraction applies to classifier-free guidance; a distilled student has none "
+                "the guidance fraction applies to classifier-free guidance; a one-pass student has none "
                 "(sample the teacher with --teacher)"
             )
-        return model, student_conditions(cfg, guidance), guidance
-    if guidance == 1.0:
-        return model, {}, guidance
-    min_t = selective_threshold(diffusion, fraction)
-    return ClassifierFreeGuidance(model, guidance, min_t=min_t), {}, guidance
+        return model, student.conditions(cfg, student.check_guidance(cfg, s.guidance)), contextlib.nullcontext()
+    block = student.teacher(model, cfg) if teacher else contextlib.nullcontext()
+    if s.guidance == 1.0:
+        return model, {}, block
+    min_t = selective_threshold(diffusion, s.guidance_fraction)
+    return ClassifierFreeGuidance(model, s.guidance, min_t=min_t), {}, block
 
 
 @torch.no_grad()
 def generate(
     model: nn.Module,
     cfg: Config,
-    num: int,
+    settings: SampleConfig | None = None,
     *,
-    steps: int | None = None,
-    sampler: str | None = None,
-    eta: float | None = None,
-    guidance: float | None = None,
     labels: torch.Tensor | None = None,
     conditions: dict[str, object] | None = None,
+    spatial: torch.Tensor | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = False,
-    guidance_fraction: float | None = None,
     teacher: bool = False,
-    spatial: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Draw ``num`` samples [num x C x H x W] in [-1, 1]; unset options come from ``cfg.sample``.
+    """Draw ``settings.num`` samples [num x C x H x W] in [-1, 1].
 
-    ``labels`` [num] selects classes (-1 = unconditional); guidance != 1 wraps the model in
-    classifier-free guidance. ``conditions`` (e.g. ``{"task": 2}`` or ``{"task": [0, 1, 2]}``, see
-    :func:`condition_tensors`) reach the adapters reading them, in both halves of a guided batch.
-    The same seed and ``cfg.sample.batch_size`` give the same images. Raises
-    :class:`NonFiniteSamplesError` when a sample holds NaN or inf.
+    ``settings``: the validated sampling settings (number, steps, sampler, eta, guidance, guidance
+    fraction, batch size; default: the run's, :func:`sampling_settings`). ``labels`` [num] selects
+    classes (-1 = unconditional); guidance != 1 wraps the model in classifier-free guidance.
+    ``conditions`` (e.g. ``{"task": 2}`` or ``{"task": [0, 1, 2]}``, see :func:`condition_tensors`)
+    reach the adapters reading them, in both halves of a guided batch. The same seed and batch size
+    give the same images. Raises :class:`NonFiniteSamplesError` when a sample holds NaN or inf.
 
-    ``guidance_fraction`` (default ``sample.guidance_fraction``) < 1 is selective guidance: CFG on
-    the first (noisiest) fraction of the steps, conditional on the rest. A distilled run samples
-    its student in one pass per step at ``guidance`` (default ``distill.guidance``; see
-    :func:`student_guidance`), or with ``teacher=True`` the guided teacher (the LoRA off).
+    A guidance fraction < 1 is selective guidance: CFG on the first (noisiest) fraction of the
+    steps, conditional on the rest. A one-pass student's run (:mod:`difflora.sampling.student`, e.g.
+    003's LoRA student) samples the student in one pass per step at the guidance scale, or with
+    ``teacher=True`` the guided teacher held in the same weights.
     ``spatial`` [num x C_s x H x W]: the condition images of a run with spatial tasks
     (:func:`difflora.data.spatial.heldout_conditions`), one per sample, with ``conditions["task"]``.
     """
-    s = cfg.sample
-    steps = steps or s.steps
-    sampler = sampler or s.sampler
-    eta = s.eta if eta is None else eta
-    fraction = s.guidance_fraction if guidance_fraction is None else guidance_fraction
-    guidance = _resolve_guidance(model, cfg, guidance, teacher)
-    if num < 1:
-        raise ValueError(f"the number of samples must be at least 1, got {num}")
-    if steps > cfg.diffusion.steps:
-        raise ValueError(f"--steps {steps} exceeds the diffusion's {cfg.diffusion.steps} timesteps")
-    if guidance != 1.0 and cfg.model.num_classes == 0:
+    s = settings if settings is not None else sampling_settings(cfg)
+    num = s.num
+    if s.steps > cfg.diffusion.steps:
+        raise ValueError(f"--steps {s.steps} exceeds the diffusion's {cfg.diffusion.steps} timesteps")
+    if s.guidance != 1.0 and cfg.model.num_classes == 0:
         raise ValueError("guidance needs a class-conditional model (model.num_classes > 0)")
-    diffusion = build_diffusion(cfg, respacing=f"ddim{steps}" if sampler == "ddim" else steps)
-    fn, student, guidance = _sampling_fn(model, cfg, guidance, fraction, teacher, diffusion)
+    diffusion = build_diffusion(cfg, respacing=f"ddim{s.steps}" if s.sampler == "ddim" else s.steps)
+    fn, student, guided_teacher = _sampling_fn(model, cfg, s, teacher, diffusion)
     extra = condition_tensors({**(conditions or {}), **student}, num) | _spatial_condition(spatial, num, cfg)
     m = cfg.model
     shape = (m.in_channels, m.image_size, m.image_size)
@@ -239,11 +173,9 @@ def generate(
     # Every sample of a sampler step shares t: the TimeLoRA update is merged once per step (exact,
     # undone on exit); class adapters stay per sample, as classifier-free guidance needs.
     merged = model.merged("t") if isinstance(model, DiffusionModel) else contextlib.nullcontext()
-    # The teacher of a distilled run is the same weights with the student's LoRA off.
-    lora_off = model.adapters_disabled(DISTILL_ADAPTER) if teacher else contextlib.nullcontext()
     try:
-        with merged, lora_off:
-            draw = dict(generator=gen, sampler=sampler, eta=eta, progress=progress, device=device)
+        with merged, guided_teacher:
+            draw = dict(generator=gen, sampler=s.sampler, eta=s.eta, progress=progress, device=device)
             out = _draw_batches(diffusion, fn, noise, extra, labels, s.batch_size, draw)
     finally:
         model.train(was_training)
@@ -252,7 +184,7 @@ def generate(
     if bad.any():
         raise NonFiniteSamplesError(
             f"sampling produced NaN or infinite values in {int(bad.sum())} of {num} samples "
-            f"({sampler}, {steps} steps, guidance {guidance:g}); the weights may have diverged: "
+            f"({s.sampler}, {s.steps} steps, guidance {s.guidance:g}); the weights may have diverged: "
             "try the other weights (--weights) or an earlier --checkpoint"
         )
     return images

@@ -12,6 +12,7 @@ from difflora.train.ema import EMA
 from difflora.train.loop import TrainingDiverged, TrainState, resolve_device, train
 from difflora.train.objectives import OBJECTIVES, Batch, DiffusionObjective, Objective, build_objective
 from difflora.train.run_dir import RunDirNotWritable, RunExistsError, load_run_config
+from difflora.train.run_loader import open_run
 
 __all__ = [
     "EMA",
@@ -30,6 +31,7 @@ __all__ = [
     "load_checkpoint",
     "load_run_config",
     "load_weights",
+    "open_run",
     "resolve_device",
     "select_checkpoint",
     "train",

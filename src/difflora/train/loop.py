@@ -331,7 +331,6 @@ def _sample_grid(st: TrainState, path: Path) -> Path:
         images = generate(
             st.model,
             cfg,
-            cfg.sample.num,
             labels=labels,
             seed=cfg.train.seed,
             device=st.device,
