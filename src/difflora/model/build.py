@@ -36,7 +36,7 @@ from difflora.diffusion import create_diffusion
 from difflora.model.expand import add_context_tokens, check_adapter_configs, inject_adapters
 from difflora.nets import build_net
 
-__all__ = ["DiffusionModel", "build_diffusion", "build_model", "merged_timesteps"]
+__all__ = ["DiffusionModel", "build_diffusion", "build_model"]
 
 
 class DiffusionModel(nn.Module):
@@ -109,11 +109,6 @@ class DiffusionModel(nn.Module):
         finally:
             self._merge_shared = previous
             unmerge_adapters(self.net, *names)
-
-
-def merged_timesteps(model: DiffusionModel) -> contextlib.AbstractContextManager[DiffusionModel]:
-    """``with merged_timesteps(model): sample(...)``: merge the t-adapters once per sampler step."""
-    return model.merged("t")
 
 
 def build_model(cfg: Config) -> DiffusionModel:
