@@ -17,8 +17,8 @@ import pytest
 from scipy import stats
 
 from difflora.cli.commands import main
-from difflora.experiments.anova import anova, dominant_sentence, run_anova
-from difflora.experiments.sweep import SweepError, write_results
+from difflora.design_space.anova import anova, dominant_sentence, run_anova
+from difflora.design_space.sweep import SweepError, write_results
 
 TOL = 1e-9
 EFFECT_A = {"a0": 0.0, "a1": 2.0, "a2": 4.0}  # strong

@@ -17,9 +17,9 @@ from torch import nn
 from difflora.adapters import IndexWeighting, SharedWeighting, conditions, inject_position_adapter
 from difflora.cli.commands import resolve_config_path
 from difflora.config.schema import ConfigError, load_config, parse_config
-from difflora.experiments.anova import run_anova
+from difflora.design_space.anova import run_anova
+from difflora.design_space.sweep import load_sweep, plan_sweep, read_results, run_sweep
 from difflora.experiments.study_spec import load_study
-from difflora.experiments.sweep import load_sweep, plan_sweep, read_results, run_sweep
 from difflora.model.build import build_model
 from difflora.nets.transformer import TransformerBlock
 from difflora.presets import CONFIGS_DIR, EXPERIMENTS_DIR

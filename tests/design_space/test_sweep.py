@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from difflora.cli.commands import main
-from difflora.experiments.sweep import (
+from difflora.design_space.sweep import (
     Sweep,
     SweepError,
     cell_arm,

@@ -20,7 +20,7 @@ from difflora.adapters import (
 )
 from difflora.config.schema import ConfigError, parse_config
 from difflora.diffusion import ClassifierFreeGuidance, create_diffusion, sample
-from difflora.model.build import DiffusionModel, build_model, merged_timesteps
+from difflora.model.build import DiffusionModel, build_model
 
 
 class ToyDenoiser(nn.Module):
@@ -122,7 +122,7 @@ def test_merged_mode_falls_back_to_per_sample_for_mixed_t():
     t_mixed = torch.tensor([0.0, 250.0, 500.0, 975.0])
     t_same = torch.full((4,), 500.0)
     ref_mixed, ref_same = model(x, t_mixed), model(x, t_same)
-    with merged_timesteps(model):
+    with model.merged("t"):
         same = model(x, t_same)
         assert model.net.qkv.merged == {"time": 20}
         mixed = model(x, t_mixed)

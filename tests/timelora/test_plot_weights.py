@@ -13,7 +13,7 @@ from difflora.adapters import TrainableWeighting
 from difflora.cli.commands import main, resolve_config_path
 from difflora.config.schema import config_to_dict, load_config
 from difflora.model.build import build_model
-from difflora.plots import basis_groups, group_mean_abs, plot_weights
+from difflora.timelora.plots import basis_groups, group_mean_abs, plot_weights
 from difflora.train.checkpoint import save_checkpoint
 
 

@@ -176,7 +176,7 @@ def test_one_copy_of_the_base_in_memory(base_run, tmp_path, monkeypatch, train_b
 
 def test_sample_grid_swaps_ema_values_in_and_out(base_run, tmp_path, monkeypatch):
     seen = {}
-    real_step, real_generate = loop._train_step, loop.generate
+    real_step, real_generate = loop.train_step, loop.generate
 
     def step(st, i):
         lr = real_step(st, i)
@@ -197,7 +197,7 @@ def test_sample_grid_swaps_ema_values_in_and_out(base_run, tmp_path, monkeypatch
         for k, v in st.model.named_parameters():
             assert torch.equal(v, seen["model"][k]), k  # and back after the grid
 
-    monkeypatch.setattr(loop, "_train_step", step)
+    monkeypatch.setattr(loop, "train_step", step)
     monkeypatch.setattr(loop, "generate", grid)
     train(adapted_cfg(base_run, "train.sample_every=1", "train.steps=3"), tmp_path / "run", callback=after, **QUIET)
     assert seen["grids"] == 3  # steps 1 and 2, and the final grid

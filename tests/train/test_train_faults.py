@@ -101,7 +101,7 @@ def test_unwritable_output_is_found_before_training(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     steps = []
-    monkeypatch.setattr(loop, "_train_step", lambda *a: steps.append(a) or 0.0)
+    monkeypatch.setattr(loop, "train_step", lambda *a: steps.append(a) or 0.0)
     with pytest.raises(PermissionError, match=f"cannot write the run directory {blocker / 'run'}: .* is a file"):
         train(tiny(), blocker / "run", **QUIET)
     (tmp_path / "run").mkdir()

@@ -110,7 +110,8 @@ def test_compiled_model_with_adapters_and_conditions_equals_eager():
 # (module, function) pairs called per training step, per diffusion call or per adapter forward.
 # Readbacks of a tensor to the host there would stall a GPU every call.
 HOT = {
-    "train/step.py": ["train_step", "_accumulate", "_micro_rows", "add"],
+    "train/step.py": ["train_step", "_accumulate", "_micro_rows"],
+    "train/state.py": ["add"],
     "train/objectives.py": ["__call__", "local"],
     "distill/objective.py": ["__call__", "teacher", "_shared", "scales", "student_kwargs", "distill_losses"],
     "diffusion/gaussian.py": [

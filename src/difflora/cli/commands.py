@@ -196,7 +196,7 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_plot_weights(args) -> int:
-    from difflora.plots import plot_weights
+    from difflora.timelora.plots import plot_weights
 
     if args.out is not None and not args.out.lower().endswith(".png"):
         raise CLIError(f"--out must name a .png file, got {args.out}")
@@ -306,7 +306,7 @@ def _cmd_study(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from difflora.experiments.sweep import run_sweep
+    from difflora.design_space.sweep import run_sweep
 
     table = run_sweep(args.sweep, out=args.out, progress=not args.no_progress, plan_only=args.plan)
     if not args.plan:
@@ -315,7 +315,7 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_anova(args) -> int:
-    from difflora.experiments.anova import run_anova
+    from difflora.design_space.anova import run_anova
 
     lines = run_anova(
         args.results, args.metric or ["fd"], out=args.out, guidance=args.guidance, interactions=args.interactions

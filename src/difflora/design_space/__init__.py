@@ -3,7 +3,9 @@ Diffusion Models", arXiv 2303.18181): where an adapter reads and writes inside a
 function it computes, swept and analysed with ANOVA.
 
 Position adapters are part of the shared mechanism (:mod:`difflora.adapters.positions`); the sweep
-and its analysis live here and are added to the shared registries in :func:`register`
+(:mod:`difflora.design_space.sweep`, a factorial design run by the shared study runner) and its
+analysis (:mod:`difflora.design_space.anova`) live here, called by the ``difflora sweep`` and
+``difflora anova`` commands; what 004 adds to the shared registries goes in :func:`register`
 (:mod:`difflora.registry`).
 """
 

@@ -3,8 +3,9 @@
     from difflora.experiments import load_study, run_study
     run_study("experiments/timelora/digits.yaml")      # runs/<study>/<arm>/seed<k>/, report .md
 
-See ``difflora.experiments.study_spec`` for the study YAML, ``study`` for running one, ``report`` for the report and its run
-records, ``verdicts`` for the statistics behind the claims, ``runs_table`` for ``difflora runs``
+See ``difflora.experiments.study_spec`` for the study YAML, ``study`` for running one, ``settings`` for
+when a stored run or record counts as done, ``report`` for the report, its run records and its
+figures (``REPORT_FIGURES``, which paper packages fill), ``verdicts`` for the statistics behind the claims, ``runs_table`` for ``difflora runs``
 (one table of the runs under a directory).
 """
 

@@ -15,10 +15,10 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from difflora.config.schema import Config
-from difflora.experiments.study import eval_settings, same_config, scored_with
+from difflora.experiments.settings import eval_settings, same_config, scored_with
 from difflora.experiments.study_spec import (
     HIGHER_IS_BETTER,
     Claim,
@@ -30,11 +30,42 @@ from difflora.experiments.study_spec import (
 )
 from difflora.experiments.verdicts import judge_claim
 from difflora.files.jsonfile import read_json_file
+from difflora.registry import Registry
+
+
+class ReportFigure(Protocol):
+    """A figure a paper adds to study reports, e.g. 000's trained TimeLoRA weights.
+
+    ``draw`` makes its images from the runs in ``out_dir`` into the report's image directory and
+    returns one note per failure (a figure is not a result: a failure is reported, the report is
+    still written); ``section`` returns the report's markdown lines showing the images found in
+    ``img_dir`` (none: no lines), so ``--report-only`` shows them without the runs.
+    """
+
+    def draw(self, study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm]) -> list[str]: ...
+
+    def section(self, study: Study, img_dir: Path, arms: list[StudyArm]) -> list[str]: ...
+
+
+# The figures of study reports, in registration order (after the samples); a paper package adds
+# its own in its register() (difflora.registry).
+REPORT_FIGURES: Registry[ReportFigure] = Registry("experiments.report_figure")
 
 # A record is a copy of a run's scores, so a damaged one is rebuilt from the run.
 REBUILD_RECORD = "delete it: `difflora study STUDY --report-only` writes it again from the run"
 
-__all__ = ["END_MARKER", "load_records", "matching_record", "record_path", "summarise", "sync_records", "write_report"]
+__all__ = [
+    "END_MARKER",
+    "REPORT_FIGURES",
+    "ReportFigure",
+    "draw_figures",
+    "load_records",
+    "matching_record",
+    "record_path",
+    "summarise",
+    "sync_records",
+    "write_report",
+]
 
 END_MARKER = "<!-- end of generated report -->"
 _SCORES = ("fd", "kid_mean", "precision", "recall", "class_accuracy")
@@ -418,30 +449,14 @@ def _images(study: Study, rows: list[dict[str, Any]], img_dir: Path, arms: list[
                 f"![{r['arm']} w={r['guidance']:g}]({study.name}/{name})",
                 "",
             ]
-    plots = [a.name for a in arms if (img_dir / f"weights-{a.name}.png").is_file()]
-    if plots:
-        lines += ["## Trained TimeLoRA weights (000 Figure 3)", "", "First seed, EMA weights, middle block qkv.", ""]
-        for name in plots:
-            lines += [f"**{name}**", "", f"![weights {name}]({study.name}/weights-{name}.png)", ""]
+    for figure in REPORT_FIGURES.values():
+        lines += figure.section(study, img_dir, arms)
     return lines
 
 
-def weight_plots(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm]) -> list[str]:
-    """Draw the trained-weighting heatmaps of each trainable-TimeLoRA arm's first seed; returns failures."""
-    from difflora.plots import plot_weights
-
-    notes = []
-    for arm in arms:
-        cfg = arm_config(study, arm, study.seeds[0])
-        names = [a.name for a in cfg.model.adapters if a.weighting == "trainable" and a.condition == "t"]
-        run_dir = out_dir / arm.name / f"seed{study.seeds[0]}"
-        if not names or not (run_dir / "checkpoints").is_dir():
-            continue
-        try:
-            plot_weights(run_dir, None, str(img_dir / f"weights-{arm.name}.png"), "ema", names[0])
-        except Exception as exc:  # a plot is a figure, not a result: report the failure, keep the report
-            notes.append(f"{arm.name}: {exc}")
-    return notes
+def draw_figures(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm]) -> list[str]:
+    """Draw every registered report figure (:data:`REPORT_FIGURES`) from the runs in ``out_dir``; returns failures."""
+    return [note for figure in REPORT_FIGURES.values() for note in figure.draw(study, out_dir, img_dir, arms)]
 
 
 def write_report(

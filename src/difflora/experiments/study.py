@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from difflora.config.schema import Config, ConfigError, config_to_dict, parse_config
-from difflora.eval.evaluate import METRICS_VERSION
+from difflora.config.schema import Config
+from difflora.experiments.report import draw_figures, matching_record, sync_records, write_report
+from difflora.experiments.settings import eval_settings, same_config, scored_with
 from difflora.experiments.study_spec import (
     Study,
     StudyArm,
     StudyError,
-    StudyEval,
     arm_config,
     arm_dependency,
     load_study,
@@ -35,12 +35,11 @@ from difflora.experiments.study_spec import (
     run_order,
     study_out_dir,
 )
-from difflora.sampling.student import student_of
 
 if TYPE_CHECKING:
     from difflora.eval.features import FeatureTrainConfig
 
-__all__ = ["eval_settings", "git_state", "run_all", "run_study", "same_config", "scored_with"]
+__all__ = ["git_state", "run_all", "run_study"]
 
 
 def git_state(ignore: list[Path] | None = None, root: Path | None = None) -> tuple[str, bool]:
@@ -76,52 +75,6 @@ def git_state(ignore: list[Path] | None = None, root: Path | None = None) -> tup
     changed = [top / entry[3:] for entry in status.split("\0") if len(entry) > 3]
     dirty = any(not any(c.resolve().is_relative_to(s) for s in skip) for c in changed)
     return rev, dirty
-
-
-def _guidance_for(e: StudyEval, cfg: Config, teacher: bool) -> list[float]:
-    """Unconditional: 1. Class-conditional (and a one-pass student's ``teacher``): every ``e.guidance``
-    scale. A one-pass student: the scales it can sample (:meth:`~difflora.sampling.student.Student.scales`;
-    003: a fixed-w student its own w, a guidance-scale LoRA the scales inside its range)."""
-    if not cfg.model.num_classes:
-        return [1.0]
-    scales = [float(w) for w in e.guidance]
-    student = student_of(cfg)
-    return scales if student is None or teacher else student.scales(cfg, scales)
-
-
-def eval_settings(study: Study, arm: StudyArm, cfg: Config) -> dict[str, Any]:
-    """The eval settings a metrics.json of ``arm`` (run config ``cfg``) must have to count as done."""
-    e = study.eval_of(arm)
-    return {
-        "num_samples": e.num_samples,
-        "steps": e.steps,
-        "sampler": e.sampler,
-        "eta": e.eta,
-        "guidance": _guidance_for(e, cfg, arm.teacher_of is not None),
-        "guidance_fraction": e.guidance_fraction,
-        "seed": e.seed,
-        "metrics_version": METRICS_VERSION,
-    }
-
-
-# Settings a metrics.json written before they were recorded lacks, with the value every such run used.
-_UNRECORDED = {"guidance_fraction": 1.0}
-
-
-def scored_with(metrics: dict[str, Any], cfg: Config, settings: dict[str, Any]) -> bool:
-    """Whether a metrics.json (read) scores the final checkpoint of a run of ``cfg`` with ``settings``."""
-    recorded = {k: metrics["settings"].get(k, _UNRECORDED.get(k)) for k in settings}
-    return recorded == settings and metrics["checkpoint_step"] == cfg.train.steps
-
-
-def same_config(saved: dict[str, Any], cfg: Config) -> bool:
-    """Whether a run's recorded config is ``cfg``. The record is read with today's defaults, so a run
-    made before a config key existed counts as having that key's default (which is what it ran with);
-    a record today's schema rejects (a removed key) is another config."""
-    try:
-        return config_to_dict(parse_config(saved)) == config_to_dict(cfg)
-    except ConfigError:
-        return False
 
 
 def _run_state(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> str:
@@ -210,8 +163,6 @@ def run_study(
     from the stored run records (``difflora.experiments.report``), e.g. on a fresh clone.
     ``plan_only`` logs what each run would do (:func:`plan_runs`) and writes nothing.
     """
-    from difflora.experiments.report import sync_records, weight_plots, write_report
-
     study = load_study(path)
     out_dir = study_out_dir(study, out)
     report_dir = Path(study.report_dir) if study.report_dir else out_dir
@@ -237,8 +188,8 @@ def run_study(
     if out_dir.is_dir():
         n = sync_records(study, out_dir, img_dir, study.arms)
         log(f"study {study.name}: {n} finished runs recorded in {img_dir / 'records'}")
-        for note in weight_plots(study, out_dir, img_dir, study.arms):
-            log(f"weight plot failed: {note}")
+        for note in draw_figures(study, out_dir, img_dir, study.arms):
+            log(f"figure failed: {note}")
     cmd = command or _default_command(path, out)
     report = write_report(study, report_dir, study.arms, command=cmd, revision=revision, dirty=dirty)
     log(f"study {study.name}: report {report} ({time.time() - started:.0f} s this call)")
@@ -392,8 +343,6 @@ def _recorded_runs(
     a record that scores this config, and no run of this call that starts from it (the arms that
     depend on it, for that seed, are skipped too). Dependents come after their dependencies in
     ``ordered``, so one pass from the end decides each run after everything that needs it."""
-    from difflora.experiments.report import matching_record
-
     skip: dict[tuple[str, int], Path] = {}
     for arm in reversed(ordered):
         dependents = [a.name for a in ordered if arm_dependency(study, a) == arm.name]

@@ -11,7 +11,7 @@ from torch import nn
 
 from difflora.adapters import IndexWeighting, adapter_layers
 
-__all__ = ["format_count", "parameter_counts", "parameter_group", "peak_memory_mb", "per_task_counts"]
+__all__ = ["parameter_counts", "parameter_group", "peak_memory_mb", "per_task_counts"]
 
 # Names that mark conditioning machinery, so `difflora params` can show what LoRA replaces.
 _EMBEDDING_PARTS = ("time_embed", "emb_layers", "label_emb", "t_embedder", "y_embedder", "context_embedder")
@@ -68,10 +68,6 @@ def parameter_counts(model: nn.Module) -> dict:
         "by_module": dict(by_module),
         "per_task": per_task,
     }
-
-
-def format_count(n: int) -> str:
-    return f"{n:,}"
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:

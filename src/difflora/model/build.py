@@ -30,7 +30,12 @@ from difflora.config.schema import Config
 from difflora.diffusion import create_diffusion
 from difflora.model.expand import expand_model
 
-__all__ = ["DiffusionModel", "build_diffusion", "build_model", "merged_timesteps"]
+__all__ = ["NET_INPUTS", "DiffusionModel", "build_diffusion", "build_model"]
+
+# What the model callable passes to the backbone rather than to adapters: a cross-attention
+# context, the kept tokens of masked DiT training, a spatial condition image. Everything else it
+# receives is an adapter condition.
+NET_INPUTS = ("context", "keep", "spatial")
 
 
 class DiffusionModel(nn.Module):
@@ -62,23 +67,23 @@ class DiffusionModel(nn.Module):
         return (t.float() * self.timestep_scale).round().long()
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **extra: torch.Tensor
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **values: torch.Tensor
     ) -> torch.Tensor:
-        """Run ``net(x, t, y)`` with adapter conditions ``t`` (original units), ``y`` and ``extra`` set.
+        """Run ``net(x, t, y)`` with the adapter conditions set: ``t`` (original units), ``y`` and ``values``.
 
-        ``extra`` (e.g. ``task=[N]``, ``guidance=[N]``) is seen by adapters only, not by the backbone,
-        except ``context`` [N x L x D], which goes to a cross-attention backbone (``model.attention: cross``),
-        and ``keep`` [N x K], the kept tokens of masked DiT training (``train.mask_ratio``), and ``spatial``
-        [N x C_s x H x W], the condition image of spatial tasks (``data.spatial``).
+        ``values`` (e.g. ``task=[N]``, ``guidance=[N]``) are seen by adapters only, not by the backbone,
+        except the backbone inputs (:data:`NET_INPUTS`): ``context`` [N x L x D], which goes to a
+        cross-attention backbone (``model.attention: cross``), ``keep`` [N x K], the kept tokens of masked
+        DiT training (``train.mask_ratio``), and ``spatial`` [N x C_s x H x W], the condition image of
+        spatial tasks (``data.spatial``).
         """
-        # Backbone inputs, not adapter conditions: a cross-attention context, the kept tokens of masked
-        # DiT training, a spatial condition image; None ones are left out (a plain net takes none).
-        net_kwargs = {k: v for k in ("context", "keep", "spatial") if (v := extra.pop(k, None)) is not None}
-        values = {"t": self.adapter_timesteps(t), "y": y, **extra}
+        # None backbone inputs are left out (a plain net takes none).
+        net_inputs = {k: v for k in NET_INPUTS if (v := values.pop(k, None)) is not None}
+        values.update(t=self.adapter_timesteps(t), y=y)
         if self._merge_shared:
             merge_shared(self.net, **{k: values[k] for k in self._merge_shared if k in values})
         with conditions(**values):
-            return self.net(x, t, y, **net_kwargs)
+            return self.net(x, t, y, **net_inputs)
 
     @contextlib.contextmanager
     def merged(self, *names: str) -> Iterator[DiffusionModel]:
@@ -103,11 +108,6 @@ class DiffusionModel(nn.Module):
         finally:
             self._merge_shared = previous
             unmerge_adapters(self.net, *names)
-
-
-def merged_timesteps(model: DiffusionModel) -> contextlib.AbstractContextManager[DiffusionModel]:
-    """``with merged_timesteps(model): sample(...)``: merge the t-adapters once per sampler step."""
-    return model.merged("t")
 
 
 def build_model(cfg: Config) -> DiffusionModel:

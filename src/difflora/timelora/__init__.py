@@ -7,8 +7,12 @@ The mechanism itself is shared (a timestep or class weighting over a bank of LoR
 in :func:`register` (:mod:`difflora.registry`).
 """
 
+from difflora.experiments.report import REPORT_FIGURES
+from difflora.timelora.figures import WEIGHT_HEATMAPS
+
 __all__ = ["register"]
 
 
 def register() -> None:
     """Add 000 to the shared registries (called once, through the ``difflora.papers`` entry point)."""
+    REPORT_FIGURES.register("timelora.weights", WEIGHT_HEATMAPS)

@@ -32,7 +32,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,7 @@ from difflora.train.checkpoint import (
 )
 from difflora.train.distributed import Dist, launched_rank, process_group, wrap_model
 from difflora.train.ema import EMA
-from difflora.train.objectives import Objective, build_objective
+from difflora.train.objectives import build_objective
 from difflora.train.precision import grad_scaler
 from difflora.train.run_dir import (
     RunExistsError,
@@ -71,9 +70,9 @@ from difflora.train.run_dir import (
     truncate_metrics,
     write_json,
 )
+from difflora.train.state import TrainState, Window
 from difflora.train.step import (
     TrainingDiverged,
-    Window,
     check_batch_split,
     diverged,
     optimizer_groups,
@@ -94,8 +93,6 @@ __all__ = [
 
 # Keys a resumed run may change: they alter neither the model nor the draws of a step.
 _RESUMABLE_KEYS = {("train", "steps"), ("train", "log_every"), ("train", "ckpt_every"), ("train", "compile")}
-# The step function the loop calls (a module attribute, so tests can wrap it).
-_train_step = train_step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,46 +102,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name} but CUDA is not available here; use train.device=cpu or auto")
     return dev
-
-
-@dataclass
-class TrainState:
-    """Everything a running training holds; ``train(callback=...)`` receives it after each step.
-
-    ``step`` counts completed steps. ``stored_keys`` are the model's state-dict keys a checkpoint
-    holds (all of them, or the trainable ones when adapting a base); ``base`` is the base record
-    (``difflora.train.base.load_base``) or None; ``dist`` this process's rank among the run's.
-    """
-
-    cfg: Config
-    out: Path
-    device: torch.device
-    model: torch.nn.Module
-    # What a step calls: ``model``, or DDP / torch.compile around it (same parameters).
-    train_model: torch.nn.Module
-    objective: Objective
-    data: ImageDataset
-    optimizer: torch.optim.Optimizer
-    ema: EMA
-    generator: torch.Generator
-    params: list[torch.nn.Parameter]
-    stored_keys: list[str]
-    base: dict[str, Any] | None
-    dist: Dist
-    scaler: torch.amp.GradScaler
-    # The loss terms since the last metrics row (``step.Window``; its totals are checkpointed).
-    window: Window
-    step: int = 0
-    last_good: int | None = None  # step of the newest checkpoint
-    timed_s: float = 0.0
-    timed_steps: int = 0
-    row_s: float = 0.0  # seconds of the steps since the last metrics row (of this segment)
-    row_steps: int = 0
-    # The RNG state at the start of the step in progress (None between steps), and whether the
-    # optimizer/EMA update is under way: what an interrupt checkpoint needs to know.
-    rng_mark: dict[str, torch.Tensor] | None = None
-    updating: bool = False
-    last_row: dict[str, Any] = field(default_factory=dict)
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: Config) -> None:
@@ -425,7 +382,7 @@ def _save_interrupted(st: TrainState, log: Callable[[str], None]) -> None:
 def _timed_step(st: TrainState, end: int, start: int) -> float:
     """One step, its wall time added to the accounting; returns its learning rate."""
     t0 = time.perf_counter()
-    lr = _train_step(st, st.step)
+    lr = train_step(st, st.step)
     if st.device.type == "cuda" and _log_due(st, end):
         # Only where a row is read back anyway: the clock then covers all the window's queued work.
         torch.cuda.synchronize(st.device)

@@ -85,18 +85,22 @@ class DiffusionObjective:
     def draw(
         self, batch: Batch, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """The draws of the whole (global) batch: t [N], noise [N x C x H x W] and the model kwargs.
+        """The draws of the whole (global) batch: t [N], noise [N x C x H x W] and the conditions.
 
-        Every process draws the same values for the global batch and keeps its own rows
-        (:meth:`Batch.local`), so the number of processes changes no random draw.
+        The conditions are the batch's, passed on as one dict: the labels ``y`` after label
+        dropout (left out for an unconditional model, whose backbone takes none), the rest as the
+        data supplied them. Every process draws the same values for the global batch and keeps its
+        own rows (:meth:`Batch.local`), so the number of processes changes no random draw.
         """
         x = batch.x
         t = torch.randint(self.diffusion.num_timesteps, (x.shape[0],), generator=generator)
         noise = torch.randn(x.shape, generator=generator)
-        kwargs = {k: v for k, v in batch.conditions.items() if k != "y"}
-        if self.num_classes and "y" in batch.conditions:
-            kwargs["y"] = drop_labels(batch.conditions["y"], self.label_dropout, generator)
-        return t, noise, kwargs
+        conditions = {
+            k: drop_labels(v, self.label_dropout, generator) if k == "y" else v
+            for k, v in batch.conditions.items()
+            if k != "y" or self.num_classes
+        }
+        return t, noise, conditions
 
     def __call__(
         self, model: nn.Module, batch: Batch, generator: torch.Generator, device: torch.device

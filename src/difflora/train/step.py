@@ -13,28 +13,24 @@ A step of global batch B (``train.batch_size``) over W processes with ``train.gr
 4. clipping (after the fp16 scaler's unscale), the optimizer step and the EMA update.
 
 No step reads a value back to the host: the loss terms are summed on the device
-(:class:`Window`) and read, over all processes at once, only when a metrics row or a checkpoint
+(``state.Window``) and read, over all processes at once, only when a metrics row or a checkpoint
 is due. A non-finite loss is recorded on the device too and raised (``TrainingDiverged``) there.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
 
 import torch
 
+from difflora.config.schema import Config
+from difflora.train.distributed import Dist
 from difflora.train.objectives import Batch
 from difflora.train.precision import autocast
-
-if TYPE_CHECKING:
-    from difflora.config.schema import Config
-    from difflora.train.distributed import Dist
-    from difflora.train.loop import TrainState
+from difflora.train.state import TrainState
 
 __all__ = [
     "TrainingDiverged",
-    "Window",
     "check_batch_split",
     "diverged",
     "optimizer_groups",
@@ -86,40 +82,6 @@ def diverged(st: TrainState, what: str) -> TrainingDiverged:
     else:
         fix = "Lower train.lr, raise train.warmup_steps or set train.grad_clip > 0."
     return TrainingDiverged(f"{what}; {kept}. {fix}")
-
-
-class Window:
-    """The loss terms of the steps since the last metrics row, summed on the device.
-
-    ``pending[name]`` (float64, so a window split by a checkpoint sums exactly as one that is not)
-    holds this process's share of each step's global batch mean; :meth:`flush` adds them over
-    processes into ``totals`` (Python floats, checkpointed) with one collective.
-    ``first_bad`` is the first step whose loss was not finite (0: none).
-    """
-
-    def __init__(self, device: torch.device, totals: dict[str, float] | None = None):
-        self.device = device
-        self.totals: dict[str, float] = dict(totals or {})
-        self.pending: dict[str, torch.Tensor] = {}
-        self.first_bad = torch.zeros((), dtype=torch.int64, device=device)
-
-    def add(self, values: dict[str, torch.Tensor], step: int) -> None:
-        for name, v in values.items():
-            v = v.detach().double()
-            self.pending[name] = self.pending[name] + v if name in self.pending else v
-        bad = ~torch.isfinite(values["loss"])
-        self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
-        self.totals["_n"] = self.totals.get("_n", 0) + 1
-
-    def flush(self, ctx: Dist) -> int:
-        """Fold the pending sums into ``totals`` (all processes must call it); returns ``first_bad``."""
-        if self.pending:
-            names = sorted(self.pending)
-            summed = ctx.sum(torch.stack([self.pending[k] for k in names])).tolist()
-            for k, v in zip(names, summed, strict=True):
-                self.totals[k] = self.totals.get(k, 0.0) + v
-            self.pending = {}
-        return int(ctx.max(self.first_bad).item())
 
 
 def _micro_rows(j: int, micro: int, ctx: Dist) -> slice:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from difflora.experiments.sweep import SweepError, read_results
+from difflora.design_space.sweep import SweepError, read_results
 
 __all__ = ["anova", "dominant_sentence", "factor_columns", "run_anova"]
 
