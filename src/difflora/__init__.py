@@ -1,5 +1,6 @@
 """difflora: low-rank conditioning, adaptation and distillation of diffusion models."""
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
 from difflora.config.schema import Config, ConfigError, load_config
@@ -13,14 +14,12 @@ except PackageNotFoundError:  # a source tree on sys.path that was never install
 __all__ = ["Config", "ConfigError", "__version__", "build_diffusion", "build_model", "load_config", "open_run"]
 
 
+# Names built lazily, so that `import difflora` stays light (no torch) for `difflora --help` and
+# config checks: name -> the module that defines it.
+_LAZY = {"build_model": "difflora.model", "build_diffusion": "difflora.model", "open_run": "difflora.train"}
+
+
 def __getattr__(name: str):
-    # Lazy: `import difflora` stays light (no torch import) for `difflora --help` and config checks.
-    if name in ("build_model", "build_diffusion"):
-        from difflora import model
-
-        return getattr(model, name)
-    if name == "open_run":
-        from difflora import train
-
-        return train.open_run
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'difflora' has no attribute {name!r}")

@@ -35,8 +35,16 @@ def load_papers() -> list[str]:
     """Call every installed paper's ``register()`` once; returns the papers' entry-point names."""
     global _loaded
     if _loaded is None:
+        found = sorted(entry_points(group=PAPER_ENTRY_POINTS), key=lambda e: e.name)
+        if not found:
+            # A source tree on sys.path that was never installed: without its papers a config's
+            # model.affiner or train.objective=distill would be ignored or refused, so say why now.
+            raise RuntimeError(
+                "difflora's paper packages are not registered (no 'difflora.papers' entry points): "
+                "install difflora (pip install -e .) rather than putting src/ on the path"
+            )
         _loaded = []  # set first: a register() that looks something up must not recurse
-        for ep in sorted(entry_points(group=PAPER_ENTRY_POINTS), key=lambda e: e.name):
+        for ep in found:
             register: Callable[[], None] = ep.load()
             register()
             _loaded.append(ep.name)

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
+from difflora.errors import DiffloraError
+
 __all__ = [
     "ALL_ADAPTERS",
     "ConditionValue",
@@ -63,7 +65,7 @@ ALL_ADAPTERS = "*"
 _DISABLED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("difflora_disabled", default=frozenset())
 
 
-class MissingConditionError(LookupError):
+class MissingConditionError(LookupError, DiffloraError):
     """An adapter read a condition that no enclosing :func:`conditions` block set."""
 
 

@@ -9,21 +9,22 @@ must be finite, devices must exist here.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from difflora.cli.parser import CLIError, finite_float, one_line
 from difflora.config.schema import Config, ConfigError, SampleConfig
-
-if TYPE_CHECKING:
-    import torch
+from difflora.data.spatial import heldout_conditions
+from difflora.model.expand import adapter_entries
+from difflora.train import resolve_device
+from difflora.train.run_dir import RESTORE_CONFIG, load_run_config
 
 __all__ = [
-    "CLIError",
-    "Parser",
     "check_device",
-    "finite_float",
-    "one_line",
     "parse_conditions",
     "run_config",
     "sample_settings",
@@ -31,34 +32,8 @@ __all__ = [
 ]
 
 
-class CLIError(Exception):
-    """A bad command-line input: printed as `error: ...` with exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    # argparse prints its usage block and exits from inside parse_args; a CLIError instead gives
-    # the one-line `error: ...` and exit code 2 of every other input error.
-    def error(self, message: str):  # type: ignore[override]
-        raise CLIError(f"{self.prog}: {message} (see `{self.prog} --help`)")
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a finite number (nan and inf are refused like any other non-number)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
 def check_device(name: str, key: str) -> torch.device:
     """``--device`` / ``train.device`` as a torch.device, or a CLIError naming ``key`` and the choices."""
-    import torch
-
-    from difflora.train import resolve_device
-
     choices = "auto, cpu, cuda, cuda:N or mps"
     if name != "auto":
         try:
@@ -78,8 +53,6 @@ def check_device(name: str, key: str) -> torch.device:
 
 def run_config(run_dir: str | Path) -> Config:
     """The saved config of a run, with errors that name ``RUN_DIR/config.json`` and the way out."""
-    from difflora.train.run_dir import RESTORE_CONFIG, load_run_config
-
     path = Path(run_dir) / "config.json"
     if Path(run_dir).is_dir() and not path.is_file():
         raise CLIError(f"{run_dir} is not a difflora run directory: {path} is missing")
@@ -94,8 +67,6 @@ def run_config(run_dir: str | Path) -> Config:
 def sample_settings(cfg: Config, **flags: object) -> SampleConfig:
     """``cfg.sample`` with the given flags applied, validated by the same rules as the config keys
     (``--guidance -2`` fails exactly as ``sample.guidance=-2`` does)."""
-    from pydantic import ValidationError
-
     given = {k: v for k, v in flags.items() if v is not None}
     try:
         return SampleConfig.model_validate({**cfg.sample.model_dump(), **given})
@@ -106,21 +77,9 @@ def sample_settings(cfg: Config, **flags: object) -> SampleConfig:
         raise CLIError(f"--{key}: {msg}, got {e.get('input')!r} (the rule of sample.{key})") from None
 
 
-def one_line(message: str) -> str:
-    """A message as one line: "head:\n  item\n  item" (several config keys, the paths a dataset
-    was looked for at) becomes "head: item; item"; other line breaks become spaces."""
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else message
-    if lines[0].endswith(":"):
-        return f"{lines[0]} {'; '.join(lines[1:])}"
-    return " ".join(lines)
-
-
 def parse_conditions(texts: list[str] | None, num: int, cfg: Config) -> dict[str, float | list[float]]:
     """``--condition task=2`` / ``task=0,1,2`` (one value, or one per sample) -> name -> values,
     checked against the conditions the run's adapters read and the values their weightings take."""
-    from difflora.model.expand import adapter_entries  # e.g. model.affiner reads conditions too
 
     adapters = adapter_entries(cfg)
     read = {a.condition: a for a in adapters if a.condition not in ("t", "y")}
@@ -157,9 +116,6 @@ def parse_conditions(texts: list[str] | None, num: int, cfg: Config) -> dict[str
 
 def _condition_images(path: str, num: int) -> torch.Tensor:
     """Clean images [num x C x H x W] from ``--condition-images FILE.safetensors`` (tensor ``images``)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not path.endswith(".safetensors") or not Path(path).is_file():
         raise CLIError(f"--condition-images {path}: give an existing .safetensors file holding a tensor 'images'")
     try:
@@ -179,11 +135,6 @@ def spatial_inputs(
     """A run with spatial tasks (``data.spatial``): (the conditions, with ``task``, and the condition
     images [num x C_s x H x W]) for ``--condition task=K`` (one id or one per sample). The images
     come from ``--condition-images`` or the held-out split (:func:`difflora.data.spatial.heldout_conditions`)."""
-    import torch
-
-    from difflora.data.spatial import heldout_conditions
-    from difflora.model.expand import adapter_entries
-
     texts = list(texts or [])
     task_texts = [t for t in texts if t.partition("=")[0].strip() == "task"]
     if len(task_texts) != 1:

@@ -1,19 +1,55 @@
 """The command-line grammar: one small function per command adds its subparser.
 
-The handlers (``difflora.cli.commands``'s ``_cmd_*`` functions) are passed in by name, so that this module
-knows the flags and their help texts but nothing of what the commands do.
+Each command's handler is given as ``"module:function"`` (``difflora.cli.commands.HANDLERS``) and
+imported only when that command runs, so this module, and ``difflora --help``, stay light: they
+know the flags and their help texts but nothing of what the commands do.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import math
 
-from difflora.cli.inputs import Parser, finite_float
+from difflora.errors import DiffloraError
 
-__all__ = ["build_parser"]
+__all__ = ["CLIError", "Parser", "build_parser", "finite_float", "one_line"]
 
-Handlers = dict[str, Callable[[argparse.Namespace], int]]
+# Command name -> "module:function" of its handler.
+Handlers = dict[str, str]
+
+
+class CLIError(DiffloraError):
+    """A bad command-line input: printed as `error: ...` with exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    # argparse prints its usage block and exits from inside parse_args; a CLIError instead gives
+    # the one-line `error: ...` and exit code 2 of every other input error.
+    def error(self, message: str):  # type: ignore[override]
+        raise CLIError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (nan and inf are refused like any other non-number)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def one_line(message: str) -> str:
+    """A message as one line: "head:\n  item\n  item" (several config keys, the paths a dataset
+    was looked for at) becomes "head: item; item"; other line breaks become spaces."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else message
+    if lines[0].endswith(":"):
+        return f"{lines[0]} {'; '.join(lines[1:])}"
+    return " ".join(lines)
+
 
 _CKPT_HELP = "a step of the run (e.g. 1000) or a checkpoint directory (default: the newest intact one)"
 

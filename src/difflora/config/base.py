@@ -1,7 +1,7 @@
 """The base of every config section: strict pydantic models and the error they raise.
 
-Split from ``difflora.config.schema`` so that section modules (``config_adapters``) can share it; users
-import everything from ``difflora.config.schema``.
+Its own module so that the section modules (``difflora.config.adapters``, ``.diffusers``) can share
+it; users import everything from ``difflora.config``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Typed configuration: one tree of pydantic models, loaded from YAML with dotted overrides.
 
 This module is the bottom of the house: every layer may import it and it imports nothing of
-difflora but its own parts (``config_base``: the strict base model; ``config_adapters``: the adapter,
-Affiner and distillation sections), which it re-exports, and :mod:`difflora.presets` (where the
+difflora but its own parts (``config.base``: the strict base model; ``config.adapters``: the adapter,
+Affiner and distillation sections; ``config.diffusers``: a diffusers backbone), which it re-exports, and :mod:`difflora.presets` (where the
 shipped configs are). A config is passed whole to the code
 that needs it (``UNetModel(cfg.model)``), never unpacked into a dozen keyword arguments.
 

@@ -64,6 +64,7 @@ from difflora.experiments.study_spec import (
     read_run_json,
     read_yaml_mapping,
 )
+from difflora.model.build import build_model
 
 __all__ = ["Cell", "Sweep", "SweepError", "load_sweep", "plan_sweep", "read_results", "run_sweep", "sweep_cells"]
 
@@ -196,7 +197,6 @@ def _study(sweep: Sweep, arms: list[StudyArm]) -> Study:
 
 def plan_sweep(sweep: Sweep) -> tuple[list[tuple[Cell, StudyArm]], list[tuple[Cell, str]]]:
     """(runnable cells with their arms, skipped cells with the reason); builds each model on the meta device."""
-    from difflora.model.build import build_model
 
     runnable, skipped = [], []
     for cell in sweep_cells(sweep):

@@ -38,10 +38,13 @@ from typing import Any
 import torch
 
 from difflora.config.schema import Config, SampleConfig
+from difflora.data import load_dataset
 from difflora.eval.features import (
     FeatureNet,
     FeatureTrainConfig,
+    check_feature_net,
     default_cache_dir,
+    floor_pool,
     get_feature_net,
     load_feature_net,
 )
@@ -50,8 +53,12 @@ from difflora.eval.metrics import extract_features, feature_kid_scale, knn_radii
 from difflora.eval.settings import MIN_SAMPLES, EvalSettings
 from difflora.eval.target import EvalError, default_eval_dir, scored_config
 from difflora.eval.uncertainty import bootstrap_intervals, check_pool, reference_level
+from difflora.files.images import save_grid
+from difflora.sampling.generate import data_conditions, default_labels, generate
 from difflora.sampling.student import Student, student_of
 from difflora.train.checkpoint import CheckpointError
+from difflora.train.loop import write_json
+from difflora.train.run_dir import read_json
 from difflora.train.run_loader import open_run
 
 __all__ = [
@@ -71,9 +78,6 @@ METRICS_VERSION = 2
 
 def merge_accounting(run_dir: str | Path, update: dict[str, Any]) -> Path:
     """Merge keys into ``run_dir/accounting.json`` (created if missing), written atomically."""
-    from difflora.train.loop import write_json
-    from difflora.train.run_dir import read_json
-
     path = Path(run_dir) / "accounting.json"
     acc = read_json(path) or {}  # missing or damaged: rebuilt from what is known now
     acc.update(update)
@@ -90,8 +94,6 @@ def _resolve_feature_net(
     progress: bool,
 ) -> tuple[FeatureNet, str]:
     if isinstance(feature_net, FeatureNet):
-        from difflora.eval.features import check_feature_net
-
         check_feature_net(feature_net, cfg.data)
         return feature_net, "given"
     if feature_net is not None:
@@ -119,9 +121,6 @@ def _check_out_dir(out_dir: Path) -> None:
 def _reference(cfg: Config, net: FeatureNet, num_samples: int, labels: torch.Tensor | None, seed: int, draws: int):
     """(reference features, reference labels, their k-NN radii, noise floor, pool size) -- everything
     that can fail before sampling, and what every scored set is compared with."""
-    from difflora.data import load_dataset
-    from difflora.eval.features import floor_pool
-
     ref = load_dataset(cfg.data.model_copy(update={"limit": 0, "hflip": False}), "test")
     if ref.images.shape[0] < MIN_SAMPLES:
         raise EvalError(f"the test split of {cfg.data.name} has {ref.images.shape[0]} images; eval needs {MIN_SAMPLES}")
@@ -204,7 +203,6 @@ def evaluate_run(
     # Spatial tasks: features, reference and floor of the plain dataset; one entry per task and scale.
     plain = cfg.model_copy(update={"data": cfg.data.model_copy(update={"spatial": None})})
     net, net_source = _resolve_feature_net(plain, feature_net, cache_dir, feature_train, dev, progress)
-    from difflora.sampling.generate import data_conditions, default_labels
 
     labels = default_labels(cfg, e.num_samples)  # balanced classes; None if unconditional or trained so
     ref_f, ref_labels, radii, floor, pool_size = _reference(plain, net, e.num_samples, labels, e.seed, e.floor_draws)
@@ -338,7 +336,6 @@ def _score_scale(
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Draw images at one guidance scale (``sampled``: generate's settings and other inputs) and score
     them against the reference (features, labels, k-NN radii); returns the result entry and the images."""
-    from difflora.sampling.generate import generate
 
     s, draw = sampled
     t0 = time.perf_counter()
@@ -405,9 +402,6 @@ def _result_record(
 
 
 def _write(out_dir: Path, result: dict[str, Any], grids: list[torch.Tensor], cfg: Config, conditional: bool) -> None:
-    from difflora.files.images import save_grid
-    from difflora.train.loop import write_json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     nrow = cfg.model.num_classes if conditional else None
     for entry, images in zip(result["results"], grids, strict=True):

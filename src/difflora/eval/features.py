@@ -49,6 +49,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from difflora.config.schema import DataConfig
+from difflora.data import load_dataset
+from difflora.data.split import stratified_split
 from difflora.eval.inception import InceptionFeatures, load_inception
 from difflora.eval.kernel import kid_feature_scale
 from difflora.files.jsonfile import read_json_file
@@ -407,7 +409,6 @@ def load_feature_net(
 
 def split_train(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(feature network's indices, floor pool's indices) of a train split with labels [N]: halves per class."""
-    from difflora.data.split import stratified_split  # data sits below eval
 
     own, pool = stratified_split(labels.cpu().numpy(), 1.0 - FEATURE_FRACTION, seed=FEATURE_SPLIT_SEED)
     return torch.from_numpy(own), torch.from_numpy(pool)
@@ -415,7 +416,6 @@ def split_train(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def floor_pool(data_cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Images [P x C x H x W] and labels [P] of the train images no feature network of ``data_cfg`` saw."""
-    from difflora.data import load_dataset
 
     tr = load_dataset(_eval_data_config(data_cfg), "train")
     _, pool = split_train(tr.labels)
@@ -526,7 +526,6 @@ def get_feature_net(
     The network trains on its half of the train split (``split_train``).
     Without a cached file and with ``train_if_missing=False`` this raises FileNotFoundError.
     """
-    from difflora.data import load_dataset  # data sits below eval; imported here to keep import light
 
     cfg = _eval_data_config(data_cfg)
     tc = train or FeatureTrainConfig()

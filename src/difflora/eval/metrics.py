@@ -30,6 +30,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from difflora.eval.features import InceptionFeatures
 from difflora.eval.kernel import kernel_distance, stratifiable
 
 __all__ = [
@@ -324,7 +325,6 @@ def compute_metrics(
     network must have been trained for the images' size and channels (FeatureNetMismatchError
     otherwise).
     """
-    from difflora.eval.features import InceptionFeatures
 
     if fake_labels is not None and isinstance(feature_net, InceptionFeatures):
         raise ValueError("fake_labels index the dataset's classes; Inception's classes are ImageNet's")

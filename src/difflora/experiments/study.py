@@ -21,7 +21,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from difflora import __version__
 from difflora.config.schema import Config
+from difflora.eval.evaluate import EvalSettings, evaluate_run, merge_accounting
+from difflora.eval.features import FeatureTrainConfig
 from difflora.experiments.report import draw_figures, matching_record, sync_records, write_report
 from difflora.experiments.settings import eval_settings, same_config, scored_with
 from difflora.experiments.study_spec import (
@@ -35,6 +38,8 @@ from difflora.experiments.study_spec import (
     run_order,
     study_out_dir,
 )
+from difflora.train import train
+from difflora.train.checkpoint import find_checkpoints
 
 if TYPE_CHECKING:
     from difflora.eval.features import FeatureTrainConfig
@@ -65,8 +70,6 @@ def git_state(ignore: list[Path] | None = None, root: Path | None = None) -> tup
             ["git", "status", "--porcelain", "-z"], cwd=root, capture_output=True, text=True, timeout=10, check=True
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        from difflora import __version__
-
         return f"difflora {__version__} (not a git checkout)", False
     top = Path(
         subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True).stdout.strip()
@@ -80,7 +83,6 @@ def git_state(ignore: list[Path] | None = None, root: Path | None = None) -> tup
 def _run_state(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> str:
     """'done' (final checkpoint + matching metrics), 'score' (final checkpoint), 'resume' (an earlier
     checkpoint) or 'train' (none)."""
-    from difflora.train.checkpoint import find_checkpoints
 
     saved = run_dir / "config.json"
     if saved.is_file() and not same_config(read_run_json(saved), cfg):
@@ -104,7 +106,6 @@ def _evaluated(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> bool:
 
 def _teacher_accounting(student_dir: Path, run_dir: Path) -> None:
     """A ``teacher_of`` arm's accounting.json: the teacher's parameters (the student's minus its adapters)."""
-    from difflora.eval.evaluate import merge_accounting
 
     params = read_run_json(student_dir / "accounting.json")["parameters"]
     groups = {k: v for k, v in params["by_group"].items() if k not in ("adapters", "weighting")}
@@ -211,9 +212,6 @@ def run_all(
     there scores this config (``matching_record``) is skipped, so a fresh clone continues a study
     from its committed records instead of rerunning it.
     """
-    from difflora.eval.features import FeatureTrainConfig
-    from difflora.train import train
-
     if study.threads:
         torch.set_num_threads(study.threads)
     feature_train = FeatureTrainConfig(max_steps=study.eval.feature_steps) if study.eval.feature_steps else None
@@ -319,7 +317,6 @@ def _score(
 ) -> dict[str, Any]:
     """Evaluate the run in ``source`` with the study's ``settings`` into ``run_dir/eval`` (a
     ``teacher_of`` arm: the teacher held in its student's run, with the teacher's accounting)."""
-    from difflora.eval.evaluate import EvalSettings, evaluate_run
 
     sampling = {k: v for k, v in settings.items() if k != "metrics_version"}
     chosen = EvalSettings(**sampling, weights=study.eval.weights, teacher=teacher)

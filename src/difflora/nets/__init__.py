@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch.nn as nn
 
 from difflora.config.schema import ModelConfig
+from difflora.nets.diffusers_wrap import DiffusersNet  # imports diffusers (optional) only when used
 from difflora.nets.dit import DIT_PRESETS, DiT
 from difflora.nets.layers import count_parameters
 from difflora.nets.unet import UNetModel, default_channel_mult
@@ -41,7 +42,5 @@ def build_net(cfg: ModelConfig) -> nn.Module:
     if cfg.arch == "dit":
         return DiT(cfg)
     if cfg.arch == "diffusers":
-        from difflora.nets.diffusers_wrap import DiffusersNet  # diffusers is optional: imported on use
-
         return DiffusersNet.from_config(cfg)
     raise ValueError(f"model.arch: unknown architecture {cfg.arch!r}; choose unet, dit or diffusers")

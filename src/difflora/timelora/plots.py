@@ -22,7 +22,10 @@ from pathlib import Path
 
 import torch
 
+from difflora.adapters import adapter_layers
 from difflora.config.schema import Config
+from difflora.model.build import build_model
+from difflora.train import load_run_config, open_run
 
 __all__ = [
     "WeightTables",
@@ -73,9 +76,6 @@ class WeightTables:
 
 def _adapter_layers_in_order(cfg: Config) -> list[tuple[str, dict[str, str]]]:
     """``(path, {adapter name: weighting kind})`` of every wrapped layer, in model order (no weights allocated)."""
-    from difflora.adapters import adapter_layers
-    from difflora.model.build import build_model
-
     with torch.device("meta"):
         model = build_model(cfg)
     return [
@@ -90,7 +90,6 @@ def load_weight_tables(run_dir: str | Path, weights: str = "ema", adapter: str |
     ``adapter`` picks one adapter by name; by default the run's only adapter with a trainable
     weighting. Raises ``ValueError`` when there is none (or several and none was named).
     """
-    from difflora.train import load_run_config, open_run
 
     cfg = load_run_config(run_dir)
     layers = _adapter_layers_in_order(cfg)

@@ -42,6 +42,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from difflora.errors import DiffloraError
 from difflora.files.jsonfile import read_json_file
 from difflora.files.tensorfile import save_tensors
 
@@ -68,7 +69,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _FILES = ("model", "ema", "optim", "rng")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, DiffloraError):
     """A checkpoint is missing, incomplete or corrupt. The message says which and what to do."""
 
 

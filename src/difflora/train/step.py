@@ -23,7 +23,9 @@ import contextlib
 
 import torch
 
+from difflora.adapters.tokens import NewClassTokens
 from difflora.config.schema import Config
+from difflora.errors import DiffloraError
 from difflora.train.distributed import Dist
 from difflora.train.objectives import Batch
 from difflora.train.precision import autocast
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RuntimeError, DiffloraError):
     """The loss or the weights became NaN or infinite. The last good checkpoint is kept."""
 
 
@@ -148,7 +150,6 @@ def optimizer_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], c
     """AdamW parameter groups: ``params``, with the new class-token tables (``model.context.new_tokens``)
     in a group of their own at ``train.token_lr`` when it is set (``lr_scale``: its ratio to ``train.lr``,
     which the warm-up schedule multiplies)."""
-    from difflora.adapters.tokens import NewClassTokens
 
     if cfg.train.token_lr is None:
         return [{"params": params}]

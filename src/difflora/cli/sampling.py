@@ -1,0 +1,88 @@
+"""Commands that load a trained run: sample, export-peft."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from difflora.adapters.peft_format import export_peft
+from difflora.cli.inputs import check_device, parse_conditions, run_config, sample_settings, spatial_inputs
+from difflora.cli.parser import CLIError
+from difflora.distill.command import sampling_guidance, without_student
+from difflora.files.images import save_grid
+from difflora.files.tensorfile import save_tensors
+from difflora.sampling.generate import default_labels, generate
+from difflora.train.run_loader import open_run
+
+
+def _open_run(run_dir: str, weights: str, checkpoint: str | None = None):
+    run_config(run_dir)  # a missing or damaged config.json: the CLI's one-line errors
+    return open_run(run_dir, weights, checkpoint)
+
+
+def _check_outputs(args) -> None:
+    if not args.out.lower().endswith(".png"):
+        raise CLIError(f"--out must name a .png file, got {args.out}")
+    if Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out} is a directory; name a .png file")
+    if args.save_tensor is not None and not args.save_tensor.endswith(".safetensors"):
+        raise CLIError(f"--save-tensor must name a .safetensors file, got {args.save_tensor}")
+
+
+def sample_command(args) -> int:
+    _check_outputs(args)
+    device = check_device(args.device, "--device")
+    cfg, model, meta = _open_run(args.run_dir, args.weights, args.checkpoint)
+    s = sample_settings(
+        cfg,
+        num=args.num,
+        steps=args.steps,
+        sampler=args.sampler,
+        eta=args.eta,
+        guidance=args.guidance,
+        guidance_fraction=args.guidance_fraction,
+    )
+    spatial = None
+    if cfg.data.spatial is not None:  # spatial tasks: --condition task=K picks the condition images
+        conditions, spatial = spatial_inputs(args.condition, args.num, cfg, args.condition_images)
+    else:
+        conditions = parse_conditions(args.condition, args.num, without_student(cfg))
+    labels = default_labels(cfg, args.num, args.cls)
+    if args.teacher and not cfg.distilled:
+        raise CLIError(f"--teacher samples the guided teacher of a distilled run; {args.run_dir} is not one")
+    if cfg.distilled:
+        w = sampling_guidance(model, cfg, args.guidance, args.guidance_fraction, args.teacher)
+        s = s.model_copy(update={"guidance": w})
+    model.to(device)
+    images = generate(
+        model,
+        cfg,
+        s,
+        labels=labels,
+        conditions=conditions,
+        spatial=spatial,
+        seed=args.seed,
+        device=device,
+        progress=not args.no_progress,
+        teacher=args.teacher,
+    )
+    nrow = cfg.model.num_classes if (labels is not None and args.cls is None) else None
+    path = save_grid(images, args.out, nrow=nrow)
+    if args.save_tensor:
+        tmp = Path(args.save_tensor + ".tmp")
+        tensors = {"images": images.contiguous(), **({"labels": labels} if labels is not None else {})}
+        tensors |= {"spatial": spatial.contiguous()} if spatial is not None else {}
+        save_tensors(tensors, tmp)
+        os.replace(tmp, args.save_tensor)  # never a half-written file under the name asked for
+    print(f"wrote {args.num} samples (step {meta['step']}, {args.weights} weights) to {path}")
+    return 0
+
+
+def export_peft_command(args) -> int:
+    cfg, model, _ = _open_run(args.run_dir, args.weights, args.checkpoint)
+    # peft wraps the backbone: the diffusers model itself for model.arch=diffusers.
+    root = model.net.model if cfg.model.arch == "diffusers" else model.net
+    out = export_peft(root, args.out_dir, args.adapter)
+    base = f"the diffusers {cfg.model.diffusers.class_name}" if cfg.model.arch == "diffusers" else "the run's net"
+    print(f"wrote a peft LoRA to {out} (adapter_config.json, adapter_model.safetensors); load it onto {base}")
+    return 0
