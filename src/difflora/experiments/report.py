@@ -305,7 +305,8 @@ def _revision_line(records: dict[str, list[dict[str, Any]]]) -> str:
         return "- git revision of the report: none (no run recorded yet)"
     if len(counts) == 1:
         return f"- git revision of the report: {next(iter(counts))}"
-    return "- git revisions of the runs: " + ", ".join(f"{label} ({n} runs)" for label, n in counts.items())
+    runs = {label: f"{n} run" + ("s" if n > 1 else "") for label, n in counts.items()}
+    return "- git revisions of the runs: " + ", ".join(f"{label} ({n})" for label, n in runs.items())
 
 
 def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], command: str, revision: str) -> list[str]:
