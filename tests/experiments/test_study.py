@@ -203,6 +203,11 @@ def test_dirty_tree_is_refused_or_marked(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()  # refused before any work
     report = run_study(path, out=tmp_path / "out", progress=False, allow_dirty=True, log=lambda _m: None)
     assert report.read_text().startswith("> **NOT REPRODUCIBLE**")
+    # The run's record says so: a report written later from a clean checkout is marked still.
+    assert "- git revision of the report: `abc` with uncommitted changes" in report.read_text()
+    monkeypatch.setattr(study_mod, "git_state", lambda ignore=None: CLEAN)
+    report = run_study(path, out=tmp_path / "out", progress=False, report_only=True, log=lambda _m: None)
+    assert report.read_text().startswith("> **NOT REPRODUCIBLE**: runs made from a git tree")
 
 
 def test_git_state_sees_changes_but_not_the_reports_own_files(tmp_path):

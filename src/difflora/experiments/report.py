@@ -5,9 +5,9 @@ Each finished run contributes a record, ``<report>/<name>/records/<arm>/seed<k>.
 speeds, and the git revision of the code that scored it. The records are small and meant to be
 committed next to the report; the report is a pure function of the study YAML and the records (it
 names the revisions they were made at, not the revision writing it), so ``difflora study STUDY
---report-only`` rewrites the same file on a fresh clone (without the runs) and at any later revision. Text after the line
-``<!-- end of generated report -->`` in an existing report is kept: the place for a reading of the
-results written by hand.
+--report-only`` rewrites the same file on a fresh clone (without the runs) and at any later
+revision. Text after the line ``<!-- end of generated report -->`` in an existing report is kept:
+the place for a reading of the results written by hand.
 """
 
 from __future__ import annotations
@@ -500,19 +500,23 @@ def draw_figures(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
     return [note for figure in REPORT_FIGURES.values() for note in figure.draw(study, out_dir, img_dir, arms)]
 
 
-def write_report(study: Study, report_dir: Path, arms: list[StudyArm], *, command: str) -> Path:
+def write_report(study: Study, report_dir: Path, arms: list[StudyArm], *, command: str, dirty: bool) -> Path:
     """Write ``<report_dir>/<name>.md`` from the records in ``<report_dir>/<name>/records``; returns its path.
 
-    The report names the revisions the records were made at, so any later revision rewrites it unchanged.
+    The report names the revisions the records were made at, so any later revision rewrites it
+    unchanged. It is marked NOT REPRODUCIBLE when a record was made from uncommitted code or when
+    ``dirty`` (the checkout writing it has uncommitted changes).
     """
     img_dir = report_dir / study.name
     records = load_records(study, img_dir, arms)
     rows = summarise(study, records, arms)
     lines = []
-    if any(rec.get("code", {}).get("dirty") for recs in records.values() for rec in recs):
+    made_dirty = any(rec.get("code", {}).get("dirty") for recs in records.values() for rec in recs)
+    if made_dirty or dirty:
+        what = "runs made" if made_dirty else "written"
         lines += [
-            "> **NOT REPRODUCIBLE**: runs made from a git tree with uncommitted changes (`--allow-dirty`); "
-            "no commit holds the code that made these numbers.",
+            f"> **NOT REPRODUCIBLE**: {what} from a git tree with uncommitted changes (`--allow-dirty`); "
+            f"no commit holds the code that {'made these numbers' if made_dirty else 'wrote this report'}.",
             "",
         ]
     lines += (

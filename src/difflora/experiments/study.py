@@ -161,8 +161,8 @@ def run_study(
 ) -> Path:
     """Train and evaluate every (arm, seed) of a study not already done, then write the report; returns its path.
 
-    The git tree must be clean (else StudyError before any work) unless ``allow_dirty``: the runs it
-    makes are then recorded as made from uncommitted code, which marks the report NOT REPRODUCIBLE.
+    The git tree must be clean (else StudyError before any work) unless ``allow_dirty``, which marks
+    the report NOT REPRODUCIBLE (and the records of the runs it makes as made from uncommitted code).
     ``report_only`` trains and evaluates nothing: it rewrites the report from the stored run records
     (``difflora.experiments.report``), e.g. on a fresh clone.
     ``plan_only`` logs what each run would do (:func:`plan_runs`) and writes nothing.
@@ -196,7 +196,7 @@ def run_study(
         for note in draw_figures(study, out_dir, img_dir, study.arms):
             log(f"figure failed: {note}")
     cmd = command or _default_command(path, out)
-    report = write_report(study, report_dir, study.arms, command=cmd)
+    report = write_report(study, report_dir, study.arms, command=cmd, dirty=dirty)
     log(f"study {study.name}: report {report} ({time.time() - started:.0f} s this call)")
     return report
 
