@@ -53,7 +53,7 @@ def test_spatial_rows_average_tasks_per_seed_and_list_fidelity(tmp_path):
             path = img / arm / f"seed{rec['seed']}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(rec))
-    text = write_report(study, tmp_path, arms, command="difflora study", revision="abc", dirty=False).read_text()
+    text = write_report(study, tmp_path, arms, command="difflora study", dirty=False).read_text()
     assert "| affiner-concat [lowres] | 1 | - | 20.000 ± 0.000 | - |" in text
     assert "| spatial | affiner-concat [all tasks] | 1000 | 1 | 3.00 ± 1.41 |" in text
     # The claim compares the task means (3 vs 6.5), not the best task (1 vs 5).

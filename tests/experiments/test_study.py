@@ -59,6 +59,8 @@ TINY_STUDY = {
 
 real_git_state = study_mod.git_state
 CLEAN = ("c0ffee" * 6 + "c0ff", False)
+CODE = {"revision": CLEAN[0], "dirty": False}
+LATER = ("beef" * 10, False)
 
 
 @pytest.fixture(autouse=True)
@@ -109,18 +111,27 @@ def test_tiny_study_reports_and_reuses_finished_runs(tmp_path, monkeypatch):
     logs.clear()
     run_study(path, out=out, progress=False, plan_only=True, log=logs.append)
     assert logs[-1] == "study tiny-study: 4 runs: 4 done"
+    records = sorted((tmp_path / "docs" / "tiny-study" / "records").glob("*/seed*.json"))
+    assert len(records) == 4 and all(json.loads(r.read_text())["code"] == CODE for r in records)
+    # A later revision reuses the runs: their records keep the revision that scored them, also for
+    # a run scored before runs were stamped (its record has the same scores).
+    monkeypatch.setattr(study_mod, "git_state", lambda ignore=None: LATER)
+    (out / "tclora" / "seed0" / "eval" / "code.json").unlink()
     logs.clear()
     run_study(path, out=out, progress=False, log=logs.append)
     assert sum("done already" in ln for ln in logs) == 4
+    assert all(json.loads(r.read_text())["code"] == CODE for r in records)
     assert [c.stat().st_mtime_ns for c in ckpts] == mtimes
     assert [m.stat().st_mtime_ns for m in metrics] == m_mtimes
 
-    # A hand-written reading after the marker survives; the runs themselves are not needed (fresh clone).
+    # A hand-written reading after the marker survives; the runs themselves are not needed (fresh
+    # clone), and the code of a later revision writes the same report: it names the records' revision.
     report.write_text(report.read_text() + "\nMy reading.\n")
     before = report.read_bytes()
     shutil.rmtree(out)
     again = run_study(path, out=out, progress=False, report_only=True, log=lambda _m: None)
     assert again.read_bytes() == before and not out.exists()
+    assert f"git revision of the report: `{CLEAN[0]}`" in before.decode() and LATER[0] not in before.decode()
 
 
 def test_a_fresh_clone_continues_from_the_records_and_reruns_only_what_they_lack(tmp_path, monkeypatch):
@@ -192,6 +203,11 @@ def test_dirty_tree_is_refused_or_marked(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()  # refused before any work
     report = run_study(path, out=tmp_path / "out", progress=False, allow_dirty=True, log=lambda _m: None)
     assert report.read_text().startswith("> **NOT REPRODUCIBLE**")
+    # The run's record says so: a report written later from a clean checkout is marked still.
+    assert "- git revision of the report: `abc` with uncommitted changes" in report.read_text()
+    monkeypatch.setattr(study_mod, "git_state", lambda ignore=None: CLEAN)
+    report = run_study(path, out=tmp_path / "out", progress=False, report_only=True, log=lambda _m: None)
+    assert report.read_text().startswith("> **NOT REPRODUCIBLE**: runs made from a git tree")
 
 
 def test_git_state_sees_changes_but_not_the_reports_own_files(tmp_path):
@@ -350,3 +366,46 @@ def test_report_reflects_fds_bootstrap_interval():
     row = {"arm": "a", "guidance": 1.0, "fd": (10.0, 1.0), "ci": {"fd": [(12.0, 0.0), (20.0, 0.0)]}}
     row["ci"]["kid_mean"] = [(0.001, 0.0), (0.002, 0.0)]
     assert _ci_table([row])[-1] == "| a | 1 | [0.00, 8.00] | [1.00, 2.00] | - | - | - |"
+
+
+def _record(arm: str, seed: int, code: dict | None) -> dict:
+    """A record of an unconditional run (scores made up) stamped with ``code``."""
+    scores = {"fd": 10.0 + seed, "kid_mean": 0.0, "precision": 0.5, "recall": 0.5, "ci": {}}
+    result = scores | {"guidance": 1.0, "sample_images_per_s": 10.0, "grid": "samples_w1.png"}
+    floor = {k: {"mean": 0.0, "std": 0.0} for k in ("fd", "kid_mean", "precision", "recall")}
+    record = {
+        "arm": arm,
+        "seed": seed,
+        "eval": {"results": [result], "noise_floor": floor, "settings": {"labels": None}},
+        "parameters": {"total": 10, "trainable": 10, "by_group": {}},
+        "train_images_per_s": 100.0,
+    }
+    return record | ({"code": code} if code is not None else {})
+
+
+def test_the_report_names_the_revisions_of_its_records_not_of_the_code_writing_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_mod, "git_state", lambda ignore=None: LATER)
+    tree = {**TINY_STUDY, "arms": TINY_STUDY["arms"][:1], "seeds": [0, 1, 2], "claims": []}
+    path = _write(tmp_path, tree | {"report_dir": str(tmp_path / "docs")})
+    records = tmp_path / "docs" / "tiny-study" / "records" / "time-embed"
+    records.mkdir(parents=True)
+
+    def header(codes: list[dict | None]) -> list[str]:
+        for seed, code in enumerate(codes):
+            (records / f"seed{seed}.json").write_text(json.dumps(_record("time-embed", seed, code)))
+        report = run_study(path, out=tmp_path / "out", progress=False, report_only=True, log=lambda _m: None)
+        return [ln for ln in report.read_text().splitlines() if "revision" in ln or "NOT REPRODUCIBLE" in ln]
+
+    a, b = "a" * 40, "b" * 40
+    clean = {"revision": a, "dirty": False}
+    assert header([clean] * 3) == [f"- git revision of the report: `{a}`"]
+    assert header([clean, {"revision": b, "dirty": False}, clean]) == [
+        f"- git revisions of the runs: `{a}` (2 runs), `{b}` (1 run)"
+    ]
+    # A run made with uncommitted changes (--allow-dirty) marks the report.
+    dirty = header([clean, clean, {"revision": a, "dirty": True}])
+    assert dirty[0].startswith("> **NOT REPRODUCIBLE**")
+    assert dirty[1] == f"- git revisions of the runs: `{a}` (2 runs), `{a}` with uncommitted changes (1 run)"
+    assert header([None] * 3) == [
+        "- git revision of the report: not recorded (a record written before records held it)"
+    ]

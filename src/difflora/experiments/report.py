@@ -2,11 +2,12 @@
 
 Each finished run contributes a record, ``<report>/<name>/records/<arm>/seed<k>.json``: its evaluation
 (``eval/metrics.json``: scores, bootstrap intervals, noise floor) and its parameter counts and
-speeds. The records are small and meant to be committed next to the report; the report is a pure
-function of the study YAML, the records and the revision, so ``difflora study STUDY --report-only``
-rewrites the same file on a fresh clone (without the runs). Text after the line
-``<!-- end of generated report -->`` in an existing report is kept: the place for a reading of the
-results written by hand.
+speeds, and the git revision of the code that scored it. The records are small and meant to be
+committed next to the report; the report is a pure function of the study YAML and the records (it
+names the revisions they were made at, not the revision writing it), so ``difflora study STUDY
+--report-only`` rewrites the same file on a fresh clone (without the runs) and at any later
+revision. Text after the line ``<!-- end of generated report -->`` in an existing report is kept:
+the place for a reading of the results written by hand.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,6 +57,7 @@ REPORT_FIGURES: Registry[ReportFigure] = Registry("experiments.report_figure")
 REBUILD_RECORD = "delete it: `difflora study STUDY --report-only` writes it again from the run"
 
 __all__ = [
+    "CODE_FILE",
     "END_MARKER",
     "REPORT_FIGURES",
     "ReportFigure",
@@ -68,6 +71,9 @@ __all__ = [
 ]
 
 END_MARKER = "<!-- end of generated report -->"
+# The state of the code that scored a run ({"revision", "dirty"}), stamped by the study in the run's
+# eval directory; its record takes it from there.
+CODE_FILE = "code.json"
 _SCORES = ("fd", "kid_mean", "precision", "recall", "class_accuracy")
 # The row of a spatial arm (data.spatial) that averages its tasks (the one claims compare).
 ALL_TASKS = "all tasks"
@@ -126,6 +132,9 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
             if (trained / "config.json").is_file():
                 record["config"] = read_run_json(trained / "config.json")
             path = record_path(img_dir, arm.name, seed)
+            code = _run_code(run_dir, path, m)
+            if code is not None:
+                record["code"] = code
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(_dump(record))
             if seed == study.seeds[0]:
@@ -134,6 +143,19 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
                     _copy(run_dir / "eval" / r["grid"], img_dir / f"samples-{arm.name}-w{r['guidance']:g}{task}.png")
             written += 1
     return written
+
+
+def _run_code(run_dir: Path, path: Path, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The state of the code that scored the run in ``run_dir``: its stamp (:data:`CODE_FILE`), or for a run
+    scored before runs were stamped, the one its record at ``path`` holds if that record has the same
+    scores (a backfilled record keeps its revision); None when nothing says which code it was."""
+    stamp = run_dir / "eval" / CODE_FILE
+    if stamp.is_file():
+        return read_run_json(stamp)
+    if not path.is_file():
+        return None
+    old = read_json_file(path, fix=REBUILD_RECORD, error=StudyError, expect=dict)
+    return old.get("code") if old.get("eval") == metrics else None
 
 
 def load_records(study: Study, img_dir: Path, arms: list[StudyArm]) -> dict[str, list[dict[str, Any]]]:
@@ -269,7 +291,26 @@ def _arm_evals(arms: list[StudyArm]) -> list[str]:
     return lines
 
 
+def _code_label(record: dict[str, Any]) -> str:
+    code = record.get("code")
+    if code is None:
+        return "not recorded (a record written before records held it)"
+    return f"`{code['revision']}`" + (" with uncommitted changes" if code["dirty"] else "")
+
+
+def _revision_line(records: dict[str, list[dict[str, Any]]]) -> str:
+    """The revision the runs were made at (their records'), or each revision with its number of runs."""
+    counts = Counter(_code_label(rec) for recs in records.values() for rec in recs)
+    if not counts:
+        return "- git revision of the report: none (no run recorded yet)"
+    if len(counts) == 1:
+        return f"- git revision of the report: {next(iter(counts))}"
+    runs = {label: f"{n} run" + ("s" if n > 1 else "") for label, n in counts.items()}
+    return "- git revisions of the runs: " + ", ".join(f"{label} ({n})" for label, n in runs.items())
+
+
 def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], command: str, revision: str) -> list[str]:
+    """The report's title, description and settings; ``revision``: its line naming the runs' revisions."""
     e = study.eval
     n_done = sum(len(r["seeds"]) for r in {r["arm"]: r for r in rows}.values())
     lines = [f"# {study.name}", ""]
@@ -277,7 +318,7 @@ def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], comm
         lines += [study.description.strip(), ""]
     lines += [
         f"- command: `{command}` (add `--report-only` to regenerate this file from the stored runs)",
-        f"- git revision of the report: `{revision}`",
+        revision,
         f"- arms: {len(arms)}, seeds: {study.seeds}; runs with results: {n_done} of {len(arms) * len(study.seeds)}",
         f"- data and backbone: {_setups(study, arms)}; training steps per arm in the table",
         f"- eval: {e.num_samples} samples per setting, {e.sampler} {e.steps} steps, {e.weights} weights, guidance "
@@ -459,21 +500,31 @@ def draw_figures(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
     return [note for figure in REPORT_FIGURES.values() for note in figure.draw(study, out_dir, img_dir, arms)]
 
 
-def write_report(
-    study: Study, report_dir: Path, arms: list[StudyArm], *, command: str, revision: str, dirty: bool
-) -> Path:
-    """Write ``<report_dir>/<name>.md`` from the records in ``<report_dir>/<name>/records``; returns its path."""
+def write_report(study: Study, report_dir: Path, arms: list[StudyArm], *, command: str, dirty: bool) -> Path:
+    """Write ``<report_dir>/<name>.md`` from the records in ``<report_dir>/<name>/records``; returns its path.
+
+    The report names the revisions the records were made at, so any later revision rewrites it
+    unchanged. It is marked NOT REPRODUCIBLE when a record was made from uncommitted code or when
+    ``dirty`` (the checkout writing it has uncommitted changes).
+    """
     img_dir = report_dir / study.name
-    rows = summarise(study, load_records(study, img_dir, arms), arms)
+    records = load_records(study, img_dir, arms)
+    rows = summarise(study, records, arms)
     lines = []
-    if dirty:
+    made_dirty = any(rec.get("code", {}).get("dirty") for recs in records.values() for rec in recs)
+    if made_dirty or dirty:
+        what = "runs made" if made_dirty else "written"
         lines += [
-            "> **NOT REPRODUCIBLE**: written from a git tree with uncommitted changes (`--allow-dirty`); "
-            "no commit holds the code that made these numbers.",
+            f"> **NOT REPRODUCIBLE**: {what} from a git tree with uncommitted changes (`--allow-dirty`); "
+            f"no commit holds the code that {'made these numbers' if made_dirty else 'wrote this report'}.",
             "",
         ]
     lines += (
-        _header(study, rows, arms, command, revision) + _table(rows) + [""] + _ci_table(rows) + _fidelity_table(rows)
+        _header(study, rows, arms, command, _revision_line(records))
+        + _table(rows)
+        + [""]
+        + _ci_table(rows)
+        + _fidelity_table(rows)
     )
     if study.claims:
         lines += [""] + _claims(study, rows)

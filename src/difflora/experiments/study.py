@@ -11,6 +11,7 @@ students (:mod:`difflora.sampling.student`; 003's) at the scales they can sample
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -25,7 +26,7 @@ from difflora import __version__
 from difflora.config.schema import Config
 from difflora.eval.evaluate import EvalSettings, evaluate_run, merge_accounting
 from difflora.eval.features import FeatureTrainConfig
-from difflora.experiments.report import draw_figures, matching_record, sync_records, write_report
+from difflora.experiments.report import CODE_FILE, draw_figures, matching_record, sync_records, write_report
 from difflora.experiments.settings import eval_settings, same_config, scored_with
 from difflora.experiments.study_spec import (
     Study,
@@ -50,9 +51,11 @@ __all__ = ["git_state", "run_all", "run_study"]
 def git_state(ignore: list[Path] | None = None, root: Path | None = None) -> tuple[str, bool]:
     """(newest commit that changed difflora's code or study configs, whether the checkout has uncommitted changes).
 
-    Untracked files count (a new source file changes the code), except paths under ``ignore`` (the
-    report's own outputs). Not a git checkout: ("difflora <version> (not a git checkout)", False),
-    since an installed release is itself a fixed revision. ``root``: another checkout (tests).
+    A study stamps every run it scores with this state, and its record carries it (the report names
+    the records' revisions, not the code's that writes the report). Untracked files count (a new
+    source file changes the code), except paths under ``ignore`` (the report's own outputs). Not a
+    git checkout: ("difflora <version> (not a git checkout)", False), since an installed release is
+    itself a fixed revision. ``root``: another checkout (tests).
     """
     root = root or Path(__file__).resolve().parents[3]
     try:
@@ -160,8 +163,9 @@ def run_study(
     """Train and evaluate every (arm, seed) of a study not already done, then write the report; returns its path.
 
     The git tree must be clean (else StudyError before any work) unless ``allow_dirty``, which marks
-    the report NOT REPRODUCIBLE. ``report_only`` trains and evaluates nothing: it rewrites the report
-    from the stored run records (``difflora.experiments.report``), e.g. on a fresh clone.
+    the report NOT REPRODUCIBLE (and the records of the runs it makes as made from uncommitted code).
+    ``report_only`` trains and evaluates nothing: it rewrites the report from the stored run records
+    (``difflora.experiments.report``), e.g. on a fresh clone.
     ``plan_only`` logs what each run would do (:func:`plan_runs`) and writes nothing.
     """
     study = load_study(path)
@@ -185,14 +189,15 @@ def run_study(
     started = time.time()
     img_dir = report_dir / study.name
     if not report_only:
-        run_all(study, out_dir, arms, progress, cache_dir, log, records_dir=img_dir)
+        code = {"revision": revision, "dirty": dirty}
+        run_all(study, out_dir, arms, progress, cache_dir, log, records_dir=img_dir, code=code)
     if out_dir.is_dir():
         n = sync_records(study, out_dir, img_dir, study.arms)
         log(f"study {study.name}: {n} finished runs recorded in {img_dir / 'records'}")
         for note in draw_figures(study, out_dir, img_dir, study.arms):
             log(f"figure failed: {note}")
     cmd = command or _default_command(path, out)
-    report = write_report(study, report_dir, study.arms, command=cmd, revision=revision, dirty=dirty)
+    report = write_report(study, report_dir, study.arms, command=cmd, dirty=dirty)
     log(f"study {study.name}: report {report} ({time.time() - started:.0f} s this call)")
     return report
 
@@ -205,12 +210,15 @@ def run_all(
     cache_dir: str | Path | None,
     log: Callable[[str], None],
     records_dir: Path | None = None,
+    code: dict[str, Any] | None = None,
 ) -> None:
     """Train and evaluate every (arm, seed) of ``arms`` (and the arms they start from) not done yet.
 
     ``records_dir``: a report's image directory; a run with nothing on this machine whose record
     there scores this config (``matching_record``) is skipped, so a fresh clone continues a study
-    from its committed records instead of rerunning it.
+    from its committed records instead of rerunning it. ``code``: the state of the code doing the
+    work (``{"revision", "dirty"}``, :func:`git_state`), stamped into each run it scores
+    (``eval/code.json``), from where the run's record takes it.
     """
     if study.threads:
         torch.set_num_threads(study.threads)
@@ -249,6 +257,8 @@ def run_all(
             train(cfg, run_dir, resume=state == "resume", progress=False, log=log)
         t1 = time.perf_counter()
         ev = _score(study, source, run_dir, teacher, settings, cache_dir, feature_train)
+        if code is not None:
+            (run_dir / "eval" / CODE_FILE).write_text(json.dumps(code) + "\n")
         fds = fd_summary(ev["results"])
         floor = ev["noise_floor"]["fd"]
         spent.append(time.perf_counter() - t0)
