@@ -10,6 +10,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import helpers  # noqa: E402
+
 # Two cores here and in CI; fixed thread count keeps float reductions repeatable run to run.
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -18,3 +20,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The shared tiny-config factory (helpers.tiny_config), for tests that take it as a fixture."""
+    return helpers.tiny_config

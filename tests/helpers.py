@@ -1,12 +1,48 @@
-"""Helpers shared by test folders: small files written the way users' datasets are."""
+"""Helpers shared by test folders: the one tiny-config factory, small files written the way users' datasets are."""
 
 from __future__ import annotations
 
 import gzip
+import json
 import struct
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from difflora.config.schema import Config, load_config, parse_config
+
+# The smallest backbones on 8 x 8 digits as overrides: tiny-unet's U-Net without its num_heads: 2, and DiT-T/2.
+TINY_ARCH = {
+    "unet": {
+        "model.arch": "unet",
+        "model.unet": {"model_channels": 16, "num_res_blocks": 1, "attention_resolutions": [4], "channel_mult": [1, 2]},
+    },
+    "dit": {"model.arch": "dit", "model.dit": {"preset": "DiT-T/2"}},
+}
+# 002's set-up: task 0 of digits on a frozen base, 50 diffusion steps; the test adds TINY_ARCH and the affiner.
+FROZEN_TASK0 = {
+    "data": {"name": "digits", "task_id": 0},
+    "model": {"num_classes": 10},
+    "diffusion": {"steps": 50},
+    "train": {"train_base": False},
+}
+
+
+def tiny_config(base: str | Path | Mapping[str, Any] = "tiny-unet", *overrides: str | Mapping[str, Any]) -> Config:
+    """A test's config: a shipped preset (name or path, see difflora.presets) or a config tree, then overrides.
+
+    Overrides apply in order. Each is a ``key=value`` string as on the command line, or a mapping of
+    dotted keys to values (as a study arm's ``set``), for adapter lists and sections that read badly
+    as strings. The conftest fixture ``tiny_config`` is this function.
+    """
+    texts: list[str] = []
+    for over in overrides:
+        texts += [over] if isinstance(over, str) else [f"{k}={json.dumps(v)}" for k, v in over.items()]
+    if isinstance(base, Mapping):
+        return parse_config(dict(base), texts)
+    return load_config(base, texts)
 
 
 def idx_bytes(array: np.ndarray, type_byte: int) -> bytes:

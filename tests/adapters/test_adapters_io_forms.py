@@ -14,10 +14,12 @@ from difflora.adapters import (
     load_adapters,
     save_adapters,
 )
-from difflora.config.schema import ConfigError, parse_config
+from difflora.config.schema import ConfigError
 from difflora.model.build import build_model
+from helpers import tiny_config
 
-TINY = {
+# A two-block DiT on digits with a frozen base; the tests add the adapters.
+FROZEN_DIT = {
     "data": {"name": "digits"},
     "diffusion": {"steps": 20},
     "train": {"train_base": False},
@@ -58,14 +60,10 @@ ADAPTERS = [
 ]
 
 
-def config(adapters=ADAPTERS, **model):
-    return parse_config({**TINY, "model": {**TINY["model"], **model, "adapters": adapters}})
-
-
 def trained(seed: int = 0):
     """A model whose base and adapters all hold non-zero values."""
     torch.manual_seed(seed)
-    model = build_model(config())
+    model = build_model(tiny_config(FROZEN_DIT, {"model.adapters": ADAPTERS}))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():
@@ -80,7 +78,7 @@ def inputs():
 
 
 def test_build_model_injects_every_form_with_any_condition_name():
-    model = build_model(config())
+    model = build_model(tiny_config(FROZEN_DIT, {"model.adapters": ADAPTERS}))
     forms = {(row.adapter, row.form) for row in model.adapter_report.layers}
     assert forms == {("time", "lowrank"), ("act", "lowrank_act"), ("sc", "scale"), ("sh", "shift"), ("pa", "position")}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -97,15 +95,15 @@ def test_build_model_injects_every_form_with_any_condition_name():
 
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="condition"):
-        config([{**ADAPTERS[0], "condition": "not an identifier"}])
+        tiny_config(FROZEN_DIT, {"model.adapters": [{**ADAPTERS[0], "condition": "not an identifier"}]})
     with pytest.raises(ConfigError, match="form"):
-        config([{**ADAPTERS[0], "form": "affine"}])
+        tiny_config(FROZEN_DIT, {"model.adapters": [{**ADAPTERS[0], "form": "affine"}]})
     with pytest.raises(ConfigError, match="activation"):
-        config([{**ADAPTERS[1], "activation": "tanh"}])
+        tiny_config(FROZEN_DIT, {"model.adapters": [{**ADAPTERS[1], "activation": "tanh"}]})
     with pytest.raises(ConfigError, match="form position needs source and dest"):
-        config([{**ADAPTERS[4], "source": None}])
+        tiny_config(FROZEN_DIT, {"model.adapters": [{**ADAPTERS[4], "source": None}]})
     with pytest.raises(ConfigError, match="only forms lowrank_act and position have an activation"):
-        config([{**ADAPTERS[2], "activation": "relu"}])
+        tiny_config(FROZEN_DIT, {"model.adapters": [{**ADAPTERS[2], "activation": "relu"}]})
 
 
 def test_model_adapters_disabled_by_name():
@@ -133,7 +131,7 @@ def test_save_reload_every_form_gives_identical_outputs(tmp_path):
     save_adapters(model, tmp_path / "ad", metadata={"step": 3})
     saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert {e["form"] for e in saved["adapters"]} == {"lowrank", "lowrank_act", "scale", "shift", "position"}
-    fresh = build_model(config(adapters=[]))
+    fresh = build_model(tiny_config(FROZEN_DIT, {"model.adapters": []}))
     # The base weights of a plain model live at <path>.weight, the adapted model's at base_layer.weight.
     state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()}
     fresh.load_state_dict({k: v for k, v in state.items() if k in fresh.state_dict()})
@@ -205,9 +203,7 @@ def test_wrong_base_is_refused_before_any_change(tmp_path):
     with pytest.raises(AdapterLoadError, match="fingerprint mismatch"):
         load_adapters(other, tmp_path / "ad")
     assert all(torch.equal(_snapshot(other)[0][k], v) for k, v in before[0].items())
-    wide = build_model(
-        parse_config({**TINY, "model": {**TINY["model"], "dit": {**TINY["model"]["dit"], "hidden_size": 32}}})
-    )
+    wide = build_model(tiny_config(FROZEN_DIT, "model.dit.hidden_size=32"))
     with pytest.raises(AdapterLoadError, match="differs from the base"):
         load_adapters(wide, tmp_path / "ad")
 

@@ -16,13 +16,11 @@ import pytest
 import torch
 
 from difflora.adapters import NewClassTokens
-from difflora.config.schema import load_config
 from difflora.model.build import build_model
-from difflora.presets import CONFIGS_DIR
 from difflora.train import train
 from difflora.train.base import load_base
+from helpers import tiny_config
 
-CONFIGS = CONFIGS_DIR
 ADAPTER = [
     "model.adapters=[{name: pa, form: position, source: attn2_out, dest: ff_in, rank: 2, activation: relu, "
     "condition: t, weighting: index, num_values: 1000, targets: ['re:.*transformer_blocks\\.\\d+']}]"
@@ -33,15 +31,14 @@ ADAPTER = [
 def base_run(tmp_path_factory) -> Path:
     """A 2-step tiny cross-attention base (trained, so its weights are not the fresh init)."""
     out = tmp_path_factory.mktemp("base") / "run"
-    cfg = load_config(CONFIGS / "tiny-cross-unet.yaml", ["train.steps=2", "train.ckpt_every=2", "sample.num=1"])
+    cfg = tiny_config("tiny-cross-unet", "train.steps=2", "train.ckpt_every=2", "sample.num=1")
     train(cfg, out, progress=False, log=lambda _: None)
     return out
 
 
 def adapted(base_run: Path, *overrides: str, train_base: bool = False):
-    cfg = load_config(
-        CONFIGS / "tiny-cross-unet.yaml",
-        [f"train.init_from={base_run}", f"train.train_base={str(train_base).lower()}", *overrides],
+    cfg = tiny_config(
+        "tiny-cross-unet", f"train.init_from={base_run}", f"train.train_base={str(train_base).lower()}", *overrides
     )
     model = build_model(cfg)
     load_base(model, base_run, "model")
@@ -49,7 +46,7 @@ def adapted(base_run: Path, *overrides: str, train_base: bool = False):
 
 
 def base_model(base_run: Path):
-    model = build_model(load_config(CONFIGS / "tiny-cross-unet.yaml"))
+    model = build_model(tiny_config("tiny-cross-unet"))
     load_base(model, base_run, "model")
     return model
 
@@ -120,9 +117,7 @@ def test_full_fine_tuning_trains_the_table_with_the_base_and_errors_are_named(ba
     model = adapted(base_run, "model.context.new_tokens=unconditional", train_base=True)
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="model.context.new_tokens needs class tokens to replace"):
-        build_model(
-            load_config(CONFIGS / "tiny-unet.yaml", ["model.context.new_tokens=unconditional", "model.num_classes=10"])
-        )
+        build_model(tiny_config("tiny-unet", "model.context.new_tokens=unconditional", "model.num_classes=10"))
     with pytest.raises(ValueError, match="class labels must be < 10"):
         model(*batch(2), torch.tensor([3, 10]))
 
@@ -136,10 +131,10 @@ def test_token_lr_gives_the_table_its_own_learning_rate(base_run, tmp_path):
     over = [f"train.init_from={base_run}", "train.train_base=false", "model.context.new_tokens=unconditional"]
     over += [*ADAPTER, "train.steps=1", "train.ckpt_every=1", "train.lr=0.001", "train.warmup_steps=0"]
     over += ["train.ema_decay=0", "train.weight_decay=0", "sample.num=1"]
-    start = dict(build_model(load_config(CONFIGS / "tiny-cross-unet.yaml", over)).named_parameters())
+    start = dict(build_model(tiny_config("tiny-cross-unet", *over)).named_parameters())
     moved = {}
     for name, extra in (("same", []), ("token", ["train.token_lr=0.05"])):
-        train(load_config(CONFIGS / "tiny-cross-unet.yaml", [*over, *extra]), tmp_path / name, progress=False)
+        train(tiny_config("tiny-cross-unet", *over, *extra), tmp_path / name, progress=False)
         model = open_run(tmp_path / name, "model")[1]
         moved[name] = {n: (p - start[n]).detach() for n, p in model.named_parameters() if p.requires_grad}
     table = "net.context_embedder.new_tokens"
@@ -149,5 +144,5 @@ def test_token_lr_gives_the_table_its_own_learning_rate(base_run, tmp_path):
         if n != table:
             torch.testing.assert_close(moved["token"][n], moved["same"][n], rtol=1e-4, atol=1e-9)
     with pytest.raises(ValueError, match="set model.context.new_tokens"):
-        train(load_config(CONFIGS / "tiny-unet.yaml", ["train.token_lr=0.05"]), tmp_path / "bad", progress=False)
+        train(tiny_config("tiny-unet", "train.token_lr=0.05"), tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()

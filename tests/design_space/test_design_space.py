@@ -112,9 +112,9 @@ def test_baselines_share_the_sweep_budget_and_build():
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
+def tiny_base(tmp_path_factory, tiny_config) -> Path:
     out = tmp_path_factory.mktemp("base") / "run"
-    cfg = load_config(CONFIGS_DIR / "tiny-cross-unet.yaml", ["train.steps=2", "train.ckpt_every=2", "sample.num=1"])
+    cfg = tiny_config("tiny-cross-unet", "train.steps=2", "train.ckpt_every=2", "sample.num=1")
     train(cfg, out, progress=False, log=lambda _: None)
     return out
 
@@ -183,12 +183,12 @@ def test_sweep_to_anova_end_to_end_on_four_cells(tmp_path, monkeypatch, tiny_bas
 
 
 @pytest.mark.parametrize("kernel,size", [("full", 3), ("1x1", 1)])
-def test_resblock_adapter_kernel_from_config_saves_and_reloads(tmp_path, kernel, size):
+def test_resblock_adapter_kernel_from_config_saves_and_reloads(tmp_path, kernel, size, tiny_config):
     from difflora.adapters import load_adapters, save_adapters
 
     entry = {"name": "pa", "form": "position", "source": "in", "dest": "out", "rank": 2, "activation": "gelu"}
     entry.update(condition="t", weighting="shared", kernel=kernel, targets=["input_blocks.1.0"])
-    cfg = load_config(CONFIGS_DIR / "tiny-unet.yaml", [f"model.adapters=[{json.dumps(entry)}]"])
+    cfg = tiny_config("tiny-unet", {"model.adapters": [entry]})
     model = build_model(cfg)
     adapter = model.net.input_blocks[1][0].position_adapters["pa"]
     assert adapter.kernel == size and adapter.lora_down.shape == (1, 2, 16 * size * size)
@@ -199,7 +199,7 @@ def test_resblock_adapter_kernel_from_config_saves_and_reloads(tmp_path, kernel,
     with torch.no_grad():
         want = model(x, t)
     save_adapters(model, tmp_path / "ad")
-    fresh = build_model(load_config(CONFIGS_DIR / "tiny-unet.yaml"))
+    fresh = build_model(tiny_config("tiny-unet"))
     fresh.load_state_dict({k: v for k, v in model.state_dict().items() if ".position_adapters." not in k})
     load_adapters(fresh, tmp_path / "ad")
     with torch.no_grad():

@@ -16,8 +16,8 @@ from difflora.cli.commands import main
 from difflora.config.schema import load_config
 from difflora.diffscaler.combine_tasks import CombineError, combine_task_runs
 from difflora.eval.target import task_config
-from difflora.presets import CONFIGS_DIR
 from difflora.train import CheckpointError, RunExistsError, latest_checkpoint, open_run, train
+from helpers import tiny_config
 
 QUIET = dict(progress=False, log=lambda _: None)
 SHORT = ["train.steps=2", "train.ckpt_every=2", "sample.num=2", "sample.steps=2", "train.lr=0.02"]
@@ -25,7 +25,7 @@ ADAPT = ["train.train_base=false", "data.task_id=0"]
 
 
 def _train(out: Path, *overrides: str) -> Path:
-    train(load_config(CONFIGS_DIR / "tiny-unet.yaml", [*SHORT, *overrides]), out, **QUIET)
+    train(tiny_config("tiny-unet", *SHORT, *overrides), out, **QUIET)
     return out
 
 

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import torch
-from test_spatial_model import TINY
+from test_spatial_model import SMALL_UNET
 
-from difflora.config.schema import parse_config
 from difflora.diffscaler.controlnet import ControlUNet, copy_encoder_into_control
 from difflora.model.build import build_model
 from difflora.nets import count_parameters
 from difflora.train.base import base_key_map
+from helpers import tiny_config
 
 CONTROL = ["data.spatial={tasks: [edges, lowres, inpaint], lowres: 2}", "model.spatial_input=controlnet"]
 
 
 def _pair():
     """A base with random weights everywhere and a ControlNet model holding them, its copy synced."""
-    base = build_model(parse_config({}, TINY))
+    base = build_model(tiny_config({}, *SMALL_UNET))
     with torch.no_grad():
         for p in base.parameters():
             p.normal_(0.0, 0.2)
-    model = build_model(parse_config({}, [*TINY, *CONTROL, "train.train_base=false"]))
+    model = build_model(tiny_config({}, *SMALL_UNET, *CONTROL, "train.train_base=false"))
     state = base.state_dict()
     model.load_state_dict({k: state[b] for k, b in base_key_map(model).items()}, strict=False)
     assert copy_encoder_into_control(model) == 1

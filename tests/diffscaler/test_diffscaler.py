@@ -17,22 +17,10 @@ from difflora.data import load_dataset
 from difflora.diffscaler import AFFINER_NAMES, affiner_adapter_configs, affiner_counts
 from difflora.model.build import build_model
 from difflora.presets import CONFIGS_DIR
+from helpers import FROZEN_TASK0, TINY_ARCH
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = dict(rtol=0, atol=1e-5)
-TINY_UNET = {"model_channels": 16, "num_res_blocks": 1, "attention_resolutions": [4], "channel_mult": [1, 2]}
-
-
-def _cfg(arch: str, affiner: dict | None, **model) -> object:
-    size = {"unet": TINY_UNET, "dit": {"preset": "DiT-T/2"}}[arch]
-    return parse_config(
-        {
-            "data": {"name": "digits", "task_id": 0},
-            "model": {"arch": arch, "num_classes": 10, arch: size, "affiner": affiner, **model},
-            "diffusion": {"steps": 50},
-            "train": {"train_base": False},
-        }
-    )
 
 
 def test_dit_xl2_a_only_and_b_only_count_the_bias_of_every_adapted_layer():
@@ -81,13 +69,13 @@ def test_dit_xl2_full_affiner_at_d64_counts_the_low_rank_branch_from_the_shapes(
     assert counts["total_per_task"] == low_rank + 2 * 483_840 == 48_448_652
 
 
-def test_default_targets_dit_blocks_only_and_every_unet_layer():
-    dit = build_model(_cfg("dit", {}))
+def test_default_targets_dit_blocks_only_and_every_unet_layer(tiny_config):
+    dit = build_model(tiny_config(FROZEN_TASK0, TINY_ARCH["dit"], {"model.affiner": {}}))
     paths = {p for p, _ in adapter_layers(dit.net)}
     block = {f"blocks.0.{s}" for s in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")}
     assert block <= paths and len(paths) == 5 * len(dit.net.blocks)
     assert not any(p.startswith(("x_embedder", "final_layer", "t_embedder")) for p in paths)
-    unet = build_model(_cfg("unet", {}))
+    unet = build_model(tiny_config(FROZEN_TASK0, TINY_ARCH["unet"], {"model.affiner": {}}))
     layers = {p for p, m in unet.net.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
     wrapped = {p for p, _ in adapter_layers(unet.net)}
     base_paths = {p.removesuffix(".base_layer") for p in layers}
@@ -98,13 +86,13 @@ def test_default_targets_dit_blocks_only_and_every_unet_layer():
 
 
 @pytest.mark.parametrize("arch", ["unet", "dit"])
-def test_an_untrained_affiner_changes_no_output_bit_for_bit(arch):
+def test_an_untrained_affiner_changes_no_output_bit_for_bit(arch, tiny_config):
     torch.manual_seed(0)
-    plain = build_model(_cfg(arch, None))
+    plain = build_model(tiny_config(FROZEN_TASK0, TINY_ARCH[arch], {"model.affiner": None}))
     with torch.no_grad():  # a "trained" base: zero-initialised layers (adaLN, out.2) would hide changes
         for p in plain.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    adapted = build_model(_cfg(arch, {"tasks": 3}))
+    adapted = build_model(tiny_config(FROZEN_TASK0, TINY_ARCH[arch], {"model.affiner": {"tasks": 3}}))
     _, unexpected = adapted.load_state_dict(_base_state(adapted, plain), strict=False)
     assert not unexpected
     x, t = torch.randn(6, 1, 8, 8), torch.randint(50, (6,))
@@ -151,8 +139,8 @@ def test_the_1x1_branch_of_a_strided_3x3_conv_reads_the_centre_of_each_receptive
     torch.testing.assert_close(out, ref, **TOL)
 
 
-def test_affiner_configs_expand_to_three_adapters_and_refuse_a_name_clash():
-    cfg = _cfg("dit", {"tasks": 4, "latent": 8})
+def test_affiner_configs_expand_to_three_adapters_and_refuse_a_name_clash(tiny_config):
+    cfg = tiny_config(FROZEN_TASK0, TINY_ARCH["dit"], {"model.affiner": {"tasks": 4, "latent": 8}})
     configs = affiner_adapter_configs(cfg.model, build_model(cfg).net)
     assert [(c.name, c.form, c.num_values) for c in configs] == [
         ("affiner_a", "scale", 4),
@@ -160,7 +148,8 @@ def test_affiner_configs_expand_to_three_adapters_and_refuse_a_name_clash():
         ("affiner_lr", "lowrank_act", 4),
     ]
     assert configs[2].rank == 8 and configs[2].activation == "relu" and configs[2].kernel == "1x1"
-    clash = _cfg("dit", {}, adapters=[{"name": "affiner_b", "form": "shift", "weighting": "index", "num_values": 2}])
+    shift = {"name": "affiner_b", "form": "shift", "weighting": "index", "num_values": 2}
+    clash = tiny_config(FROZEN_TASK0, TINY_ARCH["dit"], {"model.affiner": {}, "model.adapters": [shift]})
     with pytest.raises(ValueError, match="affiner_b"):
         build_model(clash)
 

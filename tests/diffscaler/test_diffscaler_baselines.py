@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from difflora.config.schema import load_config
 from difflora.diffscaler import affiner_counts
 from difflora.diffscaler.baselines import BASELINES, baseline_overrides, per_task_counts
 from difflora.model.build import build_model
-from difflora.presets import CONFIGS_DIR, EXPERIMENTS_DIR
+from difflora.presets import EXPERIMENTS_DIR
+from helpers import tiny_config
 
 # DiT-T/2 on 8x8 digits, learn_sigma: depth 2, hidden D = 64, MLP 4D, patch 2, 2 output channels.
 D, DEPTH = 64, 2
@@ -18,7 +18,7 @@ BLOCK_IN = D + D + D + 4 * D + D  # their fan-ins: 512
 
 def _build(arch: str, method: str, tasks: int = 1):
     sets = [*baseline_overrides(method, arch, tasks), f"data.task_id={tasks - 1}"]
-    return build_model(load_config(CONFIGS_DIR / f"tiny-{arch}.yaml", sets))
+    return build_model(tiny_config(f"tiny-{arch}", *sets))
 
 
 def _trainable(model) -> dict[str, int]:
@@ -45,7 +45,7 @@ def test_each_dit_baseline_trains_the_hand_counted_parameters():
     for d in (1, 4, 16, 32):
         expected[f"affiner-d{d}"] = DEPTH * (2 * BLOCK_OUT + d * (BLOCK_IN + BLOCK_OUT) + 5)
     expected["affiner"] = DEPTH * (2 * BLOCK_OUT + 64 * (BLOCK_IN + BLOCK_OUT) + 5)
-    full = sum(p.numel() for p in build_model(load_config(CONFIGS_DIR / "tiny-dit.yaml")).parameters())
+    full = sum(p.numel() for p in build_model(tiny_config("tiny-dit")).parameters())
     expected["full"] = full
     assert set(expected) == set(BASELINES)
     for method, count in expected.items():
@@ -56,7 +56,7 @@ def test_each_dit_baseline_trains_the_hand_counted_parameters():
 
 
 def test_unet_baselines_train_the_parameters_named_by_an_independent_rule():
-    plain = build_model(load_config(CONFIGS_DIR / "tiny-unet.yaml"))
+    plain = build_model(tiny_config("tiny-unet"))
     names = {n: p.numel() for n, p in plain.named_parameters()}
     norms = (".in_layers.0.", ".out_layers.0.", ".norm.", "net.out.0.")
     rule = {
@@ -88,7 +88,7 @@ def test_affiner_ablation_counts_match_the_formulae_per_task_with_three_tasks():
 
 def test_base_groups_need_a_frozen_base_and_unknown_methods_are_refused():
     with pytest.raises(ValueError, match="train.train_base=false"):
-        build_model(load_config(CONFIGS_DIR / "tiny-unet.yaml", ["train.base_groups=[bias]"]))
+        build_model(tiny_config("tiny-unet", "train.base_groups=[bias]"))
     with pytest.raises(ValueError, match="unknown baseline"):
         baseline_overrides("adapterx", "unet")
 

@@ -5,18 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from difflora.config.schema import parse_config
 from difflora.diffscaler import add_classes
 from difflora.diffusion.samplers import sample
 from difflora.model.build import build_diffusion, build_model
-
-TINY = {"model_channels": 16, "num_res_blocks": 1, "attention_resolutions": [4], "channel_mult": [1, 2]}
+from helpers import TINY_ARCH, tiny_config
 
 
 def _model(arch: str):
-    size = {"unet": TINY, "dit": {"preset": "DiT-T/2"}}[arch]
-    cfg = parse_config(
-        {"data": {"name": "digits"}, "model": {"arch": arch, "num_classes": 10, arch: size}, "diffusion": {"steps": 20}}
+    cfg = tiny_config(
+        {"data": {"name": "digits"}, "model": {"num_classes": 10}, "diffusion": {"steps": 20}}, TINY_ARCH[arch]
     )
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -82,6 +79,6 @@ def test_dit_keeps_002s_row_layout_and_a_model_without_classes_is_refused():
     table = model.net.y_embedder.embedding_table.full_table()
     assert table.shape[0] == 13  # [W_1..W_10, W_uc, W_12, W_13]
     assert torch.equal(table[10], null) and torch.equal(table[11], null) and torch.equal(table[12], null)
-    cfg = parse_config({"data": {"name": "digits"}, "model": {"arch": "unet", "unet": TINY}})
+    cfg = tiny_config({"data": {"name": "digits"}}, TINY_ARCH["unet"])
     with pytest.raises(ValueError, match="no class embedding"):
         add_classes(build_model(cfg).net, 1)

@@ -12,7 +12,6 @@ import torch
 from difflora.cli.commands import main
 from difflora.config.schema import load_config
 from difflora.model.build import build_model
-from difflora.presets import CONFIGS_DIR
 from difflora.train import latest_checkpoint, load_base, load_weights, train
 
 QUIET = dict(progress=False, log=lambda _: None)
@@ -96,52 +95,43 @@ def test_task_n_plus_1_trains_through_init_from_and_tasks_0_to_n_stay_bit_identi
     assert torch.equal(_run_model(third).state_dict()[banks[0] + "_frozen"], s2[banks[0]])
 
 
-def test_frozen_tasks_need_the_run_that_trained_them(two_task_run):
+def test_frozen_tasks_need_the_run_that_trained_them(two_task_run, tiny_config):
     tmp = two_task_run
     common = ["data.task_id=2", "train.train_base=false", *SHORT]
-    cfg = load_config(
-        CONFIGS_DIR / "tiny-unet.yaml",
-        ["model.affiner={tasks: 3, frozen_tasks: 2, latent: 4}", f"train.init_from={tmp / 'base'}", *common],
+    cfg = tiny_config(
+        "tiny-unet", "model.affiner={tasks: 3, frozen_tasks: 2, latent: 4}", f"train.init_from={tmp / 'base'}", *common
     )
     with pytest.raises(ValueError, match="frozen task entries"):
         train(cfg, tmp / "x1", **QUIET)
-    cfg = load_config(
-        CONFIGS_DIR / "tiny-unet.yaml",
-        ["model.affiner={tasks: 4, frozen_tasks: 3, latent: 4}", f"train.init_from={tmp / 'two'}", *common],
+    cfg = tiny_config(
+        "tiny-unet", "model.affiner={tasks: 4, frozen_tasks: 3, latent: 4}", f"train.init_from={tmp / 'two'}", *common
     )
     with pytest.raises(ValueError, match="frozen_tasks equal its number of tasks"):
         train(cfg, tmp / "x2", **QUIET)
-    cfg = load_config(
-        CONFIGS_DIR / "tiny-unet.yaml",
-        ["model.affiner={tasks: 3, latent: 4}", f"train.init_from={tmp / 'two'}", *common],
-    )
+    cfg = tiny_config("tiny-unet", "model.affiner={tasks: 3, latent: 4}", f"train.init_from={tmp / 'two'}", *common)
     with pytest.raises(ValueError, match="is itself an adapter run"):
         train(cfg, tmp / "x3", **QUIET)
     with pytest.raises(ValueError, match="train.train_base=false"):
-        build_model(
-            load_config(CONFIGS_DIR / "tiny-unet.yaml", ["model.affiner={tasks: 3, frozen_tasks: 2}", "data.task_id=2"])
-        )
+        build_model(tiny_config("tiny-unet", "model.affiner={tasks: 3, frozen_tasks: 2}", "data.task_id=2"))
     with pytest.raises(ValueError, match="leaves no task to train"):
-        load_config(CONFIGS_DIR / "tiny-unet.yaml", ["model.affiner={tasks: 2, frozen_tasks: 2}", "data.task_id=0"])
+        tiny_config("tiny-unet", "model.affiner={tasks: 2, frozen_tasks: 2}", "data.task_id=0")
 
 
 @pytest.mark.parametrize("arch", ["unet", "dit"])
-def test_new_classes_from_config_sample_as_the_unconditional_base_at_step_0(tmp_path, arch):
-    preset = CONFIGS_DIR / f"tiny-{arch}.yaml"
-    train(load_config(preset, SHORT), tmp_path / "base", **QUIET)
+def test_new_classes_from_config_sample_as_the_unconditional_base_at_step_0(tmp_path, arch, tiny_config):
+    preset = f"tiny-{arch}"
+    train(tiny_config(preset, *SHORT), tmp_path / "base", **QUIET)
     base = _run_model(tmp_path / "base")
     # Fashion-MNIST-free stand-in for new data: the same digits offset to labels 10..19 (task 1).
-    cfg = load_config(
+    cfg = tiny_config(
         preset,
-        [
-            "model.num_classes=20",
-            "model.new_classes=10",
-            "data.tasks=[{name: digits, limit: 30}]",
-            "data.task_labels=offset",
-            "data.limit=30",
-            f"train.init_from={tmp_path / 'base'}",
-            *SHORT,
-        ],
+        "model.num_classes=20",
+        "model.new_classes=10",
+        "data.tasks=[{name: digits, limit: 30}]",
+        "data.task_labels=offset",
+        "data.limit=30",
+        f"train.init_from={tmp_path / 'base'}",
+        *SHORT,
     )
     # Step 0: the base loaded into the grown model.
     seen = {}
@@ -161,4 +151,4 @@ def test_new_classes_from_config_sample_as_the_unconditional_base_at_step_0(tmp_
     assert torch.equal(state[f"{table}.weight"], base.state_dict()[f"{table}.weight"])
     assert state[f"{table}.new_rows"].abs().sum() > 0
     with pytest.raises(ValueError, match="must be below model.num_classes"):
-        build_model(load_config(preset, ["model.new_classes=10"]))
+        build_model(tiny_config(preset, "model.new_classes=10"))

@@ -10,27 +10,17 @@ from torch import nn
 
 from difflora.adapters import AdapterLoadError, adapter_parameters, load_adapters, save_adapters
 from difflora.cli.commands import main
-from difflora.config.schema import load_config, parse_config
 from difflora.diffscaler import add_tasks, export_task, import_task, num_tasks, remove_task
 from difflora.model.build import build_model
-from difflora.presets import CONFIGS_DIR
 from difflora.train import train
+from helpers import FROZEN_TASK0, TINY_ARCH, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = dict(rtol=0, atol=1e-5)
-TINY = {"model_channels": 16, "num_res_blocks": 1, "attention_resolutions": [4], "channel_mult": [1, 2]}
 
 
 def _model(arch: str = "unet", affiner: dict | None = None, seed: int = 0) -> nn.Module:
-    size = {"unet": TINY, "dit": {"preset": "DiT-T/2"}}[arch]
-    cfg = parse_config(
-        {
-            "data": {"name": "digits", "task_id": 0},
-            "model": {"arch": arch, "num_classes": 10, arch: size, "affiner": affiner},
-            "diffusion": {"steps": 50},
-            "train": {"train_base": False},
-        }
-    )
+    cfg = tiny_config(FROZEN_TASK0, TINY_ARCH[arch], {"model.affiner": affiner})
     torch.manual_seed(seed)
     model = build_model(cfg)
     with torch.no_grad():  # a trained base and trained task entries (fresh ones change nothing)
@@ -161,20 +151,18 @@ def test_frozen_tasks_cannot_be_overwritten_or_removed_out_of_range():
 
 
 def test_parallel_run_then_sample_one_task_and_a_mixed_batch(tmp_path, capsys):
-    base_cfg = load_config(CONFIGS_DIR / "tiny-unet.yaml", ["train.steps=2", "train.ckpt_every=2", "sample.num=2"])
+    base_cfg = tiny_config("tiny-unet", "train.steps=2", "train.ckpt_every=2", "sample.num=2")
     train(base_cfg, tmp_path / "base", progress=False, log=lambda _: None)
-    cfg = load_config(
-        CONFIGS_DIR / "tiny-unet.yaml",
-        [
-            "data.tasks=[{name: digits, limit: 50}]",
-            "model.affiner={tasks: 2, latent: 4}",
-            f"train.init_from={tmp_path / 'base'}",
-            "train.train_base=false",
-            "train.steps=2",
-            "train.ckpt_every=2",
-            "sample.num=2",
-            "sample.steps=2",
-        ],
+    cfg = tiny_config(
+        "tiny-unet",
+        "data.tasks=[{name: digits, limit: 50}]",
+        "model.affiner={tasks: 2, latent: 4}",
+        f"train.init_from={tmp_path / 'base'}",
+        "train.train_base=false",
+        "train.steps=2",
+        "train.ckpt_every=2",
+        "sample.num=2",
+        "sample.steps=2",
     )
     train(cfg, tmp_path / "multi", progress=False, log=lambda _: None)
     run = str(tmp_path / "multi")

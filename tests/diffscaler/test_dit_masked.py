@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from difflora.config.schema import load_config
 from difflora.diffscaler.masked import MaskedDiffusionObjective, random_keep
 from difflora.diffusion.guidance import drop_labels
 from difflora.model.build import build_diffusion, build_model
 from difflora.nets.dit import patch_strip
-from difflora.presets import CONFIGS_DIR
 from difflora.train import train
 from difflora.train.objectives import Batch, DiffusionObjective, build_objective
+from helpers import tiny_config
 
 TOL = dict(rtol=0, atol=1e-5)
 # 8x8 digits, patch 2: a 4 x 4 grid of T = 16 tokens.
@@ -21,7 +20,7 @@ MSE = ["model.learn_sigma=false", "diffusion.loss=mse"]
 
 
 def _setup(*overrides: str):
-    cfg = load_config(CONFIGS_DIR / "tiny-dit.yaml", list(overrides))
+    cfg = tiny_config("tiny-dit", *overrides)
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():  # a trained-looking DiT (a fresh one outputs zeros: adaLN-Zero)
@@ -94,11 +93,10 @@ def test_ratio_0_is_the_unmasked_objective_bit_for_bit():
 
 
 def test_a_masked_hybrid_run_trains_and_the_ratio_needs_a_dit(tmp_path):
-    cfg = load_config(
-        CONFIGS_DIR / "tiny-dit.yaml",
-        ["train.mask_ratio=0.5", "train.steps=2", "train.ckpt_every=2", "sample.num=2", "sample.steps=2"],
+    cfg = tiny_config(
+        "tiny-dit", "train.mask_ratio=0.5", "train.steps=2", "train.ckpt_every=2", "sample.num=2", "sample.steps=2"
     )
     result = train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
     assert result["step"] == 2 and torch.isfinite(torch.tensor(result["last"]["vb"]))
     with pytest.raises(ValueError, match="model.arch=dit"):
-        load_config(CONFIGS_DIR / "tiny-unet.yaml", ["train.mask_ratio=0.5"])
+        tiny_config("tiny-unet", "train.mask_ratio=0.5")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from difflora.config.schema import ConfigError, DataConfig, SpatialConfig, parse_config
+from difflora.config.schema import ConfigError, DataConfig, SpatialConfig
 from difflora.data import load_dataset
 from difflora.data.spatial import (
     block_means,
@@ -110,14 +110,13 @@ def test_grid_indices_cycle_over_tasks_and_their_samples():
     assert grid_indices(task, 6).tolist() == [0, 1, 2, 3, 0, 4]
 
 
-def _cfg(*overrides: str):
-    base = ["data.name=digits", "model.unet.model_channels=16", "model.unet.attention_resolutions=[4]"]
-    return parse_config({}, [*base, *overrides])
+# Defaults but digits and a small U-Net; the test adds the spatial settings it checks.
+SMALL = ["data.name=digits", "model.unet.model_channels=16", "model.unet.attention_resolutions=[4]"]
 
 
-def test_config_fills_spatial_channels_and_checks_combinations():
-    assert _cfg("data.spatial={tasks: [edges, lowres, inpaint]}").model.spatial_channels == 4
-    assert _cfg().model.spatial_channels == 0
+def test_config_fills_spatial_channels_and_checks_combinations(tiny_config):
+    assert tiny_config({}, *SMALL, "data.spatial={tasks: [edges, lowres, inpaint]}").model.spatial_channels == 4
+    assert tiny_config({}, *SMALL).model.spatial_channels == 0
     cases = {
         "data.spatial={tasks: [edges, edges]}": "at most once",
         "data.hflip=true": "remove data.tasks\nand data.hflip",
@@ -130,4 +129,4 @@ def test_config_fills_spatial_channels_and_checks_combinations():
     for override, message in cases.items():
         extra = [] if override.startswith("data.spatial") else ["data.spatial={tasks: [edges, lowres, inpaint]}"]
         with pytest.raises(ConfigError, match=message.split("\n")[0]):
-            _cfg(*extra, override)
+            tiny_config({}, *SMALL, *extra, override)

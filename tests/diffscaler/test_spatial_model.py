@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from difflora.adapters import adapter_parameters
-from difflora.config.schema import parse_config
 from difflora.model.build import build_model
 from difflora.train.base import base_key_map
+from helpers import tiny_config
 
-TINY = [
+SMALL_UNET = [
     "data.name=digits",
     "model.unet.model_channels=16",
     "model.unet.num_res_blocks=1",
@@ -22,11 +22,11 @@ SPATIAL = "data.spatial={tasks: [edges, lowres, inpaint], lowres: 2}"
 
 def _pair(*extra: str):
     """A base model and a spatial model holding the base's weights (as train.init_from would load them)."""
-    base = build_model(parse_config({}, TINY))
+    base = build_model(tiny_config({}, *SMALL_UNET))
     with torch.no_grad():  # a trained base: no zero-initialised layer left (the output depends on everything)
         for p in base.parameters():
             p.normal_(0.0, 0.2)
-    model = build_model(parse_config({}, [*TINY, SPATIAL, "train.train_base=false", *extra]))
+    model = build_model(tiny_config({}, *SMALL_UNET, SPATIAL, "train.train_base=false", *extra))
     state = base.state_dict()
     model.load_state_dict({k: state[b] for k, b in base_key_map(model).items()}, strict=False)
     return base, model

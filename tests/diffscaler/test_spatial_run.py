@@ -9,11 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from difflora.cli.commands import main
-from difflora.config.schema import load_config
 from difflora.eval import FeatureTrainConfig
 from difflora.eval.evaluate import EvalSettings, evaluate_run
-from difflora.presets import CONFIGS_DIR
 from difflora.train import latest_checkpoint, load_checkpoint, train
+from helpers import tiny_config
 
 SPATIAL = "data.spatial={tasks: [edges, lowres, inpaint], lowres: 2}"
 SHORT = ["train.steps=3", "train.ckpt_every=3", "train.lr=0.01", "train.label_dropout=1.0", "sample.steps=2"]
@@ -21,7 +20,7 @@ SHORT = ["train.steps=3", "train.ckpt_every=3", "train.lr=0.01", "train.label_dr
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    cfg = load_config(CONFIGS_DIR / "tiny-unet.yaml", ["train.steps=2", "train.ckpt_every=2"])
+    cfg = tiny_config("tiny-unet", "train.steps=2", "train.ckpt_every=2")
     out = tmp_path_factory.mktemp("base") / "run"
     train(cfg, out, progress=False, log=lambda _m: None)
     return out
@@ -29,7 +28,7 @@ def base(tmp_path_factory) -> Path:
 
 def _adapt(base: Path, out: Path, *extra: str) -> Path:
     overrides = [SPATIAL, f"train.init_from={base}", "train.train_base=false", *SHORT, *extra]
-    train(load_config(CONFIGS_DIR / "tiny-unet.yaml", overrides), out, progress=False, log=lambda _m: None)
+    train(tiny_config("tiny-unet", *overrides), out, progress=False, log=lambda _m: None)
     return out
 
 

@@ -10,15 +10,13 @@ import torch
 
 from difflora.adapters import adapter_layers, conditions
 from difflora.cli.commands import main
-from difflora.config.schema import DISTILL_TARGETS, ConfigError, load_config
+from difflora.config.schema import DISTILL_TARGETS, ConfigError
 from difflora.diffusion.guidance import NULL_LABEL
 from difflora.distill.objective import DistillObjective, distill_config
 from difflora.model.build import build_diffusion, build_model
-from difflora.presets import CONFIGS_DIR
 from difflora.train import CheckpointError, latest_checkpoint, load_base, load_weights, train
 from difflora.train.objectives import Batch
 
-CONFIGS = CONFIGS_DIR
 QUIET = {"progress": False, "log": lambda s: None}
 # Float32 sums of the same numbers in a different grouping (3N vs 2N + N batches, hand formula).
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -28,9 +26,9 @@ BATCH_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
+def teacher(tmp_path_factory, tiny_config) -> Path:
     run = tmp_path_factory.mktemp("teacher") / "run"
-    cfg = load_config(CONFIGS / "tiny-unet.yaml", ["train.steps=20", "train.ckpt_every=20"])
+    cfg = tiny_config("tiny-unet", "train.steps=20", "train.ckpt_every=20")
     train(cfg, run, **QUIET)
     return run
 
@@ -210,7 +208,7 @@ def test_distill_config_and_defaults(teacher):
     assert any(p.endswith("qkv") for p in paths) and any(p.endswith("in_layers.2") for p in paths)
 
 
-def test_bad_input_is_a_clear_error(teacher, tmp_path, capsys):
+def test_bad_input_is_a_clear_error(teacher, tmp_path, capsys, tiny_config):
     # A teacher without class conditioning.
     uncond = tmp_path / "uncond"
     uncond.mkdir()
@@ -220,7 +218,7 @@ def test_bad_input_is_a_clear_error(teacher, tmp_path, capsys):
     with pytest.raises(ValueError, match="class-conditional teacher"):
         distill_config(uncond)
     with pytest.raises(ConfigError, match="class-conditional teacher"):
-        load_config(CONFIGS / "tiny-unet.yaml", ["model.num_classes=0", "train.objective=distill"])
+        tiny_config("tiny-unet", "model.num_classes=0", "train.objective=distill")
     # Guidance outside the LoRA's range, in the config and when sampling.
     with pytest.raises(ValueError, match="must lie in distill.guidance_range"):
         distill_config(teacher, guidance=7.0, guidance_range=(1.0, 5.0))
@@ -273,9 +271,9 @@ def test_conditions_reach_the_lora_by_row(teacher):
     assert (mixed[0::2] - base[0::2]).abs().max() > 1e-3
 
 
-def test_default_targets_of_a_dit_student():
+def test_default_targets_of_a_dit_student(tiny_config):
     over = ["train.objective=distill", "train.train_base=false", "train.init_from=teacher", "model.num_classes=10"]
-    cfg = load_config(CONFIGS / "tiny-dit.yaml", over)
+    cfg = tiny_config("tiny-dit", *over)
     model = build_model(cfg)
     paths = [p for p, _ in adapter_layers(model)]
     depth = len(model.net.blocks)

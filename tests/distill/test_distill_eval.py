@@ -7,24 +7,21 @@ from pathlib import Path
 import pytest
 
 from difflora.cli.commands import main
-from difflora.config.schema import load_config
 from difflora.distill.objective import distill_config
 from difflora.eval import FeatureTrainConfig
 from difflora.eval.evaluate import EvalError, EvalSettings, evaluate_run
-from difflora.presets import CONFIGS_DIR
 from difflora.train import train
 
-CONFIGS = CONFIGS_DIR
 QUIET = {"progress": False, "log": lambda s: None}
 TINY_FEATURES = FeatureTrainConfig(epochs=1, batch_size=64, max_steps=5, seed=0)
 SCORES = ("fd", "kid_mean", "precision", "recall", "class_accuracy")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tmp_path_factory, tiny_config) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     teacher = root / "teacher"
-    train(load_config(CONFIGS / "tiny-unet.yaml", ["train.steps=4", "train.batch_size=8"]), teacher, **QUIET)
+    train(tiny_config("tiny-unet", "train.steps=4", "train.batch_size=8"), teacher, **QUIET)
     student = root / "student"
     over = ["train.steps=3", "train.batch_size=8", "train.ckpt_every=3", "train.lr=0.01"]
     train(distill_config(teacher, guidance=3.0, overrides=over), student, **QUIET)

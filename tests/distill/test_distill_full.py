@@ -6,25 +6,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from difflora.config.schema import ConfigError, load_config
+from difflora.config.schema import ConfigError
 from difflora.diffusion.guidance import NULL_LABEL
 from difflora.distill.objective import DistillObjective, distill_config
 from difflora.model.build import build_diffusion, build_model
-from difflora.presets import CONFIGS_DIR
 from difflora.sampling.generate import generate, sampling_settings
 from difflora.train import latest_checkpoint, load_base, load_weights, train
 from difflora.train.objectives import Batch
 
-CONFIGS = CONFIGS_DIR
 QUIET = {"progress": False, "log": lambda s: None}
 TOL = dict(rtol=1e-5, atol=1e-6)
 FULL = ["train.train_base=true", "distill.guidance=3"]
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
+def teacher(tmp_path_factory, tiny_config) -> Path:
     run = tmp_path_factory.mktemp("teacher") / "run"
-    train(load_config(CONFIGS / "tiny-unet.yaml", ["train.steps=4", "train.batch_size=8"]), run, **QUIET)
+    train(tiny_config("tiny-unet", "train.steps=4", "train.batch_size=8"), run, **QUIET)
     return run
 
 
@@ -108,8 +106,6 @@ def test_full_student_samples_in_one_pass_per_step(teacher, tmp_path):
 @pytest.mark.parametrize(
     "extra", [["distill.guidance_range=[1.0, 5.0]"], ["distill.shared_forward=true"]], ids=["range", "shared"]
 )
-def test_full_student_refuses_what_needs_the_lora(teacher, extra):
+def test_full_student_refuses_what_needs_the_lora(teacher, extra, tiny_config):
     with pytest.raises(ConfigError, match="fully fine-tunes"):
-        load_config(
-            CONFIGS / "tiny-unet.yaml", ["train.objective=distill", f"train.init_from={teacher}", *FULL, *extra]
-        )
+        tiny_config("tiny-unet", "train.objective=distill", f"train.init_from={teacher}", *FULL, *extra)

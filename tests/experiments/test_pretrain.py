@@ -17,14 +17,14 @@ from helpers import write_mnist_like
 
 ROOT = Path(__file__).resolve().parents[2]
 # The preset, shrunk to seconds: a small batch, a tiny sample grid (data.root: files the test writes).
-TINY = ["train.batch_size=4", "train.ckpt_every=2", "sample.num=2", "sample.steps=2"]
+SHRINK = ["train.batch_size=4", "train.ckpt_every=2", "sample.num=2", "sample.steps=2"]
 
 
 @pytest.fixture
 def fashion(tmp_path) -> list[str]:
     """Override pointing data.root at 28 x 28 Fashion-MNIST-format IDX files written here."""
     write_mnist_like(tmp_path / "fmnist", compress=True, sizes=(32, 8), side=28)
-    return [*TINY, f"data.root={tmp_path / 'fmnist'}"]
+    return [*SHRINK, f"data.root={tmp_path / 'fmnist'}"]
 
 
 @pytest.mark.parametrize("name", ["fmnist16-unet", "fmnist16-dit"])
@@ -36,10 +36,10 @@ def test_presets_are_class_conditional_fashion_mnist_16px_with_label_dropout(nam
         assert sum(p.numel() for p in build_model(cfg).parameters()) > 0
 
 
-def test_pretrain_resumes_reuses_and_is_adapted_by_name(tmp_path, monkeypatch, capsys, fashion):
+def test_pretrain_resumes_reuses_and_is_adapted_by_name(tmp_path, monkeypatch, capsys, fashion, tiny_config):
     monkeypatch.setenv("DIFFLORA_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "cache" / "bases" / "fmnist16-unet"
-    cfg = load_config(resolve_config_path("pretrain/fmnist16-unet"), [*fashion, "train.steps=4"])
+    cfg = tiny_config("pretrain/fmnist16-unet", *fashion, "train.steps=4")
     train(cfg, run, stop_at=2, progress=False, log=lambda _: None)  # an interrupted pretraining
     with pytest.raises(ValueError, match="unfinished"):
         resolve_base_checkpoint("pretrained:fmnist16-unet")
@@ -65,16 +65,14 @@ def test_pretrain_resumes_reuses_and_is_adapted_by_name(tmp_path, monkeypatch, c
     assert "trained with another config" in capsys.readouterr().err
 
     # A study adapts it by name.
-    adapted = load_config(
-        resolve_config_path("pretrain/fmnist16-unet"),
-        [
-            *fashion,
-            "train.steps=1",
-            "train.init_from=pretrained:fmnist16-unet",
-            "train.train_base=false",
-            "model.affiner={tasks: 1, latent: 2}",
-            "data.task_id=0",
-        ],
+    adapted = tiny_config(
+        "pretrain/fmnist16-unet",
+        *fashion,
+        "train.steps=1",
+        "train.init_from=pretrained:fmnist16-unet",
+        "train.train_base=false",
+        "model.affiner={tasks: 1, latent: 2}",
+        "data.task_id=0",
     )
     result = train(adapted, tmp_path / "adapted", progress=False, log=lambda _: None)
     assert result["step"] == 1

@@ -11,24 +11,22 @@ from pathlib import Path
 import pytest
 
 from difflora.cli.commands import main
-from difflora.config.schema import load_config
 from difflora.eval import FeatureTrainConfig
 from difflora.eval.evaluate import EvalSettings, evaluate_run
 from difflora.experiments.runs_table import csv_text, format_table, runs_table
-from difflora.presets import CONFIGS_DIR
 from difflora.train import train
 
-TINY = ["train.steps=2", "train.ckpt_every=2", "train.log_every=1", "sample.num=2"]
+SHORT = ["train.steps=2", "train.ckpt_every=2", "train.log_every=1", "sample.num=2"]
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
+def root(tmp_path_factory, tiny_config) -> Path:
     """runs/a (lr 1e-3, seed 0) and runs/study/arm/seed1 (lr 5e-4, seed 1, evaluated at w = 1 and 2)."""
     root = tmp_path_factory.mktemp("runs")
     quiet = lambda _m: None  # noqa: E731
-    train(load_config(CONFIGS_DIR / "tiny-unet.yaml", TINY), root / "a", progress=False, log=quiet)
+    train(tiny_config("tiny-unet", *SHORT), root / "a", progress=False, log=quiet)
     b = root / "study" / "arm" / "seed1"
-    cfg = load_config(CONFIGS_DIR / "tiny-unet.yaml", [*TINY, "train.lr=5e-4", "train.seed=1"])
+    cfg = tiny_config("tiny-unet", *SHORT, "train.lr=5e-4", "train.seed=1")
     train(cfg, b, progress=False, log=quiet)
     tiny_features = FeatureTrainConfig(epochs=1, batch_size=64, max_steps=3, seed=0)
     evaluate_run(

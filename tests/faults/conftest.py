@@ -7,23 +7,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultkit import CONFIGS, TASK_ADAPTER
+from faultkit import TASK_ADAPTER
 
-from difflora.config.schema import config_to_dict, load_config
+from difflora.config.schema import config_to_dict
 from difflora.model.build import build_model
 from difflora.train.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tmp_path_factory, tiny_config) -> dict[str, Path]:
     """A trained tiny run (checkpoints at steps 2 and 4) and an untrained run with a task adapter."""
     from difflora.train import train
 
     root = tmp_path_factory.mktemp("faults")
-    cfg = load_config(CONFIGS / "tiny-unet.yaml", ["train.steps=4", "train.ckpt_every=2", "sample.num=2"])
+    cfg = tiny_config("tiny-unet", "train.steps=4", "train.ckpt_every=2", "sample.num=2")
     train(cfg, root / "run", progress=False, log=lambda s: None)
     # The task run is written directly: its checkpoint is a freshly built adapted model.
-    tcfg = load_config(CONFIGS / "tiny-unet.yaml", [TASK_ADAPTER, "sample.num=2"])
+    tcfg = tiny_config("tiny-unet", TASK_ADAPTER, "sample.num=2")
     model = build_model(tcfg)
     state = model.state_dict()
     opt = torch.optim.AdamW(model.parameters())

@@ -10,10 +10,8 @@ import pytest
 import torch
 
 from difflora.adapters import save_adapters
-from difflora.config.schema import load_config
 from difflora.files.tensorfile import save_tensors
 from difflora.model.build import build_model
-from difflora.presets import CONFIGS_DIR
 from difflora.train.checkpoint import save_checkpoint
 
 
@@ -35,10 +33,8 @@ def test_save_tensors_gives_the_mode_open_would(umask, tmp_path):
     assert _mode(tmp_path / "x.safetensors") == _mode(tmp_path / "plain") == 0o666 & ~umask
 
 
-def test_checkpoints_and_adapter_files_are_readable_as_the_umask_allows(umask, tmp_path):
-    cfg = load_config(
-        CONFIGS_DIR / "tiny-unet.yaml", ["model.adapters=[{name: lora, condition: t, weighting: shared}]"]
-    )
+def test_checkpoints_and_adapter_files_are_readable_as_the_umask_allows(umask, tmp_path, tiny_config):
+    cfg = tiny_config("tiny-unet", "model.adapters=[{name: lora, condition: t, weighting: shared}]")
     model = build_model(cfg)
     state = model.state_dict()
     opt = torch.optim.AdamW(model.parameters())

@@ -5,15 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from difflora.adapters import adapter_parameters
-from difflora.config.schema import load_config
 from difflora.model.accounting import parameter_counts
 from difflora.model.build import build_model
-from difflora.presets import CONFIGS_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_every_adapter_form_is_counted_as_adapters():
+def test_every_adapter_form_is_counted_as_adapters(tiny_config):
     adapters = (
         "model.adapters=["
         "{name: a, form: scale, condition: task, weighting: index, num_values: 2, targets: [fc1]},"
@@ -23,7 +21,7 @@ def test_every_adapter_form_is_counted_as_adapters():
         "{name: pa, form: position, source: attn_out, dest: mlp_in, rank: 4, condition: task, weighting: index,"
         ' num_values: 2, targets: ["re:blocks\\\\.\\\\d+"]}]'
     )
-    cfg = load_config(CONFIGS_DIR / "tiny-dit.yaml", [adapters])
+    cfg = tiny_config("tiny-dit", adapters)
     model = build_model(cfg)
     groups = parameter_counts(model)["by_group"]
     tables = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weighting.table"))

@@ -152,7 +152,8 @@ def test_merge_shared_reports_and_skips_repeat_merges():
 
 
 # ----------------------------------------------------------------------------- config and build_model
-TINY = {
+# A tiny U-Net on digits without time and class embeddings: the adapters carry t and y.
+UNET_NO_EMBEDS = {
     "data": {"name": "digits"},
     "model": {
         "arch": "unet",
@@ -165,17 +166,12 @@ TINY = {
 }
 
 
-def tiny_cfg(adapters, **train):
-    tree = {**TINY, "model": {**TINY["model"], "adapters": adapters}, "train": train}
-    return parse_config(tree)
-
-
-def test_build_model_injects_config_adapters_and_freezes():
+def test_build_model_injects_config_adapters_and_freezes(tiny_config):
     adapters = [
         {"name": "time", "weighting": "linear", "num_values": 100, "num_bases": 5},
         {"name": "cls", "condition": "y", "weighting": "index", "num_values": 10, "targets": ["re:.*\\.qkv"]},
     ]
-    model = build_model(tiny_cfg(adapters, train_base=False))
+    model = build_model(tiny_config(UNET_NO_EMBEDS, {"model.adapters": adapters, "train.train_base": False}))
     report = model.adapter_report
     assert {e.adapter for e in report.layers} == {"time", "cls"}
     assert all(p.endswith(("qkv", "proj_out")) for p in report.paths)
@@ -198,19 +194,31 @@ def test_build_model_injects_config_adapters_and_freezes():
         ({"name": "bad name", "weighting": "index", "num_values": 100}, "name"),
     ],
 )
-def test_adapter_config_errors_name_the_key(adapter, message):
+def test_adapter_config_errors_name_the_key(adapter, message, tiny_config):
     adapter = {**adapter, "name": "time"} if adapter["name"] == "t" else adapter
     with pytest.raises(ConfigError, match=message):
-        tiny_cfg([adapter])
+        tiny_config(UNET_NO_EMBEDS, {"model.adapters": [adapter]})
 
 
-def test_build_model_checks_adapter_ranges_against_the_diffusion():
+def test_build_model_checks_adapter_ranges_against_the_diffusion(tiny_config):
     with pytest.raises(ValueError, match="num_values >= 100"):
-        build_model(tiny_cfg([{"name": "time", "weighting": "linear", "num_values": 50, "num_bases": 3}]))
+        build_model(
+            tiny_config(
+                UNET_NO_EMBEDS,
+                {"model.adapters": [{"name": "time", "weighting": "linear", "num_values": 50, "num_bases": 3}]},
+            )
+        )
     with pytest.raises(ValueError, match="num_values >= 100"):
-        build_model(tiny_cfg([{"name": "time", "weighting": "index", "num_values": 99}]))
+        build_model(
+            tiny_config(UNET_NO_EMBEDS, {"model.adapters": [{"name": "time", "weighting": "index", "num_values": 99}]})
+        )
     with pytest.raises(ValueError, match="num_classes"):
-        build_model(tiny_cfg([{"name": "cls", "condition": "y", "weighting": "index", "num_values": 9}]))
+        build_model(
+            tiny_config(
+                UNET_NO_EMBEDS,
+                {"model.adapters": [{"name": "cls", "condition": "y", "weighting": "index", "num_values": 9}]},
+            )
+        )
 
 
 # ----------------------------------------------------------------------------- 000's parameter counts

@@ -5,22 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from difflora.config.schema import parse_config
 from difflora.diffscaler import AFFINER_NAMES
 from difflora.model.expand import EXPANSIONS, adapter_entries, expand_model
-
-TINY_UNET = {"model_channels": 16, "num_res_blocks": 1, "attention_resolutions": [4], "channel_mult": [1, 2]}
-
-
-def _cfg(**model) -> object:
-    return parse_config(
-        {
-            "data": {"name": "digits", "task_id": 0},
-            "model": {"arch": "unet", "num_classes": 10, "unet": TINY_UNET, **model},
-            "diffusion": {"steps": 50},
-            "train": {"train_base": False},
-        }
-    )
+from helpers import FROZEN_TASK0, TINY_ARCH
 
 
 def test_the_shared_parts_come_first_then_002s_in_its_order():
@@ -30,9 +17,11 @@ def test_the_shared_parts_come_first_then_002s_in_its_order():
     assert mine == ["affiner", "base_groups", "new_classes"]
 
 
-def test_adapter_entries_list_model_adapters_then_the_affiner_and_targets_need_the_net():
+def test_adapter_entries_list_model_adapters_then_the_affiner_and_targets_need_the_net(tiny_config):
     lora = {"name": "lora", "condition": "task", "weighting": "index", "num_values": 2, "rank": 2}
-    cfg = _cfg(adapters=[lora], affiner={"tasks": 2, "latent": 4})
+    cfg = tiny_config(
+        FROZEN_TASK0, TINY_ARCH["unet"], {"model.adapters": [lora], "model.affiner": {"tasks": 2, "latent": 4}}
+    )
     entries = adapter_entries(cfg)
     assert [e.name for e in entries] == ["lora", *AFFINER_NAMES.values()]
     assert all(not e.targets for e in entries[1:])  # no net: no default targets (enough for --condition)
@@ -41,8 +30,8 @@ def test_adapter_entries_list_model_adapters_then_the_affiner_and_targets_need_t
     assert {row.adapter for row in report.layers} == {"lora", *AFFINER_NAMES.values()}
 
 
-def test_a_plain_config_injects_nothing_and_reports_none():
-    net, report = expand_model(_cfg())
+def test_a_plain_config_injects_nothing_and_reports_none(tiny_config):
+    net, report = expand_model(tiny_config(FROZEN_TASK0, TINY_ARCH["unet"]))
     assert report is None
     assert all(not p.requires_grad for p in net.parameters())  # train.train_base false: all frozen
 

@@ -15,14 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflora.adapters import IndexWeighting, conditions, inject_position_adapter
-from difflora.config.schema import ConfigError, ModelConfig, load_config, parse_config
+from difflora.config.schema import ConfigError, ModelConfig, parse_config
 from difflora.model.build import build_model
 from difflora.nets import build_net, count_parameters
 from difflora.nets.transformer import TRANSFORMER_TAP_PAIRS, TransformerBlock
-from difflora.presets import CONFIGS_DIR
 
 TOL = 1e-10
-CONFIGS = CONFIGS_DIR
 
 
 def randomize(module: nn.Module, seed: int = 0, std: float = 0.3) -> nn.Module:
@@ -147,8 +145,8 @@ def test_default_attention_unchanged_and_context_refused(arch):
     assert not any(n.startswith(("label_emb", "y_embedder")) for n in names)
 
 
-def test_model_passes_caller_context_through_the_wrapper():
-    cfg = load_config(CONFIGS / "tiny-cross-unet.yaml")
+def test_model_passes_caller_context_through_the_wrapper(tiny_config):
+    cfg = tiny_config("tiny-cross-unet")
     model = build_model(cfg)
     randomize(model.net, std=0.1)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 50])
@@ -157,10 +155,10 @@ def test_model_passes_caller_context_through_the_wrapper():
 
 
 @pytest.mark.parametrize("arch", ["unet", "dit"])
-def test_tiny_cross_config_trains(tmp_path, arch):
+def test_tiny_cross_config_trains(tmp_path, arch, tiny_config):
     from difflora.train import train
 
-    cfg = load_config(CONFIGS / f"tiny-cross-{arch}.yaml", ["train.steps=3", "train.ckpt_every=3", "train.log_every=1"])
+    cfg = tiny_config(f"tiny-cross-{arch}", "train.steps=3", "train.ckpt_every=3", "train.log_every=1")
     result = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
     assert result["step"] == 3 and math.isfinite(result["last"]["loss"])
 
@@ -211,11 +209,8 @@ def test_004_has_twenty_pairs_and_others_are_errors():
             adapted_block(source, dest)
 
 
-def test_position_adapter_from_config_and_bad_pair_named():
-    cfg = load_config(
-        CONFIGS / "tiny-cross-unet.yaml",
-        [],
-    )
+def test_position_adapter_from_config_and_bad_pair_named(tiny_config):
+    cfg = tiny_config("tiny-cross-unet")
     tree = cfg.model_dump(mode="json")
     entry = {
         "name": "pa",

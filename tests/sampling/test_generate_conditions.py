@@ -9,19 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from difflora.config.schema import load_config
 from difflora.model.build import build_model
-from difflora.presets import CONFIGS_DIR
 from difflora.sampling.generate import NonFiniteSamplesError, condition_tensors, generate, sampling_settings
+from helpers import tiny_config
 
-CONFIGS = CONFIGS_DIR
 TASK_ADAPTER = "model.adapters=[{name: task, condition: task, weighting: index, num_values: 3, rank: 2}]"
 # float32 sampler steps over a batch against the same steps over other batches: ~1e-6 apart.
 ATOL = 1e-5
 
 
 def task_model():
-    cfg = load_config(CONFIGS / "tiny-unet.yaml", [TASK_ADAPTER, "sample.batch_size=8"])
+    cfg = tiny_config("tiny-unet", TASK_ADAPTER, "sample.batch_size=8")
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():
@@ -47,7 +45,7 @@ def test_per_sample_tasks_match_one_task_per_batch(guidance):
 
 def test_no_update_rows_equal_the_base_model():
     cfg, model = task_model()
-    base_cfg = load_config(CONFIGS / "tiny-unet.yaml", ["sample.batch_size=8"])
+    base_cfg = tiny_config("tiny-unet", "sample.batch_size=8")
     base = build_model(base_cfg)
     # The adapted model wraps each target layer: its weights live under `<path>.base_layer.`.
     state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".adapters." not in k}

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from difflora.adapters import TrainableWeighting
-from difflora.cli.commands import main, resolve_config_path
-from difflora.config.schema import config_to_dict, load_config
+from difflora.cli.commands import main
+from difflora.config.schema import config_to_dict
 from difflora.model.build import build_model
 from difflora.timelora.plots import basis_groups, group_mean_abs, plot_weights
 from difflora.train.checkpoint import save_checkpoint
+from helpers import tiny_config
 
 
 def naive_matrix(table: torch.Tensor, steps: int) -> torch.Tensor:
@@ -64,7 +65,7 @@ def test_matrix_equals_naive_reference_on_random_tables(num_values, num_bases, s
 
 
 def _write_run(tmp_path, preset, tables=None):
-    cfg = load_config(resolve_config_path(preset))
+    cfg = tiny_config(preset)
     model = build_model(cfg)
     state = model.state_dict()
     for path, table in (tables or {}).items():
@@ -79,7 +80,7 @@ def _write_run(tmp_path, preset, tables=None):
 
 def test_cli_writes_a_png_for_the_default_layer_and_all_layers(tmp_path, capsys):
     # Known tables: layer l holds the constant l + 1, so the mean over all layers is known too.
-    model = build_model(load_config(resolve_config_path("tiny-tclora-unet")))
+    model = build_model(tiny_config("tiny-tclora-unet"))
     keys = [k for k, _ in model.named_parameters() if k.endswith(".time.weighting.table")]  # model order
     paths = [k.removeprefix("net.").removesuffix(".adapters.time.weighting.table") for k in keys]
     tables = {p: torch.full((101, 11), float(i + 1)) for i, p in enumerate(paths)}

@@ -10,31 +10,25 @@ import math
 import pytest
 import torch
 
-from difflora.cli.commands import main, resolve_config_path
-from difflora.config.schema import load_config
+from difflora.cli.commands import main
 from difflora.model.build import build_model
 from difflora.train import train
 
-VARIANTS = {
-    "unet-tlora": ("tiny-timelora-unet", []),
-    "unet-tclora": ("tiny-tclora-unet", []),
-    "unet-time-embed+tlora": ("tiny-timelora-unet", ["model.time_embed=true"]),
-    "dit-tlora": ("tiny-timelora-dit", []),
-    "dit-tclora": ("tiny-tclora-dit", []),
+VARIANTS = {  # name: the preset and its overrides
+    "unet-tlora": ("tiny-timelora-unet",),
+    "unet-tclora": ("tiny-tclora-unet",),
+    "unet-time-embed+tlora": ("tiny-timelora-unet", "model.time_embed=true"),
+    "dit-tlora": ("tiny-timelora-dit",),
+    "dit-tclora": ("tiny-tclora-dit",),
 }
-
-
-def _cfg(name, overrides=()):
-    preset, base = VARIANTS[name]
-    # label_dropout 0.5: with batch 8 both conditional and null labels occur in each step.
-    more = ["train.steps=3", "train.batch_size=8", "train.ckpt_every=3", "train.label_dropout=0.5"]
-    more += ["sample.num=2", "sample.steps=2"]
-    return load_config(resolve_config_path(preset), base + more + list(overrides))
+# label_dropout 0.5: with batch 8 both conditional and null labels occur in each step.
+SHORT = ["train.steps=3", "train.batch_size=8", "train.ckpt_every=3", "train.label_dropout=0.5"]
+SHORT += ["sample.num=2", "sample.steps=2"]
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_variant_trains_checkpoints_and_samples_with_guidance(name, tmp_path, capsys):
-    cfg = _cfg(name)
+def test_variant_trains_checkpoints_and_samples_with_guidance(name, tmp_path, capsys, tiny_config):
+    cfg = tiny_config(*VARIANTS[name], *SHORT)
     out = tmp_path / "run"
     result = train(cfg, out, progress=False, log=lambda s: None)
     assert result["step"] == 3 and math.isfinite(result["last"]["loss"])
@@ -49,10 +43,10 @@ def _names(model):
     return [n for n, _ in model.named_parameters()]
 
 
-def test_unet_variants_have_the_right_embeddings():
-    tlora = build_model(_cfg("unet-tlora"))
-    tclora = build_model(_cfg("unet-tclora"))
-    both = build_model(_cfg("unet-time-embed+tlora"))
+def test_unet_variants_have_the_right_embeddings(tiny_config):
+    tlora = build_model(tiny_config(*VARIANTS["unet-tlora"], *SHORT))
+    tclora = build_model(tiny_config(*VARIANTS["unet-tclora"], *SHORT))
+    both = build_model(tiny_config(*VARIANTS["unet-time-embed+tlora"], *SHORT))
     assert not any("time_embed" in n for n in _names(tlora)) and any("label_emb" in n for n in _names(tlora))
     assert not any(k in n for n in _names(tclora) for k in ("time_embed", "label_emb", "emb_layers"))
     assert any("time_embed" in n for n in _names(both)) and any(".adapters.time." in n for n in _names(both))
@@ -60,9 +54,9 @@ def test_unet_variants_have_the_right_embeddings():
     assert any(".adapters.cls.lora_A" in n for n in _names(tclora))
 
 
-def test_tclora_unet_output_depends_on_t_and_y_only_through_the_adapters():
+def test_tclora_unet_output_depends_on_t_and_y_only_through_the_adapters(tiny_config):
     torch.manual_seed(0)
-    model = build_model(_cfg("unet-tclora")).eval()
+    model = build_model(tiny_config(*VARIANTS["unet-tclora"], *SHORT)).eval()
     x = torch.randn(2, 1, 8, 8)
     # Model-facing timesteps are rescaled (x 1000/T): 50 and 900 are original timesteps 5 and 90,
     # which lie in different bases of the onehot table (bases every 10 steps).
@@ -83,9 +77,9 @@ def test_tclora_unet_output_depends_on_t_and_y_only_through_the_adapters():
 
 
 @pytest.mark.parametrize("name, sees_class", [("dit-tclora", False), ("dit-tlora", True)])
-def test_dit_adaln_input_without_time_embedding(name, sees_class):
+def test_dit_adaln_input_without_time_embedding(name, sees_class, tiny_config):
     torch.manual_seed(0)
-    net = build_model(_cfg(name)).net
+    net = build_model(tiny_config(*VARIANTS[name], *SHORT)).net
     assert net.t_embedder is None
     y = torch.tensor([0, 3, -1])
     c_early = net.condition(torch.tensor([0, 50, 99]), y, 3, torch.float32)

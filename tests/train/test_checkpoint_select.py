@@ -8,18 +8,14 @@ import shutil
 import pytest
 import torch
 
-from difflora.config.schema import load_config
-from difflora.presets import CONFIGS_DIR
 from difflora.train import CheckpointError, load_checkpoint, train
 from difflora.train.checkpoint import CheckpointWarning, checkpoint_problem, select_checkpoint
 
-CONFIGS = CONFIGS_DIR
-
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_config):
     out = tmp_path_factory.mktemp("select") / "run"
-    cfg = load_config(CONFIGS / "tiny-unet.yaml", ["train.steps=4", "train.ckpt_every=2", "sample.num=2"])
+    cfg = tiny_config("tiny-unet", "train.steps=4", "train.ckpt_every=2", "sample.num=2")
     train(cfg, out, progress=False, log=lambda s: None)
     return out
 
@@ -57,10 +53,10 @@ def test_damaged_newest_is_skipped_and_named(run, tmp_path):
     assert checkpoint_problem(run / "checkpoints" / "step_0000002") is None
 
 
-def test_resume_from_an_earlier_checkpoint_replays_the_same_steps(run, tmp_path):
+def test_resume_from_an_earlier_checkpoint_replays_the_same_steps(run, tmp_path, tiny_config):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    cfg = load_config(CONFIGS / "tiny-unet.yaml", ["train.steps=4", "train.ckpt_every=2", "sample.num=2"])
+    cfg = tiny_config("tiny-unet", "train.steps=4", "train.ckpt_every=2", "sample.num=2")
     train(cfg, copy, resume=True, checkpoint=select_checkpoint(copy, 2), progress=False, log=lambda s: None)
     a = load_checkpoint(run / "checkpoints" / "step_0000004")
     b = load_checkpoint(copy / "checkpoints" / "step_0000004")

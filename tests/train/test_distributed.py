@@ -18,23 +18,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from difflora.config.schema import load_config
-from difflora.presets import CONFIGS_DIR
 from difflora.train import latest_checkpoint, load_checkpoint, train
 from difflora.train.distributed import Dist, DistributedModel
+from helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = CONFIGS_DIR
 QUIET = {"progress": False, "log": lambda s: None}
 # Two processes sum a batch's gradient in two halves, then average: float32 rounding only.
 TOL = 1e-4
 
-
-def _cfg(*extra):
-    # TimeLoRA + ClassLoRA on a frozen base: per-sample conditions (t, y), only adapters train.
-    # hflip and label dropout draw per-sample random numbers; batch 8 splits into 2 x 4 rows.
-    over = ["train.steps=4", "train.batch_size=8", "train.log_every=1", "train.ckpt_every=2", "train.train_base=false"]
-    return load_config(CONFIGS / "tiny-tclora-unet.yaml", [*over, "data.hflip=true", "data.limit=64", *extra])
+# On tiny-tclora-unet: TimeLoRA + ClassLoRA on a frozen base, per-sample conditions (t, y), only
+# adapters train. hflip and label dropout draw per-sample random numbers; batch 8 splits into 2 x 4 rows.
+DDP = ["train.steps=4", "train.batch_size=8", "train.log_every=1", "train.ckpt_every=2", "train.train_base=false"]
+DDP += ["data.hflip=true", "data.limit=64"]
 
 
 def _free_port() -> int:
@@ -55,8 +51,8 @@ def _worker(rank: int, world: int, port: int, out: str, report: str) -> None:
         seen["wrapped"] = isinstance(st.train_model, DistributedModel)
         seen["rows"] = [st.dist.rows(8).start, st.dist.rows(8).stop]
 
-    first = train(_cfg(), out, stop_at=2, callback=spy, **QUIET)
-    second = train(_cfg(), out, resume=True, **QUIET)
+    first = train(tiny_config("tiny-tclora-unet", *DDP), out, stop_at=2, callback=spy, **QUIET)
+    second = train(tiny_config("tiny-tclora-unet", *DDP), out, resume=True, **QUIET)
     if rank == 1:
         Path(report).write_text(json.dumps({"first": first["main"], "second": second["main"], **seen}))
     dist.destroy_process_group()
@@ -73,7 +69,7 @@ def _rows(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    train(_cfg(), tmp / "one", **QUIET)
+    train(tiny_config("tiny-tclora-unet", *DDP), tmp / "one", **QUIET)
     # Forked, not spawned: the children inherit the imports the reference run paid for (seconds).
     args = (2, _free_port(), str(tmp / "two"), str(tmp / "rank1.json"))
     mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method="fork")
@@ -117,7 +113,7 @@ def test_a_global_batch_that_does_not_split_is_refused_before_training(tmp_path,
     ):
         check_batch_split(8, 3, 2)
     with pytest.raises(ValueError, match="grad_accum=3"):
-        train(_cfg("train.grad_accum=3"), tmp_path / "run", **QUIET)
+        train(tiny_config("tiny-tclora-unet", *DDP, "train.grad_accum=3"), tmp_path / "run", **QUIET)
     assert not (tmp_path / "run").exists()
 
 

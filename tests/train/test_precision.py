@@ -12,13 +12,11 @@ import pytest
 import torch
 
 from difflora.adapters import adapter_layers, conditions
-from difflora.config.schema import load_config
 from difflora.model.build import build_model
-from difflora.presets import CONFIGS_DIR
 from difflora.train import latest_checkpoint, load_checkpoint, train
 from difflora.train.precision import autocast, grad_scaler
+from helpers import tiny_config
 
-CONFIGS = CONFIGS_DIR
 QUIET = {"progress": False, "log": lambda s: None}
 RTOL = 3e-2
 
@@ -30,7 +28,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _adapted_model():
     # TimeLoRA (trainable weighting over t) and ClassLoRA (index over y) with non-zero factors
     # (and output layer), so that the adapters' batched per-sample paths shape the output.
-    cfg = load_config(CONFIGS / "tiny-tclora-unet.yaml")
+    cfg = tiny_config("tiny-tclora-unet")
     model = build_model(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -85,9 +83,8 @@ def test_bf16_autocast_of_every_adapter_layer_matches_fp32():
 
 
 def _run(tmp_path: Path, name: str, *extra: str) -> list[dict]:
-    cfg = load_config(
-        CONFIGS / "tiny-unet.yaml",
-        ["train.steps=3", "train.batch_size=8", "train.log_every=1", "train.ckpt_every=3", *extra],
+    cfg = tiny_config(
+        "tiny-unet", "train.steps=3", "train.batch_size=8", "train.log_every=1", "train.ckpt_every=3", *extra
     )
     seen = {}
 
@@ -137,12 +134,12 @@ def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="train.precision='fp8'; choices: fp32, bf16, fp16"):
         autocast("fp8", torch.device("cpu"))
     with pytest.raises(ValueError, match="precision"):
-        load_config(CONFIGS / "tiny-unet.yaml", ["train.precision=fp8"])
+        tiny_config("tiny-unet", "train.precision=fp8")
 
 
 def test_fp16_resume_records_the_loss_scale_and_continues_bit_identically(tmp_path):
     over = ["train.steps=4", "train.batch_size=4", "train.log_every=1", "train.ckpt_every=2", "train.precision=fp16"]
-    cfg = load_config(CONFIGS / "tiny-unet.yaml", over)
+    cfg = tiny_config("tiny-unet", *over)
     train(cfg, tmp_path / "straight", **QUIET)
     train(cfg, tmp_path / "cut", stop_at=2, **QUIET)
     scales = []

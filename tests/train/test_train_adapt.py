@@ -10,30 +10,23 @@ import torch
 import difflora.sampling.generate
 import difflora.train.loop as loop
 from difflora.adapters import adapter_layers, adapter_parameters, merge_adapters
-from difflora.config.schema import load_config
 from difflora.model.build import build_model
-from difflora.presets import CONFIGS_DIR
 from difflora.train import CheckpointError, latest_checkpoint, load_base, load_checkpoint, load_weights, train
 from difflora.train.base import stored_state
 
-CONFIGS = CONFIGS_DIR
 QUIET = {"progress": False, "log": lambda s: None}
 # A rank-2 LoRA (two linearly interpolated bases over t) on the attention projections.
 LORA = "model.adapters=[{name: lora, condition: t, weighting: linear, num_values: 100, num_bases: 2, rank: 2}]"
 
-
-def base_cfg(*overrides):
-    return load_config(CONFIGS / "tiny-unet.yaml", ["train.steps=4", "train.ckpt_every=4", *overrides])
-
-
-def adapted_cfg(base: Path, *overrides):
-    return base_cfg(LORA, "train.train_base=false", f"train.init_from={base}", "train.ckpt_every=2", *overrides)
+# On tiny-unet: the base run, and the adapting run's settings (train.init_from names the base run).
+BASE = ["train.steps=4", "train.ckpt_every=4"]
+ADAPT = [*BASE, LORA, "train.train_base=false", "train.ckpt_every=2"]
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory) -> Path:
+def base_run(tmp_path_factory, tiny_config) -> Path:
     run = tmp_path_factory.mktemp("base") / "run"
-    train(base_cfg(), run, **QUIET)
+    train(tiny_config("tiny-unet", *BASE), run, **QUIET)
     return run
 
 
@@ -41,8 +34,8 @@ def _base_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_weights(latest_checkpoint(run), "ema")[0]
 
 
-def test_base_keys_map_into_base_layer_and_adapters_stay_new(base_run):
-    cfg = adapted_cfg(base_run)
+def test_base_keys_map_into_base_layer_and_adapters_stay_new(base_run, tiny_config):
+    cfg = tiny_config("tiny-unet", *ADAPT, f"train.init_from={base_run}")
     torch.manual_seed(0)
     model = build_model(cfg)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
@@ -60,20 +53,29 @@ def test_base_keys_map_into_base_layer_and_adapters_stay_new(base_run):
     assert record["path"] == str(latest_checkpoint(base_run).resolve())
 
 
-def test_missing_unexpected_and_misshapen_keys_are_named(base_run):
+def test_missing_unexpected_and_misshapen_keys_are_named(base_run, tiny_config):
     with pytest.raises(ValueError, match=r"unexpected in the base .*net\.label_emb\.weight"):
-        load_base(build_model(adapted_cfg(base_run, "model.num_classes=0")), base_run)
+        load_base(
+            build_model(tiny_config("tiny-unet", *ADAPT, f"train.init_from={base_run}", "model.num_classes=0")),
+            base_run,
+        )
     with pytest.raises(ValueError, match=r"missing from the base .*net\.input_blocks"):
-        load_base(build_model(adapted_cfg(base_run, "model.unet.num_res_blocks=2")), base_run)
+        load_base(
+            build_model(tiny_config("tiny-unet", *ADAPT, f"train.init_from={base_run}", "model.unet.num_res_blocks=2")),
+            base_run,
+        )
     with pytest.raises(ValueError, match=r"shapes differ: net\.\S+ \(\d+"):
-        load_base(build_model(adapted_cfg(base_run, "model.unet.model_channels=8")), base_run)
+        load_base(
+            build_model(tiny_config("tiny-unet", *ADAPT, f"train.init_from={base_run}", "model.unet.model_channels=8")),
+            base_run,
+        )
 
 
-def test_adapter_run_stores_trainable_tensors_and_the_base_fingerprint(base_run, tmp_path):
+def test_adapter_run_stores_trainable_tensors_and_the_base_fingerprint(base_run, tmp_path, tiny_config):
     run = tmp_path / "adapted"
-    train(adapted_cfg(base_run), run, **QUIET)
+    train(tiny_config("tiny-unet", *ADAPT, f"train.init_from={base_run}"), run, **QUIET)
     ckpt = load_checkpoint(latest_checkpoint(run))
-    model = build_model(adapted_cfg(base_run))
+    model = build_model(tiny_config("tiny-unet", *ADAPT, f"train.init_from={base_run}"))
     names = {id(p): n for n, p in model.named_parameters()}
     trainable = sorted(names[id(p)] for p in adapter_parameters(model))
     assert sorted(ckpt.model) == sorted(ckpt.ema) == trainable
@@ -91,26 +93,26 @@ def test_adapter_run_stores_trainable_tensors_and_the_base_fingerprint(base_run,
     ).stat().st_size
 
 
-def test_missing_or_replaced_base_is_named(base_run, tmp_path):
+def test_missing_or_replaced_base_is_named(base_run, tmp_path, tiny_config):
     copy = tmp_path / "base"
     shutil.copytree(base_run, copy)
     run = tmp_path / "adapted"
-    train(adapted_cfg(copy, "train.steps=2"), run, **QUIET)
+    train(tiny_config("tiny-unet", *ADAPT, f"train.init_from={copy}", "train.steps=2"), run, **QUIET)
     shutil.rmtree(copy)
     with pytest.raises(CheckpointError, match=r"adapts the base checkpoint .*step_0000004 .* which is missing"):
         load_weights(latest_checkpoint(run))
     with pytest.raises(CheckpointError, match="which is missing"):
-        train(adapted_cfg(copy), run, resume=True, **QUIET)
+        train(tiny_config("tiny-unet", *ADAPT, f"train.init_from={copy}"), run, resume=True, **QUIET)
     # Another base at the same path (a different seed): refused by its fingerprint.
-    train(base_cfg("train.seed=1"), copy, **QUIET)
+    train(tiny_config("tiny-unet", *BASE, "train.seed=1"), copy, **QUIET)
     with pytest.raises(CheckpointError, match="now holds other weights"):
         load_weights(latest_checkpoint(run))
     with pytest.raises(CheckpointError, match="now holds other weights"):
-        train(adapted_cfg(copy), run, resume=True, **QUIET)
+        train(tiny_config("tiny-unet", *ADAPT, f"train.init_from={copy}"), run, resume=True, **QUIET)
 
 
-def test_adapter_run_resumes_bit_identical(base_run, tmp_path):
-    cfg = adapted_cfg(base_run, "train.steps=6")
+def test_adapter_run_resumes_bit_identical(base_run, tmp_path, tiny_config):
+    cfg = tiny_config("tiny-unet", *ADAPT, f"train.init_from={base_run}", "train.steps=6")
     train(cfg, tmp_path / "straight", **QUIET)
     train(cfg, tmp_path / "cut", stop_at=3, **QUIET)
     train(cfg, tmp_path / "cut", resume=True, **QUIET)
@@ -120,16 +122,20 @@ def test_adapter_run_resumes_bit_identical(base_run, tmp_path):
             assert torch.equal(v, getattr(b, name)[k]), f"{name}.{k}"
 
 
-def test_train_base_stores_everything_and_needs_no_base(base_run, tmp_path):
+def test_train_base_stores_everything_and_needs_no_base(base_run, tmp_path, tiny_config):
     copy = tmp_path / "base"
     shutil.copytree(base_run, copy)
     run = tmp_path / "full"
-    train(adapted_cfg(copy, "train.train_base=true", "train.steps=2"), run, **QUIET)
+    train(
+        tiny_config("tiny-unet", *ADAPT, f"train.init_from={copy}", "train.train_base=true", "train.steps=2"),
+        run,
+        **QUIET,
+    )
     ckpt = load_checkpoint(latest_checkpoint(run))
     assert ckpt.state["base"]["keys"] == {}
     shutil.rmtree(copy)
     full, _ = load_weights(latest_checkpoint(run))
-    build_model(adapted_cfg(copy)).load_state_dict(full)
+    build_model(tiny_config("tiny-unet", *ADAPT, f"train.init_from={copy}")).load_state_dict(full)
 
 
 def _storages(tensors) -> dict[int, int]:
@@ -144,7 +150,7 @@ def _running_tensors(st, grads: bool = True) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("train_base", [False, True])
-def test_one_copy_of_the_base_in_memory(base_run, tmp_path, monkeypatch, train_base):
+def test_one_copy_of_the_base_in_memory(base_run, tmp_path, monkeypatch, train_base, tiny_config):
     seen = {}
 
     def spy(st):
@@ -161,7 +167,13 @@ def test_one_copy_of_the_base_in_memory(base_run, tmp_path, monkeypatch, train_b
         return real_generate(model, *args, **kwargs)
 
     monkeypatch.setattr(loop, "generate", grid)
-    cfg = adapted_cfg(base_run, f"train.train_base={str(train_base).lower()}", "train.sample_every=2")
+    cfg = tiny_config(
+        "tiny-unet",
+        *ADAPT,
+        f"train.init_from={base_run}",
+        f"train.train_base={str(train_base).lower()}",
+        "train.sample_every=2",
+    )
     train(cfg, tmp_path / "run", callback=spy, **QUIET)
     model = seen["st"].model
     # Each trainable tensor: value, grad, EMA, Adam's two moments (and a 4-byte step count);
@@ -174,7 +186,7 @@ def test_one_copy_of_the_base_in_memory(base_run, tmp_path, monkeypatch, train_b
     assert train_base or sum(t.nbytes for t in frozen) > 20 * sum(p.nbytes for p in trainable)
 
 
-def test_sample_grid_swaps_ema_values_in_and_out(base_run, tmp_path, monkeypatch):
+def test_sample_grid_swaps_ema_values_in_and_out(base_run, tmp_path, monkeypatch, tiny_config):
     seen = {}
     real_step, real_generate = loop.train_step, loop.generate
 
@@ -199,12 +211,17 @@ def test_sample_grid_swaps_ema_values_in_and_out(base_run, tmp_path, monkeypatch
 
     monkeypatch.setattr(loop, "train_step", step)
     monkeypatch.setattr(loop, "generate", grid)
-    train(adapted_cfg(base_run, "train.sample_every=1", "train.steps=3"), tmp_path / "run", callback=after, **QUIET)
+    train(
+        tiny_config("tiny-unet", *ADAPT, f"train.init_from={base_run}", "train.sample_every=1", "train.steps=3"),
+        tmp_path / "run",
+        callback=after,
+        **QUIET,
+    )
     assert seen["grids"] == 3  # steps 1 and 2, and the final grid
 
 
-def test_a_merged_weight_never_reaches_a_checkpoint(base_run, tmp_path, monkeypatch):
-    cfg = load_config(CONFIGS / "tiny-timelora-unet.yaml", ["train.steps=4", "train.ckpt_every=2"])
+def test_a_merged_weight_never_reaches_a_checkpoint(base_run, tmp_path, monkeypatch, tiny_config):
+    cfg = tiny_config("tiny-timelora-unet", "train.steps=4", "train.ckpt_every=2")
     model = build_model(cfg)
     keys = list(model.state_dict())
     merge_adapters(model.net, t=3)
@@ -264,13 +281,13 @@ def test_streamed_tensors_equal_the_safetensors_loader(tmp_path):
     assert tensor_shapes(sources) == {k: tuple(v.shape) for k, v in reference.items()}
 
 
-def test_sample_cli_loads_an_adapter_run_and_names_a_missing_base(base_run, tmp_path, capsys):
+def test_sample_cli_loads_an_adapter_run_and_names_a_missing_base(base_run, tmp_path, capsys, tiny_config):
     from difflora.cli.commands import main
 
     copy = tmp_path / "base"
     shutil.copytree(base_run, copy)
     run = tmp_path / "adapted"
-    train(adapted_cfg(copy, "train.steps=2"), run, **QUIET)
+    train(tiny_config("tiny-unet", *ADAPT, f"train.init_from={copy}", "train.steps=2"), run, **QUIET)
     args = ["sample", str(run), "--num", "2", "--steps", "2", "--no-progress", "--device", "cpu"]
     assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
     shutil.rmtree(copy)
@@ -280,11 +297,11 @@ def test_sample_cli_loads_an_adapter_run_and_names_a_missing_base(base_run, tmp_
     assert len(err.splitlines()) == 1 and not (tmp_path / "b.png").exists()
 
 
-def test_eval_loads_an_adapter_run_through_the_shared_loader(base_run, tmp_path):
+def test_eval_loads_an_adapter_run_through_the_shared_loader(base_run, tmp_path, tiny_config):
     from difflora.train import open_run
 
     run = tmp_path / "adapted"
-    train(adapted_cfg(base_run, "train.steps=2"), run, **QUIET)
+    train(tiny_config("tiny-unet", *ADAPT, f"train.init_from={base_run}", "train.steps=2"), run, **QUIET)
     _, model, meta = open_run(run)
     full, _ = load_weights(latest_checkpoint(run))
     assert meta["step"] == 2
@@ -292,15 +309,15 @@ def test_eval_loads_an_adapter_run_through_the_shared_loader(base_run, tmp_path)
         assert torch.equal(v, full[k]), k
 
 
-def test_a_moved_base_is_named_again_on_resume(base_run, tmp_path):
+def test_a_moved_base_is_named_again_on_resume(base_run, tmp_path, tiny_config):
     old, new = tmp_path / "old", tmp_path / "new"
     shutil.copytree(base_run, old)
     run = tmp_path / "adapted"
-    train(adapted_cfg(old, "train.steps=4"), run, stop_at=2, **QUIET)
+    train(tiny_config("tiny-unet", *ADAPT, f"train.init_from={old}", "train.steps=4"), run, stop_at=2, **QUIET)
     old.rename(new)
     with pytest.raises(CheckpointError, match="which is missing"):
-        train(adapted_cfg(old, "train.steps=4"), run, resume=True, **QUIET)
-    train(adapted_cfg(new, "train.steps=4"), run, resume=True, **QUIET)
+        train(tiny_config("tiny-unet", *ADAPT, f"train.init_from={old}", "train.steps=4"), run, resume=True, **QUIET)
+    train(tiny_config("tiny-unet", *ADAPT, f"train.init_from={new}", "train.steps=4"), run, resume=True, **QUIET)
     ckpt = load_checkpoint(latest_checkpoint(run))
     assert ckpt.step == 4 and ckpt.state["base"]["path"] == str(latest_checkpoint(new).resolve())
     load_weights(latest_checkpoint(run))  # the new checkpoint finds its base at the new place

@@ -12,18 +12,12 @@ import pytest
 import torch
 
 import difflora.train.loop as loop
-from difflora.config.schema import load_config
-from difflora.presets import CONFIGS_DIR
 from difflora.train import TrainingDiverged, latest_checkpoint, load_checkpoint, train
 from difflora.train.objectives import DiffusionObjective
 
-CONFIGS = CONFIGS_DIR
 QUIET = {"progress": False, "log": lambda s: None}
-
-
-def tiny(*overrides):
-    base = ["train.steps=8", "train.ckpt_every=4", "train.log_every=3", "model.unet.dropout=0.2", "data.hflip=true"]
-    return load_config(CONFIGS / "tiny-unet.yaml", base + list(overrides))
+# tiny-unet for these faults: short, with dropout and hflip (random draws a resume must replay).
+FAULTS = ["train.steps=8", "train.ckpt_every=4", "train.log_every=3", "model.unet.dropout=0.2", "data.hflip=true"]
 
 
 def _rows(run: Path) -> list[dict]:
@@ -66,8 +60,8 @@ def _raise():
     raise KeyboardInterrupt
 
 
-def test_keyboard_interrupt_inside_a_step_resumes_bit_identical(tmp_path, monkeypatch):
-    cfg = tiny()
+def test_keyboard_interrupt_inside_a_step_resumes_bit_identical(tmp_path, monkeypatch, tiny_config):
+    cfg = tiny_config("tiny-unet", *FAULTS)
     train(cfg, tmp_path / "straight", **QUIET)
     # Interrupted inside step 6 (5 completed, mid metrics window): the interrupt checkpoint is step 5
     # with the RNG as of the start of step 6, so step 6 is redone with the same draws.
@@ -80,8 +74,8 @@ def test_keyboard_interrupt_inside_a_step_resumes_bit_identical(tmp_path, monkey
     _assert_same_run(tmp_path / "straight", tmp_path / "cut")
 
 
-def test_ctrl_c_without_progress_finishes_the_step_and_checkpoints_it(tmp_path, monkeypatch):
-    cfg = tiny()
+def test_ctrl_c_without_progress_finishes_the_step_and_checkpoints_it(tmp_path, monkeypatch, tiny_config):
+    cfg = tiny_config("tiny-unet", *FAULTS)
     train(cfg, tmp_path / "straight", **QUIET)
     handler = signal.getsignal(signal.SIGINT)
     _interrupt_at(monkeypatch, 7, lambda: os.kill(os.getpid(), signal.SIGINT))
@@ -97,22 +91,22 @@ def test_ctrl_c_without_progress_finishes_the_step_and_checkpoints_it(tmp_path, 
     _assert_same_run(tmp_path / "straight", tmp_path / "cut")
 
 
-def test_unwritable_output_is_found_before_training(tmp_path, monkeypatch):
+def test_unwritable_output_is_found_before_training(tmp_path, monkeypatch, tiny_config):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     steps = []
     monkeypatch.setattr(loop, "train_step", lambda *a: steps.append(a) or 0.0)
     with pytest.raises(PermissionError, match=f"cannot write the run directory {blocker / 'run'}: .* is a file"):
-        train(tiny(), blocker / "run", **QUIET)
+        train(tiny_config("tiny-unet", *FAULTS), blocker / "run", **QUIET)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoints").write_text("")
     with pytest.raises(PermissionError, match="checkpoints: .* is a file"):
-        train(tiny(), tmp_path / "run", **QUIET)
+        train(tiny_config("tiny-unet", *FAULTS), tmp_path / "run", **QUIET)
     assert steps == []
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
 
 
-def test_metrics_rows_never_outlive_the_newest_checkpoint(tmp_path, monkeypatch):
+def test_metrics_rows_never_outlive_the_newest_checkpoint(tmp_path, monkeypatch, tiny_config):
     real = loop.save_checkpoint
     saves = []
 
@@ -124,13 +118,13 @@ def test_metrics_rows_never_outlive_the_newest_checkpoint(tmp_path, monkeypatch)
 
     monkeypatch.setattr(loop, "save_checkpoint", failing)
     with pytest.raises(OSError, match="No space left"):
-        train(tiny("train.log_every=1"), tmp_path / "run", **QUIET)
+        train(tiny_config("tiny-unet", *FAULTS, "train.log_every=1"), tmp_path / "run", **QUIET)
     assert saves == [4, 8]
     assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 4]
 
 
-def test_resuming_a_finished_run_changes_nothing(tmp_path):
-    cfg = tiny()
+def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_config):
+    cfg = tiny_config("tiny-unet", *FAULTS)
     train(cfg, tmp_path / "run", **QUIET)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     result = train(cfg, tmp_path / "run", resume=True, **QUIET)
@@ -140,20 +134,20 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path):
     assert after == before
 
 
-def test_lowering_train_steps_is_refused_and_changes_nothing(tmp_path):
-    train(tiny(), tmp_path / "run", **QUIET)
+def test_lowering_train_steps_is_refused_and_changes_nothing(tmp_path, tiny_config):
+    train(tiny_config("tiny-unet", *FAULTS), tmp_path / "run", **QUIET)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     with pytest.raises(ValueError, match=r"train.steps=5 is below step 8 of the newest checkpoint"):
-        train(tiny("train.steps=5"), tmp_path / "run", resume=True, **QUIET)
+        train(tiny_config("tiny-unet", *FAULTS, "train.steps=5"), tmp_path / "run", resume=True, **QUIET)
     after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     assert after == before
     assert json.loads(after["config.json"]) == load_checkpoint(latest_checkpoint(tmp_path / "run")).state["config"]
 
 
-def test_throughput_accumulates_over_resumed_segments(tmp_path):
+def test_throughput_accumulates_over_resumed_segments(tmp_path, tiny_config):
     # A resumed segment of one step times nothing (its only step is the warm-up): the throughput
     # of the first segment must survive rather than become NaN.
-    cfg = tiny("train.steps=9")
+    cfg = tiny_config("tiny-unet", *FAULTS, "train.steps=9")
     train(cfg, tmp_path / "run", stop_at=8, **QUIET)
     first = json.loads((tmp_path / "run" / "accounting.json").read_text())
     train(cfg, tmp_path / "run", resume=True, **QUIET)
@@ -163,10 +157,10 @@ def test_throughput_accumulates_over_resumed_segments(tmp_path):
 
 
 @pytest.mark.parametrize("damage", [b"\x89PNG\r\n\x1a\n", b"[1, 2]", b'{"timed_steps": '])
-def test_a_damaged_accounting_record_is_rebuilt_on_resume(tmp_path, damage):
+def test_a_damaged_accounting_record_is_rebuilt_on_resume(tmp_path, damage, tiny_config):
     # accounting.json is a record the run rebuilds: binary, wrongly shaped or torn, resuming goes on
     # and writes a fresh one (the resumed segment's own throughput).
-    cfg = tiny("train.steps=9")
+    cfg = tiny_config("tiny-unet", *FAULTS, "train.steps=9")
     train(cfg, tmp_path / "run", stop_at=8, **QUIET)
     (tmp_path / "run" / "accounting.json").write_bytes(damage)
     train(cfg, tmp_path / "run", resume=True, **QUIET)
@@ -174,8 +168,8 @@ def test_a_damaged_accounting_record_is_rebuilt_on_resume(tmp_path, damage):
     assert rebuilt["parameters"]["total"] > 0
 
 
-def test_damaged_metrics_log_is_repaired_on_resume(tmp_path):
-    cfg = tiny("train.log_every=1")
+def test_damaged_metrics_log_is_repaired_on_resume(tmp_path, tiny_config):
+    cfg = tiny_config("tiny-unet", *FAULTS, "train.log_every=1")
     train(cfg, tmp_path / "run", stop_at=4, **QUIET)
     train(cfg, tmp_path / "whole", **QUIET)
     path = tmp_path / "run" / "metrics.jsonl"
@@ -188,8 +182,8 @@ def test_damaged_metrics_log_is_repaired_on_resume(tmp_path):
     assert _rows(tmp_path / "run") == _rows(tmp_path / "whole")
 
 
-def test_a_damaged_row_in_the_middle_is_an_error_naming_the_file(tmp_path):
-    cfg = tiny("train.log_every=1")
+def test_a_damaged_row_in_the_middle_is_an_error_naming_the_file(tmp_path, tiny_config):
+    cfg = tiny_config("tiny-unet", *FAULTS, "train.log_every=1")
     train(cfg, tmp_path / "run", stop_at=4, **QUIET)
     path = tmp_path / "run" / "metrics.jsonl"
     lines = path.read_text().splitlines()
@@ -199,30 +193,34 @@ def test_a_damaged_row_in_the_middle_is_an_error_naming_the_file(tmp_path):
         train(cfg, tmp_path / "run", resume=True, **QUIET)
 
 
-def test_divergence_message_fits_the_situation(tmp_path):
+def test_divergence_message_fits_the_situation(tmp_path, tiny_config):
     # Clipping is on (1.0) and no checkpoint exists yet: the message must say both plainly.
-    cfg = tiny("train.lr=1e30", "train.grad_clip=1.0", "train.ckpt_every=50", "train.steps=50")
+    cfg = tiny_config(
+        "tiny-unet", *FAULTS, "train.lr=1e30", "train.grad_clip=1.0", "train.ckpt_every=50", "train.steps=50"
+    )
     with pytest.raises(TrainingDiverged) as err:
         train(cfg, tmp_path / "run", **QUIET)
     msg = str(err.value)
     assert "no checkpoint was written yet" in msg
     assert "last good no checkpoint" not in msg
     assert "set train.grad_clip > 0" not in msg and "already clipped to norm 1" in msg
-    cfg = tiny("train.lr=1e30", "train.grad_clip=0", "train.ckpt_every=1", "train.steps=50")
+    cfg = tiny_config(
+        "tiny-unet", *FAULTS, "train.lr=1e30", "train.grad_clip=0", "train.ckpt_every=1", "train.steps=50"
+    )
     with pytest.raises(TrainingDiverged, match=r"kept the last good checkpoint step \d+ .* set train.grad_clip > 0"):
         train(cfg, tmp_path / "run2", **QUIET)
 
 
-def test_config_json_follows_the_newest_checkpoint_when_steps_are_raised(tmp_path, monkeypatch):
-    train(tiny(), tmp_path / "run", **QUIET)
+def test_config_json_follows_the_newest_checkpoint_when_steps_are_raised(tmp_path, monkeypatch, tiny_config):
+    train(tiny_config("tiny-unet", *FAULTS), tmp_path / "run", **QUIET)
     _interrupt_at(monkeypatch, 1, _raise)  # inside step 9, before any new checkpoint
     with pytest.raises(KeyboardInterrupt):
-        train(tiny("train.steps=12"), tmp_path / "run", resume=True, **QUIET)
+        train(tiny_config("tiny-unet", *FAULTS, "train.steps=12"), tmp_path / "run", resume=True, **QUIET)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved == load_checkpoint(latest_checkpoint(tmp_path / "run")).state["config"]
     assert saved["train"]["steps"] == 8
     monkeypatch.undo()
-    train(tiny("train.steps=12"), tmp_path / "run", resume=True, **QUIET)
+    train(tiny_config("tiny-unet", *FAULTS, "train.steps=12"), tmp_path / "run", resume=True, **QUIET)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 12
 
 

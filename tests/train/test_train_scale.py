@@ -9,14 +9,12 @@ import pytest
 import torch
 
 from difflora.adapters import adapter_layers, current
-from difflora.config.schema import load_config
 from difflora.model.build import build_diffusion, build_model
-from difflora.presets import CONFIGS_DIR
 from difflora.train import latest_checkpoint, load_checkpoint, train
 from difflora.train.activation_checkpointing import block_paths, checkpoint_blocks
+from helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = CONFIGS_DIR
 QUIET = {"progress": False, "log": lambda s: None}
 # Float32 sums taken in another order (micro-batches, recomputation, fused kernels).
 TOL = 1e-5
@@ -29,7 +27,7 @@ def _rows(run: Path) -> list[dict]:
 def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     over = ["train.steps=3", "train.batch_size=8", "train.log_every=1", "train.ckpt_every=3", "data.hflip=true"]
     for k in (1, 4):
-        cfg = load_config(CONFIGS / "tiny-tclora-unet.yaml", [*over, f"train.grad_accum={k}"])
+        cfg = tiny_config("tiny-tclora-unet", *over, f"train.grad_accum={k}")
         train(cfg, tmp_path / f"k{k}", **QUIET)
     one, four = _rows(tmp_path / "k1"), _rows(tmp_path / "k4")
     for a, b in zip(one, four, strict=True):
@@ -41,9 +39,9 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4)
 
 
-def _adapted(cfg_name: str = "tiny-tclora-unet.yaml", *over: str):
+def _adapted(cfg_name: str = "tiny-tclora-unet", *over: str):
     torch.manual_seed(0)
-    model = build_model(load_config(CONFIGS / cfg_name, list(over)))
+    model = build_model(tiny_config(cfg_name, *over))
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():  # zero-initialised LoRA B and output layers: make every path count
@@ -79,8 +77,8 @@ def test_checkpointed_blocks_give_the_same_gradients_and_see_each_samples_condit
 
 def test_checkpoint_blocks_in_a_training_run_changes_nothing(tmp_path):
     over = ["train.steps=2", "train.batch_size=4", "train.log_every=1", "train.ckpt_every=2"]
-    train(load_config(CONFIGS / "tiny-dit.yaml", over), tmp_path / "plain", **QUIET)
-    train(load_config(CONFIGS / "tiny-dit.yaml", [*over, "model.checkpoint_blocks=true"]), tmp_path / "ckpt", **QUIET)
+    train(tiny_config("tiny-dit", *over), tmp_path / "plain", **QUIET)
+    train(tiny_config("tiny-dit", *over, "model.checkpoint_blocks=true"), tmp_path / "ckpt", **QUIET)
     for a, b in zip(_rows(tmp_path / "plain"), _rows(tmp_path / "ckpt"), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
@@ -201,7 +199,7 @@ def test_hot_paths_read_nothing_back_to_the_host():
 def test_a_training_and_a_sampling_step_do_not_synchronise_on_cuda():
     from difflora.diffusion.samplers import ddim_step
 
-    cfg = load_config(CONFIGS / "tiny-tclora-unet.yaml")
+    cfg = tiny_config("tiny-tclora-unet")
     model, diffusion = build_model(cfg).cuda(), build_diffusion(cfg)
     x, t, y = torch.randn(4, 1, 8, 8, device="cuda"), torch.randint(100, (4,), device="cuda"), torch.arange(4).cuda()
     torch.cuda.synchronize()

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import torch
 
-from difflora.config.schema import load_config
-from difflora.presets import CONFIGS_DIR
 from difflora.train import latest_checkpoint, load_checkpoint, train
 from difflora.train.loop import _grid_conditions
 
@@ -17,19 +15,17 @@ TASK_ADAPTER = (
 )
 
 
-def test_a_multi_task_run_trains_its_task_adapter_from_the_data(tmp_path):
-    cfg = load_config(
-        CONFIGS_DIR / "tiny-unet.yaml",
-        [
-            "data.tasks=[{name: digits}]",
-            TASK_ADAPTER,
-            "train.steps=3",
-            "train.lr=0.05",
-            "train.train_base=false",
-            "train.ckpt_every=3",
-            "sample.num=4",
-            "sample.steps=2",
-        ],
+def test_a_multi_task_run_trains_its_task_adapter_from_the_data(tmp_path, tiny_config):
+    cfg = tiny_config(
+        "tiny-unet",
+        "data.tasks=[{name: digits}]",
+        TASK_ADAPTER,
+        "train.steps=3",
+        "train.lr=0.05",
+        "train.train_base=false",
+        "train.ckpt_every=3",
+        "sample.num=4",
+        "sample.steps=2",
     )
     result = train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
     assert result["step"] == 3
