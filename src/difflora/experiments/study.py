@@ -17,7 +17,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -41,9 +41,6 @@ from difflora.experiments.study_spec import (
 )
 from difflora.train import train
 from difflora.train.checkpoint import find_checkpoints
-
-if TYPE_CHECKING:
-    from difflora.eval.features import FeatureTrainConfig
 
 __all__ = ["git_state", "run_all", "run_study"]
 
