@@ -81,17 +81,17 @@ def test_cli_eval_teacher(runs, capsys):
 def test_the_student_is_scored_fused_and_the_teacher_with_its_lora_off(runs, tmp_path, monkeypatch):
     # Evaluation samples the student as `difflora sample` does: its LoRA fused into W0 once for the
     # draw (no adapter work per step), so the measured speed is the one-pass student's.
-    import difflora.sampling.generate as gen
+    import difflora.eval.evaluate as ev
     from difflora.distill.student import has_student
 
     seen = []
-    original = gen.generate
+    original = ev.generate
 
     def spy(model, cfg, settings, **kw):
         seen.append((has_student(model), kw["teacher"]))
         return original(model, cfg, settings, **kw)
 
-    monkeypatch.setattr(gen, "generate", spy)
+    monkeypatch.setattr(ev, "generate", spy)  # where evaluate_run looks it up
     _eval(runs["student"], runs["cache"], out=tmp_path / "s")
     _eval(runs["student"], runs["cache"], guidance=[3], teacher=True, out=tmp_path / "t")
     assert seen == [(False, False), (True, True)]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import difflora.eval.evaluate
 from difflora.cli.commands import main
 from difflora.config.schema import DataConfig
 from difflora.data import load_dataset
@@ -190,9 +191,8 @@ def _no_sampling(*args, **kwargs):
 def test_impossible_requests_fail_before_sampling_and_write_nothing(
     run_dir, cache, tmp_path, monkeypatch, kwargs, message
 ):
-    import difflora.sampling.generate
-
-    monkeypatch.setattr(difflora.sampling.generate, "generate", _no_sampling)
+    # Patched where evaluate_run looks it up: any sampling would raise.
+    monkeypatch.setattr(difflora.eval.evaluate, "generate", _no_sampling)
     out = tmp_path / "eval"
     with pytest.raises(EvalError, match=message):
         evaluate_run(run_dir, EvalSettings(steps=2, **kwargs), out=out, cache_dir=cache, feature_train=TINY_FEATURES)
@@ -200,9 +200,8 @@ def test_impossible_requests_fail_before_sampling_and_write_nothing(
 
 
 def test_class_balanced_request_beyond_a_class_of_the_pool_fails_early(run_dir, cache, tmp_path, monkeypatch):
-    import difflora.sampling.generate
-
-    monkeypatch.setattr(difflora.sampling.generate, "generate", _no_sampling)
+    # Patched where evaluate_run looks it up: any sampling would raise.
+    monkeypatch.setattr(difflora.eval.evaluate, "generate", _no_sampling)
     # 720 balanced samples need 72 of every class; the pool's smallest class has fewer.
     with pytest.raises(EvalError, match="of class .* the floor pool has"):
         evaluate_run(
@@ -216,9 +215,8 @@ def test_class_balanced_request_beyond_a_class_of_the_pool_fails_early(run_dir, 
 
 
 def test_unwritable_out_is_refused_before_sampling(run_dir, cache, tmp_path, monkeypatch):
-    import difflora.sampling.generate
-
-    monkeypatch.setattr(difflora.sampling.generate, "generate", _no_sampling)
+    # Patched where evaluate_run looks it up: any sampling would raise.
+    monkeypatch.setattr(difflora.eval.evaluate, "generate", _no_sampling)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(EvalError, match="is a file"):
