@@ -123,7 +123,7 @@ HOT = {
     ],
     "diffusion/samplers.py": ["_last_step_mask", "p_sample_step", "ddim_step"],
     "diffusion/guidance.py": ["forward", "guide", "_double", "drop_labels"],
-    "model/build.py": ["forward", "adapter_timesteps"],
+    "model/build.py": ["forward", "backbone_timesteps"],
     "adapters/router.py": None,  # None: every function of the module
     "adapters/weightings.py": None,
     "adapters/forms.py": ["as_batch", "route", "current_route", "add_term", "rank_term", "factors", "vector"],
