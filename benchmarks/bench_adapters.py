@@ -423,7 +423,7 @@ def bench_sampling(repeats: int, iters: int, batch: int) -> dict:
             # A new timestep at each call, as in a sampler: the TimeLoRA merge is paid every step
             # (and the unmerge on leaving the block, which a sampler pays once per draw).
             counter["i"] += 1
-            t = torch.full((batch,), float((counter["i"] * 37) % steps) * 1000.0 / steps)
+            t = torch.full((batch,), (counter["i"] * 37) % steps)
             with torch.no_grad(), model.merged("t") if merged else contextlib.nullcontext():
                 model(x, t)
 

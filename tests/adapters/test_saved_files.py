@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from difflora.adapters import load_adapters, save_adapters
+from difflora.adapters import conditions, load_adapters, save_adapters
 from difflora.config.schema import parse_config
 from difflora.model.build import build_model
 from difflora.train import load_run_config, load_weights, select_checkpoint, train
@@ -74,8 +74,11 @@ def _inputs() -> dict[str, torch.Tensor]:
 
 
 def _output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(inputs["x"], inputs["t"], inputs["y"])
+    # The fixture's t is the backbone's time input of its day (t * 1000 / T, T = 100, fractional
+    # ones included), which the model callable no longer takes: the backbone gets it as is, the
+    # adapters the original timestep it stood for, rounded, as the model callable then gave them.
+    with torch.no_grad(), conditions(t=(inputs["t"] * 0.1).round().long(), y=inputs["y"]):
+        return model.net(inputs["x"], inputs["t"], inputs["y"])
 
 
 def _run_model(run: Path) -> torch.nn.Module:

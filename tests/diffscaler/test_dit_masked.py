@@ -70,7 +70,7 @@ def test_masked_loss_equals_a_naive_per_sample_reference_on_the_kept_patches():
     with torch.no_grad():
         for i in range(4):  # naive: the full patch embedding, then only the kept rows go through the blocks
             tokens = net.x_embedder(x_t[i : i + 1])[0][keep[i]] + net.pos_embed[0][keep[i]]
-            c = net.condition(diffusion.model_timesteps(t[i : i + 1]), y[i : i + 1], 1, tokens.dtype)
+            c = net.condition(model.backbone_timesteps(t[i : i + 1]), y[i : i + 1], 1, tokens.dtype)
             h = tokens[None]
             for block in net.blocks:
                 h = block(h, c)

@@ -232,8 +232,8 @@ def test_training_losses_mse(diffusion):
     torch.testing.assert_close(terms["mse"], expected, **TOL)
     torch.testing.assert_close(terms["loss"], expected, **TOL)
     assert "vb" not in terms
-    # rescale_timesteps: the model sees float t * 1000 / T.
-    torch.testing.assert_close(model.seen_t[0], t.float() * (1000 / T), rtol=0, atol=0)
+    # The model callable sees the integer t, also with rescale_timesteps (its wrapper rescales).
+    torch.testing.assert_close(model.seen_t[0], t, rtol=0, atol=0)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     torch.testing.assert_close(
         diffusion.training_losses(model, x0, t, generator=g1)["loss"],
@@ -301,7 +301,7 @@ def test_respaced_process_keeps_marginals_and_original_timesteps():
     spaced = SpacedDiffusion(kept, betas, model_var_type="fixed_small")
     np.testing.assert_allclose(spaced.alphas_cumprod, np.cumprod(1 - betas)[kept], rtol=1e-10, atol=0)
     t = torch.arange(10)
-    # The model sees ORIGINAL timesteps times 1000 / 4000 (not 1000 / 10).
-    torch.testing.assert_close(spaced.model_timesteps(t), torch.tensor(kept, dtype=torch.float32) / 4, rtol=0, atol=0)
+    # The model sees the ORIGINAL integer timesteps (with rescale_timesteps too: its wrapper rescales).
+    torch.testing.assert_close(spaced.model_timesteps(t), torch.tensor(kept), rtol=0, atol=0)
     raw = SpacedDiffusion(kept, betas, rescale_timesteps=False)
     assert raw.model_timesteps(t).tolist() == kept

@@ -54,7 +54,7 @@ def batch(n=6, seed=3):
 
 def xt_inputs(n=6):
     g = torch.Generator().manual_seed(4)
-    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 100, (n,), generator=g).float() * 10
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 100, (n,), generator=g)
 
 
 @pytest.mark.parametrize("rng", [None, "[1.0, 5.0]"])

@@ -51,7 +51,7 @@ def toy_model(steps: int = 40, rescale: bool = True, seed: int = 0) -> Diffusion
     with torch.no_grad():
         for p in adapter_parameters(net):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return DiffusionModel(net, timestep_scale=steps / 1000 if rescale else 1.0)
+    return DiffusionModel(net, rescale_steps=steps if rescale else None)
 
 
 def diffusion(steps: int = 40, respacing=None, rescale: bool = True):
@@ -74,11 +74,35 @@ def test_adapters_see_original_integer_timesteps(rescale, respacing):
     assert seen.dtype == torch.int64 and torch.equal(seen, original)
 
 
+class TimeProbe(nn.Module):
+    """net(x, t, y) that keeps the t it receives and returns x."""
+
+    def forward(self, x, t, y=None):
+        self.t = t
+        return x
+
+
+@pytest.mark.parametrize("respacing", [None, 7])
+def test_backbone_gets_rescaled_original_timesteps_from_the_wrapper(respacing):
+    # IDDPM's t * 1000 / T of the ORIGINAL process (T = 4000, not the respaced 7 steps).
+    original = diffusion(4000, respacing).model_timesteps(torch.arange(7))
+    rescaled = DiffusionModel(TimeProbe(), rescale_steps=4000)
+    rescaled(torch.zeros(7, 1, 1, 1), original)
+    assert torch.equal(rescaled.net.t, original.float() * (1000.0 / 4000)) and rescaled.net.t.dtype == torch.float32
+    plain = DiffusionModel(TimeProbe())
+    plain(torch.zeros(7, 1, 1, 1), original)
+    assert plain.net.t is original
+    with pytest.raises(TypeError, match="integer timestep"):
+        rescaled(torch.zeros(7, 1, 1, 1), original.float())
+    with pytest.raises(ValueError, match="rescale_steps"):
+        DiffusionModel(TimeProbe(), 4000 / 1000)
+
+
 def test_extra_conditions_reach_adapters_only():
     model = toy_model()
     inject_adapter(model.net, "task", lambda: IndexWeighting(2), "task", ["proj_out"])
     x = torch.randn(3, 2, 2, 2)
-    t = torch.tensor([1.0, 500.0, 975.0])
+    t = torch.tensor([0, 20, 39])
     out0 = model(x, t, torch.tensor([0, -1, 2]), task=torch.tensor([-1, -1, -1]))
     with torch.no_grad():  # make the task adapter do something
         model.net.proj_out.adapters["task"].lora_B.normal_()
@@ -119,8 +143,8 @@ def test_merged_sampling_equals_per_sample_path(sampler, guided):
 def test_merged_mode_falls_back_to_per_sample_for_mixed_t():
     model = toy_model()
     x = torch.randn(4, 2, 4, 4)
-    t_mixed = torch.tensor([0.0, 250.0, 500.0, 975.0])
-    t_same = torch.full((4,), 500.0)
+    t_mixed = torch.tensor([0, 10, 20, 39])
+    t_same = torch.full((4,), 20)
     ref_mixed, ref_same = model(x, t_mixed), model(x, t_same)
     with model.merged("t"):
         same = model(x, t_same)
@@ -175,11 +199,11 @@ def test_build_model_injects_config_adapters_and_freezes(tiny_config):
     report = model.adapter_report
     assert {e.adapter for e in report.layers} == {"time", "cls"}
     assert all(p.endswith(("qkv", "proj_out")) for p in report.paths)
-    assert model.timestep_scale == 0.1
+    assert model.rescale_steps == 100
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in adapter_parameters(model)}
     x = torch.randn(3, 1, 8, 8)
-    out = model(x, torch.tensor([0.0, 500.0, 990.0]), torch.tensor([3, -1, 9]))
+    out = model(x, torch.tensor([0, 50, 99]), torch.tensor([3, -1, 9]))
     assert out.shape == (3, 2, 8, 8)
     assert isinstance(model.net.get_submodule(report.paths[0]), ConditionalLayer)
 

@@ -151,7 +151,8 @@ def test_model_passes_caller_context_through_the_wrapper(tiny_config):
     randomize(model.net, std=0.1)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 50])
     ctx = torch.randn(2, 2, 16)
-    torch.testing.assert_close(model(x, t, None, context=ctx), model.net(x, t, None, context=ctx), atol=0, rtol=0)
+    net_t = model.backbone_timesteps(t)
+    torch.testing.assert_close(model(x, t, None, context=ctx), model.net(x, net_t, None, context=ctx), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["unet", "dit"])

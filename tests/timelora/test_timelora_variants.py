@@ -58,9 +58,8 @@ def test_tclora_unet_output_depends_on_t_and_y_only_through_the_adapters(tiny_co
     torch.manual_seed(0)
     model = build_model(tiny_config(*VARIANTS["unet-tclora"], *SHORT)).eval()
     x = torch.randn(2, 1, 8, 8)
-    # Model-facing timesteps are rescaled (x 1000/T): 50 and 900 are original timesteps 5 and 90,
-    # which lie in different bases of the onehot table (bases every 10 steps).
-    t, late = torch.tensor([50.0, 50.0]), torch.tensor([900.0, 900.0])
+    # Original timesteps 5 and 90 lie in different bases of the onehot table (bases every 10 steps).
+    t, late = torch.tensor([5, 5]), torch.tensor([90, 90])
     y = torch.tensor([1, -1])
     with torch.no_grad():
         # Fresh adapters (B = 0): neither t nor y may change anything yet.

@@ -6,7 +6,10 @@ so the reverse process ends by predicting x_0 from x at t = 0.
 
 The object never owns the network: every method that needs predictions takes a model callable
 ``model(x, t, **model_kwargs) -> [N x C_out x H x W]`` (C_out = 2C with learned variance: first the
-predicted noise, then the variance interpolation values v in [-1, 1]).
+predicted noise, then the variance interpolation values v in [-1, 1]). ``t`` is always the
+original-process integer timestep (int64 [N], 0..T-1; under respacing the original timestep a
+process index stands for): IDDPM's rescaled float ``t * 1000 / T`` is the backbone's input, which
+the model wrapper (:class:`difflora.model.build.DiffusionModel`) computes from it.
 
 Coefficients are kept in float64 numpy (cumulative products over thousands of steps) and cast
 to the data's dtype (at least float32) when gathered for a batch of timesteps.
@@ -67,8 +70,10 @@ class GaussianDiffusion:
             variance between log beta-tilde_t and log beta_t).
         loss_type: "mse" (L_simple on the noise) or "hybrid" (L_simple plus the variational bound
             term, which trains the variance only; needs "learned_range").
-        rescale_timesteps: feed the model float t * 1000 / T instead of the integer t, so time
-            embeddings see the range of a T = 1000 process whatever T is.
+        rescale_timesteps: the setting (``diffusion.rescale_timesteps``) that the backbone's time
+            input is float t * 1000 / T, so time embeddings see the range of a T = 1000 process
+            whatever T is. Kept with the process it belongs to, but applied by the model wrapper:
+            the model callable itself always receives the integer t (see :meth:`model_timesteps`).
     """
 
     def __init__(
@@ -141,11 +146,9 @@ class GaussianDiffusion:
         return self.num_timesteps
 
     def model_timesteps(self, t: Tensor) -> Tensor:
-        """The timesteps the model sees for process indices ``t`` [N]: float t * 1000 / T when
-        rescale_timesteps, else ``t`` unchanged."""
-        if self.rescale_timesteps:
-            return t.float() * (1000.0 / self.num_timesteps)
-        return t
+        """The timesteps the model callable sees for process indices ``t`` [N]: the original-process
+        integer timesteps (int64), here ``t`` itself (a respaced process maps its indices)."""
+        return t.long()
 
     def call_model(self, model: ModelFn, x: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None) -> Tensor:
         """``model(x, model_timesteps(t), **model_kwargs)``: the one place the network is evaluated."""

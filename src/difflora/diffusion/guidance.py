@@ -50,9 +50,9 @@ class ClassifierFreeGuidance(nn.Module):
         model: ``model(x, t, y=..., **kw) -> [N x C_out x H x W]``; kept by reference (no copy).
         scale: guidance scale w (1 = conditional, 0 = unconditional), a float or a tensor [N]
             of per-sample scales.
-        min_t: selective guidance: samples whose model-facing timestep is below ``min_t`` get the
-            conditional prediction (a step where every sample is below runs one pass of N);
-            None guides every step.
+        min_t: selective guidance: samples whose timestep (the model's ``t``: original-process
+            units) is below ``min_t`` get the conditional prediction (a step where every sample is
+            below runs one pass of N); None guides every step.
     """
 
     def __init__(self, model: ModelFn, scale: float | Tensor, min_t: float | None = None) -> None:
@@ -109,9 +109,9 @@ def selective_threshold(diffusion: Any, fraction: float) -> float | None:
     """``min_t`` that guides the first ``fraction`` of the sampler steps of ``diffusion``.
 
     The sampler visits process indices T'-1, ..., 0; the first ``round(fraction * T')`` of them
-    (the noisiest) are guided. Returns the model-facing timestep of the last guided step
-    (computed as the sampler computes it, so the comparison is exact), ``inf`` when no step is
-    guided, and None when every step is (plain guidance).
+    (the noisiest) are guided. Returns the original-process timestep of the last guided step
+    (the one the model sees, as the sampler computes it), ``inf`` when no step is guided, and None
+    when every step is (plain guidance).
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"the guidance fraction must lie in [0, 1], got {fraction}")

@@ -2,9 +2,9 @@
 
 A subsequence S of the original timesteps defines a shorter diffusion with the same marginals
 q(x_t | x_0) at the kept steps: its betas are 1 - abar_{S_i} / abar_{S_{i-1}}. The model still
-sees the ORIGINAL timesteps (times 1000/T with rescaling), so a network trained on T = 4000
-steps samples in 50 without knowing it; a learned variance interpolates between the respaced
-process's beta and beta-tilde, as in IDDPM.
+sees the ORIGINAL integer timesteps (its wrapper rescales them by 1000/T_original for the backbone
+with ``rescale_timesteps``), so a network trained on T = 4000 steps samples in 50 without knowing
+it; a learned variance interpolates between the respaced process's beta and beta-tilde, as in IDDPM.
 """
 
 from __future__ import annotations
@@ -81,12 +81,9 @@ class SpacedDiffusion(GaussianDiffusion):
         return self._original_num_steps
 
     def model_timesteps(self, t: Tensor) -> Tensor:
-        """Original-process timesteps for respaced indices ``t`` [N]; times 1000/T_original when
-        rescale_timesteps (T_original, not the respaced count: the network was trained on it)."""
-        original = torch.from_numpy(self.timestep_map).to(t.device)[t.long()]
-        if self.rescale_timesteps:
-            return original.float() * (1000.0 / self._original_num_steps)
-        return original
+        """The original-process integer timesteps (int64 [N]) that respaced indices ``t`` [N] stand
+        for: the network was trained on the original process."""
+        return torch.from_numpy(self.timestep_map).to(t.device)[t.long()]
 
 
 def create_diffusion(

@@ -1,8 +1,8 @@
 """Samplers: ancestral DDPM and DDIM, as short functions over a diffusion and a model callable.
 
 ``model(x, t, **model_kwargs)`` is any callable (a network, a ClassifierFreeGuidance wrapper, an
-adapter-merging closure); the diffusion decides which timesteps it sees (original-process
-timesteps, rescaled to 0..1000, also under respacing). Every random draw uses the caller's
+adapter-merging closure); the diffusion decides which timesteps it sees (the original-process
+integer timesteps, also under respacing). Every random draw uses the caller's
 ``torch.Generator`` on the generator's device, so a seed fixes the samples on any device.
 """
 
@@ -112,8 +112,9 @@ def sample(
         sampler: "ddpm" (ancestral, the diffusion's variance) or "ddim" (``eta`` sets the noise).
         device: where x lives; default: ``noise``'s device, else the generator's.
         noise: the starting x_T (else drawn from ``generator``).
-        on_step: called with the model-facing timesteps [N] before each model evaluation (e.g.
-            to merge a timestep-dependent adapter into the weights for this step).
+        on_step: called with the timesteps the model will see [N] (original-process integers)
+            before each model evaluation (e.g. to merge a timestep-dependent adapter into the
+            weights for this step).
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")

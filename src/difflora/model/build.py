@@ -4,11 +4,12 @@
 wrapper is where per-sample conditions (t, y, task, ...) are handed to adapters for the duration
 of one forward, so that backbones keep their plain ``net(x, t, y)`` signature.
 
-Timesteps. The diffusion hands the model IDDPM's timesteps: original-process timesteps, times
-1000/T when ``diffusion.rescale_timesteps``. Adapters read condition ``t`` as the **original-process
-integer timestep 0..T-1** (see ``difflora.adapters.weightings`` for the convention against 000's
-1..T), so the wrapper multiplies by ``timestep_scale`` (T/1000 or 1) and rounds. The backbone
-still receives the diffusion's t unchanged (its time embedding, if any, was built for that range).
+Timesteps. The diffusion hands the model the **original-process integer timestep** t (int64, 0..T-1,
+also under respacing). Adapters read it as condition ``t`` unchanged (see
+``difflora.adapters.weightings`` for the convention against 000's 1..T). The backbone gets IDDPM's
+rescaled float ``t * 1000 / T`` when ``diffusion.rescale_timesteps`` (its time embedding was built
+for the range of a T = 1000 process), else t itself: the wrapper computes it
+(:meth:`DiffusionModel.backbone_timesteps`).
 """
 
 from __future__ import annotations
@@ -42,15 +43,19 @@ class DiffusionModel(nn.Module):
     """The model callable: ``forward(x [N x C x H x W], t [N], y [N] | None, **conditions) -> [N x C_out x H x W]``.
 
     Args:
-        net: the backbone, called ``net(x, t, y)``.
-        timestep_scale: original-process timestep = model-facing ``t * timestep_scale``
-            (``T / 1000`` when the diffusion rescales timesteps, else 1).
+        net: the backbone, called ``net(x, backbone_timesteps(t), y)``.
+        rescale_steps: T of the diffusion when the backbone takes IDDPM's rescaled timesteps
+            (``diffusion.rescale_timesteps``): it then gets float ``t * 1000 / T``; None: the
+            integer t.
     """
 
-    def __init__(self, net: nn.Module, timestep_scale: float = 1.0):
+    def __init__(self, net: nn.Module, rescale_steps: int | None = None):
         super().__init__()
+        # A float here is the old timestep_scale (T / 1000) passed by position: refuse it.
+        if rescale_steps is not None and (type(rescale_steps) is not int or rescale_steps < 1):
+            raise ValueError(f"rescale_steps must be a positive int T (or None), got {rescale_steps!r}")
         self.net = net
-        self.timestep_scale = float(timestep_scale)
+        self.rescale_steps = rescale_steps
         # Conditions whose adapters are merged whenever a batch shares their value (see merged()).
         self._merge_shared: tuple[str, ...] = ()
         self.adapter_report: InjectionReport | None = None
@@ -59,17 +64,18 @@ class DiffusionModel(nn.Module):
         """``with model.adapters_disabled():`` the base model (peft's ``disable_adapter``); names: only those."""
         return adapters_disabled(*names)
 
-    def adapter_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        """Model-facing timesteps [N] -> original-process integer timesteps [N] (int64), condition ``t``."""
-        if not t.is_floating_point() and self.timestep_scale == 1.0:
-            return t.long()
-        # Rounding undoes the float error of t * 1000 / T (the original timesteps are integers).
-        return (t.float() * self.timestep_scale).round().long()
+    def backbone_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The backbone's time input for original-process integer timesteps ``t`` [N]: float
+        ``t * 1000 / T`` with ``rescale_steps``, else ``t``."""
+        if self.rescale_steps is None:
+            return t
+        return t.float() * (1000.0 / self.rescale_steps)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **values: torch.Tensor
     ) -> torch.Tensor:
-        """Run ``net(x, t, y)`` with the adapter conditions set: ``t`` (original units), ``y`` and ``values``.
+        """Run ``net(x, backbone_timesteps(t), y)`` with the adapter conditions set: ``t`` (the
+        original-process integer timesteps, int64 [N]), ``y`` and ``values``.
 
         ``values`` (e.g. ``task=[N]``, ``guidance=[N]``) are seen by adapters only, not by the backbone,
         except the backbone inputs (:data:`NET_INPUTS`): ``context`` [N x L x D], which goes to a
@@ -79,11 +85,16 @@ class DiffusionModel(nn.Module):
         """
         # None backbone inputs are left out (a plain net takes none).
         net_inputs = {k: v for k in NET_INPUTS if (v := values.pop(k, None)) is not None}
-        values.update(t=self.adapter_timesteps(t), y=y)
+        if t.is_floating_point():
+            raise TypeError(
+                f"model(x, t): t must be the original-process integer timestep (int64), got {t.dtype}; "
+                f"the backbone's rescaled input is computed here"
+            )
+        values.update(t=t, y=y)
         if self._merge_shared:
             merge_shared(self.net, **{k: values[k] for k in self._merge_shared if k in values})
         with conditions(**values):
-            return self.net(x, t, y, **net_inputs)
+            return self.net(x, self.backbone_timesteps(t), y, **net_inputs)
 
     @contextlib.contextmanager
     def merged(self, *names: str) -> Iterator[DiffusionModel]:
@@ -120,8 +131,7 @@ def build_model(cfg: Config) -> DiffusionModel:
     kept as ``model.adapter_report`` (None when no adapter is injected).
     """
     net, report = expand_model(cfg)
-    scale = cfg.diffusion.steps / 1000.0 if cfg.diffusion.rescale_timesteps else 1.0
-    model = DiffusionModel(net, timestep_scale=scale)
+    model = DiffusionModel(net, rescale_steps=cfg.diffusion.steps if cfg.diffusion.rescale_timesteps else None)
     model.adapter_report = report
     return model
 

@@ -12,6 +12,11 @@ conditions as in difflora's own backbones: the diffusers code is not changed::
     inject_adapter(model, "time", lambda: LinearWeighting(11, 0, 100), "t", ["to_q", "to_v"])
     eps = model(x, t, y)                      # [N x C_out x H x W]
 
+Timesteps. The diffusers model gets the backbone's time input that ``DiffusionModel`` computes from
+the integer timestep: float ``t * 1000 / T`` with ``diffusion.rescale_timesteps`` (diffusers' own
+0..999 range whatever T is; its time embeddings take floats), else the integer t. Adapters inside
+it read the integer t, as everywhere.
+
 Class labels. difflora's null label is ``y = -1`` (``y=None``: every sample). A backbone's label
 table (the UNets' ``class_embedding``, ``num_class_embeds`` rows; the DiT's per-block
 ``LabelEmbedding``, ``num_embeds_ada_norm`` rows plus diffusers' null row) is used as follows:
