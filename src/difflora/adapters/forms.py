@@ -121,7 +121,7 @@ class Branch(nn.Module, abc.ABC):
     form: str = ""
     mergeable: bool = False
     # What a merge of this form does to the base weight: add to it, or scale its rows. A layer
-    # refuses to merge an addition while a scale stays per sample (the scale would multiply it too).
+    # refuses to merge either while a scale stays per sample (the scale would multiply it too).
     adds_to_weight: bool = False
     scales_weight: bool = False
     # The parameters holding one row per bank entry (first dimension num_bases).

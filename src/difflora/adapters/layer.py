@@ -29,8 +29,9 @@ for given condition values (used when every sample shares the value, e.g. the ti
 sampler step), and :meth:`ConditionalLayer.unmerge` restores the exact original weight and bias
 from saved copies (bit for bit, no float drift over thousands of cycles). Merging refuses a
 non-mergeable form (``lowrank_act``), a shift on a base without bias (there is no bias to write
-into; keep it per sample), and a low-rank merge while a weight-scale branch stays per sample
-(the scale would then multiply the merged low-rank update too). ``.train()`` / ``.eval()`` change
+into; keep it per sample), and a low-rank or weight-scale merge while a weight-scale branch stays
+per sample (the scale would then multiply the merged update too). So a merged layer computes what
+the per-sample path computes, or the merge is refused. ``.train()`` / ``.eval()`` change
 nothing. Merging is an inference tool: a merged adapter ignores its condition and gets no gradient.
 """
 
@@ -211,12 +212,17 @@ class ConditionalLayer(nn.Module):
             problem = branch.merge_problem(name, has_bias)
             if problem:
                 return problem
+        # A weight scale left per sample multiplies the output of the base weight, and a merged
+        # weight then holds the merged branches' changes: a merged low-rank update would be scaled
+        # too, and a merged scale would multiply it ((1 + a1)(1 + a2) instead of 1 + a1 + a2).
+        # Only bias shifts may be merged beside it (the per-sample scale leaves the bias out).
         merged = set(self.merged) | set(branches)
         live_scale = [n for n, b in self.adapters.items() if b.scales_weight and n not in merged]
-        if live_scale and any(self.adapters[n].adds_to_weight for n in merged):
+        in_weight = [n for n in merged if self.adapters[n].adds_to_weight or self.adapters[n].scales_weight]
+        if live_scale and in_weight:
             return (
-                f"merging a low-rank adapter while the weight scale {live_scale[0]!r} stays per sample would "
-                f"scale the merged update too; merge the scale's condition "
+                f"merging adapter {in_weight[0]!r} into the weight while the weight scale {live_scale[0]!r} stays "
+                f"per sample would scale the merged update too; merge the scale's condition "
                 f"{self.adapters[live_scale[0]].condition!r} as well, or merge nothing"
             )
         return None
