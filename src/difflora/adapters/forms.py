@@ -151,12 +151,17 @@ class Branch(nn.Module, abc.ABC):
         num = banks[self.bank_names[0]].shape[0]
         if not 0 <= frozen <= num:
             raise ValueError(f"frozen entries must be in 0..{num}, got {frozen}")
+        if num != self.num_bases and not isinstance(self.weighting, IndexWeighting):
+            raise ValueError(
+                f"only index-weighted banks (one entry per task or class) change their number of entries; "
+                f"this one is {self.weighting.kind}"
+            )
+        # Every bank is checked before any is replaced: a refused call leaves the branch as it was.
+        for name in self.bank_names:
+            shape, want = tuple(banks[name].shape), (num, *self.entries(name).shape[1:])
+            if shape != want:
+                raise ValueError(f"bank {name!r} of shape {list(shape)} does not fit {list(want)}")
         if num != self.num_bases:
-            if not isinstance(self.weighting, IndexWeighting):
-                raise ValueError(
-                    f"only index-weighted banks (one entry per task or class) change their number of entries; "
-                    f"this one is {self.weighting.kind}"
-                )
             self.weighting = IndexWeighting(num)
         for name in self.bank_names:
             old = getattr(self, name)

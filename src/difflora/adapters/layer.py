@@ -130,15 +130,23 @@ class ConditionalLayer(nn.Module):
 
     def add_branch(self, name: str, branch: Branch) -> Branch:
         """Add an already built branch (its shapes must fit this layer)."""
+        self.check_branch(name)
+        self.adapters[name] = self.fit(branch)
+        return branch
+
+    def check_branch(self, name: str) -> None:
+        """Raise if a branch called ``name`` cannot be added (what :meth:`add_branch` checks first)."""
         if not name.isidentifier():
             raise ValueError(f"adapter name {name!r} must be a Python identifier (it is part of parameter names)")
         if name in self.adapters:
             raise ValueError(f"this layer already has an adapter named {name!r}")
         if self.merged:
             raise RuntimeError("unmerge the layer's adapters before adding one")
+
+    def fit(self, branch: Branch) -> Branch:
+        """``branch`` moved to the base weight's device and floating type, in place (not added)."""
         w = self.base_layer.weight
-        self.adapters[name] = branch.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
-        return branch
+        return branch.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
 
     # --- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

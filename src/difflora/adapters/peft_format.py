@@ -38,7 +38,7 @@ from torch import nn
 
 from difflora.adapters.context import ConditionValue
 from difflora.adapters.forms import LowRankForm
-from difflora.adapters.inject import InjectionReport, adapter_layers, inject_adapter
+from difflora.adapters.inject import InjectionReport, ModelEdit, adapter_layers
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLayer
 from difflora.adapters.positions import position_adapters
 from difflora.adapters.weightings import IndexWeighting
@@ -234,16 +234,17 @@ def import_peft(
     name = name or meta.get("difflora_adapter") or "lora"
     condition = condition or meta.get("difflora_condition") or "lora"
     layers = _peft_layers(model, config, tensors, name, directory / PEFT_WEIGHTS)
-    report = InjectionReport()
+    edit = ModelEdit(model)
     for path, r, alpha, a, b in layers:
-        report.extend(
-            inject_adapter(model, name, lambda: IndexWeighting(1), condition, ["re:" + re.escape(path)], r, alpha)
-        )
-        branch = model.get_submodule(path).adapters[name]
-        with torch.no_grad():
+        try:
+            geometry = edit.layer(path).geometry
+            branch = edit.add_branch(path, name, LowRankForm(IndexWeighting(1), condition, geometry, r, alpha))
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise PeftFormatError(f"{directory}: cannot import the LoRA of {path!r} as {name!r} ({exc})") from None
+        with torch.no_grad():  # still detached from the model
             branch.lora_A[0].copy_(a.to(branch.lora_A.dtype))
             branch.lora_B[0].copy_(b.to(branch.lora_B.dtype))
-    return report
+    return edit.apply()
 
 
 # --- merge into a plain model -------------------------------------------------------------------
