@@ -305,6 +305,8 @@ class LowRankForm(_RankForm):
         super().__init__(weighting, condition, geometry)
         if rank < 1:
             raise ValueError(f"LowRankForm: rank must be >= 1, got {rank}")
+        if alpha is not None and not math.isfinite(alpha):
+            raise ValueError(f"LowRankForm: alpha must be a finite number, got {alpha}")
         self.rank = int(rank)
         self.alpha = float(alpha) if alpha is not None else float(rank)
         self.scaling = self.alpha / self.rank

@@ -34,7 +34,7 @@ from difflora.adapters.positions import PositionAdapter, has_taps, position_adap
 from difflora.adapters.router import Geometry
 from difflora.adapters.weightings import weighting_from_spec
 from difflora.files.jsonfile import read_json_file
-from difflora.files.tensorfile import save_tensors
+from difflora.files.tensorfile import check_finite, save_tensors
 
 __all__ = [
     "AdapterLoadError",
@@ -169,9 +169,11 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise AdapterLoadError(f"{path} does not exist: the adapter directory is incomplete; save the adapters again")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterLoadError(f"{path} is not a readable safetensors file ({exc}); save the adapters again") from None
+    check_finite(tensors, str(path), "save adapters that were trained without diverging", AdapterLoadError)
+    return tensors
 
 
 def _fresh_module(model: nn.Module, entry: dict[str, Any]) -> nn.Module:

@@ -43,7 +43,7 @@ from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLayer
 from difflora.adapters.positions import position_adapters
 from difflora.adapters.weightings import IndexWeighting
 from difflora.files.jsonfile import read_json_file
-from difflora.files.tensorfile import save_tensors
+from difflora.files.tensorfile import check_finite, save_tensors
 
 __all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "PeftFormatError", "export_peft", "import_peft", "merge_and_unload"]
 
@@ -163,6 +163,7 @@ def _read_peft(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise PeftFormatError(f"{w_path} is not a readable safetensors file ({exc})") from None
+    check_finite(tensors, str(w_path), "export an adapter that was trained without diverging", PeftFormatError)
     return config, tensors, meta
 
 
@@ -212,7 +213,13 @@ def _peft_layers(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
                 f"{where}: {path!r} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, which do not fit its "
                 f"weight {list(weight.shape)}; the adapter belongs to another base"
             )
-        alpha = float(_pattern_value(config.get("alpha_pattern", {}), path, config.get("lora_alpha", 8)))
+        raw = _pattern_value(config.get("alpha_pattern", {}), path, config.get("lora_alpha", 8))
+        alpha = float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else math.nan
+        if not math.isfinite(alpha):  # JSON readers accept NaN and Infinity
+            raise PeftFormatError(
+                f"{where.parent / PEFT_CONFIG}: the alpha of {path!r} (lora_alpha / alpha_pattern) is {raw!r}; "
+                f"a LoRA's alpha is a finite number"
+            )
         if config.get("use_rslora", False):
             alpha *= math.sqrt(r)  # peft's rsLoRA scales by alpha / sqrt(r); difflora by alpha / r
         layers.append((path, r, alpha, a.reshape(r, -1), b.reshape(b.shape[0], r)))

@@ -116,6 +116,8 @@ class PositionAdapter(nn.Module):
             )
         if rank < 1:
             raise ValueError(f"PositionAdapter: rank (bottleneck width) must be >= 1, got {rank}")
+        if not math.isfinite(scale):
+            raise ValueError(f"PositionAdapter: scale must be a finite number, got {scale}")
         if not name.isidentifier() or not condition.isidentifier():
             raise ValueError(f"adapter name {name!r} and condition {condition!r} must be Python identifiers")
         activation(act)  # validates the name
