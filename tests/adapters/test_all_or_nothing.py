@@ -25,6 +25,7 @@ from difflora.adapters import (
     inject_adapter,
     inject_position_adapter,
     load_adapters,
+    merge_adapters,
     save_adapters,
 )
 from difflora.adapters.peft_format import PeftFormatError, export_peft, import_peft
@@ -174,3 +175,20 @@ def test_a_model_edit_changes_nothing_until_applied():
     assert_unchanged(model, before)
     report = edit.apply()
     assert report.paths == ["a"] and torch.equal(model.a.adapters["lora"].lora_B, branch.lora_B)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [({"t": 3}, "'b': adapter 'act' has form 'lowrank_act'"), ({"t": torch.tensor([1, 2])}, "one value shared")],
+)
+def test_merge_adapters_that_fails_merges_nothing(values, message):
+    model = Layers()
+    inject_adapter(model, "lr", lambda: IndexWeighting(4), "t", ["a", "b"])
+    inject_adapter(model, "act", lambda: IndexWeighting(4), "t", ["b"], form="lowrank_act", activation="relu")
+    with torch.no_grad():
+        model.a.adapters["lr"].lora_B.fill_(1.0)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        merge_adapters(model, **values)
+    assert_unchanged(model, before)
+    assert not model.a.merged and not model.b.merged

@@ -403,8 +403,16 @@ def freeze_base(model: nn.Module, frozen: bool = True) -> int:
 
 
 def merge_adapters(model: nn.Module, **values: ConditionValue) -> None:
-    """:meth:`ConditionalLayer.merge` on every wrapper: ``merge_adapters(model, t=500)``."""
-    for _, layer in adapter_layers(model):
+    """:meth:`ConditionalLayer.merge` on every wrapper: ``merge_adapters(model, t=500)``.
+
+    All-or-nothing: a layer whose merge would be refused is an error naming it, before any merges.
+    """
+    layers = list(adapter_layers(model))
+    for path, layer in layers:
+        problem = layer.merge_problem(**values)
+        if problem:
+            raise ValueError(f"{path!r}: {problem}")
+    for _, layer in layers:
         layer.merge(**values)
 
 

@@ -7,8 +7,9 @@ each adapted block's type and tap widths, and a SHA-256 of their (unmerged) base
 biases. Nothing is unpickled.
 
 Loading is all-or-nothing: the JSON, the tensor file, the fingerprint, every spec and every
-tensor's presence, shape and dtype (a floating type; a different float precision is converted)
-are checked before the model changes at all. Any problem is an :class:`AdapterLoadError` naming the
+tensor's presence, shape, dtype (a floating type; a different float precision is converted) and
+finiteness (no NaN or inf) are checked, and the changes planned (``ModelEdit``), before the model
+changes at all. Any problem is an :class:`AdapterLoadError` naming the
 file and the fix, also when the cause is a damaged file (a JSON or safetensors error).
 
 Loading into a plain base injects the adapters at the saved paths first; loading into a model

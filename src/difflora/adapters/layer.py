@@ -209,13 +209,17 @@ class ConditionalLayer(nn.Module):
         branches = dict(self._named_branches_reading(values))
         if not branches:
             return
-        self.merged = {**self.merged, **{n: _scalar(values[b.condition], b.condition) for n, b in branches.items()}}
+        self.merged = {**self.merged, **{n: _scalar(values[b.condition]) for n, b in branches.items()}}
         self._write_merged()
 
     def merge_problem(self, **values: ConditionValue) -> str | None:
         """Why :meth:`merge` with these values would be refused (a one-line message), or None."""
         branches = dict(self._named_branches_reading(values))
         has_bias = self.base_layer.bias is not None
+        for condition in {b.condition for b in branches.values()}:
+            value = values[condition]
+            if isinstance(value, torch.Tensor) and value.numel() != 1:
+                return f"merge: condition {condition!r} needs one value shared by all samples"
         for name, branch in branches.items():
             problem = branch.merge_problem(name, has_bias)
             if problem:
@@ -302,10 +306,6 @@ class ConditionalLayer(nn.Module):
         return f"kind={self.kind}, in={self.in_features}, out={self.out_features}{merged}"
 
 
-def _scalar(value: ConditionValue, name: str) -> Any:
-    """One merge value shared by all samples, as a Python number."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"merge: condition {name!r} needs one value shared by all samples")
-        return value.item()
-    return value
+def _scalar(value: ConditionValue) -> Any:
+    """One merge value shared by all samples (checked by :meth:`ConditionalLayer.merge_problem`), as a Python number."""
+    return value.item() if isinstance(value, torch.Tensor) else value
