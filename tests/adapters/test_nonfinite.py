@@ -15,6 +15,7 @@ from torch import nn
 from difflora.adapters import (
     AdapterLoadError,
     IndexWeighting,
+    LinearWeighting,
     PositionAdapter,
     inject_adapter,
     load_adapters,
@@ -83,3 +84,9 @@ def test_an_adapter_config_with_nan_alpha_is_refused(tmp_path: Path):
     with pytest.raises(AdapterLoadError, match="invalid spec .*alpha must be a finite number"):
         load_adapters(fresh, directory)
     assert list(fresh.state_dict()) == names
+
+
+@pytest.mark.parametrize(("low", "high"), [(-float("inf"), 10.0), (0.0, float("inf")), (float("nan"), 10.0)])
+def test_a_linear_weighting_range_must_be_finite(low, high):
+    with pytest.raises(ValueError, match="need finite high > low"):
+        LinearWeighting(4, low, high)
