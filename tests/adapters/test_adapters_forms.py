@@ -31,6 +31,7 @@ from difflora.adapters import (
     TrainableWeighting,
     adapters_disabled,
     conditions,
+    merge_shared,
 )
 
 TOL = 1e-10
@@ -262,6 +263,70 @@ def test_merge_refusals_are_clear():
         layer.merge(task=1)
     assert torch.equal(layer.base_layer.weight, weight) and not layer.merged  # nothing changed
     layer.merge(task=1, s=4)  # both together is fine
+
+
+FORM_NAMES = ["lowrank", "lowrank_act", "scale", "shift"]
+
+
+def merge_refused(forms: dict[str, str], merged: set[str], bias: bool) -> bool:
+    """When merging the branches ``merged`` (name -> form in ``forms``) must be refused: a non-linear
+    branch, a shift without a bias, or anything written into W while a weight scale stays per sample."""
+    live_scale = any(f == "scale" and n not in merged for n, f in forms.items())
+    return any(
+        forms[n] == "lowrank_act"
+        or (forms[n] == "shift" and not bias)
+        or (live_scale and forms[n] in ("lowrank", "scale"))
+        for n in merged
+    )
+
+
+@pytest.mark.parametrize("base_key", ["linear", "conv2d_3x3_s2"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("first", FORM_NAMES)
+@pytest.mark.parametrize("second", FORM_NAMES)
+def test_every_pair_of_forms_merges_as_per_sample_or_refuses(base_key, bias, first, second):
+    # Branch "b1" reads task, "b2" reads t; merge one of them (the other stays per sample, with
+    # a different value per sample), or both. A merged layer computes what the per-sample path
+    # computes, or the merge is refused and nothing changes; merge_shared falls back to per sample.
+    forms = {"b1": first, "b2": second}
+    acts = {"lowrank_act": "gelu"}
+    layer, x, values = make(
+        base_key, [("b1", first, "task", acts.get(first)), ("b2", second, "t", acts.get(second))], bias=bias
+    )
+    shared = {"task": 2, "t": 7.5}
+    weight = layer.base_layer.weight.clone()
+    for merge in ({"task"}, {"t"}, {"task", "t"}):
+        batch = {c: torch.full((N,), float(shared[c])) if c in merge else values[c] for c in ("task", "t")}
+        with conditions(**batch):
+            per_sample = layer(x)
+        names = {n for n, c in (("b1", "task"), ("b2", "t")) if c in merge}
+        if merge_refused(forms, names, bias):
+            with pytest.raises(ValueError, match="cannot be merged|no bias|stays per sample"):
+                layer.merge(**{c: shared[c] for c in merge})
+            assert not layer.merged and torch.equal(layer.base_layer.weight, weight)
+        else:
+            layer.merge(**{c: shared[c] for c in merge})
+            with conditions(**batch):
+                torch.testing.assert_close(layer(x), per_sample, atol=TOL, rtol=0)
+            layer.unmerge()
+        merge_shared(layer, **batch)  # merges what it can: the same output either way
+        with conditions(**batch):
+            torch.testing.assert_close(layer(x), per_sample, atol=TOL, rtol=0)
+        layer.unmerge()
+        assert torch.equal(layer.base_layer.weight, weight)
+
+
+def test_two_scales_on_different_conditions_merge_as_their_sum():
+    # The issue's case: (1 + a1 + a2) W x per sample; merging one scale alone would give
+    # (1 + a1)(1 + a2) W x, so it is refused; both together merge to 1 + a1 + a2.
+    layer, x, _ = make("linear", [("s1", "scale", "task", None), ("s2", "scale", "t", None)])
+    with pytest.raises(ValueError, match="weight scale 's2' stays per sample"):
+        layer.merge(task=1)
+    batch = {"task": torch.full((N,), 1.0), "t": torch.full((N,), 3.0)}
+    with conditions(**batch):
+        per_sample = layer(x)
+    layer.merge(task=1, t=3.0)
+    torch.testing.assert_close(layer(x), per_sample, atol=TOL, rtol=0)
 
 
 def test_biasless_base_runs_every_form():

@@ -155,6 +155,26 @@ def test_merged_mode_falls_back_to_per_sample_for_mixed_t():
     assert torch.equal(mixed, ref_mixed)  # the per-sample path is the very same computation
 
 
+def test_merged_tiny_unet_with_scales_on_two_conditions_equals_per_sample(tiny_config):
+    # Two weight scales on one layer, reading t and y: model.merged("t") must compute
+    # (1 + a_t + a_y) W x as the per-sample path does (it used to merge to (1 + a_t)(1 + a_y) W x).
+    adapters = [
+        {"name": "ts", "form": "scale", "weighting": "linear", "num_values": 100, "num_bases": 5},
+        {"name": "ys", "form": "scale", "condition": "y", "weighting": "index", "num_values": 10},
+    ]
+    model = build_model(tiny_config("tiny-unet", {"model.adapters": adapters}))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the scales, and the zero-initialised output layers that would hide them
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    x, t, y = torch.randn(3, 1, 8, 8, generator=g), torch.full((3,), 50.0), torch.tensor([1, 4, -1])
+    per_sample = model(x, t, y)
+    with model.merged("t"):
+        fast = model(x, t, y)
+    torch.testing.assert_close(fast, per_sample, atol=1e-5, rtol=0)
+
+
 def test_merge_shared_reports_and_skips_repeat_merges():
     model = toy_model()
     assert merge_shared(model.net, t=torch.tensor([3, 3]), y=torch.tensor([1, 2])) == {"t": True, "y": False}

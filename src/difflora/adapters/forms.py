@@ -121,7 +121,7 @@ class Branch(nn.Module, abc.ABC):
     form: str = ""
     mergeable: bool = False
     # What a merge of this form does to the base weight: add to it, or scale its rows. A layer
-    # refuses to merge an addition while a scale stays per sample (the scale would multiply it too).
+    # refuses to merge either while a scale stays per sample (the scale would multiply it too).
     adds_to_weight: bool = False
     scales_weight: bool = False
     # The parameters holding one row per bank entry (first dimension num_bases).
@@ -151,12 +151,17 @@ class Branch(nn.Module, abc.ABC):
         num = banks[self.bank_names[0]].shape[0]
         if not 0 <= frozen <= num:
             raise ValueError(f"frozen entries must be in 0..{num}, got {frozen}")
+        if num != self.num_bases and not isinstance(self.weighting, IndexWeighting):
+            raise ValueError(
+                f"only index-weighted banks (one entry per task or class) change their number of entries; "
+                f"this one is {self.weighting.kind}"
+            )
+        # Every bank is checked before any is replaced: a refused call leaves the branch as it was.
+        for name in self.bank_names:
+            shape, want = tuple(banks[name].shape), (num, *self.entries(name).shape[1:])
+            if shape != want:
+                raise ValueError(f"bank {name!r} of shape {list(shape)} does not fit {list(want)}")
         if num != self.num_bases:
-            if not isinstance(self.weighting, IndexWeighting):
-                raise ValueError(
-                    f"only index-weighted banks (one entry per task or class) change their number of entries; "
-                    f"this one is {self.weighting.kind}"
-                )
             self.weighting = IndexWeighting(num)
         for name in self.bank_names:
             old = getattr(self, name)
@@ -300,6 +305,8 @@ class LowRankForm(_RankForm):
         super().__init__(weighting, condition, geometry)
         if rank < 1:
             raise ValueError(f"LowRankForm: rank must be >= 1, got {rank}")
+        if alpha is not None and not math.isfinite(alpha):
+            raise ValueError(f"LowRankForm: alpha must be a finite number, got {alpha}")
         self.rank = int(rank)
         self.alpha = float(alpha) if alpha is not None else float(rank)
         self.scaling = self.alpha / self.rank

@@ -30,9 +30,15 @@ import torch
 from torch import nn
 
 from difflora.adapters.context import ConditionValue, checkpoint
-from difflora.adapters.forms import Branch
+from difflora.adapters.forms import Branch, make_branch
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLayer
-from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps
+from difflora.adapters.positions import (
+    PositionAdapter,
+    add_position_adapter,
+    check_position_adapter,
+    fit_position_adapter,
+    has_taps,
+)
 from difflora.adapters.tokens import NewClassTokens
 from difflora.adapters.weightings import Weighting
 from difflora.nets.layers import BaseExtension
@@ -41,6 +47,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "InjectedLayer",
     "InjectionReport",
+    "ModelEdit",
     "adapter_layers",
     "adapter_parameters",
     "checkpoint_modules",
@@ -200,6 +207,92 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+class ModelEdit:
+    """Changes to a model's adapters, each checked when it is planned, all made by :meth:`apply`.
+
+    Every call that adds adapters to a model or loads values into them (:func:`inject_adapter`,
+    :func:`inject_position_adapter`, ``load_adapters``, ``import_peft``) plans its changes here
+    first: new wrappers, branches and position adapters are built and checked (and may be filled
+    with values) detached from the model, so any error leaves the model exactly as it was, its
+    module tree, parameter names and values. :meth:`apply` then only attaches what was planned,
+    which cannot fail.
+
+        edit = ModelEdit(model)
+        branch = edit.add_branch("blocks.0.qkv", "lora", LowRankForm(IndexWeighting(1), "lora", geometry))
+        branch.lora_B.data.copy_(values)  # still detached from the model
+        edit.apply()
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._wrappers: dict[str, ConditionalLayer] = {}  # path -> the model's wrapper or a new one
+        self._branches: list[tuple[str, str, Branch]] = []
+        self._positions: list[tuple[str, PositionAdapter]] = []
+        self._values: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
+
+    def layer(self, path: str) -> ConditionalLayer:
+        """The wrapper of the layer at ``path``: the model's, or a new one (put in place by :meth:`apply`)."""
+        if path not in self._wrappers:
+            module = self.model.get_submodule(path)
+            self._wrappers[path] = module if isinstance(module, ConditionalLayer) else ConditionalLayer(module)
+        return self._wrappers[path]
+
+    def add_branch(self, path: str, name: str, branch: Branch) -> Branch:
+        """Plan adding ``branch`` as adapter ``name`` of the layer at ``path``; returns it, moved to
+        the layer's device and type (values may be written into it before :meth:`apply`)."""
+        layer = self.layer(path)
+        try:
+            layer.check_branch(name)
+        except (ValueError, RuntimeError) as exc:
+            raise type(exc)(f"{path!r}: {exc}") from None
+        if any(p == path and n == name for p, n, _ in self._branches):
+            raise ValueError(f"{path!r} would get two adapters named {name!r}")
+        self._branches.append((path, name, layer.fit(branch)))
+        return branch
+
+    def add_position(self, path: str, adapter: PositionAdapter) -> PositionAdapter:
+        """Plan attaching position ``adapter`` to the block at ``path``; returns it, moved to the block's type."""
+        block = self.model.get_submodule(path)
+        try:
+            check_position_adapter(block, adapter.name)
+        except ValueError as exc:
+            raise ValueError(f"{path!r}: {exc}") from None
+        if any(p == path and a.name == adapter.name for p, a in self._positions):
+            raise ValueError(f"{path!r} would get two position adapters named {adapter.name!r}")
+        self._positions.append((path, fit_position_adapter(block, adapter)))
+        return adapter
+
+    def set_values(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Plan copying ``state`` into ``module``'s state dict (the caller checked keys and shapes)."""
+        own = module.state_dict()
+        for key, value in state.items():
+            if key not in own or own[key].shape != value.shape:
+                raise ValueError(f"{key!r} of shape {list(value.shape)} does not fit {type(module).__name__}")
+        self._values.append((module, state))
+
+    def apply(self) -> InjectionReport:
+        """Make every planned change; returns the report of the added adapters, in planned order."""
+        for path, layer in self._wrappers.items():
+            if self.model.get_submodule(path) is not layer:
+                _set_submodule(self.model, path, layer)
+        report = InjectionReport()
+        for path, name, branch in self._branches:
+            layer = self._wrappers[path]
+            layer.add_branch(name, branch)
+            report.layers.append(InjectedLayer.of(path, layer, name, branch.condition))
+        for path, adapter in self._positions:
+            report.layers.append(
+                InjectedLayer.of_position(path, add_position_adapter(self.model.get_submodule(path), adapter))
+            )
+        with torch.no_grad():
+            for module, state in self._values:
+                own = module.state_dict()
+                for key, value in state.items():
+                    own[key].copy_(value)
+        report.total_params = sum(p.numel() for p in self.model.parameters())
+        return report
+
+
 def inject_adapter(
     model: nn.Module,
     name: str,
@@ -215,23 +308,15 @@ def inject_adapter(
     """Add adapter ``name`` (reading ``condition``, of ``form``) to every layer ``targets`` selects, in place.
 
     ``weighting`` is called once per layer (each layer gets its own weighting, e.g. its own
-    trainable table). Raises ``ValueError`` on no match; ``model`` is unchanged on error.
+    trainable table). Raises ``ValueError`` on no match, or on a name, condition, form or option
+    that does not fit a layer; ``model`` is unchanged on error (:class:`ModelEdit`).
     """
-    paths = find_targets(model, targets)
-    for path in paths:
-        module = model.get_submodule(path)
-        if isinstance(module, ConditionalLayer) and name in module.adapters:
-            raise ValueError(f"{path!r} already has an adapter named {name!r}")
-    report = InjectionReport()
-    for path in paths:
-        module = model.get_submodule(path)
-        if not isinstance(module, ConditionalLayer):
-            module = ConditionalLayer(module)
-            _set_submodule(model, path, module)
-        module.add_adapter(name, weighting(), condition, rank, alpha, form=form, activation=activation, kernel=kernel)
-        report.layers.append(InjectedLayer.of(path, module, name, condition))
-    report.total_params = sum(p.numel() for p in model.parameters())
-    return report
+    edit = ModelEdit(model)
+    for path in find_targets(model, targets):
+        geometry = edit.layer(path).geometry
+        branch = make_branch(form, weighting(), condition, geometry, rank, alpha, activation, kernel)
+        edit.add_branch(path, name, branch)
+    return edit.apply()
 
 
 def inject_position_adapter(
@@ -251,6 +336,7 @@ def inject_position_adapter(
 
     Targets match block paths (exact, suffix, ``re:``) and must select blocks with named taps
     (``positions.py``); modules without taps inside a matched path are an error naming them.
+    ``model`` is unchanged on error (:class:`ModelEdit`).
     """
     if not targets:
         raise ValueError("no position-adapter targets given (block paths, suffixes, or 're:' regexes)")
@@ -263,15 +349,11 @@ def inject_position_adapter(
             f"position-adapter targets {unmatched} match no block with taps; blocks with taps include: "
             f"{', '.join(examples) or 'none (the model has no difflora blocks)'}"
         )
-    for path, block in tapped:
-        if name in getattr(block, "position_adapters", {}):
-            raise ValueError(f"{path!r} already has a position adapter named {name!r}")
-    report = InjectionReport()
+    edit = ModelEdit(model)
     for path, block in tapped:
         adapter = PositionAdapter(block, name, weighting(), condition, source, dest, rank, activation, scale, kernel)
-        report.layers.append(InjectedLayer.of_position(path, add_position_adapter(block, adapter)))
-    report.total_params = sum(p.numel() for p in model.parameters())
-    return report
+        edit.add_position(path, adapter)
+    return edit.apply()
 
 
 def checkpoint_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
@@ -321,8 +403,16 @@ def freeze_base(model: nn.Module, frozen: bool = True) -> int:
 
 
 def merge_adapters(model: nn.Module, **values: ConditionValue) -> None:
-    """:meth:`ConditionalLayer.merge` on every wrapper: ``merge_adapters(model, t=500)``."""
-    for _, layer in adapter_layers(model):
+    """:meth:`ConditionalLayer.merge` on every wrapper: ``merge_adapters(model, t=500)``.
+
+    All-or-nothing: a layer whose merge would be refused is an error naming it, before any merges.
+    """
+    layers = list(adapter_layers(model))
+    for path, layer in layers:
+        problem = layer.merge_problem(**values)
+        if problem:
+            raise ValueError(f"{path!r}: {problem}")
+    for _, layer in layers:
         layer.merge(**values)
 
 

@@ -7,8 +7,9 @@ each adapted block's type and tap widths, and a SHA-256 of their (unmerged) base
 biases. Nothing is unpickled.
 
 Loading is all-or-nothing: the JSON, the tensor file, the fingerprint, every spec and every
-tensor's presence, shape and dtype (a floating type; a different float precision is converted)
-are checked before the model changes at all. Any problem is an :class:`AdapterLoadError` naming the
+tensor's presence, shape, dtype (a floating type; a different float precision is converted) and
+finiteness (no NaN or inf) are checked, and the changes planned (``ModelEdit``), before the model
+changes at all. Any problem is an :class:`AdapterLoadError` naming the
 file and the fix, also when the cause is a damaged file (a JSON or safetensors error).
 
 Loading into a plain base injects the adapters at the saved paths first; loading into a model
@@ -28,13 +29,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from difflora.adapters.forms import Branch, branch_from_spec
-from difflora.adapters.inject import InjectedLayer, InjectionReport, adapter_layers
+from difflora.adapters.inject import InjectedLayer, InjectionReport, ModelEdit, adapter_layers
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLayer
-from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps, position_adapters
+from difflora.adapters.positions import PositionAdapter, has_taps, position_adapters
 from difflora.adapters.router import Geometry
 from difflora.adapters.weightings import weighting_from_spec
 from difflora.files.jsonfile import read_json_file
-from difflora.files.tensorfile import save_tensors
+from difflora.files.tensorfile import check_finite, save_tensors
 
 __all__ = [
     "AdapterLoadError",
@@ -169,9 +170,11 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise AdapterLoadError(f"{path} does not exist: the adapter directory is incomplete; save the adapters again")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterLoadError(f"{path} is not a readable safetensors file ({exc}); save the adapters again") from None
+    check_finite(tensors, str(path), "save adapters that were trained without diverging", AdapterLoadError)
+    return tensors
 
 
 def _fresh_module(model: nn.Module, entry: dict[str, Any]) -> nn.Module:
@@ -218,10 +221,11 @@ def _check_tensors(module: nn.Module, state: dict[str, torch.Tensor], where: str
             )
 
 
-def _validate(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> list:
-    """Every check of :func:`load_adapters`; returns [(entry, existing module or None, state)]."""
+def _plan(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> ModelEdit:
+    """Every check of :func:`load_adapters`, and its changes planned (new adapters built and filled
+    with their values detached from the model, existing ones to be overwritten): nothing changed yet."""
     file = directory / WEIGHTS_NAME
-    plan, claimed = [], set()
+    edit, claimed = ModelEdit(model), set()
     for entry in config["adapters"]:
         entry.setdefault("kind", "layer")
         where = f"adapter {entry['name']!r} at {entry['path']!r}"
@@ -241,19 +245,32 @@ def _validate(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         claimed.update(prefix + k for k in state)
         _check_tensors(fresh, state, where, file)
-        plan.append((entry, existing, state))
+        if existing is not None:
+            edit.set_values(existing, state)
+            continue
+        try:
+            if entry["kind"] == "position":
+                module = edit.add_position(entry["path"], fresh)
+            else:
+                module = edit.add_branch(entry["path"], entry["name"], fresh)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise AdapterLoadError(f"{directory / CONFIG_NAME}: {where} cannot be added ({exc})") from None
+        with torch.no_grad():  # still detached from the model
+            own = module.state_dict()
+            for key, value in state.items():
+                own[key].copy_(value)
     extra = sorted(set(tensors) - claimed)
     if extra:
         raise AdapterLoadError(f"{file} holds tensors no adapter entry claims: {extra[:4]}; save the adapters again")
-    return plan
+    return edit
 
 
 def load_adapters(model: nn.Module, directory: str | Path, check_weights: bool = True) -> InjectionReport:
     """Load the adapters in ``directory`` into ``model`` (injecting them where absent); returns a report.
 
     All-or-nothing: raises :class:`AdapterLoadError` before changing anything if a file is damaged,
-    a saved path is missing, its structure differs, a tensor is missing, unexpected, or of the
-    wrong shape or type, or (``check_weights=True``) the base weights differ from those the
+    a saved path is missing, its structure differs, a tensor is missing, unexpected, not finite, or
+    of the wrong shape or type, or (``check_weights=True``) the base weights differ from those the
     adapters were saved with. Pass ``check_weights=False`` to load onto a base whose weights
     changed on purpose (e.g. further trained).
     """
@@ -286,29 +303,12 @@ def load_adapters(model: nn.Module, directory: str | Path, check_weights: bool =
             "the base weights of the adapted layers differ from those the adapters were saved with "
             "(fingerprint mismatch): a different base model. Pass check_weights=False to load anyway."
         )
-    plan = _validate(model, config, _read_tensors(directory), directory)
-
+    _plan(model, config, _read_tensors(directory), directory).apply()
     report = InjectionReport()
-    for entry, existing, state in plan:
+    for entry in config["adapters"]:
         path, name = entry["path"], entry["name"]
-        module = existing
-        if module is None:
-            module = _fresh_module(model, entry)
-            if entry["kind"] == "position":
-                add_position_adapter(model.get_submodule(path), module)
-            else:
-                layer = model.get_submodule(path)
-                if not isinstance(layer, ConditionalLayer):
-                    layer = ConditionalLayer(layer)
-                    parent_path, _, child = path.rpartition(".")
-                    setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
-                layer.add_branch(name, module)
-        with torch.no_grad():
-            own = module.state_dict()
-            for key, value in state.items():
-                own[key].copy_(value)
         if entry["kind"] == "position":
-            report.layers.append(InjectedLayer.of_position(path, module))
+            report.layers.append(InjectedLayer.of_position(path, model.get_submodule(path).position_adapters[name]))
         else:
             report.layers.append(InjectedLayer.of(path, model.get_submodule(path), name, entry["condition"]))
     report.total_params = sum(p.numel() for p in model.parameters())

@@ -29,8 +29,9 @@ for given condition values (used when every sample shares the value, e.g. the ti
 sampler step), and :meth:`ConditionalLayer.unmerge` restores the exact original weight and bias
 from saved copies (bit for bit, no float drift over thousands of cycles). Merging refuses a
 non-mergeable form (``lowrank_act``), a shift on a base without bias (there is no bias to write
-into; keep it per sample), and a low-rank merge while a weight-scale branch stays per sample
-(the scale would then multiply the merged low-rank update too). ``.train()`` / ``.eval()`` change
+into; keep it per sample), and a low-rank or weight-scale merge while a weight-scale branch stays
+per sample (the scale would then multiply the merged update too). So a merged layer computes what
+the per-sample path computes, or the merge is refused. ``.train()`` / ``.eval()`` change
 nothing. Merging is an inference tool: a merged adapter ignores its condition and gets no gradient.
 """
 
@@ -129,15 +130,23 @@ class ConditionalLayer(nn.Module):
 
     def add_branch(self, name: str, branch: Branch) -> Branch:
         """Add an already built branch (its shapes must fit this layer)."""
+        self.check_branch(name)
+        self.adapters[name] = self.fit(branch)
+        return branch
+
+    def check_branch(self, name: str) -> None:
+        """Raise if a branch called ``name`` cannot be added (what :meth:`add_branch` checks first)."""
         if not name.isidentifier():
             raise ValueError(f"adapter name {name!r} must be a Python identifier (it is part of parameter names)")
         if name in self.adapters:
             raise ValueError(f"this layer already has an adapter named {name!r}")
         if self.merged:
             raise RuntimeError("unmerge the layer's adapters before adding one")
+
+    def fit(self, branch: Branch) -> Branch:
+        """``branch`` moved to the base weight's device and floating type, in place (not added)."""
         w = self.base_layer.weight
-        self.adapters[name] = branch.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
-        return branch
+        return branch.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
 
     # --- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,23 +209,32 @@ class ConditionalLayer(nn.Module):
         branches = dict(self._named_branches_reading(values))
         if not branches:
             return
-        self.merged = {**self.merged, **{n: _scalar(values[b.condition], b.condition) for n, b in branches.items()}}
+        self.merged = {**self.merged, **{n: _scalar(values[b.condition]) for n, b in branches.items()}}
         self._write_merged()
 
     def merge_problem(self, **values: ConditionValue) -> str | None:
         """Why :meth:`merge` with these values would be refused (a one-line message), or None."""
         branches = dict(self._named_branches_reading(values))
         has_bias = self.base_layer.bias is not None
+        for condition in {b.condition for b in branches.values()}:
+            value = values[condition]
+            if isinstance(value, torch.Tensor) and value.numel() != 1:
+                return f"merge: condition {condition!r} needs one value shared by all samples"
         for name, branch in branches.items():
             problem = branch.merge_problem(name, has_bias)
             if problem:
                 return problem
+        # A weight scale left per sample multiplies the output of the base weight, and a merged
+        # weight then holds the merged branches' changes: a merged low-rank update would be scaled
+        # too, and a merged scale would multiply it ((1 + a1)(1 + a2) instead of 1 + a1 + a2).
+        # Only bias shifts may be merged beside it (the per-sample scale leaves the bias out).
         merged = set(self.merged) | set(branches)
         live_scale = [n for n, b in self.adapters.items() if b.scales_weight and n not in merged]
-        if live_scale and any(self.adapters[n].adds_to_weight for n in merged):
+        in_weight = [n for n in merged if self.adapters[n].adds_to_weight or self.adapters[n].scales_weight]
+        if live_scale and in_weight:
             return (
-                f"merging a low-rank adapter while the weight scale {live_scale[0]!r} stays per sample would "
-                f"scale the merged update too; merge the scale's condition "
+                f"merging adapter {in_weight[0]!r} into the weight while the weight scale {live_scale[0]!r} stays "
+                f"per sample would scale the merged update too; merge the scale's condition "
                 f"{self.adapters[live_scale[0]].condition!r} as well, or merge nothing"
             )
         return None
@@ -288,10 +306,6 @@ class ConditionalLayer(nn.Module):
         return f"kind={self.kind}, in={self.in_features}, out={self.out_features}{merged}"
 
 
-def _scalar(value: ConditionValue, name: str) -> Any:
-    """One merge value shared by all samples, as a Python number."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"merge: condition {name!r} needs one value shared by all samples")
-        return value.item()
-    return value
+def _scalar(value: ConditionValue) -> Any:
+    """One merge value shared by all samples (checked by :meth:`ConditionalLayer.merge_problem`), as a Python number."""
+    return value.item() if isinstance(value, torch.Tensor) else value

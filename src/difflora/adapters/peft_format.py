@@ -38,12 +38,12 @@ from torch import nn
 
 from difflora.adapters.context import ConditionValue
 from difflora.adapters.forms import LowRankForm
-from difflora.adapters.inject import InjectionReport, adapter_layers, inject_adapter
+from difflora.adapters.inject import InjectionReport, ModelEdit, adapter_layers
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLayer
 from difflora.adapters.positions import position_adapters
 from difflora.adapters.weightings import IndexWeighting
 from difflora.files.jsonfile import read_json_file
-from difflora.files.tensorfile import save_tensors
+from difflora.files.tensorfile import check_finite, save_tensors
 
 __all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "PeftFormatError", "export_peft", "import_peft", "merge_and_unload"]
 
@@ -163,6 +163,7 @@ def _read_peft(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise PeftFormatError(f"{w_path} is not a readable safetensors file ({exc})") from None
+    check_finite(tensors, str(w_path), "export an adapter that was trained without diverging", PeftFormatError)
     return config, tensors, meta
 
 
@@ -212,7 +213,13 @@ def _peft_layers(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
                 f"{where}: {path!r} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, which do not fit its "
                 f"weight {list(weight.shape)}; the adapter belongs to another base"
             )
-        alpha = float(_pattern_value(config.get("alpha_pattern", {}), path, config.get("lora_alpha", 8)))
+        raw = _pattern_value(config.get("alpha_pattern", {}), path, config.get("lora_alpha", 8))
+        alpha = float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else math.nan
+        if not math.isfinite(alpha):  # JSON readers accept NaN and Infinity
+            raise PeftFormatError(
+                f"{where.parent / PEFT_CONFIG}: the alpha of {path!r} (lora_alpha / alpha_pattern) is {raw!r}; "
+                f"a LoRA's alpha is a finite number"
+            )
         if config.get("use_rslora", False):
             alpha *= math.sqrt(r)  # peft's rsLoRA scales by alpha / sqrt(r); difflora by alpha / r
         layers.append((path, r, alpha, a.reshape(r, -1), b.reshape(b.shape[0], r)))
@@ -234,16 +241,17 @@ def import_peft(
     name = name or meta.get("difflora_adapter") or "lora"
     condition = condition or meta.get("difflora_condition") or "lora"
     layers = _peft_layers(model, config, tensors, name, directory / PEFT_WEIGHTS)
-    report = InjectionReport()
+    edit = ModelEdit(model)
     for path, r, alpha, a, b in layers:
-        report.extend(
-            inject_adapter(model, name, lambda: IndexWeighting(1), condition, ["re:" + re.escape(path)], r, alpha)
-        )
-        branch = model.get_submodule(path).adapters[name]
-        with torch.no_grad():
+        try:
+            geometry = edit.layer(path).geometry
+            branch = edit.add_branch(path, name, LowRankForm(IndexWeighting(1), condition, geometry, r, alpha))
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise PeftFormatError(f"{directory}: cannot import the LoRA of {path!r} as {name!r} ({exc})") from None
+        with torch.no_grad():  # still detached from the model
             branch.lora_A[0].copy_(a.to(branch.lora_A.dtype))
             branch.lora_B[0].copy_(b.to(branch.lora_B.dtype))
-    return report
+    return edit.apply()
 
 
 # --- merge into a plain model -------------------------------------------------------------------

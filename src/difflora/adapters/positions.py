@@ -51,7 +51,14 @@ from difflora.adapters.forms import activation, as_batch
 from difflora.adapters.router import Geometry, Route, add_rank_terms, per_channel, rank_term
 from difflora.adapters.weightings import Weighting
 
-__all__ = ["PositionAdapter", "add_position_adapter", "has_taps", "position_adapters"]
+__all__ = [
+    "PositionAdapter",
+    "add_position_adapter",
+    "check_position_adapter",
+    "fit_position_adapter",
+    "has_taps",
+    "position_adapters",
+]
 
 
 def has_taps(module: nn.Module) -> bool:
@@ -109,6 +116,8 @@ class PositionAdapter(nn.Module):
             )
         if rank < 1:
             raise ValueError(f"PositionAdapter: rank (bottleneck width) must be >= 1, got {rank}")
+        if not math.isfinite(scale):
+            raise ValueError(f"PositionAdapter: scale must be a finite number, got {scale}")
         if not name.isidentifier() or not condition.isidentifier():
             raise ValueError(f"adapter name {name!r} and condition {condition!r} must be Python identifiers")
         activation(act)  # validates the name
@@ -245,15 +254,26 @@ class PositionAdapter(nn.Module):
 
 def add_position_adapter(block: nn.Module, adapter: PositionAdapter) -> PositionAdapter:
     """Attach ``adapter`` (built for ``block``) as ``block.position_adapters[adapter.name]``."""
+    check_position_adapter(block, adapter.name)
+    fit_position_adapter(block, adapter)
     if not hasattr(block, "position_adapters"):
         block.position_adapters = nn.ModuleDict()
-    if adapter.name in block.position_adapters:
-        raise ValueError(f"this block already has a position adapter named {adapter.name!r}")
     adapter.attach(block)
+    block.position_adapters[adapter.name] = adapter
+    return adapter
+
+
+def check_position_adapter(block: nn.Module, name: str) -> None:
+    """Raise if ``block`` cannot take a position adapter called ``name`` (it has one of that name)."""
+    if name in getattr(block, "position_adapters", {}):
+        raise ValueError(f"this block already has a position adapter named {name!r}")
+
+
+def fit_position_adapter(block: nn.Module, adapter: PositionAdapter) -> PositionAdapter:
+    """``adapter`` moved to the device and floating type of ``block``'s parameters, in place (not attached)."""
     ref = next(block.parameters(), None)
     if ref is not None and ref.is_floating_point():
         adapter.to(device=ref.device, dtype=ref.dtype)
-    block.position_adapters[adapter.name] = adapter
     return adapter
 
 

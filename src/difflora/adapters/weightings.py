@@ -33,6 +33,7 @@ and the batch is routed without a branch.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -164,8 +165,8 @@ class LinearWeighting(Weighting):
         super().__init__()
         if num_bases < 2:
             raise ValueError(f"LinearWeighting: num_bases (m + 1) must be >= 2, got {num_bases}")
-        if not high > low:
-            raise ValueError(f"LinearWeighting: need high > low, got low={low}, high={high}")
+        if not (math.isfinite(low) and math.isfinite(high) and high > low):
+            raise ValueError(f"LinearWeighting: need finite high > low, got low={low}, high={high}")
         self.num_bases = int(num_bases)
         self.low, self.high = float(low), float(high)
 

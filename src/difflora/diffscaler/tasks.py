@@ -137,11 +137,16 @@ def import_task(net: nn.Module, directory: str | Path, task: int | None = None, 
     with _single_task_view(net, condition) as swaps:
         load_adapters(net, directory)
         loaded = {(id(layer), name): single for layer, name, _, single in swaps}
+    frozen = [
+        f"{path}.{name}"
+        for path, name, branch in task_branches(net, condition)
+        if task is not None and task < branch.frozen
+    ]
+    if frozen:  # found before any bank changes
+        raise ValueError(f"import_task: task {task} is frozen in {frozen[0]}; import as a new task")
     if task is None:
         task = add_tasks(net, 1, condition, freeze_existing=False)
     for path, name, branch in task_branches(net, condition):
-        if task < branch.frozen:
-            raise ValueError(f"import_task: task {task} is frozen in {path}.{name}; import as a new task")
         single = loaded[(id(net.get_submodule(path)), name)]
         banks = {k: branch.entries(k).detach().clone() for k in branch.bank_names}
         for k in branch.bank_names:

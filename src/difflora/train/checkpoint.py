@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 
 from difflora.errors import DiffloraError
 from difflora.files.jsonfile import read_json_file
-from difflora.files.tensorfile import save_tensors
+from difflora.files.tensorfile import check_finite, save_tensors
 
 __all__ = [
     "CheckpointError",
@@ -344,7 +344,9 @@ def stream_weights(sources: dict[str, Path], keys: list[str] | None = None) -> I
             f.readinto(buf)
             dtype = _DTYPES[info["dtype"]]
             flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-            yield key, flat.reshape(info["shape"])
+            tensor = flat.reshape(info["shape"])
+            check_finite({key: tensor}, str(path), _ADVICE, CheckpointError)
+            yield key, tensor
 
 
 class Fingerprint:
@@ -420,11 +422,13 @@ def _load_tensors(ckpt: Path, path: Path) -> dict[str, torch.Tensor]:
     # Hashes matched, so a failure here means the file was written broken (or hashes were forged):
     # safetensors' own exception names neither the file nor a fix.
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(
             f"checkpoint {ckpt}: {path.name} is not a readable safetensors file ({exc}); {_ADVICE}"
         ) from None
+    check_finite(tensors, str(path), _ADVICE, CheckpointError)
+    return tensors
 
 
 def checkpoint_problem(ckpt: str | Path) -> str | None:
