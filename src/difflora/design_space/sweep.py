@@ -66,7 +66,17 @@ from difflora.experiments.study_spec import (
 )
 from difflora.model.build import build_model
 
-__all__ = ["Cell", "Sweep", "SweepError", "load_sweep", "plan_sweep", "read_results", "run_sweep", "sweep_cells"]
+__all__ = [
+    "Cell",
+    "Sweep",
+    "SweepError",
+    "load_sweep",
+    "plan_sweep",
+    "read_results",
+    "run_sweep",
+    "sweep_cells",
+    "write_atomic",
+]
 
 _LEVEL = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -286,10 +296,11 @@ def _rows(cell: Cell, arm: StudyArm, seed: int, out_dir: Path) -> list[dict[str,
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file: never a half-written file under the real name."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # never a half-written table under the real name
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
 
 
 def write_results(rows: list[dict[str, Any]], factors: list[str], out_dir: str | Path) -> Path:
@@ -302,8 +313,8 @@ def write_results(rows: list[dict[str, Any]], factors: list[str], out_dir: str |
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(out_dir / "results.csv", buf.getvalue())
-    _write_atomic(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(out_dir / "results.csv", buf.getvalue())
+    write_atomic(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return out_dir / "results.csv"
 
 
@@ -314,9 +325,13 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
         raise SweepError(f"results table {p} does not exist (a sweep writes <out>/results.csv and results.jsonl)")
     if p.suffix == ".jsonl":
         try:
-            return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
         except json.JSONDecodeError as exc:
             raise SweepError(f"{p}: not JSON lines ({exc})") from None
+        bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise SweepError(f"{p}: row {bad} is not a JSON object of column: value")
+        return rows
     if p.suffix != ".csv":
         raise SweepError(f"{p}: a results table is .csv or .jsonl")
 
@@ -327,4 +342,12 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
             return text
 
     with p.open(newline="") as f:
-        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        rows = []
+        for row in reader:
+            # DictReader fills a short line with None and keeps a long line's extra cells under None.
+            if None in row or None in row.values():
+                columns = ", ".join(reader.fieldnames)
+                raise SweepError(f"{p}: line {reader.line_num} does not have one cell per column ({columns})")
+            rows.append({k: value(v) for k, v in row.items()})
+        return rows
