@@ -220,3 +220,10 @@ def test_outputs_appear_together_or_not_at_all(tmp_path):
     with pytest.raises(SweepError, match="metric 'kid_mean' is missing"):
         run_anova(path, ["fd", "kid_mean"], out=tmp_path / "anova2")
     assert not (tmp_path / "anova2").exists()
+    # A write that fails (here: a directory in the way of anova.json's temporary file, as a full disk
+    # would fail it) removes the temporary files written before it and replaces no earlier output.
+    (tmp_path / "anova" / "anova.json.tmp").mkdir()
+    with pytest.raises(IsADirectoryError):
+        run_anova(path, ["fd", "class_accuracy"])
+    (tmp_path / "anova" / "anova.json.tmp").rmdir()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "anova").iterdir()} == before

@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from difflora.design_space.sweep import SweepError, read_results, write_atomic
+from difflora.design_space.sweep import SweepError, read_results, write_together
+from difflora.optional import require
 
 __all__ = ["anova", "dominant_sentence", "factor_columns", "run_anova"]
 
@@ -68,8 +69,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _frame(rows: Sequence[dict[str, Any]], metric: str, factors: list[str]):
-    import pandas as pd
-
+    pd = require("pandas", "difflora anova")
     _require_factors(rows, factors)
     missing = [i for i, r in enumerate(rows) if not _is_number(r.get(metric))]
     if missing:
@@ -131,9 +131,8 @@ def _check_separable(frame, factors: list[str], metric: str, interactions: bool)
 def anova(rows: Sequence[dict[str, Any]], metric: str, factors: list[str], interactions: bool = False) -> list[dict]:
     """Type II ANOVA of ``metric`` on ``factors``: one dict per term (and ``Residual``) with
     ``term, sum_sq, df, F, p, eta_sq, partial_eta_sq``; terms in formula order."""
-    import statsmodels.formula.api as smf
-    from statsmodels.stats.anova import anova_lm
-
+    smf = require("statsmodels.formula.api", "difflora anova")
+    anova_lm = require("statsmodels.stats.anova", "difflora anova").anova_lm
     frame = _frame(rows, metric, factors)
     # Columns renamed f0, f1, ... and y: a factor named like a formula function (C, Q, np) stays a column.
     code = {f: f"f{i}" for i, f in enumerate(factors)}
@@ -327,7 +326,6 @@ def run_anova(
         lines += [*_format(table, metric), record["metrics"][metric]["sentence"], f"plots: {plots}", ""]
     files["anova.json"] = json.dumps(record, indent=2) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        write_atomic(out_dir / name, data)
+    write_together({out_dir / name: data for name, data in files.items()})
     lines.append(f"tables: {out_dir}/anova_<metric>.csv, {out_dir / 'anova.json'}")
     return lines

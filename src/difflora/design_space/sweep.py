@@ -75,7 +75,7 @@ __all__ = [
     "read_results",
     "run_sweep",
     "sweep_cells",
-    "write_atomic",
+    "write_together",
 ]
 
 _LEVEL = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -296,11 +296,21 @@ def _rows(cell: Cell, arm: StudyArm, seed: int, out_dir: Path) -> list[dict[str,
     return rows
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file: never a half-written file under the real name."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+def write_together(files: dict[Path, str | bytes]) -> None:
+    """Write the outputs of one command: every file under a temporary name first, then the renames.
+
+    A failed write (a full disk) removes the temporary files and leaves every earlier output as it
+    was; never a half-written file under a real name, nor a new file next to an old one's partner."""
+    tmps = {path: path.with_name(path.name + ".tmp") for path in files}
+    try:
+        for path, data in files.items():
+            tmps[path].write_bytes(data.encode() if isinstance(data, str) else data)
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in tmps.items():
+        os.replace(tmp, path)
 
 
 def write_results(rows: list[dict[str, Any]], factors: list[str], out_dir: str | Path) -> Path:
@@ -313,8 +323,8 @@ def write_results(rows: list[dict[str, Any]], factors: list[str], out_dir: str |
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic(out_dir / "results.csv", buf.getvalue())
-    write_atomic(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    jsonl = "".join(json.dumps(r) + "\n" for r in rows)
+    write_together({out_dir / "results.csv": buf.getvalue(), out_dir / "results.jsonl": jsonl})
     return out_dir / "results.csv"
 
 
