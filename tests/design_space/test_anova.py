@@ -142,3 +142,88 @@ def test_bad_tables_are_one_line_errors(tmp_path, capsys):
         run_anova(path, ["kid_mean"], guidance=1.0)
     with pytest.raises(SweepError, match="does not exist"):
         run_anova(tmp_path / "none.csv")
+
+
+def interaction_rss(rows, a: str, b: str) -> float:
+    """Residual sum of squares of the two-way model with interaction: the cell means (numpy)."""
+    y = np.array([r["fd"] for r in rows])
+    cells = [(r[a], r[b]) for r in rows]
+    fitted = np.array([np.mean([v for v, c in zip(y, cells, strict=True) if c == cell]) for cell in cells])
+    return float(((y - fitted) ** 2).sum())
+
+
+def test_interaction_sum_of_squares_is_the_cell_means_increase():
+    # A real interaction: B's effect depends on A. Type II SS of A:B = RSS(A + B) - RSS(cells).
+    rows = synthetic(seeds=3)
+    for r in rows:
+        r["fd"] += 1.5 * (r["A"] == "a2") * (r["B"] == "b1")
+    table = by_term(anova(rows, "fd", ["A", "B"], interactions=True))
+    full = interaction_rss(rows, "A", "B")
+    assert table["A:B"]["sum_sq"] == pytest.approx(dummy_rss(rows, "AB") - full, abs=1e-8)
+    assert table["Residual"]["sum_sq"] == pytest.approx(full, abs=1e-8)
+    assert table["Residual"]["df"] == len(rows) - 6
+    for f in "AB":
+        assert table[f]["sum_sq"] == pytest.approx(dummy_rss(rows, "AB".replace(f, "")) - dummy_rss(rows, "AB"))
+
+
+def test_statistics_that_cannot_be_computed_are_refused():
+    rows = synthetic()
+    with pytest.raises(SweepError, match=r"ANOVA of fd: it takes one value \(3\) in all 48 rows: there is no variance"):
+        anova([{**r, "fd": 3.0} for r in rows], "fd", ["A", "B", "C"])
+    # B is fixed by A (b1 only with a2): main effects alone cannot be separated.
+    nested = [{**r, "B": "b1" if r["A"] == "a2" else "b0"} for r in rows]
+    with pytest.raises(SweepError, match=r"cannot separate the terms A, B \(A adds 1 of its 2 .*B adds 0 of its 1"):
+        anova(nested, "fd", ["A", "B", "C"])
+    # Missing cells: the main effects are separable (test above), their interaction is not.
+    holes = synthetic(seeds=3, drop=[("a0", "b1"), ("a2", "b0")])
+    with pytest.raises(SweepError, match=r"cannot separate the terms .*A:B adds 0 of its 2.*drop --interactions"):
+        anova(holes, "fd", ["A", "B", "C"], interactions=True)
+    # Seeds that changed nothing in an additive design: the residual is rounding noise.
+    exact = [{**r, "fd": 10 + EFFECT_A[r["A"]] + EFFECT_B[r["B"]]} for r in rows]
+    with pytest.raises(SweepError, match="leaves no residual variance"):
+        anova(exact, "fd", ["A", "B", "C"])
+    with pytest.raises(SweepError, match=r"metric 'fd' is missing or not a finite number in 1 of 48 rows"):
+        anova([{**rows[0], "fd": float("inf")}, *rows[1:]], "fd", ["A", "B", "C"])
+
+
+def test_bad_rows_are_named(tmp_path):
+    rows = synthetic()
+    jsonl = tmp_path / "r.jsonl"
+    lines = [json.dumps(r) for r in rows]
+    lines[4] = json.dumps({k: v for k, v in rows[4].items() if k != "B"})
+    jsonl.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SweepError, match=r"results row 5 has no value for factor 'B' \(factors: A, B, C\)"):
+        run_anova(jsonl)
+    jsonl.write_text("\n".join([*lines[:4], json.dumps({**rows[4], "guidance": None})]) + "\n")
+    with pytest.raises(SweepError, match=r"results row 5: guidance is None, not a finite number"):
+        run_anova(jsonl)
+    jsonl.write_text(json.dumps(rows[0]) + "\n[1, 2]\n")
+    with pytest.raises(SweepError, match=r"row 2 is not a JSON object"):
+        run_anova(jsonl)
+    path = write_results(rows, ["A", "B", "C"], tmp_path)
+    text = path.read_text().splitlines()
+    path.write_text("\n".join([*text[:3], "a1,b0", *text[3:]]) + "\n")
+    with pytest.raises(SweepError, match=r"line 4 does not have one cell per column \(A, B, C, seed"):
+        run_anova(path)
+    assert not (tmp_path / "anova").exists()
+
+
+def test_outputs_appear_together_or_not_at_all(tmp_path):
+    path = write_results(synthetic(), ["A", "B", "C"], tmp_path)
+    run_anova(path, ["fd"])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "anova").iterdir()}
+    # The second metric is missing: the first one's files are not rewritten, none is added.
+    with pytest.raises(SweepError, match="metric 'kid_mean' is missing"):
+        run_anova(path, ["class_accuracy", "kid_mean"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "anova").iterdir()} == before
+    assert not (tmp_path / "anova2").exists()
+    with pytest.raises(SweepError, match="metric 'kid_mean' is missing"):
+        run_anova(path, ["fd", "kid_mean"], out=tmp_path / "anova2")
+    assert not (tmp_path / "anova2").exists()
+    # A write that fails (here: a directory in the way of anova.json's temporary file, as a full disk
+    # would fail it) removes the temporary files written before it and replaces no earlier output.
+    (tmp_path / "anova" / "anova.json.tmp").mkdir()
+    with pytest.raises(IsADirectoryError):
+        run_anova(path, ["fd", "class_accuracy"])
+    (tmp_path / "anova" / "anova.json.tmp").rmdir()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "anova").iterdir()} == before

@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,7 @@ class Fault:
     api: Callable[[Path, Path], object] | None = None  # instead of argv: a call that must raise
     exc: type[BaseException] = Exception
     open_in: str | None = None  # a fault still open in code another helper owns: expected to fail
+    hidden: tuple[str, ...] = ()  # packages made absent (as if not installed) while the command runs
 
 
 def cases(faults: list[Fault]) -> list:
@@ -203,6 +205,8 @@ def check_fault(fault: Fault, runs: dict[str, Path], tmp_path: Path, capsys, mon
     """Provoke ``fault`` on a copy of its run and check the error line and the files on disk."""
     monkeypatch.setenv("DIFFLORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("DIFFLORA_DEBUG", raising=False)
+    for name in [m for m in sys.modules if m.split(".")[0] in fault.hidden] + list(fault.hidden):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` now fails as if it were not installed
     run = tmp_path / "run"
     shutil.copytree(runs[fault.run], run)
     if fault.damage is not None:

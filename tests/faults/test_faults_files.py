@@ -419,7 +419,9 @@ def test_signal(case, runs, tmp_path):
 def test_catalogue_is_large_and_ids_are_unique():
     import test_faults_config
     import test_faults_flags
+    import test_faults_inputs
 
-    ids = [f.id for f in CASES + test_faults_flags.CASES + test_faults_config.CASES] + [s[0] for s in SIGNALS]
+    faults = CASES + test_faults_flags.CASES + test_faults_config.CASES + test_faults_inputs.CASES
+    ids = [f.id for f in faults] + [s[0] for s in SIGNALS]
     assert len(ids) == len(set(ids))
     assert len(ids) >= 100

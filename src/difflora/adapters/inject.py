@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,7 @@ from difflora.adapters.positions import (
 )
 from difflora.adapters.tokens import NewClassTokens
 from difflora.adapters.weightings import Weighting
+from difflora.config.adapters import target_regex
 from difflora.nets.layers import BaseExtension
 
 __all__ = [
@@ -151,8 +151,9 @@ class InjectionReport:
 
 def match_target(path: str, target: str) -> bool:
     """Whether module ``path`` matches ``target`` (exact, dotted suffix, or ``re:`` full-match regex)."""
-    if target.startswith("re:"):
-        return re.fullmatch(target[3:], path) is not None
+    regex = target_regex(target)
+    if regex is not None:
+        return regex.fullmatch(path) is not None
     return path == target or path.endswith("." + target)
 
 

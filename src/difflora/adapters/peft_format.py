@@ -237,10 +237,18 @@ def import_peft(
     All-or-nothing: every tensor is checked against ``model`` before it changes.
     """
     directory = Path(directory)
-    config, tensors, meta = _read_peft(directory)
-    name = name or meta.get("difflora_adapter") or "lora"
-    condition = condition or meta.get("difflora_condition") or "lora"
-    layers = _peft_layers(model, config, tensors, name, directory / PEFT_WEIGHTS)
+    try:
+        config, tensors, meta = _read_peft(directory)
+        name = name or meta.get("difflora_adapter") or "lora"
+        condition = condition or meta.get("difflora_condition") or "lora"
+        layers = _peft_layers(model, config, tensors, name, directory / PEFT_WEIGHTS)
+    except PeftFormatError:
+        raise
+    except (re.error, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as exc:
+        # A config value of the wrong type (lora_alpha "abc", an alpha_pattern that does not
+        # compile) or a tensor of the wrong rank, met while checking: nothing has changed yet.
+        detail = f"pattern {exc.pattern!r}: {exc}" if isinstance(exc, re.error) else str(exc)
+        raise PeftFormatError(f"{directory}: not a LoRA difflora can import ({detail})") from None
     edit = ModelEdit(model)
     for path, r, alpha, a, b in layers:
         try:

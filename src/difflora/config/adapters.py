@@ -6,13 +6,35 @@ Imported and re-exported by ``difflora.config.schema``; like it, this imports no
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
-from difflora.config.base import StrictModel
+from difflora.config.base import GuidanceScale, StrictModel
 
-__all__ = ["DISTILL_ADAPTER", "DISTILL_TARGETS", "AdapterConfig", "AffinerConfig", "DistillConfig"]
+__all__ = ["DISTILL_ADAPTER", "DISTILL_TARGETS", "AdapterConfig", "AffinerConfig", "DistillConfig", "target_regex"]
+
+
+def target_regex(target: str) -> re.Pattern[str] | None:
+    """The compiled regex of a ``"re:"`` adapter target (None for a path or suffix). A regex that
+    does not compile is a ValueError naming it: checked when a config is read, and again by the
+    injection that matches it (the Python API takes targets without a config)."""
+    if not target.startswith("re:"):
+        return None
+    try:
+        return re.compile(target[3:])
+    except re.error as exc:
+        raise ValueError(f"adapter target {target!r} is not a regular expression: {exc}") from None
+
+
+def _checked_target(target: str) -> str:
+    target_regex(target)
+    return target
+
+
+# Module paths to wrap: exact names, dotted suffixes, or regexes prefixed with "re:".
+Target = Annotated[str, AfterValidator(_checked_target)]
 
 
 class AdapterConfig(StrictModel):
@@ -67,7 +89,7 @@ class AdapterConfig(StrictModel):
     scale: float = 1.0
     # Module paths to wrap (layers; blocks for position): exact names, dotted suffixes, or regexes
     # prefixed with "re:". Empty: the attention qkv and output projections of the backbone.
-    targets: list[str] = Field(default_factory=list)
+    targets: list[Target] = Field(default_factory=list)
     # index weighting only: the first ``frozen`` entries (tasks, classes) are held frozen (002's
     # sequential regime: entries a previous run trained, loaded from train.init_from).
     frozen: int = Field(default=0, ge=0)
@@ -126,7 +148,7 @@ class AffinerConfig(StrictModel):
     parts: list[Literal["scale", "shift", "lowrank"]] = Field(default_factory=lambda: ["scale", "shift", "lowrank"])
     # Layers (exact paths, suffixes, "re:" regexes). Empty: every Linear/Conv of the U-Net; the
     # DiT blocks' attn.qkv, attn.proj, mlp.fc1, mlp.fc2 and adaLN_modulation.1.
-    targets: list[str] = Field(default_factory=list)
+    targets: list[Target] = Field(default_factory=list)
     condition: str = Field(default="task", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     # The low-rank branch on a k x k convolution: 1x1 convolutions (002) or a k x k down factor.
     kernel: Literal["1x1", "full"] = "1x1"
@@ -172,14 +194,14 @@ class DistillConfig(StrictModel):
     """
 
     # The teacher's guidance scale w of a fixed-w student.
-    guidance: float = Field(default=2.0, ge=0)
+    guidance: GuidanceScale = 2.0
     # [w_min, w_max] of a guidance-scale LoRA; None: a fixed-w student.
-    guidance_range: tuple[float, float] | None = None
+    guidance_range: tuple[GuidanceScale, GuidanceScale] | None = None
     # Bases of the guidance-scale LoRA, evenly spaced over guidance_range.
     num_bases: int = Field(default=5, ge=2)
     rank: int = Field(default=8, ge=1)
     # Module paths the LoRA wraps (see AdapterConfig.targets); empty: DISTILL_TARGETS of the arch.
-    targets: list[str] = Field(default_factory=list)
+    targets: list[Target] = Field(default_factory=list)
     # Teacher and student rows in one forward of 3N (per-row "no update") instead of a no-grad
     # teacher call of 2N and a student call of N. Off by default: two calls are faster on CPU
     # (benchmarks/results/distill.json; the teacher call keeps no activations for backward).

@@ -6,9 +6,18 @@ it; users import everything from ``difflora.config``.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
 
-__all__ = ["ConfigError", "StrictModel"]
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["MAX_GUIDANCE", "ConfigError", "GuidanceScale", "StrictModel"]
+
+# The largest classifier-free guidance scale w a config may hold. The papers use w <= 14; past a
+# few hundred, w (eps_c - eps_u) drowns the sample, and near 1e19 the distillation target's square
+# overflows float32 (1e308 does not even fit a float32 tensor). Refused when the config is read,
+# not met as an overflow, or a loss blamed on the learning rate, after a run directory was made.
+MAX_GUIDANCE = 1000.0
+GuidanceScale = Annotated[float, Field(ge=0, le=MAX_GUIDANCE)]
 
 
 class ConfigError(ValueError):

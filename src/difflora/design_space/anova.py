@@ -20,10 +20,17 @@ scales give one row per scale: pick one with ``guidance``. Outputs, in ``out``:
 ``anova_<metric>.csv`` (the table), ``anova.json`` (tables, sentences and each level's mean), ``main_effects_<metric>.png``
 (mean and standard error per level, one panel per factor) and ``interaction_<metric>.png`` (the two
 factors with the largest effects: one line per level of the second).
+
+What cannot be answered is refused, not printed: a metric with no variance (every F would be a
+ratio of rounding errors), a design whose model matrix cannot separate the requested terms (a
+factor fixed by another, or an interaction over missing cells: its sums of squares are not
+defined), and a model that leaves no residual variance. Every metric is analysed before any file
+is written, and each file is replaced atomically: one command's outputs appear together or not at all.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -32,41 +39,100 @@ from typing import Any
 
 import numpy as np
 
-from difflora.design_space.sweep import SweepError, read_results
+from difflora.design_space.sweep import SweepError, read_results, write_together
+from difflora.optional import require
 
 __all__ = ["anova", "dominant_sentence", "factor_columns", "run_anova"]
 
 
 def factor_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The factor columns of a results table: those before ``seed``."""
+    """The factor columns of a results table: those before ``seed``; every row must have them."""
     if not rows:
         raise SweepError("the results table has no rows")
     columns = list(rows[0])
     if "seed" not in columns:
         raise SweepError("the results table has no 'seed' column: factors are the columns before it (difflora sweep)")
-    return columns[: columns.index("seed")]
+    factors = columns[: columns.index("seed")]
+    _require_factors(rows, factors)
+    return factors
+
+
+def _require_factors(rows: Sequence[dict[str, Any]], factors: list[str]) -> None:
+    for i, row in enumerate(rows, 1):
+        missing = [f for f in factors if f not in row]
+        if missing:
+            raise SweepError(f"results row {i} has no value for factor {missing[0]!r} (factors: {', '.join(factors)})")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _frame(rows: Sequence[dict[str, Any]], metric: str, factors: list[str]):
-    import pandas as pd
-
-    missing = [i for i, r in enumerate(rows) if not isinstance(r.get(metric), int | float) or math.isnan(r[metric])]
+    pd = require("pandas", "difflora anova")
+    _require_factors(rows, factors)
+    missing = [i for i, r in enumerate(rows) if not _is_number(r.get(metric))]
     if missing:
-        have = sorted(k for k, v in rows[0].items() if isinstance(v, int | float))
+        have = sorted(k for k, v in rows[0].items() if _is_number(v))
         raise SweepError(
-            f"metric {metric!r} is missing or not a number in {len(missing)} of {len(rows)} rows; numeric columns: {have}"
+            f"metric {metric!r} is missing or not a finite number in {len(missing)} of {len(rows)} rows; "
+            f"numeric columns: {have}"
         )
     frame = pd.DataFrame({f: [str(r[f]) for r in rows] for f in factors})
     frame[metric] = [float(r[metric]) for r in rows]
+    y = frame[metric].to_numpy()
+    # Equal up to rounding: sums of squares of 1e-30 would still give F and p values, of noise.
+    if np.ptp(y) <= 8 * np.finfo(float).eps * np.abs(y).max():
+        raise SweepError(
+            f"ANOVA of {metric}: it takes one value ({y[0]:.6g}) in all {len(y)} rows: there is no variance to explain"
+        )
     return frame
+
+
+def _aliased(x: np.ndarray, columns: dict[str, slice]) -> dict[str, tuple[int, int]]:
+    """Terms whose columns are not all outside the span of the other terms' columns: name -> (adds, df)."""
+    rank = np.linalg.matrix_rank(x)
+    if rank == x.shape[1]:
+        return {}
+    out = {}
+    for name, cols in columns.items():
+        adds = rank - np.linalg.matrix_rank(np.delete(x, np.arange(cols.start, cols.stop), axis=1))
+        if name != "Intercept" and adds < cols.stop - cols.start:
+            out[name] = (int(adds), cols.stop - cols.start)
+    return out
+
+
+def _model_matrix(frame, factors: list[str], interactions: bool) -> tuple[np.ndarray, dict[str, slice]]:
+    """The OLS model's columns, built here (not read from the formula engine): an intercept, the
+    treatment dummies of each factor and, with ``interactions``, the products of two factors' dummies."""
+    dummies = {f: [(frame[f] == level).to_numpy(float) for level in list(dict.fromkeys(frame[f]))[1:]] for f in factors}
+    blocks = {"Intercept": [np.ones(len(frame))], **dummies}
+    if interactions:
+        for i, a in enumerate(factors):
+            for b in factors[i + 1 :]:
+                blocks[f"{a}:{b}"] = [u * v for u in dummies[a] for v in dummies[b]]
+    bounds = np.cumsum([0] + [len(cols) for cols in blocks.values()])
+    slices = {name: slice(int(lo), int(hi)) for name, lo, hi in zip(blocks, bounds[:-1], bounds[1:], strict=True)}
+    return np.stack([c for cols in blocks.values() for c in cols], axis=1), slices
+
+
+def _check_separable(frame, factors: list[str], metric: str, interactions: bool) -> None:
+    """Refuse a design whose model matrix cannot separate the terms: their sums of squares are undefined."""
+    aliased = _aliased(*_model_matrix(frame, factors, interactions))
+    if aliased:
+        parts = ", ".join(f"{t} adds {a} of its {df} degrees of freedom" for t, (a, df) in aliased.items())
+        fix = "drop --interactions or run" if interactions else "run"
+        raise SweepError(
+            f"ANOVA of {metric}: the design cannot separate the terms {', '.join(aliased)} ({parts}): "
+            f"these rows vary them together; {fix} the missing factor combinations"
+        )
 
 
 def anova(rows: Sequence[dict[str, Any]], metric: str, factors: list[str], interactions: bool = False) -> list[dict]:
     """Type II ANOVA of ``metric`` on ``factors``: one dict per term (and ``Residual``) with
     ``term, sum_sq, df, F, p, eta_sq, partial_eta_sq``; terms in formula order."""
-    import statsmodels.formula.api as smf
-    from statsmodels.stats.anova import anova_lm
-
+    smf = require("statsmodels.formula.api", "difflora anova")
+    anova_lm = require("statsmodels.stats.anova", "difflora anova").anova_lm
     frame = _frame(rows, metric, factors)
     # Columns renamed f0, f1, ... and y: a factor named like a formula function (C, Q, np) stays a column.
     code = {f: f"f{i}" for i, f in enumerate(factors)}
@@ -75,6 +141,7 @@ def anova(rows: Sequence[dict[str, Any]], metric: str, factors: list[str], inter
     if interactions:
         pairs = [(a, b) for i, a in enumerate(factors) for b in factors[i + 1 :]]
         terms.update({f"C({code[a]}):C({code[b]})": f"{a}:{b}" for a, b in pairs})
+    _check_separable(frame, factors, metric, interactions)
     fit = smf.ols("y ~ " + " + ".join(terms), data=data).fit()
     if fit.df_resid < 1:
         raise SweepError(
@@ -85,6 +152,11 @@ def anova(rows: Sequence[dict[str, Any]], metric: str, factors: list[str], inter
     y = frame[metric].to_numpy()
     ss_total = float(((y - y.mean()) ** 2).sum())
     ss_res = float(table.loc["Residual", "sum_sq"])
+    if ss_res <= 1e-12 * ss_total:
+        raise SweepError(
+            f"ANOVA of {metric}: the model leaves no residual variance (it fits every row exactly: the seeds "
+            "changed nothing): F and p are undefined"
+        )
     out = []
     for name, r in table.iterrows():
         ss = float(r["sum_sq"])
@@ -96,7 +168,7 @@ def anova(rows: Sequence[dict[str, Any]], metric: str, factors: list[str], inter
                 "df": float(r["df"]),
                 "F": None if resid else float(r["F"]),
                 "p": None if resid else float(r["PR(>F)"]),
-                "eta_sq": ss / ss_total if ss_total > 0 else float("nan"),
+                "eta_sq": ss / ss_total,
                 "partial_eta_sq": None if resid else ss / (ss + ss_res),
             }
         )
@@ -123,7 +195,14 @@ def _level_stats(frame, factor: str, metric: str):
     return list(means.index), means.to_numpy(), np.nan_to_num((sems / np.sqrt(counts)).to_numpy())
 
 
-def plot_main_effects(frame, factors: list[str], metric: str, path: Path) -> Path:
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=120)
+    return buf.getvalue()
+
+
+def main_effects_png(frame, factors: list[str], metric: str) -> bytes:
     """One panel per factor: the metric's mean (and standard error) at each level, the grand mean dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -139,12 +218,10 @@ def plot_main_effects(frame, factors: list[str], metric: str, path: Path) -> Pat
         ax.set_xticks(x, levels, rotation=45, ha="right", fontsize=7)
         ax.set_title(factor, fontsize=9)
     axes[0].set_ylabel(f"mean {metric} (± s.e.)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return _png(fig)
 
 
-def plot_interaction(frame, a: str, b: str, metric: str, path: Path) -> Path:
+def interaction_png(frame, a: str, b: str, metric: str) -> bytes:
     """Mean metric over the levels of ``a``, one line per level of ``b`` (parallel lines: no interaction)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -161,9 +238,7 @@ def plot_interaction(frame, a: str, b: str, metric: str, path: Path) -> Path:
     ax.set_xlabel(a)
     ax.set_ylabel(f"mean {metric}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return _png(fig)
 
 
 def _format(table: list[dict], metric: str) -> list[str]:
@@ -182,6 +257,46 @@ def _format(table: list[dict], metric: str) -> list[str]:
     return lines
 
 
+def _scale(row: dict[str, Any], i: int) -> float:
+    value = row["guidance"]
+    if not _is_number(value):
+        raise SweepError(f"results row {i}: guidance is {value!r}, not a finite number")
+    return float(value)
+
+
+def _rows_at(rows: list[dict[str, Any]], guidance: float | None) -> list[dict[str, Any]]:
+    """The rows at one guidance scale: ``guidance``, or the table's only one."""
+    scales = {i: _scale(r, i) for i, r in enumerate(rows, 1) if "guidance" in r}
+    levels = sorted(set(scales.values()))
+    if guidance is not None:
+        rows = [r for i, r in enumerate(rows, 1) if scales.get(i) == guidance]
+        if not rows:
+            raise SweepError(f"no rows at guidance {guidance:g}; the table has {levels}")
+    elif len(levels) > 1:
+        raise SweepError(f"the table holds guidance scales {levels}: pick one with --guidance")
+    return rows
+
+
+def _analyse(rows: list[dict[str, Any]], metric: str, varied: list[str], interactions: bool, alpha: float):
+    """One metric's table, record and plots (name -> PNG bytes); nothing is written."""
+    table = anova(rows, metric, varied, interactions)
+    frame = _frame(rows, metric, varied)
+    plots = {f"main_effects_{metric}.png": main_effects_png(frame, varied, metric)}
+    mains = sorted((r for r in table if r["term"] in varied), key=lambda r: -r["eta_sq"])
+    if len(mains) >= 2:
+        plots[f"interaction_{metric}.png"] = interaction_png(frame, mains[0]["term"], mains[1]["term"], metric)
+    keys = ("term", "sum_sq", "df", "F", "p", "eta_sq", "partial_eta_sq")
+    csv_lines = [",".join(keys)] + [",".join("" if r[k] is None else str(r[k]) for k in keys) for r in table]
+    means = {f: dict(zip(*_level_stats(frame, f, metric)[:2], strict=True)) for f in varied}
+    record = {
+        "table": table,
+        "sentence": dominant_sentence(table, metric, alpha),
+        "rows": len(rows),
+        "level_means": {f: {str(k): float(v) for k, v in m.items()} for f, m in means.items()},
+    }
+    return record, {f"anova_{metric}.csv": "\n".join(csv_lines) + "\n", **plots}
+
+
 def run_anova(
     results: str | Path,
     metrics: Sequence[str] = ("fd",),
@@ -191,47 +306,26 @@ def run_anova(
     interactions: bool = False,
     alpha: float = 0.05,
 ) -> list[str]:
-    """ANOVA of each metric of a results table; writes tables, plots and ``anova.json``; returns printable lines."""
+    """ANOVA of each metric of a results table; writes tables, plots and ``anova.json``; returns printable lines.
+
+    Every metric is analysed before the first file is written: a metric that fails leaves no output."""
     rows = read_results(results)
     factors = factor_columns(rows)
-    scales = sorted({float(r["guidance"]) for r in rows if "guidance" in r})
-    if guidance is not None:
-        rows = [r for r in rows if float(r.get("guidance", float("nan"))) == guidance]
-        if not rows:
-            raise SweepError(f"no rows at guidance {guidance:g}; the table has {scales}")
-    elif len(scales) > 1:
-        raise SweepError(f"the table holds guidance scales {scales}: pick one with --guidance")
+    rows = _rows_at(rows, guidance)
     varied = [f for f in factors if len({str(r[f]) for r in rows}) > 1]
     if not varied:
         raise SweepError(f"no factor takes two levels in these rows (factors: {factors})")
     out_dir = Path(out) if out is not None else Path(results).parent / "anova"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines, record = [], {"results": str(results), "guidance": guidance, "factors": varied, "metrics": {}}
+    lines, files = [], {}
+    record = {"results": str(results), "guidance": guidance, "factors": varied, "metrics": {}}
     for metric in metrics:
-        table = anova(rows, metric, varied, interactions)
-        sentence = dominant_sentence(table, metric, alpha)
-        frame = _frame(rows, metric, varied)
-        plots = [plot_main_effects(frame, varied, metric, out_dir / f"main_effects_{metric}.png")]
-        mains = sorted((r for r in table if r["term"] in varied), key=lambda r: -r["eta_sq"])
-        if len(mains) >= 2:
-            a, b = mains[0]["term"], mains[1]["term"]
-            plots.append(plot_interaction(frame, a, b, metric, out_dir / f"interaction_{metric}.png"))
-        csv_lines = ["term,sum_sq,df,F,p,eta_sq,partial_eta_sq"] + [
-            ",".join(
-                "" if r[k] is None else str(r[k])
-                for k in ("term", "sum_sq", "df", "F", "p", "eta_sq", "partial_eta_sq")
-            )
-            for r in table
-        ]
-        (out_dir / f"anova_{metric}.csv").write_text("\n".join(csv_lines) + "\n")
-        means = {f: dict(zip(*_level_stats(frame, f, metric)[:2], strict=True)) for f in varied}
-        record["metrics"][metric] = {
-            "table": table,
-            "sentence": sentence,
-            "rows": len(rows),
-            "level_means": {f: {str(k): float(v) for k, v in m.items()} for f, m in means.items()},
-        }
-        lines += [*_format(table, metric), sentence, f"plots: {', '.join(str(p) for p in plots)}", ""]
-    (out_dir / "anova.json").write_text(json.dumps(record, indent=2) + "\n")
+        record["metrics"][metric], outputs = _analyse(rows, metric, varied, interactions, alpha)
+        files.update(outputs)
+        plots = ", ".join(str(out_dir / name) for name in outputs if name.endswith(".png"))
+        table = record["metrics"][metric]["table"]
+        lines += [*_format(table, metric), record["metrics"][metric]["sentence"], f"plots: {plots}", ""]
+    files["anova.json"] = json.dumps(record, indent=2) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_together({out_dir / name: data for name, data in files.items()})
     lines.append(f"tables: {out_dir}/anova_<metric>.csv, {out_dir / 'anova.json'}")
     return lines

@@ -66,7 +66,17 @@ from difflora.experiments.study_spec import (
 )
 from difflora.model.build import build_model
 
-__all__ = ["Cell", "Sweep", "SweepError", "load_sweep", "plan_sweep", "read_results", "run_sweep", "sweep_cells"]
+__all__ = [
+    "Cell",
+    "Sweep",
+    "SweepError",
+    "load_sweep",
+    "plan_sweep",
+    "read_results",
+    "run_sweep",
+    "sweep_cells",
+    "write_together",
+]
 
 _LEVEL = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -286,10 +296,21 @@ def _rows(cell: Cell, arm: StudyArm, seed: int, out_dir: Path) -> list[dict[str,
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # never a half-written table under the real name
+def write_together(files: dict[Path, str | bytes]) -> None:
+    """Write the outputs of one command: every file under a temporary name first, then the renames.
+
+    A failed write (a full disk) removes the temporary files and leaves every earlier output as it
+    was; never a half-written file under a real name, nor a new file next to an old one's partner."""
+    tmps = {path: path.with_name(path.name + ".tmp") for path in files}
+    try:
+        for path, data in files.items():
+            tmps[path].write_bytes(data.encode() if isinstance(data, str) else data)
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in tmps.items():
+        os.replace(tmp, path)
 
 
 def write_results(rows: list[dict[str, Any]], factors: list[str], out_dir: str | Path) -> Path:
@@ -302,8 +323,8 @@ def write_results(rows: list[dict[str, Any]], factors: list[str], out_dir: str |
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(out_dir / "results.csv", buf.getvalue())
-    _write_atomic(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    jsonl = "".join(json.dumps(r) + "\n" for r in rows)
+    write_together({out_dir / "results.csv": buf.getvalue(), out_dir / "results.jsonl": jsonl})
     return out_dir / "results.csv"
 
 
@@ -314,9 +335,13 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
         raise SweepError(f"results table {p} does not exist (a sweep writes <out>/results.csv and results.jsonl)")
     if p.suffix == ".jsonl":
         try:
-            return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
         except json.JSONDecodeError as exc:
             raise SweepError(f"{p}: not JSON lines ({exc})") from None
+        bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise SweepError(f"{p}: row {bad} is not a JSON object of column: value")
+        return rows
     if p.suffix != ".csv":
         raise SweepError(f"{p}: a results table is .csv or .jsonl")
 
@@ -327,4 +352,12 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
             return text
 
     with p.open(newline="") as f:
-        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        rows = []
+        for row in reader:
+            # DictReader fills a short line with None and keeps a long line's extra cells under None.
+            if None in row or None in row.values():
+                columns = ", ".join(reader.fieldnames)
+                raise SweepError(f"{p}: line {reader.line_num} does not have one cell per column ({columns})")
+            rows.append({k: value(v) for k, v in row.items()})
+        return rows

@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from difflora.optional import require
+
 __all__ = ["InceptionFeatures", "load_inception"]
 
 
@@ -85,20 +87,15 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu") -> Ince
     if not p.is_file():
         raise FileNotFoundError(f"Inception weights file {p} does not exist")
     state = _read_state_dict(p)
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except ImportError as exc:
-        raise ImportError(
-            "load_inception needs torch-fidelity for the Inception-v3 definition (pip install torch-fidelity; "
-            f"it imports torchvision, which must match your torch): {exc}"
-        ) from exc
+    # torch-fidelity imports torchvision, which must match the installed torch (the error says so).
+    extractor = require("torch_fidelity.feature_extractor_inceptionv3", "load_inception (the Inception-v3 definition)")
     # torch-fidelity downloads when given no path and unpickles a given path (its torch.load
     # allows arbitrary objects); so it gets a file we wrote from the tensors checked above, never
     # the user's file.
     with tempfile.TemporaryDirectory() as tmp:
         own = Path(tmp) / "inception.pt"
         torch.save(state, own)
-        ext = FeatureExtractorInceptionV3(
+        ext = extractor.FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(own)
         )
     return InceptionFeatures(ext).to(device).eval().requires_grad_(False)

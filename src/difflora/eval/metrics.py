@@ -22,7 +22,6 @@ settings, i.e. the same cache file), never with published FIDs.
 
 from __future__ import annotations
 
-import importlib
 import types
 import warnings
 from typing import Protocol
@@ -32,6 +31,7 @@ from torch import nn
 
 from difflora.eval.features import InceptionFeatures
 from difflora.eval.kernel import kernel_distance, stratifiable
+from difflora.optional import require
 
 __all__ = [
     "FeatureExtractor",
@@ -72,11 +72,8 @@ class _Identity(nn.Module):
 
 
 def _torchmetrics(name: str) -> types.ModuleType:
-    """torchmetrics.image.<name>, imported on use: torchmetrics is the optional ``eval`` extra."""
-    try:
-        return importlib.import_module(f"torchmetrics.image.{name}")
-    except ImportError as exc:
-        raise ImportError("difflora's metrics need torchmetrics: pip install 'difflora[eval]'") from exc
+    """torchmetrics.image.<name>, imported on use (it is heavy and only the metrics need it)."""
+    return require(f"torchmetrics.image.{name}", f"difflora's {name} metric")
 
 
 def _as_features(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -54,6 +54,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from difflora.config.base import GuidanceScale
 from difflora.config.schema import Config, ConfigError, parse_config
 from difflora.diffusion.respace import space_timesteps
 from difflora.files.jsonfile import read_json_file
@@ -103,7 +104,7 @@ class StudyEval(_Strict):
     sampler: Literal["ddpm", "ddim"] = "ddim"
     eta: float = Field(default=0.0, ge=0)
     # Classifier-free guidance scales of class-conditional arms (unconditional arms: 1 only).
-    guidance: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    guidance: list[GuidanceScale] = Field(default_factory=lambda: [1.0], min_length=1)
     seed: int = 0
     weights: Literal["ema", "model"] = "ema"
     # Optimizer steps of the feature network if it must be trained (None: its default).
@@ -118,7 +119,7 @@ class ArmEval(_Strict):
     at a distilled student's cost: fewer steps, CFG on a fraction of them (selective guidance)."""
 
     steps: int | None = Field(default=None, ge=1)
-    guidance: list[float] | None = Field(default=None, min_length=1)
+    guidance: list[GuidanceScale] | None = Field(default=None, min_length=1)
     guidance_fraction: float | None = Field(default=None, ge=0, le=1)
 
 
@@ -156,7 +157,7 @@ class Claim(_Strict):
     margin: float | None = Field(default=None, gt=0)
     # Compare both arms at this guidance scale (e.g. a distilled student and its teacher at the
     # student's w); None: each arm at its best scale.
-    guidance: float | None = Field(default=None, ge=0)
+    guidance: GuidanceScale | None = None
 
     @model_validator(mode="after")
     def _margin(self) -> Claim:

@@ -46,18 +46,14 @@ from torch import nn
 
 from difflora.config.schema import ModelConfig
 from difflora.nets.transformer import ContextEmbedder
+from difflora.optional import require
 
 __all__ = ["DiffusersNet", "build_diffusers_model", "diffusers_classes"]
 
 
 def diffusers_classes() -> dict[str, type[nn.Module]]:
     """Name -> class of the wrapped diffusers models; a clear error when diffusers is absent."""
-    try:
-        import diffusers
-    except ImportError:
-        raise ImportError(
-            "model.arch=diffusers needs the diffusers package: pip install 'difflora[interop]' (or pip install diffusers)"
-        ) from None
+    diffusers = require("diffusers", "model.arch=diffusers", extra="interop")
     return {
         "UNet2DModel": diffusers.UNet2DModel,
         "UNet2DConditionModel": diffusers.UNet2DConditionModel,
@@ -127,9 +123,8 @@ class DiffusersNet(nn.Module):
     def _find_label_modules(self) -> list[nn.Module]:
         """The modules that embed class labels: the UNets' ``class_embedding``, the DiT's label tables."""
         if self.kind == "DiTTransformer2DModel":
-            from diffusers.models.embeddings import LabelEmbedding
-
-            return [m for m in self.model.modules() if isinstance(m, LabelEmbedding)]
+            embeddings = require("diffusers.models.embeddings", "model.arch=diffusers", extra="interop")
+            return [m for m in self.model.modules() if isinstance(m, embeddings.LabelEmbedding)]
         emb = self.model.class_embedding
         if emb is None:
             return []
