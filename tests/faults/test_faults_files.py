@@ -24,6 +24,7 @@ from faultkit import (
     evaluate,
     flip_byte,
     forge,
+    hold_lock,
     nan_weights,
     remove,
     sample,
@@ -352,7 +353,39 @@ ADAPTERS = [
     ),
 ]
 
-CASES = RUN_DIRS + CHECKPOINTS + ADAPTERS
+# One writer per run directory: a second one is refused naming the holder (train, resume, distill,
+# pretrain).
+HELD_BY = r"is being written by pid 4242 on elsewhere \(difflora train tiny-unet\), started 2026-12-07 12:00:00 UTC"
+WRITERS = [
+    Fault(
+        "train-resume-while-training",
+        ("train", "tiny-unet", "--out", "{run}", "--resume", "--no-progress", "--set", "train.steps=6"),
+        HELD_BY,
+        damage=hold_lock("{run}"),
+    ),
+    Fault(
+        "train-into-a-run-being-trained", ("train", "tiny-unet", "--out", "{run}"), HELD_BY, damage=hold_lock("{run}")
+    ),
+    Fault(
+        "train-new-dir-being-trained",
+        ("train", "tiny-unet", "--out", "{tmp}/new", "--no-progress", "--set", "train.steps=2"),
+        HELD_BY,
+        damage=hold_lock("{tmp}/new"),
+    ),
+    Fault(
+        "distill-into-a-run-being-trained",
+        ("distill", "{run}", "--out", "{tmp}/d", "--no-progress", "--set", "train.steps=2"),
+        HELD_BY,
+        damage=hold_lock("{tmp}/d"),
+    ),
+    Fault(
+        "pretrain-while-pretraining",
+        ("pretrain", "fmnist16-unet", "--no-progress"),
+        HELD_BY,
+        damage=hold_lock("{tmp}/cache/bases/fmnist16-unet"),
+    ),
+]
+CASES = RUN_DIRS + CHECKPOINTS + ADAPTERS + WRITERS
 
 
 @pytest.mark.parametrize("fault", cases(CASES))
