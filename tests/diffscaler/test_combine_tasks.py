@@ -159,7 +159,7 @@ def test_runs_that_cannot_share_one_model_are_refused_and_nothing_is_written(run
         combine_task_runs([runs["digits"], runs["mnist"]], tmp / "taken")
 
 
-def test_a_second_combine_into_one_out_is_refused(runs):
+def test_a_second_combine_into_one_out_is_refused_and_the_combined_run_pins_its_base(runs):
     tmp = runs["tmp"]
     busy = tmp / ".tmp-busy"  # where another combine-tasks into --out busy is writing
     busy.mkdir()
@@ -174,3 +174,5 @@ def test_a_second_combine_into_one_out_is_refused(runs):
         os.close(fd)  # that process ends: its leftovers are cleared by the next combine-tasks
     out = combine_task_runs([runs["digits"], runs["mnist"]], tmp / "busy", log=lambda _: None)
     assert not busy.exists() and sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "lock"]
+    record = json.loads((runs["base"] / "dependents.json").read_text())["dependents"]
+    assert record[str(out.resolve())]["checkpoint"] == latest_checkpoint(runs["base"]).name

@@ -35,6 +35,7 @@ from difflora.config.schema import Config, DataConfig, TaskDataConfig, config_to
 from difflora.diffscaler.tasks import task_branches
 from difflora.model.build import build_model
 from difflora.train.checkpoint import save_checkpoint, select_checkpoint, stream_weights, weight_sources
+from difflora.train.dependents import record_dependent
 from difflora.train.run_dir import RunExistsError, check_writable, load_run_config, write_json
 from difflora.train.run_lock import LOCK_FILE, run_lock
 
@@ -260,6 +261,7 @@ def combine_task_runs(runs: Sequence[str | Path], out: str | Path, log: Callable
             os.replace(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        record_dependent(meta["base"]["path"], out)  # the combined run reads the base's frozen weights too
     names = [d.name for s in sources for d in s.datasets]
     for m in combined_from:
         log(f"tasks {m['tasks']}: {m['run']} (step {m['step']})")

@@ -56,6 +56,7 @@ from difflora.train.checkpoint import (
     save_checkpoint,
     select_checkpoint,
 )
+from difflora.train.dependents import record_dependent
 from difflora.train.distributed import Dist, launched_rank, process_group, wrap_model
 from difflora.train.ema import EMA
 from difflora.train.objectives import build_objective
@@ -514,6 +515,8 @@ def train(
         else:
             check_writable(out)
         st = _prepare(cfg, out, ckpt, log, ctx, device)
+        if ctx.is_main and st.base is not None:
+            record_dependent(st.base["path"], out)  # from now on the base's retention spares that checkpoint
         # Process 0 alone writes, so it alone holds the run's lock: from its first write to its exit.
         with run_lock(out) if ctx.is_main else contextlib.nullcontext():
             if ctx.is_main:

@@ -34,7 +34,7 @@ except ImportError:  # Windows: byte-range locks of the C runtime, also released
     fcntl = None
     import msvcrt
 
-__all__ = ["LOCK_FILE", "RunLocked", "check_unlocked", "run_lock"]
+__all__ = ["LOCK_FILE", "RunLocked", "check_unlocked", "run_lock", "updating"]
 
 LOCK_FILE = "lock"
 # Windows locks a byte range and refuses reads inside it: lock a byte far past the holder's text.
@@ -141,5 +141,22 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
         finally:
             _HELD.discard(key)
             _unlock(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def updating(directory: str | Path) -> Iterator[None]:
+    """Wait for, then hold, a short exclusive lock on ``directory`` itself (not its run lock): for a
+    read-modify-write of a small record in it by several processes. It creates no file, so it works
+    in a directory this process cannot write. Windows cannot open a directory: there the block runs
+    unguarded (the record is still replaced atomically)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
         os.close(fd)
