@@ -4,6 +4,7 @@ adapter run reads its frozen weights from."""
 
 import errno
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import difflora.train.dependents as dependents
 from difflora.cli.commands import main
 from difflora.train import train
 from difflora.train.checkpoint import RetentionWarning, find_checkpoints
-from difflora.train.dependents import DEPENDENTS_FILE, DependentsError, UnrecordedDependency
+from difflora.train.dependents import DEPENDENTS_FILE, DependentsError, UnrecordedDependency, record_dependent
 
 QUIET = {"progress": False, "log": lambda s: None}
 LORA = "model.adapters=[{name: lora, condition: t, weighting: linear, num_values: 100, num_bases: 2, rank: 2}]"
@@ -82,3 +83,11 @@ def test_an_unreadable_record_keeps_every_checkpoint_and_is_never_overwritten(tm
     with pytest.warns(RetentionWarning, match=r"kept every old checkpoint of \S+: \S+dependents.json is not valid"):
         _extend(base, tiny_config)
     assert _steps(base) == [2, 4, 6, 8]
+
+
+def test_a_base_checkpoint_deleted_while_a_run_starts_from_it_is_an_error(tmp_path, tiny_config):
+    base = _base(tmp_path, tiny_config)
+    gone = base / "checkpoints" / "step_0000002"
+    shutil.rmtree(gone)  # the base's retention ran between the run reading it and the record landing
+    with pytest.raises(DependentsError, match=r"step_0000002 was deleted by the retention of \S+base while"):
+        record_dependent(gone, tmp_path / "adapted")

@@ -96,6 +96,12 @@ def record_dependent(base_ckpt: str | Path, run_dir: str | Path) -> None:
             if record.get(run) == entry:
                 return
             _write(path, record | {run: entry})
+        # The base's retention may have run between this run reading the checkpoint and the record landing.
+        if not ckpt.is_dir():
+            raise DependentsError(
+                f"{ckpt} was deleted by the retention of {base} while this run was starting from it; start this "
+                "run again"
+            )
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
