@@ -6,7 +6,9 @@ is (sample, eval --task, train.init_from with frozen tasks)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from difflora.config.schema import load_config
 from difflora.diffscaler.combine_tasks import CombineError, combine_task_runs
 from difflora.eval.target import task_config
 from difflora.train import CheckpointError, RunExistsError, latest_checkpoint, open_run, train
+from difflora.train.run_lock import RunLocked
 from helpers import tiny_config
 
 QUIET = dict(progress=False, log=lambda _: None)
@@ -154,3 +157,22 @@ def test_runs_that_cannot_share_one_model_are_refused_and_nothing_is_written(run
     (tmp / "taken").mkdir()
     with pytest.raises(RunExistsError, match="already exists"):
         combine_task_runs([runs["digits"], runs["mnist"]], tmp / "taken")
+
+
+def test_a_second_combine_into_one_out_is_refused_and_the_combined_run_pins_its_base(runs):
+    tmp = runs["tmp"]
+    busy = tmp / ".tmp-busy"  # where another combine-tasks into --out busy is writing
+    busy.mkdir()
+    (busy / "lock").write_text(json.dumps({"pid": 7, "host": "h", "command": "difflora combine-tasks", "started": "x"}))
+    (busy / "half-written").write_text("")
+    fd = os.open(busy / "lock", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(RunLocked, match=r"is being written by pid 7 on h \(difflora combine-tasks\)"):
+            combine_task_runs([runs["digits"], runs["mnist"]], tmp / "busy", log=lambda _: None)
+    finally:
+        os.close(fd)  # that process ends: its leftovers are cleared by the next combine-tasks
+    out = combine_task_runs([runs["digits"], runs["mnist"]], tmp / "busy", log=lambda _: None)
+    assert not busy.exists() and sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "lock"]
+    record = json.loads((runs["base"] / "dependents.json").read_text())["dependents"]
+    assert record[str(out.resolve())]["checkpoint"] == latest_checkpoint(runs["base"]).name

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultkit import TASK_ADAPTER
+from faultkit import TASK_ADAPTER, release_locks
 
 from difflora.config.schema import config_to_dict
 from difflora.model.build import build_model
@@ -32,3 +32,10 @@ def runs(tmp_path_factory, tiny_config) -> dict[str, Path]:
     save_checkpoint(root / "task", 1, model=state, ema=state, optimizer=opt, rng=rng, meta=meta)
     (root / "task" / "config.json").write_text(json.dumps(config_to_dict(tcfg)))
     return {"run": root / "run", "task": root / "task"}
+
+
+@pytest.fixture(autouse=True)
+def _release_held_locks():
+    """Locks a case's damage holds (faultkit.hold_lock) end with the case."""
+    yield
+    release_locks()

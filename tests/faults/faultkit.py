@@ -19,8 +19,10 @@ damaged metrics.jsonl: tests/test_train.py) and adapter-file loading (tests/test
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -137,6 +139,32 @@ def write_tmp(rel: str, data: bytes) -> Callable[[Path, Path], None]:
         (tmp / rel).write_bytes(data)
 
     return damage
+
+
+# What another writer wrote into a run's lock file (difflora.train.run_lock), and the open files by
+# which this process holds such locks for a case (released after it by conftest.py).
+HOLDER = {"pid": 4242, "host": "elsewhere", "command": "difflora train tiny-unet", "started": "2026-12-07 12:00:00 UTC"}
+HELD_LOCKS: list[int] = []
+
+
+def hold_lock(where: str) -> Callable[[Path, Path], None]:
+    """Another process writes the run directory ``where`` ({run} and {tmp} are filled in): its lock
+    is held through an open file of its own, which the command's own lock cannot share."""
+
+    def damage(run: Path, tmp: Path) -> None:
+        run_dir = Path(_fill((where,), run, tmp)[0])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "lock").write_text(json.dumps(HOLDER))
+        fd = os.open(run_dir / "lock", os.O_RDONLY)
+        HELD_LOCKS.append(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    return damage
+
+
+def release_locks() -> None:
+    while HELD_LOCKS:
+        os.close(HELD_LOCKS.pop())
 
 
 # ------------------------------------------------------------------------------------- catalogue

@@ -24,6 +24,7 @@ from faultkit import (
     evaluate,
     flip_byte,
     forge,
+    hold_lock,
     nan_weights,
     remove,
     sample,
@@ -353,7 +354,54 @@ ADAPTERS = [
     ),
 ]
 
-CASES = RUN_DIRS + CHECKPOINTS + ADAPTERS
+# One writer per run directory: a second one is refused naming the holder (train, resume, distill,
+# pretrain), and a base's record of the runs that stand on its checkpoints is never overwritten.
+HELD_BY = r"is being written by pid 4242 on elsewhere \(difflora train tiny-unet\), started 2026-12-07 12:00:00 UTC"
+LORA = "model.adapters=[{name: lora, condition: t, weighting: linear, num_values: 100, num_bases: 2, rank: 2}]"
+WRITERS = [
+    Fault(
+        "train-resume-while-training",
+        ("train", "tiny-unet", "--out", "{run}", "--resume", "--no-progress", "--set", "train.steps=6"),
+        HELD_BY,
+        damage=hold_lock("{run}"),
+    ),
+    Fault(
+        "train-into-a-run-being-trained", ("train", "tiny-unet", "--out", "{run}"), HELD_BY, damage=hold_lock("{run}")
+    ),
+    Fault(
+        "train-new-dir-being-trained",
+        ("train", "tiny-unet", "--out", "{tmp}/new", "--no-progress", "--set", "train.steps=2"),
+        HELD_BY,
+        damage=hold_lock("{tmp}/new"),
+    ),
+    Fault(
+        "distill-into-a-run-being-trained",
+        ("distill", "{run}", "--out", "{tmp}/d", "--no-progress", "--set", "train.steps=2"),
+        HELD_BY,
+        damage=hold_lock("{tmp}/d"),
+    ),
+    Fault(
+        "pretrain-while-pretraining",
+        ("pretrain", "fmnist16-unet", "--no-progress"),
+        HELD_BY,
+        damage=hold_lock("{tmp}/cache/bases/fmnist16-unet"),
+    ),
+    Fault(
+        "adapt-a-base-with-a-garbled-dependents-record",
+        ("train", "tiny-unet", "--out", "{tmp}/new", "--no-progress", "--set", "train.steps=2", "--set", LORA)
+        + ("--set", "train.train_base=false", "--set", "train.init_from={run}"),
+        r"dependents\.json is not valid JSON .* lists the runs started from checkpoints of",
+        damage=write("dependents.json", "{not json"),
+    ),
+    Fault(
+        "adapt-a-base-whose-dependents-record-is-a-list",
+        ("train", "tiny-unet", "--out", "{tmp}/new", "--no-progress", "--set", "train.steps=2", "--set", LORA)
+        + ("--set", "train.train_base=false", "--set", "train.init_from={run}"),
+        r"dependents\.json is not a dependents record \(format 1\)",
+        damage=write("dependents.json", '{"format": 1, "dependents": []}'),
+    ),
+]
+CASES = RUN_DIRS + CHECKPOINTS + ADAPTERS + WRITERS
 
 
 @pytest.mark.parametrize("fault", cases(CASES))

@@ -35,7 +35,9 @@ from difflora.config.schema import Config, DataConfig, TaskDataConfig, config_to
 from difflora.diffscaler.tasks import task_branches
 from difflora.model.build import build_model
 from difflora.train.checkpoint import save_checkpoint, select_checkpoint, stream_weights, weight_sources
+from difflora.train.dependents import record_dependent
 from difflora.train.run_dir import RunExistsError, check_writable, load_run_config, write_json
+from difflora.train.run_lock import LOCK_FILE, run_lock
 
 __all__ = ["CombineError", "combine_task_runs"]
 
@@ -248,15 +250,18 @@ def combine_task_runs(runs: Sequence[str | Path], out: str | Path, log: Callable
     meta = {"config": config_to_dict(cfg), "base": sources[0].state["base"], "combined_from": combined_from}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}"  # not mkdtemp: its 0700 would outlive the rename
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed combine-tasks
-    tmp.mkdir()
-    try:
-        step = max(s.state["step"] for s in sources)
-        save_checkpoint(tmp, step, model=tensors["model"], ema=tensors["ema"], optimizer=None, rng={}, meta=meta)
-        write_json(tmp / "config.json", meta["config"])
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Locked like any run directory (the lock moves with it): a second combine-tasks into this --out is refused.
+    with run_lock(tmp):
+        for leftover in (p for p in tmp.iterdir() if p.name != LOCK_FILE):  # left by a killed combine-tasks
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        try:
+            step = max(s.state["step"] for s in sources)
+            save_checkpoint(tmp, step, model=tensors["model"], ema=tensors["ema"], optimizer=None, rng={}, meta=meta)
+            write_json(tmp / "config.json", meta["config"])
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        record_dependent(meta["base"]["path"], out)  # the combined run reads the base's frozen weights too
     names = [d.name for s in sources for d in s.datasets]
     for m in combined_from:
         log(f"tasks {m['tasks']}: {m['run']} (step {m['step']})")

@@ -16,6 +16,9 @@ come from which base key. ``ema.safetensors`` holds the EMA of the trainable ten
 weights of a checkpoint are therefore base (if any), overlaid by ``model``, overlaid by ``ema`` for
 the EMA weights: :func:`load_weights` assembles them and checks the base's fingerprint.
 
+Retention keeps the two newest checkpoints of a run and every one another run was started from
+(recorded in the run's ``dependents.json``, see :mod:`difflora.train.dependents`).
+
 Which checkpoint a command reads is :func:`select_checkpoint`'s choice: a step or a directory the
 user names (``--checkpoint``), else the newest one that looks intact, after a warning for every
 newer one that does not. Every failure to read one, including third-party errors (a JSON or
@@ -45,6 +48,7 @@ from safetensors.torch import load_file
 from difflora.errors import DiffloraError
 from difflora.files.jsonfile import read_json_file
 from difflora.files.tensorfile import check_finite, save_tensors
+from difflora.train.dependents import DependentsError, pinned_checkpoints
 
 __all__ = [
     "CheckpointError",
@@ -75,6 +79,10 @@ class CheckpointError(RuntimeError, DiffloraError):
 
 class CheckpointWarning(UserWarning):
     """A damaged checkpoint was skipped in favour of an older, intact one."""
+
+
+class RetentionWarning(UserWarning):
+    """Retention kept an old checkpoint because other runs were started from it."""
 
 
 def _sha256(path: Path) -> str:
@@ -125,7 +133,8 @@ def save_checkpoint(
     meta: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and keep only the newest ``keep`` ones.
+    """Write checkpoint ``step`` atomically and keep only the newest ``keep`` ones, and every one
+    another run was started from (:mod:`difflora.train.dependents`).
 
     ``optimizer`` None stores no optimizer state (a run that serves but does not train, such as a
     merged one: 002's ``difflora combine-tasks``).
@@ -161,9 +170,26 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in find_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    _retire(run_dir, find_checkpoints(run_dir)[:-keep] if keep > 0 else [])
     return final
+
+
+def _retire(run_dir: str | Path, old: list[Path]) -> None:
+    """Delete the checkpoints ``old`` retention lets go, except those other runs were started from
+    (``dependents.json``, see :mod:`difflora.train.dependents`); each one kept is said in a warning."""
+    if not old:
+        return
+    try:
+        pins = pinned_checkpoints(run_dir)
+    except DependentsError as exc:
+        warnings.warn(f"kept every old checkpoint of {run_dir}: {exc}", RetentionWarning, stacklevel=3)
+        return
+    for ckpt in old:
+        if ckpt.name in pins:
+            runs = ", ".join(pins[ckpt.name])
+            warnings.warn(f"kept {ckpt}: other runs were started from it ({runs})", RetentionWarning, stacklevel=3)
+        else:
+            shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def find_checkpoints(run_dir: str | Path) -> list[Path]:

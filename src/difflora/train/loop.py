@@ -56,6 +56,7 @@ from difflora.train.checkpoint import (
     save_checkpoint,
     select_checkpoint,
 )
+from difflora.train.dependents import record_dependent
 from difflora.train.distributed import Dist, launched_rank, process_group, wrap_model
 from difflora.train.ema import EMA
 from difflora.train.objectives import build_objective
@@ -70,6 +71,7 @@ from difflora.train.run_dir import (
     truncate_metrics,
     write_json,
 )
+from difflora.train.run_lock import RunLocked, check_unlocked, run_lock
 from difflora.train.state import TrainState, Window
 from difflora.train.step import (
     TrainingDiverged,
@@ -498,7 +500,10 @@ def train(
     ``main`` says whether this is that process.
     """
     out = Path(out_dir)
-    if find_checkpoints(out) and not resume:
+    if launched_rank() == 0:
+        check_unlocked(out)  # a second writer is refused before it reads or builds anything
+    newest = find_checkpoints(out)[-1:]
+    if newest and not resume:
         raise RunExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     ckpt = _load_resume_checkpoint(out, cfg, checkpoint) if resume else None
     end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
@@ -510,14 +515,26 @@ def train(
         else:
             check_writable(out)
         st = _prepare(cfg, out, ckpt, log, ctx, device)
-        if ctx.is_main:
-            _open_run_dir(out, cfg, ckpt, log)
-        ctx.barrier()  # every process has read the checkpoint before process 0 writes any
-        start = st.step
-        _run_steps(st, end, progress, log, callback)
-        result = _finish(st, start, resumed=ckpt is not None)
-        ctx.barrier()  # no process moves on (e.g. to resume the run) before process 0 has written it
+        if ctx.is_main and st.base is not None:
+            record_dependent(st.base["path"], out)  # from now on the base's retention spares that checkpoint
+        # Process 0 alone writes, so it alone holds the run's lock: from its first write to its exit.
+        with run_lock(out) if ctx.is_main else contextlib.nullcontext():
+            if ctx.is_main:
+                _check_unchanged(out, newest)
+                _open_run_dir(out, cfg, ckpt, log)
+            ctx.barrier()  # every process has read the checkpoint before process 0 writes any
+            start = st.step
+            _run_steps(st, end, progress, log, callback)
+            result = _finish(st, start, resumed=ckpt is not None)
+            ctx.barrier()  # no process moves on (e.g. to resume the run) before process 0 has written it
         return result
+
+
+def _check_unchanged(out: Path, newest: list[Path]) -> None:
+    """Refuse when another writer finished a checkpoint of ``out`` between this command's first look
+    (``newest``) and its lock: what it read or built would overwrite newer work."""
+    if find_checkpoints(out)[-1:] != newest:
+        raise RunLocked(f"another process wrote a checkpoint of {out} while this command was preparing; run it again")
 
 
 def _silent(message: str) -> None:

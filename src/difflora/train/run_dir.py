@@ -8,6 +8,8 @@ A run directory holds everything a run produced::
     tb/              TensorBoard scalars
     samples/         PNG sample grids (EMA weights)
     checkpoints/     see difflora.train.checkpoint
+    lock             held by the one process writing the run (difflora.train.run_lock)
+    dependents.json  the runs started from its checkpoints, if any (difflora.train.dependents)
 
 Invariants (what resuming relies on): ``metrics.jsonl`` never holds a row past the newest checkpoint
 once the run has exited (rows written after it are dropped on exit, or on resume after a crash);
