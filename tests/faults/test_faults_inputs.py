@@ -208,8 +208,16 @@ def _peft_fault(id: str, error: str, **damage) -> Fault:
 
 
 PEFT = [
-    _peft_fault("peft-alpha-word", r"peft: not a LoRA .*could not convert string to float", config={"lora_alpha": "x"}),
-    _peft_fault("peft-alpha-null", r"peft: not a LoRA .*not 'NoneType'", config={"lora_alpha": None}),
+    _peft_fault(
+        "peft-alpha-word",
+        r"adapter_config.json: the alpha of .* is 'x'; a LoRA's alpha is a finite number",
+        config={"lora_alpha": "x"},
+    ),
+    _peft_fault(
+        "peft-alpha-null",
+        r"adapter_config.json: the alpha of .* is None; a LoRA's alpha is a finite number",
+        config={"lora_alpha": None},
+    ),
     _peft_fault(
         "peft-alpha-pattern-bad-regex",
         r"peft: not a LoRA .*pattern .*\(\?:\(\)': missing \)",

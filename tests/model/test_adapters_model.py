@@ -168,7 +168,7 @@ def test_merged_tiny_unet_with_scales_on_two_conditions_equals_per_sample(tiny_c
         for p in model.parameters():
             if not p.any():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    x, t, y = torch.randn(3, 1, 8, 8, generator=g), torch.full((3,), 50.0), torch.tensor([1, 4, -1])
+    x, t, y = torch.randn(3, 1, 8, 8, generator=g), torch.full((3,), 50), torch.tensor([1, 4, -1])
     per_sample = model(x, t, y)
     with model.merged("t"):
         fast = model(x, t, y)
