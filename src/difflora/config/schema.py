@@ -288,6 +288,14 @@ class SampleConfig(StrictModel):
     guidance_fraction: float = Field(default=1.0, ge=0, le=1)
     batch_size: int = Field(default=256, ge=1)
 
+    def with_changes(self, changes: dict[str, Any]) -> SampleConfig:
+        """These settings with ``changes`` applied, validated by the same rules; a change of sampler
+        drops the eta that belonged to the old one."""
+        base = self.model_dump()
+        if changes.get("sampler", self.sampler) != self.sampler:
+            del base["eta"]
+        return SampleConfig.model_validate(base | changes)
+
     @model_validator(mode="after")
     def _ddpm_has_no_eta(self) -> SampleConfig:
         if self.sampler == "ddpm":  # ancestral sampling draws the diffusion's own variance
