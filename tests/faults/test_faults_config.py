@@ -216,6 +216,19 @@ HELD = [
         ("params", "distill/digits", "--set", "train.label_dropout=0.2"),
         r"train\.label_dropout=0\.2 cannot take effect: train\.objective=distill",
     ),
+    *[
+        Fault(
+            f"set-adapter-{key}-{form}",
+            params(f"model.adapters=[{{name: a, form: {form}, weighting: index, num_values: 100, {key}: {value}}}]"),
+            rf"model\.adapters\[a\]\.{key}={shown} cannot take effect: form {form} \(",
+        )
+        for key, form, value, shown in (
+            ("alpha", "scale", 8, "8\\.0"),
+            ("activation", "lowrank", "identity", "'identity'"),
+            ("kernel", "shift", "1x1", "'1x1'"),
+            ("scale", "lowrank", 2, "2\\.0"),
+        )
+    ],
     Fault(
         "sample-eta-ddpm",
         sample("--sampler", "ddpm", "--eta", "0.5"),

@@ -364,7 +364,10 @@ class Config(StrictModel):
             )
         if self.model.context.new_tokens is None:
             hold_fixed(
-                t, "train", unused_at_default(t, ("token_lr",)), "model.context.new_tokens=None (no new class tokens)"
+                t,
+                "train",
+                unused_at_default(t, ("token_lr",)),
+                "model.context.new_tokens=None (no new class tokens: set model.context.new_tokens to train a table at this rate)",
             )
         if t.train_base:
             hold_fixed(
