@@ -6,6 +6,7 @@ import pytest
 from faultkit import (
     CK2,
     CK4,
+    TASK_ADAPTER,
     Fault,
     both,
     cases,
@@ -14,6 +15,7 @@ from faultkit import (
     idx_labels,
     mkdir,
     params,
+    sample,
     train,
     write,
     write_tmp,
@@ -163,6 +165,122 @@ CONFIG = [
     ),
 ]
 
+# Issue 28 class 3: a value that cannot take effect is refused (config.hold_fixed), naming the key.
+HELD = [
+    *[
+        Fault(
+            f"set-dit-preset-{key.replace('_', '-')}",
+            params("model.arch=dit", "model.dit.preset=DiT-T/2", f"model.dit.{key}={value}"),
+            rf"model\.dit\.{key}={value} cannot take effect: model\.dit\.preset=DiT-T/2 holds it at {held}; "
+            rf"remove model\.dit\.{key}$",
+        )
+        for key, value, held in (("depth", 3, 2), ("hidden_size", 96, 64), ("num_heads", 4, 2), ("patch_size", 4, 2))
+    ],
+    Fault(
+        "set-dit-preset-unknown",
+        params("model.arch=dit", "model.dit.preset=DiT-Q/2"),
+        r"model\.dit\.preset: unknown preset 'DiT-Q/2'; choose one of DiT-XL/2",
+    ),
+    Fault(
+        "set-unet-under-diffusers",
+        params("model.arch=diffusers"),
+        r"model\.unet\.model_channels=16 cannot take effect: model\.arch=diffusers holds it at 128",
+    ),
+    Fault(
+        "set-diffusers-under-unet",
+        params("model.diffusers.class_name=DiTTransformer2DModel"),
+        r"model\.diffusers\.class_name='DiTTransformer2DModel' cannot take effect: model\.arch=unet",
+    ),
+    Fault(
+        "set-eta-ddpm",
+        params("sample.sampler=ddpm", "sample.eta=0.5"),
+        r"sample\.eta=0\.5 cannot take effect: sample\.sampler=ddpm holds it at 0\.0; remove sample\.eta$",
+    ),
+    Fault(
+        "set-init-weights-without-init-from",
+        params("train.init_weights=model"),
+        r"train\.init_weights='model' cannot take effect: train\.init_from=None",
+    ),
+    Fault(
+        "set-token-lr-without-new-tokens",
+        params("train.token_lr=0.01"),
+        r"train\.token_lr=0\.01 cannot take effect: model\.context\.new_tokens=None",
+    ),
+    Fault(
+        "set-base-groups-with-train-base",
+        params("train.base_groups=[bias]"),
+        r"train\.base_groups=\['bias'\] cannot take effect: train\.train_base=true .*set train\.train_base=false",
+    ),
+    Fault(
+        "set-label-dropout-distill",
+        ("params", "distill/digits", "--set", "train.label_dropout=0.2"),
+        r"train\.label_dropout=0\.2 cannot take effect: train\.objective=distill",
+    ),
+    *[
+        Fault(
+            f"set-adapter-{key}-{form}",
+            params(f"model.adapters=[{{name: a, form: {form}, weighting: index, num_values: 100, {key}: {value}}}]"),
+            rf"model\.adapters\[a\]\.{key}={shown} cannot take effect: form {form} \(",
+        )
+        for key, form, value, shown in (
+            ("alpha", "scale", 8, "8\\.0"),
+            ("activation", "lowrank", "identity", "'identity'"),
+            ("kernel", "shift", "1x1", "'1x1'"),
+            ("scale", "lowrank", 2, "2\\.0"),
+        )
+    ],
+    Fault(
+        "sample-eta-ddpm",
+        sample("--sampler", "ddpm", "--eta", "0.5"),
+        r"sample\.eta=0\.5 cannot take effect: sample\.sampler=ddpm holds it at 0\.0",
+    ),
+]
+
+# Issue 28 class 10: every config error is found before the first step (before any file is written).
+EARLY = [
+    Fault(
+        "train-task-adapter-no-task-data",
+        train(TASK_ADAPTER),
+        r"model\.adapters\[task\]\.condition=task: no batch of this run carries 'task' \(they carry t, y\); "
+        r"set data\.task_id=K",
+    ),
+    Fault(
+        "train-adapter-condition-unknown",
+        train(TASK_ADAPTER.replace("condition: task", "condition: colour")),
+        r"model\.adapters\[task\]\.condition=colour: no batch of this run carries 'colour'",
+    ),
+    Fault(
+        "train-affiner-condition-unknown",
+        train("model.affiner={tasks: 2, condition: colour}", "train.train_base=false"),
+        r"model\.affiner\.condition=colour: no batch of this run carries 'colour'",
+    ),
+    Fault(
+        "demo-eval-samples-too-few",
+        ("demo", "--out", "{tmp}/demo", "--eval-samples", "2"),
+        r"--eval-samples must be 0 \(no evaluation\) or at least 4, got 2$",
+    ),
+    Fault(
+        "demo-eval-samples-negative",
+        ("demo", "--out", "{tmp}/demo", "--eval-samples", "-1"),
+        r"--eval-samples must be 0 \(no evaluation\) or at least 4, got -1$",
+    ),
+    Fault(
+        "demo-eval-steps-over-diffusion",
+        ("demo", "--out", "{tmp}/demo", "--set", "diffusion.steps=10"),
+        r"--steps 100 exceeds the run's 10 diffusion timesteps",
+    ),
+    Fault(
+        "diffusers-dit-patch",
+        ("params", "{tmp}/c.yaml"),
+        r"model\.diffusers\.config\.patch_size \(3\) must be a positive integer dividing model\.image_size \(8\)",
+        damage=write_tmp(
+            "c.yaml",
+            b"model:\n  arch: diffusers\n  learn_sigma: false\n  diffusers:\n    class_name: DiTTransformer2DModel\n"
+            b"    config: {patch_size: 3, num_layers: 1}\ndiffusion: {loss: mse}\n",
+        ),
+    ),
+]
+
 TRAIN = [
     Fault("train-device-gpu0", train("train.device=gpu0"), r"train\.device: 'gpu0' is not a device; use auto, cpu"),
     Fault("train-device-cuda", train("train.device=cuda"), r"train\.device=cuda: CUDA is not available here"),
@@ -300,7 +418,7 @@ STUDIES = [
     ),
 ]
 
-CASES = CONFIG + TRAIN + STUDIES
+CASES = CONFIG + HELD + TRAIN + EARLY + STUDIES
 
 
 @pytest.mark.parametrize("fault", cases(CASES))

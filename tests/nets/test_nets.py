@@ -84,12 +84,20 @@ def test_dit_s2_parameter_count():
     assert net.pos_embed.shape == (1, 256, 384) and len(net.blocks) == 12
 
 
-def test_dit_presets_override_size_fields():
+def test_dit_presets_fix_size_fields_and_refuse_other_values():
     assert DIT_PRESETS["DiT-XL/2"] == (28, 1152, 16, 2) and DIT_PRESETS["DiT-T/2"] == (2, 64, 2, 2)
-    net = build_net(model_cfg(arch="dit", dit={"preset": "DiT-T/4", "depth": 7, "hidden_size": 96}))
+    cfg = model_cfg(arch="dit", dit={"preset": "DiT-T/4", "depth": 2})  # the preset's own value is fine
+    net = build_net(cfg)
     assert (len(net.blocks), net.hidden_size, net.patch_size, net.blocks[0].attn.num_heads) == (2, 64, 4, 2)
+    # The config (and so config.json) holds what runs.
+    assert (cfg.dit.depth, cfg.dit.hidden_size, cfg.dit.num_heads, cfg.dit.patch_size) == (2, 64, 2, 4)
+    for key, value in (("depth", 7), ("hidden_size", 96), ("num_heads", 4), ("patch_size", 2)):
+        with pytest.raises(
+            ValueError, match=rf"model\.dit\.{key}={value} cannot take effect: model\.dit\.preset=DiT-T/4"
+        ):
+            model_cfg(arch="dit", dit={"preset": "DiT-T/4", key: value})
     with pytest.raises(ValueError, match="unknown preset"):
-        build_net(model_cfg(arch="dit", dit={"preset": "DiT-Q/2"}))
+        model_cfg(arch="dit", dit={"preset": "DiT-Q/2"})
 
 
 # ----------------------------------------------------------------------------- improved-diffusion naming

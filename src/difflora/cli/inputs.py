@@ -69,9 +69,11 @@ def sample_settings(cfg: Config, **flags: object) -> SampleConfig:
     (``--guidance -2`` fails exactly as ``sample.guidance=-2`` does)."""
     given = {k: v for k, v in flags.items() if v is not None}
     try:
-        return SampleConfig.model_validate({**cfg.sample.model_dump(), **given})
+        return cfg.sample.with_changes(given)
     except ValidationError as err:
         e = err.errors()[0]
+        if not e["loc"]:  # a rule between keys (e.g. no eta for ddpm): its message names them
+            raise CLIError(f"{e['msg'].removeprefix('Value error, ')} (the flag of the same name sets it)") from None
         key = str(e["loc"][0])
         msg = e["msg"][0].lower() + e["msg"][1:]
         raise CLIError(f"--{key}: {msg}, got {e.get('input')!r} (the rule of sample.{key})") from None

@@ -9,6 +9,7 @@ from difflora.cli.inputs import check_device
 from difflora.cli.parser import CLIError
 from difflora.config.schema import load_config
 from difflora.eval.evaluate import EvalSettings, evaluate_run
+from difflora.eval.settings import MIN_SAMPLES
 from difflora.experiments.pretrain import pretrain
 from difflora.train import train
 from difflora.train.checkpoint import select_checkpoint
@@ -41,6 +42,13 @@ def demo_command(args) -> int:
     cfg = load_config(resolve_config_path("digits"), args.set or [])
     check_device(cfg.train.device, "train.device")
     out = Path(args.out)
+    n = args.eval_samples
+    if n < 0 or 0 < n < MIN_SAMPLES:
+        raise CLIError(f"--eval-samples must be 0 (no evaluation) or at least {MIN_SAMPLES}, got {n}")
+    # The evaluation's settings are checked against the config before training, not after it.
+    settings = EvalSettings(num_samples=n) if n else None
+    if settings is not None:
+        settings.sampling(cfg, out)
     print(
         f"difflora demo: training the digits preset ({cfg.train.steps} steps, batch {cfg.train.batch_size}) into {out}"
     )
@@ -50,10 +58,9 @@ def demo_command(args) -> int:
     print(f"sample grid (one column per class, EMA weights): {result['grid']}")
     # Score what was trained: FD against the 359 held-out digits in the feature space of a small
     # classifier difflora trains on the train split (cached after the first demo, ~10 s).
-    n = args.eval_samples
-    if n > 0:
+    if settings is not None:
         print(f"evaluating {n} samples ({cfg.sample.sampler}, {cfg.sample.steps} steps) against the held-out digits")
-        ev = evaluate_run(out, EvalSettings(num_samples=n), out=out / "eval", progress=not args.no_progress)
+        ev = evaluate_run(out, settings, out=out / "eval", progress=not args.no_progress)
         r = ev["results"][0]
         acc = f", class accuracy {r['class_accuracy']:.3f}" if "class_accuracy" in r else ""
         print(

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
-from difflora.config.base import GuidanceScale, StrictModel
+from difflora.config.base import GuidanceScale, StrictModel, hold_fixed, unused_at_default
 
 __all__ = ["DISTILL_ADAPTER", "DISTILL_TARGETS", "AdapterConfig", "AffinerConfig", "DistillConfig", "target_regex"]
 
@@ -121,14 +121,15 @@ class AdapterConfig(StrictModel):
         position = self.form == "position"
         if position and (self.source is None or self.dest is None or not self.targets):
             raise ValueError(f"{where}: form position needs source and dest taps and targets (block paths)")
-        if not position and (self.source is not None or self.dest is not None or self.scale != 1.0):
-            raise ValueError(f"{where}: source, dest and scale are for form position only")
-        if self.activation not in (None, "identity") and self.form not in ("lowrank_act", "position"):
-            raise ValueError(f"{where}.activation: only forms lowrank_act and position have an activation")
-        if self.kernel != "full" and self.form not in ("lowrank_act", "position"):
-            raise ValueError(f"{where}.kernel: only forms lowrank_act and position have a kernel choice")
-        if self.alpha is not None and self.form != "lowrank":
-            raise ValueError(f"{where}.alpha: only the lowrank form has alpha (scaling = alpha / rank)")
+        # The options this form has no use for keep their defaults (an explicit other value is refused).
+        form = f"form {self.form}"
+        if not position:
+            hold_fixed(self, where, unused_at_default(self, ("source", "dest", "scale")), f"{form} (for position only)")
+        if self.form not in ("lowrank_act", "position"):
+            why = "(only forms lowrank_act and position have an activation and a kernel choice)"
+            hold_fixed(self, where, unused_at_default(self, ("activation", "kernel")), f"{form} {why}")
+        if self.form != "lowrank":
+            hold_fixed(self, where, unused_at_default(self, ("alpha",)), f"{form} (only lowrank has alpha / rank)")
         return self
 
 

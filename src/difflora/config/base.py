@@ -6,11 +6,11 @@ it; users import everything from ``difflora.config``.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["MAX_GUIDANCE", "ConfigError", "GuidanceScale", "StrictModel"]
+__all__ = ["MAX_GUIDANCE", "ConfigError", "GuidanceScale", "StrictModel", "hold_fixed", "unused_at_default"]
 
 # The largest classifier-free guidance scale w a config may hold. The papers use w <= 14; past a
 # few hundred, w (eps_c - eps_u) drowns the sample, and near 1e19 the distillation target's square
@@ -29,3 +29,24 @@ class StrictModel(BaseModel):
     # validate_assignment: cfg.train.lr = "x" after loading is caught too.
     # allow_inf_nan=False: no setting means anything at NaN or infinity (train.lr=inf, sample.eta=.nan).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+
+def hold_fixed(section: BaseModel, where: str, fixed: dict[str, Any], by: str) -> None:
+    """Give ``section``'s keys the values ``by`` fixes (a preset, a mode, an arch), so that the config
+    and its ``config.json`` record what runs. A key whose value cannot take effect is never ignored:
+    one the user set (``model_fields_set``) to another value is a ValueError naming it and the fix.
+    A key that ``by`` leaves unused is fixed at its default: the default is the only value it records."""
+    for key, value in fixed.items():
+        have = getattr(section, key)
+        if key in section.model_fields_set and have != value:
+            raise ValueError(
+                f"{where}.{key}={have!r} cannot take effect: {by} holds it at {value!r}; remove {where}.{key}"
+            )
+        object.__setattr__(section, key, value)
+
+
+def unused_at_default(section: BaseModel, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """``{key: default}`` for ``keys`` of ``section`` (all of its keys when None): what
+    :func:`hold_fixed` holds when a mode leaves those keys unused."""
+    fields = type(section).model_fields
+    return {k: fields[k].get_default(call_default_factory=True) for k in (keys or tuple(fields))}

@@ -57,6 +57,16 @@ def diffusers_problem(model: Any) -> str | None:
                 f"model.diffusers.config.{key} is {d.config[key]!r} but the data and model section give {value}"
                 f"{why}; remove the key (it is filled in) or make them agree"
             )
+    # DiTTransformer2DModel cuts the image into patch_size tiles (its default is 2): a size that does
+    # not divide the image would fail at the first forward, after a run directory was written.
+    patch = d.config.get("patch_size", 2)
+    if d.class_name == "DiTTransformer2DModel" and (
+        not isinstance(patch, int) or patch < 1 or model.image_size % patch
+    ):
+        return (
+            f"model.diffusers.config.patch_size ({patch!r}) must be a positive integer dividing model.image_size "
+            f"({model.image_size}); set model.diffusers.config.patch_size to a divisor of it"
+        )
     if not model.time_embed:
         return (
             "model.time_embed=false: a diffusers model keeps its own time embedding (TimeLoRA then adds to it, "

@@ -30,7 +30,8 @@ from difflora.config.adapters import (
     AffinerConfig,
     DistillConfig,
 )
-from difflora.config.base import ConfigError, GuidanceScale, StrictModel
+from difflora.config.backbones import DIT_PRESETS, ContextConfig, DiTConfig, UNetConfig
+from difflora.config.base import ConfigError, GuidanceScale, StrictModel, hold_fixed, unused_at_default
 from difflora.config.diffusers import DiffusersConfig, diffusers_problem
 from difflora.presets import config_presets, resolve_config
 
@@ -38,6 +39,7 @@ __all__ = [
     "DISTILL_ADAPTER",
     "DISTILL_OBJECTIVE",
     "DISTILL_TARGETS",
+    "DIT_PRESETS",
     "AdapterConfig",
     "AffinerConfig",
     "Config",
@@ -160,52 +162,6 @@ class DataConfig(StrictModel):
         return self
 
 
-class UNetConfig(StrictModel):
-    """improved-diffusion's UNetModel flags, same names where they exist."""
-
-    model_channels: int = Field(default=128, ge=1)
-    num_res_blocks: int = Field(default=3, ge=1)
-    # Resolutions (side lengths in pixels) at which attention blocks sit.
-    attention_resolutions: list[int] = Field(default_factory=lambda: [16, 8])
-    # None: improved-diffusion's choice by image size.
-    channel_mult: list[int] | None = None
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    num_heads: int = Field(default=4, ge=1)
-    num_heads_upsample: int = -1
-    use_scale_shift_norm: bool = True
-    conv_resample: bool = True
-
-
-class DiTConfig(StrictModel):
-    """DiT (Peebles & Xie) with adaLN-Zero. ``preset`` fills the four size fields."""
-
-    preset: str | None = None
-    patch_size: int = Field(default=2, ge=1)
-    depth: int = Field(default=12, ge=1)
-    hidden_size: int = Field(default=384, ge=1)
-    num_heads: int = Field(default=6, ge=1)
-    mlp_ratio: float = Field(default=4.0, gt=0)
-
-
-class ContextConfig(StrictModel):
-    """The context of ``model.attention: cross`` (LDM-style transformer blocks, ``nets/transformer.py``)."""
-
-    # Width D of the context [N x L x D] the cross-attention reads (keys and values: D -> block width).
-    dim: int = Field(default=64, ge=1)
-    # Learned context tokens L per class label (and for the null context of y = -1).
-    tokens: int = Field(default=1, ge=1)
-    # U-Net only: transformer blocks per attention site (LDM's transformer_depth) and the GEGLU
-    # feed-forward's inner width as a multiple of the block width (the DiT uses dit.mlp_ratio).
-    depth: int = Field(default=1, ge=1)
-    ff_mult: float = Field(default=4.0, gt=0)
-    # New class tokens on an adapted base (difflora.adapters.tokens): a trainable token table in place
-    # of the base's class tokens (the base's null context stays for y = -1), started at the base's
-    # null context ("unconditional": every class starts as the unconditional base, exactly) or at the
-    # mean of its class tokens ("mean"), or at the base's token of the same class ("base": distinct
-    # from step 0; see adapters/tokens.py for why that matters). None: the base's own class tokens.
-    new_tokens: Literal["unconditional", "mean", "base"] | None = None
-
-
 class ModelConfig(StrictModel):
     # diffusers: a diffusers model built from model.diffusers (difflora.nets.diffusers_wrap).
     arch: Literal["unet", "dit", "diffusers"] = "unet"
@@ -245,6 +201,17 @@ class ModelConfig(StrictModel):
     def out_channels(self) -> int:
         assert self.in_channels is not None
         return self.in_channels * (2 if self.learn_sigma else 1)
+
+    @model_validator(mode="after")
+    def _unused_backbones(self) -> ModelConfig:
+        # A diffusers model is described by model.diffusers alone: difflora's backbone sections cannot take
+        # effect and keep their defaults. (Between unet and dit, `--set model.arch=dit` on a U-Net preset is
+        # the way to switch; only the other backbone's section is then unused, as config.json says.)
+        sections = ("unet", "dit") if self.arch == "diffusers" else ("diffusers",)
+        for name in sections:
+            section = getattr(self, name)
+            hold_fixed(section, f"model.{name}", unused_at_default(section), f"model.arch={self.arch}")
+        return self
 
 
 class DiffusionConfig(StrictModel):
@@ -321,6 +288,20 @@ class SampleConfig(StrictModel):
     guidance_fraction: float = Field(default=1.0, ge=0, le=1)
     batch_size: int = Field(default=256, ge=1)
 
+    def with_changes(self, changes: dict[str, Any]) -> SampleConfig:
+        """These settings with ``changes`` applied, validated by the same rules; a change of sampler
+        drops the eta that belonged to the old one."""
+        base = self.model_dump()
+        if changes.get("sampler", self.sampler) != self.sampler:
+            del base["eta"]
+        return SampleConfig.model_validate(base | changes)
+
+    @model_validator(mode="after")
+    def _ddpm_has_no_eta(self) -> SampleConfig:
+        if self.sampler == "ddpm":  # ancestral sampling draws the diffusion's own variance
+            hold_fixed(self, "sample", {"eta": 0.0}, "sample.sampler=ddpm")
+        return self
+
 
 class Config(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
@@ -366,9 +347,42 @@ class Config(StrictModel):
             raise ValueError(
                 "train.mask_ratio drops DiT patch tokens in the diffusion loss: it needs model.arch=dit and train.objective=diffusion"
             )
+        self._hold_unused_train_keys()
         if self.distilled:
             self._resolve_distill()
         return self
+
+    def _hold_unused_train_keys(self) -> None:
+        """train keys that only act with another setting keep their defaults without it."""
+        t = self.train
+        if t.init_from is None:
+            hold_fixed(
+                t,
+                "train",
+                unused_at_default(t, ("init_weights",)),
+                "train.init_from=None (no base to take weights from)",
+            )
+        if self.model.context.new_tokens is None:
+            hold_fixed(
+                t,
+                "train",
+                unused_at_default(t, ("token_lr",)),
+                "model.context.new_tokens=None (no new class tokens: set model.context.new_tokens to train a table at this rate)",
+            )
+        if t.train_base:
+            hold_fixed(
+                t,
+                "train",
+                unused_at_default(t, ("base_groups",)),
+                "train.train_base=true (for a frozen base with these groups training, set train.train_base=false)",
+            )
+        if self.distilled:
+            hold_fixed(
+                t,
+                "train",
+                unused_at_default(t, ("label_dropout",)),
+                "train.objective=distill (the teacher's labels, no dropout)",
+            )
 
     @property
     def distilled(self) -> bool:

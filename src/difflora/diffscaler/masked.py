@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from difflora.config.schema import Config
-from difflora.nets.dit import DIT_PRESETS, patch_strip
+from difflora.nets.dit import patch_strip
 from difflora.train.objectives import Batch, DiffusionObjective
 
 __all__ = ["MaskedDiffusionObjective", "masked_training", "random_keep"]
@@ -47,7 +47,7 @@ class MaskedDiffusionObjective(DiffusionObjective):
     def __init__(self, cfg: Config, diffusion: Any):
         super().__init__(cfg, diffusion)
         self.ratio = cfg.train.mask_ratio
-        self.patch = DIT_PRESETS[cfg.model.dit.preset][3] if cfg.model.dit.preset else cfg.model.dit.patch_size
+        self.patch = cfg.model.dit.patch_size  # a preset's, when there is one
         assert cfg.model.image_size is not None  # resolved from the data
         self.tokens = (cfg.model.image_size // self.patch) ** 2
 

@@ -296,6 +296,8 @@ def plan_runs(
             cfg = arm_config(study, arm, seed, out_dir)
             run_dir = out_dir / arm.name / f"seed{seed}"
             settings = eval_settings(study, arm, cfg)
+            if arm.teacher_of is None:  # the settings fit this arm's run: found before any arm trains
+                _eval_request(study, settings, teacher=False).sampling(cfg, run_dir)
             if arm.teacher_of is not None:  # scores the teacher in its students' runs, trains nothing
                 state = "done" if _evaluated(run_dir, cfg, settings) else "score"
             else:
@@ -325,11 +327,9 @@ def _score(
     """Evaluate the run in ``source`` with the study's ``settings`` into ``run_dir/eval`` (a
     ``teacher_of`` arm: the teacher held in its student's run, with the teacher's accounting)."""
 
-    sampling = {k: v for k, v in settings.items() if k != "metrics_version"}
-    chosen = EvalSettings(**sampling, weights=study.eval.weights, teacher=teacher)
     ev = evaluate_run(
         source,
-        chosen,
+        _eval_request(study, settings, teacher),
         out=run_dir / "eval",
         update_accounting=not teacher,
         cache_dir=cache_dir,
@@ -338,6 +338,12 @@ def _score(
     if teacher:
         _teacher_accounting(source, run_dir)
     return ev
+
+
+def _eval_request(study: Study, settings: dict[str, Any], teacher: bool) -> EvalSettings:
+    """The evaluation a run's ``settings`` (:func:`eval_settings`) ask for."""
+    sampling = {k: v for k, v in settings.items() if k != "metrics_version"}
+    return EvalSettings(**sampling, weights=study.eval.weights, teacher=teacher)
 
 
 def _recorded_runs(

@@ -43,21 +43,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from difflora.config.schema import ModelConfig
+from difflora.config.schema import DIT_PRESETS, ModelConfig
 from difflora.nets.layers import timestep_embedding
 from difflora.nets.transformer import ContextEmbedder, TransformerBlock
 
 __all__ = ["DIT_PRESETS", "DiT", "DiTBlock", "get_2d_sincos_pos_embed", "patch_strip"]
-
-# name -> (depth, hidden_size, num_heads, patch_size). The twelve published models (DiT paper,
-# Table 1) plus tiny ones for CPU tests and demos.
-DIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
-    **{f"DiT-XL/{p}": (28, 1152, 16, p) for p in (2, 4, 8)},
-    **{f"DiT-L/{p}": (24, 1024, 16, p) for p in (2, 4, 8)},
-    **{f"DiT-B/{p}": (12, 768, 12, p) for p in (2, 4, 8)},
-    **{f"DiT-S/{p}": (12, 384, 6, p) for p in (2, 4, 8)},
-    **{f"DiT-T/{p}": (2, 64, 2, p) for p in (1, 2, 4)},
-}
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -222,7 +212,7 @@ class DiT(nn.Module):
     ``net(x, t, y=None)``: x [N x C x H x W] (H = W = image_size), t [N] timesteps (or a scalar),
     y [N] int64 with -1 for the null label, or None (all null; ignored without a class embedding)
     -> [N x C_out x H x W], C_out = 2C with ``learn_sigma``. ``cfg.dit.preset`` (a key of
-    :data:`DIT_PRESETS`) overrides depth, hidden_size, num_heads and patch_size.
+    :data:`DIT_PRESETS`) fixes depth, hidden_size, num_heads and patch_size in the config.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -231,15 +221,8 @@ class DiT(nn.Module):
             raise ValueError(
                 "model.image_size and model.in_channels must be set (they are filled from data in a Config)"
             )
-        d = cfg.dit
-        if d.preset is not None:
-            if d.preset not in DIT_PRESETS:
-                raise ValueError(
-                    f"model.dit.preset: unknown preset {d.preset!r}; choose one of {', '.join(DIT_PRESETS)}"
-                )
-            depth, hidden, heads, patch = DIT_PRESETS[d.preset]
-        else:
-            depth, hidden, heads, patch = d.depth, d.hidden_size, d.num_heads, d.patch_size
+        d = cfg.dit  # a preset's sizes are in its fields (DiTConfig holds them)
+        depth, hidden, heads, patch = d.depth, d.hidden_size, d.num_heads, d.patch_size
         if cfg.image_size % patch:
             raise ValueError(f"model.dit patch_size={patch} must divide model.image_size={cfg.image_size}")
         self.image_size = cfg.image_size

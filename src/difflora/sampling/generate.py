@@ -96,8 +96,8 @@ def sampling_settings(cfg: Config, **changes: object) -> SampleConfig:
     one-pass student is its own, see :mod:`difflora.sampling.student`) with ``changes`` (None: keep)
     applied, validated by the rules of the ``sample`` keys (pydantic's ValidationError, a ValueError)."""
     student = student_of(cfg)
-    base = cfg.sample.model_dump() | ({"guidance": student.default_guidance(cfg)} if student is not None else {})
-    return SampleConfig.model_validate(base | {k: v for k, v in changes.items() if v is not None})
+    own = {"guidance": student.default_guidance(cfg)} if student is not None else {}
+    return cfg.sample.with_changes(own | {k: v for k, v in changes.items() if v is not None})
 
 
 def _sampling_fn(model: nn.Module, cfg: Config, s: SampleConfig, teacher: bool, diffusion):

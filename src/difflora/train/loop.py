@@ -182,6 +182,27 @@ def _training_model(model: torch.nn.Module, cfg: Config, ctx: Dist, device: torc
     return wrapped
 
 
+def _check_conditions(cfg: Config, data: ImageDataset) -> None:
+    """Every adapter reads a condition this run's batches carry (t, y, the data's own such as task,
+    a distilled student's): found before the run directory is written, not at the first step."""
+    given = {"t", "y", *data.conditions}
+    if cfg.distilled and not cfg.train.train_base:
+        given.add(cfg.distill.adapter(cfg.model.arch).condition)
+    readers = [(f"model.adapters[{a.name}].condition", a.condition) for a in cfg.model.adapters]
+    if cfg.model.affiner is not None:
+        readers.append(("model.affiner.condition", cfg.model.affiner.condition))
+    for key, condition in readers:
+        if condition not in given:
+            fix = (
+                "set data.task_id=K (the task id of these images) or list more datasets in data.tasks"
+                if condition == "task"
+                else f"use one of them as {key}"
+            )
+            raise ValueError(
+                f"{key}={condition}: no batch of this run carries '{condition}' (they carry {', '.join(sorted(given))}); {fix}"
+            )
+
+
 def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log, ctx: Dist, device: torch.device) -> TrainState:
     """Build everything a run needs; bad input fails here, before the run directory is written."""
     check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, ctx.world_size)
@@ -191,6 +212,7 @@ def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log, ctx: Di
         raise ValueError(
             f"data.name={cfg.data.name} has {data.num_classes} classes but model.num_classes={cfg.model.num_classes}"
         )
+    _check_conditions(cfg, data)
     model = build_model(cfg).to(device)
     base = _init_base(model, cfg, ckpt, log)
     params = [p for p in model.parameters() if p.requires_grad]
