@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from difflora.train import latest_checkpoint, load_checkpoint, train
 from difflora.train.distributed import Dist, DistributedModel
+from difflora.train.step import set_process_rng_state
 from helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,6 +96,56 @@ def test_only_process_zero_writes_and_reports(runs):
     assert rank1["rows"] == [4, 8]  # its own half of every batch
     steps = sorted(p.name for p in (runs / "two" / "checkpoints").iterdir())
     assert steps == ["step_0000002", "step_0000004"]  # resumed from step 2 under DDP
+
+
+# Dropout draws from each process's global RNG: its state must come back on resume, per process.
+# The base trains: dropout sits before a zero-initialised conv, which only a trained base moves.
+DROPOUT = [*DDP, "model.unet.dropout=0.3", "train.train_base=true"]
+
+
+def _dropout_worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    train(tiny_config("tiny-tclora-unet", *DROPOUT), Path(out) / "whole", **QUIET)
+    train(tiny_config("tiny-tclora-unet", *DROPOUT), Path(out) / "resumed", stop_at=2, **QUIET)
+    # Re-seeded in between: a resume must restore every process's RNG, not rely on where it stands.
+    torch.manual_seed(1234 + rank)
+    train(tiny_config("tiny-tclora-unet", *DROPOUT), Path(out) / "resumed", resume=True, **QUIET)
+    dist.destroy_process_group()
+
+
+def test_two_processes_with_dropout_resume_bit_identically(tmp_path):
+    mp.start_processes(_dropout_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    whole, resumed = (load_checkpoint(latest_checkpoint(tmp_path / run)) for run in ("whole", "resumed"))
+    assert whole.step == resumed.step == 4
+    assert {"rank1/torch"} <= resumed.rng.keys()  # process 1's own RNG state, next to process 0's
+    for part in ("model", "ema"):
+        a, b = getattr(whole, part), getattr(resumed, part)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (part, k)
+    losses = [
+        [{k: r[k] for k in ("step", "loss", "mse", "vb")} for r in _rows(tmp_path / run)]
+        for run in ("whole", "resumed")
+    ]
+    assert losses[0] == losses[1]
+    # One process resumes the same checkpoint (process 0's states are the plain keys, as before).
+    train(tiny_config("tiny-tclora-unet", *DROPOUT, "train.steps=6"), tmp_path / "resumed", resume=True, **QUIET)
+    assert load_checkpoint(latest_checkpoint(tmp_path / "resumed")).step == 6
+
+
+def test_each_process_restores_its_own_rng_state_or_reseeds_without_one():
+    mine, theirs = torch.Generator().manual_seed(1).get_state(), torch.Generator().manual_seed(2).get_state()
+    stored = {"loop": mine, "torch": mine, "rank1/torch": theirs}
+    with torch.random.fork_rng(devices=[]):
+        assert set_process_rng_state(Dist(rank=1, world_size=2), stored)
+        assert torch.equal(torch.get_rng_state(), theirs)
+    # A checkpoint from before the per-process states, or from another number of processes: the
+    # caller re-seeds each process as it always did.
+    assert not set_process_rng_state(Dist(rank=1, world_size=2), {"loop": mine, "torch": mine})
+    assert not set_process_rng_state(Dist(rank=1, world_size=3), stored)
 
 
 def test_rows_split_a_batch_into_disjoint_shares():

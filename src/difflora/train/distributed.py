@@ -14,7 +14,7 @@ How a step is shared (the contract the training loop keeps, see ``step.py``):
   1/W of every batch, so each process sees its own shard of the data and the union is the batch a
   single process would have drawn. Changing W at a fixed B therefore changes no draw, and the loss
   curve stays the same up to the order of floating-point sums (dropout masks are the exception:
-  each process draws its own).
+  each process draws its own, and a checkpoint stores each process's RNG state so a resume continues it).
 * Gradients are averaged over processes by :class:`DistributedModel` (PyTorch's
   ``DistributedDataParallel``). DDP only registers parameters with ``requires_grad``, so adapters
   on a frozen base synchronise the adapters alone and no frozen weight crosses the network.
@@ -77,6 +77,14 @@ class Dist:
             values = values.clone()
             dist.all_reduce(values, op=dist.ReduceOp.MAX)
         return values
+
+    def gather(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """``values`` of every process in rank order (a collective; the same shape everywhere)."""
+        if not self.distributed:
+            return [values]
+        out = [torch.empty_like(values) for _ in range(self.world_size)]
+        dist.all_gather(out, values.contiguous())
+        return out
 
     def barrier(self) -> None:
         if self.distributed:

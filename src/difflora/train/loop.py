@@ -78,7 +78,9 @@ from difflora.train.step import (
     check_batch_split,
     diverged,
     optimizer_groups,
+    process_rng_states,
     rng_state,
+    set_process_rng_state,
     set_rng_state,
     train_step,
 )
@@ -258,8 +260,10 @@ def _restore(st: TrainState, ckpt: LoadedCheckpoint) -> None:
     st.ema.load_state_dict(ckpt.ema, ckpt.state["ema_updates"])
     st.optimizer.load_state_dict(ckpt.optim)
     set_rng_state(st.generator, ckpt.rng)
-    if st.dist.distributed:
-        torch.manual_seed(st.cfg.train.seed + 7919 * (st.dist.rank + 1) + ckpt.step)  # see _prepare
+    if st.dist.distributed and not set_process_rng_state(st.dist, ckpt.rng):
+        # No stored state for each process (an older checkpoint, or another number of processes):
+        # a fresh dropout stream per process, as in _prepare.
+        torch.manual_seed(st.cfg.train.seed + 7919 * (st.dist.rank + 1) + ckpt.step)
     if st.scaler.is_enabled() and "grad_scaler" in ckpt.state:
         st.scaler.load_state_dict(ckpt.state["grad_scaler"])
     st.step = st.last_good = ckpt.step
@@ -279,6 +283,9 @@ def _checkpoint(st: TrainState, step: int, rng: dict[str, torch.Tensor] | None =
     # The loss of a step is computed before its update: the update itself can still overflow.
     if not bool(torch.stack([torch.isfinite(p).all() for p in st.params]).all()):
         raise diverged(st, f"the weights became non-finite at step {step}")
+    rng = rng if rng is not None else rng_state(st.generator)
+    if st.dist.distributed:
+        rng = {**rng, **process_rng_states(st.dist, st.device)}  # every process's dropout stream
     if not st.dist.is_main:
         st.last_good = step
         return
@@ -293,7 +300,7 @@ def _checkpoint(st: TrainState, step: int, rng: dict[str, torch.Tensor] | None =
         model=stored_state(st.model, st.stored_keys),
         ema=st.ema.state_dict(),
         optimizer=st.optimizer,
-        rng=rng if rng is not None else rng_state(st.generator),
+        rng=rng,
         meta=meta,
     )
     # config.json follows the newest checkpoint (a resume with a raised train.steps changes it only now).

@@ -36,7 +36,9 @@ __all__ = [
     "check_batch_split",
     "diverged",
     "optimizer_groups",
+    "process_rng_states",
     "rng_state",
+    "set_process_rng_state",
     "set_rng_state",
     "train_step",
 ]
@@ -46,20 +48,55 @@ class TrainingDiverged(RuntimeError, DiffloraError):
     """The loss or the weights became NaN or infinite. The last good checkpoint is kept."""
 
 
-def rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
-    state = {"loop": gen.get_state(), "torch": torch.get_rng_state()}
+def _global_rng_state() -> dict[str, torch.Tensor]:
+    """This process's global RNG states (dropout draws from them): CPU, and every CUDA device."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             state[f"cuda{i}"] = s
     return state
 
 
-def set_rng_state(gen: torch.Generator, state: dict[str, torch.Tensor]) -> None:
-    gen.set_state(state["loop"])
+def _set_global_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
-    cuda = [state[k] for k in sorted(k for k in state if k.startswith("cuda"))]
+    cuda = [state[k] for k in sorted((k for k in state if k.startswith("cuda")), key=lambda k: int(k[4:]))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The loop's generator and this process's global RNG states, as a checkpoint stores them."""
+    return {"loop": gen.get_state(), **_global_rng_state()}
+
+
+def set_rng_state(gen: torch.Generator, state: dict[str, torch.Tensor]) -> None:
+    gen.set_state(state["loop"])
+    _set_global_rng_state(state)
+
+
+def process_rng_states(ctx: Dist, device: torch.device) -> dict[str, torch.Tensor]:
+    """The global RNG states of processes 1.. of a multi-process run, as ``rank{r}/torch`` and
+    ``rank{r}/cuda{i}`` next to process 0's plain keys (a collective: every process must call it).
+    Each process draws its own dropout masks, so each one's stream is part of the run's state."""
+    out = {}
+    for key, value in _global_rng_state().items():
+        for r, theirs in enumerate(ctx.gather(value.to(device))):
+            if r:
+                out[f"rank{r}/{key}"] = theirs.cpu()
+    return out
+
+
+def set_process_rng_state(ctx: Dist, state: dict[str, torch.Tensor]) -> bool:
+    """Restore this process's own global RNG state from ``state`` (process 0's were restored by
+    :func:`set_rng_state`); False when ``state`` holds no state of each of ``ctx``'s processes (a
+    checkpoint from before they were stored, or from another number of processes)."""
+    saved = 1 + sum(1 for k in state if k.startswith("rank") and k.endswith("/torch"))
+    if saved != ctx.world_size:
+        return False
+    prefix = f"rank{ctx.rank}/"
+    if ctx.rank:
+        _set_global_rng_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return True
 
 
 def check_batch_split(batch_size: int, grad_accum: int, world_size: int) -> None:
