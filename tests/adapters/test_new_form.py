@@ -46,7 +46,7 @@ class DoubledShiftForm(Branch):
         self.offset = nn.Parameter(torch.zeros(weighting.num_bases, geometry.out_features))
 
     @classmethod
-    def from_options(cls, weighting, condition, geometry, rank, alpha, act, kernel) -> DoubledShiftForm:
+    def from_options(cls, weighting, condition, geometry, options) -> DoubledShiftForm:
         return cls(weighting, condition, geometry)
 
     def options(self) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from difflora.adapters.router import Geometry, LayerTerms, RankTerm, Route, per_
 from difflora.adapters.weightings import IndexWeighting, Weighting, weighting_from_spec
 
 __all__ = [
+    "FormOptions",
     "ACTIVATIONS",
     "FORMS",
     "Branch",
@@ -107,6 +108,17 @@ class MergedUpdate:
     factor: torch.Tensor
     delta: torch.Tensor
     shift: torch.Tensor
+
+
+@dataclass(frozen=True)
+class FormOptions:
+    """The options any form may be given (:func:`make_branch`), passed whole to
+    :meth:`Branch.from_options`; each form takes the ones it has and refuses the others."""
+
+    rank: int = 4
+    alpha: float | None = None
+    act: str | None = None
+    kernel: str = "full"
 
 
 class Branch(nn.Module, abc.ABC):
@@ -224,16 +236,7 @@ class Branch(nn.Module, abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_options(
-        cls,
-        weighting: Weighting,
-        condition: str,
-        geometry: Geometry,
-        rank: int,
-        alpha: float | None,
-        act: str | None,
-        kernel: str,
-    ) -> Branch:
+    def from_options(cls, weighting: Weighting, condition: str, geometry: Geometry, options: FormOptions) -> Branch:
         """A fresh branch of this form from the options any form may be given (:func:`make_branch`);
         an option this form does not have, set to other than its default, is an error."""
 
@@ -324,19 +327,12 @@ class LowRankForm(_RankForm):
 
     @classmethod
     def from_options(
-        cls,
-        weighting: Weighting,
-        condition: str,
-        geometry: Geometry,
-        rank: int,
-        alpha: float | None,
-        act: str | None,
-        kernel: str,
+        cls, weighting: Weighting, condition: str, geometry: Geometry, options: FormOptions
     ) -> LowRankForm:
-        _full_kernel_only(cls.form, kernel)
-        if act not in (None, "identity"):
-            raise ValueError(f"the lowrank form has no activation (got {act!r}); use form lowrank_act")
-        return cls(weighting, condition, geometry, rank, alpha)
+        _full_kernel_only(cls.form, options.kernel)
+        if options.act not in (None, "identity"):
+            raise ValueError(f"the lowrank form has no activation (got {options.act!r}); use form lowrank_act")
+        return cls(weighting, condition, geometry, options.rank, options.alpha)
 
     def delta_weight(self, value: ConditionValue, weight: torch.Tensor) -> torch.Tensor:
         """``scaling * sum_i w_i(value) B_i A_i`` for one shared value, shaped like ``weight``."""
@@ -404,16 +400,9 @@ class LowRankActForm(_RankForm):
 
     @classmethod
     def from_options(
-        cls,
-        weighting: Weighting,
-        condition: str,
-        geometry: Geometry,
-        rank: int,
-        alpha: float | None,
-        act: str | None,
-        kernel: str,
+        cls, weighting: Weighting, condition: str, geometry: Geometry, options: FormOptions
     ) -> LowRankActForm:
-        return cls(weighting, condition, geometry, rank, act or "relu", kernel)
+        return cls(weighting, condition, geometry, options.rank, options.act or "relu", options.kernel)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.entries("lora_down"), self.entries("lora_up"), self.entries("lora_s")
@@ -458,17 +447,10 @@ class _VectorForm(Branch):
 
     @classmethod
     def from_options(
-        cls,
-        weighting: Weighting,
-        condition: str,
-        geometry: Geometry,
-        rank: int,
-        alpha: float | None,
-        act: str | None,
-        kernel: str,
+        cls, weighting: Weighting, condition: str, geometry: Geometry, options: FormOptions
     ) -> _VectorForm:
         # rank, alpha and the activation do not apply to a vector per entry (and are not stored).
-        _full_kernel_only(cls.form, kernel)
+        _full_kernel_only(cls.form, options.kernel)
         return cls(weighting, condition, geometry)
 
 
@@ -534,7 +516,7 @@ def make_branch(
     """A fresh branch of ``form`` (see the module table); unknown forms are an error naming the valid ones."""
     if form not in FORMS:
         raise ValueError(f"unknown adapter form {form!r}; valid: {', '.join(FORMS)}")
-    return FORMS[form].from_options(weighting, condition, geometry, rank, alpha, act, kernel)
+    return FORMS[form].from_options(weighting, condition, geometry, FormOptions(rank, alpha, act, kernel))
 
 
 def _full_kernel_only(form: str, kernel: str) -> None:
