@@ -51,7 +51,6 @@ from difflora.train.checkpoint import latest_checkpoint, load_checkpoint  # noqa
 # tiny-unet with dropout and random flips, so that every random stream the loop checkpoints (data
 # order, flips, timesteps, noise, label dropout, dropout) is exercised.
 TRAIN = [
-    "train.steps=200",
     "train.ckpt_every=5",
     "train.log_every=1",
     "train.batch_size=16",
@@ -61,7 +60,7 @@ TRAIN = [
 ]
 # The teacher of distill and the run eval scores: tiny-unet, class-conditional, briefly trained.
 TEACHER = ["train.steps=40", "train.ckpt_every=40", "train.log_every=10", "sample.num=4"]
-DISTILL = ["train.steps=150", "train.ckpt_every=5", "train.log_every=1", "train.batch_size=16", "sample.num=4"]
+DISTILL = ["train.ckpt_every=5", "train.log_every=1", "train.batch_size=16", "sample.num=4"]
 EVAL = ["--num-samples", "64", "--steps", "10", "--guidance", "1", "2", "--feature-steps", "30"]
 STUDY = {
     "name": "soak-study",
@@ -152,6 +151,7 @@ class Scenario:
     compare: Callable[[Path, Path], list[str]]
     by_steps: bool  # signal after logged steps (train, distill) or after a random time (eval, study)
     leftovers: Callable[[Path], list[str]] = lambda out: []
+    tag: str = ""  # names the uninterrupted reference: it is reused only with the same settings
 
 
 # --- comparisons ---------------------------------------------------------------------------------
@@ -227,8 +227,11 @@ def compare_study(ref: Path, cut: Path) -> list[str]:
 
 
 # --- the scenarios -------------------------------------------------------------------------------
-def scenarios(work: Path) -> dict[str, Scenario]:
+def scenarios(work: Path, counts: dict[str, int]) -> dict[str, Scenario]:
     teacher = work / "teacher"
+    # Enough steps that the last point still lands in training: a point advances 1-15 steps
+    # and loses what followed the last checkpoint.
+    steps = {name: max(50, 10 * counts.get(name, 0)) for name in ("train", "distill")}
 
     def study(out: Path, first: bool) -> list[str]:
         spec = {**STUDY, "report_dir": str(out / "docs")}
@@ -240,19 +243,30 @@ def scenarios(work: Path) -> dict[str, Scenario]:
         "train": Scenario(
             "train",
             lambda out, first: (
-                difflora("train", "tiny-unet", "--out", str(out), *settings(TRAIN)) + ([] if first else ["--resume"])
-            ),
-            compare_run,
-            by_steps=True,
-        ),
-        "distill": Scenario(
-            "distill",
-            lambda out, first: (
-                difflora("distill", str(teacher), "--guidance", "2", "--out", str(out), *settings(DISTILL))
+                difflora("train", "tiny-unet", "--out", str(out), *settings([*TRAIN, f"train.steps={steps['train']}"]))
                 + ([] if first else ["--resume"])
             ),
             compare_run,
             by_steps=True,
+            tag=f"-{steps['train']}",
+        ),
+        "distill": Scenario(
+            "distill",
+            lambda out, first: (
+                difflora(
+                    "distill",
+                    str(teacher),
+                    "--guidance",
+                    "2",
+                    "--out",
+                    str(out),
+                    *settings([*DISTILL, f"train.steps={steps['distill']}"]),
+                )
+                + ([] if first else ["--resume"])
+            ),
+            compare_run,
+            by_steps=True,
+            tag=f"-{steps['distill']}",
         ),
         "eval": Scenario(
             "eval",
@@ -318,7 +332,7 @@ def point(scn: Scenario, out: Path, sig: signal.Signals, rng: random.Random, cac
 
 
 def soak(scn: Scenario, count: int, work: Path, sigs, rng: random.Random, cache: Path) -> dict:
-    ref, cut = work / f"{scn.name}-straight", work / f"{scn.name}-interrupted"
+    ref, cut = work / f"{scn.name}-straight{scn.tag}", work / f"{scn.name}-interrupted"
     shutil.rmtree(cut, ignore_errors=True)
     if not finished(scn, ref):
         shutil.rmtree(ref, ignore_errors=True)
@@ -370,7 +384,7 @@ def main() -> int:
     cache = work / "cache"
     work.mkdir(parents=True, exist_ok=True)
     counts = {name: int(n) for name, n in (item.split("=") for item in args.points.split(","))}
-    table = scenarios(work)
+    table = scenarios(work, counts)
     unknown = sorted(set(counts) - set(table))
     if unknown:
         p.error(f"unknown scenario(s) {unknown}; choose from {sorted(table)}")
