@@ -1,4 +1,4 @@
-"""A plain LoRA in peft's on-disk format: export, import, and merge into a plain model.
+"""A plain LoRA in peft's and diffusers' on-disk formats: export, import, and merge into a plain model.
 
 A *plain* LoRA is a low-rank branch with a bank of one (an index weighting over one value): its
 update ``scaling B A`` is the same for every sample it is on for (value 0; -1 switches it off per
@@ -14,6 +14,13 @@ padding and dilation, [r x C_in x k x k], and ``lora_B`` a 1x1 one, [d_out x r x
 :class:`~difflora.adapters.forms.LowRankForm` is the same factorisation stored flattened, with the
 bank first: ``lora_A`` [1 x r x C_in k k], ``lora_B`` [1 x d_out x r]; ``scaling = alpha / r`` in both
 (peft's rsLoRA, ``alpha / sqrt(r)``, is imported as ``alpha sqrt(r)``). So conversion is a reshape.
+
+diffusers' LoRA file (``pytorch_lora_weights.safetensors``, what ``save_lora_weights`` writes and
+``load_lora_weights`` / ``load_lora_adapter`` read) holds the same tensors with the pipeline
+component's name (``unet`` / ``transformer``) in place of ``base_model.model``, and the
+``LoraConfig`` under the same prefix in the header's ``lora_adapter_metadata``
+(:func:`write_diffusers_lora`); :func:`import_peft` reads both. Adapters at fixed conditions
+(TimeLoRA at one t) become a plain LoRA in ``lora_export.py``.
 
 Paths are relative to the module passed: export from (and import into) the module peft wraps,
 e.g. the diffusers model inside a :class:`~difflora.nets.diffusers_wrap.DiffusersNet`
