@@ -331,3 +331,22 @@ def test_delete_one_of_two_adapters_keeps_the_other(tmp_path):
     only_time.load_state_dict(ours.state_dict())
     with torch.no_grad(), conditions(t=torch.full((2,), 30)):
         assert torch.equal(ours(x8, steps).sample, only_time(x8, steps).sample)
+
+
+def test_every_form_merges_at_its_no_update_value_leaving_the_weights_bit_for_bit():
+    """lowrank_act, scale and a shift on a layer without bias merge at task=-1 (refused at task=1)."""
+    base = nn.Linear(4, 5, bias=False)
+    model = nn.Sequential(copy.deepcopy(base))
+    for name, form in (("act", "lowrank_act"), ("sc", "scale"), ("sh", "shift")):
+        inject_adapter(model, name, lambda: IndexWeighting(2), "task", ["0"], form=form)
+    randomize_updates(model)
+    layer, x = model[0], torch.randn(3, 4)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        layer.merge(task=1)
+    for null in (-1, float("nan"), torch.tensor(-1)):
+        layer.merge(task=null)
+        assert set(layer.merged) == {"act", "sc", "sh"} and torch.equal(layer.base_layer.weight, base.weight)
+        with torch.no_grad():
+            assert torch.equal(layer(x), base(x))
+        layer.unmerge()
+        assert torch.equal(layer.base_layer.weight, base.weight) and layer._unmerged_weight is None
