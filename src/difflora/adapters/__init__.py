@@ -8,8 +8,9 @@ sample's condition (timestep, class, task, guidance scale, any name) is read fro
 :func:`conditions` block. See ``forms.py`` (the forms: one class each, ``...Form``), ``router.py``
 (per-sample routing, written once), ``layer.py`` (:class:`ConditionalLayer`, the wrapper; merge),
 ``positions.py`` (taps), ``weightings.py`` (c -> w; timestep convention; "no update" values),
-``inject.py`` (by module path), ``io.py`` (safetensors + JSON with a base fingerprint),
-``context.py`` (conditions, :func:`adapters_disabled`, :func:`checkpoint`).
+``inject.py`` (by module path; :func:`delete_adapter`), ``io.py`` (safetensors + JSON with a base fingerprint),
+``peft_format.py`` and ``lora_export.py`` (peft's and diffusers' LoRA files; every adapter
+at fixed conditions as an exact plain LoRA, or refused), ``context.py`` (conditions, :func:`adapters_disabled`, :func:`checkpoint`).
 
     from difflora.adapters import conditions, inject_adapter, LinearWeighting
     report = inject_adapter(net, "time", lambda: LinearWeighting(11, 0, 4000), "t", ["qkv", "proj_out"])
@@ -47,8 +48,10 @@ from difflora.adapters.inject import (
     InjectionReport,
     ModelEdit,
     adapter_layers,
+    adapter_names,
     adapter_parameters,
     checkpoint_modules,
+    delete_adapter,
     find_targets,
     freeze_base,
     inject_adapter,
@@ -60,7 +63,13 @@ from difflora.adapters.inject import (
 )
 from difflora.adapters.io import AdapterLoadError, base_fingerprint, load_adapters, read_adapter_config, save_adapters
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLayer
-from difflora.adapters.positions import PositionAdapter, add_position_adapter, has_taps, position_adapters
+from difflora.adapters.positions import (
+    PositionAdapter,
+    add_position_adapter,
+    has_taps,
+    position_adapters,
+    remove_position_adapter,
+)
 from difflora.adapters.router import Geometry, LayerTerms, Route
 from difflora.adapters.tokens import NEW_TOKEN_INITS, NewClassTokens, add_new_class_tokens
 from difflora.adapters.weightings import (
@@ -123,6 +132,7 @@ __all__ = [
     "Weighting",
     "active",
     "adapter_layers",
+    "adapter_names",
     "adapter_parameters",
     "adapters_disabled",
     "add_position_adapter",
@@ -132,6 +142,7 @@ __all__ = [
     "checkpoint_modules",
     "conditions",
     "current",
+    "delete_adapter",
     "find_targets",
     "freeze_base",
     "has_taps",
@@ -146,6 +157,7 @@ __all__ = [
     "merge_shared",
     "position_adapters",
     "read_adapter_config",
+    "remove_position_adapter",
     "save_adapters",
     "unmerge_adapters",
     "weighting_from_spec",

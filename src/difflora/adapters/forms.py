@@ -138,6 +138,9 @@ class Branch(nn.Module, abc.ABC):
     scales_weight: bool = False
     # The parameters holding one row per bank entry (first dimension num_bases).
     bank_names: tuple[str, ...] = ()
+    # What exporting this form as a plain LoRA would lose (:meth:`lora_at` gives None): the
+    # one-line reason export errors name.
+    lora_loss: str = ""
 
     def __init__(self, weighting: Weighting, condition: str, geometry: Geometry):
         super().__init__()
@@ -269,6 +272,12 @@ class Branch(nn.Module, abc.ABC):
         (the layer calls it only when :meth:`merge_problem` found none)."""
         raise ValueError(f"form {self.form!r} writes nothing into the weights: it cannot be merged")
 
+    def lora_at(self, value: ConditionValue) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This branch's update at one shared, non-null ``value`` as an exact plain LoRA
+        ``(A [R x fan_in], B [d_out x R])`` with ``B A`` the whole update (scaling and mixing weights
+        folded in); None when the form's update is no LoRA (:attr:`lora_loss` says what it would lose)."""
+        return None
+
 
 class _RankForm(Branch):
     """Shared by the two rank-space forms: ``up (s * act(down x))`` routed by :func:`rank_term`."""
@@ -346,6 +355,18 @@ class LowRankForm(_RankForm):
     def merge_into(self, update: MergedUpdate, value: ConditionValue) -> None:
         update.delta += self.delta_weight(value, update.delta).to(update.delta.dtype)
 
+    def lora_at(self, value: ConditionValue) -> tuple[torch.Tensor, torch.Tensor]:
+        """The entries the weighting mixes at ``value`` (nonzero weight), concatenated along the rank:
+        ``A = [A_i; A_j]``, ``B = [w_i scaling B_i, w_j scaling B_j]`` (R = rank x entries used, 0 if none),
+        so ``B A = scaling sum_i w_i B_i A_i`` exactly, e.g. a rank-2r LoRA for TimeLoRA between two bases."""
+        a, b = self.entries("lora_A").detach(), self.entries("lora_B").detach()
+        w = self.shared_weights(value, a.device)
+        assert w is not None, "lora_at takes a value that is not the weighting's no-update value"
+        used = w.nonzero().reshape(-1)
+        coef = w[used].to(b.dtype) * self.scaling
+        factor_b = (b[used] * coef[:, None, None]).permute(1, 0, 2).reshape(b.shape[1], -1)
+        return a[used].reshape(-1, a.shape[2]), factor_b
+
     def options(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha}
 
@@ -366,6 +387,7 @@ class LowRankActForm(_RankForm):
 
     form = "lowrank_act"
     bank_names = ("lora_down", "lora_up", "lora_s")
+    lora_loss = "its term s W_up act(W_down x) is not linear in x: no LoRA and no merged weight computes it"
 
     def __init__(
         self,
@@ -462,6 +484,7 @@ class ScaleForm(_VectorForm):
 
     form = param = "scale"
     scales_weight = True
+    lora_loss = "its weight scale (1 + a) ⊙ W x changes the base weight, which a LoRA file cannot hold (--to diffusers merges it)"
 
     def add_term(self, terms: LayerTerms, route: Route, dtype: torch.dtype) -> None:
         terms.scales.append(route.vectors(self.bank, dtype))
@@ -481,6 +504,7 @@ class ShiftForm(_VectorForm):
     """
 
     form = param = "shift"
+    lora_loss = "its bias shift changes the base bias, which a LoRA file cannot hold (--to diffusers merges it)"
 
     def add_term(self, terms: LayerTerms, route: Route, dtype: torch.dtype) -> None:
         terms.shifts.append(route.vectors(self.bank, dtype))

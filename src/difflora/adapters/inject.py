@@ -37,6 +37,8 @@ from difflora.adapters.positions import (
     check_position_adapter,
     fit_position_adapter,
     has_taps,
+    position_adapters,
+    remove_position_adapter,
 )
 from difflora.adapters.tokens import NewClassTokens
 from difflora.adapters.weightings import Weighting
@@ -49,8 +51,10 @@ __all__ = [
     "InjectionReport",
     "ModelEdit",
     "adapter_layers",
+    "adapter_names",
     "adapter_parameters",
     "checkpoint_modules",
+    "delete_adapter",
     "find_targets",
     "freeze_base",
     "inject_adapter",
@@ -401,6 +405,40 @@ def freeze_base(model: nn.Module, frozen: bool = True) -> int:
             p.requires_grad_(not frozen)
             count += p.numel()
     return count
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of every layer branch and position adapter in ``model``, sorted."""
+    names = {n for _, layer in adapter_layers(model) for n in layer.adapters}
+    return sorted(names | {a.name for _, a in position_adapters(model)})
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name`` (layer branches and position adapters) from ``model``, in place.
+
+    A wrapper left with no adapter is replaced by its base layer, the very module it wrapped, so
+    parameter names and values are those of the model before the adapter was added. All-or-nothing:
+    an unknown name, or an adapter merged into some layer's weights (unmerge it first), changes
+    nothing. Returns ``model`` (its base layer if ``model`` itself was a wrapper left empty).
+    """
+    layers = [(p, layer) for p, layer in adapter_layers(model) if name in layer.adapters]
+    blocks = [(p, a) for p, a in position_adapters(model) if a.name == name]
+    if not layers and not blocks:
+        raise ValueError(
+            f"no adapter named {name!r} in the model (adapters: {', '.join(adapter_names(model)) or 'none'})"
+        )
+    merged = [p for p, layer in layers if name in layer.merged]
+    if merged:
+        raise ValueError(f"adapter {name!r} is merged into the weights of {merged[0]!r}: unmerge it before deleting it")
+    for path, layer in layers:
+        del layer.adapters[name]
+        if not len(layer.adapters):
+            if not path:
+                return layer.base_layer
+            _set_submodule(model, path, layer.base_layer)
+    for path, adapter in blocks:
+        remove_position_adapter(model.get_submodule(path), adapter.name)
+    return model
 
 
 def merge_adapters(model: nn.Module, **values: ConditionValue) -> None:

@@ -30,8 +30,11 @@ sampler step), and :meth:`ConditionalLayer.unmerge` restores the exact original 
 from saved copies (bit for bit, no float drift over thousands of cycles). Merging refuses a
 non-mergeable form (``lowrank_act``), a shift on a base without bias (there is no bias to write
 into; keep it per sample), and a low-rank or weight-scale merge while a weight-scale branch stays
-per sample (the scale would then multiply the merged update too). So a merged layer computes what
-the per-sample path computes, or the merge is refused. ``.train()`` / ``.eval()`` change
+per sample (the scale would then multiply the merged update too). A branch merged at its
+weighting's "no update" value (``-1``, ``NaN``: ``Weighting.is_null``) changes nothing whatever its
+form, so it is never refused, and a layer whose merged branches are all there keeps its original
+weight and bias bit for bit. So a merged layer computes what the per-sample path computes, or the
+merge is refused. ``.train()`` / ``.eval()`` change
 nothing. Merging is an inference tool: a merged adapter ignores its condition and gets no gradient.
 """
 
@@ -220,8 +223,11 @@ class ConditionalLayer(nn.Module):
             value = values[condition]
             if isinstance(value, torch.Tensor) and value.numel() != 1:
                 return f"merge: condition {condition!r} needs one value shared by all samples"
+        # A branch at its "no update" value changes nothing, whatever its form: merging it is
+        # exact (the merge_and_unload of the base model), so it is never a problem.
+        at = {**self.merged, **{n: _scalar(values[b.condition]) for n, b in branches.items()}}
         for name, branch in branches.items():
-            problem = branch.merge_problem(name, has_bias)
+            problem = None if branch.weighting.is_null(at[name]) else branch.merge_problem(name, has_bias)
             if problem:
                 return problem
         # A weight scale left per sample multiplies the output of the base weight, and a merged
@@ -230,7 +236,12 @@ class ConditionalLayer(nn.Module):
         # Only bias shifts may be merged beside it (the per-sample scale leaves the bias out).
         merged = set(self.merged) | set(branches)
         live_scale = [n for n, b in self.adapters.items() if b.scales_weight and n not in merged]
-        in_weight = [n for n in merged if self.adapters[n].adds_to_weight or self.adapters[n].scales_weight]
+        in_weight = [
+            n
+            for n in merged
+            if (self.adapters[n].adds_to_weight or self.adapters[n].scales_weight)
+            and not self.adapters[n].weighting.is_null(at[n])
+        ]
         if live_scale and in_weight:
             return (
                 f"merging adapter {in_weight[0]!r} into the weight while the weight scale {live_scale[0]!r} stays "
@@ -255,15 +266,17 @@ class ConditionalLayer(nn.Module):
         if self._unmerged_weight is None:
             return
         weight, bias = self._unmerged_weight, self._unmerged_bias
-        if not self.merged:
+        live = {n: v for n, v in self.merged.items() if not self.adapters[n].weighting.is_null(v)}
+        if not live:  # nothing merged, or only at "no update": the original, bit for bit
             base.weight.copy_(weight)
             if bias is not None:
                 base.bias.copy_(bias)
-            self._unmerged_weight = self._unmerged_bias = None
+            if not self.merged:
+                self._unmerged_weight = self._unmerged_bias = None
             return
         # Accumulate in at least float32 (half-precision weights would lose small updates).
         dtype = torch.promote_types(weight.dtype, torch.float32)
-        values = {self.adapters[n].condition: v for n, v in self.merged.items()}
+        values = {self.adapters[n].condition: v for n, v in live.items()}
         w = weight.to(dtype)
         update = MergedUpdate(
             factor=torch.ones(self.out_features, dtype=dtype, device=w.device),
@@ -271,7 +284,7 @@ class ConditionalLayer(nn.Module):
             shift=torch.zeros(self.out_features, dtype=dtype, device=w.device),
         )
         for name, branch in self.adapters.items():
-            if name in self.merged:
+            if name in live:
                 branch.merge_into(update, values[branch.condition])
         base.weight.copy_((per_row(update.factor, w) * w + update.delta).to(base.weight.dtype))
         if bias is not None:

@@ -1,4 +1,4 @@
-"""A plain LoRA in peft's on-disk format: export, import, and merge into a plain model.
+"""A plain LoRA in peft's and diffusers' on-disk formats: export, import, and merge into a plain model.
 
 A *plain* LoRA is a low-rank branch with a bank of one (an index weighting over one value): its
 update ``scaling B A`` is the same for every sample it is on for (value 0; -1 switches it off per
@@ -15,6 +15,13 @@ padding and dilation, [r x C_in x k x k], and ``lora_B`` a 1x1 one, [d_out x r x
 bank first: ``lora_A`` [1 x r x C_in k k], ``lora_B`` [1 x d_out x r]; ``scaling = alpha / r`` in both
 (peft's rsLoRA, ``alpha / sqrt(r)``, is imported as ``alpha sqrt(r)``). So conversion is a reshape.
 
+diffusers' LoRA file (``pytorch_lora_weights.safetensors``, what ``save_lora_weights`` writes and
+``load_lora_weights`` / ``load_lora_adapter`` read) holds the same tensors with the pipeline
+component's name (``unet`` / ``transformer``) in place of ``base_model.model``, and the
+``LoraConfig`` under the same prefix in the header's ``lora_adapter_metadata``
+(:func:`write_diffusers_lora`); :func:`import_peft` reads both. Adapters at fixed conditions
+(TimeLoRA at one t) become a plain LoRA in ``lora_export.py``.
+
 Paths are relative to the module passed: export from (and import into) the module peft wraps,
 e.g. the diffusers model inside a :class:`~difflora.nets.diffusers_wrap.DiffusersNet`
 (``model.net.model``). Both directions check everything before writing or changing anything.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +48,35 @@ from difflora.adapters.context import ConditionValue
 from difflora.adapters.forms import LowRankForm
 from difflora.adapters.inject import InjectionReport, ModelEdit, adapter_layers
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLayer
-from difflora.adapters.positions import position_adapters
+from difflora.adapters.positions import position_adapters, remove_position_adapter
 from difflora.adapters.weightings import IndexWeighting
 from difflora.files.jsonfile import read_json_file
 from difflora.files.tensorfile import check_finite, save_tensors
 
-__all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "PeftFormatError", "export_peft", "import_peft", "merge_and_unload"]
+__all__ = [
+    "DIFFUSERS_METADATA",
+    "DIFFUSERS_PREFIXES",
+    "DIFFUSERS_WEIGHTS",
+    "PEFT_CONFIG",
+    "PEFT_WEIGHTS",
+    "PeftFormatError",
+    "PlainLora",
+    "export_peft",
+    "import_peft",
+    "lora_config",
+    "merge_and_unload",
+    "write_diffusers_lora",
+    "write_peft",
+]
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+# diffusers' LoRA file (``save_lora_weights`` / ``load_lora_weights``) and the header key of its config.
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+DIFFUSERS_METADATA = "lora_adapter_metadata"
+# The names diffusers' pipelines give their denoiser, which prefix the keys of its LoRA file.
+DIFFUSERS_PREFIXES = ("unet", "transformer")
 # peft options whose effect difflora's plain LoRA cannot reproduce: (key, the value that is fine).
 _UNSUPPORTED = (
     ("use_dora", False),
@@ -95,29 +122,52 @@ def export_peft(model: nn.Module, directory: str | Path, adapter: str | None = N
 
     Paths (``target_modules`` and tensor names) are relative to ``model``: pass the module peft
     will wrap. ``PeftModel.from_pretrained(base, directory)`` on the same base then computes what
-    difflora computes with the adapter on.
+    difflora computes with the adapter on. Adapters at fixed conditions (TimeLoRA at one t, several
+    adapters at once) export with :func:`difflora.adapters.lora_export.export_lora`.
     """
     adapter, found = _plain_branches(model, adapter)
-    tensors: dict[str, torch.Tensor] = {}
-    ranks, alphas = {}, {}
-    condition = ""
+    layers, condition = {}, ""
     for path, (layer, branch) in found.items():
         a, b = branch.entries("lora_A")[0], branch.entries("lora_B")[0]
-        kernel = layer.base_layer.weight.shape[2:]  # () for Linear
-        tensors[f"{_PREFIX}{path}.lora_A.weight"] = a.reshape(branch.rank, -1, *kernel).detach().cpu().contiguous()
-        tensors[f"{_PREFIX}{path}.lora_B.weight"] = (
-            b.reshape(b.shape[0], branch.rank, *([1] * len(kernel))).detach().cpu().contiguous()
-        )
-        ranks[path], alphas[path], condition = branch.rank, branch.alpha, branch.condition
-    r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank and alpha
+        layers[path] = PlainLora(a.detach(), b.detach(), branch.alpha, tuple(layer.base_layer.weight.shape[2:]))
+        condition = branch.condition
+    return write_peft(directory, layers, {"difflora_adapter": adapter, "difflora_condition": condition})
+
+
+@dataclass
+class PlainLora:
+    """One layer's plain LoRA ``(alpha / r) B A``: ``a`` [r x fan_in] and ``b`` [d_out x r] flattened as
+    difflora stores them; ``kernel`` is the base's kernel size (() for Linear)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    alpha: float
+    kernel: tuple[int, ...]
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lora_A, lora_B) in peft's layout (module docstring), contiguous on the CPU."""
+        a = self.a.reshape(self.rank, -1, *self.kernel).detach().cpu().contiguous()
+        b = self.b.reshape(self.b.shape[0], self.rank, *([1] * len(self.kernel))).detach().cpu().contiguous()
+        return a, b
+
+
+def lora_config(layers: dict[str, PlainLora]) -> dict[str, Any]:
+    """peft's ``LoraConfig`` of ``layers``: the most common rank and alpha, the others as patterns."""
+    ranks = {p: layer.rank for p, layer in layers.items()}
+    alphas = {p: layer.alpha for p, layer in layers.items()}
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    config = {
+    return {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": None,
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": sorted(found),
+        "target_modules": sorted(layers),
         "rank_pattern": {re.escape(p): v for p, v in ranks.items() if v != r},
         "alpha_pattern": {re.escape(p): v for p, v in alphas.items() if v != alpha},
         "lora_dropout": 0.0,
@@ -129,34 +179,63 @@ def export_peft(model: nn.Module, directory: str | Path, adapter: str | None = N
         "inference_mode": True,
         "modules_to_save": None,
     }
+
+
+def _tensors(layers: dict[str, PlainLora], prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for path, layer in layers.items():
+        out[f"{prefix}{path}.lora_A.weight"], out[f"{prefix}{path}.lora_B.weight"] = layer.factors()
+    return out
+
+
+def write_peft(directory: str | Path, layers: dict[str, PlainLora], meta: dict[str, str]) -> Path:
+    """Write ``layers`` as a peft adapter directory (``meta``: difflora's notes in the safetensors header)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", "difflora_adapter": adapter, "difflora_condition": condition}
     # Both files under temporary names first: a crash never leaves a half-written pair.
     tmp_w, tmp_c = directory / (PEFT_WEIGHTS + ".tmp"), directory / (PEFT_CONFIG + ".tmp")
-    save_tensors(tensors, tmp_w, metadata=meta)
-    tmp_c.write_text(json.dumps(config, indent=2))
+    save_tensors(_tensors(layers, _PREFIX), tmp_w, metadata={"format": "pt", **meta})
+    tmp_c.write_text(json.dumps(lora_config(layers), indent=2))
     tmp_w.replace(directory / PEFT_WEIGHTS)
     tmp_c.replace(directory / PEFT_CONFIG)
     return directory
 
 
+def write_diffusers_lora(
+    directory: str | Path, layers: dict[str, PlainLora], prefix: str, meta: dict[str, str]
+) -> Path:
+    """Write ``layers`` as diffusers' LoRA file ``directory/pytorch_lora_weights.safetensors``; returns it.
+
+    Keys are ``<prefix>.<path>.lora_A.weight`` (peft's layout under the pipeline component's name,
+    ``unet`` or ``transformer``), and the header's ``lora_adapter_metadata`` holds the ``LoraConfig``
+    under the same prefix, as diffusers' ``save_lora_weights`` writes: ``load_lora_weights`` and
+    ``load_lora_adapter(..., prefix=prefix)`` read rank and alpha from it.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {f"{prefix}.{k}": v for k, v in lora_config(layers).items()}
+    header = {"format": "pt", DIFFUSERS_METADATA: json.dumps(config, indent=2, sort_keys=True), **meta}
+    tmp = directory / (DIFFUSERS_WEIGHTS + ".tmp")
+    save_tensors(_tensors(layers, f"{prefix}."), tmp, metadata=header)
+    tmp.replace(directory / DIFFUSERS_WEIGHTS)
+    return directory / DIFFUSERS_WEIGHTS
+
+
 # --- import -------------------------------------------------------------------------------------
-def _read_peft(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
-    """(config, tensors, safetensors metadata) of a peft directory, checked to be a LoRA difflora can hold."""
-    cfg_path, w_path = directory / PEFT_CONFIG, directory / PEFT_WEIGHTS
-    for path in (cfg_path, w_path):
-        if not path.is_file():
-            raise PeftFormatError(f"{path} does not exist: not a peft adapter directory (save_pretrained writes one)")
-    config = read_json_file(cfg_path, fix="export the adapter again with peft's save_pretrained", error=PeftFormatError)
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+def _check_config(config: Any, where: Path) -> dict[str, Any]:
+    """``config`` if it is a LoRA difflora can hold (peft_type LORA, none of :data:`_UNSUPPORTED`)."""
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise PeftFormatError(f"{cfg_path}: peft_type is {kind!r}; difflora imports LoRA adapters (peft_type LORA)")
+        raise PeftFormatError(f"{where}: peft_type is {kind!r}; difflora imports LoRA adapters (peft_type LORA)")
     for key, fine in _UNSUPPORTED:
         if config.get(key, fine) not in (fine, [], {}):
             raise PeftFormatError(
-                f"{cfg_path}: {key}={config[key]!r} is not a plain LoRA; difflora imports adapters with {key}={fine!r}"
+                f"{where}: {key}={config[key]!r} is not a plain LoRA; difflora imports adapters with {key}={fine!r}"
             )
+    return config
+
+
+def _read_tensors(w_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(w_path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -164,7 +243,53 @@ def _read_peft(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     except (SafetensorError, OSError, ValueError) as exc:
         raise PeftFormatError(f"{w_path} is not a readable safetensors file ({exc})") from None
     check_finite(tensors, str(w_path), "export an adapter that was trained without diverging", PeftFormatError)
-    return config, tensors, meta
+    return tensors, meta
+
+
+def _read_peft(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
+    """(config, tensors, safetensors metadata) of a peft directory, checked to be a LoRA difflora can hold."""
+    cfg_path, w_path = directory / PEFT_CONFIG, directory / PEFT_WEIGHTS
+    for path in (cfg_path, w_path):
+        if not path.is_file():
+            raise PeftFormatError(
+                f"{path} does not exist: not a peft adapter directory (save_pretrained writes one) nor a "
+                f"diffusers LoRA ({DIFFUSERS_WEIGHTS})"
+            )
+    config = read_json_file(cfg_path, fix="export the adapter again with peft's save_pretrained", error=PeftFormatError)
+    _check_config(config, cfg_path)
+    return (config, *_read_tensors(w_path))
+
+
+def _read_diffusers(path: Path, prefix: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
+    """(config, tensors with ``base_model.model.`` keys, metadata) of diffusers' LoRA file ``path``.
+
+    ``prefix`` (the pipeline component, ``unet`` / ``transformer``; None: the one every key starts
+    with, or none as ``save_lora_adapter`` writes) is removed from keys and config. Without a
+    ``lora_adapter_metadata`` header, alpha is each layer's rank (diffusers' convention: scale 1).
+    """
+    tensors, meta = _read_tensors(path)
+    if prefix is None:
+        heads = {k.split(".", 1)[0] for k in tensors}
+        prefix = heads.pop() if len(heads) == 1 and heads <= set(DIFFUSERS_PREFIXES) else ""
+    lead = f"{prefix}." if prefix else ""
+    stray = [k for k in tensors if not k.startswith(lead)]
+    if stray:
+        raise PeftFormatError(f"{path}: tensor {stray[0]!r} does not start with {lead!r}; pass the component's prefix")
+    tensors = {_PREFIX + k[len(lead) :]: v for k, v in tensors.items()}
+    raw = meta.get(DIFFUSERS_METADATA)
+    if raw:
+        try:
+            config = {k[len(lead) :]: v for k, v in json.loads(raw).items() if k.startswith(lead)}
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise PeftFormatError(f"{path}: its {DIFFUSERS_METADATA} header is not a JSON object ({exc})") from None
+    else:
+        ranks = {
+            re.escape(k[len(_PREFIX) : -len(".lora_B.weight")]): v.shape[1]
+            for k, v in tensors.items()
+            if k.endswith(".lora_B.weight") and v.dim() >= 2
+        }
+        config = {"lora_alpha": 8, "alpha_pattern": ranks}
+    return _check_config(config, path), tensors, meta
 
 
 def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
@@ -175,7 +300,9 @@ def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
-def _peft_layers(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], name: str, where: Path):
+def _peft_layers(
+    model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], name: str, where: Path, config_at: Path
+):
     """[(path, rank, alpha, A [r x fan_in], B [d_out x r])] for every layer of the file, all checked."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -217,7 +344,7 @@ def _peft_layers(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
         alpha = float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else math.nan
         if not math.isfinite(alpha):  # JSON readers accept NaN and Infinity
             raise PeftFormatError(
-                f"{where.parent / PEFT_CONFIG}: the alpha of {path!r} (lora_alpha / alpha_pattern) is {raw!r}; "
+                f"{config_at}: the alpha of {path!r} (lora_alpha / alpha_pattern) is {raw!r}; "
                 f"a LoRA's alpha is a finite number"
             )
         if config.get("use_rslora", False):
@@ -226,22 +353,37 @@ def _peft_layers(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
     return layers
 
 
-def import_peft(
-    model: nn.Module, directory: str | Path, name: str | None = None, condition: str | None = None
-) -> InjectionReport:
-    """Load a peft LoRA directory into ``model`` as plain LoRA ``name`` reading ``condition``; returns a report.
+def _read_lora(path: Path, prefix: str | None):
+    """(config, tensors, metadata, weights file, config file) of a peft directory or a diffusers LoRA."""
+    if path.is_dir() and (path / DIFFUSERS_WEIGHTS).is_file() and not (path / PEFT_CONFIG).is_file():
+        path = path / DIFFUSERS_WEIGHTS
+    if path.is_file():
+        return (*_read_diffusers(path, prefix), path, path)
+    return (*_read_peft(path), path / PEFT_WEIGHTS, path / PEFT_CONFIG)
 
-    Defaults: the adapter and condition names an :func:`export_peft` directory records, else
+
+def import_peft(
+    model: nn.Module,
+    directory: str | Path,
+    name: str | None = None,
+    condition: str | None = None,
+    prefix: str | None = None,
+) -> InjectionReport:
+    """Load a LoRA into ``model`` as plain LoRA ``name`` reading ``condition``; returns a report.
+
+    ``directory`` is a peft adapter directory, or diffusers' LoRA file (``pytorch_lora_weights.safetensors``,
+    or a directory holding it; ``prefix`` is its component, ``unet`` / ``transformer``, found from
+    the keys when not given). Defaults: the adapter and condition names an export records, else
     ``"lora"`` for both. The imported LoRA is on for samples whose condition is 0 and off for -1:
     ``model(x, t, y, lora=0)``, or merge it (:func:`merge_and_unload` with ``lora=0``).
     All-or-nothing: every tensor is checked against ``model`` before it changes.
     """
     directory = Path(directory)
     try:
-        config, tensors, meta = _read_peft(directory)
+        config, tensors, meta, w_path, c_path = _read_lora(directory, prefix)
         name = name or meta.get("difflora_adapter") or "lora"
         condition = condition or meta.get("difflora_condition") or "lora"
-        layers = _peft_layers(model, config, tensors, name, directory / PEFT_WEIGHTS)
+        layers = _peft_layers(model, config, tensors, name, w_path, c_path)
     except PeftFormatError:
         raise
     except (re.error, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as exc:
@@ -268,18 +410,29 @@ def merge_and_unload(model: nn.Module, **values: ConditionValue) -> nn.Module:
     base layer, in place; returns ``model`` (its base layer if ``model`` itself is a wrapper).
 
     Every adapter must read a condition given here (a dropped adapter would silently change the
-    output), be mergeable, and no position adapter may be present; otherwise nothing changes.
+    output) and be mergeable at its value; a position adapter only at its "no update" value (it is
+    then removed). At every adapter's "no update" value (``task=-1``) the result is the base model,
+    bit for bit. Otherwise nothing changes.
     """
-    if any(True for _ in position_adapters(model)):
-        raise ValueError("merge_and_unload: position adapters cannot be merged into weights; remove them first")
+    blocks = position_adapters(model)
     layers = list(adapter_layers(model))
+    read = {b.condition for _, layer in layers for b in layer.adapters.values()} | {a.condition for _, a in blocks}
+    missing = sorted(read - set(values))
+    if missing:
+        raise ValueError(f"merge_and_unload: the model has adapters reading {missing}; give a value for each")
+    for path, adapter in blocks:
+        value = values[adapter.condition]
+        if not adapter.weighting.is_null(value.item() if isinstance(value, torch.Tensor) else value):
+            raise ValueError(
+                f"merge_and_unload: position adapter {adapter.name!r} of {path!r} adds f(h) between two taps, which "
+                f"no weight holds; merge at its no-update value or delete_adapter({adapter.name!r}) first"
+            )
     for path, layer in layers:
-        missing = sorted({b.condition for b in layer.adapters.values()} - set(values))
-        if missing:
-            raise ValueError(f"merge_and_unload: {path!r} has adapters reading {missing}; give a value for each")
         problem = layer.merge_problem(**values)
         if problem:
             raise ValueError(f"merge_and_unload: {path!r}: {problem}")
+    for path, adapter in blocks:
+        remove_position_adapter(model.get_submodule(path), adapter.name)
     for path, layer in layers:
         layer.merge(**values)
         if not path:

@@ -58,6 +58,7 @@ __all__ = [
     "fit_position_adapter",
     "has_taps",
     "position_adapters",
+    "remove_position_adapter",
 ]
 
 
@@ -260,6 +261,20 @@ def add_position_adapter(block: nn.Module, adapter: PositionAdapter) -> Position
         block.position_adapters = nn.ModuleDict()
     adapter.attach(block)
     block.position_adapters[adapter.name] = adapter
+    return adapter
+
+
+def remove_position_adapter(block: nn.Module, name: str) -> PositionAdapter:
+    """Detach position adapter ``name`` from ``block`` (its hooks and its module; the empty
+    ``position_adapters`` container too), leaving the block's module tree as before it was added."""
+    adapter = block.position_adapters[name]
+    for tap in {adapter.source, adapter.dest}:
+        hooks = block.get_submodule(f"tap_{tap}")._forward_hooks
+        for key in [k for k, hook in hooks.items() if getattr(hook, "__self__", None) is adapter]:
+            del hooks[key]
+    del block.position_adapters[name]
+    if not len(block.position_adapters):
+        del block.position_adapters
     return adapter
 
 

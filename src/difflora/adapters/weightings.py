@@ -110,6 +110,12 @@ class Weighting(nn.Module, abc.ABC):
     def spec(self) -> dict[str, Any]:
         """JSON-able description from which :func:`weighting_from_spec` rebuilds the weighting."""
 
+    def is_null(self, value: float | int | bool | None) -> bool:
+        """Whether one value shared by every sample is this weighting's "no update" (module docstring):
+        ``NaN`` (and ``None``) for every weighting, ``-1`` too for the integer-valued ones. A host
+        check of a Python number: merging and exporting at it leave the base layer exactly as it is."""
+        return value is None or (isinstance(value, float) and math.isnan(value))
+
 
 class IndexWeighting(Weighting):
     """One bank entry per value (non-compositional TimeLoRA, ClassLoRA, one adapter per task).
@@ -144,6 +150,9 @@ class IndexWeighting(Weighting):
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_values": self.num_values}
+
+    def is_null(self, value: float | int | bool | None) -> bool:
+        return super().is_null(value) or value == NULL_VALUE
 
     def extra_repr(self) -> str:
         return f"num_values={self.num_values}"
@@ -226,6 +235,10 @@ class SharedWeighting(Weighting):
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind}
 
+    def is_null(self, value: float | int | bool | None) -> bool:
+        # -1 is "no update" in an integer tensor only (a float -1.0 row is kept, as in forward)
+        return super().is_null(value) or (type(value) is int and value == NULL_VALUE)
+
 
 class TrainableWeighting(Weighting):
     """A trainable table ``table`` [num_values x num_bases]: sample with value t mixes row t (000 3.2).
@@ -284,6 +297,9 @@ class TrainableWeighting(Weighting):
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_values": self.num_values, "num_bases": self.num_bases, "init": self.init}
+
+    def is_null(self, value: float | int | bool | None) -> bool:
+        return super().is_null(value) or value == NULL_VALUE
 
     def extra_repr(self) -> str:
         return f"num_values={self.num_values}, num_bases={self.num_bases}, init={self.init}"

@@ -28,6 +28,7 @@ HANDLERS = {
     "demo": "difflora.cli.training:demo_command",
     "pretrain": "difflora.cli.training:pretrain_command",
     "sample": "difflora.cli.sampling:sample_command",
+    "export": "difflora.cli.sampling:export_command",
     "export_peft": "difflora.cli.sampling:export_peft_command",
     "eval": "difflora.cli.evaluation:eval_command",
     "train_features": "difflora.cli.evaluation:train_features_command",

@@ -282,9 +282,32 @@ def _add_demo(sub, handlers: Handlers) -> None:
     d.set_defaults(fn=handlers["demo"])
 
 
+def _add_export(sub, handlers: Handlers) -> None:
+    e = sub.add_parser(
+        "export", help="write a run's adapters at fixed conditions as a peft LoRA, a diffusers LoRA or a merged model"
+    )
+    e.add_argument("run_dir")
+    e.add_argument(
+        "--to",
+        required=True,
+        choices=["peft", "diffusers-lora", "diffusers"],
+        help="peft: adapter directory; diffusers-lora: pytorch_lora_weights.safetensors; diffusers: merged model",
+    )
+    e.add_argument("out_dir", help="the directory to write")
+    e.add_argument(
+        "--condition",
+        action="append",
+        metavar="NAME=VALUE",
+        help="the fixed value of a condition the adapters read, e.g. t=500 or task=-1 (no update); repeatable",
+    )
+    e.add_argument("--weights", choices=["ema", "model"], default="ema")
+    e.add_argument("--checkpoint", metavar="STEP|PATH", default=None, help=_CKPT_HELP)
+    e.set_defaults(fn=handlers["export"])
+
+
 def _add_export_peft(sub, handlers: Handlers) -> None:
     e = sub.add_parser(
-        "export-peft", help="write a run's plain LoRA in peft's format (adapter_config.json + safetensors)"
+        "export-peft", help="deprecated: `difflora export RUN --to peft OUT --condition NAME=0` writes the same"
     )
     e.add_argument("run_dir")
     e.add_argument("out_dir", help="the peft adapter directory to write")
@@ -321,6 +344,7 @@ def build_parser(handlers: Handlers) -> argparse.ArgumentParser:
         _add_anova,
         _add_runs,
         _add_demo,
+        _add_export,
         _add_export_peft,
         _add_combine_tasks,
     ):

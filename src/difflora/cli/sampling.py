@@ -1,8 +1,10 @@
-"""Commands that load a trained run: sample, export-peft."""
+"""Commands that load a trained run: sample, export (and export-peft, its deprecated name for peft)."""
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from pathlib import Path
 
 from difflora.adapters.peft_format import export_peft
@@ -11,6 +13,7 @@ from difflora.cli.parser import CLIError
 from difflora.distill.command import sampling_guidance, without_student
 from difflora.files.images import save_grid
 from difflora.files.tensorfile import save_tensors
+from difflora.model.export import export_model
 from difflora.sampling.generate import default_labels, generate
 from difflora.train.run_loader import open_run
 
@@ -78,7 +81,34 @@ def sample_command(args) -> int:
     return 0
 
 
+def _fixed_conditions(texts: list[str] | None) -> dict[str, int | float]:
+    """``--condition t=500`` (one value each) -> {name: value}: an integer where the text is one, else a float."""
+    values: dict[str, int | float] = {}
+    for text in texts or []:
+        name, sep, raw = text.partition("=")
+        if not sep or not name.isidentifier() or name in values:
+            raise CLIError(f"--condition {text!r}: expected NAME=VALUE once per condition, e.g. t=500")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise CLIError(f"--condition {text!r}: {raw!r} is not a number (nan: no update)") from None
+        if math.isinf(value):
+            raise CLIError(f"--condition {text!r}: expected a finite number or nan")
+        values[name] = int(value) if value.is_integer() and "." not in raw and "e" not in raw.lower() else value
+    return values
+
+
+def export_command(args) -> int:
+    values = _fixed_conditions(args.condition)
+    cfg, model, _ = _open_run(args.run_dir, args.weights, args.checkpoint)
+    out = export_model(model, cfg, args.to, args.out_dir, values)
+    at = ", ".join(f"{k}={v}" for k, v in values.items()) or "no conditions"
+    print(f"wrote {args.to} export at {at} to {out}")
+    return 0
+
+
 def export_peft_command(args) -> int:
+    warnings.warn("export-peft is deprecated: use `difflora export RUN --to peft OUT --condition NAME=0`", stacklevel=1)
     cfg, model, _ = _open_run(args.run_dir, args.weights, args.checkpoint)
     # peft wraps the backbone: the diffusers model itself for model.arch=diffusers.
     root = model.net.model if cfg.model.arch == "diffusers" else model.net
