@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultkit import Fault, both, cases, check_fault, edit_json, flip_byte, remove, truncate
+from faultkit import Fault, both, cases, check_fault, edit_json, flip_byte, remove, truncate, write
 from safetensors.torch import save_file
 
 from difflora.latent import (
@@ -159,6 +159,23 @@ LATENTS = [
         exc=CacheError,
         error=r"made for another key \(crop: \"resize\" there, \"center\" here\)",
         damage=built,
+    ),
+]
+
+LATENTS += [
+    Fault(
+        "latent-cache-path-holds-other-files",
+        api=lambda r, t: _latents(r),
+        exc=CacheError,
+        error=r"lc is not a latents cache \(it holds a\.png\); point the cache at a new or empty directory",
+        damage=write("lc/a.png", "not a cache"),
+    ),
+    Fault(
+        "latent-cache-path-is-a-file",
+        api=lambda r, t: _latents(r),
+        exc=CacheError,
+        error=r"lc is a file, not a latents cache",
+        damage=write("lc", "x"),
     ),
 ]
 

@@ -188,3 +188,14 @@ def test_float16_storage_halves_the_cache(tmp_path):
     half = cache_latents(vae, ds, LatentSettings(batch_size=3, shard_size=4, dtype="float16"), root=tmp_path)
     assert half.path != full.path and half.latents.dtype == torch.float16
     torch.testing.assert_close(half.latents.float(), full.latents, atol=2e-3, rtol=1e-3)
+
+
+def test_a_vae_giving_nan_latents_is_refused_before_anything_is_written(tmp_path):
+    vae = tiny_vae()
+    with torch.no_grad():
+        vae.encoder.conv_in.bias.fill_(float("nan"))
+    with pytest.raises(
+        CacheError, match=r"the VAE's latents of images 0\.\.3: tensor 'latents' holds \d+ NaN .*float32"
+    ):
+        cache_latents(vae, _dataset(), SMALL, path=tmp_path / "c")
+    assert not (tmp_path / "c").exists()

@@ -23,7 +23,7 @@ from difflora.latent.latents import (
     vae_scaling,
 )
 from difflora.latent.prompts import PromptCache, cache_prompts, encode_prompts, open_prompt_cache, tokenize_prompts
-from difflora.latent.store import CacheError, default_cache_root
+from difflora.latent.store import CacheError
 
 __all__ = [
     "CacheError",
@@ -33,7 +33,6 @@ __all__ = [
     "cache_latents",
     "cache_prompts",
     "decode_latents",
-    "default_cache_root",
     "encode_images",
     "encode_prompts",
     "module_fingerprint",

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from difflora.data.dataset import ImageDataset
 from difflora.data.transforms import flip_coins
+from difflora.files.tensorfile import check_finite
 from difflora.latent.fingerprint import ModuleOrLoader, hash_tensor, loaded_once, module_config, module_fingerprint
 from difflora.latent.store import STORAGE_DTYPES, CacheError, StorePlan, build_store, read_store
 
@@ -248,7 +249,10 @@ def cache_latents(
             for name, view in views.items():
                 z = encode_images(get_vae(), view, settings.posterior, settings.seed, s)
                 out[name].append(z.to("cpu", storage))
-        return {name: torch.cat(parts) for name, parts in out.items() if parts}
+        tensors = {name: torch.cat(parts) for name, parts in out.items() if parts}
+        fix = "a float16 VAE can overflow: encode in float32 (vae.float())"
+        check_finite(tensors, f"the VAE's latents of images {start}..{start + count - 1}", fix, CacheError)
+        return tensors
 
     def scaling() -> dict[str, float]:
         scale, shift = vae_scaling(get_vae())

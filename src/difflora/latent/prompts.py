@@ -125,7 +125,7 @@ def cache_prompts(
     """The contexts of the distinct ``captions`` and of "", built once and cached; then read.
 
     Where the cache lives and what a mismatch does are as for :func:`difflora.latent.cache_latents`
-    (default root ``$DIFFLORA_CACHE/prompts``). ``encoder_id`` stands in for hashing the encoder's
+    (default root ``$DIFFLORA_CACHE/latents``). ``encoder_id`` stands in for hashing the encoder's
     weights; with it, ``text_encoder`` may be a function that loads the encoder, called only when
     something must be encoded. ``dtype`` is the storage dtype."""
     if dtype not in STORAGE_DTYPES:

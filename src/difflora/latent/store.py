@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from safetensors.torch import load as load_tensor_bytes
 
 from difflora.errors import DiffloraError
 from difflora.files.atomic import atomic_path, write_json_atomic
+from difflora.files.cachedir import cache_root
 from difflora.files.jsonfile import read_json_file
 from difflora.files.tensorfile import check_finite, save_tensors
 
@@ -44,7 +45,6 @@ __all__ = [
     "CacheError",
     "StorePlan",
     "build_store",
-    "default_cache_root",
     "key_hash",
     "read_store",
 ]
@@ -62,12 +62,6 @@ class CacheError(DiffloraError, ValueError):
 def key_hash(key: dict[str, Any]) -> str:
     """sha256 of the key's canonical JSON (sorted keys, no spaces)."""
     return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def default_cache_root() -> Path:
-    """``$DIFFLORA_CACHE`` if set, else ``~/.cache/difflora`` (each cache kind has a folder below it)."""
-    root = os.environ.get("DIFFLORA_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "difflora"
 
 
 @dataclass(frozen=True)
@@ -90,9 +84,13 @@ class StorePlan:
         return [(s, min(self.shard_size, self.rows - s)) for s in range(0, self.rows, self.shard_size)]
 
     def directory(self, root: str | Path | None) -> Path:
-        """Where this cache lives under ``root`` (default :func:`default_cache_root`): named by the key's hash."""
-        base = Path(root) if root is not None else default_cache_root() / self.kind
+        """Where this cache lives under ``root`` (default ``$DIFFLORA_CACHE/latents``, the one
+        folder of both kinds of cache): ``<kind>-<the key's hash>``."""
+        base = Path(root) if root is not None else cache_root() / "latents"
         return base / f"{self.kind}-{self.hash[:16]}"
+
+
+_SHARD = re.compile(r"shard_\d{5}\.safetensors")
 
 
 def _shard_name(index: int) -> str:
@@ -150,6 +148,21 @@ def _file_record(path: Path) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _check_cache_directory(directory: Path, kind: str) -> None:
+    """Refuse to build into a file or into a directory of other files (a user's image folder)."""
+    if directory.exists() and not directory.is_dir():
+        raise CacheError(f"{directory} is a file, not a {kind} cache; point the cache at a new or empty directory")
+    others = sorted(
+        p.name
+        for p in (directory.iterdir() if directory.is_dir() else ())
+        if p.name != MANIFEST and not p.name.startswith(".") and not _SHARD.fullmatch(p.name)
+    )
+    if others:
+        raise CacheError(
+            f"{directory} is not a {kind} cache (it holds {others[0]}); point the cache at a new or empty directory"
+        )
+
+
 def build_store(
     directory: Path,
     plan: StorePlan,
@@ -164,7 +177,8 @@ def build_store(
     every shard the same names and trailing shapes) fills the rest; the manifest is written last,
     with ``info()`` (what a reader needs beside the tensors, decided by the key) merged in.
     A directory holding a manifest or shards of another key raises :class:`CacheError` before
-    anything is written."""
+    anything is written, and so does one holding other files than a cache's."""
+    _check_cache_directory(directory, plan.kind)
     if (directory / MANIFEST).is_file():
         manifest = _read_manifest(directory, plan.kind)
         if manifest["key_hash"] != plan.hash:
