@@ -97,6 +97,8 @@ def test_the_cache_is_reused_as_is_and_rebuilt_for_another_vae_or_resolution(tmp
     logs.clear()
     again = cache_latents(vae, ds, SMALL, root=tmp_path, log=logs.append)
     assert again.path == first.path and not logs and torch.equal(again.latents, first.latents)
+    other_batches = LatentSettings(batch_size=5, shard_size=4, workers=1)  # none of them changes the latents
+    assert cache_latents(vae, ds, other_batches, root=tmp_path, log=logs.append).path == first.path and not logs
     assert {p: p.stat().st_mtime_ns for p in first.path.iterdir()} == files
 
     with torch.no_grad():

@@ -45,6 +45,7 @@ Posterior = Literal["mean", "sample"]
 Images = ImageDataset | torch.Tensor | Dataset
 # Seeds of the per-sample posterior draws: seed * _SEED_STRIDE + index fits a 64-bit generator seed.
 _SEED_STRIDE = 2**32
+_HASH_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -143,11 +144,12 @@ def _rows(images: Images, workers: int) -> Callable[[int, int], torch.Tensor]:
     return read
 
 
-def _content_id(images: Images, rows: Callable[[int, int], torch.Tensor], n: int, chunk: int) -> str:
-    """sha256 of every image (dtype, shape, bytes), read in chunks."""
+def _content_id(rows: Callable[[int, int], torch.Tensor], n: int) -> str:
+    """sha256 of every image (dtype, shape, bytes), read in chunks of a fixed size: the id must not
+    depend on settings that do not change the latents, such as the batch size."""
     hasher = hashlib.sha256()
-    for start in range(0, n, chunk):
-        hash_tensor(hasher, rows(start, min(chunk, n - start)))
+    for start in range(0, n, _HASH_CHUNK):
+        hash_tensor(hasher, rows(start, min(_HASH_CHUNK, n - start)))
     return hasher.hexdigest()
 
 
@@ -235,7 +237,7 @@ def cache_latents(
     if vae_id is None and not isinstance(vae, nn.Module):
         raise ValueError("cache_latents: pass vae_id with a VAE loader (the fingerprint is the VAE's otherwise)")
     get_vae = loaded_once(vae)
-    content_id = content_id or _content_id(images, rows, n, settings.batch_size)
+    content_id = content_id or _content_id(rows, n)
     key = _key(images, n, rows(0, 1).shape[1:], settings, content_id, vae_id or module_fingerprint(get_vae()))
     plan = StorePlan("latents", key, n, settings.shard_size)
     directory = Path(path) if path is not None else plan.directory(root)
