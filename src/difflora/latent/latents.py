@@ -54,7 +54,8 @@ class LatentSettings:
 
     posterior: "mean" (the posterior's mean, deterministic: the default, see docs/latents.md) or
         "sample" (one draw per image, sample i from ``torch.Generator().manual_seed(seed * 2**32 + i)``,
-        so the draws do not depend on the batch size or on where a build resumed).
+        so the draws do not depend on the batch size or on where a build resumed; a mirrored image
+        draws with its original's seed).
     flips: cache the mirrored images' latents too (None: as the dataset's ``hflip`` says).
     crop: how the images were brought to their resolution (a label recorded in the key: the pixels
         of a folder of files are not hashed, so the crop must be).
