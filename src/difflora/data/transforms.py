@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["random_hflip", "resize_images"]
+__all__ = ["flip_coins", "random_hflip", "resize_images"]
 
 
 def resize_images(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
@@ -40,7 +40,13 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator | None = None,
     One coin per sample, ``torch.rand(N, generator=generator) < p``, drawn on the generator's device
     (CPU when None) so the same seed gives the same flips on every device.
     """
-    device = generator.device if generator is not None else torch.device("cpu")
-    coins = torch.rand(images.shape[0], generator=generator, device=device) < p
-    coins = coins.to(images.device).view(-1, *([1] * (images.ndim - 1)))
+    coins = flip_coins(images.shape[0], generator, p).to(images.device).view(-1, *([1] * (images.ndim - 1)))
     return torch.where(coins, images.flip(-1), images)
+
+
+def flip_coins(n: int, generator: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:
+    """The coins of :func:`random_hflip`: bool [n], ``torch.rand(n, generator=generator) < p`` on the
+    generator's device (CPU when None). A cache of flipped latents draws the same coins, so training
+    from it consumes the generator exactly as training from the images does."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(n, generator=generator, device=device) < p

@@ -32,11 +32,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +49,8 @@ from difflora.data import load_dataset
 from difflora.data.split import stratified_split
 from difflora.eval.inception import InceptionFeatures, load_inception
 from difflora.eval.kernel import kid_feature_scale
+from difflora.files.atomic import atomic_path
+from difflora.files.cachedir import cache_root
 from difflora.files.jsonfile import read_json_file
 from difflora.files.tensorfile import save_tensors
 
@@ -297,8 +295,7 @@ def feature_net_key(
 
 def default_cache_dir() -> Path:
     """``$DIFFLORA_CACHE/features`` if the variable is set, else ``~/.cache/difflora/features``."""
-    root = os.environ.get("DIFFLORA_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "difflora") / "features"
+    return cache_root() / "features"
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -320,24 +317,6 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-@contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """A temporary path next to ``target``, renamed onto it when the block succeeds.
-
-    Readers (another process sharing the cache) see either no file or a complete one, never a
-    half-written one; os.replace is atomic within a filesystem, hence the temp file in the same dir.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_feature_net(net: FeatureNet, path: str | Path) -> Path:
     """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically; returns the weights path.
 
@@ -348,11 +327,11 @@ def save_feature_net(net: FeatureNet, path: str | Path) -> Path:
         raise ValueError("save_feature_net needs net.info (what the network was trained on)")
     w_path, j_path = _paths(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    with _atomic_path(w_path) as tmp:
+    with atomic_path(w_path) as tmp:
         save_tensors(state, tmp, metadata={"format": FORMAT})
         digest = _file_sha256(tmp)
     meta = net.info.to_json() | {"weights_sha256": digest}
-    with _atomic_path(j_path) as tmp:
+    with atomic_path(j_path) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return w_path
 

@@ -1,2 +1,3 @@
 """Small file helpers every layer uses: JSON read with one-line errors, safetensors written with the
-umask's mode, and image files (PNG grids)."""
+umask's mode, files replaced atomically (a temporary file renamed onto the target), and image files
+(PNG grids)."""

@@ -21,20 +21,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["check_finite", "save_tensors"]
+__all__ = ["check_finite", "new_file_mode", "save_tensors"]
 
 
-def _umask() -> int:
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 minus the umask."""
     # os.umask both sets and returns: set a throwaway value and put the old one straight back.
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file``, then the mode a newly created file gets from the umask."""
     save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())
+    os.chmod(path, new_file_mode())
 
 
 def check_finite(
