@@ -123,7 +123,7 @@ def test_flat_folder_with_metadata_gives_captions_aligned_with_samples(tmp_path)
     cfg = folder_cfg(root, workers=0)
     index = index_folder(cfg, "train")
     assert index.class_names == ["unlabelled"] and set(index.labels.tolist()) == {0}
-    assert [f"picture number {p.stem}" for p in index.files] == index.captions
+    assert [f"picture number {Path(p).stem}" for p in index.files] == index.captions
     source = open_batches(cfg, seed=0, batch_size=4, rows=range(4))
     assert source.captions == index.captions
     _, _, cond = source.draw(1, torch.Generator())

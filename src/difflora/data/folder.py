@@ -39,7 +39,7 @@ def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     return int(size * width / height), size
 
 
-def read_image(path: Path, channels: int, size: int, flip: bool = False) -> np.ndarray:
+def read_image(path: str | Path, channels: int, size: int, flip: bool = False) -> np.ndarray:
     """One image file -> uint8 [channels x size x size], read as the module docstring says. A file
     that does not decode raises :class:`DatasetFormatError` naming it (one line)."""
     from PIL import Image

@@ -60,11 +60,12 @@ _SHOWN = 3  # files named in an error about many
 
 @dataclass(frozen=True)
 class FolderSplit:
-    """One split of an image folder: ``files`` (absolute paths, in sample order), ``labels`` (int64
-    [N]), ``class_names``, ``captions`` (one per sample, or None without ``metadata.jsonl`` texts)."""
+    """One split of an image folder: ``files`` (absolute paths under the split directory ``root``, in
+    sample order; strings, cheaper than 100,000 ``Path`` objects), ``labels`` (int64 [N]),
+    ``class_names``, ``captions`` (one per sample, or None without ``metadata.jsonl`` texts)."""
 
     root: Path
-    files: list[Path]
+    files: list[str]
     labels: np.ndarray
     class_names: list[str]
     captions: list[str] | None
@@ -75,9 +76,10 @@ class FolderSplit:
     def fingerprint(self) -> str:
         """sha256 of what defines the samples and their order (paths, labels, captions), not pixels."""
         h = hashlib.sha256()
-        for i, path in enumerate(self.files):
-            caption = self.captions[i] if self.captions is not None else None
-            h.update(json.dumps([str(path.relative_to(self.root)), int(self.labels[i]), caption]).encode())
+        start = len(os.path.join(self.root, ""))
+        captions = self.captions if self.captions is not None else [None] * len(self)
+        for path, label, caption in zip(self.files, self.labels.tolist(), captions, strict=True):
+            h.update(json.dumps([path[start:], label, caption]).encode())
         return h.hexdigest()
 
     def head(self, n: int) -> FolderSplit:
@@ -271,7 +273,8 @@ def index_folder(cfg: DataConfig, split: str) -> FolderSplit:
     labels = np.asarray([label[n.split("/")[0]] if "/" in n else 0 for n in order], dtype=np.int64)
     texts = _read_metadata(side, files) if (side / METADATA).is_file() else {}
     captions = [texts[n] for n in order] if any(t is not None for t in texts.values()) else None
-    every = {str((s / n).relative_to(root)): v for s, (f, _) in listings.items() for n, v in f.items()}
+    prefix = {s: os.path.join(os.path.relpath(s, root), "") if s != root else "" for s in listings}
+    every = {prefix[s] + n: v for s, (f, _) in listings.items() for n, v in f.items()}
     if order:
         check_headers(root, every, index_cache_dir(cfg))
     pick = np.arange(len(order))
@@ -289,7 +292,7 @@ def index_folder(cfg: DataConfig, split: str) -> FolderSplit:
         )
     return FolderSplit(
         side,
-        [side / order[i] for i in pick],
+        [os.path.join(side, order[i]) for i in pick],
         labels[pick],
         class_names,
         [captions[i] for i in pick] if captions is not None else None,

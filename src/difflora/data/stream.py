@@ -25,7 +25,6 @@ import itertools
 import os
 import signal
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,7 +100,7 @@ class _FolderReader(Dataset):
     """``reader[(i, flip)]`` -> (uint8 [C x S x S], "") or (an empty tensor, the one-line error):
     a worker hands the error back to the training process, which raises it as it is."""
 
-    def __init__(self, files: Sequence[Path], channels: int, size: int):
+    def __init__(self, files: Sequence[str], channels: int, size: int):
         self.files, self.channels, self.size = files, channels, size
 
     def __len__(self) -> int:
