@@ -99,10 +99,12 @@ def test_resume_refuses_a_folder_whose_samples_changed(folder, tmp_path):
     shutil.copytree(folder, moved)
     train(_config(moved, 0), tmp_path / "run", stop_at=2, **QUIET)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(moved / "cat" / "new.png")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     with pytest.raises(
         ValueError, match=r"image folder .* changed since this run's checkpoint at step 2 \(20 samples then, 21 now"
     ):
         train(_config(moved, 0), tmp_path / "run", resume=True, **QUIET)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before  # refused before writing
 
 
 def _free_port() -> int:
