@@ -55,6 +55,7 @@ _VERSION = 1
 _LAYOUT = (
     "DIR/<class_name>/*.png|jpg|jpeg|bmp|webp, DIR/*.png|... with DIR/metadata.jsonl, or DIR/train/... and DIR/test/..."
 )
+_FIX = f"Pass --set data.root=DIR with the layout {_LAYOUT}."
 _SHOWN = 3  # files named in an error about many
 
 
@@ -178,19 +179,18 @@ def _read_metadata(side: Path, files: dict[str, tuple[int, int]]) -> dict[str, s
 
 def _locate(cfg: DataConfig, split: str) -> tuple[Path, list[Path], Path]:
     """The folder, the split directories whose classes count (both, or the folder itself), and the one to read."""
-    fix = f"Pass --set data.root=DIR with the layout {_LAYOUT}."
     if cfg.image_size is None:
         raise ConfigError("data.image_size: required for data.name=image-folder (image folders have no native size)")
     if cfg.root is None:
-        raise not_found("image-folder", [], "image-folder has no default location. " + fix)
+        raise not_found("image-folder", [], "image-folder has no default location. " + _FIX)
     root = Path(cfg.root).absolute()
     if not root.is_dir():
-        raise not_found("image-folder", [root], fix)
+        raise not_found("image-folder", [root], _FIX)
     if not (root / "train").is_dir():
         return root, [root], root
     side = root / split
     if not side.is_dir():
-        raise not_found("image-folder", [side], f"{root / 'train'} exists, so {side} must too. " + fix)
+        raise not_found("image-folder", [side], f"{root / 'train'} exists, so {side} must too. " + _FIX)
     return root, [d for d in (root / "train", root / "test") if d.is_dir()], side
 
 
@@ -239,7 +239,7 @@ def _write_cache(path: Path, root: Path, entries: dict[str, list[int]]) -> None:
             os.unlink(tmp)
 
 
-def check_headers(root: Path, listing: dict[str, tuple[int, int]], cache_dir: Path) -> None:
+def _check_headers(root: Path, listing: dict[str, tuple[int, int]], cache_dir: Path) -> None:
     """Open every file of ``listing`` (``relpath -> (size, mtime_ns)`` under ``root``) whose header
     the cache does not hold at that size and time; one that is not an image is an error naming it."""
     path = cache_dir / f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.json"
@@ -268,15 +268,16 @@ def index_folder(cfg: DataConfig, split: str) -> FolderSplit:
     listings = {s: _listing(s) for s in sides}
     class_names = _class_names(listings)
     label = {name: i for i, name in enumerate(class_names)}
+    class_of = lambda n: label[n.partition("/")[0]] if "/" in n else 0  # noqa: E731 - "name" or "class/name"
     files = listings[side][0]
-    order = sorted(files, key=lambda n: (label[n.split("/")[0]] if "/" in n else 0, n.split("/")[-1]))
-    labels = np.asarray([label[n.split("/")[0]] if "/" in n else 0 for n in order], dtype=np.int64)
+    order = sorted(files, key=lambda n: (class_of(n), n.rpartition("/")[2]))
+    labels = np.asarray([class_of(n) for n in order], dtype=np.int64)
     texts = _read_metadata(side, files) if (side / METADATA).is_file() else {}
     captions = [texts[n] for n in order] if any(t is not None for t in texts.values()) else None
     prefix = {s: os.path.join(os.path.relpath(s, root), "") if s != root else "" for s in listings}
     every = {prefix[s] + n: v for s, (f, _) in listings.items() for n, v in f.items()}
     if order:
-        check_headers(root, every, index_cache_dir(cfg))
+        _check_headers(root, every, index_cache_dir(cfg))
     pick = np.arange(len(order))
     if len(sides) == 1:
         train, test = stratified_split(labels, TEST_FRACTION)
@@ -287,8 +288,7 @@ def index_folder(cfg: DataConfig, split: str) -> FolderSplit:
         raise not_found(
             "image-folder",
             tried,
-            f"No *.{exts} images for split '{split}' in these folders. "
-            f"Pass --set data.root=DIR with the layout {_LAYOUT}.",
+            f"No *.{exts} images for split '{split}' in these folders. {_FIX}",
         )
     return FolderSplit(
         side,
