@@ -177,7 +177,8 @@ def test_layout_errors(tmp_path):
         index_folder(folder_cfg(tmp_path / "empty"), "train")
 
 
-def test_an_undecodable_file_is_named_when_indexed_and_a_truncated_one_when_read(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_undecodable_file_is_named_when_indexed_and_a_truncated_one_when_read(tmp_path, workers):
     root = class_folder(tmp_path / "f", per_class=5)
     (root / "cat" / "bad.png").write_bytes(b"not a png at all")
     with pytest.raises(DatasetFormatError, match=r"1 file\(s\) cannot be read as images: .*cat/bad.png") as info:
@@ -185,7 +186,7 @@ def test_an_undecodable_file_is_named_when_indexed_and_a_truncated_one_when_read
     assert "\n" not in str(info.value)
     data = (root / "cat" / "00.png").read_bytes()
     (root / "cat" / "bad.png").write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not
-    source = open_batches(folder_cfg(root, workers=0), seed=0, batch_size=20, rows=range(20))  # an epoch
+    source = open_batches(folder_cfg(root, workers=workers), seed=0, batch_size=20, rows=range(20))  # an epoch
     with pytest.raises(DatasetFormatError, match=r"cat/bad.png: cannot read as an image") as info:
         source.draw(0, torch.Generator())
     assert "\n" not in str(info.value)
