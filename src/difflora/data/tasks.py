@@ -38,8 +38,14 @@ def task_configs(cfg: DataConfig) -> list[DataConfig]:
     first = cfg.model_copy(update={"tasks": [], "task_id": None})
     rest = [
         DataConfig(
-            name=t.name, root=t.root, limit=t.limit, image_size=size, hflip=cfg.hflip, channels=t.channels
-        ).model_copy(update={"index_cache": cfg.index_cache})  # where the run keeps its folder indexes
+            name=t.name,
+            root=t.root,
+            limit=t.limit,
+            image_size=size,
+            hflip=cfg.hflip,
+            channels=t.channels,
+            index_cache=cfg.index_cache if t.name == "image-folder" else None,
+        )
         for t in cfg.tasks
     ]
     return [first, *rest]
