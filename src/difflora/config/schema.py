@@ -138,7 +138,7 @@ class DataConfig(StrictModel):
     spatial: SpatialConfig | None = None
     # An image folder read as 1 (grayscale) or 3 (RGB, default) channels; other datasets: their own.
     channels: Literal[1, 3] | None = None
-    # Decoding processes of a streamed image folder (difflora.data.stream); None: min(4, CPUs - 1).
+    # Decoding processes of a streamed image folder (difflora.data.stream); None: min(4, CPUs/process - 1).
     workers: int | None = Field(default=None, ge=0)
     # Folder of image-folder indexes (difflora.data.folder_index); None: $DIFFLORA_CACHE/image-folders.
     index_cache: str | None = None

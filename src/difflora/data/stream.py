@@ -42,9 +42,11 @@ _EPOCHS_KEPT = 2  # a batch spans at most two epochs when B <= N; more are recom
 
 
 def default_workers() -> int:
-    """``data.workers`` when unset: one fewer than the CPUs this process may use, at most 4."""
+    """``data.workers`` when unset: one fewer than this process's share of the CPUs, at most 4 (the
+    share: the CPUs it may use over the processes torchrun started on this machine)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(4, cpus - 1))
+    share = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(4, share - 1))
 
 
 class EpochOrder:
