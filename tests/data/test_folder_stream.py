@@ -28,6 +28,7 @@ from difflora.data import (
     open_batches,
     read_image,
 )
+from difflora.data.stream import default_workers
 from difflora.train.distributed import Dist
 from difflora.train.step import own_rows
 
@@ -269,3 +270,13 @@ def test_memory_batches_draw_what_the_loop_always_drew():
     want_x, want_y = ds.batch(idx, generator=g2)
     assert torch.equal(x, want_x) and torch.equal(y, want_y) and torch.equal(g1.get_state(), g2.get_state())
     assert source.state(5) is None
+
+
+def test_default_workers_share_the_cpus_among_training_processes(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 4  # at most 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_workers() == 1  # 8 CPUs over 4 processes: 2 each, one for the process itself
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_workers() == 0
