@@ -83,6 +83,7 @@ class TaskDataConfig(StrictModel):
     root: str | None = None
     # First N training examples of this dataset (0 = all).
     limit: int = Field(default=0, ge=0)
+    channels: Literal[1, 3] | None = None  # as data.channels
 
 
 SpatialTask = Literal["edges", "lowres", "inpaint"]
@@ -135,20 +136,32 @@ class DataConfig(StrictModel):
     task_id: int | None = Field(default=None, ge=0)
     # Spatial conditioning (edge map / low-res / masked centre -> image), one task id per spatial task.
     spatial: SpatialConfig | None = None
+    # An image folder read as 1 (grayscale) or 3 (RGB, default) channels; other datasets: their own.
+    channels: Literal[1, 3] | None = None
+    # Decoding processes of a streamed image folder (difflora.data.stream); None: min(4, CPUs/process - 1).
+    workers: int | None = Field(default=None, ge=0)
+    # Folder of image-folder indexes (difflora.data.folder_index); None: $DIFFLORA_CACHE/image-folders.
+    index_cache: str | None = None
 
     def resolved_shape(self) -> tuple[int | None, int]:
-        native, channels = DATASET_SHAPES[self.name]
-        return (self.image_size or native), channels
+        return (self.image_size or DATASET_SHAPES[self.name][0]), _resolve_channels(self, "data")
+
+    @property
+    def streams(self) -> bool:
+        """Whether training reads this data from disk batch by batch (one image folder), not from memory."""
+        return self.name == "image-folder" and not self.tasks and self.spatial is None
 
     @model_validator(mode="after")
     def _check_tasks(self) -> DataConfig:
         size, channels = self.resolved_shape()
         for k, task in enumerate(self.tasks, start=1):
-            c = DATASET_SHAPES[task.name][1]
+            c = _resolve_channels(task, f"data.tasks[{k - 1}]")
             if c != channels:
+                fix = {task.name: f"data.tasks[{k - 1}].channels={channels}", self.name: f"data.channels={c}"}
+                fix = f" (an image folder reads as either: set {fix['image-folder']})" if "image-folder" in fix else ""
                 raise ValueError(
                     f"data.tasks[{k - 1}].name: {task.name} has {c} channel(s) but task 0 ({self.name}) has "
-                    f"{channels}; every task of a run needs the same number of channels"
+                    f"{channels}; every task of a run needs the same number of channels{fix}"
                 )
             if size is None:
                 raise ValueError("data.image_size: required with data.tasks when data.name=image-folder")
@@ -159,7 +172,19 @@ class DataConfig(StrictModel):
             )
         if self.spatial is not None and size is not None and size < self.spatial.lowres:
             raise ValueError(f"data.spatial.lowres ({self.spatial.lowres}) exceeds the image size ({size})")
+        if not self.streams:  # only one image folder streams; no folder, no index
+            hold_fixed(self, "data", {"workers": None}, "a run that does not stream one image folder")
+        if "image-folder" not in {self.name, *(t.name for t in self.tasks)}:
+            hold_fixed(self, "data", {"index_cache": None}, "a run without an image folder")
         return self
+
+
+def _resolve_channels(data: DataConfig | TaskDataConfig, where: str) -> int:
+    """The channels ``data`` is read with: a folder's ``channels`` (3 when unset), else the dataset's own."""
+    native = DATASET_SHAPES[data.name][1]
+    fixed = {"channels": native} if data.name != "image-folder" or data.channels is None else {}
+    hold_fixed(data, where, fixed, f"{where}.name={data.name} ({native} channel(s))")
+    return data.channels
 
 
 class ModelConfig(StrictModel):

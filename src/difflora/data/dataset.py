@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset
 
-from difflora.config.schema import DATASET_SHAPES, DataConfig
+from difflora.config.schema import DataConfig
 from difflora.data.cifar import load_cifar10
 from difflora.data.digits import load_digits, load_mnist_5k
 from difflora.data.folder import load_image_folder
@@ -185,7 +185,7 @@ def load_source(cfg: DataConfig, split: Split) -> ImageDataset:
         images, labels = images[: cfg.limit].clone(), labels[: cfg.limit].clone()
     if cfg.image_size is not None:
         images = resize_images(images, cfg.image_size)
-    channels = DATASET_SHAPES[cfg.name][1]
+    channels = cfg.resolved_shape()[1]
     # A source returning the wrong channel count would break the model built from the same config.
     assert images.shape[1] == channels, f"{cfg.name} source returned {images.shape[1]} channels, expected {channels}"
     # data.task_id: every sample of this one dataset carries that task id (condition ``task``).

@@ -1,14 +1,19 @@
-"""Image folders: ``root/<class_name>/*.png|jpg|jpeg|bmp|webp``, one subfolder per class.
+"""Image folders: reading one file the way training sees it, and a whole split into memory.
 
-- Classes are the subfolder names, sorted (label i = i-th name); files are read in sorted order.
-  Hidden entries (names starting with ".") are skipped; extensions match case-insensitively.
-- Split: if ``root/train`` is a directory, the splits are ``root/train/<class>/...`` and
-  ``root/test/<class>/...`` and the classes are the sorted union of both sides' subfolders (so a
-  label means the same class in both). Otherwise every image under ``root/<class>/`` is split
-  deterministically, stratified, 90 % train / 10 % test (:func:`~difflora.data.split.stratified_split`
-  with the constant seed).
-- Images are converted to RGB with Pillow and resized to ``data.image_size`` (required: folders have
-  no native size) with the batched bilinear, antialiased resize, one batch per distinct source size.
+Which files a folder holds, their labels and captions: :mod:`difflora.data.folder_index`. Each file
+is read by :func:`read_image`, the same function for a run that streams the folder from disk
+(:mod:`difflora.data.stream`) and for one that holds it in memory (:func:`load_image_folder`: a
+folder as one of ``data.tasks``, with ``data.spatial``, or its test split for evaluation), so both
+see the same pixels:
+
+1. decoded by Pillow and converted to ``data.channels``: ``"L"`` (1, ITU-R 601-2 luma) or ``"RGB"``
+   (3; an alpha channel is dropped, a palette expanded);
+2. resized (Pillow's bilinear filter, antialiased when shrinking) so that the shorter side is
+   ``data.image_size``, the longer one ``int(image_size * long / short)``;
+3. centre-cropped to ``image_size`` x ``image_size``, the crop's corner at
+   ``round((side - image_size) / 2)``, as diffusers' text-to-image training scripts do
+   (``transforms.Resize`` then ``transforms.CenterCrop``);
+4. flipped left-right when the sample's flip says so (training with ``data.hflip``).
 """
 
 from __future__ import annotations
@@ -18,93 +23,46 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflora.config.schema import ConfigError, DataConfig
-from difflora.data.source import DatasetFormatError, SplitData, not_found, uint8_to_unit
-from difflora.data.split import stratified_split
-from difflora.data.transforms import resize_images
+from difflora.config.schema import DataConfig
+from difflora.data.folder_index import IMAGE_EXTENSIONS, TEST_FRACTION, index_folder
+from difflora.data.source import DatasetFormatError, SplitData, uint8_to_unit
 
-__all__ = ["IMAGE_EXTENSIONS", "TEST_FRACTION", "load_image_folder", "read_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "TEST_FRACTION", "load_image_folder", "read_image", "resized_size"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-TEST_FRACTION = 0.1
-_LAYOUT = "DIR/<class_name>/*.png|jpg|jpeg|bmp|webp (or DIR/train/<class_name>/... and DIR/test/<class_name>/...)"
+_MODES = {1: "L", 3: "RGB"}
 
 
-def _class_names(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side ``size`` and the longer one ``int(size * long / short)``."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
 
 
-def _scan(directory: Path, class_names: list[str]) -> tuple[list[Path], np.ndarray]:
-    """All image files of ``directory/<class>/`` for the given classes, and their labels (int64)."""
-    files: list[Path] = []
-    labels: list[int] = []
-    for label, name in enumerate(class_names):
-        class_dir = directory / name
-        if not class_dir.is_dir():
-            continue
-        found = sorted(
-            p
-            for p in class_dir.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        files += found
-        labels += [label] * len(found)
-    return files, np.asarray(labels, dtype=np.int64)
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """One image file -> uint8 [H x W x 3] (RGB). Raises :class:`DatasetFormatError` naming the file."""
-    from PIL import Image, UnidentifiedImageError
+def read_image(path: str | Path, channels: int, size: int, flip: bool = False) -> np.ndarray:
+    """One image file -> uint8 [channels x size x size], read as the module docstring says. A file
+    that does not decode raises :class:`DatasetFormatError` naming it (one line)."""
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DatasetFormatError(f"{path}: cannot read as an image ({exc})") from None
-
-
-def _read_images(files: list[Path], size: int) -> torch.Tensor:
-    """Read and resize ``files`` -> float32 [N x 3 x size x size] in [-1, 1], in the order given."""
-    arrays = [read_rgb(p) for p in files]  # file I/O: one call per file is unavoidable
-    out = torch.empty(len(files), 3, size, size)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, a in enumerate(arrays):
-        by_shape.setdefault(a.shape, []).append(i)
-    # One batched resize per distinct source size (usually one or a handful).
-    for idx in by_shape.values():
-        batch = uint8_to_unit(np.stack([arrays[i] for i in idx])).permute(0, 3, 1, 2)  # [n x 3 x H x W]
-        out[torch.tensor(idx)] = resize_images(batch.contiguous(), size)
-    return out
+            img = img.convert(_MODES[channels])
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for a file that does not decode
+        raise DatasetFormatError(
+            f"{path}: cannot read as an image ({type(exc).__name__}: {exc}); remove or replace it"
+        ) from None
+    w, h = resized_size(*img.size, size)
+    if (w, h) != img.size:
+        img = img.resize((w, h), Image.BILINEAR)
+    left, top = round((w - size) / 2), round((h - size) / 2)
+    pixels = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    pixels = pixels.reshape(size, size, channels).transpose(2, 0, 1)
+    return np.ascontiguousarray(pixels[:, :, ::-1] if flip else pixels)
 
 
 def load_image_folder(cfg: DataConfig, split: str) -> SplitData:
-    """A folder of class subfolders of images, split and resized as described in the module docstring."""
-    fix = f"Pass --set data.root=DIR with the layout {_LAYOUT}."
-    if cfg.image_size is None:
-        raise ConfigError("data.image_size: required for data.name=image-folder (image folders have no native size)")
-    if cfg.root is None:
-        raise not_found("image-folder", [], "image-folder has no default location. " + fix)
-    root = Path(cfg.root)
-    if not root.is_dir():
-        raise not_found("image-folder", [root], fix)
-    if (root / "train").is_dir():
-        side = root / split
-        if not side.is_dir():
-            raise not_found("image-folder", [side], f"{root / 'train'} exists, so {side} must too. " + fix)
-        sides = [d for d in (root / "train", root / "test") if d.is_dir()]
-        class_names = sorted(set().union(*(_class_names(d) for d in sides)))
-        files, labels = _scan(side, class_names)
-        searched = side
-    else:
-        class_names = _class_names(root)
-        files, labels = _scan(root, class_names)
-        train, test = stratified_split(labels, TEST_FRACTION)
-        pick = train if split == "train" else test
-        files, labels = [files[i] for i in pick], labels[pick]
-        searched = root
-    if not files:
-        tried = [searched / name for name in class_names or ["<class_name>"]]
-        exts = "|".join(e[1:] for e in IMAGE_EXTENSIONS)
-        raise not_found("image-folder", tried, f"No *.{exts} images for split '{split}' in these folders. " + fix)
-    images = _read_images(files, cfg.image_size)
-    return SplitData(images, torch.from_numpy(labels), class_names)
+    """Split ``split`` of an image folder, every file read into one float32 [N x C x S x S] tensor."""
+    index = index_folder(cfg, split)
+    size, channels = cfg.resolved_shape()
+    pixels = np.stack([read_image(p, channels, size) for p in index.files])  # one call per file: file I/O
+    return SplitData(uint8_to_unit(pixels), torch.from_numpy(index.labels), index.class_names)

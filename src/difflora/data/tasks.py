@@ -36,7 +36,18 @@ def task_configs(cfg: DataConfig) -> list[DataConfig]:
     """One single-dataset config per task (task 0 first), each at the run's image size."""
     size, _ = cfg.resolved_shape()
     first = cfg.model_copy(update={"tasks": [], "task_id": None})
-    rest = [DataConfig(name=t.name, root=t.root, limit=t.limit, image_size=size, hflip=cfg.hflip) for t in cfg.tasks]
+    rest = [
+        DataConfig(
+            name=t.name,
+            root=t.root,
+            limit=t.limit,
+            image_size=size,
+            hflip=cfg.hflip,
+            channels=t.channels,
+            index_cache=cfg.index_cache if t.name == "image-folder" else None,
+        )
+        for t in cfg.tasks
+    ]
     return [first, *rest]
 
 

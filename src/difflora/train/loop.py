@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflora.config.schema import Config, ConfigError, config_to_dict, parse_config
-from difflora.data import ImageDataset, load_dataset
+from difflora.data import BatchSource, open_batches
 from difflora.data.spatial import grid_indices
 from difflora.files.images import save_grid
 from difflora.model.accounting import parameter_counts, peak_memory_mb
@@ -78,6 +78,7 @@ from difflora.train.step import (
     check_batch_split,
     diverged,
     optimizer_groups,
+    own_rows,
     process_rng_states,
     rng_state,
     set_process_rng_state,
@@ -97,6 +98,7 @@ __all__ = [
 
 # Keys a resumed run may change: they alter neither the model nor the draws of a step.
 _RESUMABLE_KEYS = {("train", "steps"), ("train", "log_every"), ("train", "ckpt_every"), ("train", "compile")}
+_RESUMABLE_KEYS |= {("data", "workers"), ("data", "index_cache")}  # how a folder is read, not what
 
 
 def resolve_device(name: str) -> torch.device:
@@ -184,7 +186,7 @@ def _training_model(model: torch.nn.Module, cfg: Config, ctx: Dist, device: torc
     return wrapped
 
 
-def _check_conditions(cfg: Config, data: ImageDataset) -> None:
+def _check_conditions(cfg: Config, data: BatchSource) -> None:
     """Every adapter reads a condition this run's batches carry (t, y, the data's own such as task,
     a distilled student's): found before the run directory is written, not at the first step."""
     given = {"t", "y", *data.conditions}
@@ -209,7 +211,7 @@ def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log, ctx: Di
     """Build everything a run needs; bad input fails here, before the run directory is written."""
     check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, ctx.world_size)
     torch.manual_seed(cfg.train.seed)
-    data = load_dataset(cfg.data, "train")
+    data = open_batches(cfg.data, seed=cfg.train.seed, batch_size=cfg.train.batch_size, rows=own_rows(cfg.train, ctx))
     if cfg.model.num_classes and data.num_classes > cfg.model.num_classes:
         raise ValueError(
             f"data.name={cfg.data.name} has {data.num_classes} classes but model.num_classes={cfg.model.num_classes}"
@@ -260,6 +262,7 @@ def _restore(st: TrainState, ckpt: LoadedCheckpoint) -> None:
     st.ema.load_state_dict(ckpt.ema, ckpt.state["ema_updates"])
     st.optimizer.load_state_dict(ckpt.optim)
     set_rng_state(st.generator, ckpt.rng)
+    st.data.restore(ckpt.state.get("data"), ckpt.step)  # a streamed folder's position
     if st.dist.distributed and not set_process_rng_state(st.dist, ckpt.rng):
         # No stored state for each process (an older checkpoint, or another number of processes):
         # a fresh dropout stream per process, as in _prepare.
@@ -292,6 +295,8 @@ def _checkpoint(st: TrainState, step: int, rng: dict[str, torch.Tensor] | None =
     meta = {"config": config_to_dict(st.cfg), "ema_updates": st.ema.num_updates, "metrics_window": st.window.totals}
     if st.base is not None:
         meta["base"] = st.base
+    if (position := st.data.state(step)) is not None:
+        meta["data"] = position
     if st.scaler.is_enabled():
         meta["grad_scaler"] = st.scaler.state_dict()  # fp16: the loss scale (numbers only)
     save_checkpoint(
@@ -328,7 +333,7 @@ def _sample_grid(st: TrainState, path: Path) -> Path:
     return save_grid(images, path, nrow=cfg.model.num_classes or None)
 
 
-def _grid_conditions(data: ImageDataset, num: int) -> dict[str, torch.Tensor]:
+def _grid_conditions(data: BatchSource, num: int) -> dict[str, torch.Tensor]:
     """Per-sample conditions for a training grid: each data condition (e.g. ``task``) cycles through
     the values the data holds, so a multi-task run shows every task."""
     if "spatial" in data.conditions:  # condition images: whole samples of each task (data.spatial)
@@ -452,6 +457,7 @@ def _run_steps(st: TrainState, end: int, progress: bool, log, callback) -> None:
         raise
     finally:
         bar.close()
+        st.data.close()
         if main:
             metrics.close()
             writer.close()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from difflora.config.schema import Config
-from difflora.data import ImageDataset
+from difflora.data import BatchSource
 from difflora.train.distributed import Dist
 from difflora.train.ema import EMA
 from difflora.train.objectives import Objective
@@ -72,7 +72,7 @@ class TrainState:
     # What a step calls: ``model``, or DDP / torch.compile around it (same parameters).
     train_model: torch.nn.Module
     objective: Objective
-    data: ImageDataset
+    data: BatchSource
     optimizer: torch.optim.Optimizer
     ema: EMA
     generator: torch.Generator

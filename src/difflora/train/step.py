@@ -3,7 +3,7 @@
 A step of global batch B (``train.batch_size``) over W processes with ``train.grad_accum`` = k:
 
 1. every process draws the same B dataset indices (the data draws its flips) from the loop's
-   generator;
+   generator, or a streamed folder gives the batch of this step, reading this process's rows only;
 2. for each micro-batch j of B/k rows, the objective draws the per-sample random numbers of the
    whole batch (the generator is rewound to the same state for every j, so they are the numbers a
    k = 1 step draws) and computes this process's B/(kW) rows of micro-batch j (``Batch.rows``);
@@ -24,7 +24,7 @@ import contextlib
 import torch
 
 from difflora.adapters.tokens import NewClassTokens
-from difflora.config.schema import Config
+from difflora.config.schema import Config, TrainConfig
 from difflora.errors import DiffloraError
 from difflora.train.distributed import Dist
 from difflora.train.objectives import Batch
@@ -36,6 +36,7 @@ __all__ = [
     "check_batch_split",
     "diverged",
     "optimizer_groups",
+    "own_rows",
     "process_rng_states",
     "rng_state",
     "set_process_rng_state",
@@ -129,6 +130,13 @@ def _micro_rows(j: int, micro: int, ctx: Dist) -> slice:
     return slice(j * micro + own.start, j * micro + own.stop)
 
 
+def own_rows(cfg: TrainConfig, ctx: Dist) -> list[int]:
+    """The rows of each global batch this process computes, over all its micro-batches (the rows a
+    streamed dataset reads)."""
+    micro = cfg.batch_size // cfg.grad_accum
+    return [r for j in range(cfg.grad_accum) for r in range(*_micro_rows(j, micro, ctx).indices(cfg.batch_size))]
+
+
 def _accumulate(st: TrainState, x: torch.Tensor, conditions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Forward and backward of every micro-batch of this process; returns its share of the batch
     means of the loss terms (0-d tensors on the device)."""
@@ -160,10 +168,9 @@ def train_step(st: TrainState, step: int) -> float:
     lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr  # linear warm-up
     for group in st.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    idx = torch.randint(len(st.data), (cfg.batch_size,), generator=st.generator)
     # Per-sample conditions the data supplies (e.g. a task id per sample with data.tasks) go to the
-    # objective next to the labels; drawing them takes no random numbers.
-    x, y, conditions = st.data.batch_with_conditions(idx, generator=st.generator)
+    # objective next to the labels (difflora.data.batches: in memory or streamed from disk).
+    x, y, conditions = st.data.draw(step, st.generator)
     st.optimizer.zero_grad(set_to_none=True)
     shares = _accumulate(st, x, {"y": y, **conditions})
     if cfg.grad_clip > 0:
