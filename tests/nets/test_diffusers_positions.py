@@ -29,10 +29,12 @@ from difflora.adapters import (  # noqa: E402
     load_adapters,
     save_adapters,
 )
+from difflora.config.schema import parse_config  # noqa: E402
 from difflora.model.build import DiffusionModel  # noqa: E402
 from difflora.nets.diffusers_taps import add_diffusers_taps  # noqa: E402
 from difflora.nets.diffusers_wrap import DiffusersNet, build_diffusers_model  # noqa: E402
 from difflora.nets.transformer import TRANSFORMER_TAP_PAIRS  # noqa: E402
+from difflora.train import latest_checkpoint, load_weights, open_run, train  # noqa: E402
 
 TOL = 1e-10
 RES_PAIRS = [("in", "in"), ("in", "out"), ("out", "out")]
@@ -292,3 +294,39 @@ def test_bad_taps_and_pairs_name_the_valid_ones():
     ):
         inject_position_adapter(model, "pa", lambda: SharedWeighting(), "t", [RESNETS], "out", "in")
     assert not any(".position_adapters" in n for n, _ in model.named_modules())
+
+
+def test_a_trained_run_with_adapters_in_diffusers_blocks_reloads_bit_identically(tmp_path):
+    adapters = [
+        {"name": "pa", "form": "position", "source": "attn2_out", "dest": "ff_in", "rank": 2, "activation": "gelu"},
+        {"name": "res", "form": "position", "source": "in", "dest": "out", "rank": 2, "targets": [RESNETS]},
+    ]
+    adapters[0]["targets"] = [TRANSFORMERS]
+    for entry in adapters:
+        entry |= {"condition": "y", "weighting": "index", "num_values": 10}
+    unet = {k: v for k, v in UNET.items() if k not in ("sample_size", "in_channels", "out_channels")}
+    cfg = parse_config(
+        {
+            "model": {
+                "arch": "diffusers",
+                "num_classes": 10,
+                "learn_sigma": False,
+                "diffusers": {"class_name": "UNet2DConditionModel", "config": unet},
+                "adapters": adapters,
+            },
+            "diffusion": {"steps": 20},
+            "train": {"steps": 3, "batch_size": 4, "lr": 1e-2, "train_base": False, "ckpt_every": 3, "ema_decay": 0},
+            "sample": {"num": 2, "steps": 2},
+        }
+    )
+    train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    state, _ = load_weights(latest_checkpoint(tmp_path / "run"), "model")
+    _, first, _ = open_run(tmp_path / "run", "model")
+    _, second, _ = open_run(tmp_path / "run", "model")
+    loaded = first.state_dict()
+    assert sorted(loaded) == sorted(state) and all(torch.equal(loaded[k], v) for k, v in state.items())
+    ups = [v for k, v in state.items() if ".position_adapters." in k and k.endswith("lora_up")]
+    assert len(ups) == 12 and all(v.abs().sum() > 0 for v in ups)  # 4 transformer blocks + 8 resnets, trained
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 9, 17]), torch.tensor([2, -1, 7])
+    with torch.no_grad():
+        assert torch.equal(first(x, t, y), second(x, t, y))
