@@ -34,6 +34,7 @@ chunking (``set_chunk_feed_forward``) is refused while a position adapter is att
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -64,54 +65,69 @@ class Site:
 
 @dataclass(frozen=True)
 class BlockTaps:
-    """The taps of one diffusers block class: sites in forward order, pairs, layout, widths, kernel."""
+    """The taps of one diffusers block class: sites in forward order, pairs, layout, kernel, and two
+    functions of a block instance: whether it has the forward the sites describe, and each tap's width."""
 
     sites: dict[str, Site]
     layout: Literal["channels_first", "channels_last"]
     pairs: tuple[tuple[str, str], ...] | None  # None: every pair with source at or before dest
-    kernel: int = 1
-
-    def supports(self, block: nn.Module) -> bool:
-        """Whether this block instance has the forward the sites describe."""
-        if type(block).__name__ == "BasicTransformerBlock":
-            return (
-                block.norm_type == "layer_norm"
-                and block.attn2 is not None
-                and block.pos_embed is None
-                and not block.only_cross_attention
-            )
-        return block.upsample is None and block.downsample is None  # ResnetBlock2D: in and out alike in size
-
-    def channels(self, block: nn.Module) -> dict[str, int]:
-        """Width of each tap of ``block``."""
-        if type(block).__name__ == "BasicTransformerBlock":
-            dim = block.norm1.normalized_shape[0]
-            return {**dict.fromkeys(self.sites, dim), "context": block.attn2.to_k.in_features}
-        return {"in": block.in_channels, "out": block.out_channels}
+    kernel: int
+    supports: Callable[[nn.Module], bool]
+    channels: Callable[[nn.Module], dict[str, int]]
+    refuse: Callable[[nn.Module, tuple, dict[str, Any]], None] | None = None  # a pre-hook: what taps cannot follow
 
 
+def _sd_transformer(block: nn.Module) -> bool:
+    """LDM's block (SD 1.x / 2.x): pre-LayerNorm, self-attention, cross-attention, no positional embedding."""
+    return (
+        block.norm_type == "layer_norm"
+        and block.attn2 is not None
+        and block.pos_embed is None
+        and not block.only_cross_attention
+    )
+
+
+def _refuse_chunking(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Pre-hook: chunked feed-forward runs ``ff`` once per chunk, which the ``ff`` taps cannot follow."""
+    if getattr(block, "_chunk_size", None) is not None and len(getattr(block, "position_adapters", ())):
+        raise ValueError(
+            "a BasicTransformerBlock with position adapters cannot chunk its feed-forward: "
+            "call set_chunk_feed_forward(None) on it (or disable_forward_chunking() on the model)"
+        )
+
+
+_TRANSFORMER_SITES = {
+    "attn1_in": Site("", "input", "hidden_states"),
+    "attn1_out": Site("attn1", "output"),
+    "attn2_in": Site("norm2", "input", "input", carry="attn2"),
+    "context": Site("attn2", "input", "encoder_hidden_states", position=1),
+    "attn2_out": Site("attn2", "output"),
+    "ff_in": Site("norm3", "input", "input", carry="ff"),
+    "ff_out": Site("ff", "output"),
+    "out": Site("", "output"),
+}
 _TRANSFORMER = BlockTaps(
-    sites={
-        "attn1_in": Site("", "input", "hidden_states"),
-        "attn1_out": Site("attn1", "output"),
-        "attn2_in": Site("norm2", "input", "input", carry="attn2"),
-        "context": Site("attn2", "input", "encoder_hidden_states", position=1),
-        "attn2_out": Site("attn2", "output"),
-        "ff_in": Site("norm3", "input", "input", carry="ff"),
-        "ff_out": Site("ff", "output"),
-        "out": Site("", "output"),
-    },
+    sites=_TRANSFORMER_SITES,
     layout="channels_last",
     pairs=TRANSFORMER_TAP_PAIRS,  # 004's 17 transformer pairs, as in difflora's TransformerBlock
+    kernel=1,
+    supports=_sd_transformer,
+    channels=lambda b: {
+        **dict.fromkeys(_TRANSFORMER_SITES, b.norm1.normalized_shape[0]),
+        "context": b.attn2.to_k.in_features,
+    },
+    refuse=_refuse_chunking,
 )
 _RESNET = BlockTaps(
     sites={"in": Site("", "input", "input_tensor"), "out": Site("", "output")},
     layout="channels_first",
     pairs=None,
     kernel=3,  # 004's ResBlock adapters are 3 x 3 convolutions, as in difflora's ResBlock
+    supports=lambda b: b.upsample is None and b.downsample is None,  # in and out alike in size
+    channels=lambda b: {"in": b.in_channels, "out": b.out_channels},
 )
 
-# diffusers block class name -> its taps. A new block is one entry (and its cases in BlockTaps).
+# diffusers block class name -> its taps. A new block is one entry.
 DIFFUSERS_BLOCK_TAPS: dict[str, BlockTaps] = {"BasicTransformerBlock": _TRANSFORMER, "ResnetBlock2D": _RESNET}
 
 
@@ -153,15 +169,6 @@ class Tap(nn.Identity):
         return None if carry is None else output + carry
 
 
-def _refuse_chunking(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-    """Pre-hook: chunked feed-forward runs ``ff`` once per chunk, which the ``ff`` taps cannot follow."""
-    if getattr(block, "_chunk_size", None) is not None and len(getattr(block, "position_adapters", ())):
-        raise ValueError(
-            "a BasicTransformerBlock with position adapters cannot chunk its feed-forward: "
-            "call set_chunk_feed_forward(None) on it (or disable_forward_chunking() on the model)"
-        )
-
-
 def diffusers_block_taps(block: nn.Module) -> BlockTaps | None:
     """The tap table of ``block`` if it is a supported diffusers block (exact class), else None."""
     taps = DIFFUSERS_BLOCK_TAPS.get(type(block).__name__)
@@ -177,8 +184,8 @@ def _install(block: nn.Module, taps: BlockTaps) -> None:
     block.tap_layout = taps.layout
     block.tap_kernel = taps.kernel
     block.tap_channels = taps.channels(block)
-    if taps.layout == "channels_last":
-        block.register_forward_pre_hook(_refuse_chunking, with_kwargs=True)
+    if taps.refuse is not None:
+        block.register_forward_pre_hook(taps.refuse, with_kwargs=True)
     made = []
     for name, site in taps.sites.items():
         tap = Tap(site)
