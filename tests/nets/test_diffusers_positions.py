@@ -330,3 +330,18 @@ def test_a_trained_run_with_adapters_in_diffusers_blocks_reloads_bit_identically
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 9, 17]), torch.tensor([2, -1, 7])
     with torch.no_grad():
         assert torch.equal(first(x, t, y), second(x, t, y))
+
+
+def test_blocks_whose_forward_the_taps_do_not_describe_get_none():
+    dit = build_diffusers_model(
+        "DiTTransformer2DModel",
+        {"sample_size": 8, "in_channels": 1, "out_channels": 1, "num_attention_heads": 2, "attention_head_dim": 8}
+        | {"num_layers": 1, "patch_size": 2, "num_embeds_ada_norm": 10},
+    )
+    assert add_diffusers_taps(dit) == []  # ada_norm_zero blocks without cross-attention: not LDM's block
+    model = nn.Module()
+    model.down = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=4, groups=4, down=True)
+    model.plain = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=4, groups=4)
+    assert add_diffusers_taps(model) == ["plain"] and add_diffusers_taps(model) == ["plain"]  # once
+    with pytest.raises(ValueError, match=r"match no block with taps; blocks with taps include: none \(position"):
+        inject_position_adapter(dit, "pa", lambda: SharedWeighting(), "t", [TRANSFORMERS], "attn2_out", "ff_in")
