@@ -352,7 +352,7 @@ def inject_position_adapter(
         examples = [p for p, m in model.named_modules() if has_taps(m)][:6]
         raise ValueError(
             f"position-adapter targets {unmatched} match no block with taps; blocks with taps include: "
-            f"{', '.join(examples) or 'none (the model has no difflora blocks)'}"
+            f"{', '.join(examples) or 'none (position adapters need difflora blocks or SD-style diffusers blocks)'}"
         )
     edit = ModelEdit(model)
     for path, block in tapped:

@@ -97,7 +97,9 @@ class PositionAdapter(nn.Module):
     ):
         super().__init__()
         if not has_taps(block):
-            raise ValueError(f"{type(block).__name__} has no named taps; position adapters need difflora's blocks")
+            raise ValueError(
+                f"{type(block).__name__} has no named taps; position adapters need difflora's blocks or diffusers' (nets/diffusers_taps.py)"
+            )
         taps = list(block.TAPS)
         for role, tap in (("source", source), ("dest", dest)):
             if tap not in taps:

@@ -31,6 +31,10 @@ Context. A ``UNet2DConditionModel`` needs ``encoder_hidden_states`` [N x L x D]:
 (:class:`difflora.nets.transformer.ContextEmbedder`, ``context_embedder.``), as difflora's
 ``model.attention: cross`` backbones do.
 
+Position adapters (004). The supported blocks inside (``BasicTransformerBlock``, ``ResnetBlock2D``)
+get named taps when wrapped (:mod:`difflora.nets.diffusers_taps`), so ``form: position`` adapters
+target them as difflora's own blocks: ``targets: ["re:.*transformer_blocks\\.\\d+"]``.
+
 diffusers is an optional dependency (``pip install 'difflora[interop]'``); it is imported when a
 net is built, never at ``import difflora``. Models are built from their config only: nothing is
 downloaded.
@@ -45,6 +49,7 @@ import torch
 from torch import nn
 
 from difflora.config.schema import ModelConfig
+from difflora.nets.diffusers_taps import add_diffusers_taps
 from difflora.nets.transformer import ContextEmbedder
 from difflora.optional import require
 
@@ -96,6 +101,7 @@ class DiffusersNet(nn.Module):
         if self.kind is None:
             raise TypeError(f"DiffusersNet wraps {', '.join(classes)}; got {type(model).__name__}")
         self.model = model
+        add_diffusers_taps(model)  # 004's positions inside its blocks (nets/diffusers_taps.py)
         self.num_classes, self.class_embed = int(num_classes), bool(class_embed)
         self._label_modules = self._find_label_modules()
         self.null_row = self._check_label_table()
