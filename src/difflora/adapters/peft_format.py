@@ -42,8 +42,9 @@ from difflora.adapters.inject import InjectionReport, ModelEdit, adapter_layers
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLayer
 from difflora.adapters.positions import position_adapters
 from difflora.adapters.weightings import IndexWeighting
+from difflora.files.atomic import write_together
 from difflora.files.jsonfile import read_json_file
-from difflora.files.tensorfile import check_finite, save_tensors
+from difflora.files.tensorfile import check_finite, tensor_bytes
 
 __all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "PeftFormatError", "export_peft", "import_peft", "merge_and_unload"]
 
@@ -132,12 +133,9 @@ def export_peft(model: nn.Module, directory: str | Path, adapter: str | None = N
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "difflora_adapter": adapter, "difflora_condition": condition}
-    # Both files under temporary names first: a crash never leaves a half-written pair.
-    tmp_w, tmp_c = directory / (PEFT_WEIGHTS + ".tmp"), directory / (PEFT_CONFIG + ".tmp")
-    save_tensors(tensors, tmp_w, metadata=meta)
-    tmp_c.write_text(json.dumps(config, indent=2))
-    tmp_w.replace(directory / PEFT_WEIGHTS)
-    tmp_c.replace(directory / PEFT_CONFIG)
+    # Both files under temporary names first: a crash or a full disk never leaves a half-written pair.
+    weights = tensor_bytes(tensors, metadata=meta)
+    write_together({directory / PEFT_WEIGHTS: weights, directory / PEFT_CONFIG: json.dumps(config, indent=2)})
     return directory
 
 

@@ -33,10 +33,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +50,9 @@ from difflora.data import load_dataset
 from difflora.data.split import stratified_split
 from difflora.eval.inception import InceptionFeatures, load_inception
 from difflora.eval.kernel import kid_feature_scale
+from difflora.files.atomic import write_bytes
 from difflora.files.jsonfile import read_json_file
-from difflora.files.tensorfile import save_tensors
+from difflora.files.tensorfile import check_finite, save_tensors
 
 __all__ = [
     "FeatureNet",
@@ -320,24 +318,6 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-@contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """A temporary path next to ``target``, renamed onto it when the block succeeds.
-
-    Readers (another process sharing the cache) see either no file or a complete one, never a
-    half-written one; os.replace is atomic within a filesystem, hence the temp file in the same dir.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_feature_net(net: FeatureNet, path: str | Path) -> Path:
     """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically; returns the weights path.
 
@@ -348,12 +328,10 @@ def save_feature_net(net: FeatureNet, path: str | Path) -> Path:
         raise ValueError("save_feature_net needs net.info (what the network was trained on)")
     w_path, j_path = _paths(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    with _atomic_path(w_path) as tmp:
-        save_tensors(state, tmp, metadata={"format": FORMAT})
-        digest = _file_sha256(tmp)
-    meta = net.info.to_json() | {"weights_sha256": digest}
-    with _atomic_path(j_path) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    w_path.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors(state, w_path, metadata={"format": FORMAT})
+    meta = net.info.to_json() | {"weights_sha256": _file_sha256(w_path)}
+    write_bytes(j_path, json.dumps(meta, indent=2) + "\n")
     return w_path
 
 
@@ -394,7 +372,9 @@ def load_feature_net(
         raise ValueError(f"{w_path} does not match {j_path} (sha256 differs): an interrupted write? delete both")
     net = FeatureNet(info.arch, info)
     try:
-        net.load_state_dict(load_file(str(w_path), device=str(map_location)))
+        tensors = load_file(str(w_path), device=str(map_location))
+        check_finite(tensors, str(w_path), damaged)
+        net.load_state_dict(tensors)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ValueError(
             f"{w_path} does not hold this feature network's weights ({str(exc).splitlines()[0]}); {damaged}"

@@ -39,6 +39,7 @@ from difflora.experiments.study_spec import (
     run_order,
     study_out_dir,
 )
+from difflora.files.atomic import write_bytes
 from difflora.train import train
 from difflora.train.checkpoint import find_checkpoints
 
@@ -255,7 +256,7 @@ def run_all(
         t1 = time.perf_counter()
         ev = _score(study, source, run_dir, teacher, settings, cache_dir, feature_train)
         if code is not None:
-            (run_dir / "eval" / CODE_FILE).write_text(json.dumps(code) + "\n")
+            write_bytes(run_dir / "eval" / CODE_FILE, json.dumps(code) + "\n")
         fds = fd_summary(ev["results"])
         floor = ev["noise_floor"]["fd"]
         spent.append(time.perf_counter() - t0)

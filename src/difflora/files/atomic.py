@@ -1,0 +1,169 @@
+"""Every file difflora writes: whole or not at all, and a full disk said in one line.
+
+A file is written under a temporary name beside it (``NAME.PID.tmp``) and renamed over ``NAME`` once
+complete (:func:`atomic_write`), so a reader, a crash or a full disk never meets half a file under
+the real name; the temporary file is removed when the write fails. The outputs of one command
+that belong together (an evaluation's grids and its ``metrics.json``, a sample grid and its
+``--save-tensor`` file, a study's report files) are written by :func:`write_together`: every file
+under its temporary name first, the renames only once all of them are complete, so a failed write
+leaves every earlier output as it was.
+
+A write the storage refuses (no space left, a disk quota, the file-size limit of ``ulimit -f``, a
+read-only file system, no permission) raises :class:`WriteError`: an ``OSError`` (and a
+:class:`~difflora.errors.DiffloraError`) whose one-line message names the file, how much it needed
+and what was free (or the limit), and what to do. safetensors reports such failures as its own
+``SafetensorError`` carrying the errno in its text ("(os error 28)"); they are translated alike.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import resource
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from safetensors import SafetensorError
+
+from difflora.errors import DiffloraError
+
+__all__ = ["WriteError", "append_line", "atomic_write", "storage_errors", "write_bytes", "write_together"]
+
+# The storage's refusals: what each means for the user, who can act on it (other errno values are bugs
+# or exotic failures and keep their own message).
+_REASONS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "the file would exceed the file-size limit",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+_SAFETENSORS_ERRNO = re.compile(r"\(os error (\d+)\)")
+
+
+class WriteError(OSError, DiffloraError):
+    """A file could not be written because the storage refused it; the message says how much was needed."""
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _free(path: Path) -> int | None:
+    """Bytes free to this user where ``path`` would be written (None when that cannot be found)."""
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _errno(exc: BaseException) -> int | None:
+    if isinstance(exc, OSError):
+        return exc.errno
+    if isinstance(exc, SafetensorError):
+        found = _SAFETENSORS_ERRNO.search(str(exc))
+        return int(found.group(1)) if found else None
+    return None
+
+
+def _explain(path: Path, code: int, needed: int) -> str:
+    reason = _REASONS[code]
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        free = _free(path)
+        room = f", {_size(free)} free" if free is not None else ""
+        return (
+            f"cannot write {path}: {reason} ({_size(needed)} needed{room}); free some space and run the command again"
+        )
+    if code == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        return (
+            f"cannot write {path}: {reason} ({_size(needed)} needed, the limit is {_size(limit)}); "
+            "raise it (`ulimit -f`) or write elsewhere, and run the command again"
+        )
+    return f"cannot write {path}: {reason}; write elsewhere or fix its permissions, and run the command again"
+
+
+@contextmanager
+def storage_errors(path: str | Path, needed: int) -> Iterator[None]:
+    """Inside: a write the storage refuses becomes a :class:`WriteError` naming ``path`` and ``needed``
+    bytes (an inner one is renamed to this, outer, name: a checkpoint is named, not its parts)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        code = _errno(exc)
+        if code not in _REASONS:
+            raise
+        raise WriteError(code, _explain(Path(path), code, needed)) from None
+
+
+def _tmp(path: Path) -> Path:
+    # This process's own name: two processes sharing a directory (a feature-net cache) never write
+    # into each other's temporary file.
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int) -> Path:
+    """``write(tmp)`` writes the file under a temporary name, then it is renamed to ``path``. Any
+    failure removes the temporary; a refusal of the storage is a :class:`WriteError` naming ``path``
+    and ``needed``, the size the write needs (an estimate is fine)."""
+    path = Path(path)
+    tmp = _tmp(path)
+    try:
+        with storage_errors(path, needed):
+            write(tmp)
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes(path: str | Path, data: bytes | str) -> Path:
+    """``data`` (text as UTF-8) atomically to ``path``."""
+    raw = data.encode() if isinstance(data, str) else data
+    return atomic_write(path, lambda tmp: tmp.write_bytes(raw), len(raw))
+
+
+def write_together(files: dict[Path, str | bytes]) -> None:
+    """Write the outputs of one command: every file under a temporary name first, then the renames.
+
+    A failed write (a full disk) removes the temporary files and leaves every earlier output as it
+    was; never a half-written file under a real name, nor a new file next to an old one's partner."""
+    raws = {Path(p): d.encode() if isinstance(d, str) else d for p, d in files.items()}
+    tmps = {path: _tmp(path) for path in raws}
+    try:
+        for path, raw in raws.items():
+            with storage_errors(path, sum(len(r) for r in raws.values())):
+                tmps[path].write_bytes(raw)
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in tmps.items():
+        os.replace(tmp, path)
+
+
+def append_line(f: IO[bytes], path: Path, line: str) -> None:
+    """Append ``line`` to the log ``f``, opened unbuffered (``open(path, "ab", buffering=0)``), whole
+    or not at all: a refused write cuts the file back to where it was, so no torn line is left."""
+    raw = memoryview(line.encode())
+    end = f.seek(0, os.SEEK_END)
+    try:
+        with storage_errors(path, len(raw)):
+            while raw:  # an unbuffered write may take part of the bytes (the last blocks of a disk)
+                raw = raw[f.write(raw) :]
+    except BaseException:
+        os.ftruncate(f.fileno(), end)
+        raise
