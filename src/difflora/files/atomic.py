@@ -48,6 +48,9 @@ _SAFETENSORS_ERRNO = re.compile(r"\(os error (\d+)\)")
 class WriteError(OSError, DiffloraError):
     """A file could not be written because the storage refused it; the message says how much was needed."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message alone, without OSError's "[Errno 28]" prefix
+
 
 def _size(n: int) -> str:
     for unit in ("bytes", "KB", "MB", "GB"):
