@@ -39,7 +39,7 @@ from difflora.experiments.study_spec import (
     run_order,
     study_out_dir,
 )
-from difflora.files.atomic import write_bytes
+from difflora.files.atomic import storage_errors, write_bytes
 from difflora.train import train
 from difflora.train.checkpoint import find_checkpoints
 
@@ -140,8 +140,14 @@ def _reuse_teacher_eval(source: Path, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "eval.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source / "eval", tmp)
-    shutil.copy2(source / "accounting.json", run_dir / "accounting.json")
+    needed = sum(p.stat().st_size for p in (source / "eval").rglob("*") if p.is_file())
+    try:
+        with storage_errors(run_dir / "eval", needed):
+            shutil.copytree(source / "eval", tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_bytes(run_dir / "accounting.json", (source / "accounting.json").read_bytes())
     tmp.rename(run_dir / "eval")
 
 
