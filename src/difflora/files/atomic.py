@@ -18,6 +18,7 @@ and what was free (or the limit), and what to do. safetensors reports such failu
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import re
 import resource
@@ -112,9 +113,23 @@ def storage_errors(path: str | Path, needed: int) -> Iterator[None]:
 
 
 def _tmp(path: Path) -> Path:
-    # This process's own name: two processes sharing a directory (a feature-net cache) never write
-    # into each other's temporary file.
+    """This process's temporary name for ``path`` (two processes sharing a directory, a feature-net
+    cache, never write into each other's), after removing those of processes that died (kill -9)."""
+    for old in path.parent.glob(glob.escape(path.name) + ".*.tmp"):
+        pid = old.name[len(path.name) + 1 : -len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int) -> Path:
