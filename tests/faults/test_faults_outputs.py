@@ -21,14 +21,17 @@ from safetensors.torch import load_file, save_file
 
 from difflora.adapters import save_adapters
 from difflora.cli.commands import main
+from difflora.config.schema import config_to_dict
 from difflora.eval.features import FORMAT as FEATURE_FORMAT
 from difflora.eval.features import FeatureNet, FeatureNetConfig, FeatureNetInfo, load_feature_net, save_feature_net
 from difflora.eval.inception import load_inception
 from difflora.files.atomic import WriteError
 from difflora.model.build import build_model
 from difflora.train import load_run_config
-from difflora.train.checkpoint import CheckpointMismatch, load_checkpoint
+from difflora.train.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
+from helpers import tiny_config
 
+PLAIN_LORA = "model.adapters=[{name: lora, condition: task, weighting: index, num_values: 1, rank: 2}]"
 RESUME = ("train", "tiny-unet", "--out", "{run}", "--resume", "--set", "train.steps=6", "--no-progress")
 EDITED = r"checkpoint .*step_0000004 disagrees with itself: state\.json was changed after it was written"
 NONFINITE = r"tensor '[^']+' holds \d+ NaN or infinite values of \d+"
@@ -131,6 +134,20 @@ def _task_model(run: Path) -> torch.nn.Module:
     return build_model(load_run_config(run))
 
 
+def _lora_run(run: Path, tmp: Path) -> None:
+    """An untrained run with one plain LoRA (what peft's format holds) in tmp/lora, and tmp/peft."""
+    cfg = tiny_config("tiny-unet", PLAIN_LORA, "data.task_id=0", "sample.num=2")
+    model = build_model(cfg)
+    state = model.state_dict()
+    rng = {"loop": torch.Generator().get_state(), "torch": torch.get_rng_state()}
+    meta = {"config": config_to_dict(cfg), "ema_updates": 0}
+    save_checkpoint(
+        tmp / "lora", 1, model=state, ema=state, optimizer=torch.optim.AdamW(model.parameters()), rng=rng, meta=meta
+    )
+    (tmp / "lora" / "config.json").write_text(json.dumps(config_to_dict(cfg)))
+    (tmp / "peft").mkdir()
+
+
 def _mkdir(rel: str):
     return lambda run, tmp: (tmp / rel).mkdir(parents=True)
 
@@ -158,6 +175,13 @@ STORAGE = [
         ("runs", "{tmp}", "--csv", "{tmp}/runs.csv"),
         r"cannot write .*/runs\.csv: the file would exceed the file-size limit \(.* needed, the limit is 20 bytes\)",
         fsize=20,
+    ),
+    Fault(
+        "disk-full-export-peft",
+        ("export-peft", "{tmp}/lora", "{tmp}/peft"),
+        r"cannot write .*/peft/adapter_model\.safetensors: " + LIMIT,
+        _lora_run,
+        fsize=200,
     ),
     Fault(
         "api-disk-full-save-adapters",
