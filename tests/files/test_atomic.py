@@ -188,14 +188,10 @@ def test_cli_train_under_a_real_file_size_limit_is_one_line(tmp_path):
     assert not (out / "checkpoints" / "step_0000002").exists()
 
 
-def test_temporaries_of_dead_processes_are_removed_others_kept(tmp_path):
-    """What a kill -9 left mid-write goes at the next write of the same file; a live writer's stays."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    path = tmp_path / "metrics.json"
-    left = tmp_path / f"metrics.json.{int(dead.stdout)}.tmp"
-    live = tmp_path / f"metrics.json.{os.getppid()}.tmp"
-    other = tmp_path / "metrics.jsonl.1.tmp"
-    for p in (left, live, other):
-        p.write_text("half")
-    write_bytes(path, "{}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["metrics.json", live.name, other.name])
+def test_a_shared_file_gets_a_temporary_of_this_process(tmp_path):
+    """Two processes saving the same file of a shared cache never write into one temporary file."""
+    seen = []
+    atomic_write(tmp_path / "fn.json", lambda tmp: seen.append(tmp.name) or tmp.write_text("{}"), 2, shared=True)
+    atomic_write(tmp_path / "run.json", lambda tmp: seen.append(tmp.name) or tmp.write_text("{}"), 2)
+    assert seen == [f".fn.json.{os.getpid()}.tmp", "run.json.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fn.json", "run.json"]

@@ -329,9 +329,10 @@ def save_feature_net(net: FeatureNet, path: str | Path) -> Path:
     w_path, j_path = _paths(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     w_path.parent.mkdir(parents=True, exist_ok=True)
-    save_tensors(state, w_path, metadata={"format": FORMAT})
+    # shared: runs sharing the cache may train and save the same network at once.
+    save_tensors(state, w_path, metadata={"format": FORMAT}, shared=True)
     meta = net.info.to_json() | {"weights_sha256": _file_sha256(w_path)}
-    write_bytes(j_path, json.dumps(meta, indent=2) + "\n")
+    write_bytes(j_path, json.dumps(meta, indent=2) + "\n", shared=True)
     return w_path
 
 

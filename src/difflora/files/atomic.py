@@ -1,6 +1,6 @@
 """Every file difflora writes: whole or not at all, and a full disk said in one line.
 
-A file is written under a temporary name beside it (``NAME.PID.tmp``) and renamed over ``NAME`` once
+A file is written under a temporary name beside it (``NAME.tmp``) and renamed over ``NAME`` once
 complete (:func:`atomic_write`), so a reader, a crash or a full disk never meets half a file under
 the real name; the temporary file is removed when the write fails. The outputs of one command
 that belong together (an evaluation's grids and its ``metrics.json``, a sample grid and its
@@ -18,7 +18,6 @@ and what was free (or the limit), and what to do. safetensors reports such failu
 from __future__ import annotations
 
 import errno
-import glob
 import os
 import re
 import resource
@@ -112,32 +111,20 @@ def storage_errors(path: str | Path, needed: int) -> Iterator[None]:
         raise WriteError(code, _explain(Path(path), code, needed)) from None
 
 
-def _tmp(path: Path) -> Path:
-    """This process's temporary name for ``path`` (two processes sharing a directory, a feature-net
-    cache, never write into each other's), after removing those of processes that died (kill -9)."""
-    for old in path.parent.glob(glob.escape(path.name) + ".*.tmp"):
-        pid = old.name[len(path.name) + 1 : -len(".tmp")]
-        if pid.isdigit() and not _alive(int(pid)):
-            old.unlink(missing_ok=True)
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+def _tmp(path: Path, shared: bool = False) -> Path:
+    # In a directory several processes write at once (a feature-net cache shared by runs), each
+    # writes its own temporary file; elsewhere one writer holds the directory (a run's lock) and a
+    # temporary left by a killed one is simply overwritten.
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp" if shared else f"{path.name}.tmp")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int, *, shared: bool = False) -> Path:
     """``write(tmp)`` writes the file under a temporary name, then it is renamed to ``path``. Any
     failure removes the temporary; a refusal of the storage is a :class:`WriteError` naming ``path``
-    and ``needed``, the size the write needs (an estimate is fine)."""
+    and ``needed``, the size the write needs (an estimate is fine). ``shared``: other processes may
+    write ``path`` at the same time (a temporary name of this process's own)."""
     path = Path(path)
-    tmp = _tmp(path)
+    tmp = _tmp(path, shared)
     try:
         with storage_errors(path, needed):
             write(tmp)
@@ -148,10 +135,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int) -
     return path
 
 
-def write_bytes(path: str | Path, data: bytes | str) -> Path:
-    """``data`` (text as UTF-8) atomically to ``path``."""
+def write_bytes(path: str | Path, data: bytes | str, *, shared: bool = False) -> Path:
+    """``data`` (text as UTF-8) atomically to ``path`` (``shared``: see :func:`atomic_write`)."""
     raw = data.encode() if isinstance(data, str) else data
-    return atomic_write(path, lambda tmp: tmp.write_bytes(raw), len(raw))
+    return atomic_write(path, lambda tmp: tmp.write_bytes(raw), len(raw), shared=shared)
 
 
 def write_together(files: dict[Path, str | bytes]) -> None:

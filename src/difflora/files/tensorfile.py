@@ -39,15 +39,18 @@ def _needed(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() + 100 for t in tensors.values()) + 8
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None, *, shared: bool = False
+) -> None:
     """``safetensors.torch.save_file`` written atomically (:func:`~difflora.files.atomic.atomic_write`:
-    a full disk is one line naming ``path``), then the mode a newly created file gets from the umask."""
+    a full disk is one line naming ``path``; ``shared``: other processes may write it at the same
+    time), then the mode a newly created file gets from the umask."""
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, 0o666 & ~_umask())
 
-    atomic_write(path, write, _needed(tensors))
+    atomic_write(path, write, _needed(tensors), shared=shared)
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
