@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,7 @@ from difflora.eval.features import FeatureTrainConfig
 from difflora.files.atomic import WriteError
 from difflora.train import train
 
+ROOT = Path(__file__).resolve().parents[2]
 TINY_FEATURES = FeatureTrainConfig(epochs=1, batch_size=64, max_steps=5, seed=0)
 
 
@@ -82,3 +87,44 @@ def test_sample_writes_its_grid_and_tensors_together(run_dir, tmp_path, monkeypa
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot write {tmp_path / 'a.safetensors'}: no space left on the device (")
     assert _files(tmp_path) == {"a.png": b"old grid"}  # the new grid was not put in place without its tensors
+
+
+_KILLED_BEFORE_THE_RENAMES = """
+import os, pathlib, sys, time
+marker = pathlib.Path(sys.argv[1])
+real = os.replace
+
+
+def replace(src, dst):
+    if str(src).endswith(".png.tmp"):  # every output is complete under its temporary name: stop here
+        marker.touch()
+        time.sleep(120)
+    return real(src, dst)
+
+
+os.replace = replace
+from difflora.cli.commands import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_an_evaluation_killed_in_its_write_window_leaves_the_earlier_one(run_dir, tmp_path):
+    """kill -9 once every new output is written under its temporary name, before the renames: the
+    earlier grids and scores are all there, byte for byte; the next evaluation leaves no temporary."""
+    out = tmp_path / "eval"
+    _eval(run_dir, out, [1])
+    before = _files(out)
+    marker = tmp_path / "writing"
+    argv = ["eval", str(run_dir), "--out", str(out), "--num-samples", "20", "--steps", "2", "--guidance", "1", "2"]
+    argv += ["--cache-dir", str(run_dir.parent / "c"), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_BEFORE_THE_RENAMES, str(marker), *argv], env=env)
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the evaluation never reached its renames"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert {k: v for k, v in _files(out).items() if not k.endswith(".tmp")} == before
+    _eval(run_dir, out, [1, 2])
+    assert sorted(_files(out)) == ["metrics.json", "samples_w1.png", "samples_w2.png"]
