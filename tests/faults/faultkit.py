@@ -19,14 +19,17 @@ damaged metrics.jsonl: tests/test_train.py) and adapter-file loading (tests/test
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,6 +185,7 @@ class Fault:
     exc: type[BaseException] = Exception
     open_in: str | None = None  # a fault still open in code another helper owns: expected to fail
     hidden: tuple[str, ...] = ()  # packages made absent (as if not installed) while the command runs
+    fsize: int | None = None  # a file-size limit (bytes, `ulimit -f`) while the command runs
 
 
 def cases(faults: list[Fault]) -> list:
@@ -216,6 +220,23 @@ def params(*sets: str) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------ the check
 
 
+@contextlib.contextmanager
+def file_size_limit(limit: int | None) -> Iterator[None]:
+    """Files this process writes may not grow past ``limit`` bytes (a full disk, as a write sees it:
+    the write fails with EFBIG once SIGXFSZ, which would kill the process, is ignored)."""
+    if limit is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """Every file (sha256) and directory under ``root``: what 'nothing got worse' compares."""
     out = {}
@@ -241,12 +262,13 @@ def check_fault(fault: Fault, runs: dict[str, Path], tmp_path: Path, capsys, mon
         fault.damage(run, tmp_path)
     before = snapshot(tmp_path)
     if fault.api is not None:
-        with pytest.raises(fault.exc) as info:
+        with pytest.raises(fault.exc) as info, file_size_limit(fault.fsize):
             fault.api(run, tmp_path)
         assert re.search(fault.error, str(info.value)), str(info.value)
         assert snapshot(tmp_path) == before
         return
-    code = main(_fill(fault.argv, run, tmp_path))
+    with file_size_limit(fault.fsize):
+        code = main(_fill(fault.argv, run, tmp_path))
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     errors = [ln for ln in lines if ln.startswith("error: ")]

@@ -468,8 +468,10 @@ def test_catalogue_is_large_and_ids_are_unique():
     import test_faults_config
     import test_faults_flags
     import test_faults_inputs
+    import test_faults_outputs
 
     faults = CASES + test_faults_flags.CASES + test_faults_config.CASES + test_faults_inputs.CASES
+    faults += test_faults_outputs.CASES
     ids = [f.id for f in faults] + [s[0] for s in SIGNALS]
     assert len(ids) == len(set(ids))
     assert len(ids) >= 100

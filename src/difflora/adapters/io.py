@@ -34,8 +34,9 @@ from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLayer
 from difflora.adapters.positions import PositionAdapter, has_taps, position_adapters
 from difflora.adapters.router import Geometry
 from difflora.adapters.weightings import weighting_from_spec
+from difflora.files.atomic import write_together
 from difflora.files.jsonfile import read_json_file
-from difflora.files.tensorfile import check_finite, save_tensors
+from difflora.files.tensorfile import check_finite, tensor_bytes
 
 __all__ = [
     "AdapterLoadError",
@@ -141,12 +142,9 @@ def save_adapters(
         "metadata": metadata or {},
     }
     directory.mkdir(parents=True, exist_ok=True)
-    # Write both under temporary names, then rename: a crash never leaves a half-written pair.
-    tmp_w, tmp_c = directory / (WEIGHTS_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
-    save_tensors(tensors, tmp_w, metadata={"format": "pt"})
-    tmp_c.write_text(json.dumps(config, indent=2))
-    tmp_w.replace(directory / WEIGHTS_NAME)
-    tmp_c.replace(directory / CONFIG_NAME)
+    # Both under temporary names, then renamed: a crash or a full disk never leaves a half-written pair.
+    weights = tensor_bytes(tensors, metadata={"format": "pt"})
+    write_together({directory / WEIGHTS_NAME: weights, directory / CONFIG_NAME: json.dumps(config, indent=2)})
     return directory
 
 

@@ -50,8 +50,9 @@ from difflora.adapters.inject import InjectionReport, ModelEdit, adapter_layers
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLayer
 from difflora.adapters.positions import position_adapters, remove_position_adapter
 from difflora.adapters.weightings import IndexWeighting
+from difflora.files.atomic import write_together
 from difflora.files.jsonfile import read_json_file
-from difflora.files.tensorfile import check_finite, save_tensors
+from difflora.files.tensorfile import check_finite, save_tensors, tensor_bytes
 
 __all__ = [
     "DIFFUSERS_METADATA",
@@ -192,12 +193,11 @@ def write_peft(directory: str | Path, layers: dict[str, PlainLora], meta: dict[s
     """Write ``layers`` as a peft adapter directory (``meta``: difflora's notes in the safetensors header)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    # Both files under temporary names first: a crash never leaves a half-written pair.
-    tmp_w, tmp_c = directory / (PEFT_WEIGHTS + ".tmp"), directory / (PEFT_CONFIG + ".tmp")
-    save_tensors(_tensors(layers, _PREFIX), tmp_w, metadata={"format": "pt", **meta})
-    tmp_c.write_text(json.dumps(lora_config(layers), indent=2))
-    tmp_w.replace(directory / PEFT_WEIGHTS)
-    tmp_c.replace(directory / PEFT_CONFIG)
+    # Both files under temporary names first: a crash or a full disk never leaves a half-written pair.
+    weights = tensor_bytes(_tensors(layers, _PREFIX), metadata={"format": "pt", **meta})
+    write_together(
+        {directory / PEFT_WEIGHTS: weights, directory / PEFT_CONFIG: json.dumps(lora_config(layers), indent=2)}
+    )
     return directory
 
 
@@ -215,9 +215,7 @@ def write_diffusers_lora(
     directory.mkdir(parents=True, exist_ok=True)
     config = {f"{prefix}.{k}": v for k, v in lora_config(layers).items()}
     header = {"format": "pt", DIFFUSERS_METADATA: json.dumps(config, indent=2, sort_keys=True), **meta}
-    tmp = directory / (DIFFUSERS_WEIGHTS + ".tmp")
-    save_tensors(_tensors(layers, f"{prefix}."), tmp, metadata=header)
-    tmp.replace(directory / DIFFUSERS_WEIGHTS)
+    save_tensors(_tensors(layers, f"{prefix}."), directory / DIFFUSERS_WEIGHTS, metadata=header)
     return directory / DIFFUSERS_WEIGHTS
 
 

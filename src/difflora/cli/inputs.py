@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from difflora.cli.parser import CLIError, finite_float, one_line
 from difflora.config.schema import Config, ConfigError, SampleConfig
 from difflora.data.spatial import heldout_conditions
+from difflora.files.tensorfile import check_finite
 from difflora.model.expand import adapter_entries
 from difflora.train import resolve_device
 from difflora.train.run_dir import RESTORE_CONFIG, load_run_config
@@ -124,6 +125,7 @@ def _condition_images(path: str, num: int) -> torch.Tensor:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CLIError(f"--condition-images {path}: not a readable safetensors file ({exc})") from None
+    check_finite(tensors, f"--condition-images {path}", "give finite pixel values", CLIError)
     images = tensors.get("images")
     if images is None or images.ndim != 4 or len(images) < num:
         got = "no tensor 'images'" if images is None else f"'images' of shape {tuple(images.shape)}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -11,8 +10,9 @@ from difflora.adapters.peft_format import export_peft
 from difflora.cli.inputs import check_device, parse_conditions, run_config, sample_settings, spatial_inputs
 from difflora.cli.parser import CLIError
 from difflora.distill.command import sampling_guidance, without_student
-from difflora.files.images import save_grid
-from difflora.files.tensorfile import save_tensors
+from difflora.files.atomic import write_together
+from difflora.files.images import grid_png
+from difflora.files.tensorfile import tensor_bytes
 from difflora.model.export import export_model
 from difflora.sampling.generate import default_labels, generate
 from difflora.train.run_loader import open_run
@@ -70,13 +70,14 @@ def sample_command(args) -> int:
         teacher=args.teacher,
     )
     nrow = cfg.model.num_classes if (labels is not None and args.cls is None) else None
-    path = save_grid(images, args.out, nrow=nrow)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    outputs: dict[Path, bytes] = {path: grid_png(images, nrow)}
     if args.save_tensor:
-        tmp = Path(args.save_tensor + ".tmp")
         tensors = {"images": images.contiguous(), **({"labels": labels} if labels is not None else {})}
         tensors |= {"spatial": spatial.contiguous()} if spatial is not None else {}
-        save_tensors(tensors, tmp)
-        os.replace(tmp, args.save_tensor)  # never a half-written file under the name asked for
+        outputs[Path(args.save_tensor)] = tensor_bytes(tensors)
+    write_together(outputs)  # the grid and its tensors both, or neither: never one without the other
     print(f"wrote {args.num} samples (step {meta['step']}, {args.weights} weights) to {path}")
     return 0
 

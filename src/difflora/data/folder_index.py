@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 from difflora.config.schema import ConfigError, DataConfig
 from difflora.data.source import DatasetFormatError, not_found
 from difflora.data.split import stratified_split
+from difflora.files.atomic import write_bytes
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -228,15 +228,9 @@ def _cached_headers(path: Path, root: Path) -> dict[str, list[int]]:
 def _write_cache(path: Path, root: Path, entries: dict[str, list[int]]) -> None:
     """Atomically (a unique temp file renamed over ``path``: processes may race); a cache that cannot
     be written only costs the next run the header checks again."""
-    try:
+    with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": _VERSION, "root": str(root), "files": entries}, f)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError, UnboundLocalError):
-            os.unlink(tmp)
+        write_bytes(path, json.dumps({"version": _VERSION, "root": str(root), "files": entries}), shared=True)
 
 
 def _check_headers(root: Path, listing: dict[str, tuple[int, int]], cache_dir: Path) -> None:

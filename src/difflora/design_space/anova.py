@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from difflora.design_space.sweep import SweepError, read_results, write_together
+from difflora.design_space.sweep import SweepError, read_results
+from difflora.files.atomic import write_together
 from difflora.optional import require
 
 __all__ = ["anova", "dominant_sentence", "factor_columns", "run_anova"]

@@ -45,7 +45,6 @@ import csv
 import io
 import itertools
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +63,7 @@ from difflora.experiments.study_spec import (
     read_run_json,
     read_yaml_mapping,
 )
+from difflora.files.atomic import write_together
 from difflora.model.build import build_model
 
 __all__ = [
@@ -75,7 +75,6 @@ __all__ = [
     "read_results",
     "run_sweep",
     "sweep_cells",
-    "write_together",
 ]
 
 _LEVEL = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -294,23 +293,6 @@ def _rows(cell: Cell, arm: StudyArm, seed: int, out_dir: Path) -> list[dict[str,
         row["run_dir"] = str(run_dir)
         rows.append(row)
     return rows
-
-
-def write_together(files: dict[Path, str | bytes]) -> None:
-    """Write the outputs of one command: every file under a temporary name first, then the renames.
-
-    A failed write (a full disk) removes the temporary files and leaves every earlier output as it
-    was; never a half-written file under a real name, nor a new file next to an old one's partner."""
-    tmps = {path: path.with_name(path.name + ".tmp") for path in files}
-    try:
-        for path, data in files.items():
-            tmps[path].write_bytes(data.encode() if isinstance(data, str) else data)
-    except BaseException:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    for path, tmp in tmps.items():
-        os.replace(tmp, path)
 
 
 def write_results(rows: list[dict[str, Any]], factors: list[str], out_dir: str | Path) -> Path:

@@ -33,6 +33,7 @@ import torch
 
 from difflora.config.schema import Config, DataConfig, TaskDataConfig, config_to_dict, parse_config
 from difflora.diffscaler.tasks import task_branches
+from difflora.files.atomic import storage_errors
 from difflora.model.build import build_model
 from difflora.train.checkpoint import save_checkpoint, select_checkpoint, stream_weights, weight_sources
 from difflora.train.dependents import record_dependent
@@ -254,11 +255,16 @@ def combine_task_runs(runs: Sequence[str | Path], out: str | Path, log: Callable
     with run_lock(tmp):
         for leftover in (p for p in tmp.iterdir() if p.name != LOCK_FILE):  # left by a killed combine-tasks
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        needed = sum(t.numel() * t.element_size() for part in tensors.values() for t in part.values())
         try:
-            step = max(s.state["step"] for s in sources)
-            save_checkpoint(tmp, step, model=tensors["model"], ema=tensors["ema"], optimizer=None, rng={}, meta=meta)
-            write_json(tmp / "config.json", meta["config"])
-            os.replace(tmp, out)
+            # A refused write names --out (not its temporary name) and the space the whole run needs.
+            with storage_errors(out, needed):
+                step = max(s.state["step"] for s in sources)
+                save_checkpoint(
+                    tmp, step, model=tensors["model"], ema=tensors["ema"], optimizer=None, rng={}, meta=meta
+                )
+                write_json(tmp / "config.json", meta["config"])
+                os.replace(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         record_dependent(meta["base"]["path"], out)  # the combined run reads the base's frozen weights too

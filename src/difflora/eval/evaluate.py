@@ -28,6 +28,7 @@ runs scored by the same feature network (same dataset, size and feature-net sett
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -53,7 +54,8 @@ from difflora.eval.metrics import extract_features, feature_kid_scale, knn_radii
 from difflora.eval.settings import MIN_SAMPLES, EvalSettings
 from difflora.eval.target import EvalError, default_eval_dir, scored_config
 from difflora.eval.uncertainty import bootstrap_intervals, check_pool, reference_level
-from difflora.files.images import save_grid
+from difflora.files.atomic import write_together
+from difflora.files.images import grid_png
 from difflora.sampling.generate import data_conditions, default_labels, generate
 from difflora.sampling.student import Student, student_of
 from difflora.train.checkpoint import CheckpointError
@@ -402,11 +404,24 @@ def _result_record(
 
 
 def _write(out_dir: Path, result: dict[str, Any], grids: list[torch.Tensor], cfg: Config, conditional: bool) -> None:
+    """The grids and metrics.json together (:func:`~difflora.files.atomic.write_together`), then the
+    grids of an earlier evaluation that this one's metrics.json does not list: never new grids next
+    to old scores, nor old grids next to new ones."""
     out_dir.mkdir(parents=True, exist_ok=True)
     nrow = cfg.model.num_classes if conditional else None
-    for entry, images in zip(result["results"], grids, strict=True):
-        save_grid(images, out_dir / entry["grid"], nrow=nrow)
-    write_json(out_dir / "metrics.json", result)
+    earlier = _listed_grids(out_dir, read_json(out_dir / "metrics.json"))
+    files = {out_dir / e["grid"]: grid_png(images, nrow) for e, images in zip(result["results"], grids, strict=True)}
+    write_together(files | {out_dir / "metrics.json": json.dumps(result, indent=2)})
+    for old in earlier - set(files):
+        old.unlink(missing_ok=True)
+
+
+def _listed_grids(out_dir: Path, metrics: dict[str, Any] | None) -> set[Path]:
+    """The grid files a metrics.json lists (none when it is missing or damaged; names only, no path)."""
+    results = (metrics or {}).get("results")
+    if not isinstance(results, list):
+        return set()
+    return {out_dir / Path(e["grid"]).name for e in results if isinstance(e, dict) and isinstance(e.get("grid"), str)}
 
 
 def _sampling_accounting(

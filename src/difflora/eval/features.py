@@ -49,10 +49,10 @@ from difflora.data import load_dataset
 from difflora.data.split import stratified_split
 from difflora.eval.inception import InceptionFeatures, load_inception
 from difflora.eval.kernel import kid_feature_scale
-from difflora.files.atomic import atomic_path
+from difflora.files.atomic import write_bytes
 from difflora.files.cachedir import cache_root
 from difflora.files.jsonfile import read_json_file
-from difflora.files.tensorfile import save_tensors
+from difflora.files.tensorfile import check_finite, save_tensors
 
 __all__ = [
     "FeatureNet",
@@ -327,12 +327,11 @@ def save_feature_net(net: FeatureNet, path: str | Path) -> Path:
         raise ValueError("save_feature_net needs net.info (what the network was trained on)")
     w_path, j_path = _paths(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(w_path) as tmp:
-        save_tensors(state, tmp, metadata={"format": FORMAT})
-        digest = _file_sha256(tmp)
-    meta = net.info.to_json() | {"weights_sha256": digest}
-    with atomic_path(j_path) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    w_path.parent.mkdir(parents=True, exist_ok=True)
+    # shared: runs sharing the cache may train and save the same network at once.
+    save_tensors(state, w_path, metadata={"format": FORMAT}, shared=True)
+    meta = net.info.to_json() | {"weights_sha256": _file_sha256(w_path)}
+    write_bytes(j_path, json.dumps(meta, indent=2) + "\n", shared=True)
     return w_path
 
 
@@ -373,7 +372,9 @@ def load_feature_net(
         raise ValueError(f"{w_path} does not match {j_path} (sha256 differs): an interrupted write? delete both")
     net = FeatureNet(info.arch, info)
     try:
-        net.load_state_dict(load_file(str(w_path), device=str(map_location)))
+        tensors = load_file(str(w_path), device=str(map_location))
+        check_finite(tensors, str(w_path), damaged)
+        net.load_state_dict(tensors)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ValueError(
             f"{w_path} does not hold this feature network's weights ({str(exc).splitlines()[0]}); {damaged}"

@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from difflora.files.atomic import storage_errors
+from difflora.files.tensorfile import check_finite
 from difflora.optional import require
 
 __all__ = ["InceptionFeatures", "load_inception"]
@@ -59,16 +62,26 @@ class InceptionFeatures(nn.Module):
         return self.features(x)
 
 
+# What to do about a damaged Inception weights file.
+_REFETCH = "copy the weights file again from a machine where it is intact"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a torch pickle read with weights_only=True (no code runs)."""
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
+        check_finite(state, str(path), _REFETCH)
+        return state
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise ValueError(f"{path} is not a state dict of tensors readable with weights_only=True: {exc}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    check_finite(state, str(path), _REFETCH)
     return state
 
 
@@ -94,7 +107,8 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu") -> Ince
     # the user's file.
     with tempfile.TemporaryDirectory() as tmp:
         own = Path(tmp) / "inception.pt"
-        torch.save(state, own)
+        with storage_errors(own, sum(t.numel() * t.element_size() for t in state.values())):
+            torch.save(state, own)
         ext = extractor.FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(own)
         )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +30,7 @@ from difflora.experiments.study_spec import (
     read_run_json,
 )
 from difflora.experiments.verdicts import judge_claim
+from difflora.files.atomic import write_bytes
 from difflora.files.jsonfile import read_json_file
 from difflora.registry import Registry
 
@@ -136,7 +136,7 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
             if code is not None:
                 record["code"] = code
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(_dump(record))
+            write_bytes(path, _dump(record))
             if seed == study.seeds[0]:
                 for r in m["results"]:
                     task = f"-{r['task']}" if "task" in r else ""  # one grid per spatial task
@@ -475,7 +475,7 @@ def _claims(study: Study, rows: list[dict[str, Any]]) -> list[str]:
 def _copy(src: Path, dst: Path) -> None:
     if src.is_file():
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+        write_bytes(dst, src.read_bytes())
 
 
 def _images(study: Study, rows: list[dict[str, Any]], img_dir: Path, arms: list[StudyArm]) -> list[str]:
@@ -533,5 +533,5 @@ def write_report(study: Study, report_dir: Path, arms: list[StudyArm], *, comman
     tail = ""
     if path.is_file() and END_MARKER in path.read_text():
         tail = path.read_text().split(END_MARKER, 1)[1]
-    path.write_text("\n".join(lines).rstrip() + "\n\n" + END_MARKER + (tail or "\n"))
+    write_bytes(path, "\n".join(lines).rstrip() + "\n\n" + END_MARKER + (tail or "\n"))
     return path

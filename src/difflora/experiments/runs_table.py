@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from difflora.files.atomic import write_bytes
 from difflora.files.jsonfile import read_json_file
 from difflora.train.run_dir import read_metrics
 
@@ -213,7 +214,4 @@ def write_csv(columns: list[str], rows: list[dict[str, Any]], path: str | Path) 
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise FileNotFoundError(f"--csv {path}: the directory {path.parent} does not exist")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(csv_text(columns, rows))
-    os.replace(tmp, path)
-    return path
+    return write_bytes(path, csv_text(columns, rows))

@@ -39,6 +39,7 @@ from difflora.experiments.study_spec import (
     run_order,
     study_out_dir,
 )
+from difflora.files.atomic import storage_errors, write_bytes
 from difflora.train import train
 from difflora.train.checkpoint import find_checkpoints
 
@@ -139,8 +140,14 @@ def _reuse_teacher_eval(source: Path, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "eval.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source / "eval", tmp)
-    shutil.copy2(source / "accounting.json", run_dir / "accounting.json")
+    needed = sum(p.stat().st_size for p in (source / "eval").rglob("*") if p.is_file())
+    try:
+        with storage_errors(run_dir / "eval", needed):
+            shutil.copytree(source / "eval", tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_bytes(run_dir / "accounting.json", (source / "accounting.json").read_bytes())
     tmp.rename(run_dir / "eval")
 
 
@@ -255,7 +262,7 @@ def run_all(
         t1 = time.perf_counter()
         ev = _score(study, source, run_dir, teacher, settings, cache_dir, feature_train)
         if code is not None:
-            (run_dir / "eval" / CODE_FILE).write_text(json.dumps(code) + "\n")
+            write_bytes(run_dir / "eval" / CODE_FILE, json.dumps(code) + "\n")
         fds = fd_summary(ev["results"])
         floor = ev["noise_floor"]["fd"]
         spent.append(time.perf_counter() - t0)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["make_grid", "save_grid", "to_uint8"]
+from difflora.files.atomic import write_bytes
+
+__all__ = ["grid_png", "make_grid", "save_grid", "to_uint8"]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -36,16 +38,19 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1, upsca
     return grid
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, upscale: int | None = None) -> Path:
-    """Write a PNG grid. Small images (8 px digits) are upscaled so a person can see them."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def grid_png(images: torch.Tensor, nrow: int | None = None, upscale: int | None = None) -> bytes:
+    """The PNG file of a grid of ``images``. Small images (8 px digits) are upscaled so a person can see them."""
     if upscale is None:
         upscale = max(1, 64 // images.shape[-1])
     grid = make_grid(images, nrow=nrow, upscale=upscale)
     mode = "L" if grid.shape[2] == 1 else "RGB"
-    img = Image.fromarray(grid[..., 0] if mode == "L" else grid, mode=mode)
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    Image.fromarray(grid[..., 0] if mode == "L" else grid, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, upscale: int | None = None) -> Path:
+    """Write a PNG grid (:func:`grid_png`) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_bytes(path, grid_png(images, nrow, upscale))

@@ -5,11 +5,12 @@ safetensors (0.8) writes through a private temporary file and keeps its mode, 06
 umask: a run, an adapter or a peft export would be unreadable to a colleague sharing the
 directory (or to a web server serving it) while the JSON beside it is readable. Every safetensors
 file difflora writes goes through :func:`save_tensors`, which gives it the mode ``open()`` would
-(0666 minus the umask).
+(0666 minus the umask), or is made by :func:`tensor_bytes` and written by Python's own ``open()``.
 
 A NaN or inf in a loaded weight makes every output NaN, far from the file that caused it: every
-reader of tensors a user gives (adapter files, peft files, checkpoints) passes them through
-:func:`check_finite`, which names the first bad tensor.
+reader of tensors a user gives (adapter files, peft files, checkpoints, feature networks, Inception
+weights, diffusers weights, condition inputs) passes them through :func:`check_finite`, which names
+the first bad tensor.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
-__all__ = ["check_finite", "new_file_mode", "save_tensors"]
+from difflora.files.atomic import atomic_write
+
+__all__ = ["check_finite", "new_file_mode", "save_tensors", "tensor_bytes"]
 
 
 def new_file_mode() -> int:
@@ -32,10 +35,29 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file``, then the mode a newly created file gets from the umask."""
-    save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, new_file_mode())
+def _needed(tensors: Mapping[str, torch.Tensor]) -> int:
+    """About the size of the safetensors file of ``tensors``: the data and ~100 header bytes per tensor."""
+    return sum(t.numel() * t.element_size() + 100 for t in tensors.values()) + 8
+
+
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None, *, shared: bool = False
+) -> None:
+    """``safetensors.torch.save_file`` written atomically (:func:`~difflora.files.atomic.atomic_write`:
+    a full disk is one line naming ``path``; ``shared``: other processes may write it at the same
+    time), then the mode a newly created file gets from the umask."""
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, new_file_mode())
+
+    atomic_write(path, write, _needed(tensors), shared=shared)
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors file of ``tensors`` as bytes, for outputs written together with others
+    (:func:`~difflora.files.atomic.write_together`)."""
+    return save(tensors, metadata=metadata)
 
 
 def check_finite(

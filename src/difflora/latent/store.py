@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_tensor_bytes
 
 from difflora.errors import DiffloraError
-from difflora.files.atomic import atomic_path, write_json_atomic
+from difflora.files.atomic import write_bytes
 from difflora.files.cachedir import cache_root
 from difflora.files.jsonfile import read_json_file
 from difflora.files.tensorfile import check_finite, save_tensors
@@ -203,8 +203,7 @@ def build_store(
         if index >= done:
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in compute(start, count).items()}
             meta = {"key_hash": plan.hash, "start": str(start), "count": str(count)}
-            with atomic_path(path) as tmp:
-                save_tensors(tensors, tmp, metadata=meta)
+            save_tensors(tensors, path, metadata=meta)
             log(f"{plan.kind} cache: shard {index + 1}/{len(shards)} written")
         if not shapes:  # the first shard (kept or new) tells the shapes every shard must have
             with safe_open(str(path), framework="pt") as f:
@@ -223,7 +222,7 @@ def build_store(
         "shards": [{"file": _shard_name(i), "start": s, "count": c} | files[i] for i, (s, c) in enumerate(shards)],
         **info(),
     }
-    write_json_atomic(directory / MANIFEST, manifest)
+    write_bytes(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return True
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from difflora.adapters.context import ConditionValue
 from difflora.adapters.lora_export import ExportError, export_lora, merged_copy
 from difflora.config.schema import Config
+from difflora.files.atomic import storage_errors
 from difflora.model.build import DiffusionModel
 
 __all__ = ["EXPORT_FORMATS", "component_name", "export_model", "save_merged"]
@@ -57,8 +58,10 @@ def save_merged(net: nn.Module, directory: str | Path, **values: ConditionValue)
         raise ExportError(f"{type(merged).__name__} is no diffusers model (no save_pretrained): export --to peft")
     directory = Path(directory)
     tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
+    needed = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
     try:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        with storage_errors(directory, needed):
+            merged.save_pretrained(tmp, safe_serialization=True)
         directory.mkdir(parents=True, exist_ok=True)
         for file in sorted(tmp.iterdir()):
             os.replace(file, directory / file.name)

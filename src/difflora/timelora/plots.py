@@ -17,6 +17,7 @@ the first row averages t = 1..200 of the paper (0..199 here), the second t = 201
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 
 from difflora.adapters import adapter_layers
 from difflora.config.schema import Config
+from difflora.files.atomic import write_bytes
 from difflora.model.build import build_model
 from difflora.train import load_run_config, open_run
 
@@ -180,8 +182,9 @@ def draw_heatmap(matrix: torch.Tensor, path: str | Path, title: str) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
+    return write_bytes(path, buf.getvalue())
 
 
 def plot_weights(

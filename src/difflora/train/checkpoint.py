@@ -3,11 +3,19 @@
 Layout of one checkpoint, ``RUN_DIR/checkpoints/step_0001000/``::
 
     model.safetensors   ema.safetensors   optim.safetensors   rng.safetensors
-    state.json          # step, config, optimizer hyper-parameters, sha256 of every file above
+    state.json          # step, config, optimizer hyper-parameters, sha256 of every file above,
+                        # the digest of its own values
 
 The directory is first written as ``.tmp-step_...`` and renamed when complete, and ``state.json``
 records each file's size and hash, so a checkpoint cut short (a crash, a full disk, a truncated
 copy) is detected on load and never silently used. Nothing is unpickled.
+
+What state.json says is checked against the files before it is trusted (:func:`check_consistent`):
+its values against the digest recorded with them (a step, a learning rate or a config edited by
+hand), its step against the directory's name, and its file list against the files present. A
+mismatch is a :class:`CheckpointMismatch` naming the checkpoint; it is never skipped for an older
+checkpoint, so a resume cannot overwrite it. Checkpoints written before the digest existed load,
+their values unchecked (:func:`unchecked`).
 
 ``model.safetensors`` holds every tensor of the model, except in a run that adapts a base
 (``train.init_from``): there it holds the trainable tensors only, and ``state.json["base"]`` records
@@ -46,12 +54,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from difflora.errors import DiffloraError
+from difflora.files.atomic import storage_errors, write_bytes
 from difflora.files.jsonfile import read_json_file
 from difflora.files.tensorfile import check_finite, save_tensors
 from difflora.train.dependents import DependentsError, pinned_checkpoints
 
 __all__ = [
     "CheckpointError",
+    "CheckpointMismatch",
     "LoadedCheckpoint",
     "Fingerprint",
     "find_checkpoints",
@@ -59,12 +69,15 @@ __all__ = [
     "load_base_tensors",
     "load_checkpoint",
     "load_weights",
+    "check_consistent",
     "optimizer_from_tensors",
     "optimizer_to_tensors",
     "save_checkpoint",
     "select_checkpoint",
+    "state_digest",
     "stream_weights",
     "tensor_shapes",
+    "unchecked",
     "weight_sources",
 ]
 
@@ -75,6 +88,12 @@ _FILES = ("model", "ema", "optim", "rng")
 
 class CheckpointError(RuntimeError, DiffloraError):
     """A checkpoint is missing, incomplete or corrupt. The message says which and what to do."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A checkpoint's state.json disagrees with its files or with itself (edited by hand, renamed,
+    files added): never skipped in favour of an older checkpoint, since resuming from one would
+    overwrite the newer work."""
 
 
 class CheckpointWarning(UserWarning):
@@ -143,11 +162,27 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-step_{step:07d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     optim_tensors, optim_meta = optimizer_to_tensors(optimizer) if optimizer is not None else ({}, None)
     parts = {"model": model, "ema": ema, "optim": optim_tensors, "rng": rng}
+    needed = sum(t.numel() * t.element_size() for p in parts.values() for t in p.values()) + (1 << 16)
+    try:
+        # A refused write names the checkpoint and the space all of it needs, and leaves no .tmp-step_ behind.
+        with storage_errors(final, needed):
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed mid-write
+            tmp.mkdir()
+            _write_parts(tmp, step, parts, {"optimizer": optim_meta, **meta})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _retire(run_dir, find_checkpoints(run_dir)[:-keep] if keep > 0 else [])
+    return final
+
+
+def _write_parts(tmp: Path, step: int, parts: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
+    """The files of checkpoint ``step`` into the directory ``tmp``: the tensors, then state.json."""
     files = {}
     for name, tensors in parts.items():
         path = tmp / f"{name}.safetensors"
@@ -156,22 +191,9 @@ def save_checkpoint(
     # The tensor counts, kept apart from the hashes, let a reader notice a file that was replaced
     # by one with fewer tensors and its hash recomputed (a checkpoint edited by another program).
     counts = {name: len(tensors) for name, tensors in parts.items()}
-    state = {
-        "format": FORMAT_VERSION,
-        "step": step,
-        "files": files,
-        "tensor_counts": counts,
-        "optimizer": optim_meta,
-        **meta,
-    }
-    state_tmp = tmp / "state.json.tmp"
-    state_tmp.write_text(json.dumps(state, indent=1))
-    os.replace(state_tmp, tmp / "state.json")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _retire(run_dir, find_checkpoints(run_dir)[:-keep] if keep > 0 else [])
-    return final
+    state = {"format": FORMAT_VERSION, "step": step, "files": files, "tensor_counts": counts, **meta}
+    state["digest"] = state_digest(state)
+    write_bytes(tmp / "state.json", json.dumps(state, indent=1))
 
 
 def _retire(run_dir: str | Path, old: list[Path]) -> None:
@@ -220,6 +242,45 @@ def _read_state(ckpt: Path) -> dict[str, Any]:
             f"checkpoint {ckpt} has format {state.get('format')}, this difflora reads {FORMAT_VERSION}"
         )
     return state
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 of what state.json records besides the file records (checked against the files by
+    size and hash) and the digest itself: the step, config, optimizer hyper-parameters, EMA count,
+    base record... A value edited by hand no longer matches it."""
+    body = json.loads(json.dumps({k: v for k, v in state.items() if k not in ("files", "digest")}))
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def unchecked(state: dict[str, Any]) -> list[str]:
+    """What cannot be checked in a checkpoint written before difflora recorded it (empty for new ones)."""
+    older = {"digest": "state.json's values (no digest)", "tensor_counts": "tensor counts"}
+    return [what for key, what in older.items() if key not in state]
+
+
+def check_consistent(ckpt: Path, state: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointMismatch` unless ``state`` agrees with itself (its digest), with the
+    directory's name (``step_N``) and with the files the directory holds (no unlisted file). What an
+    older checkpoint did not record is not checked (:func:`unchecked`)."""
+    fix = "restore the checkpoint as it was written, or pass --checkpoint STEP (an earlier step)"
+    if "digest" in state and state_digest(state) != state["digest"]:
+        raise CheckpointMismatch(
+            f"checkpoint {ckpt} disagrees with itself: state.json was changed after it was written (its digest "
+            f"does not match its values); {fix}"
+        )
+    named = _STEP_DIR.match(ckpt.name)
+    if named and int(named.group(1)) != state.get("step"):
+        raise CheckpointMismatch(
+            f"checkpoint {ckpt} disagrees with its name: state.json records step {state.get('step')}; {fix}"
+        )
+    listed = {f"{name}.safetensors" for name in state.get("files", {})} | {"state.json"}
+    extra = sorted(p.name for p in ckpt.iterdir() if p.name not in listed)
+    if extra or set(state.get("files", {})) != set(_FILES):
+        odd = extra or sorted(set(state.get("files", {})) - set(_FILES))
+        raise CheckpointMismatch(
+            f"checkpoint {ckpt} holds files its state.json does not account for: {', '.join(odd)}; move them out "
+            f"of the checkpoint, or {fix}"
+        )
 
 
 def _verified_file(ckpt: Path, name: str, record: dict[str, Any]) -> Path:
@@ -273,6 +334,7 @@ def load_checkpoint(ckpt: str | Path) -> LoadedCheckpoint:
         raise CheckpointError(
             f"checkpoint {ckpt} is corrupt: state.json lacks or garbles {exc} (optimizer / step); {_ADVICE}"
         ) from None
+    check_consistent(ckpt, state)
     return LoadedCheckpoint(ckpt, step, state, loaded["model"], loaded["ema"], optim, loaded["rng"])
 
 
@@ -348,6 +410,7 @@ def weight_sources(ckpt: str | Path, which: str = "ema") -> tuple[dict[str, Path
                 f"{expected}; {_ADVICE}"
             )
         sources.update(dict.fromkeys(keys, path))
+    check_consistent(ckpt, state)
     return sources, state
 
 

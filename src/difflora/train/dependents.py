@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from difflora.errors import DiffloraError
+from difflora.files.atomic import write_bytes
 from difflora.files.jsonfile import read_json_file
 from difflora.train.run_lock import updating
 
@@ -106,7 +107,7 @@ def record_dependent(base_ckpt: str | Path, run_dir: str | Path) -> None:
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
         warnings.warn(
-            f"cannot record in {path} that {run} was started from {ckpt.name} ({exc.strerror}); "
+            f"cannot record in {path} that {run} was started from {ckpt.name} ({os.strerror(exc.errno)}); "
             f"if {base} is ever made writable and trained further, keep {ckpt} (copy it) or this run cannot load",
             UnrecordedDependency,
             stacklevel=2,
@@ -114,10 +115,5 @@ def record_dependent(base_ckpt: str | Path, run_dir: str | Path) -> None:
 
 
 def _write(path: Path, record: dict[str, dict[str, Any]]) -> None:
-    """Replace ``path`` atomically (a temp file of this process renamed over it, removed on failure)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps({"format": FORMAT_VERSION, "dependents": record}, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Replace ``path`` atomically (written under the run's ``updating`` lock, so one writer at a time)."""
+    write_bytes(path, json.dumps({"format": FORMAT_VERSION, "dependents": record}, indent=1))

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from difflora.config.schema import Config, ConfigError, config_to_dict, parse_config
 from difflora.data import BatchSource, open_batches
 from difflora.data.spatial import grid_indices
+from difflora.files.atomic import append_line, write_bytes
 from difflora.files.images import save_grid
 from difflora.model.accounting import parameter_counts, peak_memory_mb
 from difflora.model.build import build_diffusion, build_model
@@ -55,6 +56,7 @@ from difflora.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     select_checkpoint,
+    unchecked,
 )
 from difflora.train.dependents import record_dependent
 from difflora.train.distributed import Dist, launched_rank, process_group, wrap_model
@@ -362,8 +364,7 @@ def _after_step(st: TrainState, end: int, lr: float, metrics, writer) -> None:
         st.window.totals, st.row_s, st.row_steps = {}, 0.0, 0
         st.last_row = row
         if metrics is not None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            append_line(metrics, st.out / "metrics.jsonl", json.dumps(row) + "\n")
             for k, v in row.items():
                 if k != "step":
                     writer.add_scalar(f"train/{k}", v, done)
@@ -435,7 +436,7 @@ def _run_steps(st: TrainState, end: int, progress: bool, log, callback) -> None:
 
     main = st.dist.is_main
     writer = SummaryWriter(str(st.out / "tb"), purge_step=st.step) if main else None
-    metrics = open(st.out / "metrics.jsonl", "a") if main else None
+    metrics = open(st.out / "metrics.jsonl", "ab", buffering=0) if main else None
     bar = tqdm(total=st.cfg.train.steps, initial=st.step, desc="train", disable=not (progress and main))
     start, ok = st.step, False
     st.model.train()
@@ -581,7 +582,9 @@ def _open_run_dir(out: Path, cfg: Config, ckpt: LoadedCheckpoint | None, log) ->
     if ckpt is not None:
         # Steps logged after the checkpoint are about to be redone: drop them so no step appears twice.
         truncate_metrics(out / "metrics.jsonl", ckpt.step, log)
-        log(f"resuming {out} from step {ckpt.step}")
+        older = unchecked(ckpt.state)
+        note = f" (written by an older difflora: {', '.join(older)} not checked)" if older else ""
+        log(f"resuming {out} from step {ckpt.step}{note}")
     else:
         write_json(out / "config.json", config_to_dict(cfg))
-        (out / "metrics.jsonl").write_text("")
+        write_bytes(out / "metrics.jsonl", b"")

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from difflora.config.schema import Config, parse_config
+from difflora.files.atomic import write_bytes
 from difflora.files.jsonfile import read_json_file
 
 __all__ = [
@@ -50,10 +50,8 @@ class RunDirNotWritable(PermissionError, ValueError):
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (a temp file renamed over ``path``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON atomically (:func:`~difflora.files.atomic.write_bytes`)."""
+    write_bytes(path, json.dumps(obj, indent=2))
 
 
 # How to repair a damaged config.json (every error about one says it).
@@ -128,9 +126,7 @@ def truncate_metrics(path: Path, step: int, log=print) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     rows = [r for r in read_metrics(path, log) if r["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from difflora.errors import DiffloraError
+from difflora.files.atomic import storage_errors
 
 try:  # POSIX
     import fcntl
@@ -134,7 +135,9 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
             raise _refusal(run_dir)
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, _describe().encode())
+        holder = _describe().encode()
+        with storage_errors(run_dir / LOCK_FILE, len(holder)):
+            os.write(fd, holder)
         _HELD.add(key)
         try:
             yield
