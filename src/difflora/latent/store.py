@@ -203,6 +203,7 @@ def build_store(
         if index >= done:
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in compute(start, count).items()}
             meta = {"key_hash": plan.hash, "start": str(start), "count": str(count)}
+            directory.mkdir(parents=True, exist_ok=True)  # only once there is something to write
             save_tensors(tensors, path, metadata=meta)
             log(f"{plan.kind} cache: shard {index + 1}/{len(shards)} written")
         if not shapes:  # the first shard (kept or new) tells the shapes every shard must have
