@@ -2,7 +2,7 @@
 
 This module is the bottom of the house: every layer may import it and it imports nothing of
 difflora but its own parts (``config.base``: the strict base model; ``config.adapters``: the adapter,
-Affiner and distillation sections; ``config.diffusers``: a diffusers backbone), which it re-exports, and :mod:`difflora.presets` (where the
+Affiner and distillation sections; ``config.diffusers``: a diffusers backbone; ``config.diffusion``: the noise process), which it re-exports, and :mod:`difflora.presets` (where the
 shipped configs are). A config is passed whole to the code
 that needs it (``UNetModel(cfg.model)``), never unpacked into a dozen keyword arguments.
 
@@ -33,6 +33,7 @@ from difflora.config.adapters import (
 from difflora.config.backbones import DIT_PRESETS, ContextConfig, DiTConfig, UNetConfig
 from difflora.config.base import ConfigError, GuidanceScale, StrictModel, hold_fixed, unused_at_default
 from difflora.config.diffusers import DiffusersConfig, diffusers_problem
+from difflora.config.diffusion import DiffusionConfig
 from difflora.presets import config_presets, resolve_config
 
 __all__ = [
@@ -212,18 +213,6 @@ class ModelConfig(StrictModel):
             section = getattr(self, name)
             hold_fixed(section, f"model.{name}", unused_at_default(section), f"model.arch={self.arch}")
         return self
-
-
-class DiffusionConfig(StrictModel):
-    steps: int = Field(default=1000, ge=1)
-    noise_schedule: Literal["linear", "cosine"] = "linear"
-    # Without learned variance: fixed-small (posterior variance) or fixed-large (beta_t).
-    sigma_small: bool = False
-    # mse: L_simple. hybrid: L_simple + lambda L_vb (IDDPM; needs learn_sigma).
-    # None: hybrid with a learned variance, mse without (what improved-diffusion does).
-    loss: Literal["mse", "hybrid"] | None = None
-    # Feed the network t * 1000 / T, as improved-diffusion does, so time embeddings see one range.
-    rescale_timesteps: bool = True
 
 
 class TrainConfig(StrictModel):
