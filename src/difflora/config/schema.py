@@ -34,6 +34,7 @@ from difflora.config.backbones import DIT_PRESETS, ContextConfig, DiTConfig, UNe
 from difflora.config.base import ConfigError, GuidanceScale, StrictModel, hold_fixed, unused_at_default
 from difflora.config.diffusers import DiffusersConfig, diffusers_problem
 from difflora.config.diffusion import DiffusionConfig
+from difflora.config.pretrained import expand_pretrained
 from difflora.presets import config_presets, resolve_config
 
 __all__ = [
@@ -166,6 +167,9 @@ class DataConfig(StrictModel):
 class ModelConfig(StrictModel):
     # diffusers: a diffusers model built from model.diffusers (difflora.nets.diffusers_wrap).
     arch: Literal["unet", "dit", "diffusers"] = "unet"
+    # A diffusers model or pipeline folder (difflora.config.pretrained): it decides the architecture
+    # and the noise process, and its weights are the base (train.init_from defaults to it).
+    pretrained: str | None = None
     # Filled from the data config when None.
     image_size: int | None = Field(default=None, ge=4)
     in_channels: int | None = Field(default=None, ge=1)
@@ -532,7 +536,7 @@ def parse_config(tree: dict[str, Any] | None, overrides: list[str] | tuple[str, 
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     try:
-        return Config.model_validate(tree)
+        return Config.model_validate(expand_pretrained(tree))
     except ValidationError as err:
         raise _explain(err) from None
 
