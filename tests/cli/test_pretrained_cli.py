@@ -6,11 +6,11 @@ import re
 
 import pytest
 import yaml
-from pretrained_folders import unet_pipeline
 
 from difflora.cli.commands import main
 from difflora.train import latest_checkpoint, load_checkpoint
 from difflora.train.objectives import DiffusionObjective
+from pretrained_folders import unet_pipeline
 
 pytest.importorskip("diffusers")
 
