@@ -205,8 +205,11 @@ def _check_conditions(cfg: Config, data: ImageDataset) -> None:
             )
 
 
-def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log, ctx: Dist, device: torch.device) -> TrainState:
-    """Build everything a run needs; bad input fails here, before the run directory is written."""
+def _prepare(
+    cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log, ctx: Dist, device: torch.device, net=None
+) -> TrainState:
+    """Build everything a run needs (on ``net``, the caller's backbone, if given); bad input fails here,
+    before the run directory is written."""
     check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, ctx.world_size)
     torch.manual_seed(cfg.train.seed)
     data = load_dataset(cfg.data, "train")
@@ -215,7 +218,7 @@ def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log, ctx: Di
             f"data.name={cfg.data.name} has {data.num_classes} classes but model.num_classes={cfg.model.num_classes}"
         )
     _check_conditions(cfg, data)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, net).to(device)
     base = _init_base(model, cfg, ckpt, log)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -516,8 +519,13 @@ def train(
     stop_at: int | None = None,
     log: Callable[[str], None] = print,
     callback: Callable[[TrainState], None] | None = None,
+    model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir``; returns the final metrics and accounting.
+
+    ``model``: a backbone the caller built for ``cfg.model`` (e.g. a diffusers model loaded with
+    ``from_pretrained``), used instead of a fresh one; the config's adapters, freezing and base
+    (``train.init_from``) apply to it as to a built one (:func:`~difflora.model.build.build_model`).
 
     ``resume`` continues from the newest intact checkpoint of ``out_dir``, or from ``checkpoint``
     (a step or a directory, see ``select_checkpoint``). ``stop_at`` ends the run after that step
@@ -543,7 +551,7 @@ def train(
             log = _silent
         else:
             check_writable(out)
-        st = _prepare(cfg, out, ckpt, log, ctx, device)
+        st = _prepare(cfg, out, ckpt, log, ctx, device, model)
         if ctx.is_main and st.base is not None:
             record_dependent(st.base["path"], out)  # from now on the base's retention spares that checkpoint
         # Process 0 alone writes, so it alone holds the run's lock: from its first write to its exit.
