@@ -75,9 +75,10 @@ def _index(path: Path, pipeline: str, denoiser: str, denoiser_cls: str, schedule
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def unet_pipeline(path: Path, seed: int = 0, **schedule) -> Path:
-    """A DDPMPipeline folder (UNet2DModel + DDPMScheduler); ``schedule`` overrides the scheduler's config."""
-    unet = _randomised(diffusers.UNet2DModel(**UNET), seed)
+def unet_pipeline(path: Path, seed: int = 0, classes: int = 0, **schedule) -> Path:
+    """A DDPMPipeline folder (UNet2DModel + DDPMScheduler); ``classes``: a class table of that many rows;
+    ``schedule`` overrides the scheduler's config."""
+    unet = _randomised(diffusers.UNet2DModel(**UNET, num_class_embeds=classes or None), seed)
     scheduler = diffusers.DDPMScheduler(**(SCHEDULE | schedule))
     diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path)
     return path
