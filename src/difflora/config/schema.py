@@ -333,6 +333,10 @@ class Config(StrictModel):
             )
         if m.arch == "dit" and m.image_size % m.dit.patch_size:
             raise ValueError(f"model.dit.patch_size ({m.dit.patch_size}) must divide model.image_size ({m.image_size})")
+        if m.pretrained is not None and m.arch != "diffusers":
+            raise ValueError(
+                "model.pretrained: load the config with load_config or parse_config (they read the folder)"
+            )
         if m.arch == "diffusers" and (problem := diffusers_problem(m)):
             raise ValueError(problem)
         self._check_affiner_tasks()
