@@ -103,3 +103,19 @@ def test_one_ddpm_and_one_ddim_step_match_diffusers(schedule, start, end, predic
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
     got = p_sample_step(ours, _Fixed(out), x, index, clip_denoised=False, noise=noise).sample
     torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize(("schedule", "start", "end"), SCHEDULES)
+def test_one_ddpm_step_with_a_learned_variance_matches_diffusers(schedule, start, end):
+    """variance_type learned_range: the model's second C channels interpolate the log variance."""
+    g = torch.Generator().manual_seed(2)
+    x, out = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g)
+    out[:, 2:] = out[:, 2:].tanh()  # variance values in [-1, 1]
+    cfg = DiffusionConfig(steps=T, beta_schedule=schedule, beta_start=start, beta_end=end, loss="hybrid")
+    ours = create_diffusion(cfg, learn_sigma=True, respacing="ddim10")
+    ddpm = _theirs(diffusers.DDPMScheduler, schedule, start, end, "epsilon", variance_type="learned_range")
+    ddpm.set_timesteps(10)
+    want = ddpm.step(out, 50, x, generator=torch.Generator().manual_seed(5)).prev_sample
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    got = p_sample_step(ours, _Fixed(out), x, torch.full((3,), 5), clip_denoised=False, noise=noise).sample
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
