@@ -54,6 +54,8 @@ SCHEDULERS: tuple[str, ...] = (
     "UniPCMultistepScheduler",
     "DEISMultistepScheduler",
 )
+# The classes' default in_channels (save_pretrained writes the key; a hand-written config may not).
+_DEFAULT_CHANNELS = {"UNet2DModel": 3, "UNet2DConditionModel": 4, "DiTTransformer2DModel": 4}
 # diffusers' variance_type -> diffusion.sigma_small (learned_range: the model's own channels).
 _VARIANCES = {"fixed_small": True, "fixed_small_log": True, "fixed_large": False, "fixed_large_log": False}
 
@@ -112,7 +114,7 @@ def read_pretrained(path: str | Path) -> PretrainedFolder:
             error=ConfigError,
             expect=dict,
             missing=f"model.pretrained: the pipeline {p} has no scheduler/scheduler_config.json (the noise process "
-            "its denoiser was trained with); add the scheduler, or point model.pretrained at {p / name}",
+            f"its denoiser was trained with); add the scheduler, or point model.pretrained at {p / name}",
         )
         components = tuple(k for k, v in index.items() if not k.startswith("_") and k != name and v)
     else:
@@ -133,7 +135,7 @@ def _model_keys(folder: PretrainedFolder) -> dict[str, Any]:
         raise ConfigError(
             f"model.pretrained: {folder.denoiser} holds a {name}; difflora adapts {', '.join(DIFFUSERS_CLASSES)}"
         )
-    c_in = config.get("in_channels", 3 if name != "DiTTransformer2DModel" else 4)
+    c_in = config.get("in_channels", _DEFAULT_CHANNELS[name])
     c_out = config.get("out_channels") or c_in
     if c_out not in (c_in, 2 * c_in):
         raise ConfigError(
