@@ -1,6 +1,8 @@
 """Adapt a trained model: load a checkpoint trained without adapters into an adapted model.
 
-``train.init_from: RUN_DIR | CHECKPOINT_DIR`` names the base. Its keys map into the adapted
+``train.init_from: RUN_DIR | CHECKPOINT_DIR | DIFFUSERS_FOLDER`` names the base (a diffusers model or
+pipeline folder, ``model.pretrained``: its denoiser's safetensors fill the model's ``net.model.``,
+see :mod:`difflora.model.pretrained`). Its keys map into the adapted
 model by their paths: a wrapped layer's tensors live at ``<path>.base_layer.<param>`` in the
 adapted model and at ``<path>.<param>`` in the base; every other base key keeps its name. Tensors
 the adapters own (their parameters, and buffers of modules that hold only adapter parameters)
