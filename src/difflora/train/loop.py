@@ -152,7 +152,10 @@ def _init_base(model: torch.nn.Module, cfg: Config, ckpt: LoadedCheckpoint | Non
         return None
     if ckpt is None:
         record = start_from_base(model, cfg.train.init_from, cfg.train.init_weights)
-        log(f"adapting {record['path']} (step {record['step']}, {record['weights']} weights)")
+        if record.get("format") == "diffusers":
+            log(f"adapting the diffusers folder {record['path']} (fingerprint {record['fingerprint'][:12]})")
+        else:
+            log(f"adapting {record['path']} (step {record['step']}, {record['weights']} weights)")
         return record
     rec = ckpt.state["base"]
     # The recorded checkpoint directory, unless the user moved the base and said so in train.init_from.
