@@ -56,6 +56,7 @@ __all__ = [
     "adapter_owned_keys",
     "base_key_map",
     "bases_cache_dir",
+    "describe_base",
     "key_listing",
     "load_base",
     "pretrained_run_dir",
@@ -262,6 +263,13 @@ def _load_pretrained(model: nn.Module, folder: Path, weights: str, expect: dict[
         "fingerprint": fingerprint,
         "keys": keymap,
     }
+
+
+def describe_base(record: dict[str, Any]) -> str:
+    """What a base record names, for the log: a checkpoint and its step, or a diffusers folder."""
+    if record.get("format") == "diffusers":
+        return f"the diffusers folder {record['path']} (fingerprint {record['fingerprint'][:12]})"
+    return f"{record['path']} (step {record['step']}, {record['weights']} weights)"
 
 
 def start_from_base(model: nn.Module, init_from: str | Path, weights: str = "ema") -> dict[str, Any]:

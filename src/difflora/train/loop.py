@@ -46,7 +46,7 @@ from difflora.model.accounting import parameter_counts, peak_memory_mb
 from difflora.model.build import build_diffusion, build_model
 from difflora.sampling.generate import default_labels, generate
 from difflora.train.activation_checkpointing import checkpoint_blocks
-from difflora.train.base import load_base, start_from_base, stored_state
+from difflora.train.base import describe_base, load_base, start_from_base, stored_state
 from difflora.train.checkpoint import (
     CheckpointError,
     LoadedCheckpoint,
@@ -152,10 +152,7 @@ def _init_base(model: torch.nn.Module, cfg: Config, ckpt: LoadedCheckpoint | Non
         return None
     if ckpt is None:
         record = start_from_base(model, cfg.train.init_from, cfg.train.init_weights)
-        if record.get("format") == "diffusers":
-            log(f"adapting the diffusers folder {record['path']} (fingerprint {record['fingerprint'][:12]})")
-        else:
-            log(f"adapting {record['path']} (step {record['step']}, {record['weights']} weights)")
+        log(f"adapting {describe_base(record)}")
         return record
     rec = ckpt.state["base"]
     # The recorded checkpoint directory, unless the user moved the base and said so in train.init_from.
@@ -208,9 +205,7 @@ def _check_conditions(cfg: Config, data: ImageDataset) -> None:
             )
 
 
-def _prepare(
-    cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log, ctx: Dist, device: torch.device, net=None
-) -> TrainState:
+def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log, ctx: Dist, device, net=None) -> TrainState:
     """Build everything a run needs (on ``net``, the caller's backbone, if given); bad input fails here,
     before the run directory is written."""
     check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, ctx.world_size)
