@@ -51,6 +51,10 @@ def not_a_pipeline(pipe: Path) -> None:
     (pipe / "model_index.json").unlink()
 
 
+def no_scheduler(pipe: Path) -> None:
+    (pipe / "scheduler" / "scheduler_config.json").unlink()
+
+
 def with_vae(pipe: Path) -> None:
     edit("model_index.json", vae=["diffusers", "AutoencoderKL"])(pipe)
 
@@ -94,6 +98,18 @@ CASES = [
         PARAMS,
         r"prediction_type 'sample' is not supported \(supported: epsilon, v_prediction\)",
         damage=folder(edit("scheduler/scheduler_config.json", prediction_type="sample")),
+    ),
+    Fault(
+        "pretrained-learned-variance-without-channels",
+        PARAMS,
+        r"variance_type 'learned_range': its model has no variance channels",
+        damage=folder(edit("scheduler/scheduler_config.json", variance_type="learned_range")),
+    ),
+    Fault(
+        "pretrained-pipeline-without-scheduler",
+        PARAMS,
+        r"pipe has no scheduler/scheduler_config\.json .*or point model\.pretrained at .*pipe/unet$",
+        damage=folder(no_scheduler),
     ),
     Fault(
         "pretrained-pickle-only",
