@@ -82,10 +82,20 @@ def test_sharded_weights_load(tmp_path):
     torch.testing.assert_close(model.state_dict()["net.model.conv_out.weight"], raw.conv_out.weight, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_difflora_samples_as_diffusers_pipelines(tmp_path, sampler, prediction):
-    folder = unet_pipeline(tmp_path / "pipe", prediction_type=prediction, variance_type="fixed_small")
+@pytest.mark.parametrize(
+    ("sampler", "prediction", "clip"),
+    [
+        ("ddim", "epsilon", False),
+        ("ddim", "v_prediction", False),
+        ("ddpm", "epsilon", False),
+        ("ddpm", "v_prediction", False),
+        # DDPM clips x_0 and forms the mean from it exactly as diffusers does; DDIM keeps the clipped
+        # x_0's noise (IDDPM), diffusers the raw one, so DDIM is compared where nothing is clipped.
+        ("ddpm", "epsilon", True),
+    ],
+)
+def test_difflora_samples_as_diffusers_pipelines(tmp_path, sampler, prediction, clip):
+    folder = unet_pipeline(tmp_path / "pipe", prediction_type=prediction, variance_type="fixed_small", clip_sample=clip)
     cfg, model, _ = _loaded(folder, TIME_LORA)
     assert model.adapter_report is not None and model.adapter_report.layers
     steps, shape = 10, (3, 1, 8, 8)
@@ -96,11 +106,10 @@ def test_difflora_samples_as_diffusers_pipelines(tmp_path, sampler, prediction):
     # The pipeline draws x_T, then (DDPM) each step's noise, from one generator: difflora does the same.
     g = torch.Generator().manual_seed(3)
     want = pipe(batch_size=3, generator=g, num_inference_steps=steps, output_type="np").images
-    # The scheduler does not clip (clip_sample: false); diffusers' "leading" grid of 10 steps is ddim10.
+    # The run clips as the scheduler does (diffusion.clip_denoised); diffusers' "leading" grid of 10 steps is ddim10.
+    assert cfg.diffusion.clip_denoised is clip
     diffusion = build_diffusion(cfg, respacing=f"ddim{steps}")
-    got = sample(
-        diffusion, model, shape, generator=torch.Generator().manual_seed(3), sampler=sampler, clip_denoised=False
-    )
+    got = sample(diffusion, model, shape, generator=torch.Generator().manual_seed(3), sampler=sampler)
     got = ((got + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert abs(got - want).max() < SAMPLE_TOL
 

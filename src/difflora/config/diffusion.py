@@ -46,6 +46,8 @@ class DiffusionConfig(StrictModel):
     # Feed the network t * 1000 / T, as improved-diffusion does, so time embeddings see one range.
     # False: the integer t (diffusers' models, whose pipelines give them the integer timestep).
     rescale_timesteps: bool = True
+    # Sampling clamps each step's x_0 estimate to [-1, 1] (diffusers' clip_sample).
+    clip_denoised: bool = True
 
     @model_validator(mode="after")
     def _one_schedule(self) -> DiffusionConfig:

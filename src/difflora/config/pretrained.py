@@ -167,6 +167,8 @@ def _scheduler_problem(scheduler: dict[str, Any], learn_sigma: bool) -> str | No
         return f"prediction_type {scheduler['prediction_type']!r} is not supported (supported: {', '.join(PREDICTION_TYPES)})"
     if scheduler.get("trained_betas") is not None or scheduler.get("rescale_betas_zero_snr"):
         return "trained_betas and rescale_betas_zero_snr are not supported (a beta_schedule only)"
+    if scheduler.get("thresholding") or (scheduler.get("clip_sample") and scheduler.get("clip_sample_range", 1.0) != 1):
+        return "thresholding and a clip_sample_range other than 1 are not supported (clip_sample to [-1, 1] is)"
     variance = scheduler.get("variance_type") or "fixed_small"
     if variance not in _VARIANCES and not (variance == "learned_range" and learn_sigma):
         why = "its model has no variance channels" if variance == "learned_range" else "it is not supported"
@@ -188,6 +190,8 @@ def _diffusion_keys(folder: PretrainedFolder, learn_sigma: bool) -> dict[str, An
         "diffusion.beta_start": sched.get("beta_start", 0.0001),
         "diffusion.beta_end": sched.get("beta_end", 0.02),
         "diffusion.prediction_type": sched.get("prediction_type", "epsilon"),
+        # A scheduler without the key (PNDM, Euler, ...) does not clip.
+        "diffusion.clip_denoised": bool(sched.get("clip_sample", False)),
     }
     if not learn_sigma:
         keys["diffusion.sigma_small"] = _VARIANCES[sched.get("variance_type") or "fixed_small"]

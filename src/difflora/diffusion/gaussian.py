@@ -88,6 +88,8 @@ class GaussianDiffusion:
         prediction_type: what the model's first C channels predict: "epsilon" (the noise) or
             "v_prediction" (v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0); the training target and
             every sampler's x_0 and noise estimates follow it.
+        clip_denoised: the samplers' default for clamping the x_0 estimate to [-1, 1] at each step
+            (diffusers' ``clip_sample``).
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class GaussianDiffusion:
         loss_type: LossType = "mse",
         rescale_timesteps: bool = True,
         prediction_type: PredictionType = "epsilon",
+        clip_denoised: bool = True,
     ) -> None:
         if prediction_type not in _PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {_PREDICTION_TYPES}, got {prediction_type!r}")
@@ -118,6 +121,7 @@ class GaussianDiffusion:
         self.loss_type: LossType = loss_type
         self.rescale_timesteps = rescale_timesteps
         self.prediction_type: PredictionType = prediction_type
+        self.clip_denoised = clip_denoised
 
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.size == 0:
@@ -248,7 +252,7 @@ class GaussianDiffusion:
     # -------------------------------------------------------------------------------- reverse process
 
     def p_from_output(
-        self, model_output: Tensor, x: Tensor, t: Tensor, *, clip_denoised: bool = True
+        self, model_output: Tensor, x: Tensor, t: Tensor, *, clip_denoised: bool | None = None
     ) -> dict[str, Tensor]:
         """Turn a model output at x_t into p(x_{t-1} | x_t).
 
@@ -256,7 +260,8 @@ class GaussianDiffusion:
             model_output: [N x C_out x H x W], C_out = C (the prediction: noise or v) or 2C (then the
                 variance values in [-1, 1]).
             x: x_t [N x C x H x W]. t: process timesteps [N].
-            clip_denoised: clamp the x_0 estimate to [-1, 1] before forming the mean.
+            clip_denoised: clamp the x_0 estimate to [-1, 1] before forming the mean (None: the
+                diffusion's ``clip_denoised``).
         Returns a dict of [N x C x H x W] tensors: "mean", "variance", "log_variance",
         "pred_xstart" (clipped if asked) and "eps" (the predicted noise, unclipped).
         """
@@ -286,7 +291,7 @@ class GaussianDiffusion:
             log_variance = extract_into_tensor(log_arr, t, x).expand_as(x)
 
         pred_xstart, eps = self.split_prediction(x, t, prediction)
-        if clip_denoised:
+        if self.clip_denoised if clip_denoised is None else clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         # The model's mean is the true posterior mean with x_0 replaced by its estimate.
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
@@ -304,7 +309,7 @@ class GaussianDiffusion:
         x: Tensor,
         t: Tensor,
         *,
-        clip_denoised: bool = True,
+        clip_denoised: bool | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, Tensor]:
         """Evaluate the model once at (x_t, t) and return p(x_{t-1} | x_t) (see ``p_from_output``)."""

@@ -93,7 +93,8 @@ def create_diffusion(
 
     Args:
         cfg: steps (T), the beta schedule (noise_schedule, or diffusers' beta_schedule with
-            beta_start and beta_end), prediction_type, sigma_small, loss, rescale_timesteps.
+            beta_start and beta_end), prediction_type, sigma_small, loss, rescale_timesteps,
+            clip_denoised.
         learn_sigma: the network outputs 2C channels (learned-range variance); otherwise the
             variance is fixed-small (cfg.sigma_small) or fixed-large.
         respacing: None for the full T-step process; an int N for N evenly spaced steps (first
@@ -113,6 +114,7 @@ def create_diffusion(
         "loss_type": cfg.loss or ("hybrid" if learn_sigma else "mse"),
         "rescale_timesteps": cfg.rescale_timesteps,
         "prediction_type": cfg.prediction_type,
+        "clip_denoised": cfg.clip_denoised,
     }
     if respacing is None:
         return GaussianDiffusion(betas, **kwargs)
