@@ -96,7 +96,9 @@ __all__ = [
 ]
 
 # Keys a resumed run may change: they alter neither the model nor the draws of a step.
-_RESUMABLE_KEYS = {("train", "steps"), ("train", "log_every"), ("train", "ckpt_every"), ("train", "compile")}
+_RESUMABLE_KEYS = {
+    ("train", k) for k in ("steps", "log_every", "ckpt_every", "compile", "keep_checkpoints", "keep_every")
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,8 +111,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: Config) -> None:
-    """A resumed run must use the config it was started with; only train.steps (up), log_every,
-    ckpt_every, and the location of an init_from base (its fingerprint is checked) may change.
+    """A resumed run must use the config it was started with; only train.steps (up; not under a
+    decaying lr_schedule, whose length it is), log_every, ckpt_every, the retention keys, and the
+    location of an init_from base (its fingerprint is checked) may change.
 
     The saved config is read with today's defaults, so a run started before a config key existed
     (and so ran with its default) resumes; a saved key today's schema rejects is compared as stored."""
@@ -128,8 +131,14 @@ def _check_resume_config(saved: dict[str, Any], cfg: Config) -> None:
                 diffs.append(f"{section}.{key}: {old!r} -> {new!r}")
     if diffs:
         raise ValueError(
-            "cannot resume with a different config (only train.steps, log_every and ckpt_every may change):\n  "
-            + "\n  ".join(diffs)
+            "cannot resume with a different config (only train.steps, log_every, ckpt_every, keep_checkpoints and "
+            "keep_every may change):\n  " + "\n  ".join(diffs)
+        )
+    steps = saved.get("train", {}).get("steps")
+    if cfg.train.lr_schedule != "constant" and steps != cfg.train.steps:
+        raise ValueError(
+            f"cannot resume with train.steps {steps} -> {cfg.train.steps}: train.lr_schedule="
+            f"{cfg.train.lr_schedule} decays over train.steps; keep train.steps={steps}"
         )
 
 
@@ -302,6 +311,8 @@ def _checkpoint(st: TrainState, step: int, rng: dict[str, torch.Tensor] | None =
         optimizer=st.optimizer,
         rng=rng,
         meta=meta,
+        keep=st.cfg.train.keep_checkpoints,
+        keep_every=st.cfg.train.keep_every,
     )
     # config.json follows the newest checkpoint (a resume with a raised train.steps changes it only now).
     write_json(st.out / "config.json", meta["config"])
