@@ -151,7 +151,12 @@ def _add_sample(sub, handlers: Handlers) -> None:
     s.add_argument("--weights", choices=["ema", "model"], default="ema", help=_WEIGHTS_HELP)
     s.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
     s.add_argument("--device", default="auto", help=_DEVICE_HELP)
-    s.add_argument("--out", required=True, help="output PNG")
+    s.add_argument("--out", metavar="FILE.png", help="write the samples as one PNG grid")
+    s.add_argument(
+        "--out-dir", metavar="DIR", help="write one PNG per image, DIR/000000.png, ... (the layout FID tools read)"
+    )
+    s.add_argument("--npz", metavar="FILE.npz", help="write the images as uint8 [N,H,W,C] under arr_0 (labels: arr_1)")
+    s.add_argument("--overwrite", action="store_true", help="with --out-dir: replace a non-empty DIR")
     s.add_argument("--save-tensor", metavar="FILE.safetensors", help="also save the raw samples")
     s.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
     s.set_defaults(fn=handlers["sample"])
