@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -59,6 +60,7 @@ from difflora.train.checkpoint import (
 from difflora.train.dependents import record_dependent
 from difflora.train.distributed import Dist, launched_rank, process_group, wrap_model
 from difflora.train.ema import EMA
+from difflora.train.launcher import accelerate_flags
 from difflora.train.objectives import build_objective
 from difflora.train.precision import grad_scaler
 from difflora.train.run_dir import (
@@ -540,7 +542,10 @@ def train(
     ``main`` says whether this is that process.
     """
     out = Path(out_dir)
+    cfg, flags = accelerate_flags(cfg, os.environ)  # before the resume check: the flags are part of the config
     if launched_rank() == 0:
+        for line in flags:
+            log(line)
         check_unlocked(out)  # a second writer is refused before it reads or builds anything
     newest = find_checkpoints(out)[-1:]
     if newest and not resume:
