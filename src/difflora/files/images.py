@@ -15,8 +15,9 @@ from PIL import Image
 
 from difflora.files.atomic import atomic_path
 from difflora.files.tensorfile import new_file_mode
+from difflora.optional import require
 
-__all__ = ["check_image_dir", "make_grid", "save_grid", "save_image_dir", "save_npz", "to_uint8"]
+__all__ = ["agg_figure", "check_image_dir", "make_grid", "save_grid", "save_image_dir", "save_npz", "to_uint8"]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -125,3 +126,14 @@ def save_npz(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None
             np.savez(f, **arrays)
         os.chmod(tmp, new_file_mode())  # mkstemp creates the file 0600; give it the mode open() would
     return path
+
+
+def agg_figure(figsize: tuple[float, float], needed_by: str):
+    """A matplotlib ``Figure`` on the Agg canvas (the object-oriented API: no pyplot global state,
+    no display needed). matplotlib is imported here, on use: it is the ``plots`` extra, so a
+    missing one is a one-line error naming ``needed_by`` and the install."""
+    figure = require("matplotlib.figure", needed_by, extra="plots")
+    agg = require("matplotlib.backends.backend_agg", needed_by, extra="plots")
+    fig = figure.Figure(figsize=figsize)
+    agg.FigureCanvasAgg(fig)
+    return fig
