@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from PIL import Image
 from difflora.files.atomic import atomic_path
 from difflora.files.tensorfile import new_file_mode
 from difflora.optional import require
+
+if TYPE_CHECKING:  # for the annotation only: matplotlib is imported on use (agg_figure)
+    from matplotlib.figure import Figure
 
 __all__ = ["agg_figure", "check_image_dir", "make_grid", "save_grid", "save_image_dir", "save_npz", "to_uint8"]
 
@@ -116,7 +120,7 @@ def _swap_in(stage: Path, directory: Path) -> None:
 def save_npz(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None) -> Path:
     """Write [N x C x H x W] images in [-1, 1] as ``path`` (.npz): uint8 [N x H x W x C] under
     ``arr_0``, and the class labels [N] under ``arr_1`` when given: the layout of the ADM evaluation
-    suite's sample batches, which clean-fid and torch-fidelity read too. Written atomically."""
+    suite's sample batches (its ``evaluator.py``). Written atomically."""
     path = Path(path)
     arrays = {"arr_0": to_uint8(images)}
     if labels is not None:
@@ -128,7 +132,7 @@ def save_npz(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None
     return path
 
 
-def agg_figure(figsize: tuple[float, float], needed_by: str):
+def agg_figure(figsize: tuple[float, float], needed_by: str) -> Figure:
     """A matplotlib ``Figure`` on the Agg canvas (the object-oriented API: no pyplot global state,
     no display needed). matplotlib is imported here, on use: it is the ``plots`` extra, so a
     missing one is a one-line error naming ``needed_by`` and the install."""
