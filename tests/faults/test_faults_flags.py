@@ -14,6 +14,7 @@ from faultkit import (
     mkdir,
     remove,
     sample,
+    write_tmp,
 )
 
 FLAGS = [
@@ -47,6 +48,19 @@ FLAGS = [
     Fault("sample-out-jpg", ("sample", "{run}", "--out", "{tmp}/a.jpg"), r"--out must name a \.png file"),
     Fault("sample-out-dir", sample(), r"--out .*a\.png is a directory", damage=mkdir("a.png")),
     Fault("sample-save-tensor-pt", sample("--save-tensor", "{tmp}/a.pt"), r"--save-tensor must name a \.safetensors"),
+    Fault(
+        "sample-out-dir-not-empty",
+        sample("--out-dir", "{tmp}/pngs"),
+        r"pngs is not empty; choose another directory or pass --overwrite",
+        damage=write_tmp("pngs/000000.png", b"mine"),
+    ),
+    Fault(
+        "sample-out-dir-is-a-file",
+        sample("--out-dir", "{tmp}/pngs"),
+        r"pngs is a file; name a directory",
+        damage=write_tmp("pngs", b"x"),
+    ),
+    Fault("sample-npz-npy", sample("--npz", "{tmp}/a.npy"), r"--npz must name a \.npz file"),
     Fault("sample-unknown-flag", sample("--bogus"), r"unrecognized arguments: --bogus"),
     Fault("sample-no-run-dir-arg", ("sample", "--out", "{tmp}/a.png"), r"required: run_dir"),
     Fault("no-command", (), r"required: command"),

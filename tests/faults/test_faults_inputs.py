@@ -128,7 +128,7 @@ ANOVA = [
     Fault(
         "anova-without-statsmodels",
         anova(),
-        r"difflora anova needs statsmodels, which is not installed: pip install statsmodels",
+        r"difflora anova needs statsmodels, which is not installed: pip install 'difflora\[anova\]' \(or pip install statsmodels\)",
         damage=write_tmp("t/results.csv", _csv(_rows())),
         hidden=("statsmodels",),
     ),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from difflora import __version__
 from difflora.errors import DiffloraError
 
 __all__ = ["CLIError", "Parser", "build_parser", "finite_float", "one_line"]
@@ -22,7 +23,23 @@ class CLIError(DiffloraError):
     """A bad command-line input: printed as `error: ...` with exit code 2."""
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that states each option's default: " (default: X)" is added unless the text already
+    says what the default is, or there is none to state (None, a flag that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        quiet = quiet or not action.option_strings
+        return text if quiet or "default" in text else f"{text} (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        # Every subparser is a Parser too (add_subparsers makes its own class's parsers).
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
     # argparse prints its usage block and exits from inside parse_args; a CLIError instead gives
     # the one-line `error: ...` and exit code 2 of every other input error.
     def error(self, message: str):  # type: ignore[override]
@@ -52,6 +69,11 @@ def one_line(message: str) -> str:
 
 
 _CKPT_HELP = "a step of the run (e.g. 1000) or a checkpoint directory (default: the newest intact one)"
+_RUN_HELP = "a run directory written by `difflora train` (holds config.json and checkpoints/)"
+_WEIGHTS_HELP = "ema: the EMA of the weights (what the run's grids show); model: the raw trained weights"
+_DEVICE_HELP = "auto (cuda if available, else cpu), cpu, cuda or cuda:N"
+_SAMPLER_HELP = "the sampler (default: the run's sample.sampler)"
+_PROGRESS_HELP = "no progress bar"
 
 
 def _with_config(sp: argparse.ArgumentParser) -> None:
@@ -70,7 +92,7 @@ def _add_train(sub, handlers: Handlers) -> None:
     t.add_argument("--out", help="run directory (default runs/<config name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest intact checkpoint")
     t.add_argument("--checkpoint", metavar="STEP|PATH", help="with --resume: the checkpoint to continue from")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
     t.set_defaults(fn=handlers["train"])
 
 
@@ -80,25 +102,39 @@ def _add_guidance_fraction(parser) -> None:
         type=finite_float,
         default=None,
         metavar="F",
-        help="selective guidance: CFG on the first (noisiest) fraction F of the steps only, conditional on the rest",
+        help="selective guidance: CFG on the first (noisiest) fraction F of the steps only, conditional on the rest "
+        "(default: the run's sample.guidance_fraction)",
     )
 
 
 def _add_sample(sub, handlers: Handlers) -> None:
     s = sub.add_parser("sample", help="draw a sample grid from a trained run")
-    s.add_argument("run_dir")
-    s.add_argument("--num", type=int, default=64)
+    s.add_argument("run_dir", help=_RUN_HELP)
+    s.add_argument("--num", type=int, default=64, help="how many images to sample")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
-    s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
-    s.add_argument("--eta", type=finite_float, default=None, help="DDIM eta (0 = deterministic)")
-    s.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale (1 = none)")
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help=_SAMPLER_HELP)
+    s.add_argument(
+        "--eta", type=finite_float, default=None, help="DDIM eta (0 = deterministic; default: the run's sample.eta)"
+    )
+    s.add_argument(
+        "--guidance",
+        type=finite_float,
+        default=None,
+        help="classifier-free guidance scale (1 = none; default: the run's sample.guidance)",
+    )
     _add_guidance_fraction(s)
     s.add_argument(
         "--teacher",
         action="store_true",
         help="a distilled run: sample its guided teacher (the LoRA off, CFG at --guidance) instead of the student",
     )
-    s.add_argument("--class", dest="cls", type=int, default=None, help="sample only this class")
+    s.add_argument(
+        "--class",
+        dest="cls",
+        type=int,
+        default=None,
+        help="sample only this class (default: every class in turn, one per column)",
+    )
     s.add_argument(
         "--condition",
         action="append",
@@ -111,13 +147,18 @@ def _add_sample(sub, handlers: Handlers) -> None:
         help="spatial tasks: clean images (tensor 'images') to compute the condition images from "
         "(default: the held-out split of the run's dataset)",
     )
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--weights", choices=["ema", "model"], default="ema")
+    s.add_argument("--seed", type=int, default=0, help="the seed of the initial noise and of every sampler draw")
+    s.add_argument("--weights", choices=["ema", "model"], default="ema", help=_WEIGHTS_HELP)
     s.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--out", required=True, help="output PNG")
+    s.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    s.add_argument("--out", metavar="FILE.png", help="write the samples as one PNG grid")
+    s.add_argument(
+        "--out-dir", metavar="DIR", help="write one PNG per image, DIR/000000.png, ... (the layout FID tools read)"
+    )
+    s.add_argument("--npz", metavar="FILE.npz", help="write the images as uint8 [N,H,W,C] under arr_0 (labels: arr_1)")
+    s.add_argument("--overwrite", action="store_true", help="with --out-dir: replace a non-empty DIR")
     s.add_argument("--save-tensor", metavar="FILE.safetensors", help="also save the raw samples")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
     s.set_defaults(fn=handlers["sample"])
 
 
@@ -126,7 +167,13 @@ def _add_distill(sub, handlers: Handlers) -> None:
         "distill", help="distil a class-conditional run's classifier-free guidance into a LoRA student (003)"
     )
     di.add_argument("teacher_run", help="the run directory of a trained class-conditional model (the teacher)")
-    di.add_argument("--guidance", type=finite_float, default=None, metavar="W", help="the teacher's guidance scale")
+    di.add_argument(
+        "--guidance",
+        type=finite_float,
+        default=None,
+        metavar="W",
+        help="the teacher's guidance scale (default: the distill config's)",
+    )
     di.add_argument(
         "--guidance-range",
         type=finite_float,
@@ -140,14 +187,14 @@ def _add_distill(sub, handlers: Handlers) -> None:
     )
     di.add_argument("--out", help="run directory (default runs/<teacher name>-distill)")
     di.add_argument("--resume", action="store_true", help="continue the distillation run in --out")
-    di.add_argument("--no-progress", action="store_true")
+    di.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
     di.set_defaults(fn=handlers["distill"])
 
 
 def _add_params(sub, handlers: Handlers) -> None:
     pr = sub.add_parser("params", help="count a config's parameters (total, trainable, by group and module)")
     _with_config(pr)
-    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--json", action="store_true", help="print the counts as JSON")
     pr.set_defaults(fn=handlers["params"])
 
 
@@ -155,13 +202,13 @@ def _add_pretrain(sub, handlers: Handlers) -> None:
     pt = sub.add_parser("pretrain", help="train a shared base (configs/pretrain/NAME) into the cache, or reuse it")
     pt.add_argument("name", help="a preset under configs/pretrain/, e.g. fmnist16-unet or fmnist16-dit")
     pt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    pt.add_argument("--no-progress", action="store_true")
+    pt.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
     pt.set_defaults(fn=handlers["pretrain"])
 
 
 def _add_plot_weights(sub, handlers: Handlers) -> None:
     pw = sub.add_parser("plot-weights", help="heatmap of a run's trained TimeLoRA composition weights (000 Figure 3)")
-    pw.add_argument("run_dir")
+    pw.add_argument("run_dir", help=_RUN_HELP)
     pw.add_argument(
         "--layer",
         default=None,
@@ -169,7 +216,7 @@ def _add_plot_weights(sub, handlers: Handlers) -> None:
         "(default: middle_block.1.qkv in the U-Net, the median block's attn.qkv in a DiT)",
     )
     pw.add_argument("--adapter", default=None, help="adapter name (default: the run's only trainable one)")
-    pw.add_argument("--weights", choices=["ema", "model"], default="ema")
+    pw.add_argument("--weights", choices=["ema", "model"], default="ema", help=_WEIGHTS_HELP)
     pw.add_argument("--out", default=None, help="output PNG (default: RUN_DIR/weights.png)")
     pw.set_defaults(fn=handlers["plot_weights"])
 
@@ -180,24 +227,30 @@ def _add_train_features(sub, handlers: Handlers) -> None:
     tf.add_argument("--set", action="append", metavar="data.KEY=VALUE", help="e.g. --set data.image_size=16")
     tf.add_argument("--cache-dir", default=None, help="default $DIFFLORA_CACHE/features or ~/.cache/difflora/features")
     tf.add_argument("--feature-steps", type=int, default=None, help="optimizer steps of the feature net (default 600)")
-    tf.add_argument("--device", default="auto")
-    tf.add_argument("--no-progress", action="store_true")
+    tf.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    tf.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
     tf.set_defaults(fn=handlers["train_features"])
 
 
 def _add_eval(sub, handlers: Handlers) -> None:
     ev = sub.add_parser("eval", help="sample from a run and score it against the held-out split (FD, KID, P/R)")
-    ev.add_argument("run_dir")
-    ev.add_argument("--num-samples", type=int, default=1000)
+    ev.add_argument("run_dir", help=_RUN_HELP)
+    ev.add_argument("--num-samples", type=int, default=1000, help="samples drawn and scored (per guidance scale)")
     ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
-    ev.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
-    ev.add_argument("--eta", type=finite_float, default=None)
+    ev.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help=_SAMPLER_HELP)
     ev.add_argument(
-        "--guidance", type=finite_float, nargs="+", default=None, help="one or more CFG scales: one result each"
+        "--eta", type=finite_float, default=None, help="DDIM eta (0 = deterministic; default: the run's sample.eta)"
+    )
+    ev.add_argument(
+        "--guidance",
+        type=finite_float,
+        nargs="+",
+        default=None,
+        help="one or more CFG scales: one result each (default: the run's sample.guidance)",
     )
     _add_guidance_fraction(ev)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--weights", choices=["ema", "model"], default="ema")
+    ev.add_argument("--seed", type=int, default=0, help="the seed of the samples' noise and of the metrics' subsets")
+    ev.add_argument("--weights", choices=["ema", "model"], default="ema", help=_WEIGHTS_HELP)
     ev.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
     ev.add_argument(
         "--out", default=None, help="output directory (default RUN_DIR/eval, with --teacher RUN_DIR/eval-teacher)"
@@ -218,13 +271,19 @@ def _add_eval(sub, handlers: Handlers) -> None:
         metavar="DATASET",
         default=None,
         help="score the run's unconditional samples against another dataset's held-out split "
-        "(e.g. an unadapted base against the dataset an adaptation targets)",
+        "(e.g. an unadapted base against the dataset an adaptation targets; default: the run's own dataset)",
     )
     ev.add_argument("--feature-net", default=None, help="a saved feature network (default: the cached one)")
-    ev.add_argument("--cache-dir", default=None, help="feature network cache directory")
-    ev.add_argument("--feature-steps", type=int, default=None, help="feature net training steps if it must be trained")
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument(
+        "--cache-dir",
+        default=None,
+        help="feature network cache directory (default $DIFFLORA_CACHE/features or ~/.cache/difflora/features)",
+    )
+    ev.add_argument(
+        "--feature-steps", type=int, default=None, help="feature net training steps if it must be trained (default 600)"
+    )
+    ev.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    ev.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
     ev.set_defaults(fn=handlers["eval"])
 
 
@@ -240,7 +299,7 @@ def _add_study(sub, handlers: Handlers) -> None:
     st.add_argument(
         "--allow-dirty", action="store_true", help="run from uncommitted code; the report is marked NOT REPRODUCIBLE"
     )
-    st.add_argument("--no-progress", action="store_true")
+    st.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
     st.set_defaults(fn=handlers["study"])
 
 
@@ -249,7 +308,7 @@ def _add_sweep(sub, handlers: Handlers) -> None:
     sw.add_argument("sweep", help="a sweep YAML, e.g. experiments/design-space/sweep.yaml")
     sw.add_argument("--out", default=None, help="output directory (default: the sweep's out, or runs/<name>)")
     sw.add_argument("--plan", action="store_true", help="list the cells (and skipped ones) and run nothing")
-    sw.add_argument("--no-progress", action="store_true")
+    sw.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
     sw.set_defaults(fn=handlers["sweep"])
 
 
@@ -257,7 +316,9 @@ def _add_anova(sub, handlers: Handlers) -> None:
     an = sub.add_parser("anova", help="ANOVA (type II) of a sweep's results: F, p, eta squared, effect plots")
     an.add_argument("results", help="a results table: <sweep out>/results.csv or results.jsonl")
     an.add_argument("--metric", action="append", help="the response column (repeatable; default fd)")
-    an.add_argument("--guidance", type=finite_float, default=None, help="rows of this guidance scale only")
+    an.add_argument(
+        "--guidance", type=finite_float, default=None, help="rows of this guidance scale only (default: every row)"
+    )
     an.add_argument("--interactions", action="store_true", help="also fit every two-factor interaction")
     an.add_argument("--out", default=None, help="output directory (default: <results dir>/anova)")
     an.set_defaults(fn=handlers["anova"])
@@ -274,10 +335,15 @@ def _add_runs(sub, handlers: Handlers) -> None:
 
 def _add_demo(sub, handlers: Handlers) -> None:
     d = sub.add_parser("demo", help="train the digits preset on the embedded data and write a sample grid")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--set", action="append", metavar="KEY=VALUE")
-    d.add_argument("--resume", action="store_true")
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--out", default="runs/demo", help="run directory")
+    d.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a key of the digits preset, e.g. --set train.steps=200 (repeatable)",
+    )
+    d.add_argument("--resume", action="store_true", help="continue the run in --out from its newest intact checkpoint")
+    d.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
     d.add_argument("--eval-samples", type=int, default=500, help="samples scored at the end (0 = skip eval)")
     d.set_defaults(fn=handlers["demo"])
 
@@ -286,7 +352,7 @@ def _add_export(sub, handlers: Handlers) -> None:
     e = sub.add_parser(
         "export", help="write a run's adapters at fixed conditions as a peft LoRA, a diffusers LoRA or a merged model"
     )
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", help=_RUN_HELP)
     e.add_argument(
         "--to",
         required=True,
@@ -300,7 +366,7 @@ def _add_export(sub, handlers: Handlers) -> None:
         metavar="NAME=VALUE",
         help="the fixed value of a condition the adapters read, e.g. t=500 or task=-1 (no update); repeatable",
     )
-    e.add_argument("--weights", choices=["ema", "model"], default="ema")
+    e.add_argument("--weights", choices=["ema", "model"], default="ema", help=_WEIGHTS_HELP)
     e.add_argument("--checkpoint", metavar="STEP|PATH", default=None, help=_CKPT_HELP)
     e.set_defaults(fn=handlers["export"])
 
@@ -309,10 +375,10 @@ def _add_export_peft(sub, handlers: Handlers) -> None:
     e = sub.add_parser(
         "export-peft", help="deprecated: `difflora export RUN --to peft OUT --condition NAME=0` writes the same"
     )
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", help=_RUN_HELP)
     e.add_argument("out_dir", help="the peft adapter directory to write")
     e.add_argument("--adapter", default=None, help="the plain LoRA to export (default: the run's only adapter)")
-    e.add_argument("--weights", choices=["ema", "model"], default="ema")
+    e.add_argument("--weights", choices=["ema", "model"], default="ema", help=_WEIGHTS_HELP)
     e.add_argument("--checkpoint", metavar="STEP|PATH", default=None, help=_CKPT_HELP)
     e.set_defaults(fn=handlers["export_peft"])
 
@@ -329,6 +395,7 @@ def _add_combine_tasks(sub, handlers: Handlers) -> None:
 def build_parser(handlers: Handlers) -> argparse.ArgumentParser:
     """The ``difflora`` parser; ``handlers`` maps each command (``train``, ``sample``, ...) to its function."""
     p = Parser(prog="difflora", description="Low-rank conditioning, adaptation and distillation of diffusion models.")
+    p.add_argument("--version", action="version", version=f"difflora {__version__}", help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (
         _add_train,

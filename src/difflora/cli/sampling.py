@@ -11,7 +11,7 @@ from difflora.cli.inputs import check_device, parse_conditions, run_config, samp
 from difflora.cli.parser import CLIError
 from difflora.distill.command import sampling_guidance, without_student
 from difflora.files.atomic import write_together
-from difflora.files.images import grid_png
+from difflora.files.images import check_image_dir, grid_png, save_image_dir, save_npz
 from difflora.files.tensorfile import tensor_bytes
 from difflora.model.export import export_model
 from difflora.sampling.generate import default_labels, generate
@@ -24,12 +24,44 @@ def _open_run(run_dir: str, weights: str, checkpoint: str | None = None):
 
 
 def _check_outputs(args) -> None:
-    if not args.out.lower().endswith(".png"):
+    """Every output is checked before anything is sampled."""
+    if args.out is None and args.out_dir is None and args.npz is None:
+        raise CLIError(
+            "sample writes nothing: give --out FILE.png (a grid), --out-dir DIR (one PNG each) or --npz FILE"
+        )
+    if args.out is not None and not args.out.lower().endswith(".png"):
         raise CLIError(f"--out must name a .png file, got {args.out}")
-    if Path(args.out).is_dir():
+    if args.out is not None and Path(args.out).is_dir():
         raise CLIError(f"--out {args.out} is a directory; name a .png file")
     if args.save_tensor is not None and not args.save_tensor.endswith(".safetensors"):
         raise CLIError(f"--save-tensor must name a .safetensors file, got {args.save_tensor}")
+    if args.npz is not None and not args.npz.endswith(".npz"):
+        raise CLIError(f"--npz must name a .npz file, got {args.npz}")
+    if args.npz is not None and Path(args.npz).is_dir():
+        raise CLIError(f"--npz {args.npz} is a directory; name a .npz file")
+    if args.out_dir is not None:
+        check_image_dir(args.out_dir, args.overwrite)
+
+
+def _write_outputs(args, images, labels, spatial, nrow: int | None) -> list[str]:
+    """Write every output asked for; returns where each went."""
+    written = []
+    outputs: dict[Path, bytes] = {}
+    if args.out is not None:
+        outputs[Path(args.out)] = grid_png(images, nrow)
+    if args.save_tensor:
+        tensors = {"images": images.contiguous(), **({"labels": labels} if labels is not None else {})}
+        tensors |= {"spatial": spatial.contiguous()} if spatial is not None else {}
+        outputs[Path(args.save_tensor)] = tensor_bytes(tensors)
+    for path in outputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_together(outputs)  # the grid and its tensors both, or neither: never one without the other
+    written = [str(p) for p in outputs if p != Path(args.save_tensor or "")]
+    if args.out_dir is not None:
+        written.append(f"{save_image_dir(images, args.out_dir, overwrite=args.overwrite)}/ (one PNG each)")
+    if args.npz is not None:
+        written.append(str(save_npz(images, args.npz, labels)))
+    return written
 
 
 def sample_command(args) -> int:
@@ -70,15 +102,8 @@ def sample_command(args) -> int:
         teacher=args.teacher,
     )
     nrow = cfg.model.num_classes if (labels is not None and args.cls is None) else None
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    outputs: dict[Path, bytes] = {path: grid_png(images, nrow)}
-    if args.save_tensor:
-        tensors = {"images": images.contiguous(), **({"labels": labels} if labels is not None else {})}
-        tensors |= {"spatial": spatial.contiguous()} if spatial is not None else {}
-        outputs[Path(args.save_tensor)] = tensor_bytes(tensors)
-    write_together(outputs)  # the grid and its tensors both, or neither: never one without the other
-    print(f"wrote {args.num} samples (step {meta['step']}, {args.weights} weights) to {path}")
+    written = _write_outputs(args, images, labels, spatial, nrow)
+    print(f"wrote {args.num} samples (step {meta['step']}, {args.weights} weights) to {' and '.join(written)}")
     return 0
 
 

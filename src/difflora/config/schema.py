@@ -249,7 +249,11 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
+    # Linear warm-up over the first warmup_steps steps (step s runs at lr * (s+1)/warmup_steps), then
+    # lr_schedule: constant holds train.lr; linear and cosine decay it towards 0 over the steps left
+    # (difflora.train.step.scheduled_lr). A decaying schedule's length is train.steps.
     warmup_steps: int = Field(default=0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     # 0 disables clipping.
     grad_clip: float = Field(default=1.0, ge=0)
     ema_decay: float = Field(default=0.9999, ge=0, le=1)
@@ -281,6 +285,10 @@ class TrainConfig(StrictModel):
     device: str = "auto"
     log_every: int = Field(default=50, ge=1)
     ckpt_every: int = Field(default=500, ge=1)
+    # Retention: the newest keep_checkpoints checkpoints (0 keeps all), plus every one whose step is a
+    # multiple of keep_every (0: none), plus every one another run was started from (train.dependents).
+    keep_checkpoints: int = Field(default=2, ge=0)
+    keep_every: int = Field(default=0, ge=0)
     # 0 disables periodic sample grids.
     sample_every: int = Field(default=0, ge=0)
     # Mixed precision (autocast; weights, optimizer state and EMA stay fp32): bf16, or fp16 with a

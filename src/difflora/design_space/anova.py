@@ -41,6 +41,7 @@ import numpy as np
 
 from difflora.design_space.sweep import SweepError, read_results
 from difflora.files.atomic import write_together
+from difflora.files.images import agg_figure
 from difflora.optional import require
 
 __all__ = ["anova", "dominant_sentence", "factor_columns", "run_anova"]
@@ -70,7 +71,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _frame(rows: Sequence[dict[str, Any]], metric: str, factors: list[str]):
-    pd = require("pandas", "difflora anova")
+    pd = require("pandas", "difflora anova", extra="anova")
     _require_factors(rows, factors)
     missing = [i for i, r in enumerate(rows) if not _is_number(r.get(metric))]
     if missing:
@@ -132,8 +133,8 @@ def _check_separable(frame, factors: list[str], metric: str, interactions: bool)
 def anova(rows: Sequence[dict[str, Any]], metric: str, factors: list[str], interactions: bool = False) -> list[dict]:
     """Type II ANOVA of ``metric`` on ``factors``: one dict per term (and ``Residual``) with
     ``term, sum_sq, df, F, p, eta_sq, partial_eta_sq``; terms in formula order."""
-    smf = require("statsmodels.formula.api", "difflora anova")
-    anova_lm = require("statsmodels.stats.anova", "difflora anova").anova_lm
+    smf = require("statsmodels.formula.api", "difflora anova", extra="anova")
+    anova_lm = require("statsmodels.stats.anova", "difflora anova", extra="anova").anova_lm
     frame = _frame(rows, metric, factors)
     # Columns renamed f0, f1, ... and y: a factor named like a formula function (C, Q, np) stays a column.
     code = {f: f"f{i}" for i, f in enumerate(factors)}
@@ -205,11 +206,7 @@ def _png(fig) -> bytes:
 
 def main_effects_png(frame, factors: list[str], metric: str) -> bytes:
     """One panel per factor: the metric's mean (and standard error) at each level, the grand mean dashed."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(3.2 * len(factors), 3.4))
-    FigureCanvasAgg(fig)
+    fig = agg_figure((3.2 * len(factors), 3.4), "difflora anova's effect plots")
     axes = fig.subplots(1, len(factors), sharey=True, squeeze=False)[0]
     for ax, factor in zip(axes, factors, strict=True):
         levels, means, sems = _level_stats(frame, factor, metric)
@@ -224,11 +221,7 @@ def main_effects_png(frame, factors: list[str], metric: str) -> bytes:
 
 def interaction_png(frame, a: str, b: str, metric: str) -> bytes:
     """Mean metric over the levels of ``a``, one line per level of ``b`` (parallel lines: no interaction)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 3.8))
-    FigureCanvasAgg(fig)
+    fig = agg_figure((5.5, 3.8), "difflora anova's effect plots")
     ax = fig.add_subplot()
     levels_a = list(dict.fromkeys(frame[a]))
     means = frame.groupby([b, a], sort=False)[metric].mean()

@@ -94,14 +94,18 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu") -> Ince
     (safetensors, or ``torch.load(weights_only=True)``): nothing is unpickled from the user's file.
 
     Needs the optional package torch-fidelity for the network definition (``pip install
-    torch-fidelity``); its package imports torchvision, which must match the installed torch.
+    'difflora[inception]'``); its package imports torchvision, which must match the installed torch.
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"Inception weights file {p} does not exist")
     state = _read_state_dict(p)
     # torch-fidelity imports torchvision, which must match the installed torch (the error says so).
-    extractor = require("torch_fidelity.feature_extractor_inceptionv3", "load_inception (the Inception-v3 definition)")
+    extractor = require(
+        "torch_fidelity.feature_extractor_inceptionv3",
+        "load_inception (the Inception-v3 definition)",
+        extra="inception",
+    )
     # torch-fidelity downloads when given no path and unpickles a given path (its torch.load
     # allows arbitrary objects); so it gets a file we wrote from the tensors checked above, never
     # the user's file.

@@ -73,7 +73,7 @@ class _Identity(nn.Module):
 
 def _torchmetrics(name: str) -> types.ModuleType:
     """torchmetrics.image.<name>, imported on use (it is heavy and only the metrics need it)."""
-    return require(f"torchmetrics.image.{name}", f"difflora's {name} metric")
+    return require(f"torchmetrics.image.{name}", f"difflora's {name} metric", extra="inception")
 
 
 def _as_features(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -1,18 +1,36 @@
-"""Image grids: [-1, 1] tensors to PNG files (written atomically)."""
+"""Images to files, each written atomically: [-1, 1] tensors as a PNG grid, as one PNG per image in
+a directory, or as an ``.npz`` array (the layouts external FID tools read)."""
 
 from __future__ import annotations
 
 import io
 import math
+import os
+import secrets
+import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
-from difflora.files.atomic import write_bytes
+from difflora.files.atomic import atomic_write, storage_errors, write_bytes
+from difflora.optional import require
 
-__all__ = ["grid_png", "make_grid", "save_grid", "to_uint8"]
+if TYPE_CHECKING:  # for the annotation only: matplotlib is imported on use (agg_figure)
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "agg_figure",
+    "check_image_dir",
+    "grid_png",
+    "make_grid",
+    "save_grid",
+    "save_image_dir",
+    "save_npz",
+    "to_uint8",
+]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -43,9 +61,8 @@ def grid_png(images: torch.Tensor, nrow: int | None = None, upscale: int | None 
     if upscale is None:
         upscale = max(1, 64 // images.shape[-1])
     grid = make_grid(images, nrow=nrow, upscale=upscale)
-    mode = "L" if grid.shape[2] == 1 else "RGB"
     buf = io.BytesIO()
-    Image.fromarray(grid[..., 0] if mode == "L" else grid, mode=mode).save(buf, format="PNG")
+    _image(grid).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -54,3 +71,89 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, u
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_bytes(path, grid_png(images, nrow, upscale))
+
+
+def _image(arr: np.ndarray) -> Image.Image:
+    """A uint8 [H x W x C] array as a PIL image: grayscale (C = 1) or RGB (C = 3)."""
+    return Image.fromarray(arr[..., 0], mode="L") if arr.shape[2] == 1 else Image.fromarray(arr, mode="RGB")
+
+
+def check_image_dir(directory: str | Path, overwrite: bool = False) -> None:
+    """Raise (an OSError) if :func:`save_image_dir` would refuse ``directory``: a file, or a
+    non-empty directory without ``overwrite``. Callers check before the work that makes the images."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is a file; name a directory for the images")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} is not empty; choose another directory or pass --overwrite")
+
+
+def save_image_dir(images: torch.Tensor, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write each image of [N x C x H x W] in [-1, 1] as ``DIR/000000.png``, ``000001.png``, ...
+    (the layout clean-fid and torch-fidelity read), all or nothing: into a hidden staging directory
+    beside ``DIR``, renamed onto it when every file is written. An existing non-empty ``DIR`` is a
+    FileExistsError unless ``overwrite`` (it is then replaced as a whole, never mixed with new files)."""
+    directory = Path(directory)
+    check_image_dir(directory, overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    arr = to_uint8(images)
+    width = max(6, len(str(len(arr) - 1)))
+    stage = _beside(directory, "tmp")
+    stage.mkdir()  # mkdir, not mkdtemp (0700): the directory gets the mode the umask gives
+    try:
+        with storage_errors(directory, arr.nbytes):
+            for i, one in enumerate(arr):
+                _image(one).save(stage / f"{i:0{width}d}.png", format="PNG")
+        _swap_in(stage, directory)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return directory
+
+
+def _beside(directory: Path, suffix: str) -> Path:
+    """A hidden unused name next to ``directory`` (same filesystem: renames between them are atomic)."""
+    return directory.parent / f".{directory.name}.{os.getpid()}.{secrets.token_hex(4)}.{suffix}"
+
+
+def _swap_in(stage: Path, directory: Path) -> None:
+    """Rename ``stage`` onto ``directory``; a non-empty one is moved aside first and removed after."""
+    if not directory.is_dir() or not any(directory.iterdir()):
+        os.replace(stage, directory)  # onto nothing or an empty directory: one atomic rename
+        return
+    old = _beside(directory, "old")
+    os.replace(directory, old)
+    try:
+        os.replace(stage, directory)
+    except BaseException:
+        os.replace(old, directory)  # the old images stay where they were
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_npz(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None) -> Path:
+    """Write [N x C x H x W] images in [-1, 1] as ``path`` (.npz): uint8 [N x H x W x C] under
+    ``arr_0``, and the class labels [N] under ``arr_1`` when given: the layout of the ADM evaluation
+    suite's sample batches (its ``evaluator.py``). Written atomically."""
+    path = Path(path)
+    arrays = {"arr_0": to_uint8(images)}
+    if labels is not None:
+        arrays["arr_1"] = labels.detach().cpu().numpy().astype(np.int64)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz" to its name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write, sum(a.nbytes for a in arrays.values()) + 1024)
+    return path
+
+
+def agg_figure(figsize: tuple[float, float], needed_by: str) -> Figure:
+    """A matplotlib ``Figure`` on the Agg canvas (the object-oriented API: no pyplot global state,
+    no display needed). matplotlib is imported here, on use: it is the ``plots`` extra, so a
+    missing one is a one-line error naming ``needed_by`` and the install."""
+    figure = require("matplotlib.figure", needed_by, extra="plots")
+    agg = require("matplotlib.backends.backend_agg", needed_by, extra="plots")
+    fig = figure.Figure(figsize=figsize)
+    agg.FigureCanvasAgg(fig)
+    return fig

@@ -26,6 +26,7 @@ import torch
 from difflora.adapters import adapter_layers
 from difflora.config.schema import Config
 from difflora.files.atomic import write_bytes
+from difflora.files.images import agg_figure
 from difflora.model.build import build_model
 from difflora.train import load_run_config, open_run
 
@@ -154,15 +155,10 @@ def _select(tables: dict[str, torch.Tensor], layer: str | None) -> tuple[str, li
 
 def draw_heatmap(matrix: torch.Tensor, path: str | Path, title: str) -> Path:
     """Write ``matrix`` [(m+1) x (m+1)] as a heatmap PNG (rows: t near basis t_i; columns: basis i)."""
-    # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     data = matrix.numpy()
     n = data.shape[0]
     size = max(4.0, 0.45 * n + 1.5)
-    fig = Figure(figsize=(size + 1.0, size))
-    FigureCanvasAgg(fig)
+    fig = agg_figure((size + 1.0, size), "the TimeLoRA weight plot")
     ax = fig.add_subplot()
     im = ax.imshow(data, cmap="viridis", origin="upper", aspect="equal")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="mean |w_i(t)|")

@@ -24,7 +24,8 @@ come from which base key. ``ema.safetensors`` holds the EMA of the trainable ten
 weights of a checkpoint are therefore base (if any), overlaid by ``model``, overlaid by ``ema`` for
 the EMA weights: :func:`load_weights` assembles them and checks the base's fingerprint.
 
-Retention keeps the two newest checkpoints of a run and every one another run was started from
+Retention keeps the newest ``train.keep_checkpoints`` checkpoints of a run (2 by default), every
+one whose step is a multiple of ``train.keep_every``, and every one another run was started from
 (recorded in the run's ``dependents.json``, see :mod:`difflora.train.dependents`).
 
 Which checkpoint a command reads is :func:`select_checkpoint`'s choice: a step or a directory the
@@ -153,9 +154,11 @@ def save_checkpoint(
     rng: dict[str, torch.Tensor],
     meta: dict[str, Any],
     keep: int = 2,
+    keep_every: int = 0,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and keep only the newest ``keep`` ones, and every one
-    another run was started from (:mod:`difflora.train.dependents`).
+    """Write checkpoint ``step`` atomically and keep only the newest ``keep`` ones (0: all), every one
+    whose step is a multiple of ``keep_every`` (0: none), and every one another run was started
+    from (:mod:`difflora.train.dependents`).
 
     ``optimizer`` None stores no optimizer state (a run that serves but does not train, such as a
     merged one: 002's ``difflora combine-tasks``).
@@ -179,7 +182,8 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _retire(run_dir, find_checkpoints(run_dir)[:-keep] if keep > 0 else [])
+    old = find_checkpoints(run_dir)[:-keep] if keep > 0 else []
+    _retire(run_dir, [c for c in old if not (keep_every and int(_STEP_DIR.match(c.name).group(1)) % keep_every == 0)])
     return final
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -61,6 +62,7 @@ from difflora.train.checkpoint import (
 from difflora.train.dependents import record_dependent
 from difflora.train.distributed import Dist, launched_rank, process_group, wrap_model
 from difflora.train.ema import EMA
+from difflora.train.launcher import accelerate_flags
 from difflora.train.objectives import build_objective
 from difflora.train.precision import grad_scaler
 from difflora.train.run_dir import (
@@ -99,7 +101,9 @@ __all__ = [
 ]
 
 # Keys a resumed run may change: they alter neither the model nor the draws of a step.
-_RESUMABLE_KEYS = {("train", "steps"), ("train", "log_every"), ("train", "ckpt_every"), ("train", "compile")}
+_RESUMABLE_KEYS = {
+    ("train", k) for k in ("steps", "log_every", "ckpt_every", "compile", "keep_checkpoints", "keep_every")
+}
 _RESUMABLE_KEYS |= {("data", "workers"), ("data", "index_cache")}  # how a folder is read, not what
 
 
@@ -113,8 +117,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: Config) -> None:
-    """A resumed run must use the config it was started with; only train.steps (up), log_every,
-    ckpt_every, and the location of an init_from base (its fingerprint is checked) may change.
+    """A resumed run must use the config it was started with; only train.steps (up; not under a
+    decaying lr_schedule, whose length it is), log_every, ckpt_every, the retention keys, and the
+    location of an init_from base (its fingerprint is checked) may change.
 
     The saved config is read with today's defaults, so a run started before a config key existed
     (and so ran with its default) resumes; a saved key today's schema rejects is compared as stored."""
@@ -132,8 +137,14 @@ def _check_resume_config(saved: dict[str, Any], cfg: Config) -> None:
                 diffs.append(f"{section}.{key}: {old!r} -> {new!r}")
     if diffs:
         raise ValueError(
-            "cannot resume with a different config (only train.steps, log_every and ckpt_every may change):\n  "
-            + "\n  ".join(diffs)
+            "cannot resume with a different config (only train.steps, log_every, ckpt_every, keep_checkpoints and "
+            "keep_every may change):\n  " + "\n  ".join(diffs)
+        )
+    steps = saved.get("train", {}).get("steps")
+    if cfg.train.lr_schedule != "constant" and steps != cfg.train.steps:
+        raise ValueError(
+            f"cannot resume with train.steps {steps} -> {cfg.train.steps}: train.lr_schedule="
+            f"{cfg.train.lr_schedule} decays over train.steps; keep train.steps={steps}"
         )
 
 
@@ -310,6 +321,8 @@ def _checkpoint(st: TrainState, step: int, rng: dict[str, torch.Tensor] | None =
         optimizer=st.optimizer,
         rng=rng,
         meta=meta,
+        keep=st.cfg.train.keep_checkpoints,
+        keep_every=st.cfg.train.keep_every,
     )
     # config.json follows the newest checkpoint (a resume with a raised train.steps changes it only now).
     write_json(st.out / "config.json", meta["config"])
@@ -542,7 +555,10 @@ def train(
     ``main`` says whether this is that process.
     """
     out = Path(out_dir)
+    cfg, flags = accelerate_flags(cfg, os.environ)  # before the resume check: the flags are part of the config
     if launched_rank() == 0:
+        for line in flags:
+            log(line)
         check_unlocked(out)  # a second writer is refused before it reads or builds anything
     newest = find_checkpoints(out)[-1:]
     if newest and not resume:

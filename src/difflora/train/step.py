@@ -20,6 +20,7 @@ is due. A non-finite loss is recorded on the device too and raised (``TrainingDi
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -39,6 +40,7 @@ __all__ = [
     "own_rows",
     "process_rng_states",
     "rng_state",
+    "scheduled_lr",
     "set_process_rng_state",
     "set_rng_state",
     "train_step",
@@ -165,7 +167,7 @@ def train_step(st: TrainState, step: int) -> float:
     ``st.generator`` (data, flips, t, noise, label dropout) or the global torch RNG (dropout)."""
     cfg = st.cfg.train
     st.rng_mark = rng_state(st.generator)
-    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr  # linear warm-up
+    lr = scheduled_lr(cfg, step)
     for group in st.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     # Per-sample conditions the data supplies (e.g. a task id per sample with data.tasks) go to the
@@ -188,6 +190,18 @@ def train_step(st: TrainState, step: int) -> float:
     st.updating = False
     st.rng_mark = None
     return lr
+
+
+def scheduled_lr(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of step ``step`` (0-based): a linear warm-up to ``train.lr`` over
+    ``train.warmup_steps`` steps, then ``train.lr_schedule``. With progress p = (step - warmup) /
+    (steps - warmup), from 0 at the first step after the warm-up towards 1 at the end, linear gives
+    lr (1 - p) and cosine lr (1 + cos(pi p)) / 2; the last step's rate is small but not 0."""
+    # Multiplying by 1.0 is exact: a constant schedule gives the rates it gave before schedules existed.
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    p = max(0, step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    decay = {"constant": 1.0, "linear": 1.0 - p, "cosine": 0.5 * (1.0 + math.cos(math.pi * p))}[cfg.lr_schedule]
+    return cfg.lr * warm * decay
 
 
 def optimizer_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: Config) -> list[dict]:
