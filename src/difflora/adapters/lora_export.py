@@ -49,7 +49,15 @@ from difflora.adapters.positions import position_adapters
 from difflora.adapters.tokens import NewClassTokens
 from difflora.nets.layers import BaseExtension
 
-__all__ = ["LORA_FORMATS", "ExportError", "check_conditions", "conditions_read", "export_lora", "fixed_loras", "merged_copy"]
+__all__ = [
+    "LORA_FORMATS",
+    "ExportError",
+    "check_conditions",
+    "conditions_read",
+    "export_lora",
+    "fixed_loras",
+    "merged_copy",
+]
 
 # The LoRA file formats :func:`export_lora` writes.
 LORA_FORMATS = ("peft", "diffusers-lora")
