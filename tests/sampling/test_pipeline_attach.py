@@ -24,7 +24,8 @@ from difflora.sampling.generate import generate, sampling_settings
 from difflora.sampling.pipeline import PipelineAttachError, attach, detach, matching_scheduler
 from helpers import tiny_config
 
-# float32 through 10..50 steps of two implementations of one sampler: measured <= 1e-6 on [0, 1].
+# float32 through 10..50 steps of two implementations of one sampler, on [0, 1] images: measured
+# 7.7e-7 (DDPM, 50 steps), 4.8e-7 (DDPM, 10), 3.0e-6 (DDIM, 10), 1.2e-7 (DiTPipeline with guidance).
 ATOL = 1e-5
 
 UNET = {
