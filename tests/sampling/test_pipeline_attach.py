@@ -44,8 +44,17 @@ ADAPTERS = [
 ]
 
 
-def run(class_name: str = "UNet2DModel", config: dict | None = None, adapters: list | None = None, **model):
+def run(
+    class_name: str = "UNet2DModel",
+    config: dict | None = None,
+    adapters: list | None = None,
+    train: dict | None = None,
+    distill: dict | None = None,
+    **model,
+):
     """A tiny diffusers-backbone run (cfg, model) on 8x8 digits, T = 50, with nonzero adapters."""
+    sections = {"train": train} if train else {}
+    sections |= {"distill": distill} if distill else {}
     cfg = tiny_config(
         {
             "data": {"name": "digits"},
@@ -58,6 +67,7 @@ def run(class_name: str = "UNet2DModel", config: dict | None = None, adapters: l
                 **model,
             },
             "diffusion": {"steps": 50},
+            **sections,
         }
     )
     torch.manual_seed(0)
@@ -251,3 +261,23 @@ def test_a_task_condition_per_sample_and_calls_the_run_cannot_serve():
         assert pipe.unet(x, torch.tensor(7.0), return_dict=False)[0].shape == x.shape
         with pytest.raises(PipelineAttachError, match="no adapter of the run reads"):
             live.set(guidance=2.0)
+
+
+def test_a_one_pass_student_samples_at_its_guidance_scale():
+    # 003's guidance-scale LoRA: the pipeline makes one conditional pass per step, the student's LoRA on at w.
+    cfg, model = run(
+        adapters=ADAPTERS[:1],
+        train={"objective": "distill", "train_base": False, "init_from": "teacher"},
+        distill={"guidance_range": [1.0, 5.0], "num_bases": 3, "rank": 2, "targets": ["to_q", "to_v"]},
+    )
+    pipe = ddpm_pipeline(cfg, model, timestep_spacing="linspace")
+    y = torch.tensor([0, 6])
+    for scale in (2.0, 4.5):
+        s = sampling_settings(cfg, num=2, steps=5, sampler="ddpm", guidance=scale)
+        want = to_unit(generate(model, cfg, s, labels=y, seed=1))
+        with attach(pipe, cfg, model, y=y, guidance=scale):
+            g = torch.Generator().manual_seed(1)
+            got = pipe(batch_size=2, generator=g, num_inference_steps=5, output_type="pt").images
+        assert (got - want).abs().max() <= ATOL
+    with pytest.raises(ValueError, match="guidance"):
+        attach(pipe, cfg, model, guidance=9.0)

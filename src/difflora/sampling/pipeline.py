@@ -167,11 +167,11 @@ def _expand(name: str, value: torch.Tensor, m: int, null: int | None) -> torch.T
 class LiveAdapters:
     """A run attached to a pipeline's denoiser (made by :func:`attach`); a context manager that detaches."""
 
-    def __init__(self, pipe: Any, cfg: Config, model: DiffusionModel, values: dict[str, torch.Tensor]):
+    def __init__(self, pipe: Any, cfg: Config, model: DiffusionModel, values: dict[str, Any]):
         self.pipe, self.cfg, self.model = pipe, cfg, model
         self.component, self.denoiser = _denoiser(pipe)
         self.read = conditions_read(model.net) - {"t", "y"}
-        self._values = values
+        self._values = self._complete(self._checked(values))
         self._signature = inspect.signature(type(self.denoiser).forward)
         module, name = _OUTPUTS[model.net.kind]
         self._output = getattr(require(module, "difflora.attach", extra="interop"), name)
@@ -183,8 +183,10 @@ class LiveAdapters:
         values = {k: v for k, v in values.items() if v is not None}
         student = student_of(self.cfg)
         if student is not None and "guidance" in values:
-            scale = student.check_guidance(self.cfg, float(values.pop("guidance")))
-            values |= student.conditions(self.cfg, scale)
+            scale = values.pop("guidance")
+            if not isinstance(scale, int | float):
+                raise PipelineAttachError(f"guidance: a one-pass student samples at one scale, got {scale!r}")
+            values |= student.conditions(self.cfg, student.check_guidance(self.cfg, float(scale)))
         out = {}
         for name, value in values.items():
             v = torch.as_tensor(value)
@@ -202,7 +204,8 @@ class LiveAdapters:
                 f"{', '.join(sorted(self.read | {'t'}))} (y: the class)"
             )
         k = self.cfg.model.num_classes
-        if "y" in out and (k == 0 or int(out["y"].min()) < NULL_LABEL or int(out["y"].max()) >= k):
+        y = out.get("y")
+        if y is not None and (k == 0 or y.is_floating_point() or int(y.min()) < NULL_LABEL or int(y.max()) >= k):
             raise PipelineAttachError(
                 f"y must lie in -1..{k - 1} (-1: the null class)" if k else "y was given but the run is unconditional"
             )
@@ -313,14 +316,14 @@ def attach(
     transformer, so that ``pipe(...)`` samples the run's model with its adapters live (module doc).
 
     ``y``: the class, one label or one per sample (-1: null); default: the pipeline's class labels,
-    else unconditional. ``guidance``: a one-pass student's scale (003), else the condition of that
-    name. ``conditions``: every other condition the adapters read (``task=2``); each is required.
+    else unconditional. ``guidance``: a one-pass student's scale (003; default: its own, as
+    ``difflora sample``), else the condition of that name. ``conditions``: every other condition the adapters read (``task=2``); each is required.
     Raises :class:`PipelineAttachError` and leaves ``pipe`` unchanged when the run's backbone is not
     a diffusers model, the denoiser's class or config is not the run's, the scheduler's process is
     not the run's (T, betas, variance) or a condition is missing or read by no adapter.
     """
     net = getattr(model, "net", None)
-    if cfg.model.arch != "diffusers" or not isinstance(net, DiffusersNet):
+    if not isinstance(net, DiffusersNet):  # model.arch: diffusers, from a config or a pretrained folder
         raise PipelineAttachError(
             f"attach needs a run whose backbone is a diffusers model (model.arch: diffusers); this run's is "
             f"model.arch {cfg.model.arch}: export it at fixed conditions instead (difflora export --to peft)"
@@ -331,8 +334,10 @@ def attach(
     problem = _config_problem(denoiser, net.model) or _scheduler_problem(getattr(pipe, "scheduler", None), cfg)
     if problem:
         raise PipelineAttachError(problem)
-    live = LiveAdapters(pipe, cfg, model, {})
-    live._values = live._complete(live._checked({"y": y, "guidance": guidance, **conditions}))
+    student = student_of(cfg)
+    if guidance is None and student is not None:
+        guidance = student.default_guidance(cfg)
+    live = LiveAdapters(pipe, cfg, model, {"y": y, "guidance": guidance, **conditions})
     live._attach()
     return live
 
