@@ -14,6 +14,8 @@ import pytest
 
 pytest.importorskip("diffusers")
 
+import types
+
 import diffusers
 import torch
 
@@ -127,6 +129,54 @@ def test_the_pipeline_samples_what_difflora_samples(sampler, steps, spacing):
             base = pipe(batch_size=3, generator=g, num_inference_steps=steps, output_type="pt", **call).images
     assert (got - want).abs().max() <= ATOL
     assert (got - base).abs().max() > 1e-2
+
+
+def test_position_adapters_in_diffusers_blocks_stay_live_in_the_pipeline():
+    # 004's ResNet in -> out adapter per class: the taps are hooks on the run's blocks, attached with them.
+    position = {"name": "res", "form": "position", "source": "in", "dest": "out", "rank": 2}
+    position |= {"condition": "y", "weighting": "index", "num_values": 10, "targets": ["re:.*resnets\\.\\d+"]}
+    cfg, model = run(adapters=[*ADAPTERS, position])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".position_adapters." in name:
+                p.normal_(0, 0.3)
+    pipe = ddpm_pipeline(cfg, model, timestep_spacing="linspace")
+    y = torch.tensor([2, 9])
+    want = to_unit(
+        generate(model, cfg, sampling_settings(cfg, num=2, steps=10, sampler="ddpm", guidance=1.0), labels=y, seed=5)
+    )
+    with attach(pipe, cfg, model, y=y):
+        got = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=10, output_type="pt")
+        with adapters_disabled("res"):
+            off = pipe(
+                batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=10, output_type="pt"
+            )
+    assert (got.images - want).abs().max() <= ATOL
+    assert (got.images - off.images).abs().max() > 1e-2
+
+
+def test_a_cross_attention_unet_takes_the_pipeline_context_or_its_learned_class_context():
+    cond = {
+        "block_out_channels": [8, 16],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "attention_head_dim": 8,
+        "cross_attention_dim": 16,
+    }
+    cfg, model = run("UNet2DConditionModel", cond)
+    unet = type(model.net.model).from_config(model.net.model.config).eval()
+    pipe = types.SimpleNamespace(unet=unet, scheduler=matching_scheduler(cfg, diffusers.DDIMScheduler))
+    x, ctx, y = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 16), torch.tensor([1, 2])
+    t = torch.tensor([3, 3, 3, 3])
+    with attach(pipe, cfg, model, y=y), torch.no_grad():
+        # A guidance-doubled batch of 4 for y of 2: the second half gets the null class.
+        y4 = torch.tensor([1, 2, -1, -1])
+        assert torch.equal(pipe.unet(x, 3, encoder_hidden_states=ctx).sample, model(x, t, y4, context=ctx))
+        assert torch.equal(pipe.unet(x, t, None).sample, model(x, t, y4))
+        with pytest.raises(PipelineAttachError, match="does not read added_cond_kwargs"):
+            pipe.unet(x, t, ctx, added_cond_kwargs={"text_embeds": x})
 
 
 def test_adapters_read_the_pipeline_timestep_at_every_step():
