@@ -11,12 +11,28 @@ try:
 except PackageNotFoundError:  # a source tree on sys.path that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["Config", "ConfigError", "__version__", "build_diffusion", "build_model", "load_config", "open_run"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "__version__",
+    "attach",
+    "build_diffusion",
+    "build_model",
+    "detach",
+    "load_config",
+    "open_run",
+]
 
 
 # Names built lazily, so that `import difflora` stays light (no torch) for `difflora --help` and
 # config checks: name -> the module that defines it.
-_LAZY = {"build_model": "difflora.model", "build_diffusion": "difflora.model", "open_run": "difflora.train"}
+_LAZY = {
+    "build_model": "difflora.model",
+    "build_diffusion": "difflora.model",
+    "open_run": "difflora.train",
+    "attach": "difflora.sampling.pipeline",
+    "detach": "difflora.sampling.pipeline",
+}
 
 
 def __getattr__(name: str):

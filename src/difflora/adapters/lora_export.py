@@ -49,7 +49,15 @@ from difflora.adapters.positions import position_adapters
 from difflora.adapters.tokens import NewClassTokens
 from difflora.nets.layers import BaseExtension
 
-__all__ = ["LORA_FORMATS", "ExportError", "check_conditions", "export_lora", "fixed_loras", "merged_copy"]
+__all__ = [
+    "LORA_FORMATS",
+    "ExportError",
+    "check_conditions",
+    "conditions_read",
+    "export_lora",
+    "fixed_loras",
+    "merged_copy",
+]
 
 # The LoRA file formats :func:`export_lora` writes.
 LORA_FORMATS = ("peft", "diffusers-lora")
@@ -65,10 +73,15 @@ def _number(value: ConditionValue) -> ConditionValue:
     return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
 
 
+def conditions_read(model: nn.Module) -> set[str]:
+    """The names of the conditions ``model``'s adapters (layer branches and position adapters) read."""
+    read = {b.condition for _, layer in adapter_layers(model) for b in layer.adapters.values()}
+    return read | {a.condition for _, a in position_adapters(model)}
+
+
 def check_conditions(model: nn.Module, values: dict[str, ConditionValue]) -> dict[str, ConditionValue]:
     """``values`` as Python numbers, checked to give exactly the conditions ``model``'s adapters read."""
-    read = {b.condition for _, layer in adapter_layers(model) for b in layer.adapters.values()}
-    read |= {a.condition for _, a in position_adapters(model)}
+    read = conditions_read(model)
     if not read:
         raise ExportError("the model has no adapters: there is nothing to export")
     missing, unknown = sorted(read - set(values)), sorted(set(values) - read)
