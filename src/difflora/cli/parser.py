@@ -12,7 +12,7 @@ import math
 
 from difflora.errors import DiffloraError
 
-__all__ = ["CLIError", "Parser", "build_parser", "finite_float", "one_line"]
+__all__ = ["CLIError", "Parser", "build_parser", "count", "finite_float", "one_line"]
 
 # Command name -> "module:function" of its handler.
 Handlers = dict[str, str]
@@ -22,11 +22,63 @@ class CLIError(DiffloraError):
     """A bad command-line input: printed as `error: ...` with exit code 2."""
 
 
+def _given_once(parser: argparse.ArgumentParser, namespace: argparse.Namespace, key: str, flag: str) -> None:
+    """Refuse a second ``key`` in one command line: argparse would let the last one win in silence."""
+    given = namespace.__dict__.setdefault("_given", set())
+    if key in given:
+        parser.error(f"{flag} given twice; give it once")
+    given.add(key)
+
+
+class _StoreOnce(argparse._StoreAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        _given_once(parser, namespace, self.dest, option_string or self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _StoreTrueOnce(argparse._StoreTrueAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        _given_once(parser, namespace, self.dest, option_string or self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _AppendOnce(argparse._AppendAction):
+    """A repeatable flag (``--set KEY=VALUE``, ``--condition NAME=VALUE``, ``--only ARM``): each KEY once."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        key = str(values).partition("=")[0].strip()
+        _given_once(parser, namespace, f"{self.dest}:{key}", f"{option_string} {key}")
+        super().__call__(parser, namespace, values, option_string)
+
+
 class Parser(argparse.ArgumentParser):
     # argparse prints its usage block and exits from inside parse_args; a CLIError instead gives
     # the one-line `error: ...` and exit code 2 of every other input error.
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # One rule for every flag of every command (subparsers are Parsers too): a flag given twice
+        # is refused, never decided by position.
+        for name, action in ((None, _StoreOnce), ("store", _StoreOnce), ("store_true", _StoreTrueOnce)):
+            self.register("action", name, action)
+        self.register("action", "append", _AppendOnce)
+
     def error(self, message: str):  # type: ignore[override]
         raise CLIError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def count(minimum: int):
+    """argparse type: an integer of at least ``minimum`` (a negative count is refused, never read as 0)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer greater than or equal to {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 def finite_float(text: str) -> float:
@@ -87,8 +139,8 @@ def _add_guidance_fraction(parser) -> None:
 def _add_sample(sub, handlers: Handlers) -> None:
     s = sub.add_parser("sample", help="draw a sample grid from a trained run")
     s.add_argument("run_dir")
-    s.add_argument("--num", type=int, default=64)
-    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
+    s.add_argument("--num", type=count(1), default=64)
+    s.add_argument("--steps", type=count(1), default=None, help="sampling steps (default: the run's sample.steps)")
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
     s.add_argument("--eta", type=finite_float, default=None, help="DDIM eta (0 = deterministic)")
     s.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale (1 = none)")
@@ -111,7 +163,7 @@ def _add_sample(sub, handlers: Handlers) -> None:
         help="spatial tasks: clean images (tensor 'images') to compute the condition images from "
         "(default: the held-out split of the run's dataset)",
     )
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=count(0), default=0)
     s.add_argument("--weights", choices=["ema", "model"], default="ema")
     s.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
     s.add_argument("--device", default="auto")
@@ -188,15 +240,15 @@ def _add_train_features(sub, handlers: Handlers) -> None:
 def _add_eval(sub, handlers: Handlers) -> None:
     ev = sub.add_parser("eval", help="sample from a run and score it against the held-out split (FD, KID, P/R)")
     ev.add_argument("run_dir")
-    ev.add_argument("--num-samples", type=int, default=1000)
-    ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
+    ev.add_argument("--num-samples", type=count(1), default=1000)
+    ev.add_argument("--steps", type=count(1), default=None, help="sampling steps (default: the run's sample.steps)")
     ev.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
     ev.add_argument("--eta", type=finite_float, default=None)
     ev.add_argument(
         "--guidance", type=finite_float, nargs="+", default=None, help="one or more CFG scales: one result each"
     )
     _add_guidance_fraction(ev)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=count(0), default=0)
     ev.add_argument("--weights", choices=["ema", "model"], default="ema")
     ev.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
     ev.add_argument(
@@ -209,7 +261,7 @@ def _add_eval(sub, handlers: Handlers) -> None:
     )
     ev.add_argument(
         "--task",
-        type=int,
+        type=count(0),
         default=None,
         help="a multi-task run (data.tasks): score task K against its own dataset (default: data.name's task)",
     )

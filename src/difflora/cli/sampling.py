@@ -12,6 +12,7 @@ from difflora.distill.command import sampling_guidance, without_student
 from difflora.files.images import save_grid
 from difflora.files.tensorfile import save_tensors
 from difflora.sampling.generate import default_labels, generate
+from difflora.train.footprint import check_memory
 from difflora.train.run_loader import open_run
 
 
@@ -32,7 +33,7 @@ def _check_outputs(args) -> None:
 def sample_command(args) -> int:
     _check_outputs(args)
     device = check_device(args.device, "--device")
-    cfg, model, meta = _open_run(args.run_dir, args.weights, args.checkpoint)
+    cfg = run_config(args.run_dir)  # a missing or damaged config.json: the CLI's one-line errors
     s = sample_settings(
         cfg,
         num=args.num,
@@ -42,6 +43,9 @@ def sample_command(args) -> int:
         guidance=args.guidance,
         guidance_fraction=args.guidance_fraction,
     )
+    # What the draw will hold is checked before the run's weights are read.
+    check_memory(cfg, device, f"sample --num {s.num}", samples=s.num, guided=s.guidance != 1)
+    cfg, model, meta = open_run(args.run_dir, args.weights, args.checkpoint)
     spatial = None
     if cfg.data.spatial is not None:  # spatial tasks: --condition task=K picks the condition images
         conditions, spatial = spatial_inputs(args.condition, args.num, cfg, args.condition_images)

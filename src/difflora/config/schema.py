@@ -211,6 +211,9 @@ class ModelConfig(StrictModel):
         for name in sections:
             section = getattr(self, name)
             hold_fixed(section, f"model.{name}", unused_at_default(section), f"model.arch={self.arch}")
+        if self.arch != "diffusers" and self.attention == "self":  # a diffusers UNet2DConditionModel reads it
+            by = "model.attention=self (no cross-attention reads a context: set model.attention=cross)"
+            hold_fixed(self.context, "model.context", unused_at_default(self.context), by)
         return self
 
 
@@ -348,9 +351,25 @@ class Config(StrictModel):
                 "train.mask_ratio drops DiT patch tokens in the diffusion loss: it needs model.arch=dit and train.objective=diffusion"
             )
         self._hold_unused_train_keys()
+        self._hold_sample_steps()
         if self.distilled:
             self._resolve_distill()
+        else:
+            by = "train.objective=diffusion (to distil, run `difflora distill` or set train.objective=distill)"
+            hold_fixed(self.distill, "distill", unused_at_default(self.distill), by)
         return self
+
+    def _hold_sample_steps(self) -> None:
+        """A sampler takes at most one step per timestep: an explicit sample.steps above
+        diffusion.steps is refused, the default is held at diffusion.steps."""
+        s, steps = self.sample, self.diffusion.steps
+        if s.steps > steps:
+            if "steps" in s.model_fields_set:
+                raise ValueError(
+                    f"sample.steps ({s.steps}) exceeds diffusion.steps ({steps}): a sampler takes at most one "
+                    f"step per timestep; set sample.steps to at most {steps}"
+                )
+            object.__setattr__(s, "steps", steps)
 
     def _hold_unused_train_keys(self) -> None:
         """train keys that only act with another setting keep their defaults without it."""

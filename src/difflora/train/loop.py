@@ -57,8 +57,9 @@ from difflora.train.checkpoint import (
     select_checkpoint,
 )
 from difflora.train.dependents import record_dependent
-from difflora.train.distributed import Dist, launched_rank, process_group, wrap_model
+from difflora.train.distributed import Dist, launched_rank, launched_world_size, process_group, wrap_model
 from difflora.train.ema import EMA
+from difflora.train.footprint import check_memory, training_batch
 from difflora.train.objectives import build_objective
 from difflora.train.precision import grad_scaler
 from difflora.train.run_dir import (
@@ -529,8 +530,11 @@ def train(
     ``main`` says whether this is that process.
     """
     out = Path(out_dir)
-    if launched_rank() == 0:
-        check_unlocked(out)  # a second writer is refused before it reads or builds anything
+    # A second writer is refused before it reads or builds anything; every process asks, so that
+    # none is left waiting for a process 0 that was refused.
+    check_unlocked(out)
+    micro = training_batch(cfg, launched_world_size())
+    check_memory(cfg, resolve_device(cfg.train.device), "train", train_batch=micro, samples=cfg.sample.num)
     newest = find_checkpoints(out)[-1:]
     if newest and not resume:
         raise RunExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
@@ -547,9 +551,12 @@ def train(
         if ctx.is_main and st.base is not None:
             record_dependent(st.base["path"], out)  # from now on the base's retention spares that checkpoint
         # Process 0 alone writes, so it alone holds the run's lock: from its first write to its exit.
-        with run_lock(out) if ctx.is_main else contextlib.nullcontext():
+        with contextlib.ExitStack() as held:
+            refused = _lock_run(held, out, newest) if ctx.is_main else None
+            if ctx.max(torch.tensor([float(refused is not None)], device=device)).item():
+                # Every process leaves with the refusal, none waits for a process 0 that is gone.
+                raise refused or RunLocked(f"process 0 was refused the lock of {out} (see its error)")
             if ctx.is_main:
-                _check_unchanged(out, newest)
                 _open_run_dir(out, cfg, ckpt, log)
             ctx.barrier()  # every process has read the checkpoint before process 0 writes any
             start = st.step
@@ -557,6 +564,17 @@ def train(
             result = _finish(st, start, resumed=ckpt is not None)
             ctx.barrier()  # no process moves on (e.g. to resume the run) before process 0 has written it
         return result
+
+
+def _lock_run(held: contextlib.ExitStack, out: Path, newest: list[Path]) -> RunLocked | None:
+    """Take the lock of ``out`` into ``held`` (process 0); the refusal, if any, is returned so that
+    every process can be told before it is raised."""
+    try:
+        held.enter_context(run_lock(out))
+        _check_unchanged(out, newest)
+    except RunLocked as exc:
+        return exc
+    return None
 
 
 def _check_unchanged(out: Path, newest: list[Path]) -> None:
