@@ -55,7 +55,9 @@ def test_activations_grow_with_the_batch_and_the_image(tiny_config):
     big = estimate(cfg, train_batch=64).parts["activations at batch 64"]
     assert 7 < big / small <= 8.1  # linear in the batch, up to batch-independent tensors
     wide = tiny_config("tiny-unet", "data.image_size=16")
-    assert estimate(wide, train_batch=8).parts["activations at batch 8"] > 2.5 * small  # four times the pixels; the attention sites stay at 4 x 4
+    assert (
+        estimate(wide, train_batch=8).parts["activations at batch 8"] > 2.5 * small
+    )  # four times the pixels; the attention sites stay at 4 x 4
 
 
 def test_diffusion_tables_scale_with_the_number_of_steps(tiny_config):

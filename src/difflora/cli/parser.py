@@ -139,8 +139,8 @@ def _add_guidance_fraction(parser) -> None:
 def _add_sample(sub, handlers: Handlers) -> None:
     s = sub.add_parser("sample", help="draw a sample grid from a trained run")
     s.add_argument("run_dir")
-    s.add_argument("--num", type=count(1), default=64)
-    s.add_argument("--steps", type=count(1), default=None, help="sampling steps (default: the run's sample.steps)")
+    s.add_argument("--num", type=int, default=64)
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
     s.add_argument("--eta", type=finite_float, default=None, help="DDIM eta (0 = deterministic)")
     s.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale (1 = none)")
@@ -240,8 +240,8 @@ def _add_train_features(sub, handlers: Handlers) -> None:
 def _add_eval(sub, handlers: Handlers) -> None:
     ev = sub.add_parser("eval", help="sample from a run and score it against the held-out split (FD, KID, P/R)")
     ev.add_argument("run_dir")
-    ev.add_argument("--num-samples", type=count(1), default=1000)
-    ev.add_argument("--steps", type=count(1), default=None, help="sampling steps (default: the run's sample.steps)")
+    ev.add_argument("--num-samples", type=int, default=1000)
+    ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
     ev.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
     ev.add_argument("--eta", type=finite_float, default=None)
     ev.add_argument(

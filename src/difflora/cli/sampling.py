@@ -6,8 +6,16 @@ import os
 from pathlib import Path
 
 from difflora.adapters.peft_format import export_peft
-from difflora.cli.inputs import check_device, parse_conditions, run_config, sample_settings, spatial_inputs
+from difflora.cli.inputs import (
+    check_device,
+    parse_conditions,
+    refuse_inapplicable,
+    run_config,
+    sample_settings,
+    spatial_inputs,
+)
 from difflora.cli.parser import CLIError
+from difflora.config.schema import DISTILL_ADAPTER
 from difflora.distill.command import sampling_guidance, without_student
 from difflora.files.images import save_grid
 from difflora.files.tensorfile import save_tensors
@@ -43,6 +51,19 @@ def sample_command(args) -> int:
         guidance=args.guidance,
         guidance_fraction=args.guidance_fraction,
     )
+    unguided = s.guidance == 1 and not cfg.distilled  # a distilled run's teacher guides at distill.guidance
+    refuse_inapplicable(
+        {
+            "--guidance-fraction": (
+                args.guidance_fraction,
+                "guidance is 1 (no guided steps to select)" if unguided else None,
+            ),
+            "--condition-images": (
+                args.condition_images,
+                None if cfg.data.spatial else "the run has no spatial tasks (data.spatial)",
+            ),
+        }
+    )
     # What the draw will hold is checked before the run's weights are read.
     check_memory(cfg, device, f"sample --num {s.num}", samples=s.num, guided=s.guidance != 1)
     cfg, model, meta = open_run(args.run_dir, args.weights, args.checkpoint)
@@ -50,7 +71,10 @@ def sample_command(args) -> int:
     if cfg.data.spatial is not None:  # spatial tasks: --condition task=K picks the condition images
         conditions, spatial = spatial_inputs(args.condition, args.num, cfg, args.condition_images)
     else:
-        conditions = parse_conditions(args.condition, args.num, without_student(cfg))
+        student = {
+            a.condition: "--guidance (the student's scale)" for a in cfg.model.adapters if a.name == DISTILL_ADAPTER
+        }
+        conditions = parse_conditions(args.condition, args.num, without_student(cfg), set_by=student)
     labels = default_labels(cfg, args.num, args.cls)
     if args.teacher and not cfg.distilled:
         raise CLIError(f"--teacher samples the guided teacher of a distilled run; {args.run_dir} is not one")

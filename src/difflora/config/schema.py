@@ -33,6 +33,7 @@ from difflora.config.adapters import (
 from difflora.config.backbones import DIT_PRESETS, ContextConfig, DiTConfig, UNetConfig
 from difflora.config.base import ConfigError, GuidanceScale, StrictModel, hold_fixed, unused_at_default
 from difflora.config.diffusers import DiffusersConfig, diffusers_problem
+from difflora.config.overrides import apply_override, parse_override, yaml_problem
 from difflora.presets import config_presets, resolve_config
 
 __all__ = [
@@ -213,7 +214,9 @@ class ModelConfig(StrictModel):
             hold_fixed(section, f"model.{name}", unused_at_default(section), f"model.arch={self.arch}")
         if self.arch != "diffusers" and self.attention == "self":  # a diffusers UNet2DConditionModel reads it
             by = "model.attention=self (no cross-attention reads a context: set model.attention=cross)"
-            hold_fixed(self.context, "model.context", unused_at_default(self.context), by)
+            # (new_tokens has its own error, naming what it needs, where the model is built)
+            unused = unused_at_default(self.context, ("dim", "tokens", "depth", "ff_mult"))
+            hold_fixed(self.context, "model.context", unused, by)
         return self
 
 
@@ -515,52 +518,12 @@ def _explain(err: ValidationError) -> ConfigError:
     return ConfigError("invalid config:\n  " + "\n  ".join(lines))
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: '{p}' is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    # PyYAML's str() spans several lines with a drawing of the text; the problem and its place suffice.
-    mark = getattr(exc, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return f"{where}{getattr(exc, 'problem', None) or exc}"
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.lr=2e-4"`` -> ``("train.lr", 0.0002)``; values are parsed as YAML scalars/lists."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=2e-4)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override '{text}' has no key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {_yaml_problem(exc)}") from None
-    # YAML reads "1e-4" as a string (no dot); a number is what the user meant.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value.lower() for c in ".e") else value
-        except ValueError:
-            pass
-    return key, value
-
-
 def parse_config(tree: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     tree = copy.deepcopy(tree or {})
     if not isinstance(tree, dict):
         raise ConfigError("a config must be a mapping of sections (data, model, diffusion, train, sample)")
     for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        apply_override(tree, *parse_override(text))
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
@@ -585,8 +548,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             tree = yaml.safe_load(p.read_text()) or {}
         except UnicodeDecodeError:
             raise ConfigError(f"{p} is not a YAML text file (not UTF-8)") from None
+        except OSError as exc:  # a directory, a special file, no permission: name the file, not an errno
+            raise ConfigError(
+                f"{p}: cannot read it ({(exc.strerror or str(exc)).lower()}); give a YAML config file"
+            ) from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {_yaml_problem(exc)}") from None
+            raise ConfigError(f"{p} is not valid YAML: {yaml_problem(exc)}") from None
     return parse_config(tree, overrides)
 
 

@@ -106,6 +106,11 @@ class _LiveBytes(TorchDispatchMode):
         self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            # A check on values (`if (y >= n).any(): raise`) reads a number a meta tensor does not
+            # hold: the inputs are zeros, valid for every check, so the check passes as it would.
+            dtype = args[0].dtype
+            return False if dtype == torch.bool else (0.0 if dtype.is_floating_point else 0)
         out = func(*args, **(kwargs or {}))
         given = {id(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
         for t in tree_flatten(out)[0]:
