@@ -26,7 +26,7 @@ def apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
                 raise ConfigError(f"{dotted}: {where} is {have}; give the whole list instead: {where}=[...]")
             p = int(p)
         elif not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: {where} is a value ({node!r}), not a section or a list")
+            raise ConfigError(f"{dotted}: '{parts[i - 1]}' is a value, not a section ({where} = {node!r})")
         if i == len(parts) - 1:
             node[p] = value
         elif isinstance(node, dict):

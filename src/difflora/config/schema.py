@@ -60,6 +60,7 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "parse_config",
+    "parse_saved_config",
     "DATASET_SHAPES",
 ]
 
@@ -163,6 +164,10 @@ class DataConfig(StrictModel):
         return self
 
 
+# model.arch -> its section of model (each backbone is described by its own section).
+BACKBONES = ("unet", "dit", "diffusers")
+
+
 class ModelConfig(StrictModel):
     # diffusers: a diffusers model built from model.diffusers (difflora.nets.diffusers_wrap).
     arch: Literal["unet", "dit", "diffusers"] = "unet"
@@ -205,11 +210,10 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _unused_backbones(self) -> ModelConfig:
-        # A diffusers model is described by model.diffusers alone: difflora's backbone sections cannot take
-        # effect and keep their defaults. (Between unet and dit, `--set model.arch=dit` on a U-Net preset is
-        # the way to switch; only the other backbone's section is then unused, as config.json says.)
-        sections = ("unet", "dit") if self.arch == "diffusers" else ("diffusers",)
-        for name in sections:
+        # The sections of the backbones model.arch does not build cannot take effect: they keep their
+        # defaults, and one set to another value is refused. (`--set model.arch=dit` on a U-Net preset
+        # switches: parse_config then drops the preset's own backbone section, see _switched_arch.)
+        for name in [b for b in BACKBONES if b != self.arch]:
             section = getattr(self, name)
             hold_fixed(section, f"model.{name}", unused_at_default(section), f"model.arch={self.arch}")
         if self.arch != "diffusers" and self.attention == "self":  # a diffusers UNet2DConditionModel reads it
@@ -518,10 +522,38 @@ def _explain(err: ValidationError) -> ConfigError:
     return ConfigError("invalid config:\n  " + "\n  ".join(lines))
 
 
+def _switched_arch(tree: dict[str, Any], overrides: list[tuple[str, Any]]) -> None:
+    """``--set model.arch=dit`` on a U-Net preset switches the backbone: the file's section of the
+    backbone it leaves (between unet and dit) is dropped, it belonged to the file's arch."""
+    model = tree.get("model")
+    new = dict(overrides).get("model.arch")
+    if not isinstance(model, dict) or new not in ("unet", "dit"):
+        return
+    old = model.get("arch", "unet")
+    if old != new and old in ("unet", "dit"):
+        model.pop(old, None)
+
+
+def parse_saved_config(tree: dict[str, Any]) -> Config:
+    """A config a run saved (``config.json``, a checkpoint's ``state.json``). It records every key,
+    also sections its mode did not use; those never took effect (a run saved before they were held
+    at their defaults may record a preset's values there), so they are read as unset: the backbone
+    sections model.arch does not build, and the distill section of a run that is not distilled."""
+    tree = copy.deepcopy(tree)
+    model = tree.get("model")
+    if isinstance(model, dict):
+        for name in [b for b in BACKBONES if b != model.get("arch", "unet")]:
+            model.pop(name, None)
+    if isinstance(tree.get("train"), dict) and tree["train"].get("objective", "diffusion") != DISTILL_OBJECTIVE:
+        tree.pop("distill", None)
+    return parse_config(tree)
+
+
 def parse_config(tree: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     tree = copy.deepcopy(tree or {})
     if not isinstance(tree, dict):
         raise ConfigError("a config must be a mapping of sections (data, model, diffusion, train, sample)")
+    _switched_arch(tree, [parse_override(text) for text in overrides])
     for text in overrides:
         apply_override(tree, *parse_override(text))
     try:

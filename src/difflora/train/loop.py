@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from difflora.config.schema import Config, ConfigError, config_to_dict, parse_config
+from difflora.config.schema import Config, ConfigError, config_to_dict, parse_saved_config
 from difflora.data import ImageDataset, load_dataset
 from difflora.data.spatial import grid_indices
 from difflora.files.images import save_grid
@@ -117,7 +117,7 @@ def _check_resume_config(saved: dict[str, Any], cfg: Config) -> None:
     (and so ran with its default) resumes; a saved key today's schema rejects is compared as stored."""
     now = config_to_dict(cfg)
     try:
-        saved = config_to_dict(parse_config(saved))
+        saved = config_to_dict(parse_saved_config(saved))
     except ConfigError:
         pass
     diffs = []

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from difflora.config.schema import Config, parse_config
+from difflora.config.schema import Config, parse_saved_config
 from difflora.files.jsonfile import read_json_file
 
 __all__ = [
@@ -66,7 +66,7 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not path.is_file():  # FileNotFoundError, not the ValueError of a damaged file
         raise FileNotFoundError(f"{run_dir} is not a difflora run directory: {path} is missing")
     # expect=dict: parse_config would read a config.json holding null as the default config.
-    return parse_config(read_json_file(path, fix=RESTORE_CONFIG, expect=dict))
+    return parse_saved_config(read_json_file(path, fix=RESTORE_CONFIG, expect=dict))
 
 
 def check_writable(out: Path) -> None:
