@@ -221,7 +221,11 @@ MESSAGES = [
         ),
         None,
     ),
-    Fault("set-under-a-value", params("train.lr.x=1"), r"train\.lr\.x: 'lr' is a value, not a section \(train\.lr = 0\.001\)"),
+    Fault(
+        "set-under-a-value",
+        params("train.lr.x=1"),
+        r"train\.lr\.x: 'lr' is a value, not a section \(train\.lr = 0\.001\)",
+    ),
     Fault(
         "sample-condition-none-read",
         sample("--condition", "guidance=2"),
