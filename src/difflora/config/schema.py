@@ -212,7 +212,7 @@ class ModelConfig(StrictModel):
     def _unused_backbones(self) -> ModelConfig:
         # The sections of the backbones model.arch does not build cannot take effect: they keep their
         # defaults, and one set to another value is refused. (`--set model.arch=dit` on a U-Net preset
-        # switches: parse_config then drops the preset's own backbone section, see _switched_arch.)
+        # switches: parse_config then drops the preset's own backbone section, see _switch_arch.)
         for name in [b for b in BACKBONES if b != self.arch]:
             section = getattr(self, name)
             hold_fixed(section, f"model.{name}", unused_at_default(section), f"model.arch={self.arch}")
@@ -522,15 +522,14 @@ def _explain(err: ValidationError) -> ConfigError:
     return ConfigError("invalid config:\n  " + "\n  ".join(lines))
 
 
-def _switched_arch(tree: dict[str, Any], overrides: list[tuple[str, Any]]) -> None:
-    """``--set model.arch=dit`` on a U-Net preset switches the backbone: the file's section of the
-    backbone it leaves (between unet and dit) is dropped, it belonged to the file's arch."""
+def _switch_arch(tree: dict[str, Any], key: str, value: Any) -> None:
+    """``--set model.arch=dit`` on a U-Net config switches the backbone: the section of the backbone
+    it leaves (between unet and dit), set before the switch, belonged to the old arch and is dropped."""
     model = tree.get("model")
-    new = dict(overrides).get("model.arch")
-    if not isinstance(model, dict) or new not in ("unet", "dit"):
+    if key != "model.arch" or value not in ("unet", "dit") or not isinstance(model, dict):
         return
     old = model.get("arch", "unet")
-    if old != new and old in ("unet", "dit"):
+    if old != value and old in ("unet", "dit"):
         model.pop(old, None)
 
 
@@ -553,9 +552,10 @@ def parse_config(tree: dict[str, Any] | None, overrides: list[str] | tuple[str, 
     tree = copy.deepcopy(tree or {})
     if not isinstance(tree, dict):
         raise ConfigError("a config must be a mapping of sections (data, model, diffusion, train, sample)")
-    _switched_arch(tree, [parse_override(text) for text in overrides])
     for text in overrides:
-        apply_override(tree, *parse_override(text))
+        key, value = parse_override(text)
+        _switch_arch(tree, key, value)
+        apply_override(tree, key, value)
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
