@@ -150,19 +150,12 @@ def test_injection_leaves_a_toy_model_unchanged():
 
 @pytest.mark.parametrize("arch", ["unet", "dit"])
 def test_injection_leaves_tiny_backbones_unchanged(arch):
+    # Each backbone's section only with its arch: the other's section cannot take effect (issue 28).
     extra = {
-        "unet": {"unet": {"model_channels": 16, "num_res_blocks": 1, "attention_resolutions": [4], "num_heads": 2}}
+        "unet": {"unet": {"model_channels": 16, "num_res_blocks": 1, "attention_resolutions": [4], "num_heads": 2}},
+        "dit": {"dit": {"preset": "DiT-T/2"}},
     }
-    cfg = ModelConfig.model_validate(
-        {
-            "arch": arch,
-            "image_size": 8,
-            "in_channels": 1,
-            "num_classes": 3,
-            "dit": {"preset": "DiT-T/2"},
-            **extra.get(arch, {}),
-        }
-    )
+    cfg = ModelConfig.model_validate({"arch": arch, "image_size": 8, "in_channels": 1, "num_classes": 3, **extra[arch]})
     torch.manual_seed(0)
     net = build_net(cfg)
     with torch.no_grad():  # zero-initialised output layers would hide any change: randomise all

@@ -176,3 +176,6 @@ def test_cli_distill_and_sample(teacher, tmp_path, capsys):
     assert "add --teacher" in capsys.readouterr().err
     assert main(["sample", str(teacher), "--teacher", "--num", "2", "--out", str(tmp_path / "x.png")]) == 2
     assert "not one" in capsys.readouterr().err
+    # The student's guidance condition is set by --guidance, and the message says so (issue 28, class 13).
+    assert main([*common, "--condition", "guidance=3", "--out", str(tmp_path / "x.png")]) == 2
+    assert "error: --condition guidance: set by --guidance (the student's scale)" in capsys.readouterr().err

@@ -198,12 +198,20 @@ def cases(faults: list[Fault]) -> list:
     ]
 
 
+def _with_defaults(defaults: dict[str, str], extra: tuple[str, ...]) -> tuple[str, ...]:
+    """``extra`` after the defaults it does not give itself (a flag given twice is refused)."""
+    given = {a.partition("=")[0] for a in extra}
+    return tuple(a for flag, value in defaults.items() if flag not in given for a in (flag, value)) + extra
+
+
 def sample(*extra: str) -> tuple[str, ...]:
-    return ("sample", "{run}", "--out", "{tmp}/a.png", "--num", "2", "--steps", "2", "--no-progress", *extra)
+    defaults = {"--out": "{tmp}/a.png", "--num": "2", "--steps": "2"}
+    return ("sample", "{run}", *_with_defaults(defaults, extra), *(("--no-progress",) * ("--no-progress" not in extra)))
 
 
 def evaluate(*extra: str) -> tuple[str, ...]:
-    return ("eval", "{run}", "--num-samples", "4", "--steps", "2", "--no-progress", "--cache-dir", "{tmp}/c", *extra)
+    defaults = {"--num-samples": "4", "--steps": "2", "--cache-dir": "{tmp}/c"}
+    return ("eval", "{run}", *_with_defaults(defaults, extra), "--no-progress")
 
 
 def train(*sets: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:

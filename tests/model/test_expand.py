@@ -5,8 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from difflora.adapters import adapter_layers
 from difflora.diffscaler import AFFINER_NAMES
-from difflora.model.expand import EXPANSIONS, adapter_entries, expand_model
+from difflora.model.expand import EXPANSIONS, adapter_entries, expand_model, freeze_entries
 from helpers import FROZEN_TASK0, TINY_ARCH
 
 
@@ -52,3 +56,25 @@ def test_building_under_the_meta_device_leaves_no_meta_tensor_in_the_modules_it_
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "cpu"
+
+
+def test_freezing_entries_is_all_or_nothing_over_the_layers(tiny_config):
+    lora = {"name": "a", "condition": "task", "weighting": "index", "num_values": 3, "rank": 2}
+    net, _ = expand_model(tiny_config(FROZEN_TASK0, TINY_ARCH["unet"], {"model.adapters": [lora]}))
+    layers = list(adapter_layers(net))
+    assert len(layers) > 1
+    # The last layer's bank holds 2 entries: freezing 3 fits every layer but that one.
+    last = layers[-1][1].adapters["a"]
+    last.set_entries({n: last.entries(n)[:2] for n in last.bank_names}, 0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    grads = {k: p.requires_grad for k, p in net.named_parameters()}
+    with pytest.raises(
+        ValueError, match=rf"adapter a on {layers[-1][0]}: frozen entries must be in 0\.\.2, got 3; no layer"
+    ):
+        freeze_entries(net, "a", 3)
+    assert {k: p.requires_grad for k, p in net.named_parameters()} == grads  # no parameter renamed or frozen
+    assert (
+        all(torch.equal(before[k], v) for k, v in net.state_dict().items()) and before.keys() == net.state_dict().keys()
+    )
+    freeze_entries(net, "a", 2)
+    assert all(layer.adapters["a"].frozen == 2 for _, layer in layers)

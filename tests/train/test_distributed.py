@@ -6,6 +6,7 @@ once (process 0 only), and resuming under DDP must continue it. A torchrun subpr
 command line as a user would (``torchrun -m difflora train``): one report, one set of files.
 """
 
+import fcntl
 import json
 import os
 import socket
@@ -18,8 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import difflora.train.loop as train_loop
 from difflora.train import latest_checkpoint, load_checkpoint, train
 from difflora.train.distributed import Dist, DistributedModel
+from difflora.train.run_lock import RunLocked
 from difflora.train.step import set_process_rng_state
 from helpers import tiny_config
 
@@ -207,3 +210,35 @@ def test_accelerate_launch_writes_one_run(tmp_path):
         cmd + ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"], tmp_path / "run"
     )
     _one_run_written(done, tmp_path / "run")
+
+
+def _refused_worker(rank: int, world: int, port: int, out: str, report: str, late: bool) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ["LOCAL_RANK"] = str(rank)
+    if late:  # the holder took the lock after this launch's first look: process 0 is refused inside the group
+        train_loop.check_unlocked = lambda out: None
+    try:
+        train(tiny_config("tiny-unet", "train.steps=1", "train.batch_size=4"), out, **QUIET)
+        outcome = "trained"
+    except RunLocked as exc:
+        outcome = str(exc)
+    Path(f"{report}.{rank}").write_text(outcome)
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["refused-at-first-look", "refused-inside-the-group"])
+def test_when_process_zero_is_refused_the_lock_every_process_leaves_with_the_refusal(tmp_path, late):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "lock").write_text(json.dumps({"pid": 1, "host": "h", "command": "difflora train", "started": "now"}))
+    fd = os.open(out / "lock", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another writer holds the run
+    try:
+        args = (2, _free_port(), str(out), str(tmp_path / "outcome"), late)
+        mp.start_processes(_refused_worker, args=args, nprocs=2, join=True, start_method="fork")
+    finally:
+        os.close(fd)
+    outcomes = [(tmp_path / f"outcome.{r}").read_text() for r in (0, 1)]
+    assert all("being written by pid 1 on h" in o or "process 0 was refused the lock" in o for o in outcomes), outcomes
+    assert "being written by pid 1 on h" in outcomes[0]
+    assert sorted(p.name for p in out.iterdir()) == ["lock"]  # nothing written

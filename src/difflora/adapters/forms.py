@@ -163,19 +163,11 @@ class Branch(nn.Module, abc.ABC):
         Changing the number of entries needs an index weighting (one entry per task or class); it
         is replaced by one over ``num`` values. The trainable part keeps its ``requires_grad``.
         """
-        num = banks[self.bank_names[0]].shape[0]
-        if not 0 <= frozen <= num:
-            raise ValueError(f"frozen entries must be in 0..{num}, got {frozen}")
-        if num != self.num_bases and not isinstance(self.weighting, IndexWeighting):
-            raise ValueError(
-                f"only index-weighted banks (one entry per task or class) change their number of entries; "
-                f"this one is {self.weighting.kind}"
-            )
         # Every bank is checked before any is replaced: a refused call leaves the branch as it was.
-        for name in self.bank_names:
-            shape, want = tuple(banks[name].shape), (num, *self.entries(name).shape[1:])
-            if shape != want:
-                raise ValueError(f"bank {name!r} of shape {list(shape)} does not fit {list(want)}")
+        problem = self.entries_problem(banks, frozen)
+        if problem is not None:
+            raise ValueError(problem)
+        num = banks[self.bank_names[0]].shape[0]
         if num != self.num_bases:
             self.weighting = IndexWeighting(num)
         for name in self.bank_names:
@@ -187,6 +179,22 @@ class Branch(nn.Module, abc.ABC):
                 self.register_parameter(name + "_frozen", nn.Parameter(full[:frozen].clone(), requires_grad=False))
             self.register_parameter(name, nn.Parameter(full[frozen:].clone(), requires_grad=old.requires_grad))
         self.frozen = frozen
+
+    def entries_problem(self, banks: dict[str, torch.Tensor], frozen: int) -> str | None:
+        """Why :meth:`set_entries` would refuse ``banks`` and ``frozen``; None when it would not."""
+        num = banks[self.bank_names[0]].shape[0]
+        if not 0 <= frozen <= num:
+            return f"frozen entries must be in 0..{num}, got {frozen}"
+        if num != self.num_bases and not isinstance(self.weighting, IndexWeighting):
+            return (
+                f"only index-weighted banks (one entry per task or class) change their number of entries; "
+                f"this one is {self.weighting.kind}"
+            )
+        for name in self.bank_names:
+            shape, want = tuple(banks[name].shape), (num, *self.entries(name).shape[1:])
+            if shape != want:
+                return f"bank {name!r} of shape {list(shape)} does not fit {list(want)}"
+        return None
 
     def fresh_entries(self, num: int) -> dict[str, torch.Tensor]:
         """``num`` freshly initialised entries of every bank (this form's "no change" initialisation)."""

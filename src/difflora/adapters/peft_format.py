@@ -100,9 +100,13 @@ def _plain_branches(
     """The adapter to export (named, or the only one) and its branch at each path; errors otherwise."""
     names = sorted({n for _, layer in adapter_layers(model) for n in layer.adapters})
     if adapter is None:
+        if not names:
+            raise PeftFormatError(
+                "the model has no adapter: only a run with a plain LoRA (model.adapters) can be exported"
+            )
         if len(names) != 1:
             raise PeftFormatError(
-                f"the model has adapters {names or 'none'}: name the plain LoRA to export (adapter=...)"
+                f"the model has adapters {names}: name the plain LoRA to export (adapter=... / --adapter NAME)"
             )
         adapter = names[0]
     found = {p: (layer, layer.adapters[adapter]) for p, layer in adapter_layers(model) if adapter in layer.adapters}

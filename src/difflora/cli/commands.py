@@ -18,7 +18,7 @@ import warnings
 from difflora.cli.configs import resolve_config_path
 from difflora.cli.parser import CLIError, one_line
 from difflora.cli.parser import build_parser as grammar
-from difflora.errors import DiffloraError
+from difflora.errors import DiffloraError, describe_os_error
 
 __all__ = ["HANDLERS", "CLIError", "build_parser", "main", "resolve_config_path"]
 
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     except known as exc:
         if os.environ.get("DIFFLORA_DEBUG"):
             raise
-        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"error: {one_line(message)}", file=sys.stderr)
         return 2
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difflora.cli.inputs import check_device, run_config, sample_settings
+from difflora.cli.inputs import check_device, refuse_inapplicable, run_config, sample_settings
 from difflora.cli.parser import CLIError
 from difflora.config.schema import parse_config
 from difflora.eval.evaluate import EvalSettings, default_eval_dir, evaluate_run
@@ -48,6 +48,17 @@ def eval_command(args) -> int:
     for w in args.guidance or []:
         sample_settings(cfg, guidance=w)
     sample_settings(cfg, steps=args.steps, eta=args.eta, guidance_fraction=args.guidance_fraction)
+    unguided = all(w == 1 for w in args.guidance or [cfg.sample.guidance]) and not cfg.distilled
+    given_net = "--feature-net is given (no feature network is trained or cached)" if args.feature_net else None
+    refuse_inapplicable(
+        {
+            "--guidance-fraction": (
+                args.guidance_fraction,
+                "every guidance scale is 1 (no guided steps)" if unguided else None,
+            ),
+            "--feature-steps": (args.feature_steps, given_net),
+        }
+    )
     # Picked (and a damaged newest one reported) here, before any feature net or sampling work.
     checkpoint = select_checkpoint(args.run_dir, args.checkpoint)
     settings = EvalSettings(

@@ -27,6 +27,7 @@ from difflora.train.run_dir import RESTORE_CONFIG, load_run_config
 __all__ = [
     "check_device",
     "parse_conditions",
+    "refuse_inapplicable",
     "run_config",
     "sample_settings",
     "spatial_inputs",
@@ -50,6 +51,15 @@ def check_device(name: str, key: str) -> torch.device:
         if dev.type == "mps" and not torch.backends.mps.is_available():
             raise CLIError(f"{key}={name}: MPS is not available here; use cpu or auto")
     return resolve_device(name)
+
+
+def refuse_inapplicable(flags: dict[str, tuple[object, str | None]]) -> None:
+    """The one rule for flags that cannot act on this run: ``flags`` maps a flag to (its value, why it
+    does not apply here, or None when it does); a flag that was given (not None, not False) and does
+    not apply is refused naming it and why, never ignored."""
+    for flag, (value, why) in flags.items():
+        if value is not None and value is not False and why is not None:
+            raise CLIError(f"{flag} does not apply here: {why}; remove it")
 
 
 def run_config(run_dir: str | Path) -> Config:
@@ -80,23 +90,26 @@ def sample_settings(cfg: Config, **flags: object) -> SampleConfig:
         raise CLIError(f"--{key}: {msg}, got {e.get('input')!r} (the rule of sample.{key})") from None
 
 
-def parse_conditions(texts: list[str] | None, num: int, cfg: Config) -> dict[str, float | list[float]]:
+def parse_conditions(
+    texts: list[str] | None, num: int, cfg: Config, set_by: dict[str, str] | None = None
+) -> dict[str, float | list[float]]:
     """``--condition task=2`` / ``task=0,1,2`` (one value, or one per sample) -> name -> values,
-    checked against the conditions the run's adapters read and the values their weightings take."""
-
+    checked against the conditions the run's adapters read and the values their weightings take.
+    ``set_by``: conditions another flag sets (name -> that flag), besides t and y (the sampler's)."""
+    set_by = {"t": "the sampler", "y": "the sampler (use --class)", **(set_by or {})}
     adapters = adapter_entries(cfg)
-    read = {a.condition: a for a in adapters if a.condition not in ("t", "y")}
+    read = {a.condition: a for a in adapters if a.condition not in set_by}
     out: dict[str, list[float]] = {}
     for text in texts or []:
         name, eq, raw = text.partition("=")
         name = name.strip()
         if not eq or not name.isidentifier():
             raise CLIError(f"--condition {text!r}: expected NAME=VALUE[,VALUE...] with NAME an identifier, e.g. task=2")
-        if name in ("t", "y"):
-            raise CLIError(f"--condition {name}: set by the sampler{' (use --class)' if name == 'y' else ''}")
+        if name in set_by:
+            raise CLIError(f"--condition {name}: set by {set_by[name]}")
         if name not in read:
-            have = ", ".join(sorted(read)) or "none"
-            raise CLIError(f"--condition {name}: no adapter of this run reads it (conditions it reads: {have})")
+            have = f"conditions it reads: {', '.join(sorted(read))}" if read else "it reads no condition but t and y"
+            raise CLIError(f"--condition {name}: no adapter of this run reads it ({have}); remove it")
         try:
             values = [finite_float(v.strip()) for v in raw.split(",")]
         except argparse.ArgumentTypeError as exc:

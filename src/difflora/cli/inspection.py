@@ -8,6 +8,7 @@ import sys
 import torch
 
 from difflora.cli.configs import args_config
+from difflora.cli.inputs import refuse_inapplicable
 from difflora.diffscaler import affiner_counts
 from difflora.experiments.runs_table import csv_text, format_table, runs_table, write_csv
 from difflora.experiments.study import run_study
@@ -55,6 +56,8 @@ def runs_command(args) -> int:
 
 
 def study_command(args) -> int:
+    plan = "--plan writes nothing" if args.plan else None
+    refuse_inapplicable({"--report-only": (args.report_only, plan), "--allow-dirty": (args.allow_dirty, plan)})
     report = run_study(
         args.study,
         out=args.out,

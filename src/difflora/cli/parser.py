@@ -13,7 +13,7 @@ import math
 from difflora import __version__
 from difflora.errors import DiffloraError
 
-__all__ = ["CLIError", "Parser", "build_parser", "finite_float", "one_line"]
+__all__ = ["CLIError", "Parser", "build_parser", "count", "finite_float", "one_line"]
 
 # Command name -> "module:function" of its handler.
 Handlers = dict[str, str]
@@ -34,16 +34,65 @@ class DefaultsFormatter(argparse.HelpFormatter):
         return text if quiet or "default" in text else f"{text} (default: %(default)s)"
 
 
+def _given_once(parser: argparse.ArgumentParser, namespace: argparse.Namespace, key: str, flag: str) -> None:
+    """Refuse a second ``key`` in one command line: argparse would let the last one win in silence."""
+    given = namespace.__dict__.setdefault("_given", set())
+    if key in given:
+        parser.error(f"{flag} given twice; give it once")
+    given.add(key)
+
+
+class _StoreOnce(argparse._StoreAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        _given_once(parser, namespace, self.dest, option_string or self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _StoreTrueOnce(argparse._StoreTrueAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        _given_once(parser, namespace, self.dest, option_string or self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _AppendOnce(argparse._AppendAction):
+    """A repeatable flag (``--set KEY=VALUE``, ``--condition NAME=VALUE``, ``--only ARM``): each KEY once."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        key = str(values).partition("=")[0].strip()
+        _given_once(parser, namespace, f"{self.dest}:{key}", f"{option_string} {key}")
+        super().__call__(parser, namespace, values, option_string)
+
+
 class Parser(argparse.ArgumentParser):
+    # argparse prints its usage block and exits from inside parse_args; a CLIError instead gives
+    # the one-line `error: ...` and exit code 2 of every other input error.
     def __init__(self, *args, **kwargs) -> None:
         # Every subparser is a Parser too (add_subparsers makes its own class's parsers).
         kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
+        # One rule for every flag of every command (subparsers are Parsers too): a flag given twice
+        # is refused, never decided by position.
+        for name, action in ((None, _StoreOnce), ("store", _StoreOnce), ("store_true", _StoreTrueOnce)):
+            self.register("action", name, action)
+        self.register("action", "append", _AppendOnce)
 
-    # argparse prints its usage block and exits from inside parse_args; a CLIError instead gives
-    # the one-line `error: ...` and exit code 2 of every other input error.
     def error(self, message: str):  # type: ignore[override]
         raise CLIError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def count(minimum: int):
+    """argparse type: an integer of at least ``minimum`` (a negative count is refused, never read as 0)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer greater than or equal to {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 def finite_float(text: str) -> float:
@@ -147,7 +196,7 @@ def _add_sample(sub, handlers: Handlers) -> None:
         help="spatial tasks: clean images (tensor 'images') to compute the condition images from "
         "(default: the held-out split of the run's dataset)",
     )
-    s.add_argument("--seed", type=int, default=0, help="the seed of the initial noise and of every sampler draw")
+    s.add_argument("--seed", type=count(0), default=0, help="the seed of the initial noise and of every sampler draw")
     s.add_argument("--weights", choices=["ema", "model"], default="ema", help=_WEIGHTS_HELP)
     s.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
     s.add_argument("--device", default="auto", help=_DEVICE_HELP)
@@ -249,7 +298,9 @@ def _add_eval(sub, handlers: Handlers) -> None:
         help="one or more CFG scales: one result each (default: the run's sample.guidance)",
     )
     _add_guidance_fraction(ev)
-    ev.add_argument("--seed", type=int, default=0, help="the seed of the samples' noise and of the metrics' subsets")
+    ev.add_argument(
+        "--seed", type=count(0), default=0, help="the seed of the samples' noise and of the metrics' subsets"
+    )
     ev.add_argument("--weights", choices=["ema", "model"], default="ema", help=_WEIGHTS_HELP)
     ev.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
     ev.add_argument(
@@ -262,7 +313,7 @@ def _add_eval(sub, handlers: Handlers) -> None:
     )
     ev.add_argument(
         "--task",
-        type=int,
+        type=count(0),
         default=None,
         help="a multi-task run (data.tasks): score task K against its own dataset (default: data.name's task)",
     )

@@ -7,14 +7,23 @@ import warnings
 from pathlib import Path
 
 from difflora.adapters.peft_format import export_peft
-from difflora.cli.inputs import check_device, parse_conditions, run_config, sample_settings, spatial_inputs
+from difflora.cli.inputs import (
+    check_device,
+    parse_conditions,
+    refuse_inapplicable,
+    run_config,
+    sample_settings,
+    spatial_inputs,
+)
 from difflora.cli.parser import CLIError
+from difflora.config.schema import DISTILL_ADAPTER
 from difflora.distill.command import sampling_guidance, without_student
 from difflora.files.atomic import write_together
 from difflora.files.images import check_image_dir, grid_png, save_image_dir, save_npz
 from difflora.files.tensorfile import tensor_bytes
 from difflora.model.export import export_model
 from difflora.sampling.generate import default_labels, generate
+from difflora.train.footprint import check_memory
 from difflora.train.run_loader import open_run
 
 
@@ -67,7 +76,7 @@ def _write_outputs(args, images, labels, spatial, nrow: int | None) -> list[str]
 def sample_command(args) -> int:
     _check_outputs(args)
     device = check_device(args.device, "--device")
-    cfg, model, meta = _open_run(args.run_dir, args.weights, args.checkpoint)
+    cfg = run_config(args.run_dir)  # a missing or damaged config.json: the CLI's one-line errors
     s = sample_settings(
         cfg,
         num=args.num,
@@ -77,11 +86,30 @@ def sample_command(args) -> int:
         guidance=args.guidance,
         guidance_fraction=args.guidance_fraction,
     )
+    unguided = s.guidance == 1 and not cfg.distilled  # a distilled run's teacher guides at distill.guidance
+    refuse_inapplicable(
+        {
+            "--guidance-fraction": (
+                args.guidance_fraction,
+                "guidance is 1 (no guided steps to select)" if unguided else None,
+            ),
+            "--condition-images": (
+                args.condition_images,
+                None if cfg.data.spatial else "the run has no spatial tasks (data.spatial)",
+            ),
+        }
+    )
+    # What the draw will hold is checked before the run's weights are read.
+    check_memory(cfg, device, f"sample --num {s.num}", samples=s.num, guided=s.guidance != 1)
+    cfg, model, meta = open_run(args.run_dir, args.weights, args.checkpoint)
     spatial = None
     if cfg.data.spatial is not None:  # spatial tasks: --condition task=K picks the condition images
         conditions, spatial = spatial_inputs(args.condition, args.num, cfg, args.condition_images)
     else:
-        conditions = parse_conditions(args.condition, args.num, without_student(cfg))
+        student = {
+            a.condition: "--guidance (the student's scale)" for a in cfg.model.adapters if a.name == DISTILL_ADAPTER
+        }
+        conditions = parse_conditions(args.condition, args.num, without_student(cfg), set_by=student)
     labels = default_labels(cfg, args.num, args.cls)
     if args.teacher and not cfg.distilled:
         raise CLIError(f"--teacher samples the guided teacher of a distilled run; {args.run_dir} is not one")

@@ -13,6 +13,7 @@ from difflora.eval.settings import MIN_SAMPLES
 from difflora.experiments.pretrain import pretrain
 from difflora.train import train
 from difflora.train.checkpoint import select_checkpoint
+from difflora.train.footprint import check_memory
 
 
 def train_command(args) -> int:
@@ -40,15 +41,16 @@ def train_command(args) -> int:
 
 def demo_command(args) -> int:
     cfg = load_config(resolve_config_path("digits"), args.set or [])
-    check_device(cfg.train.device, "train.device")
+    device = check_device(cfg.train.device, "train.device")
     out = Path(args.out)
     n = args.eval_samples
     if n < 0 or 0 < n < MIN_SAMPLES:
         raise CLIError(f"--eval-samples must be 0 (no evaluation) or at least {MIN_SAMPLES}, got {n}")
-    # The evaluation's settings are checked against the config before training, not after it.
+    # The evaluation's settings (and what it will hold) are checked against the config before training, not after it.
     settings = EvalSettings(num_samples=n) if n else None
     if settings is not None:
-        settings.sampling(cfg, out)
+        s, _ = settings.sampling(cfg, out)
+        check_memory(cfg, device, f"demo --eval-samples {n}", samples=n, guided=s.guidance != 1)
     print(
         f"difflora demo: training the digits preset ({cfg.train.steps} steps, batch {cfg.train.batch_size}) into {out}"
     )

@@ -2,7 +2,7 @@
 
 This module is the bottom of the house: every layer may import it and it imports nothing of
 difflora but its own parts (``config.base``: the strict base model; ``config.adapters``: the adapter,
-Affiner and distillation sections; ``config.diffusers``: a diffusers backbone; ``config.diffusion``: the noise process), which it re-exports, and :mod:`difflora.presets` (where the
+Affiner and distillation sections; ``config.diffusers``: a diffusers backbone; ``config.diffusion``: the noise process; ``config.data``: the data section), which it re-exports, and :mod:`difflora.presets` (where the
 shipped configs are). A config is passed whole to the code
 that needs it (``UNetModel(cfg.model)``), never unpacked into a dozen keyword arguments.
 
@@ -32,8 +32,15 @@ from difflora.config.adapters import (
 )
 from difflora.config.backbones import DIT_PRESETS, ContextConfig, DiTConfig, UNetConfig
 from difflora.config.base import ConfigError, GuidanceScale, StrictModel, hold_fixed, unused_at_default
+from difflora.config.data import (
+    DATASET_SHAPES,
+    DataConfig,
+    SpatialConfig,
+    TaskDataConfig,
+)
 from difflora.config.diffusers import DiffusersConfig, diffusers_problem
 from difflora.config.diffusion import DiffusionConfig
+from difflora.config.overrides import apply_override, parse_override, yaml_problem
 from difflora.config.pretrained import expand_pretrained
 from difflora.presets import config_presets, resolve_config
 
@@ -61,132 +68,13 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "parse_config",
+    "parse_saved_config",
     "DATASET_SHAPES",
 ]
 
 
-# Native (image_size, channels) of each dataset; None where the files decide (image folders).
-DATASET_SHAPES: dict[str, tuple[int | None, int]] = {
-    "digits": (8, 1),
-    "mnist": (28, 1),
-    "fashion-mnist": (28, 1),
-    "mnist-5k": (28, 1),
-    "cifar10": (32, 3),
-    "image-folder": (None, 3),
-}
-
-DatasetName = Literal["digits", "mnist", "fashion-mnist", "mnist-5k", "cifar10", "image-folder"]
-
-
-class TaskDataConfig(StrictModel):
-    """One more dataset of a multi-dataset run (``data.tasks``); its samples carry its task index."""
-
-    name: DatasetName
-    root: str | None = None
-    # First N training examples of this dataset (0 = all).
-    limit: int = Field(default=0, ge=0)
-    channels: Literal[1, 3] | None = None  # as data.channels
-
-
-SpatialTask = Literal["edges", "lowres", "inpaint"]
-
-
-class SpatialConfig(StrictModel):
-    """Spatial conditioning tasks (DiffScaler 002 section 3.4, ``difflora.data.spatial``): each clean
-    image appears once per task, paired with the condition image the task computes from it."""
-
-    # Task k of this list has task id data.task_id + k (0 + k when unset).
-    tasks: list[SpatialTask] = Field(min_length=1)
-    # lowres: the side of the block-mean image the condition shows (upsampled to the model size).
-    lowres: int = Field(default=4, ge=1)
-    # inpaint: the side of the masked (unknown) centre square, as a fraction of the image side.
-    hole: float = Field(default=0.5, gt=0, lt=1)
-    # edges: None keeps the Sobel magnitude (in [0, 1]); a number gives binary edges above it.
-    edge_threshold: float | None = Field(default=None, gt=0, lt=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> SpatialConfig:
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"data.spatial.tasks: give each task at most once, got {self.tasks}")
-        return self
-
-    def channels(self, image_channels: int) -> int:
-        """Channels of the condition image: one slot per task (edges and lowres: C, inpaint: C + 1 for the mask)."""
-        return sum(image_channels + (t == "inpaint") for t in self.tasks)
-
-
-class DataConfig(StrictModel):
-    name: DatasetName = "digits"
-    # Directory holding the files; None means the dataset's default location (see data/).
-    root: str | None = None
-    # Resize to this side length (bilinear, antialiased); None keeps the native size.
-    image_size: int | None = Field(default=None, ge=4, le=1024)
-    hflip: bool = False
-    # Restrict training to the first N examples (0 = all); handy for quick experiments.
-    limit: int = Field(default=0, ge=0)
-    # Multi-dataset training: more datasets, tasks 1..K (the dataset above is task 0). Every sample
-    # carries its task index as the per-sample condition ``task``; images are resized to the run's
-    # image size and must have its number of channels.
-    tasks: list[TaskDataConfig] = Field(default_factory=list)
-    # Class labels of a multi-dataset run: "shared" keeps each dataset's own labels (class 3 of
-    # every task is label 3: one class embedding serves all tasks, as when adapting a base model);
-    # "offset" numbers the classes of task k after those of tasks 0..k-1 (disjoint labels).
-    task_labels: Literal["shared", "offset"] = "shared"
-    # The task id of data.name's samples (data.tasks[k] then get task_id + k + 1). None: 0 with
-    # data.tasks, and no task condition for a single dataset. Set it to adapt to one dataset as a
-    # task of a multi-task model (DiffScaler: model.affiner), e.g. the new task of the sequential regime.
-    task_id: int | None = Field(default=None, ge=0)
-    # Spatial conditioning (edge map / low-res / masked centre -> image), one task id per spatial task.
-    spatial: SpatialConfig | None = None
-    # An image folder read as 1 (grayscale) or 3 (RGB, default) channels; other datasets: their own.
-    channels: Literal[1, 3] | None = None
-    # Decoding processes of a streamed image folder (difflora.data.stream); None: min(4, CPUs/process - 1).
-    workers: int | None = Field(default=None, ge=0)
-    # Folder of image-folder indexes (difflora.data.folder_index); None: $DIFFLORA_CACHE/image-folders.
-    index_cache: str | None = None
-
-    def resolved_shape(self) -> tuple[int | None, int]:
-        return (self.image_size or DATASET_SHAPES[self.name][0]), _resolve_channels(self, "data")
-
-    @property
-    def streams(self) -> bool:
-        """Whether training reads this data from disk batch by batch (one image folder), not from memory."""
-        return self.name == "image-folder" and not self.tasks and self.spatial is None
-
-    @model_validator(mode="after")
-    def _check_tasks(self) -> DataConfig:
-        size, channels = self.resolved_shape()
-        for k, task in enumerate(self.tasks, start=1):
-            c = _resolve_channels(task, f"data.tasks[{k - 1}]")
-            if c != channels:
-                fix = {task.name: f"data.tasks[{k - 1}].channels={channels}", self.name: f"data.channels={c}"}
-                fix = f" (an image folder reads as either: set {fix['image-folder']})" if "image-folder" in fix else ""
-                raise ValueError(
-                    f"data.tasks[{k - 1}].name: {task.name} has {c} channel(s) but task 0 ({self.name}) has "
-                    f"{channels}; every task of a run needs the same number of channels{fix}"
-                )
-            if size is None:
-                raise ValueError("data.image_size: required with data.tasks when data.name=image-folder")
-        if self.spatial is not None and (self.tasks or self.hflip):
-            raise ValueError(
-                "data.spatial: spatial tasks pair each image with its own condition image; remove data.tasks "
-                "and data.hflip (a flip would no longer match its condition)"
-            )
-        if self.spatial is not None and size is not None and size < self.spatial.lowres:
-            raise ValueError(f"data.spatial.lowres ({self.spatial.lowres}) exceeds the image size ({size})")
-        if not self.streams:  # only one image folder streams; no folder, no index
-            hold_fixed(self, "data", {"workers": None}, "a run that does not stream one image folder")
-        if "image-folder" not in {self.name, *(t.name for t in self.tasks)}:
-            hold_fixed(self, "data", {"index_cache": None}, "a run without an image folder")
-        return self
-
-
-def _resolve_channels(data: DataConfig | TaskDataConfig, where: str) -> int:
-    """The channels ``data`` is read with: a folder's ``channels`` (3 when unset), else the dataset's own."""
-    native = DATASET_SHAPES[data.name][1]
-    fixed = {"channels": native} if data.name != "image-folder" or data.channels is None else {}
-    hold_fixed(data, where, fixed, f"{where}.name={data.name} ({native} channel(s))")
-    return data.channels
+# model.arch -> its section of model (each backbone is described by its own section).
+BACKBONES = ("unet", "dit", "diffusers")
 
 
 class ModelConfig(StrictModel):
@@ -234,13 +122,17 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _unused_backbones(self) -> ModelConfig:
-        # A diffusers model is described by model.diffusers alone: difflora's backbone sections cannot take
-        # effect and keep their defaults. (Between unet and dit, `--set model.arch=dit` on a U-Net preset is
-        # the way to switch; only the other backbone's section is then unused, as config.json says.)
-        sections = ("unet", "dit") if self.arch == "diffusers" else ("diffusers",)
-        for name in sections:
+        # The sections of the backbones model.arch does not build cannot take effect: they keep their
+        # defaults, and one set to another value is refused. (`--set model.arch=dit` on a U-Net preset
+        # switches: parse_config then drops the preset's own backbone section, see _switch_arch.)
+        for name in [b for b in BACKBONES if b != self.arch]:
             section = getattr(self, name)
             hold_fixed(section, f"model.{name}", unused_at_default(section), f"model.arch={self.arch}")
+        if self.arch != "diffusers" and self.attention == "self":  # a diffusers UNet2DConditionModel reads it
+            by = "model.attention=self (no cross-attention reads a context: set model.attention=cross)"
+            # (new_tokens has its own error, naming what it needs, where the model is built)
+            unused = unused_at_default(self.context, ("dim", "tokens", "depth", "ff_mult"))
+            hold_fixed(self.context, "model.context", unused, by)
         return self
 
 
@@ -378,9 +270,25 @@ class Config(StrictModel):
                 "train.mask_ratio drops DiT patch tokens in the diffusion loss: it needs model.arch=dit and train.objective=diffusion"
             )
         self._hold_unused_train_keys()
+        self._hold_sample_steps()
         if self.distilled:
             self._resolve_distill()
+        else:
+            by = "train.objective=diffusion (to distil, run `difflora distill` or set train.objective=distill)"
+            hold_fixed(self.distill, "distill", unused_at_default(self.distill), by)
         return self
+
+    def _hold_sample_steps(self) -> None:
+        """A sampler takes at most one step per timestep: an explicit sample.steps above
+        diffusion.steps is refused, the default is held at diffusion.steps."""
+        s, steps = self.sample, self.diffusion.steps
+        if s.steps > steps:
+            if "steps" in s.model_fields_set:
+                raise ValueError(
+                    f"sample.steps ({s.steps}) exceeds diffusion.steps ({steps}): a sampler takes at most one "
+                    f"step per timestep; set sample.steps to at most {steps}"
+                )
+            object.__setattr__(s, "steps", steps)
 
     def _hold_unused_train_keys(self) -> None:
         """train keys that only act with another setting keep their defaults without it."""
@@ -526,43 +434,30 @@ def _explain(err: ValidationError) -> ConfigError:
     return ConfigError("invalid config:\n  " + "\n  ".join(lines))
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: '{p}' is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+def _switch_arch(tree: dict[str, Any], key: str, value: Any) -> None:
+    """``--set model.arch=dit`` on a U-Net config switches the backbone: the section of the backbone
+    it leaves (between unet and dit), set before the switch, belonged to the old arch and is dropped."""
+    model = tree.get("model")
+    if key != "model.arch" or value not in ("unet", "dit") or not isinstance(model, dict):
+        return
+    old = model.get("arch", "unet")
+    if old != value and old in ("unet", "dit"):
+        model.pop(old, None)
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    # PyYAML's str() spans several lines with a drawing of the text; the problem and its place suffice.
-    mark = getattr(exc, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return f"{where}{getattr(exc, 'problem', None) or exc}"
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.lr=2e-4"`` -> ``("train.lr", 0.0002)``; values are parsed as YAML scalars/lists."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=2e-4)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override '{text}' has no key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {_yaml_problem(exc)}") from None
-    # YAML reads "1e-4" as a string (no dot); a number is what the user meant.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value.lower() for c in ".e") else value
-        except ValueError:
-            pass
-    return key, value
+def parse_saved_config(tree: dict[str, Any]) -> Config:
+    """A config a run saved (``config.json``, a checkpoint's ``state.json``). It records every key,
+    also sections its mode did not use; those never took effect (a run saved before they were held
+    at their defaults may record a preset's values there), so they are read as unset: the backbone
+    sections model.arch does not build, and the distill section of a run that is not distilled."""
+    tree = copy.deepcopy(tree)
+    model = tree.get("model")
+    if isinstance(model, dict):
+        for name in [b for b in BACKBONES if b != model.get("arch", "unet")]:
+            model.pop(name, None)
+    if isinstance(tree.get("train"), dict) and tree["train"].get("objective", "diffusion") != DISTILL_OBJECTIVE:
+        tree.pop("distill", None)
+    return parse_config(tree)
 
 
 def parse_config(tree: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -571,7 +466,8 @@ def parse_config(tree: dict[str, Any] | None, overrides: list[str] | tuple[str, 
         raise ConfigError("a config must be a mapping of sections (data, model, diffusion, train, sample)")
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        _switch_arch(tree, key, value)
+        apply_override(tree, key, value)
     try:
         return Config.model_validate(expand_pretrained(tree))
     except ValidationError as err:
@@ -596,8 +492,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             tree = yaml.safe_load(p.read_text()) or {}
         except UnicodeDecodeError:
             raise ConfigError(f"{p} is not a YAML text file (not UTF-8)") from None
+        except OSError as exc:  # a directory, a special file, no permission: name the file, not an errno
+            raise ConfigError(
+                f"{p}: cannot read it ({(exc.strerror or str(exc)).lower()}); give a YAML config file"
+            ) from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {_yaml_problem(exc)}") from None
+            raise ConfigError(f"{p} is not valid YAML: {yaml_problem(exc)}") from None
     return parse_config(tree, overrides)
 
 

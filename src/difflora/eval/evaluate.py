@@ -59,6 +59,7 @@ from difflora.files.images import grid_png
 from difflora.sampling.generate import data_conditions, default_labels, generate
 from difflora.sampling.student import Student, student_of
 from difflora.train.checkpoint import CheckpointError
+from difflora.train.footprint import check_memory
 from difflora.train.loop import write_json
 from difflora.train.run_dir import read_json
 from difflora.train.run_loader import open_run
@@ -202,6 +203,7 @@ def evaluate_run(
     _check_out_dir(out_dir)
     s, scales = e.sampling(cfg, run_dir)
     dev = torch.device(device)
+    check_memory(cfg, dev, f"eval of {e.num_samples} samples", samples=e.num_samples, guided=scales != [1.0])
     # Spatial tasks: features, reference and floor of the plain dataset; one entry per task and scale.
     plain = cfg.model_copy(update={"data": cfg.data.model_copy(update={"spatial": None})})
     net, net_source = _resolve_feature_net(plain, feature_net, cache_dir, feature_train, dev, progress)

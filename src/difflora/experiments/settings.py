@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from difflora.config.schema import Config, ConfigError, config_to_dict, parse_config
+from difflora.config.schema import Config, ConfigError, config_to_dict, parse_saved_config
 from difflora.eval.evaluate import METRICS_VERSION
 from difflora.experiments.study_spec import Study, StudyArm, StudyEval
 from difflora.sampling.student import student_of
@@ -59,6 +59,6 @@ def same_config(saved: dict[str, Any], cfg: Config) -> bool:
     made before a config key existed counts as having that key's default (which is what it ran with);
     a record today's schema rejects (a removed key) is another config."""
     try:
-        return config_to_dict(parse_config(saved)) == config_to_dict(cfg)
+        return config_to_dict(parse_saved_config(saved)) == config_to_dict(cfg)
     except ConfigError:
         return False

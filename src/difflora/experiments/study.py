@@ -40,8 +40,9 @@ from difflora.experiments.study_spec import (
     study_out_dir,
 )
 from difflora.files.atomic import storage_errors, write_bytes
-from difflora.train import train
+from difflora.train import resolve_device, train
 from difflora.train.checkpoint import find_checkpoints
+from difflora.train.footprint import check_memory, training_batch
 
 __all__ = ["git_state", "run_all", "run_study"]
 
@@ -232,6 +233,7 @@ def run_all(
         if all(a.name != extra.name for a in arms):
             log(f"[{extra.name}] runs too: other arms start from its runs (train.init_from: arm:{extra.name})")
     runs = plan_runs(study, arms, out_dir, records_dir)
+    _check_memory(study, runs, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(runs, desc="study", unit="run", disable=not progress, dynamic_ncols=True)
     spent: list[float] = []  # wall time of each run trained or evaluated in this call, for the estimate
@@ -274,6 +276,27 @@ def run_all(
             f"{i + 1} of {len(runs)} runs, at most ~{left:.0f} min left at this pace"
         )
     bar.close()
+
+
+def _check_memory(study: Study, runs: list[tuple[StudyArm, int, str, str]], out_dir: Path) -> None:
+    """Every arm that will train or be scored fits in memory: checked for all of them before the first trains."""
+    work = [(arm, seed, state) for arm, seed, state, _ in runs if state in ("train", "resume", "score")]
+    checked: set[str] = set()
+    for arm, seed, _ in work:  # the seeds of an arm share its footprint: one check per arm
+        if arm.name in checked:
+            continue
+        checked.add(arm.name)
+        cfg = arm_config(study, arm, seed, out_dir)
+        settings = eval_settings(study, arm, cfg)
+        trains = any(a.name == arm.name and state != "score" for a, _, state in work)
+        check_memory(
+            cfg,
+            resolve_device(cfg.train.device),
+            f"study arm {arm.name}",
+            train_batch=training_batch(cfg) if trains else 0,
+            samples=max(settings["num_samples"], cfg.sample.num),
+            guided=any(w != 1 for w in settings["guidance"]),
+        )
 
 
 # What run_all does with a run, by the state plan_runs finds it in.

@@ -216,11 +216,18 @@ def add_context_tokens(net: nn.Module, cfg: Config) -> None:
 
 
 def freeze_entries(model: nn.Module, name: str, frozen: int) -> None:
-    """Hold the first ``frozen`` entries of every bank of adapter ``name`` as frozen parameters."""
-    for _, layer in adapter_layers(model):
-        branch = layer.adapters[name] if name in layer.adapters else None
-        if branch is not None:
-            branch.set_entries({n: branch.entries(n) for n in branch.bank_names}, frozen)
+    """Hold the first ``frozen`` entries of every bank of adapter ``name`` as frozen parameters: on
+    every layer or (a ValueError naming the first layer that refuses) on none."""
+    plans = [
+        (path, branch, {n: branch.entries(n) for n in branch.bank_names})
+        for path, layer in adapter_layers(model)
+        if (branch := layer.adapters[name] if name in layer.adapters else None) is not None
+    ]
+    for path, branch, banks in plans:
+        if (problem := branch.entries_problem(banks, frozen)) is not None:
+            raise ValueError(f"adapter {name} on {path}: {problem}; no layer was changed")
+    for _, branch, banks in plans:
+        branch.set_entries(banks, frozen)
 
 
 def _model_adapters(cfg: ModelConfig, net: nn.Module | None) -> list[AdapterConfig]:

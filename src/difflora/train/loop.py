@@ -29,17 +29,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from difflora.config.schema import Config, ConfigError, config_to_dict, parse_config
+from difflora.config.schema import Config, ConfigError, config_to_dict, parse_saved_config
 from difflora.data import BatchSource, open_batches
 from difflora.data.spatial import grid_indices
 from difflora.files.atomic import append_line, write_bytes
@@ -60,8 +58,10 @@ from difflora.train.checkpoint import (
     unchecked,
 )
 from difflora.train.dependents import record_dependent
-from difflora.train.distributed import Dist, launched_rank, process_group, wrap_model
+from difflora.train.distributed import Dist, launched_rank, launched_world_size, process_group, wrap_model
 from difflora.train.ema import EMA
+from difflora.train.footprint import check_memory, training_batch
+from difflora.train.interrupt import DeferredInterrupt
 from difflora.train.launcher import accelerate_flags
 from difflora.train.objectives import build_objective
 from difflora.train.precision import grad_scaler
@@ -69,13 +69,14 @@ from difflora.train.run_dir import (
     RunExistsError,
     check_writable,
     load_run_config,
+    lock_run,
     merge_accounting_segment,
     read_json,
     read_metrics,
     truncate_metrics,
     write_json,
 )
-from difflora.train.run_lock import RunLocked, check_unlocked, run_lock
+from difflora.train.run_lock import RunLocked, check_unlocked
 from difflora.train.state import TrainState, Window
 from difflora.train.step import (
     TrainingDiverged,
@@ -125,7 +126,7 @@ def _check_resume_config(saved: dict[str, Any], cfg: Config) -> None:
     (and so ran with its default) resumes; a saved key today's schema rejects is compared as stored."""
     now = config_to_dict(cfg)
     try:
-        saved = config_to_dict(parse_config(saved))
+        saved = config_to_dict(parse_saved_config(saved))
     except ConfigError:
         pass
     diffs = []
@@ -388,32 +389,6 @@ def _after_step(st: TrainState, end: int, lr: float, metrics, writer) -> None:
         _checkpoint(st, done)
 
 
-class _DeferredInterrupt:
-    """SIGINT handler for the loop: the first Ctrl-C asks the loop to stop after the step in
-    progress (checkpointed); a second one raises KeyboardInterrupt at once."""
-
-    def __init__(self, log: Callable[[str], None]):
-        self.requested = False
-        self.log = log
-
-    def __call__(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.log("\ninterrupt: finishing the current step, then checkpointing (Ctrl-C again to stop at once)")
-
-    @contextlib.contextmanager
-    def installed(self, enabled: bool = True) -> Iterator[_DeferredInterrupt]:
-        if not enabled or threading.current_thread() is not threading.main_thread():
-            yield self  # signal handlers live in the main thread (and a multi-process run stops at once)
-            return
-        previous = signal.signal(signal.SIGINT, self)
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-
 def _save_interrupted(st: TrainState, log: Callable[[str], None]) -> None:
     """Checkpoint the last completed step of an interrupted run (see the module docstring)."""
     newest = st.last_good or 0
@@ -455,7 +430,7 @@ def _run_steps(st: TrainState, end: int, progress: bool, log, callback) -> None:
     start, ok = st.step, False
     st.model.train()
     try:
-        with _DeferredInterrupt(log).installed(not st.dist.distributed) as interrupt:
+        with DeferredInterrupt(log).installed(not st.dist.distributed) as interrupt:
             while st.step < end:
                 lr = _timed_step(st, end, start)
                 bar.update(1)
@@ -559,7 +534,11 @@ def train(
     if launched_rank() == 0:
         for line in flags:
             log(line)
-        check_unlocked(out)  # a second writer is refused before it reads or builds anything
+    # A second writer is refused before it reads or builds anything; every process asks, so that
+    # none is left waiting for a process 0 that was refused.
+    check_unlocked(out)
+    micro = training_batch(cfg, launched_world_size())
+    check_memory(cfg, resolve_device(cfg.train.device), "train", train_batch=micro, samples=cfg.sample.num)
     newest = find_checkpoints(out)[-1:]
     if newest and not resume:
         raise RunExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
@@ -576,9 +555,12 @@ def train(
         if ctx.is_main and st.base is not None:
             record_dependent(st.base["path"], out)  # from now on the base's retention spares that checkpoint
         # Process 0 alone writes, so it alone holds the run's lock: from its first write to its exit.
-        with run_lock(out) if ctx.is_main else contextlib.nullcontext():
+        with contextlib.ExitStack() as held:
+            refused = lock_run(held, out, newest) if ctx.is_main else None
+            if ctx.max(torch.tensor([float(refused is not None)], device=device)).item():
+                # Every process leaves with the refusal, none waits for a process 0 that is gone.
+                raise refused or RunLocked(f"process 0 was refused the lock of {out} (see its error)")
             if ctx.is_main:
-                _check_unchanged(out, newest)
                 _open_run_dir(out, cfg, ckpt, log)
             ctx.barrier()  # every process has read the checkpoint before process 0 writes any
             start = st.step
@@ -586,13 +568,6 @@ def train(
             result = _finish(st, start, resumed=ckpt is not None)
             ctx.barrier()  # no process moves on (e.g. to resume the run) before process 0 has written it
         return result
-
-
-def _check_unchanged(out: Path, newest: list[Path]) -> None:
-    """Refuse when another writer finished a checkpoint of ``out`` between this command's first look
-    (``newest``) and its lock: what it read or built would overwrite newer work."""
-    if find_checkpoints(out)[-1:] != newest:
-        raise RunLocked(f"another process wrote a checkpoint of {out} while this command was preparing; run it again")
 
 
 def _silent(message: str) -> None:

@@ -19,21 +19,26 @@ over the segments of a run, never overwritten by a segment that timed nothing).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from difflora.config.schema import Config, parse_config
+from difflora.config.schema import Config, parse_saved_config
 from difflora.files.atomic import write_bytes
 from difflora.files.jsonfile import read_json_file
+from difflora.train.checkpoint import find_checkpoints
+from difflora.train.run_lock import RunLocked, run_lock
 
 __all__ = [
     "RunDirNotWritable",
     "RunExistsError",
+    "check_unchanged",
     "check_writable",
     "load_run_config",
+    "lock_run",
     "merge_accounting_segment",
     "read_metrics",
     "truncate_metrics",
@@ -64,7 +69,7 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not path.is_file():  # FileNotFoundError, not the ValueError of a damaged file
         raise FileNotFoundError(f"{run_dir} is not a difflora run directory: {path} is missing")
     # expect=dict: parse_config would read a config.json holding null as the default config.
-    return parse_config(read_json_file(path, fix=RESTORE_CONFIG, expect=dict))
+    return parse_saved_config(read_json_file(path, fix=RESTORE_CONFIG, expect=dict))
 
 
 def check_writable(out: Path) -> None:
@@ -157,3 +162,21 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return tree if isinstance(tree, dict) else None
+
+
+def lock_run(held: contextlib.ExitStack, out: Path, newest: list[Path]) -> RunLocked | None:
+    """Take the lock of ``out`` into ``held`` (process 0); the refusal, if any, is returned so that
+    every process can be told before it is raised."""
+    try:
+        held.enter_context(run_lock(out))
+        check_unchanged(out, newest)
+    except RunLocked as exc:
+        return exc
+    return None
+
+
+def check_unchanged(out: Path, newest: list[Path]) -> None:
+    """Refuse when another writer finished a checkpoint of ``out`` between this command's first look
+    (``newest``) and its lock: what it read or built would overwrite newer work."""
+    if find_checkpoints(out)[-1:] != newest:
+        raise RunLocked(f"another process wrote a checkpoint of {out} while this command was preparing; run it again")
