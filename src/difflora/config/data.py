@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from difflora.config.base import StrictModel, hold_fixed
 
-__all__ = ["DATASET_SHAPES", "DataConfig", "SpatialConfig", "TaskDataConfig", "resolve_channels"]
+__all__ = ["DATASET_SHAPES", "DataConfig", "DatasetName", "SpatialConfig", "TaskDataConfig", "resolve_channels"]
 
 
 # Native (image_size, channels) of each dataset; None where the files decide (image folders).

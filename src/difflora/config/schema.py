@@ -35,6 +35,7 @@ from difflora.config.base import ConfigError, GuidanceScale, StrictModel, hold_f
 from difflora.config.data import (
     DATASET_SHAPES,
     DataConfig,
+    DatasetName,
     SpatialConfig,
     TaskDataConfig,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "parse_config",
     "parse_saved_config",
     "DATASET_SHAPES",
+    "DatasetName",
 ]
 
 
