@@ -67,6 +67,15 @@ def diffusers_problem(model: Any) -> str | None:
             f"model.diffusers.config.patch_size ({patch!r}) must be a positive integer dividing model.image_size "
             f"({model.image_size}); set model.diffusers.config.patch_size to a divisor of it"
         )
+    # The UNets halve the image once per down block but the last: skips would not line up otherwise.
+    blocks = d.config.get("block_out_channels", (0,) * 4)  # both classes default to four blocks
+    if d.class_name != "DiTTransformer2DModel" and isinstance(blocks, list | tuple) and blocks:
+        factor = 2 ** (len(blocks) - 1)
+        if model.image_size % factor:
+            return (
+                f"model.image_size ({model.image_size}) cannot be taken by this {d.class_name}: its "
+                f"{len(blocks)} blocks need a multiple of {factor}; set data.image_size to a multiple of {factor}"
+            )
     if not model.time_embed:
         return (
             "model.time_embed=false: a diffusers model keeps its own time embedding (TimeLoRA then adds to it, "

@@ -2,7 +2,7 @@
 
 This module is the bottom of the house: every layer may import it and it imports nothing of
 difflora but its own parts (``config.base``: the strict base model; ``config.adapters``: the adapter,
-Affiner and distillation sections; ``config.diffusers``: a diffusers backbone), which it re-exports, and :mod:`difflora.presets` (where the
+Affiner and distillation sections; ``config.diffusers``: a diffusers backbone; ``config.diffusion``: the noise process), which it re-exports, and :mod:`difflora.presets` (where the
 shipped configs are). A config is passed whole to the code
 that needs it (``UNetModel(cfg.model)``), never unpacked into a dozen keyword arguments.
 
@@ -33,6 +33,8 @@ from difflora.config.adapters import (
 from difflora.config.backbones import DIT_PRESETS, ContextConfig, DiTConfig, UNetConfig
 from difflora.config.base import ConfigError, GuidanceScale, StrictModel, hold_fixed, unused_at_default
 from difflora.config.diffusers import DiffusersConfig, diffusers_problem
+from difflora.config.diffusion import DiffusionConfig
+from difflora.config.pretrained import expand_pretrained
 from difflora.presets import config_presets, resolve_config
 
 __all__ = [
@@ -190,6 +192,9 @@ def _resolve_channels(data: DataConfig | TaskDataConfig, where: str) -> int:
 class ModelConfig(StrictModel):
     # diffusers: a diffusers model built from model.diffusers (difflora.nets.diffusers_wrap).
     arch: Literal["unet", "dit", "diffusers"] = "unet"
+    # A diffusers model or pipeline folder (difflora.config.pretrained): it decides the architecture
+    # and the noise process, and its weights are the base (train.init_from defaults to it).
+    pretrained: str | None = None
     # Filled from the data config when None.
     image_size: int | None = Field(default=None, ge=4)
     in_channels: int | None = Field(default=None, ge=1)
@@ -237,18 +242,6 @@ class ModelConfig(StrictModel):
             section = getattr(self, name)
             hold_fixed(section, f"model.{name}", unused_at_default(section), f"model.arch={self.arch}")
         return self
-
-
-class DiffusionConfig(StrictModel):
-    steps: int = Field(default=1000, ge=1)
-    noise_schedule: Literal["linear", "cosine"] = "linear"
-    # Without learned variance: fixed-small (posterior variance) or fixed-large (beta_t).
-    sigma_small: bool = False
-    # mse: L_simple. hybrid: L_simple + lambda L_vb (IDDPM; needs learn_sigma).
-    # None: hybrid with a learned variance, mse without (what improved-diffusion does).
-    loss: Literal["mse", "hybrid"] | None = None
-    # Feed the network t * 1000 / T, as improved-diffusion does, so time embeddings see one range.
-    rescale_timesteps: bool = True
 
 
 class TrainConfig(StrictModel):
@@ -365,6 +358,10 @@ class Config(StrictModel):
             )
         if m.arch == "dit" and m.image_size % m.dit.patch_size:
             raise ValueError(f"model.dit.patch_size ({m.dit.patch_size}) must divide model.image_size ({m.image_size})")
+        if m.pretrained is not None and m.arch != "diffusers":
+            raise ValueError(
+                "model.pretrained: load the config with load_config or parse_config (they read the folder)"
+            )
         if m.arch == "diffusers" and (problem := diffusers_problem(m)):
             raise ValueError(problem)
         self._check_affiner_tasks()
@@ -568,7 +565,7 @@ def parse_config(tree: dict[str, Any] | None, overrides: list[str] | tuple[str, 
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     try:
-        return Config.model_validate(tree)
+        return Config.model_validate(expand_pretrained(tree))
     except ValidationError as err:
         raise _explain(err) from None
 

@@ -16,6 +16,7 @@ from difflora.diffusion.samplers import StepOutput, ddim_step, p_sample_step, sa
 from difflora.diffusion.schedules import (
     betas_for_alpha_bar,
     cosine_beta_schedule,
+    diffusers_betas,
     get_named_beta_schedule,
     linear_beta_schedule,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "betas_for_alpha_bar",
     "cosine_beta_schedule",
     "create_diffusion",
+    "diffusers_betas",
     "ddim_step",
     "discretized_gaussian_log_likelihood",
     "drop_labels",

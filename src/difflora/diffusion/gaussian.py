@@ -1,12 +1,13 @@
 """The Gaussian diffusion process: forward noising, posterior, model-predicted reverse step, losses.
 
 Follows Nichol & Dhariwal's improved DDPM (IDDPM): epsilon prediction, fixed or learned-range
-variance, L_simple and the hybrid loss. Timesteps count 0..T-1; t = 0 is the first noising step,
+variance, L_simple and the hybrid loss; the network may instead predict v (``prediction_type``,
+as diffusers' v_prediction models do: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0). Timesteps count 0..T-1; t = 0 is the first noising step,
 so the reverse process ends by predicting x_0 from x at t = 0.
 
 The object never owns the network: every method that needs predictions takes a model callable
 ``model(x, t, **model_kwargs) -> [N x C_out x H x W]`` (C_out = 2C with learned variance: first the
-predicted noise, then the variance interpolation values v in [-1, 1]). ``t`` is always the
+prediction (the noise, or v), then the variance interpolation values in [-1, 1]). ``t`` is always the
 original-process integer timestep (int64 [N], 0..T-1; under respacing the original timestep a
 process index stands for): IDDPM's rescaled float ``t * 1000 / T`` is the backbone's input, which
 the model wrapper (:class:`difflora.model.build.DiffusionModel`) computes from it.
@@ -28,14 +29,24 @@ from torch import Tensor
 
 from difflora.diffusion.likelihoods import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
-__all__ = ["GaussianDiffusion", "LossType", "ModelFn", "ModelVarType", "extract_into_tensor", "randn"]
+__all__ = [
+    "GaussianDiffusion",
+    "LossType",
+    "ModelFn",
+    "ModelVarType",
+    "PredictionType",
+    "extract_into_tensor",
+    "randn",
+]
 
 ModelVarType = Literal["fixed_small", "fixed_large", "learned_range"]
 LossType = Literal["mse", "hybrid"]
+PredictionType = Literal["epsilon", "v_prediction"]
 ModelFn = Callable[..., Tensor]
 
 _VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 _LOSS_TYPES = ("mse", "hybrid")
+_PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def extract_into_tensor(arr: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
@@ -74,6 +85,11 @@ class GaussianDiffusion:
             input is float t * 1000 / T, so time embeddings see the range of a T = 1000 process
             whatever T is. Kept with the process it belongs to, but applied by the model wrapper:
             the model callable itself always receives the integer t (see :meth:`model_timesteps`).
+        prediction_type: what the model's first C channels predict: "epsilon" (the noise) or
+            "v_prediction" (v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0); the training target and
+            every sampler's x_0 and noise estimates follow it.
+        clip_denoised: the samplers' default for clamping the x_0 estimate to [-1, 1] at each step
+            (diffusers' ``clip_sample``).
     """
 
     def __init__(
@@ -83,7 +99,11 @@ class GaussianDiffusion:
         model_var_type: ModelVarType = "fixed_small",
         loss_type: LossType = "mse",
         rescale_timesteps: bool = True,
+        prediction_type: PredictionType = "epsilon",
+        clip_denoised: bool = True,
     ) -> None:
+        if prediction_type not in _PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {_PREDICTION_TYPES}, got {prediction_type!r}")
         if model_var_type not in _VAR_TYPES:
             raise ValueError(f"model_var_type must be one of {_VAR_TYPES}, got {model_var_type!r}")
         if loss_type not in _LOSS_TYPES:
@@ -100,6 +120,8 @@ class GaussianDiffusion:
         self.model_var_type: ModelVarType = model_var_type
         self.loss_type: LossType = loss_type
         self.rescale_timesteps = rescale_timesteps
+        self.prediction_type: PredictionType = prediction_type
+        self.clip_denoised = clip_denoised
 
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.size == 0:
@@ -209,19 +231,39 @@ class GaussianDiffusion:
             self.sqrt_recipm1_alphas_cumprod, t, x_t
         )
 
+    def prediction_target(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """What the model should output for x_t = q_sample(x_start, t, noise): the noise, or v."""
+        if self.prediction_type == "epsilon":
+            return noise
+        return (
+            extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start) * noise
+            - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
+        )
+
+    def split_prediction(self, x_t: Tensor, t: Tensor, prediction: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_0, eps) the model's prediction (its first C channels) at x_t stands for, unclipped."""
+        if self.prediction_type == "epsilon":
+            return self.predict_xstart_from_eps(x_t, t, prediction), prediction
+        # v = a eps - s x_0 with x_t = a x_0 + s eps (a^2 + s^2 = 1): x_0 = a x_t - s v, eps = a v + s x_t.
+        a = extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t)
+        s = extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return a * x_t - s * prediction, a * prediction + s * x_t
+
     # -------------------------------------------------------------------------------- reverse process
 
     def p_from_output(
-        self, model_output: Tensor, x: Tensor, t: Tensor, *, clip_denoised: bool = True
+        self, model_output: Tensor, x: Tensor, t: Tensor, *, clip_denoised: bool | None = None
     ) -> dict[str, Tensor]:
         """Turn a model output at x_t into p(x_{t-1} | x_t).
 
         Args:
-            model_output: [N x C_out x H x W], C_out = C (noise) or 2C (noise, then v in [-1, 1]).
+            model_output: [N x C_out x H x W], C_out = C (the prediction: noise or v) or 2C (then the
+                variance values in [-1, 1]).
             x: x_t [N x C x H x W]. t: process timesteps [N].
-            clip_denoised: clamp the x_0 estimate to [-1, 1] before forming the mean.
+            clip_denoised: clamp the x_0 estimate to [-1, 1] before forming the mean (None: the
+                diffusion's ``clip_denoised``).
         Returns a dict of [N x C x H x W] tensors: "mean", "variance", "log_variance",
-        "pred_xstart" (clipped if asked) and "eps" (the predicted noise, as output).
+        "pred_xstart" (clipped if asked) and "eps" (the predicted noise, unclipped).
         """
         n, c = x.shape[:2]
         want = 2 * c if self.learn_sigma else c
@@ -232,7 +274,7 @@ class GaussianDiffusion:
                 f"model_var_type={self.model_var_type!r}{hint}"
             )
         if self.learn_sigma:
-            eps, v = model_output[:, :c], model_output[:, c:]
+            prediction, v = model_output[:, :c], model_output[:, c:]
             min_log = extract_into_tensor(self.posterior_log_variance_clipped, t, x)
             max_log = extract_into_tensor(self.log_betas, t, x)
             # v = -1 gives beta-tilde_t, v = 1 gives beta_t; interpolating logs spans orders of magnitude.
@@ -240,7 +282,7 @@ class GaussianDiffusion:
             log_variance = frac * max_log + (1 - frac) * min_log
             variance = torch.exp(log_variance)
         else:
-            eps = model_output
+            prediction = model_output
             if self.model_var_type == "fixed_small":
                 var_arr, log_arr = self.posterior_variance, self.posterior_log_variance_clipped
             else:
@@ -248,8 +290,8 @@ class GaussianDiffusion:
             variance = extract_into_tensor(var_arr, t, x).expand_as(x)
             log_variance = extract_into_tensor(log_arr, t, x).expand_as(x)
 
-        pred_xstart = self.predict_xstart_from_eps(x, t, eps)
-        if clip_denoised:
+        pred_xstart, eps = self.split_prediction(x, t, prediction)
+        if self.clip_denoised if clip_denoised is None else clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         # The model's mean is the true posterior mean with x_0 replaced by its estimate.
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
@@ -267,7 +309,7 @@ class GaussianDiffusion:
         x: Tensor,
         t: Tensor,
         *,
-        clip_denoised: bool = True,
+        clip_denoised: bool | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, Tensor]:
         """Evaluate the model once at (x_t, t) and return p(x_{t-1} | x_t) (see ``p_from_output``)."""
@@ -309,6 +351,7 @@ class GaussianDiffusion:
             x_start: clean images [N x C x H x W] in [-1, 1]. t: timesteps [N] (int64, 0..T-1).
             noise: the noise to diffuse with; drawn from ``generator`` when None.
         Returns {"loss", "mse"} and, for the hybrid loss, "vb"; each [N]. "loss" = "mse" (+ "vb").
+        "mse" is against :meth:`prediction_target` (the noise, or v).
         """
         if noise is None:
             noise = randn(x_start.shape, generator, device=x_start.device, dtype=x_start.dtype)
@@ -317,20 +360,20 @@ class GaussianDiffusion:
         c = x_start.shape[1]
         terms: dict[str, Tensor] = {}
         if self.learn_sigma:
-            eps = model_output[:, :c]
+            prediction = model_output[:, :c]
             if self.loss_type == "hybrid":
                 # Stop-gradient on the mean: the bound only trains the variance channels, so the noise
                 # prediction is driven by L_simple alone (IDDPM section 3.1).
-                frozen_out = torch.cat([eps.detach(), model_output[:, c:]], dim=1)
+                frozen_out = torch.cat([prediction.detach(), model_output[:, c:]], dim=1)
                 vb = self.vb_terms_bpd(frozen_out, x_start, x_t, t, clip_denoised=False)["output"]
                 # Per-step terms average over t; T/1000 turns that into lambda = 1e-3 times the full
                 # bound's sum over T steps (IDDPM's RESCALED_MSE), independent of T.
                 terms["vb"] = vb * (self.num_timesteps / 1000.0)
         else:
-            eps = model_output
-        if eps.shape != noise.shape:
+            prediction = model_output
+        if prediction.shape != noise.shape:
             raise ValueError(f"model output {tuple(model_output.shape)} does not match x {tuple(x_start.shape)}")
-        terms["mse"] = mean_flat((noise - eps) ** 2)
+        terms["mse"] = mean_flat((self.prediction_target(x_start, t, noise) - prediction) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
 
@@ -364,7 +407,7 @@ class GaussianDiffusion:
             x_t = self.q_sample(x_start, t, noise)
             out = self.call_model(model, x_t, t, model_kwargs)
             vb.append(self.vb_terms_bpd(out, x_start, x_t, t, clip_denoised=clip_denoised)["output"])
-            mse.append(mean_flat((out[:, : x_start.shape[1]] - noise) ** 2))
+            mse.append(mean_flat((out[:, : x_start.shape[1]] - self.prediction_target(x_start, t, noise)) ** 2))
         vb_t = torch.stack(vb[::-1], dim=1)
         prior = self.prior_bpd(x_start)
         return {"total_bpd": vb_t.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb_t, "mse": torch.stack(mse[::-1], 1)}

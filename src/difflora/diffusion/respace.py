@@ -18,7 +18,7 @@ from torch import Tensor
 
 from difflora.config.schema import DiffusionConfig
 from difflora.diffusion.gaussian import GaussianDiffusion
-from difflora.diffusion.schedules import get_named_beta_schedule
+from difflora.diffusion.schedules import diffusers_betas, get_named_beta_schedule
 
 __all__ = ["SpacedDiffusion", "create_diffusion", "space_timesteps"]
 
@@ -92,13 +92,18 @@ def create_diffusion(
     """Build the diffusion of a config.
 
     Args:
-        cfg: steps (T), noise_schedule, sigma_small, loss, rescale_timesteps.
+        cfg: steps (T), the beta schedule (noise_schedule, or diffusers' beta_schedule with
+            beta_start and beta_end), prediction_type, sigma_small, loss, rescale_timesteps,
+            clip_denoised.
         learn_sigma: the network outputs 2C channels (learned-range variance); otherwise the
             variance is fixed-small (cfg.sigma_small) or fixed-large.
         respacing: None for the full T-step process; an int N for N evenly spaced steps (first
             and last included); a string or list for ``space_timesteps`` ("ddim50", "10,20,30").
     """
-    betas = get_named_beta_schedule(cfg.noise_schedule, cfg.steps)
+    if cfg.beta_schedule is None:
+        betas = get_named_beta_schedule(cfg.noise_schedule, cfg.steps)
+    else:
+        betas = diffusers_betas(cfg.beta_schedule, cfg.steps, cfg.beta_start, cfg.beta_end)
     if learn_sigma:
         var_type = "learned_range"
     else:
@@ -108,6 +113,8 @@ def create_diffusion(
         # None (the config default): hybrid with a learned variance, mse without, as improved-diffusion.
         "loss_type": cfg.loss or ("hybrid" if learn_sigma else "mse"),
         "rescale_timesteps": cfg.rescale_timesteps,
+        "prediction_type": cfg.prediction_type,
+        "clip_denoised": cfg.clip_denoised,
     }
     if respacing is None:
         return GaussianDiffusion(betas, **kwargs)

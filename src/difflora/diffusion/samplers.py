@@ -37,12 +37,13 @@ def p_sample_step(
     *,
     generator: torch.Generator | None = None,
     model_kwargs: dict[str, Any] | None = None,
-    clip_denoised: bool = True,
+    clip_denoised: bool | None = None,
     noise: Tensor | None = None,
 ) -> StepOutput:
     """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t); x [N x C x H x W], t [N] process indices.
 
-    ``noise`` (same shape as x) replaces the draw from ``generator`` when given.
+    ``noise`` (same shape as x) replaces the draw from ``generator`` when given. ``clip_denoised``:
+    clamp the x_0 estimate to [-1, 1] (None: the diffusion's ``clip_denoised``), as in every sampler.
     """
     # Mean and variance of p(x_{t-1} | x_t) from one model evaluation.
     out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
@@ -63,7 +64,7 @@ def ddim_step(
     generator: torch.Generator | None = None,
     eta: float = 0.0,
     model_kwargs: dict[str, Any] | None = None,
-    clip_denoised: bool = True,
+    clip_denoised: bool | None = None,
     noise: Tensor | None = None,
 ) -> StepOutput:
     """One DDIM step x_t -> x_{t-1} (Song et al. eq. 12); eta = 0 is deterministic, eta = 1 has
@@ -97,7 +98,7 @@ def sample(
     sampler: Literal["ddpm", "ddim"] = "ddpm",
     eta: float = 0.0,
     model_kwargs: dict[str, Any] | None = None,
-    clip_denoised: bool = True,
+    clip_denoised: bool | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
     noise: Tensor | None = None,

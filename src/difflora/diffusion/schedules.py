@@ -12,7 +12,13 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["betas_for_alpha_bar", "cosine_beta_schedule", "get_named_beta_schedule", "linear_beta_schedule"]
+__all__ = [
+    "betas_for_alpha_bar",
+    "cosine_beta_schedule",
+    "diffusers_betas",
+    "get_named_beta_schedule",
+    "linear_beta_schedule",
+]
 
 
 def linear_beta_schedule(num_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
@@ -68,3 +74,22 @@ def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     except KeyError:
         raise ValueError(f"unknown noise schedule {name!r}; valid: {', '.join(sorted(_SCHEDULES))}") from None
     return factory(num_timesteps)
+
+
+def diffusers_betas(name: str, num_timesteps: int, beta_start: float = 0.0001, beta_end: float = 0.02) -> np.ndarray:
+    """diffusers' ``beta_schedule`` ``name`` with ``num_timesteps`` steps, [T] float64.
+
+    ``linear``: linspace(beta_start, beta_end, T), with no 1000/T scaling (unlike IDDPM's linear);
+    ``scaled_linear``: linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2 (Stable Diffusion);
+    ``squaredcos_cap_v2``: the cosine schedule (s = 0.008) with betas capped at 0.999. diffusers
+    computes these in float32; float64 here agrees with them to float32 rounding.
+    """
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    if name == "linear":
+        return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+    if name == "scaled_linear":
+        return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
+    if name == "squaredcos_cap_v2":
+        return cosine_beta_schedule(num_timesteps)
+    raise ValueError(f"unknown beta_schedule {name!r}; valid: linear, scaled_linear, squaredcos_cap_v2")

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from difflora.adapters.weightings import check_values
+from difflora.config.pretrained import is_pretrained_folder
 from difflora.config.schema import DISTILL_ADAPTER, Config, config_to_dict, parse_config
 from difflora.diffusion.guidance import NULL_LABEL, ClassifierFreeGuidance, guide
 from difflora.diffusion.likelihoods import mean_flat
@@ -179,13 +180,27 @@ def frozen_teacher(cfg: Config) -> nn.Module:
     return teacher.eval().requires_grad_(False)
 
 
+def _teacher_config(path: Path, overrides: list[str] | tuple[str, ...]) -> Config:
+    """The teacher's config: a run's saved one, or (a diffusers folder, ``model.pretrained``) the one the
+    folder describes, on the data the ``data.*`` overrides name."""
+    if is_pretrained_folder(path):
+        return parse_config({"model": {"pretrained": str(path)}}, [o for o in overrides if o.startswith("data.")])
+    teacher = load_run_config(path)
+    if teacher.train.init_from or teacher.model.adapters:
+        raise ValueError(
+            f"the teacher run {path} has adapters; distil a run trained without adapters (the LoRA's base)"
+        )
+    return teacher
+
+
 def distill_config(
     teacher_run: str | Path,
     guidance: float | None = None,
     guidance_range: tuple[float, float] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
 ) -> Config:
-    """The config of a distillation run from the teacher run ``teacher_run`` (its saved config).
+    """The config of a distillation run from the teacher run ``teacher_run`` (its saved config), or from
+    a diffusers model or pipeline folder (``model.pretrained``; ``overrides`` then give its data).
 
     ``guidance`` w of a fixed-w student, or ``guidance_range`` (w_min, w_max) of a guidance-scale
     LoRA (then ``guidance`` is the scale sampling defaults to; default the middle of the range).
@@ -194,18 +209,14 @@ def distill_config(
     path = Path(teacher_run)
     if not path.exists():
         raise FileNotFoundError(f"teacher run {teacher_run} does not exist; give the run directory of a trained model")
-    teacher = load_run_config(path)
+    teacher = _teacher_config(path, overrides)
     if not teacher.model.num_classes:
         raise ValueError(
             f"the teacher run {teacher_run} is unconditional (model.num_classes = 0): classifier-free guidance, "
             "and so its distillation, needs a class-conditional teacher"
         )
-    if teacher.train.init_from or teacher.model.adapters:
-        raise ValueError(
-            f"the teacher run {teacher_run} has adapters; distil a run trained without adapters (the LoRA's base)"
-        )
     tree = config_to_dict(teacher)
-    tree["train"].update(init_from=str(path), objective="distill", train_base=False)
+    tree["train"].update(init_from=teacher.model.pretrained or str(path), objective="distill", train_base=False)
     tree["distill"] = {}
     if guidance_range is not None:
         low, high = guidance_range

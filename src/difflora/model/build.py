@@ -31,7 +31,7 @@ from difflora.config.schema import Config
 from difflora.diffusion import create_diffusion
 from difflora.model.expand import expand_model
 
-__all__ = ["NET_INPUTS", "DiffusionModel", "build_diffusion", "build_model"]
+__all__ = ["NET_INPUTS", "DiffusionModel", "backbone_steps", "build_diffusion", "build_model"]
 
 # What the model callable passes to the backbone rather than to adapters: a cross-attention
 # context, the kept tokens of masked DiT training, a spatial condition image. Everything else it
@@ -121,8 +121,14 @@ class DiffusionModel(nn.Module):
             unmerge_adapters(self.net, *names)
 
 
-def build_model(cfg: Config) -> DiffusionModel:
+def build_model(cfg: Config, net: nn.Module | None = None) -> DiffusionModel:
     """The network of ``cfg.model`` wrapped as a :class:`DiffusionModel` (weights freshly initialised).
+
+    ``net``: a backbone the caller built for ``cfg.model`` instead (a diffusers model loaded with
+    ``from_pretrained``, a :class:`~difflora.nets.diffusers_wrap.DiffusersNet`, or a
+    :class:`DiffusionModel` whose backbone is taken), checked against the config
+    (:func:`difflora.nets.adopt_net`). Either way the wrapper's timestep convention is the one of
+    ``cfg.diffusion`` (:func:`backbone_steps`): nobody passes it by hand.
 
     The one expansion step (:func:`difflora.model.expand.expand_model`) adds what the config asks
     for: the adapter entries (``cfg.model.adapters``, empty targets: the backbone's attention
@@ -130,10 +136,18 @@ def build_model(cfg: Config) -> DiffusionModel:
     when ``cfg.train.train_base`` is false, and the papers' other parts. The injection report is
     kept as ``model.adapter_report`` (None when no adapter is injected).
     """
-    net, report = expand_model(cfg)
-    model = DiffusionModel(net, rescale_steps=cfg.diffusion.steps if cfg.diffusion.rescale_timesteps else None)
+    if isinstance(net, DiffusionModel):
+        net = net.net
+    net, report = expand_model(cfg, net)
+    model = DiffusionModel(net, rescale_steps=backbone_steps(cfg))
     model.adapter_report = report
     return model
+
+
+def backbone_steps(cfg: Config) -> int | None:
+    """The ``rescale_steps`` of the model of ``cfg``: T when the backbone takes IDDPM's float
+    ``t * 1000 / T`` (``diffusion.rescale_timesteps``), None for the integer t (diffusers' models)."""
+    return cfg.diffusion.steps if cfg.diffusion.rescale_timesteps else None
 
 
 def build_diffusion(cfg: Config, respacing: str | int | None = None):

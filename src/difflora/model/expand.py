@@ -36,7 +36,7 @@ from difflora.adapters import (
     inject_position_adapter,
 )
 from difflora.config.schema import AdapterConfig, Config, ModelConfig
-from difflora.nets import build_net
+from difflora.nets import adopt_net, build_net
 from difflora.registry import Registry
 
 __all__ = [
@@ -75,8 +75,9 @@ class Expansion:
 EXPANSIONS: Registry[Expansion] = Registry("model.expansion")
 
 
-def expand_model(cfg: Config) -> tuple[nn.Module, InjectionReport | None]:
-    """The backbone of ``cfg.model`` with everything the config adds (module docstring), and the
+def expand_model(cfg: Config, net: nn.Module | None = None) -> tuple[nn.Module, InjectionReport | None]:
+    """The backbone of ``cfg.model`` (or ``net``, one the caller built for it: see
+    :func:`difflora.nets.adopt_net`) with everything the config adds (module docstring), and the
     report of the adapters injected (None when the config injects none).
 
     Entries with empty ``targets`` go on the backbone's default targets
@@ -87,7 +88,7 @@ def expand_model(cfg: Config) -> tuple[nn.Module, InjectionReport | None]:
     for part in parts:
         if part.net_config is not None:
             model_cfg = part.net_config(model_cfg)
-    net = build_net(model_cfg)
+    net = build_net(model_cfg) if net is None else adopt_net(net, model_cfg)
     configs = adapter_entries(cfg, net)
     report = None
     if configs:

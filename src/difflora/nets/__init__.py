@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn as nn
 
 from difflora.config.schema import ModelConfig
@@ -23,6 +24,7 @@ __all__ = [
     "SPATIAL_INPUTS",
     "DiT",
     "UNetModel",
+    "adopt_net",
     "build_net",
     "count_parameters",
     "default_channel_mult",
@@ -44,3 +46,24 @@ def build_net(cfg: ModelConfig) -> nn.Module:
     if cfg.arch == "diffusers":
         return DiffusersNet.from_config(cfg)
     raise ValueError(f"model.arch: unknown architecture {cfg.arch!r}; choose unet, dit or diffusers")
+
+
+def adopt_net(net: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """A backbone the caller built (e.g. a diffusers model loaded with ``from_pretrained``) as the
+    backbone of ``cfg``: a diffusers model is wrapped as a :class:`DiffusersNet` with ``cfg``'s
+    classes. Its tensors must be the ones :func:`build_net` gives ``cfg`` (names and shapes), so that
+    a run trained on it reopens from its config; a ValueError names the first that differ."""
+    if type(net).__module__.split(".")[0] == "diffusers":
+        net = DiffusersNet(net, cfg.num_classes, cfg.class_embed, cfg.context.tokens)
+    with torch.device("meta"):  # shapes only: no second copy of the weights
+        reference = {k: tuple(v.shape) for k, v in build_net(cfg).state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    differ = sorted(set(reference) ^ set(given)) or sorted(k for k in given if given[k] != reference[k])
+    if differ:
+        key = differ[0]
+        raise ValueError(
+            f"the model given does not fit the config's model section ({len(differ)} tensor(s) differ, e.g. {key}: "
+            f"{given.get(key, 'absent')} given, {reference.get(key, 'absent')} in the config's model); describe the "
+            "same backbone in model.* (model.pretrained: its folder) and its adapters in model.adapters"
+        )
+    return net

@@ -1,6 +1,8 @@
 """Adapt a trained model: load a checkpoint trained without adapters into an adapted model.
 
-``train.init_from: RUN_DIR | CHECKPOINT_DIR`` names the base. Its keys map into the adapted
+``train.init_from: RUN_DIR | CHECKPOINT_DIR | DIFFUSERS_FOLDER`` names the base (a diffusers model or
+pipeline folder, ``model.pretrained``: its denoiser's safetensors fill the model's ``net.model.``,
+see :mod:`difflora.model.pretrained`). Its keys map into the adapted
 model by their paths: a wrapped layer's tensors live at ``<path>.base_layer.<param>`` in the
 adapted model and at ``<path>.<param>`` in the base; every other base key keeps its name. Tensors
 the adapters own (their parameters, and buffers of modules that hold only adapter parameters)
@@ -31,7 +33,9 @@ import torch
 from torch import nn
 
 from difflora.adapters import adapter_layers, adapter_parameters
+from difflora.config.pretrained import is_pretrained_folder
 from difflora.files.jsonfile import read_json_file
+from difflora.model.pretrained import PRETRAINED_KEY_PREFIX, pretrained_weights
 from difflora.registry import Registry
 from difflora.train.checkpoint import (
     CheckpointError,
@@ -52,6 +56,7 @@ __all__ = [
     "adapter_owned_keys",
     "base_key_map",
     "bases_cache_dir",
+    "describe_base",
     "key_listing",
     "load_base",
     "pretrained_run_dir",
@@ -108,10 +113,13 @@ def _pretrained_checkpoint(init_from: str) -> Path:
 
 def resolve_base_checkpoint(init_from: str | Path) -> Path:
     """The checkpoint directory ``init_from`` names: itself, a run directory's newest intact checkpoint,
-    or (``pretrained:NAME``) the final checkpoint of the shared base ``difflora pretrain NAME`` trained."""
+    (``pretrained:NAME``) the final checkpoint of the shared base ``difflora pretrain NAME`` trained, or
+    a diffusers model or pipeline folder (``model.pretrained``)."""
     if str(init_from).startswith(PRETRAINED_PREFIX):
         return _pretrained_checkpoint(str(init_from))
     path = Path(init_from)
+    if is_pretrained_folder(path):  # a diffusers model or pipeline folder (model.pretrained)
+        return path.resolve()
     if (path / "state.json").is_file():
         return path.resolve()
     if (path / "checkpoints").is_dir() or (path / "config.json").is_file():
@@ -194,6 +202,8 @@ def load_base(
     ``model.affiner.frozen_tasks``); any other adapter run is an error.
     """
     ckpt = resolve_base_checkpoint(init_from)
+    if is_pretrained_folder(ckpt):
+        return _load_pretrained(model, ckpt, weights, expect)
     sources, state = weight_sources(ckpt, weights)
     for reader in BASE_READERS.values():
         record = reader(model, ckpt, sources, state, expect)
@@ -206,6 +216,21 @@ def load_base(
             "with model.affiner.frozen_tasks (the number of tasks it holds)"
         )
     keymap = base_key_map(model)
+    fingerprint = _stream_into(model, ckpt, sources, keymap, expect)
+    return {
+        "path": str(ckpt),
+        "weights": weights,
+        "step": int(state["step"]),
+        "fingerprint": fingerprint,
+        "keys": keymap,
+    }
+
+
+def _stream_into(
+    model: nn.Module, ckpt: Path, sources: dict[str, Path], keymap: dict[str, str], expect: dict[str, Any] | None
+) -> str:
+    """Copy the base tensors ``sources`` into ``model`` by ``keymap`` ({model key: base key}) after checking
+    that they fit; their fingerprint, which must be ``expect``'s when a stored record is given."""
     wanted = {b: k for k, b in keymap.items()}
     _check_fit(ckpt, sources, wanted, model)
     target = model.state_dict()
@@ -213,16 +238,38 @@ def load_base(
     for key, tensor in stream_weights(sources):
         fp.update(key, tensor)
         target[wanted[key]].copy_(tensor)
-    record = {
-        "path": str(ckpt),
+    if expect is not None and fp.hexdigest() != expect["fingerprint"]:
+        raise base_missing(expect | {"path": str(ckpt)}, f"now holds other weights (fingerprint {fp.hexdigest()[:12]})")
+    return fp.hexdigest()
+
+
+def _load_pretrained(model: nn.Module, folder: Path, weights: str, expect: dict[str, Any] | None) -> dict[str, Any]:
+    """Load the denoiser of a diffusers folder into ``model`` (its ``net.model.``); the base record.
+
+    Tensors of ``model`` outside the diffusers model (a ``UNet2DConditionModel``'s learned context)
+    are not in the folder: they keep their initialisation and every checkpoint stores them.
+    """
+    keymap = {
+        k: b.removeprefix(PRETRAINED_KEY_PREFIX)
+        for k, b in base_key_map(model).items()
+        if b.startswith(PRETRAINED_KEY_PREFIX)
+    }
+    fingerprint = _stream_into(model, folder, pretrained_weights(folder), keymap, expect)
+    return {
+        "path": str(folder),
+        "format": "diffusers",
         "weights": weights,
-        "step": int(state["step"]),
-        "fingerprint": fp.hexdigest(),
+        "step": 0,
+        "fingerprint": fingerprint,
         "keys": keymap,
     }
-    if expect is not None and record["fingerprint"] != expect["fingerprint"]:
-        raise base_missing(expect | {"path": str(ckpt)}, f"now holds other weights (fingerprint {fp.hexdigest()[:12]})")
-    return record
+
+
+def describe_base(record: dict[str, Any]) -> str:
+    """What a base record names, for the log: a checkpoint and its step, or a diffusers folder."""
+    if record.get("format") == "diffusers":
+        return f"the diffusers folder {record['path']} (fingerprint {record['fingerprint'][:12]})"
+    return f"{record['path']} (step {record['step']}, {record['weights']} weights)"
 
 
 def start_from_base(model: nn.Module, init_from: str | Path, weights: str = "ema") -> dict[str, Any]:

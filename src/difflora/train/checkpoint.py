@@ -45,9 +45,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from difflora.config.base import ConfigError
 from difflora.errors import DiffloraError
 from difflora.files.jsonfile import read_json_file
 from difflora.files.tensorfile import check_finite, save_tensors
+from difflora.model.pretrained import PretrainedError, pretrained_weights
 from difflora.train.dependents import DependentsError, pinned_checkpoints
 
 __all__ = [
@@ -404,8 +406,11 @@ def load_base_tensors(record: dict[str, Any]) -> dict[str, torch.Tensor]:
     if not Path(record["path"]).is_dir():
         raise base_missing(record, "is missing")
     try:
-        sources, _ = weight_sources(record["path"], record["weights"])
-    except CheckpointError as exc:
+        if record.get("format") == "diffusers":  # a diffusers folder (model.pretrained)
+            sources = pretrained_weights(record["path"])
+        else:
+            sources, _ = weight_sources(record["path"], record["weights"])
+    except (CheckpointError, PretrainedError, ConfigError) as exc:
         raise base_missing(record, f"cannot be read: {str(exc).replace(f'; {_ADVICE}', '')}") from None
     fp = Fingerprint()
     tensors = {}

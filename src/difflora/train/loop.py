@@ -46,7 +46,7 @@ from difflora.model.accounting import parameter_counts, peak_memory_mb
 from difflora.model.build import build_diffusion, build_model
 from difflora.sampling.generate import default_labels, generate
 from difflora.train.activation_checkpointing import checkpoint_blocks
-from difflora.train.base import load_base, start_from_base, stored_state
+from difflora.train.base import describe_base, load_base, start_from_base, stored_state
 from difflora.train.checkpoint import (
     CheckpointError,
     LoadedCheckpoint,
@@ -154,7 +154,7 @@ def _init_base(model: torch.nn.Module, cfg: Config, ckpt: LoadedCheckpoint | Non
         return None
     if ckpt is None:
         record = start_from_base(model, cfg.train.init_from, cfg.train.init_weights)
-        log(f"adapting {record['path']} (step {record['step']}, {record['weights']} weights)")
+        log(f"adapting {describe_base(record)}")
         return record
     rec = ckpt.state["base"]
     # The recorded checkpoint directory, unless the user moved the base and said so in train.init_from.
@@ -207,8 +207,9 @@ def _check_conditions(cfg: Config, data: BatchSource) -> None:
             )
 
 
-def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log, ctx: Dist, device: torch.device) -> TrainState:
-    """Build everything a run needs; bad input fails here, before the run directory is written."""
+def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log, ctx: Dist, device, net=None) -> TrainState:
+    """Build everything a run needs (on ``net``, the caller's backbone, if given); bad input fails here,
+    before the run directory is written."""
     check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, ctx.world_size)
     torch.manual_seed(cfg.train.seed)
     data = open_batches(cfg.data, seed=cfg.train.seed, batch_size=cfg.train.batch_size, rows=own_rows(cfg.train, ctx))
@@ -217,7 +218,7 @@ def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log, ctx: Di
             f"data.name={cfg.data.name} has {data.num_classes} classes but model.num_classes={cfg.model.num_classes}"
         )
     _check_conditions(cfg, data)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, net).to(device)
     base = _init_base(model, cfg, ckpt, log)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -522,8 +523,13 @@ def train(
     stop_at: int | None = None,
     log: Callable[[str], None] = print,
     callback: Callable[[TrainState], None] | None = None,
+    model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir``; returns the final metrics and accounting.
+
+    ``model``: a backbone the caller built for ``cfg.model`` (e.g. a diffusers model loaded with
+    ``from_pretrained``), used instead of a fresh one; the config's adapters, freezing and base
+    (``train.init_from``) apply to it as to a built one (:func:`~difflora.model.build.build_model`).
 
     ``resume`` continues from the newest intact checkpoint of ``out_dir``, or from ``checkpoint``
     (a step or a directory, see ``select_checkpoint``). ``stop_at`` ends the run after that step
@@ -549,7 +555,7 @@ def train(
             log = _silent
         else:
             check_writable(out)
-        st = _prepare(cfg, out, ckpt, log, ctx, device)
+        st = _prepare(cfg, out, ckpt, log, ctx, device, model)
         if ctx.is_main and st.base is not None:
             record_dependent(st.base["path"], out)  # from now on the base's retention spares that checkpoint
         # Process 0 alone writes, so it alone holds the run's lock: from its first write to its exit.
