@@ -15,6 +15,7 @@ from difflora.files.images import save_grid
 from difflora.files.tensorfile import save_tensors
 from difflora.model.export import export_model
 from difflora.sampling.generate import default_labels, generate
+from difflora.train.pipeline_data import text_inputs
 from difflora.train.run_loader import open_run
 
 
@@ -56,6 +57,9 @@ def sample_command(args) -> int:
     if cfg.distilled:
         w = sampling_guidance(model, cfg, args.guidance, args.guidance_fraction, args.teacher)
         s = s.model_copy(update={"guidance": w})
+    text = (
+        text_inputs(cfg, _prompts(args), args.num) if cfg.model.text is not None or args.prompt or args.prompts else {}
+    )
     model.to(device)
     images = generate(
         model,
@@ -68,6 +72,7 @@ def sample_command(args) -> int:
         device=device,
         progress=not args.no_progress,
         teacher=args.teacher,
+        **text,
     )
     nrow = cfg.model.num_classes if (labels is not None and args.cls is None) else None
     path = save_grid(images, args.out, nrow=nrow)
@@ -79,6 +84,21 @@ def sample_command(args) -> int:
         os.replace(tmp, args.save_tensor)  # never a half-written file under the name asked for
     print(f"wrote {args.num} samples (step {meta['step']}, {args.weights} weights) to {path}")
     return 0
+
+
+def _prompts(args) -> list[str] | None:
+    """--prompt texts, then the lines of --prompts FILE (blank lines skipped); None when neither is given."""
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        try:
+            prompts += [
+                line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CLIError(
+                f"--prompts {args.prompts}: cannot read it ({exc}); give a UTF-8 text file, one prompt per line"
+            ) from None
+    return prompts or None
 
 
 def _fixed_conditions(texts: list[str] | None) -> dict[str, int | float]:

@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflora.config.schema import Config, ConfigError, config_to_dict, parse_config
-from difflora.data import BatchSource, open_batches
+from difflora.data import BatchSource
 from difflora.data.spatial import grid_indices
 from difflora.files.images import save_grid
 from difflora.model.accounting import parameter_counts, peak_memory_mb
@@ -60,6 +60,7 @@ from difflora.train.dependents import record_dependent
 from difflora.train.distributed import Dist, launched_rank, process_group, wrap_model
 from difflora.train.ema import EMA
 from difflora.train.objectives import build_objective
+from difflora.train.pipeline_data import grid_context, open_training_batches
 from difflora.train.precision import grad_scaler
 from difflora.train.run_dir import (
     RunExistsError,
@@ -212,7 +213,8 @@ def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log, ctx: Di
     before the run directory is written."""
     check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, ctx.world_size)
     torch.manual_seed(cfg.train.seed)
-    data = open_batches(cfg.data, seed=cfg.train.seed, batch_size=cfg.train.batch_size, rows=own_rows(cfg.train, ctx))
+    rows = own_rows(cfg.train, ctx)
+    data = open_training_batches(cfg, seed=cfg.train.seed, batch_size=cfg.train.batch_size, rows=rows, log=log)
     if cfg.model.num_classes and data.num_classes > cfg.model.num_classes:
         raise ValueError(
             f"data.name={cfg.data.name} has {data.num_classes} classes but model.num_classes={cfg.model.num_classes}"
@@ -330,6 +332,7 @@ def _sample_grid(st: TrainState, path: Path) -> Path:
             device=st.device,
             conditions=conditions,
             spatial=spatial,
+            **grid_context(st.data, cfg.sample.num),  # a text pipeline: the data's captions
         )
     return save_grid(images, path, nrow=cfg.model.num_classes or None)
 
