@@ -15,8 +15,8 @@ from pathlib import Path
 import diffusers
 import numpy as np
 from PIL import Image
-from tests.pretrained_folders import STEPS, _index, _randomised
-from tests.tiny_latent import tiny_text_encoder, tiny_tokenizer, tiny_vae
+from pretrained_folders import STEPS, _index, _randomised
+from tiny_latent import tiny_text_encoder, tiny_tokenizer, tiny_vae
 
 SCHEDULE = {"num_train_timesteps": STEPS, "beta_schedule": "scaled_linear", "clip_sample": False}
 DIT = {
