@@ -15,6 +15,7 @@ from pathlib import Path
 import diffusers
 import numpy as np
 from PIL import Image
+
 from pretrained_folders import STEPS, _index, _randomised
 from tiny_latent import tiny_text_encoder, tiny_tokenizer, tiny_vae
 

@@ -20,13 +20,12 @@ from faultkit import Fault, cases, check_fault
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from latent_pipelines import dit_latent_pipeline, image_folder, sd_pipeline  # noqa: E402
-from tiny_latent import tiny_vae  # noqa: E402
-
 from difflora.config.schema import parse_config  # noqa: E402
 from difflora.data.dataset import load_source  # noqa: E402
 from difflora.data.folder_index import index_folder  # noqa: E402
 from difflora.latent import LatentSettings, cache_latents  # noqa: E402
+from latent_pipelines import dit_latent_pipeline, image_folder, sd_pipeline  # noqa: E402
+from tiny_latent import tiny_vae  # noqa: E402
 
 LORA = {"name": "time", "condition": "t", "weighting": "linear", "num_values": 100, "num_bases": 3, "rank": 2}
 
@@ -55,7 +54,9 @@ def setup(kind: str, captions: bool = True, other_vae_cache: bool = False, drop_
         cfg = parse_config(tree)
         index_folder(cfg.data, "train")  # the folder's index exists: the failing command writes nothing
         if other_vae_cache:
-            cache_latents(tiny_vae(seed=1), load_source(cfg.data, "train"), LatentSettings(crop="center"), path=tmp / "lc")
+            cache_latents(
+                tiny_vae(seed=1), load_source(cfg.data, "train"), LatentSettings(crop="center"), path=tmp / "lc"
+            )
 
     return damage
 

@@ -182,7 +182,9 @@ def generate(
     merged = model.merged("t") if isinstance(model, DiffusionModel) else contextlib.nullcontext()
     try:
         with merged, guided_teacher:
+            # Latents are not images: only the VAE's decoded images are clamped to [-1, 1].
             draw = dict(generator=gen, sampler=s.sampler, eta=s.eta, progress=progress, device=device)
+            draw["clamp"] = cfg.model.latent is None
             out = _draw_batches(diffusion, fn, noise, extra, labels, s.batch_size, draw)
     finally:
         model.train(was_training)
