@@ -20,7 +20,9 @@ from difflora.model.build import build_model
 from difflora.model.pipeline import encode_text, load_vae
 from difflora.sampling.generate import generate, sampling_settings
 from difflora.train.base import load_base
+from difflora.train import train
 from difflora.train.pipeline_data import open_training_batches
+from difflora.train.run_loader import open_run
 from latent_pipelines import dit_latent_pipeline, image_folder, sd_pipeline
 
 diffusers = pytest.importorskip("diffusers")
@@ -120,3 +122,36 @@ def test_dit_pipeline_gives_diffusers_images_from_the_same_noise(tmp_path, dit):
         output_type="np",
     ).images
     assert (_images(ours) - torch.from_numpy(theirs).permute(0, 3, 1, 2)).abs().max() < SAMPLE_TOL
+
+
+def test_per_sample_adapter_conditions_work_with_the_text_context(tmp_path, sd, monkeypatch):
+    monkeypatch.setenv("DIFFLORA_CACHE", str(tmp_path / "cache"))
+    task = {"name": "task", "condition": "task", "weighting": "index", "num_values": 3, "rank": 2}
+    cfg = _config(
+        tmp_path,
+        sd,
+        data={"task_id": 1},
+        model={"adapters": [LORA, task]},
+        train={"steps": 2, "batch_size": 4, "lr": 0.05, "ema_decay": 0.0},
+    )
+    train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    cfg, model, _ = open_run(tmp_path / "run")
+    context, null = encode_text(cfg, ["a cat"] * 2)
+    s = sampling_settings(cfg, num=2, steps=3, guidance=2.0)
+    draw = dict(seed=0, context=context, null_context=null)
+    by_task = [generate(model, cfg, s, conditions={"task": k}, **draw) for k in (0, 1)]
+    # Task 1 trained its adapter, task 0 did not: the same prompt and noise give other images.
+    assert not torch.allclose(by_task[0], by_task[1], atol=1e-4)
+    with model.adapters_disabled("task"):
+        assert torch.allclose(generate(model, cfg, s, conditions={"task": 1}, **draw), by_task[0], atol=1e-5)
+
+
+def test_the_cache_keys_follow_model_latent(tmp_path, dit, monkeypatch):
+    monkeypatch.setenv("DIFFLORA_CACHE", str(tmp_path / "cache"))
+    mean = open_training_batches(_config(tmp_path, dit), seed=0, batch_size=2, rows=range(2), log=lambda s: None)
+    drawn_cfg = _config(tmp_path, dit, model={"latent": {"posterior": "sample", "seed": 3, "dtype": "float16"}})
+    drawn = open_training_batches(drawn_cfg, seed=0, batch_size=2, rows=range(2), log=lambda s: None)
+    assert mean.latents.key["posterior"] == "mean" and mean.latents.key["crop"] == "center"
+    assert (drawn.latents.key["posterior"], drawn.latents.key["seed"], drawn.latents.key["dtype"]) == ("sample", 3, "float16")
+    assert drawn.latents.latents.dtype == torch.float16 and mean.latents.path != drawn.latents.path
+    assert mean.latents.key["vae"] == drawn.latents.key["vae"] and len(mean.latents.key["vae"]) == 64
