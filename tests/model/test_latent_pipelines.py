@@ -19,8 +19,8 @@ from difflora.config.schema import parse_config
 from difflora.model.build import build_model
 from difflora.model.pipeline import encode_text, load_vae
 from difflora.sampling.generate import generate, sampling_settings
-from difflora.train.base import load_base
 from difflora.train import train
+from difflora.train.base import load_base
 from difflora.train.pipeline_data import open_training_batches
 from difflora.train.run_loader import open_run
 from latent_pipelines import dit_latent_pipeline, image_folder, sd_pipeline
@@ -152,6 +152,10 @@ def test_the_cache_keys_follow_model_latent(tmp_path, dit, monkeypatch):
     drawn_cfg = _config(tmp_path, dit, model={"latent": {"posterior": "sample", "seed": 3, "dtype": "float16"}})
     drawn = open_training_batches(drawn_cfg, seed=0, batch_size=2, rows=range(2), log=lambda s: None)
     assert mean.latents.key["posterior"] == "mean" and mean.latents.key["crop"] == "center"
-    assert (drawn.latents.key["posterior"], drawn.latents.key["seed"], drawn.latents.key["dtype"]) == ("sample", 3, "float16")
+    assert (drawn.latents.key["posterior"], drawn.latents.key["seed"], drawn.latents.key["dtype"]) == (
+        "sample",
+        3,
+        "float16",
+    )
     assert drawn.latents.latents.dtype == torch.float16 and mean.latents.path != drawn.latents.path
     assert mean.latents.key["vae"] == drawn.latents.key["vae"] and len(mean.latents.key["vae"]) == 64
