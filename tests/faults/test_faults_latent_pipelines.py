@@ -1,8 +1,9 @@
 """Fault catalogue: latent and text pipelines (model.latent, model.text) given inputs they cannot take.
 
 A latent denoiser in a pipeline without its vae, a text pipeline trained on images without
-captions, a latent cache made by another VAE at an explicit ``model.latent.cache``, and an image
-size the VAE cannot take: each one ``error:`` line, exit code 2, nothing on disk changed.
+captions, a latent cache made by another VAE at an explicit ``model.latent.cache``, an image
+size the VAE (or the model) cannot take, and prompts for a run without a text encoder: each one
+``error:`` line, exit code 2, nothing on disk changed.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ CASES = [
         (*PARAMS, "--set", "data.image_size=18"),
         r"model\.diffusers\.config\.patch_size \(2\) must be a positive integer dividing model\.image_size \(9\)",
         damage=setup("dit"),
+    ),
+    Fault(
+        "sample-prompt-without-text-encoder",
+        ("sample", "{run}", "--prompt", "a cat", "--out", "{tmp}/g.png", "--no-progress"),
+        r"--prompt is for a text pipeline's run; this run's base has no text encoder: sample without prompts$",
     ),
 ]
 

@@ -121,6 +121,9 @@ def encode_text(cfg: Config, prompts: Sequence[str]) -> tuple[torch.Tensor, torc
     return contexts[1:], contexts[0]
 
 
-def decode(cfg: Config, latents: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Images in [-1, 1] of ``latents`` [N x c x h x w], with the pipeline's VAE loaded."""
-    return decode_latents(load_vae(cfg).to(device), latents).cpu().float()
+def decode(
+    cfg: Config, latents: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 64
+) -> torch.Tensor:
+    """Images in [-1, 1] of ``latents`` [N x c x h x w], with the pipeline's VAE loaded (once), in batches."""
+    vae = load_vae(cfg).to(device)
+    return torch.cat([decode_latents(vae, part).cpu().float() for part in latents.split(batch_size)])

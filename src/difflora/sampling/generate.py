@@ -196,7 +196,7 @@ def generate(
             f"({s.sampler}, {s.steps} steps, guidance {s.guidance:g}); the weights may have diverged: "
             "try the other weights (--weights) or an earlier --checkpoint"
         )
-    return decode(cfg, images, device) if cfg.model.latent is not None else images
+    return decode(cfg, images, device, s.batch_size) if cfg.model.latent is not None else images
 
 
 def _text_inputs(

@@ -130,7 +130,7 @@ def text_inputs(cfg: Config, prompts: Sequence[str] | None, num: int) -> dict[st
     if cfg.model.text is None:
         if prompts:
             raise CaptionError(
-                f"--prompt: the run's base {cfg.model.pretrained} has no text encoder; sample without prompts"
+                "--prompt is for a text pipeline's run; this run's base has no text encoder: sample without prompts"
             )
         return {}
     if prompts is None:
