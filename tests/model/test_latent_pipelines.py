@@ -14,8 +14,10 @@ import io
 
 import pytest
 import torch
+from PIL import Image
 
 from difflora.config.schema import parse_config
+from difflora.data.dataset import load_source
 from difflora.model.build import build_model
 from difflora.model.pipeline import encode_text, load_vae
 from difflora.sampling.generate import generate, sampling_settings
@@ -77,7 +79,9 @@ def test_batches_are_the_cached_latents_and_contexts_with_prompt_dropout(tmp_pat
     dropped = torch.rand(8, generator=g) < 0.5
     vae = load_vae(cfg)
     with torch.no_grad():
-        want = vae.encode(batches.data.images[idx]).latent_dist.mean * vae.config.scaling_factor
+        # The folder was encoded file by file; the same pixels loaded into memory give the same latents.
+        pixels = load_source(cfg.data, "train").images[idx]
+        want = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
     torch.testing.assert_close(x, want, atol=1e-5, rtol=0)
     contexts, empty = encode_text(cfg, [batches.captions[i] for i in idx])
     want_context = torch.where(dropped.view(-1, 1, 1), empty.expand_as(contexts), contexts)
@@ -159,3 +163,17 @@ def test_the_cache_keys_follow_model_latent(tmp_path, dit, monkeypatch):
     )
     assert drawn.latents.latents.dtype == torch.float16 and mean.latents.path != drawn.latents.path
     assert mean.latents.key["vae"] == drawn.latents.key["vae"] and len(mean.latents.key["vae"]) == 64
+
+
+def test_a_rewritten_image_makes_another_latent_cache(tmp_path, dit, monkeypatch):
+    monkeypatch.setenv("DIFFLORA_CACHE", str(tmp_path / "cache"))
+    cfg = _config(tmp_path, dit)
+    first = open_training_batches(cfg, seed=0, batch_size=2, rows=range(2), log=lambda s: None).latents
+    again = open_training_batches(cfg, seed=0, batch_size=2, rows=range(2), log=lambda s: None).latents
+    assert again.path == first.path
+    path = tmp_path / "f" / "01.png"
+    Image.open(path).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(path)
+    changed = open_training_batches(cfg, seed=0, batch_size=2, rows=range(2), log=lambda s: None).latents
+    # Only the rewritten image's latents change (01.png is in the training split).
+    differ = (changed.latents != first.latents).flatten(1).any(1)
+    assert changed.path != first.path and int(differ.sum()) == 1

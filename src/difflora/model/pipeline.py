@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from difflora.config.schema import Config
 from difflora.data.dataset import ImageDataset
@@ -88,15 +89,24 @@ def _load_text_encoder(cfg: Config) -> nn.Module:
     return encoder.float().eval()
 
 
-def latent_cache(cfg: Config, data: ImageDataset, log: Callable[[str], None]) -> LatentCache:
-    """The latents of ``data`` (the run's training images), built once with the pipeline's VAE."""
+def latent_cache(
+    cfg: Config, images: ImageDataset | Dataset, log: Callable[[str], None], content_id: str | None = None
+) -> LatentCache:
+    """The latents of ``images`` (the run's training images, in memory or a dataset of files with
+    its ``content_id``), built once with the pipeline's VAE."""
     lat = cfg.model.latent
     assert lat is not None
     # An image folder is resized and centre-cropped when it is read; other data resized as a whole.
     crop = "center" if cfg.data.name == "image-folder" else "resize"
-    settings = LatentSettings(posterior=lat.posterior, seed=lat.seed, crop=crop, dtype=lat.dtype)
+    # Files are decoded by data.workers processes (none unless set); tensors in memory need none.
+    workers = (cfg.data.workers or 0) if content_id is not None else 0
+    settings = LatentSettings(
+        posterior=lat.posterior, seed=lat.seed, flips=cfg.data.hflip, crop=crop, dtype=lat.dtype, workers=workers
+    )
     vae_id = component_fingerprint(cfg, "vae")
-    return cache_latents(lambda: load_vae(cfg), data, settings, path=lat.cache, vae_id=vae_id, log=log)
+    return cache_latents(
+        lambda: load_vae(cfg), images, settings, path=lat.cache, content_id=content_id, vae_id=vae_id, log=log
+    )
 
 
 def prompt_cache(cfg: Config, captions: Sequence[str], log: Callable[[str], None]) -> PromptCache:

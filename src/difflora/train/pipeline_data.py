@@ -4,8 +4,10 @@ A run whose ``model.latent`` is set (a pipeline with a VAE) trains on the VAE's 
 images, and one whose ``model.text`` is set (a text encoder) on the contexts of its captions. Both
 are computed once into the caches of :mod:`difflora.latent` (:mod:`difflora.model.pipeline` loads
 the VAE and the text encoder only when a cache must be built, and frees them), so the training
-steps never hold either model. The images are held in memory while a cache is built (an image
-folder is read into memory, not streamed: the latents of the whole set are read whole anyway).
+steps never hold either model. One image folder (``data.streams``) is encoded file by file, never
+held in memory (its content id: the folder index's fingerprint with every file's size and
+modification time); other data is loaded into memory and its pixels hashed. A text pipeline
+without a VAE trains on pixels and holds them in memory.
 
 Draws, all from the loop's generator, so a resumed run continues bit-identically: the indices
 (``torch.randint``, as in pixel space), the flips (the cache's mirrored latents, the same coins as
@@ -15,61 +17,102 @@ pixel flips), then one number per sample for prompt dropout (drawn whatever
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
-from difflora.config.schema import Config
+from difflora.config.schema import Config, DataConfig
 from difflora.data import BatchSource, open_batches
 from difflora.data.dataset import ImageDataset
-from difflora.data.folder_index import index_folder
+from difflora.data.folder import read_image
+from difflora.data.folder_index import FolderSplit, index_folder
 from difflora.data.load import load_dataset
+from difflora.data.source import uint8_to_unit
 from difflora.errors import DiffloraError
 from difflora.latent import LatentCache, PromptCache
 from difflora.model.pipeline import encode_text, latent_cache, prompt_cache
 
-__all__ = ["CaptionError", "PipelineBatches", "grid_context", "open_training_batches", "text_inputs"]
+__all__ = [
+    "CaptionError",
+    "FolderImages",
+    "PipelineBatches",
+    "Samples",
+    "folder_content_id",
+    "grid_context",
+    "open_training_batches",
+    "text_inputs",
+]
 
 
 class CaptionError(ValueError, DiffloraError):
     """A text pipeline's data has no captions."""
 
 
+class FolderImages(Dataset):
+    """The training images of one image folder, read file by file (``read_image``: as streamed)."""
+
+    def __init__(self, index: FolderSplit, cfg: DataConfig):
+        self.files, (self.size, self.channels) = index.files, cfg.resolved_shape()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return uint8_to_unit(read_image(self.files[i], self.channels, self.size))
+
+
+@dataclass
+class Samples:
+    """What a pipeline run knows of its samples without their pixels: labels [N], class names,
+    per-sample conditions ([N] each, e.g. ``task``), and ``pixels`` (in memory) when it trains on them."""
+
+    labels: torch.Tensor
+    class_names: list[str]
+    conditions: dict[str, torch.Tensor]
+    pixels: ImageDataset | None = None
+
+
 class PipelineBatches:
-    """Batches of a dataset held in memory, as latents (``latents``) and with contexts (``prompts``)."""
+    """Batches of ``samples`` as cached latents (``latents``, else its pixels) and with contexts (``prompts``)."""
 
     def __init__(
         self,
-        data: ImageDataset,
+        samples: Samples,
         batch_size: int,
         latents: LatentCache | None,
         prompts: PromptCache | None,
         rows: torch.Tensor | None,
         prompt_dropout: float,
     ):
-        self.data, self.batch_size, self.latents, self.prompts = data, batch_size, latents, prompts
+        self.samples, self.batch_size, self.latents, self.prompts = samples, batch_size, latents, prompts
         self.rows, self.prompt_dropout = rows, prompt_dropout
-        self.class_names, self.conditions = data.class_names, data.conditions
+        self.class_names, self.conditions = samples.class_names, samples.conditions
         self.captions = None if prompts is None else [prompts.texts[int(r)] for r in rows]
 
     @property
     def num_classes(self) -> int:
-        return self.data.num_classes
+        return len(self.class_names)
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.samples.labels)
 
     def batch_conditions(self, indices: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
-        return self.data.batch_conditions(indices)
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {k: v[idx] for k, v in self.conditions.items()}
 
     def draw(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        idx = torch.randint(len(self.data), (self.batch_size,), generator=generator)
+        idx = torch.randint(len(self), (self.batch_size,), generator=generator)
         if self.latents is not None:
-            x, y = self.latents.batch(idx, generator).float(), self.data.labels[idx]
+            x = self.latents.batch(idx, generator).float()
         else:
-            x, y = self.data.batch(idx, generator)
-        conditions = self.data.batch_conditions(idx)
+            assert self.samples.pixels is not None
+            x = self.samples.pixels.batch(idx, generator)[0]
+        y, conditions = self.samples.labels[idx], self.batch_conditions(idx)
         if self.prompts is not None:
             assert self.rows is not None
             dropped = torch.rand(self.batch_size, generator=generator) < self.prompt_dropout
@@ -87,15 +130,47 @@ class PipelineBatches:
         """Nothing holds resources."""
 
 
-def _captions(cfg: Config) -> list[str]:
+def _train_index(cfg: DataConfig) -> FolderSplit | None:
+    """The training split's index of an image folder (``data.limit`` applied); None for other data."""
+    if cfg.name != "image-folder" or cfg.tasks or cfg.spatial is not None:
+        return None
+    index = index_folder(cfg, "train")
+    return index.head(cfg.limit) if cfg.limit > 0 else index
+
+
+def _captions(cfg: Config, index: FolderSplit | None) -> list[str]:
     """The training images' captions (an image folder's metadata.jsonl), or a one-line error."""
-    captions = index_folder(cfg.data, "train").captions if cfg.data.name == "image-folder" else None
-    if captions is None:
+    if index is None or index.captions is None:
         raise CaptionError(
             f"model.pretrained: {cfg.model.pretrained} is a text pipeline but data.name={cfg.data.name} has no "
             "captions; train on an image folder with a metadata.jsonl giving each image's text"
         )
-    return captions[: cfg.data.limit] if cfg.data.limit > 0 else captions
+    return index.captions
+
+
+def folder_content_id(index: FolderSplit) -> str:
+    """What a folder's latents depend on besides the settings: its samples (paths, labels, captions:
+    the index's fingerprint) and every file's size and modification time (a rewritten file is
+    another id; its pixels are not read for this)."""
+    h = hashlib.sha256(index.fingerprint().encode())
+    for path in index.files:
+        st = os.stat(path)
+        h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def _samples(cfg: Config, index: FolderSplit | None, log: Callable[[str], None]) -> tuple[Samples, LatentCache | None]:
+    """The run's samples and, with a VAE, their latent cache: one folder encoded file by file, other
+    data loaded into memory (pixels kept only when the run trains on them)."""
+    d = cfg.data
+    if cfg.model.latent is not None and index is not None and d.streams:
+        task = {} if d.task_id is None else {"task": torch.full((len(index),), d.task_id, dtype=torch.long)}
+        labels = torch.from_numpy(index.labels).long()
+        cache = latent_cache(cfg, FolderImages(index, d), log, content_id=folder_content_id(index))
+        return Samples(labels, index.class_names, task), cache
+    data = load_dataset(d, "train")
+    cache = latent_cache(cfg, data, log) if cfg.model.latent is not None else None
+    return Samples(data.labels, data.class_names, data.conditions, None if cache else data), cache
 
 
 def open_training_batches(
@@ -106,12 +181,15 @@ def open_training_batches(
     m = cfg.model
     if m.latent is None and m.text is None:
         return open_batches(cfg.data, seed=seed, batch_size=batch_size, rows=rows)
-    captions = _captions(cfg) if m.text is not None else None
-    data = load_dataset(cfg.data, "train")
-    latents = latent_cache(cfg, data, log) if m.latent is not None else None
-    prompts = prompt_cache(cfg, captions, log) if captions is not None else None
+    index = _train_index(cfg.data)
+    captions = _captions(cfg, index) if m.text is not None else None
+    # Building a cache (a DataLoader's seed, a model's loading) must not move the global RNG, which
+    # initialises the adapters next: a run that finds its caches starts exactly like one that built them.
+    with torch.random.fork_rng(devices=[]):
+        samples, latents = _samples(cfg, index, log)
+        prompts = prompt_cache(cfg, captions, log) if captions is not None else None
     rows_of = prompts.indices(captions) if prompts is not None else None
-    return PipelineBatches(data, batch_size, latents, prompts, rows_of, cfg.train.prompt_dropout)
+    return PipelineBatches(samples, batch_size, latents, prompts, rows_of, cfg.train.prompt_dropout)
 
 
 def grid_context(data: BatchSource, num: int) -> dict[str, torch.Tensor]:
