@@ -132,7 +132,7 @@ CASES = [
     Fault(
         "pretrained-latent-pipeline",
         PARAMS,
-        r"is a latent pipeline \(its vae encodes images .*\); latent training and sampling are not supported yet",
+        r"pipe lists a vae but has no vae/config\.json; re-save the pipeline with save_pretrained",
         damage=folder(with_vae),
     ),
 ]

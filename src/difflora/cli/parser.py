@@ -196,6 +196,10 @@ def _add_sample(sub, handlers: Handlers) -> None:
         help="spatial tasks: clean images (tensor 'images') to compute the condition images from "
         "(default: the held-out split of the run's dataset)",
     )
+    s.add_argument(
+        "--prompt", action="append", help="a text pipeline's run: a prompt, cycled over the samples (repeatable)"
+    )
+    s.add_argument("--prompts", metavar="FILE", help="a text pipeline's run: a file of prompts, one per line")
     s.add_argument("--seed", type=count(0), default=0, help="the seed of the initial noise and of every sampler draw")
     s.add_argument("--weights", choices=["ema", "model"], default="ema", help=_WEIGHTS_HELP)
     s.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)

@@ -24,6 +24,7 @@ from difflora.files.tensorfile import tensor_bytes
 from difflora.model.export import export_model
 from difflora.sampling.generate import default_labels, generate
 from difflora.train.footprint import check_memory
+from difflora.train.pipeline_data import text_inputs
 from difflora.train.run_loader import open_run
 
 
@@ -116,6 +117,9 @@ def sample_command(args) -> int:
     if cfg.distilled:
         w = sampling_guidance(model, cfg, args.guidance, args.guidance_fraction, args.teacher)
         s = s.model_copy(update={"guidance": w})
+    text = (
+        text_inputs(cfg, _prompts(args), args.num) if cfg.model.text is not None or args.prompt or args.prompts else {}
+    )
     model.to(device)
     images = generate(
         model,
@@ -128,11 +132,27 @@ def sample_command(args) -> int:
         device=device,
         progress=not args.no_progress,
         teacher=args.teacher,
+        **text,
     )
     nrow = cfg.model.num_classes if (labels is not None and args.cls is None) else None
     written = _write_outputs(args, images, labels, spatial, nrow)
     print(f"wrote {args.num} samples (step {meta['step']}, {args.weights} weights) to {' and '.join(written)}")
     return 0
+
+
+def _prompts(args) -> list[str] | None:
+    """--prompt texts, then the lines of --prompts FILE (blank lines skipped); None when neither is given."""
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        try:
+            prompts += [
+                line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CLIError(
+                f"--prompts {args.prompts}: cannot read it ({exc}); give a UTF-8 text file, one prompt per line"
+            ) from None
+    return prompts or None
 
 
 def _fixed_conditions(texts: list[str] | None) -> dict[str, int | float]:

@@ -198,19 +198,64 @@ def _diffusion_keys(folder: PretrainedFolder, learn_sigma: bool) -> dict[str, An
     return keys
 
 
-def _unsupported_parts(folder: PretrainedFolder) -> None:
-    """Latent pipelines and text encoders are not read yet: refused in one line, never run wrongly."""
-    if "vae" in folder.components:
+def _component(folder: PretrainedFolder, name: str) -> dict[str, Any]:
+    return read_json_file(
+        folder.path / name / "config.json",
+        fix="re-save the pipeline with save_pretrained",
+        error=ConfigError,
+        expect=dict,
+        missing=f"model.pretrained: the pipeline {folder.path} lists a {name} but has no {name}/config.json; "
+        "re-save the pipeline with save_pretrained",
+    )
+
+
+def _latent_keys(folder: PretrainedFolder) -> dict[str, Any]:
+    """``model.latent.*`` from the pipeline's vae; a latent denoiser without one is refused."""
+    c_in = folder.config.get("in_channels", _DEFAULT_CHANNELS[folder.class_name])
+    if "vae" not in folder.components:
+        if folder.scheduler is not None and c_in not in (1, 3):
+            raise ConfigError(
+                f"model.pretrained: the {folder.class_name} of {folder.path} takes {c_in} channels, latents of a "
+                "VAE, but the pipeline has no vae; add the vae the model was trained with (save_pretrained it "
+                "into the pipeline's vae/)"
+            )
+        return {}
+    vae = _component(folder, "vae")
+    if vae.get("_class_name") != "AutoencoderKL":
         raise ConfigError(
-            f"model.pretrained: {folder.path} is a latent pipeline (its vae encodes images to the denoiser's "
-            f"{folder.config.get('in_channels')} channels); latent training and sampling are not supported yet: "
-            "use a pixel-space pipeline or model folder"
+            f"model.pretrained: {folder.path}/vae holds a {vae.get('_class_name')}; difflora reads an AutoencoderKL"
         )
-    if "text_encoder" in folder.components:
+    channels = vae.get("latent_channels", 4)
+    if channels != c_in:
         raise ConfigError(
-            f"model.pretrained: {folder.path} has a text_encoder; text prompts are not supported yet: use a pipeline "
-            "without one (the UNet2DConditionModel then reads difflora's learned class context)"
+            f"model.pretrained: the vae of {folder.path} makes {channels}-channel latents but its "
+            f"{folder.class_name} takes {c_in} channels; the pipeline's parts do not fit"
         )
+    blocks = vae.get("block_out_channels", [64])
+    return {
+        "model.latent.channels": channels,
+        "model.latent.image_channels": vae.get("in_channels", 3),
+        "model.latent.downsample": 2 ** (len(blocks) - 1),
+    }
+
+
+def _text_keys(folder: PretrainedFolder) -> dict[str, Any]:
+    """``model.text.*`` from the pipeline's text encoder (which needs a tokenizer and a cross-attention UNet)."""
+    if "text_encoder" not in folder.components:
+        return {}
+    if "tokenizer" not in folder.components:
+        raise ConfigError(
+            f"model.pretrained: {folder.path} has a text_encoder but no tokenizer; re-save the pipeline with both"
+        )
+    hidden = _component(folder, "text_encoder").get("hidden_size")
+    dim = folder.config.get("cross_attention_dim")
+    if folder.class_name != "UNet2DConditionModel" or hidden != dim:
+        raise ConfigError(
+            f"model.pretrained: the text_encoder of {folder.path} gives {hidden}-wide context but its "
+            f"{folder.class_name} reads {dim if folder.class_name == 'UNet2DConditionModel' else 'no'} context; "
+            "a text pipeline needs a UNet2DConditionModel with cross_attention_dim equal to the encoder's hidden_size"
+        )
+    return {"model.text.hidden": hidden}
 
 
 def _get(tree: dict[str, Any], dotted: str) -> Any:
@@ -252,8 +297,7 @@ def expand_pretrained(tree: dict[str, Any]) -> dict[str, Any]:
     if given is None:
         return tree
     folder = read_pretrained(given)
-    _unsupported_parts(folder)
-    keys = {"model.pretrained": str(folder.path)} | _model_keys(folder)
+    keys = {"model.pretrained": str(folder.path)} | _model_keys(folder) | _latent_keys(folder) | _text_keys(folder)
     keys |= _diffusion_keys(folder, keys["model.learn_sigma"])
     if _get(tree, "train.init_from") is None or _get(tree, "train.init_from") == given:
         keys["train.init_from"] = str(folder.path)
@@ -267,5 +311,7 @@ def expand_pretrained(tree: dict[str, Any]) -> dict[str, Any]:
         _put(tree, dotted, value)
     size = folder.config.get("sample_size")
     if isinstance(size, int) and _get(tree, "model.image_size") is None and _get(tree, "data.image_size") is None:
-        _put(tree, "model.image_size", size)
+        # A latent model's sample_size counts latents: the data's images are downsample times larger.
+        factor = keys.get("model.latent.downsample")
+        _put(tree, *(("data.image_size", size * factor) if factor else ("model.image_size", size)))
     return tree

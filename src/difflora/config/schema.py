@@ -41,6 +41,7 @@ from difflora.config.data import (
 )
 from difflora.config.diffusers import DiffusersConfig, diffusers_problem
 from difflora.config.diffusion import DiffusionConfig
+from difflora.config.latent import LatentConfig, TextConfig
 from difflora.config.overrides import apply_override, parse_override, yaml_problem
 from difflora.config.pretrained import expand_pretrained
 from difflora.presets import config_presets, resolve_config
@@ -85,6 +86,9 @@ class ModelConfig(StrictModel):
     # A diffusers model or pipeline folder (difflora.config.pretrained): it decides the architecture
     # and the noise process, and its weights are the base (train.init_from defaults to it).
     pretrained: str | None = None
+    # A pipeline's vae and text encoder (difflora.config.latent; filled from the folder).
+    latent: LatentConfig | None = None
+    text: TextConfig | None = None
     # Filled from the data config when None.
     image_size: int | None = Field(default=None, ge=4)
     in_channels: int | None = Field(default=None, ge=1)
@@ -153,6 +157,8 @@ class TrainConfig(StrictModel):
     ema_decay: float = Field(default=0.9999, ge=0, le=1)
     # Probability that a training label is replaced by the null label (classifier-free guidance).
     label_dropout: float = Field(default=0.1, ge=0, le=1)
+    # A text pipeline's captions replaced by the empty prompt with this probability (guidance's unconditional branch).
+    prompt_dropout: float = Field(default=0.1, ge=0, le=1)
     # Train the backbone's own weights too (000 trains W with the LoRAs from scratch). False freezes
     # every parameter that is not an adapter's (build_model applies it): adapter fine-tuning.
     train_base: bool = True
@@ -235,6 +241,8 @@ class Config(StrictModel):
     def _resolve(self) -> Config:
         size, channels = self.data.resolved_shape()
         m = self.model
+        if m.latent is not None:  # the model sees the VAE's latents of the data's images
+            size, channels = m.latent.model_shape(size, channels)
         if m.image_size is None:
             if size is None:
                 raise ValueError("model.image_size: set it or data.image_size (image folders have no native size)")
@@ -296,12 +304,8 @@ class Config(StrictModel):
         """train keys that only act with another setting keep their defaults without it."""
         t = self.train
         if t.init_from is None:
-            hold_fixed(
-                t,
-                "train",
-                unused_at_default(t, ("init_weights",)),
-                "train.init_from=None (no base to take weights from)",
-            )
+            no_base = "train.init_from=None (no base to take weights from)"
+            hold_fixed(t, "train", unused_at_default(t, ("init_weights",)), no_base)
         if self.model.context.new_tokens is None:
             hold_fixed(
                 t,
@@ -316,13 +320,11 @@ class Config(StrictModel):
                 unused_at_default(t, ("base_groups",)),
                 "train.train_base=true (for a frozen base with these groups training, set train.train_base=false)",
             )
+        if self.model.text is None:
+            hold_fixed(t, "train", unused_at_default(t, ("prompt_dropout",)), "a model without a text encoder")
         if self.distilled:
-            hold_fixed(
-                t,
-                "train",
-                unused_at_default(t, ("label_dropout",)),
-                "train.objective=distill (the teacher's labels, no dropout)",
-            )
+            teacher = "train.objective=distill (the teacher's labels, no dropout)"
+            hold_fixed(t, "train", unused_at_default(t, ("label_dropout",)), teacher)
 
     @property
     def distilled(self) -> bool:

@@ -53,13 +53,18 @@ class ClassifierFreeGuidance(nn.Module):
         min_t: selective guidance: samples whose timestep (the model's ``t``: original-process
             units) is below ``min_t`` get the conditional prediction (a step where every sample is
             below runs one pass of N); None guides every step.
+        null_context: [L x D], the empty prompt's context (a text pipeline): the unconditional
+            half's ``context``, and with it a batch without labels is guided too.
     """
 
-    def __init__(self, model: ModelFn, scale: float | Tensor, min_t: float | None = None) -> None:
+    def __init__(
+        self, model: ModelFn, scale: float | Tensor, min_t: float | None = None, null_context: Tensor | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.scale = scale
         self.min_t = min_t
+        self.null_context = null_context
 
     def forward(
         self, x: Tensor, t: Tensor, y: Tensor | None = None, *, guidance_scale: float | Tensor | None = None, **kw: Any
@@ -69,23 +74,35 @@ class ClassifierFreeGuidance(nn.Module):
         N (per-sample conditions such as a task id) are duplicated for the 2N batch; others pass as is.
         Returns [N x C_out x H x W]."""
         scale = self.scale if guidance_scale is None else guidance_scale
-        if y is None or (isinstance(scale, int | float) and scale == 1):
+        text = self.null_context is not None and kw.get("context") is not None
+        if (y is None and not text) or (isinstance(scale, int | float) and scale == 1):
             return self.model(x, t, y=y, **kw)
+        y_null = None if y is None else torch.full_like(y, NULL_LABEL)
         if isinstance(scale, int | float) and scale == 0 and self.min_t is None:
-            return self.model(x, t, y=torch.full_like(y, NULL_LABEL), **kw)
+            return self.model(x, t, y=y_null, **self._unconditional(kw, x.shape[0]))
         guided = None if self.min_t is None else t >= self.min_t
         if guided is not None and not bool(guided.any()):
             return self.model(x, t, y=y, **kw)  # a selective-guidance step without guidance: one pass
         n, c = x.shape[:2]
-        # One batch of 2N: the conditional half with y, the unconditional half with the null label.
-        y_null = torch.full_like(y, NULL_LABEL)
+        # One batch of 2N: the conditional half with y (and the prompts' context), the unconditional
+        # half with the null label (and the empty prompt's).
         kw2 = {k: _double(v, n) for k, v in kw.items()}
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, y_null]), **kw2)
+        if text:
+            kw2["context"] = torch.cat([kw["context"], self._unconditional(kw, n)["context"]])
+        y2 = None if y is None else torch.cat([y, y_null])
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), y=y2, **kw2)
         cond, uncond = out[:n], out[n:]
         result = guide(cond, uncond, scale, c)
         if guided is not None:
             result = torch.where(guided.reshape(-1, *([1] * (x.ndim - 1))), result, cond)
         return result
+
+    def _unconditional(self, kw: dict[str, Any], n: int) -> dict[str, Any]:
+        """``kw`` of the unconditional branch: the empty prompt's context for every sample."""
+        if self.null_context is None or kw.get("context") is None:
+            return kw
+        context = kw["context"]
+        return kw | {"context": self.null_context.to(context).expand(n, *self.null_context.shape)}
 
 
 def guide(cond: Tensor, uncond: Tensor, scale: float | Tensor, channels: int) -> Tensor:

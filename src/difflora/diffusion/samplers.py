@@ -103,6 +103,7 @@ def sample(
     device: torch.device | str | None = None,
     noise: Tensor | None = None,
     on_step: Callable[[Tensor], None] | None = None,
+    clamp: bool = True,
 ) -> Tensor:
     """Generate images [N x C x H x W] in [-1, 1] by running every step of ``diffusion`` backwards.
 
@@ -116,6 +117,7 @@ def sample(
         on_step: called with the timesteps the model will see [N] (original-process integers)
             before each model evaluation (e.g. to merge a timestep-dependent adapter into the
             weights for this step).
+        clamp: clamp the result to [-1, 1] (False: latents, which a VAE decodes, have no such range).
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
@@ -155,4 +157,4 @@ def sample(
                 clip_denoised=clip_denoised,
             ).sample
     # The last step returns the (clipped) x_0 estimate; clamp so unclipped runs also land in [-1, 1].
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if clamp else x

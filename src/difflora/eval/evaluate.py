@@ -61,6 +61,7 @@ from difflora.sampling.student import Student, student_of
 from difflora.train.checkpoint import CheckpointError
 from difflora.train.footprint import check_memory
 from difflora.train.loop import write_json
+from difflora.train.pipeline_data import text_inputs
 from difflora.train.run_dir import read_json
 from difflora.train.run_loader import open_run
 
@@ -214,6 +215,7 @@ def evaluate_run(
 
     # data_conditions: data.name's own task (Affiner runs); spatial tasks set theirs per request.
     draw = dict(labels=labels, seed=e.seed, teacher=e.teacher, conditions=data_conditions(cfg))
+    draw |= text_inputs(cfg, None, e.num_samples)  # a text pipeline: the test split's captions
     if student is not None and not e.teacher:
         model = _FusedStudent(run_dir, e, student, dev)
     scored = (model, cfg, net, (ref_f, ref_labels, radii), floor)

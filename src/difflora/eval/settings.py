@@ -76,7 +76,7 @@ class EvalSettings:
         scales = [float(w) for w in (self.guidance if self.guidance else [s.guidance])]
         if any(w < 0 or not math.isfinite(w) for w in scales):
             raise EvalError(f"guidance scales must be finite and >= 0, got {scales}")
-        if cfg.model.num_classes == 0 and any(w != 1.0 for w in scales):
+        if cfg.model.num_classes == 0 and cfg.model.text is None and any(w != 1.0 for w in scales):
             raise EvalError(f"{run_dir} is unconditional (model.num_classes = 0): guidance must be 1, got {scales}")
         if steps > cfg.diffusion.steps:
             raise EvalError(f"--steps {steps} exceeds the run's {cfg.diffusion.steps} diffusion timesteps")

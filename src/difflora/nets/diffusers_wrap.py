@@ -92,9 +92,17 @@ class DiffusersNet(nn.Module):
         num_classes: class labels 0..num_classes-1 (0: unconditional); -1 is the null label.
         class_embed: feed labels to the model's own label table (False: every sample is null).
         context_tokens: tokens L per class of the learned context (``UNet2DConditionModel`` only).
+        learned_context: False for a text pipeline's UNet: the caller always gives ``context``.
     """
 
-    def __init__(self, model: nn.Module, num_classes: int = 0, class_embed: bool = True, context_tokens: int = 1):
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int = 0,
+        class_embed: bool = True,
+        context_tokens: int = 1,
+        learned_context: bool = True,
+    ):
         super().__init__()
         classes = diffusers_classes()
         self.kind = next((name for name, cls in classes.items() if isinstance(model, cls)), None)
@@ -111,7 +119,7 @@ class DiffusersNet(nn.Module):
                 module.dropout_prob = 0.0
         self._keep: torch.Tensor | None = None  # [N] 1 = labelled, 0 = null; set during forward only
         self.context_embedder = None
-        if self.kind == "UNet2DConditionModel":
+        if self.kind == "UNet2DConditionModel" and learned_context:
             dim = model.config.cross_attention_dim
             if not isinstance(dim, int):
                 raise ValueError(f"UNet2DConditionModel: cross_attention_dim must be one int, got {dim!r}")
@@ -123,7 +131,7 @@ class DiffusersNet(nn.Module):
         assert cfg.image_size is not None and cfg.in_channels is not None  # Config resolves them
         kwargs = cfg.diffusers.resolved(cfg.image_size, cfg.in_channels, cfg.out_channels)
         model = build_diffusers_model(cfg.diffusers.class_name, kwargs)
-        return cls(model, cfg.num_classes, cfg.class_embed, cfg.context.tokens)
+        return cls(model, cfg.num_classes, cfg.class_embed, cfg.context.tokens, learned_context=cfg.text is None)
 
     # --- class labels ---------------------------------------------------------------------------
     def _find_label_modules(self) -> list[nn.Module]:
@@ -195,9 +203,11 @@ class DiffusersNet(nn.Module):
         labels = self.backbone_labels(y, n, x.device)
         try:
             if self.kind == "UNet2DConditionModel":
-                assert self.context_embedder is not None
+                if self.context_embedder is None and context is None:
+                    raise ValueError("a text pipeline's UNet2DConditionModel needs context= (the prompts' embeddings)")
                 y_ctx = y if self.num_classes and self.class_embed else None
-                ctx = self.context_embedder(y_ctx, n, context).to(x.dtype)
+                ctx = context if self.context_embedder is None else self.context_embedder(y_ctx, n, context)
+                ctx = ctx.to(x.dtype)
                 return self.model(x, t, encoder_hidden_states=ctx, class_labels=labels, return_dict=False)[0]
             if context is not None:
                 raise ValueError(f"context= is for UNet2DConditionModel (cross-attention); this net is a {self.kind}")

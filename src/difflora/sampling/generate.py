@@ -18,6 +18,7 @@ from difflora.config.schema import Config, SampleConfig
 from difflora.diffusion.guidance import ClassifierFreeGuidance, selective_threshold
 from difflora.diffusion.samplers import sample
 from difflora.model.build import DiffusionModel, build_diffusion
+from difflora.model.pipeline import decode
 from difflora.sampling.student import student_of
 
 __all__ = [
@@ -100,7 +101,7 @@ def sampling_settings(cfg: Config, **changes: object) -> SampleConfig:
     return cfg.sample.with_changes(own | {k: v for k, v in changes.items() if v is not None})
 
 
-def _sampling_fn(model: nn.Module, cfg: Config, s: SampleConfig, teacher: bool, diffusion):
+def _sampling_fn(model: nn.Module, cfg: Config, s: SampleConfig, teacher: bool, diffusion, null_context=None):
     """(model callable, extra conditions, the block to sample in): CFG (selective when
     ``s.guidance_fraction`` < 1), or a one-pass student switched on by its conditions (the scale
     checked), or with ``teacher`` its guided teacher (the student switched off in the block)."""
@@ -120,7 +121,7 @@ def _sampling_fn(model: nn.Module, cfg: Config, s: SampleConfig, teacher: bool, 
     if s.guidance == 1.0:
         return model, {}, block
     min_t = selective_threshold(diffusion, s.guidance_fraction)
-    return ClassifierFreeGuidance(model, s.guidance, min_t=min_t), {}, block
+    return ClassifierFreeGuidance(model, s.guidance, min_t=min_t, null_context=null_context), {}, block
 
 
 @torch.no_grad()
@@ -136,6 +137,8 @@ def generate(
     device: torch.device | str = "cpu",
     progress: bool = False,
     teacher: bool = False,
+    context: torch.Tensor | None = None,
+    null_context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw ``settings.num`` samples [num x C x H x W] in [-1, 1].
 
@@ -152,16 +155,20 @@ def generate(
     ``teacher=True`` the guided teacher held in the same weights.
     ``spatial`` [num x C_s x H x W]: the condition images of a run with spatial tasks
     (:func:`difflora.data.spatial.heldout_conditions`), one per sample, with ``conditions["task"]``.
+    A text pipeline's run (``model.text``) needs ``context`` [num x L x D], the prompts' contexts, and
+    ``null_context`` [L x D], the empty prompt's (guidance's unconditional branch); a latent
+    pipeline's samples (``model.latent``) are decoded by its VAE, loaded for the purpose.
     """
     s = settings if settings is not None else sampling_settings(cfg)
     num = s.num
     if s.steps > cfg.diffusion.steps:
         raise ValueError(f"--steps {s.steps} exceeds the diffusion's {cfg.diffusion.steps} timesteps")
-    if s.guidance != 1.0 and cfg.model.num_classes == 0:
-        raise ValueError("guidance needs a class-conditional model (model.num_classes > 0)")
+    text = _text_inputs(cfg, context, null_context, num)
+    if s.guidance != 1.0 and cfg.model.num_classes == 0 and not text:
+        raise ValueError("guidance needs a class-conditional model (model.num_classes > 0) or a text pipeline")
     diffusion = build_diffusion(cfg, respacing=f"ddim{s.steps}" if s.sampler == "ddim" else s.steps)
-    fn, student, guided_teacher = _sampling_fn(model, cfg, s, teacher, diffusion)
-    extra = condition_tensors({**(conditions or {}), **student}, num) | _spatial_condition(spatial, num, cfg)
+    fn, student, guided_teacher = _sampling_fn(model, cfg, s, teacher, diffusion, null_context)
+    extra = condition_tensors({**(conditions or {}), **student}, num) | _spatial_condition(spatial, num, cfg) | text
     m = cfg.model
     shape = (m.in_channels, m.image_size, m.image_size)
     was_training = model.training
@@ -175,7 +182,9 @@ def generate(
     merged = model.merged("t") if isinstance(model, DiffusionModel) else contextlib.nullcontext()
     try:
         with merged, guided_teacher:
+            # Latents are not images: only the VAE's decoded images are clamped to [-1, 1].
             draw = dict(generator=gen, sampler=s.sampler, eta=s.eta, progress=progress, device=device)
+            draw["clamp"] = cfg.model.latent is None
             out = _draw_batches(diffusion, fn, noise, extra, labels, s.batch_size, draw)
     finally:
         model.train(was_training)
@@ -187,7 +196,24 @@ def generate(
             f"({s.sampler}, {s.steps} steps, guidance {s.guidance:g}); the weights may have diverged: "
             "try the other weights (--weights) or an earlier --checkpoint"
         )
-    return images
+    return decode(cfg, images, device, s.batch_size) if cfg.model.latent is not None else images
+
+
+def _text_inputs(
+    cfg: Config, context: torch.Tensor | None, null: torch.Tensor | None, num: int
+) -> dict[str, torch.Tensor]:
+    """``{"context": [num x L x D]}`` for a text pipeline's run, checked (``{}`` for any other run)."""
+    if cfg.model.text is None:
+        if context is not None:
+            raise ValueError("context= is for a text pipeline's run (model.text); this run has no text encoder")
+        return {}
+    if context is None or null is None:
+        raise ValueError("a text pipeline's run samples from prompts: give their contexts and the empty prompt's")
+    if context.ndim != 3 or context.shape[0] != num or null.shape != context.shape[1:]:
+        raise ValueError(
+            f"context must be [{num} x L x D] and null_context [L x D], got {tuple(context.shape)} and {tuple(null.shape)}"
+        )
+    return {"context": context.float()}
 
 
 def _spatial_condition(spatial: torch.Tensor | None, num: int, cfg: Config) -> dict[str, torch.Tensor]:

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflora.config.schema import Config, ConfigError, config_to_dict, parse_saved_config
-from difflora.data import BatchSource, open_batches
+from difflora.data import BatchSource
 from difflora.data.spatial import grid_indices
 from difflora.files.atomic import append_line, write_bytes
 from difflora.files.images import save_grid
@@ -64,6 +64,7 @@ from difflora.train.footprint import check_memory, training_batch
 from difflora.train.interrupt import DeferredInterrupt
 from difflora.train.launcher import accelerate_flags
 from difflora.train.objectives import build_objective
+from difflora.train.pipeline_data import grid_context, open_training_batches
 from difflora.train.precision import grad_scaler
 from difflora.train.run_dir import (
     RunExistsError,
@@ -226,7 +227,8 @@ def _prepare(cfg: Config, out: Path, ckpt: LoadedCheckpoint | None, log, ctx: Di
     before the run directory is written."""
     check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, ctx.world_size)
     torch.manual_seed(cfg.train.seed)
-    data = open_batches(cfg.data, seed=cfg.train.seed, batch_size=cfg.train.batch_size, rows=own_rows(cfg.train, ctx))
+    rows = own_rows(cfg.train, ctx)
+    data = open_training_batches(cfg, seed=cfg.train.seed, batch_size=cfg.train.batch_size, rows=rows, log=log)
     if cfg.model.num_classes and data.num_classes > cfg.model.num_classes:
         raise ValueError(
             f"data.name={cfg.data.name} has {data.num_classes} classes but model.num_classes={cfg.model.num_classes}"
@@ -346,6 +348,7 @@ def _sample_grid(st: TrainState, path: Path) -> Path:
             device=st.device,
             conditions=conditions,
             spatial=spatial,
+            **grid_context(st.data, cfg.sample.num),  # a text pipeline: the data's captions
         )
     return save_grid(images, path, nrow=cfg.model.num_classes or None)
 
