@@ -32,8 +32,8 @@ _OS_FIXES = {
 def describe_os_error(exc: OSError) -> str:
     """A raw OSError (``[Errno 2] No such file or directory: 'x.png.tmp'``) as one line naming the
     path the user gave (not the temporary file written first) and the fix. An OSError difflora
-    raised with its own message (no errno) keeps it."""
-    if exc.errno is None or exc.strerror is None:
+    raised with its own message (a DiffloraError, or no errno) keeps it."""
+    if isinstance(exc, DiffloraError) or exc.errno is None or exc.strerror is None:
         return str(exc)
     path = exc.filename2 if exc.errno == errno.EISDIR and exc.filename2 is not None else exc.filename
     where = str(path).removesuffix(".tmp") if path is not None else "a file"

@@ -125,6 +125,11 @@ class _LiveBytes(TorchDispatchMode):
         self.live -= n
 
 
+# The context length of a text pipeline (CLIP tokenizers pad to 77): the config does not record the
+# tokenizer's, and the estimate only needs its order of magnitude.
+_TEXT_TOKENS = 77
+
+
 def _meta_inputs(cfg: Config, batch: int) -> dict[str, torch.Tensor]:
     m = cfg.model
     zeros = {"device": "meta"}
@@ -136,6 +141,8 @@ def _meta_inputs(cfg: Config, batch: int) -> dict[str, torch.Tensor]:
         inputs["y"] = torch.zeros(batch, dtype=torch.long, **zeros)
     if m.spatial_channels:
         inputs["spatial"] = torch.zeros(batch, m.spatial_channels, m.image_size, m.image_size, **zeros)
+    if m.text is not None:  # a text pipeline's UNet needs the prompts' context
+        inputs["context"] = torch.zeros(batch, _TEXT_TOKENS, m.text.hidden, **zeros)
     for a in adapter_entries(cfg):
         if a.condition not in ("t", "y", *NET_INPUTS):
             inputs[a.condition] = torch.zeros(batch, dtype=torch.long, **zeros)
