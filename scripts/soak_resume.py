@@ -232,9 +232,11 @@ def scenarios(work: Path, counts: dict[str, int]) -> dict[str, Scenario]:
     # Enough steps that the last point still lands in training: a point advances 1-15 steps
     # and loses what followed the last checkpoint.
     steps = {name: max(50, 10 * counts.get(name, 0)) for name in ("train", "distill")}
+    study_steps = max(30, 3 * counts.get("study", 0))  # 4 runs: the study lasts about as many points
 
     def study(out: Path, first: bool) -> list[str]:
         spec = {**STUDY, "report_dir": str(out / "docs")}
+        spec["base"] = {**STUDY["base"], "train": {**STUDY["base"]["train"], "steps": study_steps}}
         out.mkdir(parents=True, exist_ok=True)
         (out / "study.yaml").write_text(yaml.safe_dump(spec))
         return difflora("study", str(out / "study.yaml"), "--out", str(out / "out"))
@@ -275,7 +277,7 @@ def scenarios(work: Path, counts: dict[str, int]) -> dict[str, Scenario]:
             by_steps=False,
             leftovers=eval_leftovers,
         ),
-        "study": Scenario("study", study, compare_study, by_steps=False),
+        "study": Scenario("study", study, compare_study, by_steps=False, tag=f"-{study_steps}"),
     }
 
 
@@ -378,6 +380,9 @@ def main() -> int:
     p.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "soak.json"))
     args = p.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen in a log file
+    # A command started in the background of a non-interactive shell inherits SIGINT ignored, and so
+    # would every command this script starts: Ctrl-C would only reach those that install a handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     rng = random.Random(args.seed)
     sigs = [signal.Signals[f"SIG{s.strip().upper()}"] for s in args.signals.split(",")]
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="difflora-soak-"))
