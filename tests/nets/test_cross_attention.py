@@ -99,10 +99,13 @@ def cross_cfg(arch: str, **kw) -> ModelConfig:
         "num_classes": 10,
         "attention": "cross",
         "context": {"dim": 16, "tokens": 3},
-        "unet": {"model_channels": 32, "num_res_blocks": 1, "attention_resolutions": [4], "num_heads": 2},
-        "dit": {"preset": "DiT-T/2"},
     }
-    return ModelConfig.model_validate({**base, **kw})
+    # Each backbone gets only its own section: a section the arch does not build is refused.
+    sections = {
+        "unet": {"unet": {"model_channels": 32, "num_res_blocks": 1, "attention_resolutions": [4], "num_heads": 2}},
+        "dit": {"dit": {"preset": "DiT-T/2"}},
+    }
+    return ModelConfig.model_validate({**base, **sections[arch], **kw})
 
 
 @pytest.mark.parametrize("arch", ["unet", "dit"])
@@ -133,7 +136,7 @@ def test_shapes_and_null_context(arch):
 
 @pytest.mark.parametrize("arch", ["unet", "dit"])
 def test_default_attention_unchanged_and_context_refused(arch):
-    cfg = cross_cfg(arch, attention="self")
+    cfg = cross_cfg(arch, attention="self", context={})  # a context section is refused under self-attention
     net = build_net(cfg)
     assert not any(isinstance(m, TransformerBlock) for m in net.modules())
     with pytest.raises(ValueError, match="model.attention=cross"):
