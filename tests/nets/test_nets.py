@@ -278,7 +278,8 @@ def test_fresh_model_outputs_zero(arch):
 @pytest.mark.parametrize("arch", ["unet", "dit"])
 def test_tiny_forward_backward_step(arch):
     torch.manual_seed(0)
-    net = build_net(model_cfg(arch=arch, num_classes=3, unet={**TINY_UNET, "dropout": 0.1}))
+    dropout = {"unet": {**TINY_UNET, "dropout": 0.1}} if arch == "unet" else {}  # the U-Net's section only
+    net = build_net(model_cfg(arch=arch, num_classes=3, **dropout))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     x, t = inputs()
     y = torch.tensor([0, -1, 1, 2])
