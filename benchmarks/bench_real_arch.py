@@ -40,7 +40,7 @@ Before each row its peak is estimated (weights x bytes x (1 + grads + 2 Adam sta
 activations) and checked against ``MemAvailable``: a row that would leave less than 3 GB is skipped
 and says so. The full-training SD rows run last.
 
-    python benchmarks/bench_real_arch.py            # ~40 min; writes benchmarks/results/real_arch.json
+    python benchmarks/bench_real_arch.py            # ~25 min (2 shared cores); writes benchmarks/results/real_arch.json
     python benchmarks/bench_real_arch.py --quick    # 256 px SD, 128 px DiT: a few minutes, real_arch_quick.json
     ... --rows counts sample                        # some rows only (the file keeps the others)
 """
