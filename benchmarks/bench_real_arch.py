@@ -41,7 +41,7 @@ activations) and checked against ``MemAvailable``: a row that would leave less t
 and says so. The full-training SD rows run last.
 
     python benchmarks/bench_real_arch.py            # ~25 min (2 shared cores); writes benchmarks/results/real_arch.json
-    python benchmarks/bench_real_arch.py --quick    # 256 px SD, 128 px DiT: a few minutes, real_arch_quick.json
+    python benchmarks/bench_real_arch.py --quick    # 256 px SD, 128 px DiT: ~15 min on 2 busy cores (the UNet's weights, not its latents, set a step's cost), real_arch_quick.json
     ... --rows counts sample                        # some rows only (the file keeps the others)
 """
 
@@ -555,7 +555,7 @@ def report(result: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--one", help=argparse.SUPPRESS)
-    p.add_argument("--quick", action="store_true", help="256 px SD, 128 px DiT at batch 1: a few minutes")
+    p.add_argument("--quick", action="store_true", help="256 px SD, 128 px DiT at batch 1: about half the full run")
     p.add_argument("--rows", nargs="+", choices=["counts", "sample", "overhead", "dit", "sd"], help="only these kinds")
     p.add_argument("--out", help="results file (default benchmarks/results/real_arch[_quick].json)")
     args = p.parse_args()
