@@ -181,7 +181,6 @@ MESSAGES = [
         ("runs", "{run}", "--csv", "{tmp}/d"),
         r"cannot use .*/d: it is a directory: name a file",
         damage=mkdir("d"),
-        open_in="class 6 (helper a1): the refused rename leaves d.tmp behind",
     ),
     Fault(
         "train-features-cache-is-a-file",
