@@ -423,6 +423,11 @@ def _add_export(sub, handlers: Handlers) -> None:
     )
     e.add_argument("--weights", choices=["ema", "model"], default="ema", help=_WEIGHTS_HELP)
     e.add_argument("--checkpoint", metavar="STEP|PATH", default=None, help=_CKPT_HELP)
+    e.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty OUT whole (--to diffusers of a run on a pipeline folder, which writes the whole pipeline)",
+    )
     e.set_defaults(fn=handlers["export"])
 
 

@@ -21,8 +21,9 @@ from difflora.distill.command import sampling_guidance, without_student
 from difflora.files.atomic import write_together
 from difflora.files.images import check_image_dir, grid_png, save_image_dir, save_npz
 from difflora.files.tensorfile import tensor_bytes
-from difflora.model.export import export_model
+from difflora.model.export import export_model, writes_pipeline
 from difflora.sampling.generate import default_labels, generate
+from difflora.train.checkpoint import check_base
 from difflora.train.footprint import check_memory
 from difflora.train.pipeline_data import text_inputs
 from difflora.train.run_loader import open_run
@@ -174,8 +175,11 @@ def _fixed_conditions(texts: list[str] | None) -> dict[str, int | float]:
 
 def export_command(args) -> int:
     values = _fixed_conditions(args.condition)
-    cfg, model, _ = _open_run(args.run_dir, args.weights, args.checkpoint)
-    out = export_model(model, cfg, args.to, args.out_dir, values)
+    cfg, model, meta = _open_run(args.run_dir, args.weights, args.checkpoint)
+    if writes_pipeline(cfg, args.to) and (base := meta.get("base")) and not base["keys"]:
+        # The checkpoint holds every weight, so loading did not read the base: check it before copying its pipeline.
+        check_base(base)
+    out = export_model(model, cfg, args.to, args.out_dir, values, overwrite=args.overwrite)
     at = ", ".join(f"{k}={v}" for k, v in values.items()) or "no conditions"
     print(f"wrote {args.to} export at {at} to {out}")
     return 0

@@ -6,7 +6,9 @@ the real name; the temporary file is removed when the write fails. The outputs o
 that belong together (an evaluation's grids and its ``metrics.json``, a sample grid and its
 ``--save-tensor`` file, a study's report files) are written by :func:`write_together`: every file
 under its temporary name first, the renames only once all of them are complete, so a failed write
-leaves every earlier output as it was.
+leaves every earlier output as it was. A directory written as a whole (one PNG per sample, an
+exported pipeline) is staged under a hidden name beside it and renamed into place once complete
+(:func:`write_directory`); a non-empty one is replaced only when the caller says so.
 
 A write the storage refuses (no space left, a disk quota, the file-size limit of ``ulimit -f``, a
 read-only file system, no permission) raises :class:`WriteError`: an ``OSError`` (and a
@@ -21,6 +23,8 @@ import errno
 import os
 import re
 import resource
+import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +34,16 @@ from safetensors import SafetensorError
 
 from difflora.errors import DiffloraError
 
-__all__ = ["WriteError", "append_line", "atomic_write", "storage_errors", "write_bytes", "write_together"]
+__all__ = [
+    "WriteError",
+    "append_line",
+    "atomic_write",
+    "check_directory",
+    "storage_errors",
+    "write_bytes",
+    "write_directory",
+    "write_together",
+]
 
 # The storage's refusals: what each means for the user, who can act on it (other errno values are bugs
 # or exotic failures and keep their own message).
@@ -158,6 +171,59 @@ def write_together(files: dict[Path, str | bytes]) -> None:
         raise
     for path, tmp in tmps.items():
         os.replace(tmp, path)
+
+
+def check_directory(directory: str | Path, what: str, overwrite: bool = False) -> None:
+    """Raise (an OSError) if :func:`write_directory` would refuse ``directory``: a file, or a non-empty
+    directory without ``overwrite``. ``what`` names the contents (``the images``). Callers check before
+    the work that makes the contents."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is a file; name a directory for {what}")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} is not empty; choose another directory or pass --overwrite")
+
+
+def _beside(directory: Path, suffix: str) -> Path:
+    """A hidden unused name next to ``directory`` (same filesystem: renames between them are atomic)."""
+    return directory.parent / f".{directory.name}.{os.getpid()}.{secrets.token_hex(4)}.{suffix}"
+
+
+def _swap_in(stage: Path, directory: Path) -> None:
+    """Rename ``stage`` onto ``directory``; a non-empty one is moved aside first and removed after."""
+    if not directory.is_dir() or not any(directory.iterdir()):
+        os.replace(stage, directory)  # onto nothing or an empty directory: one atomic rename
+        return
+    old = _beside(directory, "old")
+    os.replace(directory, old)
+    try:
+        os.replace(stage, directory)
+    except BaseException:
+        os.replace(old, directory)  # the old contents stay where they were
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_directory(
+    directory: str | Path, write: Callable[[Path], None], needed: int, what: str, overwrite: bool = False
+) -> Path:
+    """``write(stage)`` fills a hidden staging directory beside ``directory``, which is then renamed onto
+    it: all or nothing. An existing non-empty ``directory`` is refused (:func:`check_directory`) unless
+    ``overwrite``; it is then replaced as a whole, never mixed with new files. A refusal of the storage
+    is a :class:`WriteError` naming ``directory`` and ``needed`` bytes; any failure removes the stage."""
+    directory = Path(directory)
+    check_directory(directory, what, overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    stage = _beside(directory, "tmp")
+    stage.mkdir()  # mkdir, not mkdtemp (0700): the directory gets the mode the umask gives
+    try:
+        with storage_errors(directory, needed):
+            write(stage)
+        _swap_in(stage, directory)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return directory
 
 
 def append_line(f: IO[bytes], path: Path, line: str) -> None:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from difflora.files.atomic import atomic_write, storage_errors, write_bytes
+from difflora.files.atomic import atomic_write, check_directory, write_bytes, write_directory
 from difflora.optional import require
 
 if TYPE_CHECKING:  # for the annotation only: matplotlib is imported on use (agg_figure)
@@ -81,11 +78,7 @@ def _image(arr: np.ndarray) -> Image.Image:
 def check_image_dir(directory: str | Path, overwrite: bool = False) -> None:
     """Raise (an OSError) if :func:`save_image_dir` would refuse ``directory``: a file, or a
     non-empty directory without ``overwrite``. Callers check before the work that makes the images."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"{directory} is a file; name a directory for the images")
-    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{directory} is not empty; choose another directory or pass --overwrite")
+    check_directory(directory, "the images", overwrite)
 
 
 def save_image_dir(images: torch.Tensor, directory: str | Path, overwrite: bool = False) -> Path:
@@ -93,42 +86,15 @@ def save_image_dir(images: torch.Tensor, directory: str | Path, overwrite: bool 
     (the layout clean-fid and torch-fidelity read), all or nothing: into a hidden staging directory
     beside ``DIR``, renamed onto it when every file is written. An existing non-empty ``DIR`` is a
     FileExistsError unless ``overwrite`` (it is then replaced as a whole, never mixed with new files)."""
-    directory = Path(directory)
     check_image_dir(directory, overwrite)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     arr = to_uint8(images)
     width = max(6, len(str(len(arr) - 1)))
-    stage = _beside(directory, "tmp")
-    stage.mkdir()  # mkdir, not mkdtemp (0700): the directory gets the mode the umask gives
-    try:
-        with storage_errors(directory, arr.nbytes):
-            for i, one in enumerate(arr):
-                _image(one).save(stage / f"{i:0{width}d}.png", format="PNG")
-        _swap_in(stage, directory)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return directory
 
+    def write(stage: Path) -> None:
+        for i, one in enumerate(arr):
+            _image(one).save(stage / f"{i:0{width}d}.png", format="PNG")
 
-def _beside(directory: Path, suffix: str) -> Path:
-    """A hidden unused name next to ``directory`` (same filesystem: renames between them are atomic)."""
-    return directory.parent / f".{directory.name}.{os.getpid()}.{secrets.token_hex(4)}.{suffix}"
-
-
-def _swap_in(stage: Path, directory: Path) -> None:
-    """Rename ``stage`` onto ``directory``; a non-empty one is moved aside first and removed after."""
-    if not directory.is_dir() or not any(directory.iterdir()):
-        os.replace(stage, directory)  # onto nothing or an empty directory: one atomic rename
-        return
-    old = _beside(directory, "old")
-    os.replace(directory, old)
-    try:
-        os.replace(stage, directory)
-    except BaseException:
-        os.replace(old, directory)  # the old images stay where they were
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    return write_directory(directory, write, arr.nbytes, "the images", overwrite)
 
 
 def save_npz(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None) -> Path:
