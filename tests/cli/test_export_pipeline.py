@@ -5,12 +5,15 @@ merged at the given conditions and every other component copied byte for byte.
 Three pipelines: a pixel ``DDPMPipeline`` (UNet2DModel), a latent ``DiTPipeline`` (DiT + VAE) and an
 SD-like ``StableDiffusionPipeline`` (UNet2DConditionModel + VAE + CLIP text encoder and tokenizer).
 The exported denoiser is compared with the run's own diffusers model under difflora's conditions
-(within 1e-5 relative), the pipeline is called, and OUT is written whole or not at all.
+(within 1e-5 relative), the pipeline is called, and OUT is written whole or not at all. The LoRA
+exports of the same runs load onto the pipelines' own denoisers (peft's ``PeftModel``, diffusers'
+``pipe.load_lora_weights`` for SD, ``load_lora_adapter`` for the others) and agree alike.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 from pathlib import Path
@@ -20,7 +23,10 @@ import torch
 import yaml
 
 diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
+
+from diffusers.loaders import PeftAdapterMixin  # noqa: E402
 
 from difflora.adapters import conditions  # noqa: E402
 from difflora.cli.commands import main  # noqa: E402
@@ -141,3 +147,30 @@ def test_a_pipeline_export_replaces_a_non_empty_out_only_with_overwrite(trained,
     assert not (out / "old").exists() and (out / "unet" / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert _files(out, "unet") == _files(pipe_dir, "unet")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_lora_exports_of_a_pipeline_run_load_onto_the_pipelines_denoiser(trained, kind, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe_dir, run = trained[kind]
+    for to in ("peft", "diffusers-lora"):
+        assert main(["export", str(run), "--to", to, str(tmp_path / to), "--condition", "t=33"]) == 0
+    name = "transformer" if kind == "dit" else "unet"
+    _, model, _ = open_run(run)
+    with conditions(t=torch.full((2,), 33)):
+        ours = _forward(model.net.model, kind)
+    with contextlib.redirect_stderr(io.StringIO()):
+        pipe = diffusers.DiffusionPipeline.from_pretrained(pipe_dir)
+    base = getattr(pipe, name).eval()
+    loaded = {"peft": peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")}
+    if kind == "sd":  # the pipeline's own reader of diffusers' LoRA files
+        pipe.load_lora_weights(tmp_path / "diffusers-lora")
+        loaded["diffusers-lora"] = pipe.unet
+    else:  # UNet2DModel and DiTTransformer2DModel lack diffusers' LoRA mixin (diffusers 0.42)
+        lora = type(f"Lora{type(base).__name__}", (type(base), PeftAdapterMixin), {}).from_config(base.config)
+        lora.load_state_dict(base.state_dict())
+        lora.load_lora_adapter(tmp_path / "diffusers-lora", prefix=name, use_safetensors=True)
+        loaded["diffusers-lora"] = lora
+    for to, theirs in loaded.items():
+        got = _forward(theirs.eval(), kind)
+        assert float((got - ours).abs().max() / ours.abs().max()) < TOL, to

@@ -53,9 +53,9 @@ def test_difflora_sweep_runs_on_an_sd_like_pipeline_folder(tmp_path, monkeypatch
     assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     rows = read_results(tmp_path / "out" / "results.csv")
     assert [r["input"] for r in rows] == ["attn1_in", "attn2_out"]
-    # One shared adapter (down 32 -> 2, up 2 -> 32, with biases) in each of the UNet's two transformer blocks.
-    width = 32
-    assert all(r["params_trainable"] == 2 * (2 * width + 2 + 2 * width + width) for r in rows)
+    # One shared adapter (down w -> 2, up 2 -> w, with biases) in each transformer block of the UNet: the
+    # down block's (w = 16), the middle block's (32) and the two of the up block (16 each).
+    assert all(r["params_trainable"] == sum(5 * w + 2 for w in (16, 32, 16, 16)) for r in rows)
     for r in rows:
         assert r["fd"] > 0
         cfg = json.loads((Path(r["run_dir"]) / "config.json").read_text())

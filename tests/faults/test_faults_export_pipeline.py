@@ -27,7 +27,9 @@ from pretrained_folders import cond_unet_pipeline, unet_pipeline  # noqa: E402
 TIMELORA = {"name": "time", "condition": "t", "weighting": "linear", "num_values": 100, "num_bases": 3, "rank": 2}
 
 
-def pipeline_run(adapter: dict = TIMELORA, train_base: bool = False, make=unet_pipeline) -> Callable[[Path, Path], None]:
+def pipeline_run(
+    adapter: dict = TIMELORA, train_base: bool = False, make=unet_pipeline
+) -> Callable[[Path, Path], None]:
     """A damage: the pipeline {tmp}/pipe and a one-step run on it, {tmp}/prun."""
 
     def damage(run: Path, tmp: Path) -> None:
@@ -96,9 +98,9 @@ FAULTS = [
     ),
     Fault(
         "export-pipeline-lowrank-act",
-        export("{tmp}/out", "--condition", "task=1"),
+        export(),
         r"a merged model cannot hold adapter 'act' \(form lowrank_act.*not linear in x.*nothing was written",
-        pipeline_run({"name": "act", "condition": "task", "weighting": "index", "num_values": 3, "form": "lowrank_act"}),
+        pipeline_run(TIMELORA | {"name": "act", "form": "lowrank_act"}),
     ),
     Fault(
         "export-pipeline-learned-context",
