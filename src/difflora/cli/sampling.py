@@ -23,7 +23,7 @@ from difflora.files.images import check_image_dir, grid_png, save_image_dir, sav
 from difflora.files.tensorfile import tensor_bytes
 from difflora.model.export import export_model, writes_pipeline
 from difflora.sampling.generate import default_labels, generate
-from difflora.train.checkpoint import check_base
+from difflora.train.checkpoint import load_base_tensors
 from difflora.train.footprint import check_memory
 from difflora.train.pipeline_data import text_inputs
 from difflora.train.run_loader import open_run
@@ -178,7 +178,7 @@ def export_command(args) -> int:
     cfg, model, meta = _open_run(args.run_dir, args.weights, args.checkpoint)
     if writes_pipeline(cfg, args.to) and (base := meta.get("base")) and not base["keys"]:
         # The checkpoint holds every weight, so loading did not read the base: check it before copying its pipeline.
-        check_base(base)
+        load_base_tensors(base, keep=False)
     out = export_model(model, cfg, args.to, args.out_dir, values, overwrite=args.overwrite)
     at = ", ".join(f"{k}={v}" for k, v in values.items()) or "no conditions"
     print(f"wrote {args.to} export at {at} to {out}")

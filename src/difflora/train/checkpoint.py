@@ -67,7 +67,6 @@ __all__ = [
     "CheckpointMismatch",
     "LoadedCheckpoint",
     "Fingerprint",
-    "check_base",
     "find_checkpoints",
     "latest_checkpoint",
     "load_base_tensors",
@@ -469,9 +468,9 @@ def base_missing(record: dict[str, Any], what: str) -> CheckpointError:
     )
 
 
-def _verified_base(record: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of the base a run adapts (``state["base"]``), streamed; its fingerprint is checked
-    once the last one is read."""
+def load_base_tensors(record: dict[str, Any], keep: bool = True) -> dict[str, torch.Tensor]:
+    """Every weight of the base checkpoint a run adapts (``state["base"]``), checked against its fingerprint;
+    ``keep=False`` checks only (one tensor at a time in memory) and returns none."""
     if not Path(record["path"]).is_dir():
         raise base_missing(record, "is missing")
     try:
@@ -482,24 +481,14 @@ def _verified_base(record: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]
     except (CheckpointError, PretrainedError, ConfigError) as exc:
         raise base_missing(record, f"cannot be read: {str(exc).replace(f'; {_ADVICE}', '')}") from None
     fp = Fingerprint()
+    tensors = {}
     for key, tensor in stream_weights(sources):
         fp.update(key, tensor)
-        yield key, tensor
+        if keep:
+            tensors[key] = tensor
     if fp.hexdigest() != record["fingerprint"]:
         raise base_missing(record, f"now holds other weights (fingerprint {fp.hexdigest()[:12]})")
-
-
-def load_base_tensors(record: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Every weight of the base checkpoint a run adapts (``state["base"]``), checked against its fingerprint."""
-    return dict(_verified_base(record))
-
-
-def check_base(record: dict[str, Any]) -> None:
-    """The base a run recorded (``state["base"]``) is still at its path with the weights it had (read one
-    tensor at a time, none kept): for a run that stores every weight itself, whose export copies the
-    rest of the base's pipeline."""
-    for _ in _verified_base(record):
-        pass
+    return tensors
 
 
 def load_weights(ckpt: str | Path, which: str = "ema") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
