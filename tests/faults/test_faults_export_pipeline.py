@@ -4,8 +4,8 @@
 Refused, each in one line and with every file left as it was: OUT a file, OUT a non-empty directory
 without ``--overwrite``, OUT the pipeline itself, the pipeline moved or its denoiser rewritten since
 training (the recorded fingerprint; also for a run whose checkpoint holds every weight), an adapter
-form no merged weight holds, a learned class context no pipeline holds, and ``--overwrite`` where
-the export writes no pipeline.
+form no merged weight holds, a learned class context no pipeline holds, a full disk mid-write (no
+half-written OUT, no staging directory left), and ``--overwrite`` where the export writes no pipeline.
 """
 
 from __future__ import annotations
@@ -107,6 +107,13 @@ FAULTS = [
         export(),
         r"reads difflora's learned class context .* which a diffusers pipeline cannot hold; nothing was written",
         pipeline_run(make=cond_unet_pipeline),
+    ),
+    Fault(
+        "export-pipeline-disk-full",
+        export(),
+        r"cannot write .*out: the file would exceed the file-size limit",
+        pipeline_run(),
+        fsize=4096,  # the copied JSON fits, the merged UNet's weights do not: no half-written OUT is left
     ),
     Fault(
         "export-overwrite-of-no-pipeline",
