@@ -34,7 +34,7 @@ test: $(VENV)/.test
 # The documentation as a site in site/ (mkdocs.yml): strict, so a broken link, a broken anchor or a
 # page missing from the nav fails the build.
 docs: $(VENV)/.docs
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check src tests benchmarks
