@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch (0.9 GB). On a GPU machine: make TORCH=torch demo
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint format bench clean-venv
+.PHONY: demo test docs lint format bench clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,20 @@ $(VENV)/.test: pyproject.toml $(VENV)/.core
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
+$(VENV)/.docs: pyproject.toml $(VENV)/.core
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
+
 demo: $(VENV)/.core
 	$(BIN)/difflora demo
 
 test: $(VENV)/.test
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+
+# The documentation as a site in site/ (mkdocs.yml): strict, so a broken link, a broken anchor or a
+# page missing from the nav fails the build.
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check src tests benchmarks
