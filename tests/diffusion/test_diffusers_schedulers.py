@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from difflora.config.diffusion import DiffusionConfig
+from difflora.config.schema import parse_config
 from difflora.diffusion import create_diffusion, ddim_step, diffusers_betas, p_sample_step
 
 diffusers = pytest.importorskip("diffusers")
+from pretrained_folders import unet_pipeline  # noqa: E402  (it needs diffusers)
 
 TOL = 1e-5
 T = 100
@@ -119,3 +121,44 @@ def test_one_ddpm_step_with_a_learned_variance_matches_diffusers(schedule, start
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
     got = p_sample_step(ours, _Fixed(out), x, torch.full((3,), 5), clip_denoised=False, noise=noise).sample
     torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_steps_offset_one_matches_diffusers_ddim_and_ddpm(eta):
+    """Stable Diffusion's schedulers: T = 1000, scaled_linear, steps_offset 1 ("leading" grid 901, 801, ..., 1).
+
+    difflora's ddim10 grid is shifted by diffusion.steps_offset: the same timesteps as set_timesteps(10),
+    and every step from the same output as diffusers' (set_alpha_to_one, so the last step ends at x_0 in both)."""
+    cfg = DiffusionConfig(
+        steps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+        sigma_small=True, rescale_timesteps=False,
+    )  # fmt: skip
+    ours = create_diffusion(cfg, learn_sigma=False, respacing="ddim10")
+    extra = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
+    ddim = diffusers.DDIMScheduler(num_train_timesteps=1000, set_alpha_to_one=True, **extra)
+    ddpm = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_small", **extra)
+    for scheduler in (ddim, ddpm):
+        scheduler.set_timesteps(10)
+        assert scheduler.timesteps.tolist() == ours.timestep_map[::-1].tolist() == list(range(901, 0, -100))
+    g = torch.Generator().manual_seed(3)
+    for i in range(10):
+        x, out, z = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
+        index, step = torch.full((3,), i), int(ours.timestep_map[i])
+        want = ddim.step(out, step, x, eta=eta, variance_noise=z).prev_sample
+        got = ddim_step(ours, _Fixed(out), x, index, eta=eta, clip_denoised=False, noise=z).sample
+        torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+        want = ddpm.step(out, step, x, generator=torch.Generator().manual_seed(i)).prev_sample
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
+        got = p_sample_step(ours, _Fixed(out), x, index, clip_denoised=False, noise=noise).sample
+        torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+
+def test_a_pipelines_steps_offset_is_read_and_a_grid_past_the_last_timestep_is_refused(tmp_path):
+    folder = unet_pipeline(tmp_path / "pipe", steps_offset=1)
+    cfg = parse_config({"data": {"name": "digits"}, "model": {"pretrained": str(folder)}})
+    assert cfg.diffusion.steps_offset == 1
+    assert create_diffusion(cfg.diffusion, False, respacing="ddim4").timestep_map.tolist() == [1, 26, 51, 76]
+    with pytest.raises(ValueError, match="steps_offset 1 would reach timestep 100, past the last one"):
+        create_diffusion(cfg.diffusion, False, respacing="ddim100")
+    # The DDPM sampler's evenly spaced grid (diffusers' "linspace") has no offset, as in diffusers.
+    assert create_diffusion(cfg.diffusion, False, respacing=4).timestep_map.tolist() == [0, 33, 66, 99]

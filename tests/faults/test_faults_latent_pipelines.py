@@ -2,7 +2,8 @@
 
 A latent denoiser in a pipeline without its vae, a text pipeline trained on images without
 captions, a latent cache made by another VAE at an explicit ``model.latent.cache``, an image
-size the VAE (or the model) cannot take, and prompts for a run without a text encoder: each one
+size the VAE (or the model) cannot take, prompt dropout asked of a distillation (its teacher is
+guided to every caption), and prompts for a run without a text encoder: each one
 ``error:`` line, exit code 2, nothing on disk changed.
 """
 
@@ -95,6 +96,15 @@ CASES = [
         (*PARAMS, "--set", "data.image_size=18"),
         r"model\.diffusers\.config\.patch_size \(2\) must be a positive integer dividing model\.image_size \(9\)",
         damage=setup("dit"),
+    ),
+    Fault(
+        "distill-text-pipeline-with-prompt-dropout",
+        (
+            *("distill", "{tmp}/pipe", "--out", "{tmp}/d", "--no-progress", "--set", "data.name=image-folder"),
+            *("--set", "data.root={tmp}/f", "--set", "distill.targets=[to_q]", "--set", "train.prompt_dropout=0.2"),
+        ),
+        r"train\.prompt_dropout=0\.2 cannot take effect: train\.objective=distill \(the teacher's labels and captions",
+        damage=setup("sd"),
     ),
     Fault(
         "sample-prompt-without-text-encoder",

@@ -103,8 +103,8 @@ def test_sd_pipeline_gives_diffusers_images_from_the_same_latents_and_prompts(tm
     ours = generate(model.eval(), cfg, s, seed=0, context=context, null_context=null)
     latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))  # generate's noise
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd, safety_checker=None, requires_safety_checker=False)
-    # StableDiffusionPipeline rewrites steps_offset to 1; difflora's grid is steps_offset 0 (docs/pretrained.md).
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=0)
+    # The folder's scheduler has steps_offset 1 (StableDiffusionPipeline writes it): difflora's grid honours it.
+    assert pipe.scheduler.config.steps_offset == cfg.diffusion.steps_offset == 1
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(prompts, latents=latents, num_inference_steps=10, guidance_scale=3.0, output_type="np").images
     assert (_images(ours) - torch.from_numpy(theirs).permute(0, 3, 1, 2)).abs().max() < SAMPLE_TOL

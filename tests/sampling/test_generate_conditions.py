@@ -56,6 +56,41 @@ def test_no_update_rows_equal_the_base_model():
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
+TIME_CLASS_ADAPTERS = (
+    "model.adapters=[{name: time, condition: t, weighting: linear, num_values: 1000, num_bases: 5, rank: 2}, "
+    "{name: cls, condition: y, weighting: index, num_values: 10, rank: 2}]"
+)
+
+
+@pytest.mark.parametrize("sampler,guidance", [("ddim", 1.0), ("ddpm", 2.0)])
+def test_generate_with_adapters_disabled_is_the_base_model(sampler, guidance):
+    # generate() merges the t-adapters at every step (model.merged("t")); inside adapters_disabled()
+    # no disabled adapter may be merged: the samples must be those of the model built without adapters.
+    cfg = tiny_config("tiny-unet", TIME_CLASS_ADAPTERS, "sample.batch_size=8")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p), alpha=0.5 if ".adapters." in name else 0.05)
+    model.eval()
+    base_cfg = tiny_config("tiny-unet", "sample.batch_size=8")
+    base = build_model(base_cfg)
+    base.load_state_dict(
+        {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".adapters." not in k}
+    )
+    kw = dict(labels=torch.tensor([0, 3, 5]), seed=2)
+    s = dict(num=3, steps=3, sampler=sampler, guidance=guidance)
+    with model.adapters_disabled():
+        off = generate(model, cfg, sampling_settings(cfg, **s), **kw)
+    want = generate(base.eval(), base_cfg, sampling_settings(base_cfg, **s), **kw)
+    assert torch.equal(off, want)
+    with model.adapters_disabled("time"):  # the class adapter stays on: not the base model
+        time_off = generate(model, cfg, sampling_settings(cfg, **s), **kw)
+    assert (time_off - want).abs().max() > 1e-2
+    on = generate(model, cfg, sampling_settings(cfg, **s), **kw)
+    assert (on - want).abs().max() > 1e-2  # the adapters change the samples: the test can fail
+
+
 def test_condition_tensors_validation():
     assert condition_tensors({"task": 2}, 3)["task"].tolist() == [2, 2, 2]
     assert condition_tensors({"task": [0.0, 1.0]}, 2)["task"].dtype == torch.int64

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflora.adapters.context import ConditionValue, checkpoint
+from difflora.adapters.context import ConditionValue, checkpoint, is_disabled
 from difflora.adapters.forms import Branch, make_branch
 from difflora.adapters.layer import SUPPORTED_LAYERS, ConditionalLayer
 from difflora.adapters.positions import (
@@ -509,15 +509,19 @@ def merge_shared(model: nn.Module, **values: ConditionValue) -> dict[str, bool]:
     guidance) stays per sample. With different t in a batch the t-adapters fall back to the
     per-sample path. Merging at the value already merged is a no-op. A layer whose merge would be
     refused (a non-mergeable form reads the condition, see :meth:`ConditionalLayer.merge_problem`)
-    stays per sample: same output, no speed-up. Returns {condition: shared by the batch}.
+    stays per sample: same output, no speed-up. Inside :func:`adapters_disabled` a condition read
+    by a disabled adapter of a layer stays per sample there (unmerged), where the disabled adapter
+    adds nothing: the base model's output. Returns {condition: shared by the batch}.
     """
     read = _shared_values(values)  # at most one host readback per call, whatever the conditions
     merged = {name: shared for name, (shared, _) in read.items()}
-    to_merge = {name: v for name, (shared, v) in read.items() if shared}
     for _, layer in adapter_layers(model):
-        stale = [c for c, ok in merged.items() if not ok]
+        # A merge writes every branch reading the condition into the weight: never a disabled one's.
+        off = {b.condition for n, b in layer.adapters.items() if is_disabled(n)}
+        stale = [c for c, ok in merged.items() if not ok or c in off]
         if stale:
             layer.unmerge(*stale)
+        to_merge = {name: v for name, (shared, v) in read.items() if shared and name not in off}
         # Skip layers already merged at these values (the common case within one sampler step).
         wanted = {n: to_merge[b.condition] for n, b in layer.adapters.items() if b.condition in to_merge}
         if wanted and any(layer.merged.get(n, _MISSING) != v for n, v in wanted.items()):

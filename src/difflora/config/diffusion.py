@@ -36,6 +36,9 @@ class DiffusionConfig(StrictModel):
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] | None = None
     beta_start: float = Field(default=0.0001, gt=0, lt=1)
     beta_end: float = Field(default=0.02, gt=0, lt=1)
+    # Shifts the DDIM sampler's stride grid of timesteps up by this many (diffusers' steps_offset of
+    # its "leading" spacing; Stable Diffusion's schedulers have 1): e.g. 901, 801, ..., 1 of T = 1000.
+    steps_offset: int = Field(default=0, ge=0)
     # What the network predicts: the noise, or v = sqrt(abar) eps - sqrt(1 - abar) x_0.
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     # Without learned variance: fixed-small (posterior variance) or fixed-large (beta_t).

@@ -41,7 +41,8 @@ PIPELINE_INDEX = "model_index.json"
 DENOISERS: tuple[str, ...] = ("unet", "transformer")
 # Discrete-time schedulers of the DDPM family: they all train with the same betas and target, so
 # their config is the noise process whatever sampler the pipeline ships. Which grid of timesteps a
-# pipeline samples on (timestep_spacing, steps_offset) is difflora's sample.steps instead.
+# pipeline samples on is difflora's sample.steps (its timestep_spacing is not read); the DDIM grid
+# honours the scheduler's steps_offset.
 SCHEDULERS: tuple[str, ...] = (
     "DDPMScheduler",
     "DDIMScheduler",
@@ -190,6 +191,7 @@ def _diffusion_keys(folder: PretrainedFolder, learn_sigma: bool) -> dict[str, An
         "diffusion.beta_start": sched.get("beta_start", 0.0001),
         "diffusion.beta_end": sched.get("beta_end", 0.02),
         "diffusion.prediction_type": sched.get("prediction_type", "epsilon"),
+        "diffusion.steps_offset": sched.get("steps_offset", 0),
         # A scheduler without the key (PNDM, Euler, ...) does not clip.
         "diffusion.clip_denoised": bool(sched.get("clip_sample", False)),
     }

@@ -323,8 +323,8 @@ class Config(StrictModel):
         if self.model.text is None:
             hold_fixed(t, "train", unused_at_default(t, ("prompt_dropout",)), "a model without a text encoder")
         if self.distilled:
-            teacher = "train.objective=distill (the teacher's labels, no dropout)"
-            hold_fixed(t, "train", unused_at_default(t, ("label_dropout",)), teacher)
+            teacher = "train.objective=distill (the teacher's labels and captions, no dropout)"
+            hold_fixed(t, "train", unused_at_default(t, ("label_dropout", "prompt_dropout")), teacher)
 
     @property
     def distilled(self) -> bool:
@@ -371,10 +371,10 @@ class Config(StrictModel):
             raise ValueError(
                 "train.objective=distill on a diffusers model needs distill.targets (module paths; no defaults)"
             )
-        if not self.model.num_classes:
+        if not self.model.num_classes and self.model.text is None:
             raise ValueError(
                 "train.objective=distill distils classifier-free guidance, which needs a class-conditional "
-                "teacher (model.num_classes > 0); train the teacher with classes first"
+                "teacher (model.num_classes > 0) or a text pipeline; train the teacher with classes first"
             )
         if not self.train.init_from:
             raise ValueError(

@@ -23,22 +23,20 @@ from difflora.diffusion.schedules import diffusers_betas, get_named_beta_schedul
 __all__ = ["SpacedDiffusion", "create_diffusion", "space_timesteps"]
 
 
-def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> set[int]:
+def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int], offset: int = 0) -> set[int]:
     """Which of the original timesteps 0..T-1 to keep.
 
     ``section_counts`` is either "ddimN" (the stride-k grid range(0, T, k) with exactly N
-    elements, as in the DDIM paper) or a list / comma-separated string of counts: the process is
-    cut into that many equal sections (the first T % len sections one step longer) and each
-    section keeps its count of evenly spaced steps, first and last included
+    elements, as in the DDIM paper, shifted up by ``offset``: diffusers' ``steps_offset`` of its
+    "leading" spacing, 1 in Stable Diffusion's schedulers) or a list / comma-separated string of
+    counts: the process is cut into that many equal sections (the first T % len sections one step
+    longer) and each section keeps its count of evenly spaced steps, first and last included
     (e.g. space_timesteps(300, "10,15,20") keeps 10 of steps 0-99, 15 of 100-199, 20 of 200-299).
+    ``offset`` applies to the stride grid only (diffusers' evenly spaced "linspace" grid has none).
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim") :])
-            for stride in range(1, num_timesteps):
-                if len(range(0, num_timesteps, stride)) == desired:
-                    return set(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot take exactly {desired} steps of {num_timesteps} with a fixed stride")
+            return _stride_grid(num_timesteps, int(section_counts[len("ddim") :]), offset)
         section_counts = [int(x) for x in section_counts.split(",")]
     counts = list(section_counts)
     if not counts or any(c < 0 for c in counts):
@@ -55,6 +53,20 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
         steps += [start + round(j * stride) for j in range(count)]
         start += size
     return set(steps)
+
+
+def _stride_grid(num_timesteps: int, desired: int, offset: int) -> set[int]:
+    """The "ddimN" grid: range(0, T, k) with exactly ``desired`` elements, plus ``offset``."""
+    for stride in range(1, num_timesteps):
+        if len(range(0, num_timesteps, stride)) == desired:
+            grid = range(offset, num_timesteps + offset, stride)[:desired]
+            if grid[-1] >= num_timesteps:
+                raise ValueError(
+                    f"{desired} DDIM steps of stride {stride} shifted by steps_offset {offset} would reach timestep "
+                    f"{grid[-1]}, past the last one ({num_timesteps - 1}); take fewer steps"
+                )
+            return set(grid)
+    raise ValueError(f"cannot take exactly {desired} steps of {num_timesteps} with a fixed stride")
 
 
 class SpacedDiffusion(GaussianDiffusion):
@@ -93,7 +105,7 @@ def create_diffusion(
 
     Args:
         cfg: steps (T), the beta schedule (noise_schedule, or diffusers' beta_schedule with
-            beta_start and beta_end), prediction_type, sigma_small, loss, rescale_timesteps,
+            beta_start and beta_end), steps_offset (of a "ddimN" respacing), prediction_type, sigma_small, loss, rescale_timesteps,
             clip_denoised.
         learn_sigma: the network outputs 2C channels (learned-range variance); otherwise the
             variance is fixed-small (cfg.sigma_small) or fixed-large.
@@ -124,4 +136,4 @@ def create_diffusion(
         if not 1 <= respacing <= cfg.steps:
             raise ValueError(f"respacing={respacing} must lie in 1..{cfg.steps} (diffusion.steps)")
         respacing = [respacing]
-    return SpacedDiffusion(space_timesteps(cfg.steps, respacing), betas, **kwargs)
+    return SpacedDiffusion(space_timesteps(cfg.steps, respacing, cfg.steps_offset), betas, **kwargs)

@@ -2,7 +2,9 @@
 Guided Diffusion Models"; the guidance-scale LoRA follows the w-conditioned students of Meng et al.,
 "On distillation of guided diffusion models", CVPR 2023).
 
-The teacher is a trained class-conditional model sampled with classifier-free guidance at scale w:
+The teacher is a trained class-conditional model, or a text pipeline's denoiser (then the
+conditioning is each caption's context and the unconditional branch the empty prompt's, which the
+batches carry as ``null_context``), sampled with classifier-free guidance at scale w:
 two predictions per step (conditional and unconditional, one batch of 2N through
 :class:`~difflora.diffusion.guidance.ClassifierFreeGuidance`). The student is **the same module**
 with a LoRA switched on; it is trained so that its single conditional pass reproduces the guided
@@ -88,7 +90,8 @@ class DistillObjective:
     ~ N(0, I) [N x C x H x W] and, for a guidance-scale LoRA, w ~ U[w_min, w_max] [N]. Every data
     label must be a real class (the teacher is guided towards it): no label dropout. The check
     reads no value back from a GPU (:func:`~difflora.adapters.weightings.check_values`: a plain
-    check on CPU, an asynchronous device assert elsewhere).
+    check on CPU, an asynchronous device assert elsewhere). A text pipeline's batches carry each
+    caption's ``context`` and the empty prompt's ``null_context``; a model without classes gets no y.
     """
 
     def __init__(self, cfg: Config, diffusion: Any):
@@ -113,45 +116,64 @@ class DistillObjective:
     def __call__(
         self, model: nn.Module, batch: Batch, generator: torch.Generator, device: torch.device
     ) -> dict[str, torch.Tensor]:
-        y = batch.conditions.get("y")
+        y = batch.conditions.get("y") if self.cfg.model.num_classes else None
         need = "distillation needs a class label for every training image (the teacher is guided to it)"
-        if y is None:
+        if y is None and "null_context" not in batch.conditions:
             raise ValueError(need)
         n = batch.x.shape[0]
         t = torch.randint(self.diffusion.num_timesteps, (n,), generator=generator)
         noise = torch.randn(batch.x.shape, generator=generator)
         w = self.scales(n, generator)
-        x, t, noise, w, y = (batch.local(v) for v in (batch.x, t, noise, w, y))  # this call's rows
+        x, t, noise, w = (batch.local(v) for v in (batch.x, t, noise, w))  # this call's rows
         w = w.to(device)
         x_t = self.diffusion.q_sample(x.to(device), t.to(device), noise.to(device))
         t_model = self.diffusion.model_timesteps(t.to(device))
         extra = {k: v.to(device) for k, v in batch.local(batch.conditions).items() if k != "y"}
-        y = y.to(device)
-        check_values(y >= 0, lambda: need, need)
+        null = extra.pop("null_context", None)
+        if y is not None:
+            y = batch.local(y).to(device)
+            check_values(y >= 0, lambda: need, need)
         with dropout_off(model):
             if self.cfg.distill.shared_forward:
-                student, target = self._shared(model, x_t, t_model, y, w, extra)
+                student, target = self._shared(model, x_t, t_model, y, w, extra, null)
             else:
-                target = self.teacher(model, x_t, t_model, y, w, extra)
+                target = self.teacher(model, x_t, t_model, y, w, extra, null)
                 student = model(x_t, t_model, y=y, **extra, **self.student_kwargs(w))
         return distill_losses(student, target, self.channels)
 
     @torch.no_grad()
     def teacher(
-        self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, extra: dict
+        self,
+        model: nn.Module,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None,
+        w: torch.Tensor,
+        extra: dict,
+        null: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The guided prediction [N x C_out x H x W]: one batch of 2N through the CFG wrapper, LoRA off
-        (or through the frozen teacher copy of a fully fine-tuned student)."""
+        (or through the frozen teacher copy of a fully fine-tuned student). ``null`` [N x L x D]: the
+        empty prompt's context of a text pipeline (the same in every row)."""
+        empty = None if null is None else null[0]
         if self.teacher_copy is not None:
-            return ClassifierFreeGuidance(self.teacher_copy.to(x_t.device), w)(x_t, t, y, **extra)
+            return ClassifierFreeGuidance(self.teacher_copy.to(x_t.device), w, null_context=empty)(x_t, t, y, **extra)
         with model.adapters_disabled(DISTILL_ADAPTER):
-            return ClassifierFreeGuidance(model, w)(x_t, t, y, **extra)
+            return ClassifierFreeGuidance(model, w, null_context=empty)(x_t, t, y, **extra)
 
     def _shared(
-        self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, extra: dict
+        self,
+        model: nn.Module,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None,
+        w: torch.Tensor,
+        extra: dict,
+        null: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward of 3N rows: conditional teacher, unconditional teacher, student. The teacher
-        rows carry the LoRA's "no update" value (-1, or NaN for the guidance-scale LoRA)."""
+        rows carry the LoRA's "no update" value (-1, or NaN for the guidance-scale LoRA); the
+        unconditional rows the null label and (a text pipeline) the empty prompt's context ``null``."""
         n = x_t.shape[0]
         name, on = next(iter(student_conditions(self.cfg, w).items()))
         off = torch.full((2 * n,), NULL_LABEL if name == "distill" else float("nan"), device=x_t.device)
@@ -161,10 +183,12 @@ class DistillObjective:
         rows = {
             k: torch.cat([v] * 3) if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v for k, v in extra.items()
         }
+        if null is not None:
+            rows["context"] = torch.cat([extra["context"], null, extra["context"]])
         out = model(
             torch.cat([x_t] * 3),
             torch.cat([t] * 3),
-            y=torch.cat([y, torch.full_like(y, NULL_LABEL), y]),
+            y=None if y is None else torch.cat([y, torch.full_like(y, NULL_LABEL), y]),
             **rows,
             **{name: switch},
         )
@@ -210,10 +234,10 @@ def distill_config(
     if not path.exists():
         raise FileNotFoundError(f"teacher run {teacher_run} does not exist; give the run directory of a trained model")
     teacher = _teacher_config(path, overrides)
-    if not teacher.model.num_classes:
+    if not teacher.model.num_classes and teacher.model.text is None:
         raise ValueError(
-            f"the teacher run {teacher_run} is unconditional (model.num_classes = 0): classifier-free guidance, "
-            "and so its distillation, needs a class-conditional teacher"
+            f"the teacher run {teacher_run} is unconditional (model.num_classes = 0, no text encoder): "
+            "classifier-free guidance, and so its distillation, needs a class-conditional teacher or a text pipeline"
         )
     tree = config_to_dict(teacher)
     tree["train"].update(init_from=teacher.model.pretrained or str(path), objective="distill", train_base=False)

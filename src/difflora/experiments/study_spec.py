@@ -345,7 +345,7 @@ def _check_sampling_steps(study: Study, arm: StudyArm, cfg: Config) -> None:
         if ev.steps > total:
             raise ValueError(f"{ev.steps} steps exceed the {total} of diffusion.steps")
         if ev.sampler == "ddim":
-            space_timesteps(total, f"ddim{ev.steps}")
+            space_timesteps(total, f"ddim{ev.steps}", cfg.diffusion.steps_offset)
     except ValueError as exc:
         raise StudyError(
             f"arm {arm.name!r}: eval.steps = {ev.steps} cannot be sampled ({exc}); DDIM takes every k-th of the "

@@ -13,6 +13,10 @@ Draws, all from the loop's generator, so a resumed run continues bit-identically
 (``torch.randint``, as in pixel space), the flips (the cache's mirrored latents, the same coins as
 pixel flips), then one number per sample for prompt dropout (drawn whatever
 ``train.prompt_dropout`` is): below it, the sample's context is the empty prompt's.
+
+A distillation (``train.objective: distill``) guides its teacher to every caption: no prompt
+dropout, and each batch carries the empty prompt's context as ``null_context`` [N x L x D] (an
+expanded view, no copy), the unconditional branch of the teacher's guidance.
 """
 
 from __future__ import annotations
@@ -88,9 +92,10 @@ class PipelineBatches:
         prompts: PromptCache | None,
         rows: torch.Tensor | None,
         prompt_dropout: float,
+        null_context: bool = False,
     ):
         self.samples, self.batch_size, self.latents, self.prompts = samples, batch_size, latents, prompts
-        self.rows, self.prompt_dropout = rows, prompt_dropout
+        self.rows, self.prompt_dropout, self.null_context = rows, prompt_dropout, null_context
         self.class_names, self.conditions = samples.class_names, samples.conditions
         self.captions = None if prompts is None else [prompts.texts[int(r)] for r in rows]
 
@@ -118,6 +123,8 @@ class PipelineBatches:
             dropped = torch.rand(self.batch_size, generator=generator) < self.prompt_dropout
             rows = torch.where(dropped, torch.zeros_like(idx), self.rows[idx])  # row 0: the empty prompt
             conditions["context"] = self.prompts.embeddings[rows].float()
+            if self.null_context:
+                conditions["null_context"] = self.prompts.empty.float().expand_as(conditions["context"])
         return x, y, conditions
 
     def state(self, step: int) -> None:
@@ -189,7 +196,8 @@ def open_training_batches(
         samples, latents = _samples(cfg, index, log)
         prompts = prompt_cache(cfg, captions, log) if captions is not None else None
     rows_of = prompts.indices(captions) if prompts is not None else None
-    return PipelineBatches(samples, batch_size, latents, prompts, rows_of, cfg.train.prompt_dropout)
+    dropout = 0.0 if cfg.distilled else cfg.train.prompt_dropout
+    return PipelineBatches(samples, batch_size, latents, prompts, rows_of, dropout, null_context=cfg.distilled)
 
 
 def grid_context(data: BatchSource, num: int) -> dict[str, torch.Tensor]:
