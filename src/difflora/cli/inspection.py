@@ -61,6 +61,8 @@ def study_command(args) -> int:
     report = run_study(
         args.study,
         out=args.out,
+        report_dir=args.report_dir,
+        overrides=args.set,
         progress=not args.no_progress,
         only=args.only,
         report_only=args.report_only,
