@@ -397,7 +397,11 @@ def _add_runs(sub, handlers: Handlers) -> None:
     r.add_argument("dir", nargs="?", default="runs", help="a directory of runs (default runs/)")
     r.add_argument("--format", choices=["table", "csv"], default="table", help="print as aligned text or as CSV")
     r.add_argument("--csv", metavar="FILE", help="also write the table as CSV to FILE")
-    r.add_argument("--sort", metavar="COLUMN", help="sort by a column, e.g. fd or loss (default: by run path)")
+    r.add_argument("--sort", metavar="COLUMN", help="sort by a column, e.g. fd@w1 or loss (default: by run path)")
+    r.add_argument(
+        "--plot", metavar="OUT.png", help="also draw one score across the runs, with its 95%% intervals, into a PNG"
+    )
+    r.add_argument("--metric", metavar="COLUMN", help="the score --plot draws, e.g. fd@w2 (default: the first FD)")
     r.set_defaults(fn=handlers["runs"])
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from difflora.config.schema import Config
+from difflora.eval.uncertainty import reported_interval
 from difflora.experiments.settings import eval_settings, same_config, scored_with
 from difflora.experiments.study_spec import (
     HIGHER_IS_BETTER,
@@ -30,7 +31,6 @@ from difflora.experiments.study_spec import (
     arm_dependency,
     read_run_json,
 )
-from difflora.eval.uncertainty import reported_interval
 from difflora.experiments.verdicts import judge_claim
 from difflora.files.atomic import write_bytes
 from difflora.files.jsonfile import read_json_file

@@ -174,6 +174,7 @@ def run_study(
     overrides: list[str] | None = None,
     report_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    announce: Callable[[str], None] | None = None,
 ) -> Path:
     """Train and evaluate every (arm, seed) of a study not already done, then write the report; returns its path.
 
@@ -183,14 +184,15 @@ def run_study(
     (``difflora.experiments.report``), e.g. on a fresh clone.
     ``plan_only`` logs what each run would do (:func:`plan_runs`) and writes nothing.
     ``overrides``: ``--set KEY=VALUE`` texts (:func:`~difflora.experiments.study_spec.load_study`);
-    ``out`` and ``report_dir``: see :func:`~difflora.experiments.study_spec.study_dirs`, which are
-    logged before any work.
+    ``out`` and ``report_dir``: see :func:`~difflora.experiments.study_spec.study_dirs`; ``announce``
+    (the CLI: print) is told where they and the committed records are before any work.
     """
     study = load_study(path, overrides)
     dirs = study_dirs(study, path, out, report_dir, overrides)
     arms = _only_arms(study, only)
     img_dir = dirs.report / study.name
-    _log_dirs(study, dirs, out, report_dir, log)
+    if announce is not None:
+        _announce_dirs(study, dirs, out, report_dir, announce)
     sources = [d for d in dict.fromkeys([img_dir, dirs.committed]) if d is not None]
     if plan_only:
         _log_plan(study, plan_runs(study, arms, dirs.out, sources), log)
@@ -230,7 +232,7 @@ def _only_arms(study: Study, only: list[str] | None) -> list[StudyArm]:
     return [a for a in study.arms if a.name in only]
 
 
-def _log_dirs(
+def _announce_dirs(
     study: Study, dirs: StudyDirs, out: str | Path | None, report_dir: str | Path | None, log: Callable[[str], None]
 ) -> None:
     """Where the runs, the report and the committed records are, before any work (absolute paths)."""
@@ -240,6 +242,7 @@ def _log_dirs(
     log(f"study {study.name}: report {(dirs.report / f'{study.name}.md').resolve()} ({how})")
     if dirs.committed is not None:
         log(f"study {study.name}: committed records read from {dirs.committed.resolve() / 'records'}")
+
 
 def run_all(
     study: Study,
