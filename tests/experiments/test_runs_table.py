@@ -179,6 +179,10 @@ def test_mixed_runs_name_every_score_by_its_settings(root, tmp_path):
         "none",
     )
     assert "train.steps" not in columns
+    # A column named without its trailing settings, when that names one column.
+    assert [r["run"] for r in runs_table(_mixed(root, tmp_path / "again"), sort="fd@w2")[1]][0] == "study/arm/seed1"
+    with pytest.raises(ValueError, match=r"--sort 'fd@w1' names several columns \(fd@w1,2st, fd@w1,5st\)"):
+        runs_table(_mixed(root, tmp_path / "twice"), sort="fd@w1")
     # The intervals the reports print: FD basic, 2 x 10 - [20, 12] = [0, 8]; the others percentile.
     assert student["_ci"]["fd@w3,2st"] == ((0.0, 8.0), "basic")
     assert student["_ci"]["acc@w3,2st"] == ((0.4, 0.6), "percentile")

@@ -227,10 +227,23 @@ def runs_table(
     columns = ["run", "step", "loss", *evals, *MEASURED[3:], *diff]
     columns = [c for c in columns if c == "run" or c in diff or any(r.get(c) is not None for r in table)]
     if sort is not None:
-        if sort not in columns:
-            raise ValueError(f"--sort {sort!r}: not a column of this table; columns: {', '.join(columns)}")
-        table.sort(key=lambda r: (r.get(sort) is None, _sort_key(r.get(sort))))
+        key = _column(sort, "--sort", columns, ("a column", "columns"))
+        table.sort(key=lambda r: (r.get(key) is None, _sort_key(r.get(key))))
     return columns, table
+
+
+def _column(name: str, flag: str, choices: list[str], what: tuple[str, str]) -> str:
+    """The column of ``choices`` that ``name`` names: itself, or the one column it names without its
+    trailing settings (``fd@w2`` for ``fd@w2,20st`` when the table holds no other ``fd@w2,...``).
+    ``what``: (what a choice is, what the list of them is called) for the error."""
+    if name in choices:
+        return name
+    found = [c for c in choices if c.startswith(f"{name},")]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ValueError(f"{flag} {name!r} names several columns ({', '.join(found)}); give one of them")
+    raise ValueError(f"{flag} {name!r}: not {what[0]} of this table; {what[1]}: {', '.join(choices)}")
 
 
 def _score_columns(rows: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> list[dict[str, Any]]:
@@ -326,9 +339,9 @@ def plot_metric(columns: list[str], rows: list[dict[str, Any]], metric: str | No
     scored = [c for c in columns if any(c in r[_CI] for r in rows)]
     if not scored:
         raise ValueError("--plot: no run under this directory was evaluated (difflora eval RUN scores one)")
-    metric = metric or next((c for c in scored if c.startswith("fd@")), scored[0])
-    if metric not in scored:
-        raise ValueError(f"--metric {metric!r}: not a score column of this table; scores: {', '.join(scored)}")
+    if metric is None:
+        metric = next((c for c in scored if c.startswith("fd@")), scored[0])
+    metric = _column(metric, "--metric", scored, ("a score column", "scores"))
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"--plot {path}: the directory {path.parent} does not exist")

@@ -208,7 +208,12 @@ def run_study(
         code = {"revision": revision, "dirty": dirty}
         run_all(study, dirs.out, arms, progress, cache_dir, log, records_dir=sources, code=code)
     if dirs.committed is not None and dirs.committed != img_dir:
-        n = copy_records(study, dirs.committed, img_dir, _recorded_runs(study, study.arms, dirs.out, [dirs.committed]))
+        n = copy_records(
+            study,
+            dirs.committed,
+            img_dir,
+            _recorded_runs(study, run_order(study, study.arms), dirs.out, [dirs.committed]),
+        )
         if n:
             log(f"study {study.name}: {n} committed records copied from {dirs.committed} to {img_dir / 'records'}")
     if dirs.out.is_dir():
