@@ -261,12 +261,14 @@ def _score_columns(rows: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> l
     return out
 
 
-def _metric_order(name: str) -> tuple[bool, int, float, str]:
-    """Run's scores before the teacher's, then by score, guidance scale and the other settings."""
+def _metric_order(name: str) -> tuple[bool, int, float, tuple[tuple[str, float], ...]]:
+    """Run's scores before the teacher's, then by score, guidance scale and the other settings (by
+    value: ``5st`` before ``10st``)."""
     metric, _, rest = name.partition("@w")
     scale, _, tags = rest.partition(",")
     stem = metric.removeprefix("teacher.")
-    return metric != stem, [s for s, _ in _SCORES].index(stem), float(scale), tags
+    settings = tuple((t.strip("0123456789."), float(t.strip("fnst"))) for t in tags.split(",") if t)
+    return metric != stem, [s for s, _ in _SCORES].index(stem), float(scale), settings
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:
