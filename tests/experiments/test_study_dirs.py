@@ -92,6 +92,10 @@ def test_set_changes_every_arm_and_study_keys(monkeypatch, tmp_path):
         expected = parse_config(base, [*own, "train.steps=20", "train.seed=0"])
         assert arm_config(study, arm, 0) == expected, arm.name
         assert arm_config(study, arm, 0).train.steps == 20 != arm_config(plain, arm, 0).train.steps
+    # The YAML's own study-level set does the same.
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({**tree, "set": {"train.steps": 20}, "seeds": [0]}))
+    mine = load_study(tmp_path / "mine.yaml")
+    assert [arm_config(mine, a, 0) for a in mine.arms] == [arm_config(study, a, 0) for a in study.arms]
     # Changed configs never take the shipped records; a variant runs apart from the study and writes
     # its report next to its runs, not over the shipped one.
     logs = _plan(DIGITS, overrides=sets)
