@@ -35,6 +35,7 @@ HANDLERS = {
     "params": "difflora.cli.inspection:params_command",
     "runs": "difflora.cli.inspection:runs_command",
     "study": "difflora.cli.inspection:study_command",
+    "presets": "difflora.cli.configs:presets_command",
     "distill": "difflora.cli.papers:distill_command",
     "combine_tasks": "difflora.cli.papers:combine_tasks_command",
     "sweep": "difflora.cli.papers:sweep_command",

@@ -1,4 +1,5 @@
-"""What a CONFIG argument means: a YAML file, or the name of a shipped preset (:mod:`difflora.presets`)."""
+"""What a CONFIG argument means: a YAML file, or the name of a shipped preset (:mod:`difflora.presets`);
+and ``difflora presets``, which lists the shipped configs and studies and copies one out to edit."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from pathlib import Path
 
 from difflora.cli.parser import CLIError
 from difflora.config.schema import Config, load_config
-from difflora.presets import config_presets, resolve_config
+from difflora.files.atomic import write_new
+from difflora.presets import config_presets, preset_descriptions, resolve_config, shipped_file
 
-__all__ = ["args_config", "resolve_config_path"]
+__all__ = ["args_config", "presets_command", "resolve_config_path"]
 
 
 def resolve_config_path(name: str) -> Path:
@@ -29,3 +31,32 @@ def resolve_config_path(name: str) -> Path:
 def args_config(args: argparse.Namespace) -> Config:
     """The config a command's CONFIG argument names, with its ``--set`` overrides."""
     return load_config(resolve_config_path(args.config), args.set or [])
+
+
+def presets_command(args: argparse.Namespace) -> int:
+    """``difflora presets``: every shipped preset with one line; ``presets copy NAME [DEST]`` copies one."""
+    if args.action == "list":
+        if args.name or args.dest:
+            raise CLIError("difflora presets lists the presets; to copy one: difflora presets copy NAME [DEST]")
+        described = preset_descriptions()
+        width = max(map(len, described))
+        for name, text in described.items():
+            print(f"{name:<{width}}  {text}")
+        print("copy one to edit: difflora presets copy NAME [DEST]")
+        return 0
+    if not args.name:
+        raise CLIError("difflora presets copy NAME [DEST]: name a preset (difflora presets lists them)")
+    source = shipped_file(args.name)
+    if source is None:
+        raise CLIError(f"{args.name!r} is not a shipped preset; difflora presets lists them")
+    dest = Path(args.dest) if args.dest else Path(source.name)
+    if dest.is_dir():
+        dest = dest / source.name
+    if not dest.parent.is_dir():
+        raise CLIError(f"cannot copy to {dest}: the directory {dest.parent} does not exist")
+    try:
+        write_new(dest, source.read_bytes())
+    except FileExistsError:
+        raise CLIError(f"{dest} exists; difflora never overwrites it: give another DEST or delete it") from None
+    print(f"copied {args.name} to {dest}")
+    return 0

@@ -10,7 +10,7 @@ import torch
 from difflora.cli.configs import args_config
 from difflora.cli.inputs import refuse_inapplicable
 from difflora.diffscaler import affiner_counts
-from difflora.experiments.runs_table import csv_text, format_table, runs_table, write_csv
+from difflora.experiments.runs_table import csv_text, format_table, plot_metric, runs_table, write_csv
 from difflora.experiments.study import run_study
 from difflora.model.accounting import parameter_counts
 from difflora.model.build import build_model
@@ -48,10 +48,15 @@ def params_command(args) -> int:
 
 
 def runs_command(args) -> int:
+    refuse_inapplicable({"--metric": (args.metric, None if args.plot else "it picks the score --plot draws")})
     columns, rows = runs_table(args.dir, sort=args.sort, log=lambda m: print(m, file=sys.stderr))
+    # Drawn first: a bad --metric is refused before any output.
+    plot = plot_metric(columns, rows, args.metric, args.plot) if args.plot else None
     print(csv_text(columns, rows), end="") if args.format == "csv" else print(format_table(columns, rows))
     if args.csv:
         print(f"csv: {write_csv(columns, rows, args.csv)}", file=sys.stderr)
+    if plot is not None:
+        print(f"plot: {plot}", file=sys.stderr)
     return 0
 
 
@@ -61,11 +66,14 @@ def study_command(args) -> int:
     report = run_study(
         args.study,
         out=args.out,
+        report_dir=args.report_dir,
+        overrides=args.set,
         progress=not args.no_progress,
         only=args.only,
         report_only=args.report_only,
         allow_dirty=args.allow_dirty,
         plan_only=args.plan,
+        announce=print,
     )
     if not args.plan:
         print(f"report: {report}")

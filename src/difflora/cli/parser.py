@@ -345,7 +345,20 @@ def _add_eval(sub, handlers: Handlers) -> None:
 def _add_study(sub, handlers: Handlers) -> None:
     st = sub.add_parser("study", help="run a study YAML (arms x seeds: train, eval) and write its markdown report")
     st.add_argument("study", help="a study YAML, e.g. experiments/timelora/digits.yaml")
-    st.add_argument("--out", default=None, help="output directory (default: the study's out, or runs/<name>)")
+    st.add_argument(
+        "--out", default=None, help="output directory of the runs (default: the study's out, or runs/<name>)"
+    )
+    st.add_argument(
+        "--report-dir",
+        default=None,
+        help="where <name>.md and its records go (default: the study's report_dir at its home; with --set: --out)",
+    )
+    st.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a config key for every arm (train.steps=20) or a study key (seeds=[0]); repeatable",
+    )
     st.add_argument("--only", action="append", metavar="ARM", help="run only these arms (repeatable)")
     st.add_argument("--report-only", action="store_true", help="train nothing: rewrite the report from stored runs")
     st.add_argument(
@@ -384,8 +397,22 @@ def _add_runs(sub, handlers: Handlers) -> None:
     r.add_argument("dir", nargs="?", default="runs", help="a directory of runs (default runs/)")
     r.add_argument("--format", choices=["table", "csv"], default="table", help="print as aligned text or as CSV")
     r.add_argument("--csv", metavar="FILE", help="also write the table as CSV to FILE")
-    r.add_argument("--sort", metavar="COLUMN", help="sort by a column, e.g. fd or loss (default: by run path)")
+    r.add_argument("--sort", metavar="COLUMN", help="sort by a column, e.g. fd@w1 or loss (default: by run path)")
+    r.add_argument(
+        "--plot", metavar="OUT.png", help="also draw one score across the runs, with its 95%% intervals, into a PNG"
+    )
+    r.add_argument("--metric", metavar="COLUMN", help="the score --plot draws, e.g. fd@w2 (default: the first FD)")
     r.set_defaults(fn=handlers["runs"])
+
+
+def _add_presets(sub, handlers: Handlers) -> None:
+    pr = sub.add_parser("presets", help="list the shipped configs and studies, or copy one out to edit")
+    pr.add_argument(
+        "action", nargs="?", choices=["list", "copy"], default="list", help="list them (default) or copy one"
+    )
+    pr.add_argument("name", nargs="?", help="copy: the preset, as listed (digits, experiments/timelora/digits.yaml)")
+    pr.add_argument("dest", nargs="?", help="copy: the file or directory to write (default: ./<file name>)")
+    pr.set_defaults(fn=handlers["presets"])
 
 
 def _add_demo(sub, handlers: Handlers) -> None:
@@ -470,6 +497,7 @@ def build_parser(handlers: Handlers) -> argparse.ArgumentParser:
         _add_sweep,
         _add_anova,
         _add_runs,
+        _add_presets,
         _add_demo,
         _add_export,
         _add_export_peft,

@@ -53,7 +53,13 @@ from difflora.eval.fidelity import spatial_requests, task_fidelity
 from difflora.eval.metrics import extract_features, feature_kid_scale, knn_radii, metrics_from_features
 from difflora.eval.settings import MIN_SAMPLES, EvalSettings
 from difflora.eval.target import EvalError, default_eval_dir, scored_config
-from difflora.eval.uncertainty import bootstrap_intervals, check_pool, reference_level
+from difflora.eval.uncertainty import (
+    bootstrap_intervals,
+    check_pool,
+    interval_kind,
+    reference_level,
+    reported_interval,
+)
 from difflora.files.atomic import write_together
 from difflora.files.images import grid_png
 from difflora.sampling.generate import data_conditions, default_labels, generate
@@ -160,9 +166,10 @@ def _fmt_floor(metrics: dict[str, Any], floor: dict[str, dict[str, float]], ci: 
         ("precision", "precision", 3),
         ("recall", "recall", 3),
     ):
-        lo, hi = ci.get(key, (math.nan, math.nan))
+        lo, hi = reported_interval(key, metrics[key], ci.get(key, (math.nan, math.nan)))
         parts.append(
-            f"{name} {metrics[key]:.{d}f} [{lo:.{d}f}, {hi:.{d}f}] (real data: {floor[key]['mean']:.{d}f} ± {floor[key]['std']:.{d}f})"
+            f"{name} {metrics[key]:.{d}f} [{lo:.{d}f}, {hi:.{d}f}] ({interval_kind(key)} 95% bootstrap; "
+            f"real data: {floor[key]['mean']:.{d}f} ± {floor[key]['std']:.{d}f})"
         )
     return ", ".join(parts)
 

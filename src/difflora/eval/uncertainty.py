@@ -23,7 +23,16 @@ import torch
 from difflora.eval.kernel import class_prior, mmd2_unbiased, polynomial_kernel, rank_in_class
 from difflora.eval.metrics import frechet_from_stats, kid_labels, knn_radii, mean_cov, metrics_from_features
 
-__all__ = ["SCORES", "bootstrap_intervals", "check_pool", "draw_like", "reference_level", "resample"]
+__all__ = [
+    "SCORES",
+    "bootstrap_intervals",
+    "check_pool",
+    "draw_like",
+    "interval_kind",
+    "reference_level",
+    "reported_interval",
+    "resample",
+]
 
 # The scores that get a floor and an interval (class accuracy gets an interval too when defined).
 SCORES = ("fd", "kid_mean", "precision", "recall")
@@ -144,6 +153,26 @@ def bootstrap_intervals(
             values["class_accuracy"].append(float(correct[iy].sum() / n_keep[iy].sum().clamp_min(1)))
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     return {key: torch.quantile(torch.tensor(v, dtype=torch.float64), q).tolist() for key, v in values.items()}
+
+
+def interval_kind(key: str) -> str:
+    """The kind of 95% interval :func:`reported_interval` gives for score ``key``: "basic" or "percentile"."""
+    return "basic" if key == "fd" else "percentile"
+
+
+def reported_interval(key: str, estimate: float, percentile: list[float] | tuple[float, float]) -> tuple[float, float]:
+    """The interval reports and the CLI print for score ``key`` from its stored percentile interval.
+
+    A resample with replacement holds copies, which act like fewer samples and raise FD's
+    count-dependent bias, so FD's percentile interval sits above the estimate (it can exclude it).
+    FD gets the basic (reflected) interval ``[2 FD - hi, 2 FD - lo]``, which removes that shift; the
+    other scores keep their percentile interval. Both are linear in their inputs, so the interval of
+    seed means is the mean of the seeds' intervals.
+    """
+    lo, hi = percentile
+    if interval_kind(key) == "basic":
+        return 2 * estimate - hi, 2 * estimate - lo
+    return lo, hi
 
 
 def check_pool(pool_labels: torch.Tensor, num: int, labels: torch.Tensor | None) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from difflora.config.schema import Config
+from difflora.eval.uncertainty import reported_interval
 from difflora.experiments.settings import eval_settings, same_config, scored_with
 from difflora.experiments.study_spec import (
     HIGHER_IS_BETTER,
@@ -27,6 +28,7 @@ from difflora.experiments.study_spec import (
     StudyArm,
     StudyError,
     arm_config,
+    arm_dependency,
     read_run_json,
 )
 from difflora.experiments.verdicts import judge_claim
@@ -61,6 +63,7 @@ __all__ = [
     "END_MARKER",
     "REPORT_FIGURES",
     "ReportFigure",
+    "copy_records",
     "draw_figures",
     "load_records",
     "matching_record",
@@ -97,6 +100,10 @@ def matching_record(study: Study, img_dir: Path, arm: StudyArm, seed: int, cfg: 
         return None
     record = read_json_file(path, fix=REBUILD_RECORD, error=StudyError, expect=dict)
     saved = record.get("config")
+    if isinstance(saved, dict) and arm_dependency(study, arm) is not None and isinstance(saved.get("train"), dict):
+        # Where the run it started from lay (the study's output directory then) does not change the
+        # config; which run it was does, and the caller checks that run's record too.
+        saved = {**saved, "train": {**saved["train"], "init_from": cfg.train.init_from}}
     if not isinstance(saved, dict) or not same_config(saved, cfg):
         return None
     return path if scored_with(record["eval"], cfg, eval_settings(study, arm, cfg)) else None
@@ -139,10 +146,30 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
             write_bytes(path, _dump(record))
             if seed == study.seeds[0]:
                 for r in m["results"]:
-                    task = f"-{r['task']}" if "task" in r else ""  # one grid per spatial task
-                    _copy(run_dir / "eval" / r["grid"], img_dir / f"samples-{arm.name}-w{r['guidance']:g}{task}.png")
+                    _copy(run_dir / "eval" / r["grid"], img_dir / _grid_name(arm.name, r))
             written += 1
     return written
+
+
+def copy_records(study: Study, src: Path, dst: Path, runs: dict[tuple[str, int], Path]) -> int:
+    """Copy the records of ``runs`` ({(arm, seed): record}, e.g. committed ones a study skipped) and
+    the first seed's sample grids from the image directory ``src`` to ``dst``, so a report written
+    elsewhere shows every run it reuses; returns how many records were copied."""
+    for (arm, seed), path in runs.items():
+        target = record_path(dst, arm, seed)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(target, path.read_bytes())
+        if seed == study.seeds[0]:
+            record = read_json_file(path, fix=REBUILD_RECORD, error=StudyError, expect=dict)
+            for r in record["eval"]["results"]:
+                _copy(src / _grid_name(arm, r), dst / _grid_name(arm, r))
+    return len(runs)
+
+
+def _grid_name(arm: str, entry: dict[str, Any]) -> str:
+    """The report's file name of the sample grid of a result entry (or a summary row) of ``arm``."""
+    task = f"-{entry['task']}" if entry.get("task") else ""  # one grid per spatial task
+    return f"samples-{arm}-w{entry['guidance']:g}{task}.png"
 
 
 def _run_code(run_dir: Path, path: Path, metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -408,9 +435,8 @@ def _ci_table(rows: list[dict[str, Any]]) -> list[str]:
             if not ci:
                 cells.append("-")
                 continue
-            lo, hi = ci[0][0], ci[1][0]
-            if key == "fd":
-                lo, hi = 2 * r["fd"][0] - hi, 2 * r["fd"][0] - lo
+            estimate = (r.get(key) or (math.nan,))[0]  # a mean over seeds (a basic interval reflects about it)
+            lo, hi = reported_interval(key, estimate, (ci[0][0], ci[1][0]))
             cells.append(f"[{lo * scale:.2f}, {hi * scale:.2f}]")
         lines.append(f"| {_label(r)} | {r['guidance']:g} | " + " | ".join(cells) + " |")
     return lines
@@ -481,8 +507,7 @@ def _copy(src: Path, dst: Path) -> None:
 def _images(study: Study, rows: list[dict[str, Any]], img_dir: Path, arms: list[StudyArm]) -> list[str]:
     lines = ["## Samples", "", "First seed of each arm, the first 100 samples of its evaluation.", ""]
     for r in rows:
-        task = f"-{r['task']}" if r.get("task") else ""
-        name = f"samples-{r['arm']}-w{r['guidance']:g}{task}.png"
+        name = _grid_name(r["arm"], r)
         if (img_dir / name).is_file():
             lines += [
                 f"**{_label(r)}**, guidance {r['guidance']:g}",

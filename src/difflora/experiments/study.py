@@ -26,18 +26,26 @@ from difflora import __version__
 from difflora.config.schema import Config
 from difflora.eval.evaluate import EvalSettings, evaluate_run, merge_accounting
 from difflora.eval.features import FeatureTrainConfig
-from difflora.experiments.report import CODE_FILE, draw_figures, matching_record, sync_records, write_report
+from difflora.experiments.report import (
+    CODE_FILE,
+    copy_records,
+    draw_figures,
+    matching_record,
+    sync_records,
+    write_report,
+)
 from difflora.experiments.settings import eval_settings, same_config, scored_with
 from difflora.experiments.study_spec import (
     Study,
     StudyArm,
+    StudyDirs,
     StudyError,
     arm_config,
     arm_dependency,
     load_study,
     read_run_json,
     run_order,
-    study_out_dir,
+    study_dirs,
 )
 from difflora.files.atomic import storage_errors, write_bytes
 from difflora.train import resolve_device, train
@@ -163,7 +171,10 @@ def run_study(
     report_only: bool = False,
     allow_dirty: bool = False,
     plan_only: bool = False,
+    overrides: list[str] | None = None,
+    report_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    announce: Callable[[str], None] | None = None,
 ) -> Path:
     """Train and evaluate every (arm, seed) of a study not already done, then write the report; returns its path.
 
@@ -172,39 +183,70 @@ def run_study(
     ``report_only`` trains and evaluates nothing: it rewrites the report from the stored run records
     (``difflora.experiments.report``), e.g. on a fresh clone.
     ``plan_only`` logs what each run would do (:func:`plan_runs`) and writes nothing.
+    ``overrides``: ``--set KEY=VALUE`` texts (:func:`~difflora.experiments.study_spec.load_study`);
+    ``out`` and ``report_dir``: see :func:`~difflora.experiments.study_spec.study_dirs`; ``announce``
+    (the CLI: print) is told where they and the committed records are before any work.
     """
-    study = load_study(path)
-    out_dir = study_out_dir(study, out)
-    report_dir = Path(study.report_dir) if study.report_dir else out_dir
-    arms = study.arms
-    if only:
-        unknown = sorted(set(only) - {a.name for a in arms})
-        if unknown:
-            raise StudyError(f"--only: unknown arms {unknown}; arms: {[a.name for a in arms]}")
-        arms = [a for a in arms if a.name in only]
+    study = load_study(path, overrides)
+    dirs = study_dirs(study, path, out, report_dir, overrides)
+    arms = _only_arms(study, only)
+    img_dir = dirs.report / study.name
+    if announce is not None:
+        _announce_dirs(study, dirs, out, report_dir, announce)
+    sources = [d for d in dict.fromkeys([img_dir, dirs.committed]) if d is not None]
     if plan_only:
-        _log_plan(study, plan_runs(study, arms, out_dir, report_dir / study.name), log)
-        return report_dir / f"{study.name}.md"
-    revision, dirty = git_state(ignore=[report_dir / f"{study.name}.md", report_dir / study.name])
+        _log_plan(study, plan_runs(study, arms, dirs.out, sources), log)
+        return dirs.report / f"{study.name}.md"
+    revision, dirty = git_state(ignore=[dirs.report / f"{study.name}.md", img_dir])
     if dirty and not allow_dirty:
         raise StudyError(
             "the git checkout of difflora has uncommitted changes (git status), so no commit would hold the code "
             "behind this report: commit them, or pass --allow-dirty to mark the report NOT REPRODUCIBLE"
         )
     started = time.time()
-    img_dir = report_dir / study.name
     if not report_only:
         code = {"revision": revision, "dirty": dirty}
-        run_all(study, out_dir, arms, progress, cache_dir, log, records_dir=img_dir, code=code)
-    if out_dir.is_dir():
-        n = sync_records(study, out_dir, img_dir, study.arms)
+        run_all(study, dirs.out, arms, progress, cache_dir, log, records_dir=sources, code=code)
+    if dirs.committed is not None and dirs.committed != img_dir:
+        n = copy_records(
+            study,
+            dirs.committed,
+            img_dir,
+            _recorded_runs(study, run_order(study, study.arms), dirs.out, [dirs.committed]),
+        )
+        if n:
+            log(f"study {study.name}: {n} committed records copied from {dirs.committed} to {img_dir / 'records'}")
+    if dirs.out.is_dir():
+        n = sync_records(study, dirs.out, img_dir, study.arms)
         log(f"study {study.name}: {n} finished runs recorded in {img_dir / 'records'}")
-        for note in draw_figures(study, out_dir, img_dir, study.arms):
+        for note in draw_figures(study, dirs.out, img_dir, study.arms):
             log(f"figure failed: {note}")
-    cmd = command or _default_command(path, out)
-    report = write_report(study, report_dir, study.arms, command=cmd, dirty=dirty)
+    cmd = command or _default_command(path, out, report_dir, overrides)
+    report = write_report(study, dirs.report, study.arms, command=cmd, dirty=dirty)
     log(f"study {study.name}: report {report} ({time.time() - started:.0f} s this call)")
     return report
+
+
+def _only_arms(study: Study, only: list[str] | None) -> list[StudyArm]:
+    """The arms ``--only`` names (all when None); an unknown name is a StudyError listing the arms."""
+    if not only:
+        return study.arms
+    unknown = sorted(set(only) - {a.name for a in study.arms})
+    if unknown:
+        raise StudyError(f"--only: unknown arms {unknown}; arms: {[a.name for a in study.arms]}")
+    return [a for a in study.arms if a.name in only]
+
+
+def _announce_dirs(
+    study: Study, dirs: StudyDirs, out: str | Path | None, report_dir: str | Path | None, log: Callable[[str], None]
+) -> None:
+    """Where the runs, the report and the committed records are, before any work (absolute paths)."""
+    how = "--out" if out else "the default; --out DIR to change"
+    log(f"study {study.name}: runs in {dirs.out.resolve()} ({how})")
+    how = "--report-dir" if report_dir else "the default; --report-dir DIR to change"
+    log(f"study {study.name}: report {(dirs.report / f'{study.name}.md').resolve()} ({how})")
+    if dirs.committed is not None:
+        log(f"study {study.name}: committed records read from {dirs.committed.resolve() / 'records'}")
 
 
 def run_all(
@@ -214,12 +256,12 @@ def run_all(
     progress: bool,
     cache_dir: str | Path | None,
     log: Callable[[str], None],
-    records_dir: Path | None = None,
+    records_dir: list[Path] | None = None,
     code: dict[str, Any] | None = None,
 ) -> None:
     """Train and evaluate every (arm, seed) of ``arms`` (and the arms they start from) not done yet.
 
-    ``records_dir``: a report's image directory; a run with nothing on this machine whose record
+    ``records_dir``: reports' image directories; a run with nothing on this machine whose record
     there scores this config (``matching_record``) is skipped, so a fresh clone continues a study
     from its committed records instead of rerunning it. ``code``: the state of the code doing the
     work (``{"revision", "dirty"}``, :func:`git_state`), stamped into each run it scores
@@ -310,13 +352,13 @@ PLAN_ACTIONS = {
 
 
 def plan_runs(
-    study: Study, arms: list[StudyArm], out_dir: Path, records_dir: Path | None = None
+    study: Study, arms: list[StudyArm], out_dir: Path, records_dir: list[Path] | None = None
 ) -> list[tuple[StudyArm, int, str, str]]:
     """(arm, seed, state, detail) for every run of ``arms`` and the arms they start from, in the order
     ``run_all`` takes them; the state is a key of :data:`PLAN_ACTIONS`, the detail the record's path
     for a recorded run. Reads the run directories and records only: it trains and writes nothing."""
     ordered = run_order(study, arms)
-    recorded = _recorded_runs(study, ordered, out_dir, records_dir) if records_dir is not None else {}
+    recorded = _recorded_runs(study, ordered, out_dir, records_dir or [])
     plan = []
     for arm in ordered:
         for seed in study.seeds:
@@ -377,21 +419,32 @@ def _eval_request(study: Study, settings: dict[str, Any], teacher: bool) -> Eval
 
 
 def _recorded_runs(
-    study: Study, ordered: list[StudyArm], out_dir: Path, records_dir: Path
+    study: Study, ordered: list[StudyArm], out_dir: Path, records_dirs: list[Path]
 ) -> dict[tuple[str, int], Path]:
     """{(arm, seed): its record} for the runs ``run_all`` may skip: no run directory on this machine,
-    a record that scores this config, and no run of this call that starts from it (the arms that
-    depend on it, for that seed, are skipped too). Dependents come after their dependencies in
-    ``ordered``, so one pass from the end decides each run after everything that needs it."""
+    a record (the first found in ``records_dirs``) that scores this config, the record of the run it
+    starts from matching too (a changed dependency is another run), and no run of this call that
+    starts from it (the arms that depend on it, for that seed, are skipped too). Dependencies come
+    before their dependents in ``ordered``; one pass from the end decides each run after everything
+    that needs it."""
+    found: dict[tuple[str, int], Path] = {}
+    for arm in ordered:
+        dep = arm_dependency(study, arm)
+        for seed in study.seeds:
+            if dep is not None and (dep, seed) not in found:
+                continue
+            cfg = arm_config(study, arm, seed, out_dir)
+            record = next((r for d in records_dirs if (r := matching_record(study, d, arm, seed, cfg))), None)
+            if record is not None:
+                found[arm.name, seed] = record
     skip: dict[tuple[str, int], Path] = {}
     for arm in reversed(ordered):
         dependents = [a.name for a in ordered if arm_dependency(study, a) == arm.name]
         for seed in study.seeds:
             if (out_dir / arm.name / f"seed{seed}").exists() or any((d, seed) not in skip for d in dependents):
                 continue
-            record = matching_record(study, records_dir, arm, seed, arm_config(study, arm, seed, out_dir))
-            if record is not None:
-                skip[arm.name, seed] = record
+            if (arm.name, seed) in found:
+                skip[arm.name, seed] = found[arm.name, seed]
     return skip
 
 
@@ -401,5 +454,8 @@ def fd_summary(results: list[dict]) -> str:
     return ", ".join(f"{r['task'] + ' ' if 'task' in r else ''}w={r['guidance']:g}: {r['fd']:.3f}" for r in results)
 
 
-def _default_command(path: str | Path, out: str | Path | None) -> str:
-    return f"difflora study {path}" + (f" --out {out}" if out else "")
+def _default_command(
+    path: str | Path, out: str | Path | None, report_dir: str | Path | None, overrides: list[str] | None
+) -> str:
+    flags = [f"--out {out}"] * bool(out) + [f"--report-dir {report_dir}"] * bool(report_dir)
+    return " ".join([f"difflora study {path}", *flags, *(f"--set {o}" for o in overrides or [])])

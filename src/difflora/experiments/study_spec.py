@@ -35,6 +35,19 @@ an unknown arm or a cycle is an error before any work::
         set: {model.num_classes: 10, train.objective: distill, train.train_base: false,
               train.init_from: "arm:teacher", distill.guidance: 3}
 
+Every arm's config can be changed at once, e.g. a quick version of a study, with a study-level
+``set`` (dotted overrides applied after each arm's own ``set``) or ``difflora study STUDY --set
+KEY=VALUE``: a KEY in a config section (data, model, diffusion, train, sample, distill) goes to
+every arm; any other KEY is a study key (``seeds=[0]``, ``eval.num_samples=100``)::
+
+    difflora study experiments/timelora/digits.yaml --set train.steps=20 --set seeds=[0] --out runs/quick
+
+Paths: ``out`` (and ``--out``) is relative to the current directory, like every run directory. A
+relative ``report_dir`` (where the committed run records live) is relative to the study's home:
+the YAML's own directory, or for a shipped study the source checkout difflora runs from
+(:data:`difflora.presets.SOURCE_ROOT`), so a shipped study finds its committed records from any
+directory (:func:`study_dirs`).
+
 An arm can be evaluated with its own settings (``eval`` in the arm: steps, guidance,
 guidance_fraction), e.g. ``teacher_of`` a student, the guided teacher with selective guidance at
 the student's cost::
@@ -47,6 +60,7 @@ the student's cost::
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -55,10 +69,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from difflora.config.base import GuidanceScale
+from difflora.config.overrides import apply_override, parse_override
 from difflora.config.schema import Config, ConfigError, parse_config
 from difflora.diffusion.respace import space_timesteps
 from difflora.files.jsonfile import read_json_file
-from difflora.presets import experiment_presets, resolve_shipped
+from difflora.presets import SOURCE_ROOT, experiment_presets, is_shipped, resolve_shipped
 from difflora.sampling.student import student_of
 
 __all__ = [
@@ -68,6 +83,7 @@ __all__ = [
     "Claim",
     "Study",
     "StudyArm",
+    "StudyDirs",
     "StudyError",
     "StudyEval",
     "arm_config",
@@ -76,6 +92,7 @@ __all__ = [
     "read_run_json",
     "read_yaml_mapping",
     "run_order",
+    "study_dirs",
     "study_out_dir",
 ]
 
@@ -182,6 +199,8 @@ class Study(_Strict):
     # torch threads for training and sampling (None: torch's default).
     threads: int | None = Field(default=None, ge=1)
     base: dict[str, Any] = Field(default_factory=dict)
+    # Dotted overrides of every arm's config, applied after the arm's own set (--set KEY=VALUE adds here).
+    set: dict[str, Any] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     eval: StudyEval = Field(default_factory=StudyEval)
     arms: list[StudyArm] = Field(min_length=1)
@@ -223,8 +242,9 @@ def arm_dependency(study: Study, arm: StudyArm) -> str | None:
     or ``teacher_of``), or None."""
     if arm.teacher_of is not None:
         return arm.teacher_of
-    if "train.init_from" in arm.set:
-        value = arm.set["train.init_from"]
+    given = [d for d in (study.set, arm.set) if "train.init_from" in d]
+    if given:
+        value = given[0]["train.init_from"]
     else:
         train = study.base.get("train")
         value = train.get("init_from") if isinstance(train, dict) else None
@@ -275,6 +295,60 @@ def study_out_dir(study: Study, out: str | Path | None = None) -> Path:
     return Path(out or study.out or Path("runs") / study.name)
 
 
+class StudyDirs(BaseModel):
+    """Where a study's runs go (``out``), where its report is written (``report``: ``<report>/<name>.md``
+    and images and records in ``<report>/<name>/``), and where its committed records are read
+    (``committed``: a report's image directory, or None)."""
+
+    out: Path
+    report: Path
+    committed: Path | None
+
+
+def _committed_dir(study: Study, path: str | Path) -> Path | None:
+    """The image directory of the YAML's ``report_dir`` resolved at the study's home (module docstring), or None."""
+    if study.report_dir is None:
+        return None
+    given = Path(study.report_dir)
+    if not given.is_absolute():
+        resolved = resolve_shipped(path)
+        home = SOURCE_ROOT if is_shipped(resolved) else resolved.resolve().parent
+        if home is None:  # a shipped study of an installed wheel: no checkout, no committed records
+            return None
+        given = home / given
+    return given / study.name
+
+
+def study_dirs(
+    study: Study,
+    path: str | Path,
+    out: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> StudyDirs:
+    """The directories of the study read from ``path`` (:class:`StudyDirs`).
+
+    The runs go to ``out`` (--out); else, for a study changed by ``overrides`` (--set), to the default
+    output directory plus ``-set-`` and a digest of the overrides, so a variant never meets the runs
+    of the study or of another variant; else to the default (:func:`study_out_dir`). The report goes
+    to ``report_dir`` (--report-dir); else a changed study's next to its runs (a variant never
+    rewrites the shipped report); else to the YAML's ``report_dir`` at the study's home; else next to
+    the runs.
+    """
+    out_dir = study_out_dir(study, out)
+    if overrides and out is None:
+        digest = hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
+        out_dir = out_dir.with_name(f"{out_dir.name}-set-{digest}")
+    committed = _committed_dir(study, path)
+    if report_dir is not None:
+        report = Path(report_dir)
+    elif committed is not None and not overrides:
+        report = committed.parent
+    else:
+        report = out_dir
+    return StudyDirs(out=out_dir, report=report, committed=committed)
+
+
 def _explain(err: ValidationError, source: str) -> StudyError:
     lines = []
     for e in err.errors():
@@ -309,12 +383,47 @@ def read_yaml_mapping(path: str | Path, error: type[Exception], kind: str, examp
     return tree
 
 
-def load_study(path: str | Path) -> Study:
-    """Read and validate a study YAML, including every arm's config (so a bad key fails before training)."""
+def _apply_overrides(tree: dict[str, Any], overrides: list[str]) -> None:
+    """``--set KEY=VALUE`` on a study: a config key (``train.steps``) into the study's ``set`` (every
+    arm), any other key into the study itself (``seeds=[0]``, ``eval.num_samples=100``)."""
+    sections = list(Config.model_fields)
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ConfigError as exc:
+            raise StudyError(f"--set: {exc}") from None
+        top = key.split(".")[0]
+        if key == "train.seed":
+            raise StudyError("--set train.seed: each run's seed is one of the study's seeds; give --set seeds=[0, 1]")
+        if top in ("out", "report_dir"):
+            raise StudyError(f"--set {key}: give --{top.replace('_', '-')} instead")
+        if top not in sections and top not in Study.model_fields:
+            raise StudyError(
+                f"--set {key}: not a config key (sections {', '.join(sections)}: every arm) nor a study key "
+                f"({', '.join(k for k in Study.model_fields if k not in ('out', 'report_dir'))})"
+            )
+        target = tree.setdefault("set", {}) if top in sections else tree
+        if not isinstance(target, dict):
+            raise StudyError(f"--set {key}: the study's set is not a mapping of dotted keys")
+        if top in sections:
+            target[key] = value
+            continue
+        try:
+            apply_override(target, key, value)
+        except ConfigError as exc:
+            raise StudyError(f"--set: {exc}") from None
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
+    """Read and validate a study YAML, including every arm's config (so a bad key fails before training).
+
+    ``overrides``: ``--set KEY=VALUE`` texts (see the module docstring), applied before validation.
+    """
     p = Path(path)
     tree = read_yaml_mapping(
         p, StudyError, "study", "experiments/timelora/digits.yaml", "name, base, seeds, eval, arms, ..."
     )
+    _apply_overrides(tree, list(overrides or []))
     try:
         study = Study.model_validate(tree)
     except ValidationError as err:
@@ -369,7 +478,8 @@ def arm_config(study: Study, arm: StudyArm, seed: int, out: str | Path | None = 
     tree = copy.deepcopy(study.base)
     if arm.adapters is not None:
         tree.setdefault("model", {})["adapters"] = copy.deepcopy(arm.adapters)
-    overrides = [f"{k}={json.dumps(v)}" for k, v in arm.set.items()] + [f"train.seed={seed}"]
+    given = [*arm.set.items(), *study.set.items()]  # the study's set after the arm's
+    overrides = [f"{k}={json.dumps(v)}" for k, v in given] + [f"train.seed={seed}"]
     dep = arm_dependency(study, arm)
     if dep is not None:
         overrides.append(f"train.init_from={json.dumps(str(study_out_dir(study, out) / dep / f'seed{seed}'))}")

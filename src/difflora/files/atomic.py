@@ -154,6 +154,21 @@ def write_bytes(path: str | Path, data: bytes | str, *, shared: bool = False) ->
     return atomic_write(path, lambda tmp: tmp.write_bytes(raw), len(raw), shared=shared)
 
 
+def write_new(path: str | Path, data: bytes | str) -> Path:
+    """``data`` to ``path``, a file that must not exist yet: written under a temporary name, then
+    hard-linked to ``path``, which fails (FileExistsError) rather than replace a file made meanwhile."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = _tmp(path, shared=True)
+    try:
+        with storage_errors(path, len(raw)):
+            tmp.write_bytes(raw)
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_together(files: dict[Path, str | bytes]) -> None:
     """Write the outputs of one command: every file under a temporary name first, then the renames.
 

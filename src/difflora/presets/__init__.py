@@ -14,6 +14,11 @@ The README names them by their repository-relative paths (``configs/digits.yaml`
 3. for configs only, a bare preset name with or without ``.yaml`` (``digits``,
    ``pretrain/fmnist16-unet``) names ``configs/NAME.yaml``.
 
+``difflora presets`` lists them with the first sentence of each file's leading comment
+(:func:`preset_descriptions`) and ``difflora presets copy NAME`` copies one out to edit
+(:func:`shipped_file`). A shipped study's committed records live in the source checkout the package
+runs from (:data:`SOURCE_ROOT`), none when difflora is installed without one.
+
 This module imports nothing from difflora: the config layer, the CLI and the study runner all
 resolve names through it.
 """
@@ -26,16 +31,32 @@ __all__ = [
     "CONFIGS_DIR",
     "EXPERIMENTS_DIR",
     "PRESETS_DIR",
+    "SOURCE_ROOT",
     "config_presets",
     "experiment_presets",
+    "is_shipped",
+    "preset_descriptions",
     "resolve_config",
     "resolve_shipped",
+    "shipped_file",
 ]
 
 PRESETS_DIR = Path(__file__).resolve().parent
 CONFIGS_DIR = PRESETS_DIR / "configs"
 EXPERIMENTS_DIR = PRESETS_DIR / "experiments"
 _ROOTS = {"configs": CONFIGS_DIR, "experiments": EXPERIMENTS_DIR}
+
+
+def _source_root() -> Path | None:
+    # src/difflora/presets in a source checkout (an editable install or PYTHONPATH=src): the
+    # repository root holds pyproject.toml. An installed wheel has no checkout around it.
+    root = PRESETS_DIR.parents[2]
+    return root if PRESETS_DIR.parents[1].name == "src" and (root / "pyproject.toml").is_file() else None
+
+
+# The repository root difflora runs from, or None (an installed wheel): where the paths a shipped
+# study names (its report_dir, with the committed run records) are found, whatever the current directory.
+SOURCE_ROOT = _source_root()
 
 
 def _names(root: Path) -> list[str]:
@@ -63,6 +84,48 @@ def resolve_shipped(path: str | Path) -> Path:
         return p
     shipped = _ROOTS[p.parts[0]].joinpath(*p.parts[1:])
     return shipped if shipped.is_file() else p
+
+
+def is_shipped(path: str | Path) -> bool:
+    """Whether ``path`` (resolved: :func:`resolve_shipped`) is a file difflora ships."""
+    return resolve_shipped(path).resolve().is_relative_to(PRESETS_DIR)
+
+
+def _first_sentence(path: Path, limit: int = 110) -> str:
+    """The first sentence of the file's leading ``#`` comment, at most ``limit`` characters."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    end = text.find(". ")
+    text = text[: end + 1] if end >= 0 else text
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def preset_descriptions() -> dict[str, str]:
+    """{name as the commands take it: a one-line description} of every shipped config and experiment.
+
+    Configs by preset name (``digits``, ``pretrain/fmnist16-unet``), experiments by their
+    repository-relative path (``experiments/timelora/digits.yaml``): a config and an experiment may
+    share a stem (``distill/digits``).
+    """
+    found = {name: CONFIGS_DIR / f"{name}.yaml" for name in config_presets()}
+    found |= {name: PRESETS_DIR / name for name in experiment_presets()}
+    return {name: _first_sentence(path) for name, path in found.items()}
+
+
+def shipped_file(name: str) -> Path | None:
+    """The shipped file a name of :func:`preset_descriptions` (or a ``configs/...`` path) names; None if none.
+
+    Only shipped files: a path on disk that happens to match is not a preset.
+    """
+    text = name.removesuffix(".yaml")
+    for candidate in (PRESETS_DIR / f"{text}.yaml", CONFIGS_DIR / f"{text}.yaml"):
+        if candidate.resolve().is_relative_to(PRESETS_DIR) and candidate.is_file():
+            return candidate
+    return None
 
 
 def resolve_config(name: str | Path) -> Path | None:
