@@ -308,7 +308,10 @@ def _add_eval(sub, handlers: Handlers) -> None:
     ev.add_argument("--weights", choices=["ema", "model"], default="ema", help=_WEIGHTS_HELP)
     ev.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
     ev.add_argument(
-        "--out", default=None, help="output directory (default RUN_DIR/eval, with --teacher RUN_DIR/eval-teacher)"
+        "--out",
+        default=None,
+        help="output directory (default: kept by its settings in RUN_DIR/eval/<key>/, listed in RUN_DIR/eval/index.json, "
+        "the newest also in RUN_DIR/eval or eval-teacher, eval-taskK, eval-vs-NAME)",
     )
     ev.add_argument(
         "--teacher",

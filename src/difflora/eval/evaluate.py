@@ -8,9 +8,10 @@ classifier difflora trains on that dataset (``get_feature_net``)::
     result = evaluate_run("runs/digits", EvalSettings(num_samples=1000, steps=50, sampler="ddim", guidance=[1, 2, 4]))
     result["results"][0]["fd"]
 
-It writes ``<out>/metrics.json`` (the settings used, the checkpoint step, the feature network's test
+It writes a ``metrics.json`` (the settings used, the checkpoint step, the feature network's test
 accuracy, the noise floor and one entry of metrics with bootstrap intervals per guidance scale) and
-one sample grid per scale, and merges the sampling speed into the run's ``accounting.json`` (key
+one sample grid per scale -- without ``out``, kept under a key made of its settings
+(``run_dir/eval/<key>/``, :mod:`difflora.eval.store`) so no evaluation overwrites another -- and merges the sampling speed into the run's ``accounting.json`` (key
 ``sampling``). The noise floor is what real images reach at the same sample count
 (``difflora.eval.uncertainty``): a score means something only next to it, and only at equal counts.
 
@@ -28,7 +29,6 @@ runs scored by the same feature network (same dataset, size and feature-net sett
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -52,9 +52,9 @@ from difflora.eval.features import (
 from difflora.eval.fidelity import spatial_requests, task_fidelity
 from difflora.eval.metrics import extract_features, feature_kid_scale, knn_radii, metrics_from_features
 from difflora.eval.settings import MIN_SAMPLES, EvalSettings
+from difflora.eval.store import STORE, write_evaluation
 from difflora.eval.target import EvalError, default_eval_dir, scored_config
 from difflora.eval.uncertainty import bootstrap_intervals, check_pool, reference_level
-from difflora.files.atomic import write_together
 from difflora.files.images import grid_png
 from difflora.sampling.generate import data_conditions, default_labels, generate
 from difflora.sampling.student import Student, student_of
@@ -184,7 +184,10 @@ def evaluate_run(
 
     ``settings``: what to draw and score (:class:`~difflora.eval.settings.EvalSettings`; default
     ``EvalSettings()``), one result entry per guidance scale, all drawn from the same initial noise
-    and labels. ``out`` defaults to ``run_dir/eval`` (``eval-teacher``, ``eval-task<K>``, ...).
+    and labels. Without ``out`` the evaluation is kept under its key, ``run_dir/eval/<key>/``
+    (the result's ``key``; its ``request`` says teacher, task and against), with a copy in
+    ``run_dir/eval`` (``eval-teacher``, ``eval-task<K>``, ...) as the newest of its kind
+    (:func:`~difflora.eval.store.write_evaluation`); ``out`` writes there alone.
     ``feature_net`` is a saved feature network (path stem) or a FeatureNet; default: the cached one
     for the run's dataset (trained on first use, with ``feature_train``).
     Each entry holds fd, kid_mean, kid_std, precision, recall, class_accuracy (class-conditional
@@ -202,6 +205,8 @@ def evaluate_run(
     cfg = scored_config(cfg, e.task, e.against)
     student = _check_teacher(cfg, run_dir, e.teacher)
     _check_out_dir(out_dir)
+    if out is None:
+        _check_out_dir(run_dir / STORE)
     s, scales = e.sampling(cfg, run_dir)
     dev = torch.device(device)
     check_memory(cfg, dev, f"eval of {e.num_samples} samples", samples=e.num_samples, guided=scales != [1.0])
@@ -225,8 +230,10 @@ def evaluate_run(
     result = _result_record(
         run_dir, cfg, meta, e.weights, settings_record, net, net_source, ref_f, pool_size, floor, dev
     )
+    if out is None:  # kept under its key (difflora.eval.store)
+        result["request"] = dict(teacher=e.teacher, task=e.task, against=e.against)
     result["results"] = results
-    _write(out_dir, result, grids, cfg, labels is not None)
+    _write((out_dir, None if out else run_dir), result, grids, cfg, labels is not None)
     if update_accounting:
         _record_speed(run_dir, _sampling_accounting(results, s.sampler, s.steps, e.num_samples, dev), e.teacher)
     return result
@@ -407,25 +414,15 @@ def _result_record(
     }
 
 
-def _write(out_dir: Path, result: dict[str, Any], grids: list[torch.Tensor], cfg: Config, conditional: bool) -> None:
-    """The grids and metrics.json together (:func:`~difflora.files.atomic.write_together`), then the
-    grids of an earlier evaluation that this one's metrics.json does not list: never new grids next
-    to old scores, nor old grids next to new ones."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _write(
+    kept: tuple[Path, Path | None], result: dict[str, Any], grids: list[torch.Tensor], cfg: Config, conditional: bool
+) -> None:
+    """The grids and metrics.json (:func:`~difflora.eval.store.write_evaluation`; ``kept``: the output
+    directory and the run directory when the evaluation is kept under its key)."""
     nrow = cfg.model.num_classes if conditional else None
-    earlier = _listed_grids(out_dir, read_json(out_dir / "metrics.json"))
-    files = {out_dir / e["grid"]: grid_png(images, nrow) for e, images in zip(result["results"], grids, strict=True)}
-    write_together(files | {out_dir / "metrics.json": json.dumps(result, indent=2)})
-    for old in earlier - set(files):
-        old.unlink(missing_ok=True)
-
-
-def _listed_grids(out_dir: Path, metrics: dict[str, Any] | None) -> set[Path]:
-    """The grid files a metrics.json lists (none when it is missing or damaged; names only, no path)."""
-    results = (metrics or {}).get("results")
-    if not isinstance(results, list):
-        return set()
-    return {out_dir / Path(e["grid"]).name for e in results if isinstance(e, dict) and isinstance(e.get("grid"), str)}
+    pngs = {e["grid"]: grid_png(images, nrow) for e, images in zip(result["results"], grids, strict=True)}
+    out_dir, run_dir = kept
+    write_evaluation(out_dir, result, pngs, run_dir)
 
 
 def _sampling_accounting(
