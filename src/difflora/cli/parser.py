@@ -382,6 +382,24 @@ def _add_anova(sub, handlers: Handlers) -> None:
     an.set_defaults(fn=handlers["anova"])
 
 
+def _add_config(sub, handlers: Handlers) -> None:
+    c = sub.add_parser(
+        "config", help="print a config resolved (every key, its default), explain a key, or the JSON schema"
+    )
+    c.add_argument("config", nargs="?", help="a YAML config or a preset name (e.g. digits); omit with --schema")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    c.add_argument(
+        "--explain",
+        metavar="KEY",
+        help="a key's type, default and description, e.g. train.lr or model.adapters.0.rank ('' lists the sections)",
+    )
+    c.add_argument(
+        "--schema", action="store_true", help="the JSON schema of a config file, with every key's description"
+    )
+    c.add_argument("--out", metavar="FILE", help="write to FILE instead of printing (default: print)")
+    c.set_defaults(fn=handlers["config"])
+
+
 def _add_runs(sub, handlers: Handlers) -> None:
     r = sub.add_parser("runs", help="a table of the runs under DIR: config differences, final loss, FD, speed")
     r.add_argument("dir", nargs="?", default="runs", help="a directory of runs (default runs/)")
@@ -460,6 +478,7 @@ def build_parser(handlers: Handlers) -> argparse.ArgumentParser:
         _add_sample,
         _add_distill,
         _add_params,
+        _add_config,
         _add_pretrain,
         _add_plot_weights,
         _add_train_features,

@@ -11,7 +11,8 @@ classifier difflora trains on that dataset (``get_feature_net``)::
 It writes a ``metrics.json`` (the settings used, the checkpoint step, the feature network's test
 accuracy, the noise floor and one entry of metrics with bootstrap intervals per guidance scale) and
 one sample grid per scale -- without ``out``, kept under a key made of its settings
-(``run_dir/eval/<key>/``, :mod:`difflora.eval.store`) so no evaluation overwrites another -- and merges the sampling speed into the run's ``accounting.json`` (key
+(``run_dir/eval/<key>/``, :mod:`difflora.eval.store`) so no evaluation overwrites another, and
+added to the run's TensorBoard log if it has one (``eval/<key>/fd@w2``, ...) -- and merges the sampling speed into the run's ``accounting.json`` (key
 ``sampling``). The noise floor is what real images reach at the same sample count
 (``difflora.eval.uncertainty``): a score means something only next to it, and only at equal counts.
 
@@ -64,6 +65,7 @@ from difflora.train.loop import write_json
 from difflora.train.pipeline_data import text_inputs
 from difflora.train.run_dir import read_json
 from difflora.train.run_loader import open_run
+from difflora.train.trackers import log_evaluation
 
 __all__ = [
     "EvalError",
@@ -233,7 +235,9 @@ def evaluate_run(
     if out is None:  # kept under its key (difflora.eval.store)
         result["request"] = dict(teacher=e.teacher, task=e.task, against=e.against)
     result["results"] = results
-    _write((out_dir, None if out else run_dir), result, grids, cfg, labels is not None)
+    written = _write((out_dir, None if out else run_dir), result, grids, cfg, labels is not None)
+    if out is None:  # a run with a TensorBoard log shows a kept evaluation there too, under its key
+        log_evaluation(run_dir, result["key"], result, {e["grid"]: written / e["grid"] for e in results})
     if update_accounting:
         _record_speed(run_dir, _sampling_accounting(results, s.sampler, s.steps, e.num_samples, dev), e.teacher)
     return result
@@ -416,13 +420,13 @@ def _result_record(
 
 def _write(
     kept: tuple[Path, Path | None], result: dict[str, Any], grids: list[torch.Tensor], cfg: Config, conditional: bool
-) -> None:
+) -> Path:
     """The grids and metrics.json (:func:`~difflora.eval.store.write_evaluation`; ``kept``: the output
-    directory and the run directory when the evaluation is kept under its key)."""
+    directory and the run directory when the evaluation is kept under its key); returns their directory."""
     nrow = cfg.model.num_classes if conditional else None
     pngs = {e["grid"]: grid_png(images, nrow) for e, images in zip(result["results"], grids, strict=True)}
     out_dir, run_dir = kept
-    write_evaluation(out_dir, result, pngs, run_dir)
+    return write_evaluation(out_dir, result, pngs, run_dir)
 
 
 def _sampling_accounting(
