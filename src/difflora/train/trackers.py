@@ -101,6 +101,9 @@ class _Wandb:
 
     def close(self) -> None:
         self.run.finish()
+        # finish() returns before wandb's service process has written the whole record; teardown
+        # waits for it, so the record is complete when train() returns.
+        self.wandb.teardown()
 
 
 class Trackers:
