@@ -1,10 +1,10 @@
-"""Fault catalogue: issue 32's tools -- `difflora config` (resolve, --explain, --schema) and the
-trackers of train.trackers (wandb an optional extra)."""
+"""Fault catalogue: issue 32's tools -- `difflora config` (resolve, --explain, --schema), the
+trackers of train.trackers (wandb an optional extra), and where `difflora eval` keeps evaluations."""
 
 from __future__ import annotations
 
 import pytest
-from faultkit import Fault, cases, check_fault, train
+from faultkit import Fault, cases, check_fault, evaluate, train, write
 
 TOOLS = [
     Fault(
@@ -49,6 +49,12 @@ TOOLS = [
         train("train.trackers=[wandb]"),
         r"train\.trackers=wandb needs wandb, which is not installed: pip install 'difflora\[wandb\]'",
         hidden=("wandb",),
+    ),
+    Fault(
+        "eval-store-is-a-file",
+        evaluate("--guidance", "2"),
+        r"eval is a file, not a directory: move it away, or pass --out DIR$",
+        damage=write("eval", "not a directory\n"),
     ),
 ]
 

@@ -113,15 +113,17 @@ def _fmt_scale(w: float) -> str:
     return f"{w:g}".replace(".", "p")
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """Raise EvalError unless ``out_dir`` can be created and written (checked before any work)."""
+def _check_out_dir(out_dir: Path, given: bool) -> None:
+    """Raise EvalError unless ``out_dir`` can be created and written (checked before any work);
+    ``given``: the user named it (--out), else it is one of the run's own evaluation directories."""
+    fix = "choose another --out" if given else "move it away, or pass --out DIR"
     if out_dir.exists() and not out_dir.is_dir():
-        raise EvalError(f"--out {out_dir} is a file, not a directory: choose another --out")
+        raise EvalError(f"{'--out ' * given}{out_dir} is a file, not a directory: {fix}")
     parent = out_dir
     while not parent.exists():
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise EvalError(f"cannot write to {parent} (for {out_dir}): choose a writable --out")
+        raise EvalError(f"cannot write to {parent} (for {out_dir}): {'choose a writable --out' if given else fix}")
 
 
 def _reference(cfg: Config, net: FeatureNet, num_samples: int, labels: torch.Tensor | None, seed: int, draws: int):
@@ -206,9 +208,9 @@ def evaluate_run(
     cfg, model, meta = _open(run_dir, e)
     cfg = scored_config(cfg, e.task, e.against)
     student = _check_teacher(cfg, run_dir, e.teacher)
-    _check_out_dir(out_dir)
+    _check_out_dir(out_dir, out is not None)
     if out is None:
-        _check_out_dir(run_dir / STORE)
+        _check_out_dir(run_dir / STORE, False)
     s, scales = e.sampling(cfg, run_dir)
     dev = torch.device(device)
     check_memory(cfg, dev, f"eval of {e.num_samples} samples", samples=e.num_samples, guided=scales != [1.0])
