@@ -12,13 +12,14 @@ It writes a ``metrics.json`` (the settings used, the checkpoint step, the featur
 accuracy, the noise floor and one entry of metrics with bootstrap intervals per guidance scale) and
 one sample grid per scale -- without ``out``, kept under a key made of its settings
 (``run_dir/eval/<key>/``, :mod:`difflora.eval.store`) so no evaluation overwrites another, and
-added to the run's TensorBoard log if it has one (``eval/<key>/fd@w2``, ...) -- and merges the sampling speed into the run's ``accounting.json`` (key
-``sampling``). The noise floor is what real images reach at the same sample count
-(``difflora.eval.uncertainty``): a score means something only next to it, and only at equal counts.
+added to the run's TensorBoard log if it has one (``eval/<key>/fd@w2``, ...) -- and merges the
+sampling speed into the run's ``accounting.json`` (key ``sampling``). The noise floor is what
+real images reach at the same sample count (``difflora.eval.uncertainty``): a score means something
+only next to it, and only at equal counts.
 
 A one-pass student's run (:mod:`difflora.sampling.student`, e.g. 003's LoRA student) is scored
 as its student; ``teacher=True`` scores the guided teacher held in the same files instead (the
-student off, classifier-free guidance at each scale; default output ``run_dir/eval-teacher``), so
+student off, classifier-free guidance at each scale; its newest copy in ``run_dir/eval-teacher``), so
 teacher and student sit side by side.
 
 Class-conditional models are sampled with labels balanced over the classes (0, 1, ..., C-1
