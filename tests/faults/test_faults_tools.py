@@ -22,6 +22,11 @@ TOOLS = [
         ("config", "tiny-unet", "--explain", "model.adapters.3.rank"),
         r"model\.adapters\.3\.rank: the list has 0 entries in this config",
     ),
+    Fault(
+        "config-explain-in-an-unset-section",
+        ("config", "tiny-unet", "--explain", "model.affiner.tasks"),
+        r"model\.affiner\.tasks: model\.affiner is not set in this config \(explain model\.affiner\.tasks without CONFIG\)",
+    ),
     Fault("config-nothing-asked", ("config",), r"give a CONFIG to resolve, --explain KEY or --schema"),
     Fault("config-set-without-config", ("config", "--set", "train.lr=1"), r"--set overrides a config: give the CONFIG"),
     Fault(

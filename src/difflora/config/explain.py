@@ -29,7 +29,7 @@ from difflora.config.schema import Config
 
 __all__ = ["explain_key", "json_schema", "resolved_yaml"]
 
-_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "at least items:"))
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "of length >="))
 
 
 def json_schema() -> dict[str, Any]:
@@ -130,7 +130,10 @@ def explain_key(key: str, cfg: Config | None = None) -> str:
 
 def _value_at(cfg: Config, key: str) -> Any:
     node: Any = cfg
-    for part in key.split("."):
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if node is None:  # an optional section this config leaves unset: so is every key in it
+            raise ConfigError(f"{key}: {'.'.join(parts[:i])} is not set in this config (explain {key} without CONFIG)")
         if isinstance(node, list):
             if int(part) >= len(node):
                 raise ConfigError(f"{key}: the list has {len(node)} entries in this config")
