@@ -48,12 +48,15 @@ def check_trackers(cfg: Config) -> None:
 
 
 class _TensorBoard:
-    def __init__(self, out: Path, step: int):
+    """``RUN_DIR/tb``; the resolved config as the text ``config`` at the segment's first step."""
+
+    def __init__(self, out: Path, cfg: Config, step: int):
         # Heavy import (tensorboard, protobuf): only when a run logs.
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: a resumed run drops the events a crash left past its checkpoint.
         self.writer = SummaryWriter(str(out / "tb"), purge_step=step)
+        self.writer.add_text("config", _config_text(cfg), step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for k, v in values.items():
@@ -62,14 +65,13 @@ class _TensorBoard:
     def image(self, tag: str, path: Path, step: int) -> None:
         self.writer.add_image(tag, _pixels(path), step, dataformats="HWC")
 
-    def text(self, tag: str, text: str, step: int) -> None:
-        self.writer.add_text(tag, text, step)
-
     def close(self) -> None:
         self.writer.close()
 
 
 class _Wandb:
+    """An offline wandb run; the resolved config is the wandb run's config."""
+
     def __init__(self, out: Path, cfg: Config):
         # Offline whatever the environment says, and no error reports sent: nothing leaves the machine.
         os.environ["WANDB_MODE"] = "offline"
@@ -96,9 +98,6 @@ class _Wandb:
     def image(self, tag: str, path: Path, step: int) -> None:
         self.run.log({tag: self.wandb.Image(str(path))}, step=step)
 
-    def text(self, tag: str, text: str, step: int) -> None:
-        pass  # wandb holds the config as the run's config (wandb.init)
-
     def close(self) -> None:
         self.run.finish()
         # finish() returns before wandb's service process has written the whole record; teardown
@@ -114,8 +113,7 @@ class Trackers:
         self.backends: list[Any] = []
         try:
             for name in cfg.train.trackers:
-                self.backends.append(_TensorBoard(out, step) if name == "tensorboard" else _Wandb(out, cfg))
-            self.text("config", _config_text(cfg), step)
+                self.backends.append(_TensorBoard(out, cfg, step) if name == "tensorboard" else _Wandb(out, cfg))
         except BaseException:
             self.close()
             raise
@@ -130,10 +128,6 @@ class Trackers:
         """The PNG at ``path`` (a sample grid) as image ``tag``."""
         for b in self.backends:
             b.image(tag, path, step)
-
-    def text(self, tag: str, text: str, step: int) -> None:
-        for b in self.backends:
-            b.text(tag, text, step)
 
     def close(self) -> None:
         for b in self.backends:
