@@ -1,9 +1,8 @@
 """What every config key means: the resolved YAML with defaults, one key explained, the JSON schema.
 
-Each field's one-line description is the docstring under it in its section module (pydantic's
-``use_attribute_docstrings``, :class:`~difflora.config.base.StrictModel`): one source for
-``difflora config --explain KEY``, the JSON schema (``difflora config --schema``) and the
-comments of the resolved YAML (:func:`resolved_yaml`)::
+Each field's one-line description is the docstring under it in its section module, read from
+the source when asked (:func:`descriptions`; not at import, which every command would pay): one
+source for ``difflora config --explain KEY`` and the JSON schema (``difflora config --schema``)::
 
     >>> print(explain_key("train.lr"))
     train.lr: number > 0, default 0.0001
@@ -12,11 +11,17 @@ comments of the resolved YAML (:func:`resolved_yaml`)::
 
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
+import inspect
+import itertools
 import json
 import math
+import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -27,9 +32,48 @@ from pydantic_core import PydanticUndefined, to_jsonable_python
 from difflora.config.base import ConfigError
 from difflora.config.schema import Config
 
-__all__ = ["explain_key", "json_schema", "resolved_yaml"]
+__all__ = ["descriptions", "explain_key", "json_schema", "resolved_yaml", "sections"]
 
 _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "of length >="))
+
+
+def sections() -> list[type[BaseModel]]:
+    """Every section class of the config tree, Config first (each once)."""
+    found: list[type[BaseModel]] = [Config]
+    for model in found:  # grows while walked: breadth first
+        for field in model.model_fields.values():
+            section = _section(field.annotation)
+            if section is not None and section not in found:
+                found.append(section)
+    return found
+
+
+def _field_docstrings(node: ast.ClassDef) -> dict[str, str]:
+    """{field: the string statement right under its annotated assignment} of a class's body."""
+    found = {}
+    for stmt, nxt in itertools.pairwise(node.body):
+        doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else None
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(doc, str):
+            found[stmt.target.id] = " ".join(doc.split())
+    return found
+
+
+@functools.cache
+def descriptions() -> dict[type[BaseModel], dict[str, str]]:
+    """{section class: {field: the docstring under it}}, read from the section modules' source."""
+    by_file: dict[Path, list[type[BaseModel]]] = {}
+    for model in sections():
+        by_file.setdefault(Path(inspect.getfile(sys.modules[model.__module__])), []).append(model)
+    found: dict[type[BaseModel], dict[str, str]] = {}
+    for path, models in by_file.items():
+        classes = {n.name: n for n in ast.parse(path.read_text(encoding="utf-8")).body if isinstance(n, ast.ClassDef)}
+        for model in models:
+            found[model] = _field_docstrings(classes[model.__name__])
+    return found
+
+
+def _description(model: type[BaseModel], name: str) -> str:
+    return descriptions()[model].get(name, "")
 
 
 def json_schema() -> dict[str, Any]:
@@ -37,6 +81,10 @@ def json_schema() -> dict[str, Any]:
     schema = Config.model_json_schema(mode="validation")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "difflora config"
+    for model in sections():
+        node = schema if model is Config else schema["$defs"][model.__name__]
+        for name, prop in node["properties"].items():
+            prop["description"] = _description(model, name)
     return schema
 
 
@@ -111,20 +159,20 @@ def _resolve(key: str) -> tuple[FieldInfo | None, type[BaseModel]]:
 def explain_key(key: str, cfg: Config | None = None) -> str:
     """``key``'s type, bounds, default and description (``cfg``: also its value there); a section
     (``train``, ``model.adapters``, or "" for the whole config) lists its keys with theirs."""
-    field, _ = _resolve(key)
+    field, owner = _resolve(key)
     section = Config if field is None else _section(field.annotation)
     lines = []
     if field is not None:
         kind = "a list of sections" if _is_list(field.annotation) else "a section"
         kind = f"{_type_name(field.annotation)}{_bounds(field)}, {_default(field)}" if section is None else kind
-        lines += [f"{key}: {kind}", f"  {field.description}"]
+        lines += [f"{key}: {kind}", f"  {_description(owner, key.split('.')[-1])}"]
     if cfg is not None and key and section is None:
         lines.append(f"  in this config: {_scalar(_value_at(cfg, key))}")
     if section is not None:
         lines.append("keys:" if field is None else "  keys:")
         pad = "  " if field is None else "    "
-        for name, sub in section.model_fields.items():
-            lines.append(f"{pad}{name}: {sub.description}")
+        for name in section.model_fields:
+            lines.append(f"{pad}{name}: {_description(section, name)}")
     return "\n".join(lines)
 
 
