@@ -112,7 +112,7 @@ class Trackers:
     def __init__(self, out: Path, cfg: Config, step: int):
         self.backends: list[Any] = []
         try:
-            for name in cfg.train.trackers:
+            for name in dict.fromkeys(cfg.train.trackers):  # a tracker named twice logs once
                 self.backends.append(_TensorBoard(out, cfg, step) if name == "tensorboard" else _Wandb(out, cfg))
         except BaseException:
             self.close()
