@@ -83,7 +83,8 @@ def _kind_evaluation(path: Path, metrics: dict[str, Any]) -> Evaluation | None:
     if m is None:
         return None
     # A study's teacher arm writes its teacher's scores into eval/: the record says which it is.
-    teacher = bool(metrics.get("settings", {}).get("teacher", m["teacher"] is not None))
+    settings = metrics.get("settings")
+    teacher = bool((settings if isinstance(settings, dict) else {}).get("teacher", m["teacher"] is not None))
     task = int(m["task"]) if m["task"] is not None else None
     return Evaluation(path, metrics, teacher, task, m["against"], None)
 
@@ -148,11 +149,13 @@ def _files(out_dir: Path, result: dict[str, Any], grids: dict[str, bytes]) -> di
 
 
 def _index_entry(run_dir: Path, e: Evaluation) -> dict[str, Any]:
-    s = e.metrics.get("settings", {})
+    s = e.metrics.get("settings")
+    s = s if isinstance(s, dict) else {}
     entry = {"key": e.key, "path": e.path.relative_to(run_dir).as_posix(), "teacher": e.teacher, "task": e.task}
     entry |= {"against": e.against, "checkpoint_step": e.metrics.get("checkpoint_step")}
     entry |= {k: s.get(k) for k in ("sampler", "steps", "eta", "guidance", "guidance_fraction", "num_samples", "seed")}
-    return entry | {"fd": [r.get("fd") for r in e.metrics.get("results", []) if isinstance(r, dict)]}
+    results = e.metrics.get("results")
+    return entry | {"fd": [r.get("fd") for r in results if isinstance(r, dict)] if isinstance(results, list) else []}
 
 
 def _copy_allowed(kind_dir: Path) -> bool:
@@ -185,8 +188,9 @@ def write_evaluation(
     if run_dir is not None:
         r = result["request"]
         mine = Evaluation(dirs[0], result, r["teacher"], r["task"], r["against"], result["key"])
-        others = [e for e in evaluations(run_dir) if e.key != mine.key]
-        index = {"evaluations": [_index_entry(run_dir, e) for e in [*others, mine]]}
+        listed = [e for e in evaluations(run_dir) if e.key != mine.key] + [mine]
+        listed.sort(key=lambda e: (e.key is not None, e.key or e.path.name))  # as evaluations() lists them
+        index = {"evaluations": [_index_entry(run_dir, e) for e in listed]}
         files[run_dir / STORE / INDEX] = json.dumps(index, indent=2) + "\n"
     write_together(files)
     for old in earlier.values():
