@@ -20,6 +20,7 @@ copy, and :func:`evaluations` lists it, so every reader finds old runs as before
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -179,21 +180,29 @@ def write_evaluation(
     dirs = [out_dir]
     if run_dir is not None:
         result["key"] = eval_key(result)
-        dirs = [run_dir / STORE / result["key"]] + ([out_dir] if _copy_allowed(out_dir) else [])
+        # The copy first: a refused write names the file where earlier readers (and errors) look.
+        dirs = ([out_dir] if _copy_allowed(out_dir) else []) + [run_dir / STORE / result["key"]]
     earlier = {d: _grids_listed(d, read_json(d / "metrics.json")) for d in dirs}
+    made = [d for d in {*dirs, *([run_dir / STORE] if run_dir is not None else [])} if not d.exists()]
     files: dict[Path, str | bytes] = {}
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
         files |= _files(d, result, grids)
     if run_dir is not None:
         r = result["request"]
-        mine = Evaluation(dirs[0], result, r["teacher"], r["task"], r["against"], result["key"])
+        mine = Evaluation(dirs[-1], result, r["teacher"], r["task"], r["against"], result["key"])
         listed = [e for e in evaluations(run_dir) if e.key != mine.key] + [mine]
         listed.sort(key=lambda e: (e.key is not None, e.key or e.path.name))  # as evaluations() lists them
         index = {"evaluations": [_index_entry(run_dir, e) for e in listed]}
         files[run_dir / STORE / INDEX] = json.dumps(index, indent=2) + "\n"
-    write_together(files)
+    try:
+        write_together(files)
+    except BaseException:  # a refused write leaves no empty directory behind either
+        for d in sorted(made, key=lambda d: len(d.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
     for old in earlier.values():
         for path in old - set(files):
             path.unlink(missing_ok=True)
-    return dirs[0]
+    return dirs[-1]
