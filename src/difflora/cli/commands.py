@@ -33,6 +33,7 @@ HANDLERS = {
     "eval": "difflora.cli.evaluation:eval_command",
     "train_features": "difflora.cli.evaluation:train_features_command",
     "params": "difflora.cli.inspection:params_command",
+    "config": "difflora.cli.configs:config_command",
     "runs": "difflora.cli.inspection:runs_command",
     "study": "difflora.cli.inspection:study_command",
     "presets": "difflora.cli.configs:presets_command",

@@ -1,17 +1,20 @@
-"""What a CONFIG argument means: a YAML file, or the name of a shipped preset (:mod:`difflora.presets`);
-and ``difflora presets``, which lists the shipped configs and studies and copies one out to edit."""
+"""What a CONFIG argument means (a YAML file, or the name of a shipped preset, :mod:`difflora.presets`);
+``difflora config`` (a config resolved, a key explained, the JSON schema); and ``difflora presets``,
+which lists the shipped configs and studies and copies one out to edit."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from difflora.cli.parser import CLIError
+from difflora.config.explain import explain_key, json_schema, resolved_yaml
 from difflora.config.schema import Config, load_config
-from difflora.files.atomic import write_new
+from difflora.files.atomic import write_bytes, write_new
 from difflora.presets import config_presets, preset_descriptions, resolve_config, shipped_file
 
-__all__ = ["args_config", "presets_command", "resolve_config_path"]
+__all__ = ["args_config", "config_command", "presets_command", "resolve_config_path"]
 
 
 def resolve_config_path(name: str) -> Path:
@@ -59,4 +62,26 @@ def presets_command(args: argparse.Namespace) -> int:
     except FileExistsError:
         raise CLIError(f"{dest} exists; difflora never overwrites it: give another DEST or delete it") from None
     print(f"copied {args.name} to {dest}")
+    return 0
+
+
+def config_command(args: argparse.Namespace) -> int:
+    """``difflora config``: CONFIG resolved as YAML (every key, ``# default:`` where a value differs),
+    ``--explain KEY`` (with CONFIG: its value there too) or ``--schema``; ``--out FILE`` writes it instead."""
+    if args.schema and (args.explain is not None or args.config is not None):
+        raise CLIError("--schema describes every config: give it without CONFIG and --explain")
+    if args.config is None and args.set:
+        raise CLIError("--set overrides a config: give the CONFIG it applies to")
+    if args.schema:
+        text = json.dumps(json_schema(), indent=2) + "\n"
+    elif args.explain is not None:
+        text = explain_key(args.explain, args_config(args) if args.config is not None else None) + "\n"
+    elif args.config is not None:
+        text = resolved_yaml(args_config(args))
+    else:
+        raise CLIError("give a CONFIG to resolve, --explain KEY or --schema (difflora config --help)")
+    if args.out:
+        print(f"wrote {write_bytes(args.out, text)}")
+    else:
+        print(text, end="")
     return 0

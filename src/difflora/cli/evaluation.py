@@ -9,6 +9,7 @@ from difflora.cli.parser import CLIError
 from difflora.config.schema import parse_config
 from difflora.eval.evaluate import EvalSettings, default_eval_dir, evaluate_run
 from difflora.eval.features import FeatureTrainConfig, default_cache_dir, get_feature_net
+from difflora.eval.store import INDEX, STORE
 from difflora.train.checkpoint import select_checkpoint
 
 
@@ -86,7 +87,8 @@ def eval_command(args) -> int:
         progress=not args.no_progress,
         log=print,
     )
-    out = Path(args.out) if args.out else default_eval_dir(args.run_dir, args.teacher, args.task, args.against)
+    # Without --out: kept under its key (difflora.eval.store), a copy as the newest of its kind.
+    out = Path(args.out) if args.out else Path(args.run_dir) / STORE / result["key"]
     st = result["settings"]
     print(
         f"evaluated {args.run_dir} (step {result['checkpoint_step']}, {args.weights} weights): {st['num_samples']} samples, "
@@ -94,4 +96,7 @@ def eval_command(args) -> int:
         f"{result['feature_net']['test_accuracy']:.4f}"
     )
     print(f"metrics: {out / 'metrics.json'}; grids: {', '.join(str(out / e['grid']) for e in result['results'])}")
+    if not args.out:
+        newest = default_eval_dir(args.run_dir, args.teacher, args.task, args.against)
+        print(f"every evaluation of the run: {Path(args.run_dir) / STORE / INDEX} (the newest of this kind: {newest})")
     return 0

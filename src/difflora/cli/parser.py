@@ -308,7 +308,10 @@ def _add_eval(sub, handlers: Handlers) -> None:
     ev.add_argument("--weights", choices=["ema", "model"], default="ema", help=_WEIGHTS_HELP)
     ev.add_argument("--checkpoint", metavar="STEP|PATH", help=_CKPT_HELP)
     ev.add_argument(
-        "--out", default=None, help="output directory (default RUN_DIR/eval, with --teacher RUN_DIR/eval-teacher)"
+        "--out",
+        default=None,
+        help="output directory (default: kept by its settings in RUN_DIR/eval/<key>/, listed in RUN_DIR/eval/index.json, "
+        "the newest also in RUN_DIR/eval or eval-teacher, eval-taskK, eval-vs-NAME)",
     )
     ev.add_argument(
         "--teacher",
@@ -390,6 +393,24 @@ def _add_anova(sub, handlers: Handlers) -> None:
     an.add_argument("--interactions", action="store_true", help="also fit every two-factor interaction")
     an.add_argument("--out", default=None, help="output directory (default: <results dir>/anova)")
     an.set_defaults(fn=handlers["anova"])
+
+
+def _add_config(sub, handlers: Handlers) -> None:
+    c = sub.add_parser(
+        "config", help="print a config resolved (every key, its default), explain a key, or the JSON schema"
+    )
+    c.add_argument("config", nargs="?", help="a YAML config or a preset name (e.g. digits); omit with --schema")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    c.add_argument(
+        "--explain",
+        metavar="KEY",
+        help="a key's type, default and description, e.g. train.lr or model.adapters.0.rank ('' lists the sections)",
+    )
+    c.add_argument(
+        "--schema", action="store_true", help="the JSON schema of a config file, with every key's description"
+    )
+    c.add_argument("--out", metavar="FILE", help="write to FILE instead of printing (default: print)")
+    c.set_defaults(fn=handlers["config"])
 
 
 def _add_runs(sub, handlers: Handlers) -> None:
@@ -489,6 +510,7 @@ def build_parser(handlers: Handlers) -> argparse.ArgumentParser:
         _add_sample,
         _add_distill,
         _add_params,
+        _add_config,
         _add_pretrain,
         _add_plot_weights,
         _add_train_features,

@@ -10,6 +10,7 @@ from difflora.cli.parser import CLIError
 from difflora.config.schema import load_config
 from difflora.eval.evaluate import EvalSettings, evaluate_run
 from difflora.eval.settings import MIN_SAMPLES
+from difflora.eval.store import STORE
 from difflora.experiments.pretrain import pretrain
 from difflora.train import train
 from difflora.train.checkpoint import select_checkpoint
@@ -62,13 +63,13 @@ def demo_command(args) -> int:
     # classifier difflora trains on the train split (cached after the first demo, ~10 s).
     if settings is not None:
         print(f"evaluating {n} samples ({cfg.sample.sampler}, {cfg.sample.steps} steps) against the held-out digits")
-        ev = evaluate_run(out, settings, out=out / "eval", progress=not args.no_progress)
+        ev = evaluate_run(out, settings, progress=not args.no_progress)
         r = ev["results"][0]
         acc = f", class accuracy {r['class_accuracy']:.3f}" if "class_accuracy" in r else ""
         print(
             f"FD {r['fd']:.3f} (classifier feature space, not Inception FID), KID {r['kid_mean']:.4f}, "
             f"precision {r['precision']:.3f}, recall {r['recall']:.3f}{acc}; "
-            f"feature net test accuracy {ev['feature_net']['test_accuracy']:.3f}; {out / 'eval' / 'metrics.json'}"
+            f"feature net test accuracy {ev['feature_net']['test_accuracy']:.3f}; {out / STORE / ev['key'] / 'metrics.json'}"
         )
     print(f"more samples: difflora sample {out} --num 100 --steps 100 --guidance 2 --out {out}/guided.png")
     return 0

@@ -52,47 +52,64 @@ class AdapterConfig(StrictModel):
 
     # Part of parameter names (``...qkv.adapters.<name>.lora_A``): a Python identifier.
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """The adapter's name: part of its parameter names (a Python identifier)."""
     # Which per-sample condition the adapter reads: t (original-process timestep), y (class label),
     # or any identifier (task, guidance, ...) passed as model(x, t, y, task=...).
     condition: str = Field(default="t", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """The per-sample condition it reads: t (timestep), y (class label) or any identifier passed to the model (task, guidance)."""
     # The update form (see the class docstring).
     form: Literal["lowrank", "lowrank_act", "scale", "shift", "position"] = "lowrank"
+    """The update of each wrapped layer: lowrank (B A), lowrank_act (s W_up act(W_down x)), scale, shift, or position (between two taps)."""
     # index: one entry per value; linear: interpolate m+1 evenly spaced bases; trainable: a learned
     # [num_values x num_bases] table of mixing weights per wrapped layer; shared: one entry for every
     # sample, an unconditional adapter (004's; condition t, which every forward has).
     weighting: Literal["index", "linear", "trainable", "shared"] = "linear"
+    """How a condition value picks bank entries: index (one each), linear (between two bases), trainable (a learned table), shared (one for all)."""
     # Number of distinct condition values T (timesteps 0..T-1, classes, tasks); for t it must be
     # at least diffusion.steps.
     num_values: int = Field(default=1, ge=1)
+    """Number of distinct condition values (timesteps 0..T-1, classes, tasks); for t at least diffusion.steps."""
     # m + 1 basis entries for linear / trainable; must be unset for index (one per value).
     num_bases: int | None = Field(default=None, ge=2)
+    """Basis entries (m + 1) of a linear or trainable weighting; unset for index."""
     # linear only: the condition range the bases span (default [0, num_values - 1]); for real
     # conditions such as a guidance scale.
     value_range: tuple[float, float] | None = None
+    """Linear weighting only: the condition range [lo, hi] the bases span (default [0, num_values - 1])."""
     # trainable only: gaussian N(0, 1), onehot, or linear (= the linear weighting) initial table.
     init: Literal["gaussian", "onehot", "linear"] = "linear"
+    """Trainable weighting only: the initial table (gaussian, onehot, or linear interpolation)."""
     # lowrank / lowrank_act: the rank; position: the bottleneck width of f.
     rank: int = Field(default=4, ge=1)
+    """Rank of the low-rank update (lowrank, lowrank_act), or the bottleneck width of a position adapter."""
     # lowrank only: scaling = alpha / rank; None means alpha = rank (scaling 1, 000's plain W + B A).
     alpha: float | None = Field(default=None, gt=0)
+    """Lowrank only: the update is scaled by alpha / rank (unset: alpha = rank, scaling 1)."""
     # lowrank_act (default relu, 002) and position (default identity: a linear f).
     activation: Literal["relu", "silu", "gelu", "sigmoid", "identity"] | None = None
+    """The activation of lowrank_act (default relu) and position adapters (default identity)."""
     # lowrank_act on a k x k convolution: "full" (k x k down factor) or "1x1" (002's 1x1 convolutions
     # reading the centre of each receptive field, on the base's output grid). position: "full" is the
     # block's own kernel (3x3 down and up convolutions in a U-Net ResBlock, 004's; per token in
     # transformer blocks), "1x1" per pixel.
     kernel: Literal["full", "1x1"] = "full"
+    """On a k x k convolution: full (k x k down factor) or 1x1 (pointwise)."""
     # position only: the taps read and written (e.g. DiT attn_out -> mlp_in; U-Net in -> out), and
     # the fixed scale of f's output.
     source: str | None = None
+    """Position only: the tap the adapter reads (e.g. attn_out, in)."""
     dest: str | None = None
+    """Position only: the tap the adapter writes into (e.g. mlp_in, out)."""
     scale: float = 1.0
+    """Position only: the fixed scale of the adapter's output."""
     # Module paths to wrap (layers; blocks for position): exact names, dotted suffixes, or regexes
     # prefixed with "re:". Empty: the attention qkv and output projections of the backbone.
     targets: list[Target] = Field(default_factory=list)
+    """Module paths to wrap: exact names, dotted suffixes or re: regexes (empty: the attention projections)."""
     # index weighting only: the first ``frozen`` entries (tasks, classes) are held frozen (002's
     # sequential regime: entries a previous run trained, loaded from train.init_from).
     frozen: int = Field(default=0, ge=0)
+    """Index weighting only: the first N entries stay frozen (tasks or classes an earlier run trained)."""
 
     @model_validator(mode="after")
     def _check(self) -> AdapterConfig:
@@ -143,19 +160,26 @@ class AffinerConfig(StrictModel):
 
     # Number of tasks (parameter sets); task ids 0..tasks-1.
     tasks: int = Field(default=1, ge=1)
+    """Number of tasks (one Affiner parameter set each, task ids 0..tasks-1)."""
     # Latent width d of the low-rank branch; None: 32 for the U-Net, 64 for the DiT (002 section 4.3).
     latent: int | None = Field(default=None, ge=1)
+    """Width of the low-rank branch (unset: 32 for the U-Net, 64 for the DiT)."""
     # Which terms of eq. 5 (002 Table 3(a) ablations: [shift] is "b only", [scale] "a only").
     parts: list[Literal["scale", "shift", "lowrank"]] = Field(default_factory=lambda: ["scale", "shift", "lowrank"])
+    """Which terms of 002's eq. 5 to add: scale (a), shift (b), lowrank."""
     # Layers (exact paths, suffixes, "re:" regexes). Empty: every Linear/Conv of the U-Net; the
     # DiT blocks' attn.qkv, attn.proj, mlp.fc1, mlp.fc2 and adaLN_modulation.1.
     targets: list[Target] = Field(default_factory=list)
+    """Layers to adapt: exact paths, suffixes or re: regexes (empty: every layer 002 adapts)."""
     condition: str = Field(default="task", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """The per-sample condition naming the task."""
     # The low-rank branch on a k x k convolution: 1x1 convolutions (002) or a k x k down factor.
     kernel: Literal["1x1", "full"] = "1x1"
+    """The low-rank branch on a k x k convolution: 1x1 convolutions (002) or full (k x k down factor)."""
     # Sequential regime (002 section 3.3): tasks 0..frozen_tasks-1 come from the multi-task run
     # train.init_from names and stay frozen, bit for bit; the tasks after them train.
     frozen_tasks: int = Field(default=0, ge=0)
+    """Sequential regime: tasks 0..frozen_tasks-1 come from train.init_from and stay frozen."""
 
     @model_validator(mode="after")
     def _check(self) -> AffinerConfig:
@@ -196,17 +220,23 @@ class DistillConfig(StrictModel):
 
     # The teacher's guidance scale w of a fixed-w student.
     guidance: GuidanceScale = 2.0
+    """The teacher's classifier-free guidance scale w of a fixed-w student."""
     # [w_min, w_max] of a guidance-scale LoRA; None: a fixed-w student.
     guidance_range: tuple[GuidanceScale, GuidanceScale] | None = None
+    """[w_min, w_max] of a guidance-scale LoRA (one student for every scale); unset: a fixed-w student."""
     # Bases of the guidance-scale LoRA, evenly spaced over guidance_range.
     num_bases: int = Field(default=5, ge=2)
+    """Bases of the guidance-scale LoRA, evenly spaced over guidance_range."""
     rank: int = Field(default=8, ge=1)
+    """Rank of the student's LoRA."""
     # Module paths the LoRA wraps (see AdapterConfig.targets); empty: DISTILL_TARGETS of the arch.
     targets: list[Target] = Field(default_factory=list)
+    """Module paths the student's LoRA wraps (empty: the architecture's dense layers)."""
     # Teacher and student rows in one forward of 3N (per-row "no update") instead of a no-grad
     # teacher call of 2N and a student call of N. Off by default: two calls are faster on CPU
     # (benchmarks/results/distill.json; the teacher call keeps no activations for backward).
     shared_forward: bool = False
+    """Teacher and student rows in one forward of 3N instead of two calls (faster on GPUs)."""
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:

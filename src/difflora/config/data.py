@@ -30,10 +30,14 @@ class TaskDataConfig(StrictModel):
     """One more dataset of a multi-dataset run (``data.tasks``); its samples carry its task index."""
 
     name: DatasetName
+    """The dataset of this task."""
     root: str | None = None
+    """Directory holding its files (unset: the dataset's default location)."""
     # First N training examples of this dataset (0 = all).
     limit: int = Field(default=0, ge=0)
+    """Use only its first N training examples (0: all)."""
     channels: Literal[1, 3] | None = None  # as data.channels
+    """An image folder's channels: 1 (grayscale) or 3 (RGB), as data.channels."""
 
 
 SpatialTask = Literal["edges", "lowres", "inpaint"]
@@ -45,12 +49,16 @@ class SpatialConfig(StrictModel):
 
     # Task k of this list has task id data.task_id + k (0 + k when unset).
     tasks: list[SpatialTask] = Field(min_length=1)
+    """The spatial tasks (edges, lowres, inpaint); task k gets task id data.task_id + k."""
     # lowres: the side of the block-mean image the condition shows (upsampled to the model size).
     lowres: int = Field(default=4, ge=1)
+    """lowres: the side of the block-mean image the condition shows."""
     # inpaint: the side of the masked (unknown) centre square, as a fraction of the image side.
     hole: float = Field(default=0.5, gt=0, lt=1)
+    """inpaint: the side of the masked centre square as a fraction of the image side."""
     # edges: None keeps the Sobel magnitude (in [0, 1]); a number gives binary edges above it.
     edge_threshold: float | None = Field(default=None, gt=0, lt=1)
+    """edges: binary edges above this Sobel magnitude (unset: the magnitude itself)."""
 
     @model_validator(mode="after")
     def _check(self) -> SpatialConfig:
@@ -65,33 +73,45 @@ class SpatialConfig(StrictModel):
 
 class DataConfig(StrictModel):
     name: DatasetName = "digits"
+    """The training dataset."""
     # Directory holding the files; None means the dataset's default location (see data/).
     root: str | None = None
+    """Directory holding the dataset's files (unset: its default location)."""
     # Resize to this side length (bilinear, antialiased); None keeps the native size.
     image_size: int | None = Field(default=None, ge=4, le=1024)
+    """Resize images to this side length (unset: the native size)."""
     hflip: bool = False
+    """Flip training images horizontally at random."""
     # Restrict training to the first N examples (0 = all); handy for quick experiments.
     limit: int = Field(default=0, ge=0)
+    """Train on the first N examples only (0: all)."""
     # Multi-dataset training: more datasets, tasks 1..K (the dataset above is task 0). Every sample
     # carries its task index as the per-sample condition ``task``; images are resized to the run's
     # image size and must have its number of channels.
     tasks: list[TaskDataConfig] = Field(default_factory=list)
+    """More datasets trained together, tasks 1..K (data.name is task 0); each sample carries its task."""
     # Class labels of a multi-dataset run: "shared" keeps each dataset's own labels (class 3 of
     # every task is label 3: one class embedding serves all tasks, as when adapting a base model);
     # "offset" numbers the classes of task k after those of tasks 0..k-1 (disjoint labels).
     task_labels: Literal["shared", "offset"] = "shared"
+    """Class labels across tasks: shared (each dataset's own) or offset (disjoint, numbered after the previous tasks')."""
     # The task id of data.name's samples (data.tasks[k] then get task_id + k + 1). None: 0 with
     # data.tasks, and no task condition for a single dataset. Set it to adapt to one dataset as a
     # task of a multi-task model (DiffScaler: model.affiner), e.g. the new task of the sequential regime.
     task_id: int | None = Field(default=None, ge=0)
+    """The task id of data.name's samples (unset: 0 with data.tasks, none for a single dataset)."""
     # Spatial conditioning (edge map / low-res / masked centre -> image), one task id per spatial task.
     spatial: SpatialConfig | None = None
+    """Spatial conditioning tasks (edge map, low-res, masked centre -> image)."""
     # An image folder read as 1 (grayscale) or 3 (RGB, default) channels; other datasets: their own.
     channels: Literal[1, 3] | None = None
+    """An image folder read as 1 (grayscale) or 3 (RGB) channels."""
     # Decoding processes of a streamed image folder (difflora.data.stream); None: min(4, CPUs/process - 1).
     workers: int | None = Field(default=None, ge=0)
+    """Decoding processes of a streamed image folder (unset: min(4, CPUs per process - 1))."""
     # Folder of image-folder indexes (difflora.data.folder_index); None: $DIFFLORA_CACHE/image-folders.
     index_cache: str | None = None
+    """Folder of image-folder indexes (unset: $DIFFLORA_CACHE/image-folders)."""
 
     def resolved_shape(self) -> tuple[int | None, int]:
         return (self.image_size or DATASET_SHAPES[self.name][0]), resolve_channels(self, "data")

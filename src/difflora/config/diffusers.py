@@ -33,9 +33,11 @@ class DiffusersConfig(StrictModel):
     """A diffusers model built from its config (never downloaded): class name and constructor arguments."""
 
     class_name: Literal["UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel"] = "UNet2DModel"
+    """The diffusers model class to build."""
     # Constructor arguments of class_name (diffusers config.json keys); an unknown key is an error
     # naming the valid ones when the net is built.
     config: dict[str, Any] = Field(default_factory=dict)
+    """Constructor arguments of class_name (the keys of a diffusers config.json)."""
 
     def resolved(self, image_size: int, in_channels: int, out_channels: int) -> dict[str, Any]:
         """``config`` with the shape keys filled from the model section."""

@@ -24,16 +24,23 @@ class LatentConfig(StrictModel):
 
     # From vae/config.json: latent_channels, in_channels, 2 ** (len(block_out_channels) - 1).
     channels: int = Field(ge=1)
+    """Latent channels of the VAE."""
     image_channels: int = Field(ge=1)
+    """Image channels the VAE encodes."""
     downsample: int = Field(ge=1)
+    """Factor by which the VAE shrinks each image side."""
     # The posterior's mean (deterministic: the default, see docs/latents.md) or one draw per image.
     posterior: Literal["mean", "sample"] = "mean"
+    """Encode each image to the posterior's mean or to one draw of it."""
     # The draws of posterior: sample (image i from seed * 2**32 + i).
     seed: int = Field(default=0, ge=0, lt=2**31)
+    """Seed of the posterior draws (posterior: sample)."""
     dtype: StorageDtype = "float32"
+    """Storage dtype of the cached latents."""
     # The cache's directory; None: $DIFFLORA_CACHE/latents/latents-<key hash>. A cache of another
     # key at an explicit path is refused, never overwritten.
     cache: str | None = None
+    """Directory of the latent cache (unset: under $DIFFLORA_CACHE/latents)."""
 
     def model_shape(self, size: int | None, channels: int) -> tuple[int | None, int]:
         """(latent side, latent channels) of images of side ``size`` with ``channels``; a size the VAE
@@ -59,6 +66,9 @@ class TextConfig(StrictModel):
 
     # From text_encoder/config.json: hidden_size (the context's width; the UNet's cross_attention_dim).
     hidden: int = Field(ge=1)
+    """Width of the text encoder's hidden states (the cross-attention context width)."""
     dtype: StorageDtype = "float32"
+    """Storage dtype of the cached prompt embeddings."""
     # The prompt cache's directory; None: $DIFFLORA_CACHE/latents/prompts-<key hash>.
     cache: str | None = None
+    """Directory of the prompt cache (unset: under $DIFFLORA_CACHE/latents)."""

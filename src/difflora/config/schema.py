@@ -83,43 +83,64 @@ BACKBONES = ("unet", "dit", "diffusers")
 class ModelConfig(StrictModel):
     # diffusers: a diffusers model built from model.diffusers (difflora.nets.diffusers_wrap).
     arch: Literal["unet", "dit", "diffusers"] = "unet"
+    """The backbone: unet, dit, or diffusers (a diffusers model from model.diffusers)."""
     # A diffusers model or pipeline folder (difflora.config.pretrained): it decides the architecture
     # and the noise process, and its weights are the base (train.init_from defaults to it).
     pretrained: str | None = None
+    """A diffusers model or pipeline folder: its architecture, noise process and weights are the base."""
     # A pipeline's vae and text encoder (difflora.config.latent; filled from the folder).
     latent: LatentConfig | None = None
+    """A pipeline's VAE: the model trains and samples in its latent space (filled from model.pretrained)."""
     text: TextConfig | None = None
+    """A pipeline's text encoder: prompts become cross-attention context (filled from model.pretrained)."""
     # Filled from the data config when None.
     image_size: int | None = Field(default=None, ge=4)
+    """Side of the images (or latents) the model sees (unset: from the data)."""
     in_channels: int | None = Field(default=None, ge=1)
+    """Channels of the model's input (unset: from the data)."""
     learn_sigma: bool = True
+    """Learn the variance too (IDDPM): the network outputs twice the input channels."""
     # 0 = unconditional. With classes, y = -1 is the null label (no class conditioning).
     num_classes: int = Field(default=0, ge=0)
+    """Number of class labels (0: unconditional); label -1 is the null class."""
     # Incremental classes (DiffScaler, 002 eq. 1): the last new_classes of num_classes are new to a
     # base of num_classes - new_classes classes (train.init_from); they start as the null class.
     new_classes: int = Field(default=0, ge=0)
+    """The last N of num_classes are new to the base (002's incremental classes)."""
     time_embed: bool = True
+    """Keep the timestep embedding (000's TimeLoRA removes it)."""
     class_embed: bool = True
+    """Keep the class embedding (000's ClassLoRA removes it)."""
     unet: UNetConfig = Field(default_factory=UNetConfig)
+    """The U-Net's settings (model.arch: unet)."""
     dit: DiTConfig = Field(default_factory=DiTConfig)
+    """The DiT's settings (model.arch: dit)."""
     diffusers: DiffusersConfig = Field(default_factory=DiffusersConfig)
+    """The diffusers model's class and arguments (model.arch: diffusers)."""
     # self: the backbone's own attention blocks. cross: LDM-style transformer blocks (self-attention,
     # cross-attention over model.context, GEGLU feed-forward) in their place; the class label then
     # enters through the context only (learned tokens per class, a learned null context for y = -1).
     attention: Literal["self", "cross"] = "self"
+    """self: the backbone's own attention; cross: LDM-style blocks reading a context (the class enters through it)."""
     context: ContextConfig = Field(default_factory=ContextConfig)
+    """The context of model.attention: cross."""
     adapters: list[AdapterConfig] = Field(default_factory=list)
+    """The conditional adapters injected into the backbone."""
     # DiffScaler's Affiner on many layers at once (expanded into adapters when the model is built).
     affiner: AffinerConfig | None = None
+    """DiffScaler's Affiner on many layers at once (expanded into adapters)."""
     # Channels of the spatial condition image (filled from data.spatial; 0 = none) and how it enters:
     # concat: extra input channels of the first conv, zero-initialised (difflora.data.spatial);
     # controlnet: a trainable copy of the encoder joined by zero 1x1 convs (difflora.nets.controlnet).
     spatial_channels: int | None = Field(default=None, ge=0)
+    """Channels of the spatial condition image (unset: from data.spatial; 0: none)."""
     spatial_input: Literal["concat", "controlnet"] = "concat"
+    """How a spatial condition enters: concat (extra input channels) or controlnet (a trainable encoder copy)."""
     # Activation checkpointing (training): each block of the backbone (U-Net input/middle/output
     # blocks, DiT blocks) recomputes its activations in backward instead of storing them; the
     # per-sample conditions are re-entered for the recompute (difflora.adapters.checkpoint).
     checkpoint_blocks: bool = False
+    """Activation checkpointing: recompute each block's activations in backward to save memory."""
 
     @property
     def out_channels(self) -> int:
@@ -144,75 +165,113 @@ class ModelConfig(StrictModel):
 
 class TrainConfig(StrictModel):
     steps: int = Field(default=1000, ge=1)
+    """Number of optimizer steps."""
     batch_size: int = Field(default=64, ge=1)
+    """Global batch size (over every process and micro-batch)."""
     lr: float = Field(default=1e-4, gt=0)
+    """Peak learning rate (AdamW)."""
     weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW's weight decay."""
     # Linear warm-up over the first warmup_steps steps (step s runs at lr * (s+1)/warmup_steps), then
     # lr_schedule: constant holds train.lr; linear and cosine decay it towards 0 over the steps left
     # (difflora.train.step.scheduled_lr). A decaying schedule's length is train.steps.
     warmup_steps: int = Field(default=0, ge=0)
+    """Steps of linear learning-rate warm-up."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning rate after warm-up: constant, or linear or cosine decay towards 0."""
     # 0 disables clipping.
     grad_clip: float = Field(default=1.0, ge=0)
+    """Clip the gradients' global norm to this (0: no clipping)."""
     ema_decay: float = Field(default=0.9999, ge=0, le=1)
+    """Decay of the exponential moving average of the weights (sampled by default)."""
     # Probability that a training label is replaced by the null label (classifier-free guidance).
     label_dropout: float = Field(default=0.1, ge=0, le=1)
+    """Probability a training label is replaced by the null label (classifier-free guidance)."""
     # A text pipeline's captions replaced by the empty prompt with this probability (guidance's unconditional branch).
     prompt_dropout: float = Field(default=0.1, ge=0, le=1)
+    """Probability a caption is replaced by the empty prompt (a text pipeline's guidance)."""
     # Train the backbone's own weights too (000 trains W with the LoRAs from scratch). False freezes
     # every parameter that is not an adapter's (build_model applies it): adapter fine-tuning.
     train_base: bool = True
+    """Train the backbone's own weights too (false: adapters only)."""
     # With train_base false: groups of the base's own parameters that still train (bias, norm,
     # embedding: BitFit, DiffFit and embedding-only baselines; difflora.diffscaler.baselines).
     base_groups: list[Literal["bias", "norm", "embedding"]] = Field(default_factory=list)
+    """With train_base false: groups of base parameters that still train (bias, norm, embedding)."""
     # Learning rate of the new class-token table (model.context.new_tokens); None: train.lr. The
     # table starts at one base token and must travel the distance between the base's class tokens
     # (~14 in the design-space base), far beyond what the adapters' lr moves it in a short run.
     token_lr: float | None = Field(default=None, gt=0)
+    """Learning rate of the new class-token table (unset: train.lr)."""
     # Adapt a trained model: a run directory (its newest checkpoint) or one checkpoint directory
     # of a run trained without adapters. Its weights fill the base (wrapped layers' base_layer);
     # the run's checkpoints then hold the trainable tensors only, plus the base's fingerprint.
     init_from: str | None = None
+    """Start from a trained run (its newest checkpoint), a checkpoint, or pretrained:NAME; its weights are the base."""
     # Which weights of init_from: the EMA weights (what sampling uses) or the raw model weights.
     init_weights: Literal["ema", "model"] = "ema"
+    """Which weights of init_from: ema or model."""
     # What the loop minimises (difflora.train.objectives): the diffusion loss of cfg.diffusion, or
     # distill: a LoRA student matches the classifier-free-guided teacher (the distill section).
     objective: Literal["diffusion", "distill"] = "diffusion"
+    """What the loop minimises: diffusion (the diffusion loss) or distill (003's LoRA student)."""
     # DiT masked training (DiffScaler, 002 section 4.2): each sample drops this fraction of its patch
     # tokens (random per sample) and the loss covers the kept patches only. 0: no masking.
     mask_ratio: float = Field(default=0.0, ge=0, lt=1)
+    """DiT masked training (002): fraction of patch tokens each sample drops (0: none)."""
     seed: int = 0
+    """Seed of initialisation, data order and noise."""
     device: str = "auto"
+    """Device to train on: auto, cpu, cuda, cuda:N or mps."""
     log_every: int = Field(default=50, ge=1)
+    """Log the training metrics every N steps."""
     ckpt_every: int = Field(default=500, ge=1)
+    """Write a checkpoint every N steps."""
     # Retention: the newest keep_checkpoints checkpoints (0 keeps all), plus every one whose step is a
     # multiple of keep_every (0: none), plus every one another run was started from (train.dependents).
     keep_checkpoints: int = Field(default=2, ge=0)
+    """Keep the newest N checkpoints (0: all)."""
     keep_every: int = Field(default=0, ge=0)
+    """Also keep every checkpoint whose step is a multiple of N (0: none)."""
     # 0 disables periodic sample grids.
     sample_every: int = Field(default=0, ge=0)
+    """Write a sample grid every N steps (0: none)."""
     # Mixed precision (autocast; weights, optimizer state and EMA stay fp32): bf16, or fp16 with a
     # gradient scaler. See README "Training at scale".
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Mixed precision of the forward and backward: fp32, bf16 or fp16 (weights stay fp32)."""
     # Micro-batches per step: batch_size (the global batch, over all processes) is split into
     # grad_accum parts whose gradients are summed before one optimizer step.
     grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step (batch_size is split into them)."""
     # torch.compile the model for training (needs a C++ compiler on CPU).
     compile: bool = False
+    """torch.compile the model for training."""
+    # Trackers of the training loop (difflora.train.trackers): scalars, sample grids, the resolved
+    # config and the evaluation metrics. wandb runs offline (the wandb extra), never over the network.
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    """Where training is logged besides metrics.jsonl: tensorboard (RUN_DIR/tb), wandb (offline, RUN_DIR/wandb)."""
 
 
 class SampleConfig(StrictModel):
     """Defaults for sample grids written during training and by ``difflora sample``."""
 
     num: int = Field(default=64, ge=1)
+    """Number of images to draw."""
     steps: int = Field(default=50, ge=1)
+    """Sampler steps."""
     sampler: Literal["ddpm", "ddim"] = "ddim"
+    """ddpm (ancestral) or ddim."""
     eta: float = Field(default=0.0, ge=0)
+    """DDIM's noise scale (0: deterministic)."""
     guidance: GuidanceScale = 1.0
+    """Classifier-free guidance scale w (1: conditional, 0: unconditional)."""
     # Selective guidance: classifier-free guidance on the first (noisiest) fraction of the sampler's
     # steps only, the rest conditional (one pass per step); 1 = guidance on every step.
     guidance_fraction: float = Field(default=1.0, ge=0, le=1)
+    """Guide only the first (noisiest) fraction of the steps (1: every step)."""
     batch_size: int = Field(default=256, ge=1)
+    """Images per sampling forward."""
 
     def with_changes(self, changes: dict[str, Any]) -> SampleConfig:
         """These settings with ``changes`` applied, validated by the same rules; a change of sampler
@@ -231,11 +290,17 @@ class SampleConfig(StrictModel):
 
 class Config(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
+    """The training data."""
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """The network and its adapters."""
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    """The noise process and loss."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """The training loop."""
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    """Sampling defaults (grids during training, difflora sample, eval)."""
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    """003's distillation of guidance into a LoRA student (train.objective: distill)."""
 
     @model_validator(mode="after")
     def _resolve(self) -> Config:

@@ -8,15 +8,18 @@ classifier difflora trains on that dataset (``get_feature_net``)::
     result = evaluate_run("runs/digits", EvalSettings(num_samples=1000, steps=50, sampler="ddim", guidance=[1, 2, 4]))
     result["results"][0]["fd"]
 
-It writes ``<out>/metrics.json`` (the settings used, the checkpoint step, the feature network's test
+It writes a ``metrics.json`` (the settings used, the checkpoint step, the feature network's test
 accuracy, the noise floor and one entry of metrics with bootstrap intervals per guidance scale) and
-one sample grid per scale, and merges the sampling speed into the run's ``accounting.json`` (key
-``sampling``). The noise floor is what real images reach at the same sample count
-(``difflora.eval.uncertainty``): a score means something only next to it, and only at equal counts.
+one sample grid per scale -- without ``out``, kept under a key made of its settings
+(``run_dir/eval/<key>/``, :mod:`difflora.eval.store`) so no evaluation overwrites another, and
+added to the run's TensorBoard log if it has one (``eval/<key>/fd@w2``, ...) -- and merges the
+sampling speed into the run's ``accounting.json`` (key ``sampling``). The noise floor is what
+real images reach at the same sample count (``difflora.eval.uncertainty``): a score means something
+only next to it, and only at equal counts.
 
 A one-pass student's run (:mod:`difflora.sampling.student`, e.g. 003's LoRA student) is scored
 as its student; ``teacher=True`` scores the guided teacher held in the same files instead (the
-student off, classifier-free guidance at each scale; default output ``run_dir/eval-teacher``), so
+student off, classifier-free guidance at each scale; its newest copy in ``run_dir/eval-teacher``), so
 teacher and student sit side by side.
 
 Class-conditional models are sampled with labels balanced over the classes (0, 1, ..., C-1
@@ -28,7 +31,6 @@ runs scored by the same feature network (same dataset, size and feature-net sett
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -52,6 +54,7 @@ from difflora.eval.features import (
 from difflora.eval.fidelity import spatial_requests, task_fidelity
 from difflora.eval.metrics import extract_features, feature_kid_scale, knn_radii, metrics_from_features
 from difflora.eval.settings import MIN_SAMPLES, EvalSettings
+from difflora.eval.store import STORE, write_evaluation
 from difflora.eval.target import EvalError, default_eval_dir, scored_config
 from difflora.eval.uncertainty import (
     bootstrap_intervals,
@@ -60,7 +63,6 @@ from difflora.eval.uncertainty import (
     reference_level,
     reported_interval,
 )
-from difflora.files.atomic import write_together
 from difflora.files.images import grid_png
 from difflora.sampling.generate import data_conditions, default_labels, generate
 from difflora.sampling.student import Student, student_of
@@ -70,6 +72,7 @@ from difflora.train.loop import write_json
 from difflora.train.pipeline_data import text_inputs
 from difflora.train.run_dir import read_json
 from difflora.train.run_loader import open_run
+from difflora.train.trackers import log_evaluation
 
 __all__ = [
     "EvalError",
@@ -117,15 +120,17 @@ def _fmt_scale(w: float) -> str:
     return f"{w:g}".replace(".", "p")
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """Raise EvalError unless ``out_dir`` can be created and written (checked before any work)."""
+def _check_out_dir(out_dir: Path, given: bool) -> None:
+    """Raise EvalError unless ``out_dir`` can be created and written (checked before any work);
+    ``given``: the user named it (--out), else it is one of the run's own evaluation directories."""
+    fix = "choose another --out" if given else "move it away, or pass --out DIR"
     if out_dir.exists() and not out_dir.is_dir():
-        raise EvalError(f"--out {out_dir} is a file, not a directory: choose another --out")
+        raise EvalError(f"{'--out ' * given}{out_dir} is a file, not a directory: {fix}")
     parent = out_dir
     while not parent.exists():
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise EvalError(f"cannot write to {parent} (for {out_dir}): choose a writable --out")
+        raise EvalError(f"cannot write to {parent} (for {out_dir}): {'choose a writable --out' if given else fix}")
 
 
 def _reference(cfg: Config, net: FeatureNet, num_samples: int, labels: torch.Tensor | None, seed: int, draws: int):
@@ -191,7 +196,10 @@ def evaluate_run(
 
     ``settings``: what to draw and score (:class:`~difflora.eval.settings.EvalSettings`; default
     ``EvalSettings()``), one result entry per guidance scale, all drawn from the same initial noise
-    and labels. ``out`` defaults to ``run_dir/eval`` (``eval-teacher``, ``eval-task<K>``, ...).
+    and labels. Without ``out`` the evaluation is kept under its key, ``run_dir/eval/<key>/``
+    (the result's ``key``; its ``request`` says teacher, task and against), with a copy in
+    ``run_dir/eval`` (``eval-teacher``, ``eval-task<K>``, ...) as the newest of its kind
+    (:func:`~difflora.eval.store.write_evaluation`); ``out`` writes there alone.
     ``feature_net`` is a saved feature network (path stem) or a FeatureNet; default: the cached one
     for the run's dataset (trained on first use, with ``feature_train``).
     Each entry holds fd, kid_mean, kid_std, precision, recall, class_accuracy (class-conditional
@@ -208,7 +216,9 @@ def evaluate_run(
     cfg, model, meta = _open(run_dir, e)
     cfg = scored_config(cfg, e.task, e.against)
     student = _check_teacher(cfg, run_dir, e.teacher)
-    _check_out_dir(out_dir)
+    _check_out_dir(out_dir, out is not None)
+    if out is None:
+        _check_out_dir(run_dir / STORE, False)
     s, scales = e.sampling(cfg, run_dir)
     dev = torch.device(device)
     check_memory(cfg, dev, f"eval of {e.num_samples} samples", samples=e.num_samples, guided=scales != [1.0])
@@ -232,8 +242,12 @@ def evaluate_run(
     result = _result_record(
         run_dir, cfg, meta, e.weights, settings_record, net, net_source, ref_f, pool_size, floor, dev
     )
+    if out is None:  # kept under its key (difflora.eval.store)
+        result["request"] = dict(teacher=e.teacher, task=e.task, against=e.against)
     result["results"] = results
-    _write(out_dir, result, grids, cfg, labels is not None)
+    written = _write((out_dir, None if out else run_dir), result, grids, cfg, labels is not None)
+    if out is None:  # a run with a TensorBoard log shows a kept evaluation there too, under its key
+        log_evaluation(run_dir, result["key"], result, {e["grid"]: written / e["grid"] for e in results})
     if update_accounting:
         _record_speed(run_dir, _sampling_accounting(results, s.sampler, s.steps, e.num_samples, dev), e.teacher)
     return result
@@ -414,25 +428,15 @@ def _result_record(
     }
 
 
-def _write(out_dir: Path, result: dict[str, Any], grids: list[torch.Tensor], cfg: Config, conditional: bool) -> None:
-    """The grids and metrics.json together (:func:`~difflora.files.atomic.write_together`), then the
-    grids of an earlier evaluation that this one's metrics.json does not list: never new grids next
-    to old scores, nor old grids next to new ones."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _write(
+    kept: tuple[Path, Path | None], result: dict[str, Any], grids: list[torch.Tensor], cfg: Config, conditional: bool
+) -> Path:
+    """The grids and metrics.json (:func:`~difflora.eval.store.write_evaluation`; ``kept``: the output
+    directory and the run directory when the evaluation is kept under its key); returns their directory."""
     nrow = cfg.model.num_classes if conditional else None
-    earlier = _listed_grids(out_dir, read_json(out_dir / "metrics.json"))
-    files = {out_dir / e["grid"]: grid_png(images, nrow) for e, images in zip(result["results"], grids, strict=True)}
-    write_together(files | {out_dir / "metrics.json": json.dumps(result, indent=2)})
-    for old in earlier - set(files):
-        old.unlink(missing_ok=True)
-
-
-def _listed_grids(out_dir: Path, metrics: dict[str, Any] | None) -> set[Path]:
-    """The grid files a metrics.json lists (none when it is missing or damaged; names only, no path)."""
-    results = (metrics or {}).get("results")
-    if not isinstance(results, list):
-        return set()
-    return {out_dir / Path(e["grid"]).name for e in results if isinstance(e, dict) and isinstance(e.get("grid"), str)}
+    pngs = {e["grid"]: grid_png(images, nrow) for e, images in zip(result["results"], grids, strict=True)}
+    out_dir, run_dir = kept
+    return write_evaluation(out_dir, result, pngs, run_dir)
 
 
 def _sampling_accounting(

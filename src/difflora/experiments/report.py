@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from difflora.config.schema import Config
 from difflora.eval.uncertainty import reported_interval
-from difflora.experiments.settings import eval_settings, same_config, scored_with
+from difflora.experiments.settings import eval_settings, find_scored, same_config, scored_with
 from difflora.experiments.study_spec import (
     HIGHER_IS_BETTER,
     Claim,
@@ -115,16 +115,15 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
     for arm in arms:
         for seed in study.seeds:
             run_dir = out_dir / arm.name / f"seed{seed}"
-            mpath, apath = run_dir / "eval" / "metrics.json", run_dir / "accounting.json"
-            if not (mpath.is_file() and apath.is_file()):
+            apath = run_dir / "accounting.json"
+            cfg = arm_config(study, arm, seed)
+            found = find_scored(run_dir, cfg, eval_settings(study, arm, cfg), arm.teacher_of is not None)
+            if found is None or not apath.is_file():
                 continue
             # The run's own config (a teacher_of arm's: its students'), so a fresh clone can tell
             # which config a record scores (matching_record) without the run.
             trained = out_dir / arm.teacher_of / f"seed{seed}" if arm.teacher_of else run_dir
-            cfg = arm_config(study, arm, seed)
-            m = read_run_json(mpath)
-            if not scored_with(m, cfg, eval_settings(study, arm, cfg)):
-                continue
+            m = found.metrics
             acc = read_run_json(apath)
             # Machine-specific paths and settings stay out of a record meant for the repository.
             m = {k: v for k, v in m.items() if k not in ("run_dir", "device", "threads")}
@@ -139,14 +138,14 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
             if (trained / "config.json").is_file():
                 record["config"] = read_run_json(trained / "config.json")
             path = record_path(img_dir, arm.name, seed)
-            code = _run_code(run_dir, path, m)
+            code = _run_code(found.path, path, m)
             if code is not None:
                 record["code"] = code
             path.parent.mkdir(parents=True, exist_ok=True)
             write_bytes(path, _dump(record))
             if seed == study.seeds[0]:
                 for r in m["results"]:
-                    _copy(run_dir / "eval" / r["grid"], img_dir / _grid_name(arm.name, r))
+                    _copy(found.path / r["grid"], img_dir / _grid_name(arm.name, r))
             written += 1
     return written
 
@@ -172,11 +171,11 @@ def _grid_name(arm: str, entry: dict[str, Any]) -> str:
     return f"samples-{arm}-w{entry['guidance']:g}{task}.png"
 
 
-def _run_code(run_dir: Path, path: Path, metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """The state of the code that scored the run in ``run_dir``: its stamp (:data:`CODE_FILE`), or for a run
+def _run_code(eval_dir: Path, path: Path, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The state of the code that scored the evaluation in ``eval_dir``: its stamp (:data:`CODE_FILE`), or for a run
     scored before runs were stamped, the one its record at ``path`` holds if that record has the same
     scores (a backfilled record keeps its revision); None when nothing says which code it was."""
-    stamp = run_dir / "eval" / CODE_FILE
+    stamp = eval_dir / CODE_FILE
     if stamp.is_file():
         return read_run_json(stamp)
     if not path.is_file():

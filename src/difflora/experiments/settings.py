@@ -8,14 +8,16 @@ report (``report.py``: which records match) ask; the answer lives here, below bo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from difflora.config.schema import Config, ConfigError, config_to_dict, parse_saved_config
 from difflora.eval.evaluate import METRICS_VERSION
-from difflora.experiments.study_spec import Study, StudyArm, StudyEval
+from difflora.eval.store import Evaluation, find_evaluation
+from difflora.experiments.study_spec import Study, StudyArm, StudyEval, read_run_json
 from difflora.sampling.student import student_of
 
-__all__ = ["eval_settings", "same_config", "scored_with"]
+__all__ = ["eval_settings", "find_scored", "same_config", "scored_with"]
 
 
 def _guidance_for(e: StudyEval, cfg: Config, teacher: bool) -> list[float]:
@@ -52,6 +54,15 @@ def scored_with(metrics: dict[str, Any], cfg: Config, settings: dict[str, Any]) 
     """Whether a metrics.json (read) scores the final checkpoint of a run of ``cfg`` with ``settings``."""
     recorded = {k: metrics["settings"].get(k, _UNRECORDED.get(k)) for k in settings}
     return recorded == settings and metrics["checkpoint_step"] == cfg.train.steps
+
+
+def find_scored(run_dir: Path, cfg: Config, settings: dict[str, Any], teacher: bool = False) -> Evaluation | None:
+    """The evaluation of ``run_dir`` that scores the final checkpoint of a run of ``cfg`` with ``settings``
+    (``teacher``: its guided teacher): its own ``eval/metrics.json`` first, then those kept by their
+    settings (:func:`~difflora.eval.store.evaluations`); None if none does. A damaged metrics.json is a
+    StudyError naming it."""
+    match = lambda m: scored_with(m, cfg, settings)  # noqa: E731
+    return find_evaluation(run_dir, match, teacher=teacher, read=read_run_json)
 
 
 def same_config(saved: dict[str, Any], cfg: Config) -> bool:

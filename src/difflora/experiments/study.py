@@ -34,7 +34,7 @@ from difflora.experiments.report import (
     sync_records,
     write_report,
 )
-from difflora.experiments.settings import eval_settings, same_config, scored_with
+from difflora.experiments.settings import eval_settings, find_scored, same_config
 from difflora.experiments.study_spec import (
     Study,
     StudyArm,
@@ -108,10 +108,10 @@ def _run_state(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> str:
     return "done" if _evaluated(run_dir, cfg, settings) else "score"
 
 
-def _evaluated(run_dir: Path, cfg: Config, settings: dict[str, Any]) -> bool:
-    """Whether ``run_dir/eval/metrics.json`` scores the final checkpoint with ``settings``."""
-    metrics = run_dir / "eval" / "metrics.json"
-    return metrics.is_file() and scored_with(read_run_json(metrics), cfg, settings)
+def _evaluated(run_dir: Path, cfg: Config, settings: dict[str, Any], teacher: bool = False) -> bool:
+    """Whether an evaluation of ``run_dir`` (its ``eval/metrics.json``, or one kept by its settings:
+    :mod:`difflora.eval.store`) scores the final checkpoint (``teacher``: the guided teacher) with ``settings``."""
+    return find_scored(run_dir, cfg, settings, teacher) is not None
 
 
 def _teacher_accounting(student_dir: Path, run_dir: Path) -> None:
@@ -139,7 +139,7 @@ def _shared_teacher_eval(
     for earlier in study.seeds[: study.seeds.index(seed)]:
         cfg = arm_config(study, arm, earlier, out_dir)
         run_dir = out_dir / arm.name / f"seed{earlier}"
-        if _evaluated(run_dir, cfg, settings):
+        if _evaluated(run_dir, cfg, settings, teacher=True):
             return run_dir
     return None
 
@@ -371,7 +371,7 @@ def plan_runs(
             if arm.teacher_of is None:  # the settings fit this arm's run: found before any arm trains
                 _eval_request(study, settings, teacher=False).sampling(cfg, run_dir)
             if arm.teacher_of is not None:  # scores the teacher in its students' runs, trains nothing
-                state = "done" if _evaluated(run_dir, cfg, settings) else "score"
+                state = "done" if _evaluated(run_dir, cfg, settings, teacher=True) else "score"
             else:
                 state = _run_state(run_dir, cfg, settings)
             plan.append((arm, seed, state, ""))

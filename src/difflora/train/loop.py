@@ -91,6 +91,7 @@ from difflora.train.step import (
     set_rng_state,
     train_step,
 )
+from difflora.train.trackers import Trackers, check_trackers
 
 __all__ = [
     "RunExistsError",
@@ -350,7 +351,10 @@ def _sample_grid(st: TrainState, path: Path) -> Path:
             spatial=spatial,
             **grid_context(st.data, cfg.sample.num),  # a text pipeline: the data's captions
         )
-    return save_grid(images, path, nrow=cfg.model.num_classes or None)
+    path = save_grid(images, path, nrow=cfg.model.num_classes or None)
+    if st.trackers is not None:
+        st.trackers.image("samples/grid", path, st.step)
+    return path
 
 
 def _grid_conditions(data: BatchSource, num: int) -> dict[str, torch.Tensor]:
@@ -369,9 +373,9 @@ def _log_due(st: TrainState, end: int) -> bool:
     return st.step % st.cfg.train.log_every == 0 or st.step == end
 
 
-def _after_step(st: TrainState, end: int, lr: float, metrics, writer) -> None:
-    """Log, sample and checkpoint as the config asks after step ``st.step`` (``metrics`` and
-    ``writer`` are None on every process but 0, which alone writes)."""
+def _after_step(st: TrainState, end: int, lr: float, metrics) -> None:
+    """Log, sample and checkpoint as the config asks after step ``st.step`` (``metrics`` and the
+    trackers are None on every process but 0, which alone writes)."""
     cfg, done = st.cfg.train, st.step
     if _log_due(st, end):
         _flush(st)  # every process: the row holds the loss over the global batch
@@ -383,9 +387,7 @@ def _after_step(st: TrainState, end: int, lr: float, metrics, writer) -> None:
         st.last_row = row
         if metrics is not None:
             append_line(metrics, st.out / "metrics.jsonl", json.dumps(row) + "\n")
-            for k, v in row.items():
-                if k != "step":
-                    writer.add_scalar(f"train/{k}", v, done)
+            st.trackers.scalars(row, done)
     if cfg.sample_every and done % cfg.sample_every == 0 and done != end and st.dist.is_main:
         _sample_grid(st, st.out / "samples" / f"step_{done:07d}.png")
     if done % cfg.ckpt_every == 0 or done == end:
@@ -424,10 +426,7 @@ def _timed_step(st: TrainState, end: int, start: int) -> float:
 
 def _run_steps(st: TrainState, end: int, progress: bool, log, callback) -> None:
     """Steps ``st.step`` .. ``end``; metrics rows never outlive the newest checkpoint on exit."""
-    from torch.utils.tensorboard import SummaryWriter  # heavy import: only when training
-
     main = st.dist.is_main
-    writer = SummaryWriter(str(st.out / "tb"), purge_step=st.step) if main else None
     metrics = open(st.out / "metrics.jsonl", "ab", buffering=0) if main else None
     bar = tqdm(total=st.cfg.train.steps, initial=st.step, desc="train", disable=not (progress and main))
     start, ok = st.step, False
@@ -437,7 +436,7 @@ def _run_steps(st: TrainState, end: int, progress: bool, log, callback) -> None:
             while st.step < end:
                 lr = _timed_step(st, end, start)
                 bar.update(1)
-                _after_step(st, end, lr, metrics, writer)
+                _after_step(st, end, lr, metrics)
                 if st.last_row:
                     bar.set_postfix(loss=f"{st.last_row['loss']:.4f}")
                 if callback is not None:
@@ -453,7 +452,6 @@ def _run_steps(st: TrainState, end: int, progress: bool, log, callback) -> None:
         st.data.close()
         if main:
             metrics.close()
-            writer.close()
             if not ok:
                 _drop_unsaved_rows(st, log)
 
@@ -540,6 +538,7 @@ def train(
     # A second writer is refused before it reads or builds anything; every process asks, so that
     # none is left waiting for a process 0 that was refused.
     check_unlocked(out)
+    check_trackers(cfg)
     micro = training_batch(cfg, launched_world_size())
     check_memory(cfg, resolve_device(cfg.train.device), "train", train_batch=micro, samples=cfg.sample.num)
     newest = find_checkpoints(out)[-1:]
@@ -565,6 +564,7 @@ def train(
                 raise refused or RunLocked(f"process 0 was refused the lock of {out} (see its error)")
             if ctx.is_main:
                 _open_run_dir(out, cfg, ckpt, log)
+                st.trackers = held.enter_context(Trackers(out, st.cfg, st.step))
             ctx.barrier()  # every process has read the checkpoint before process 0 writes any
             start = st.step
             _run_steps(st, end, progress, log, callback)

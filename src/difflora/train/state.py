@@ -18,6 +18,7 @@ from difflora.data import BatchSource
 from difflora.train.distributed import Dist
 from difflora.train.ema import EMA
 from difflora.train.objectives import Objective
+from difflora.train.trackers import Trackers
 
 __all__ = ["TrainState", "Window"]
 
@@ -94,3 +95,5 @@ class TrainState:
     rng_mark: dict[str, torch.Tensor] | None = None
     updating: bool = False
     last_row: dict[str, Any] = field(default_factory=dict)
+    # TensorBoard / wandb (train.trackers), open on process 0 while it trains; None elsewhere.
+    trackers: Trackers | None = None
