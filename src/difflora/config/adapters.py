@@ -87,6 +87,9 @@ class AdapterConfig(StrictModel):
     source: str | None = None
     dest: str | None = None
     scale: float = 1.0
+    # position only: how f's up projection starts: "zero" (a fresh adapter changes nothing,
+    # difflora's recipe) or "linear" (nn.Linear's default initialisation, 004's reference code).
+    up_init: Literal["zero", "linear"] = "zero"
     # Module paths to wrap (layers; blocks for position): exact names, dotted suffixes, or regexes
     # prefixed with "re:". Empty: the attention qkv and output projections of the backbone.
     targets: list[Target] = Field(default_factory=list)
@@ -124,7 +127,12 @@ class AdapterConfig(StrictModel):
         # The options this form has no use for keep their defaults (an explicit other value is refused).
         form = f"form {self.form}"
         if not position:
-            hold_fixed(self, where, unused_at_default(self, ("source", "dest", "scale")), f"{form} (for position only)")
+            hold_fixed(
+                self,
+                where,
+                unused_at_default(self, ("source", "dest", "scale", "up_init")),
+                f"{form} (for position only)",
+            )
         if self.form not in ("lowrank_act", "position"):
             why = "(only forms lowrank_act and position have an activation and a kernel choice)"
             hold_fixed(self, where, unused_at_default(self, ("activation", "kernel")), f"{form} {why}")
