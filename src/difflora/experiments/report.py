@@ -175,18 +175,15 @@ def split_stale(
     study: Study, records: dict[str, list[dict[str, Any]]], arms: list[StudyArm]
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """(the records that score their arm's config with the study's eval settings, ``arm seedK`` of the
-    others). A record written before records held their config cannot be checked and is kept."""
+    others). A record written before records held their config is checked on its eval settings only."""
     kept: dict[str, list[dict[str, Any]]] = {}
     stale: list[str] = []
     for arm in arms:
         for rec in records.get(arm.name, []):
             cfg = arm_config(study, arm, rec["seed"])
             saved = rec.get("config")
-            ok = not isinstance(saved, dict) or (
-                same_config(saved, _same_start(study, arm, cfg, saved))
-                and scored_with(rec["eval"], cfg, eval_settings(study, arm, cfg))
-            )
-            if ok:
+            same = not isinstance(saved, dict) or same_config(saved, _same_start(study, arm, cfg, saved))
+            if same and scored_with(rec["eval"], cfg, eval_settings(study, arm, cfg)):
                 kept.setdefault(arm.name, []).append(rec)
             else:
                 stale.append(f"{arm.name} seed{rec['seed']}")
