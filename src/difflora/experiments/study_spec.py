@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from difflora.config.base import GuidanceScale
 from difflora.config.schema import Config, ConfigError, parse_config
@@ -116,6 +116,16 @@ class StudyEval(_Strict):
     # Selective guidance: classifier-free guidance on the first (noisiest) fraction of the steps
     # only, the conditional model alone on the rest (1: every step).
     guidance_fraction: float = Field(default=1.0, ge=0, le=1)
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, value: Any) -> Any:
+        ok = value == "per_run" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+        if not ok:
+            raise ValueError(
+                f"eval.seed: a sampling seed (an integer >= 0) or per_run (each run's own seed), got {value!r}"
+            )
+        return value
 
 
 class ArmEval(_Strict):
