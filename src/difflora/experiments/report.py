@@ -175,15 +175,24 @@ def split_stale(
     study: Study, records: dict[str, list[dict[str, Any]]], arms: list[StudyArm]
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """(the records that score their arm's config with the study's eval settings, ``arm seedK`` of the
-    others). A record written before records held their config is checked on its eval settings only."""
+    others). A record written before records held their config is checked on the eval settings it holds."""
     kept: dict[str, list[dict[str, Any]]] = {}
     stale: list[str] = []
     for arm in arms:
         for rec in records.get(arm.name, []):
             cfg = arm_config(study, arm, rec["seed"])
             saved = rec.get("config")
-            same = not isinstance(saved, dict) or same_config(saved, _same_start(study, arm, cfg, saved))
-            if same and scored_with(rec["eval"], cfg, eval_settings(study, arm, cfg)):
+            settings = eval_settings(study, arm, cfg)
+            if not isinstance(saved, dict):  # an older record: what it recorded of its settings must match
+                ev = rec["eval"]
+                scored = {
+                    "settings": settings | ev["settings"],
+                    "checkpoint_step": ev.get("checkpoint_step", cfg.train.steps),
+                }
+                ok = scored_with(scored, cfg, settings)
+            else:
+                ok = same_config(saved, _same_start(study, arm, cfg, saved)) and scored_with(rec["eval"], cfg, settings)
+            if ok:
                 kept.setdefault(arm.name, []).append(rec)
             else:
                 stale.append(f"{arm.name} seed{rec['seed']}")
