@@ -47,6 +47,10 @@ PAPER = {
     "paper/timelora-m40-train-linear": 53_957_140,
     # Section 5.3: time embedding kept, TimeLoRA (linear, m = 10, r = 4) added: "a 2% addition"
     "paper/timelora-with-time-embed": 52_546_438 + LORA_PER_BASIS_R1 * 4 * 11,
+    # Journal version: the embeddings kept, TimeLoRA with trainable weights (m = 10, r = 4) added, and
+    # ClassLoRA (10 classes) on the class-conditional model: the base's count plus the LoRAs and tables.
+    "paper/timelora-train-with-time-embed": 52_546_438 + LORA_PER_BASIS_R1 * 4 * 11 + trainable_weights(10),
+    "paper/tclora-train-with-embeds": 52_551_558 + LORA_PER_BASIS_R1 * 4 * (11 + 10) + trainable_weights(10),
 }
 
 
@@ -91,3 +95,16 @@ def test_params_table_shows_the_groups(capsys):
     assert rows["adapters"] == LORA_PER_BASIS_R1 * 4 * (11 + 10)
     assert rows["weighting"] == 30 * 4001 * 11
     assert rows["total"] == 48_513_040
+
+
+def test_journal_presets_keep_the_embeddings_and_add_trainable_weight_loras(capsys):
+    time_only = params_json("paper/timelora-train-with-time-embed", capsys)["by_group"]
+    assert time_only == {
+        "base": BASE_NO_TIME,
+        "embeddings": 52_546_438 - BASE_NO_TIME,
+        "adapters": LORA_PER_BASIS_R1 * 4 * 11,
+        "weighting": 30 * 4001 * 11,
+    }
+    both = params_json("paper/tclora-train-with-embeds", capsys)["by_group"]
+    assert both["embeddings"] == 52_551_558 - BASE_NO_TIME  # the time MLP, emb_layers and 10 class rows
+    assert both["adapters"] == LORA_PER_BASIS_R1 * 4 * (11 + 10) and both["weighting"] == 30 * 4001 * 11

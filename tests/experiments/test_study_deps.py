@@ -263,7 +263,9 @@ def test_committed_distillation_studies_are_valid(name):
     assert [a.name for a in study.arms][0] == "teacher"
     students = [a for a in study.arms if a.teacher_of is None and a.name != "teacher"]
     cfgs = {a.name: arm_config(study, a, 0) for a in students}
-    assert sorted(c.distill.guidance for c in cfgs.values() if c.distill.guidance_range is None) == [1.5, 2, 3, 3, 4]
+    # One student per w, the full fine-tune at w = 3, and (issue 31) the attention-only LoRA at w = 3.
+    assert sorted(c.distill.guidance for c in cfgs.values() if c.distill.guidance_range is None) == [1.5, 2, 3, 3, 3, 4]
+    assert [n for n, c in cfgs.items() if c.distill.targets] == ["lora-w3-attn"]
     assert sum(c.train.train_base for c in cfgs.values()) == 1  # the full fine-tune with a teacher copy
     assert [c.distill.guidance_range for c in cfgs.values() if c.distill.guidance_range] == [(1.0, 5.0)]
     # The guided teacher at the students' cost: steps + guided steps = the students' passes of N (+1).

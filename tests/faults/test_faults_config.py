@@ -413,6 +413,17 @@ STUDIES = [
         damage=write_tmp("s.yaml", b"name: x\nfoo: 1\n"),
     ),
     Fault(
+        "study-eval-seed-misspelt",
+        ("study", "{tmp}/s.yaml"),
+        r"eval\.seed: a sampling seed \(an integer >= 0\) or per_run \(each run's own seed\), got 'per-run'",
+        damage=write_tmp("s.yaml", b"name: x\neval: {seed: per-run}\narms: [{name: a}]\n"),
+    ),
+    Fault(
+        "adapter-up-init-outside-position",
+        params("model.adapters=[{name: a, weighting: index, num_values: 100, up_init: linear}]"),
+        r"up_init",
+    ),
+    Fault(
         "adapter-targets-match-nothing",
         params("model.adapters=[{name: a, weighting: index, num_values: 100, targets: [nothing_here]}]"),
         r"adapter targets matched no module: 'nothing_here'",

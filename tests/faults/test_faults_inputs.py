@@ -62,6 +62,10 @@ NO_VARIANCE = _csv(_rows(fd=lambda a, b, s: 3.0))
 NESTED = _csv([{**r, "B": "b1" if r["A"] == "a2" else "b0"} for r in _rows()])
 HOLES = _csv([r for r in _rows() if (r["A"], r["B"]) not in {("a0", "b1"), ("a2", "b0")}])
 EXACT = _csv(_rows(fd=lambda a, b, s: 10 + 2 * a + b))
+# C = (A + B) mod 3: every (A, B) cell holds one level of C (sweep.yaml's kind of fraction).
+RESOLUTION_III = _csv(
+    [{"A": r["A"], "B": r["B"], "C": f"c{(int(r['A'][1]) + int(r['B'][1])) % 3}", **r} for r in _rows()]
+)
 NO_FACTOR = _jsonl([{k: v for k, v in r.items() if (k, i) != ("B", 4)} for i, r in enumerate(_rows())])
 
 ANOVA = [
@@ -76,6 +80,12 @@ ANOVA = [
         anova(),
         r"ANOVA of fd: the design cannot separate the terms A, B \(A adds 1 of its 2 degrees of freedom, B adds 0",
         damage=write_tmp("t/results.csv", NESTED),
+    ),
+    Fault(
+        "anova-main-effect-aliased-with-an-interaction",
+        anova(),
+        r"ANOVA of fd: the design aliases main effects with interactions \(.*C with the A:B interaction",
+        damage=write_tmp("t/results.csv", RESOLUTION_III),
     ),
     Fault(
         "anova-interactions-over-missing-cells",

@@ -336,6 +336,7 @@ def inject_position_adapter(
     activation: str = "identity",
     scale: float = 1.0,
     kernel: int | str = "full",
+    up_init: str = "zero",
 ) -> InjectionReport:
     """Add position adapter ``name`` (``dest += scale f(source)``) to every block ``targets`` selects.
 
@@ -356,7 +357,9 @@ def inject_position_adapter(
         )
     edit = ModelEdit(model)
     for path, block in tapped:
-        adapter = PositionAdapter(block, name, weighting(), condition, source, dest, rank, activation, scale, kernel)
+        adapter = PositionAdapter(
+            block, name, weighting(), condition, source, dest, rank, activation, scale, kernel, up_init
+        )
         edit.add_position(path, adapter)
     return edit.apply()
 

@@ -29,7 +29,9 @@ Token blocks (channels last) are always per token.
 ``down`` [num_bases x rank x C_in k^d] and ``down_bias`` [num_bases x rank] are initialised as
 ``nn.Linear`` / ``nn.Conv`` initialise weight and bias (Kaiming-uniform, fan-in C_in k^d);
 ``up`` [num_bases x C_out x rank k^d] and ``bias`` [num_bases x C_out] are zero: a fresh adapter
-changes no output. ``scale`` is a fixed number (004's scale factor), not trained.
+changes no output (difflora's choice; ``up_init="linear"`` gives them the ``nn.Linear`` initialisation
+too, as 004's reference code does, so a fresh adapter already changes the output). ``scale`` is a
+fixed number (004's scale factor), not trained.
 
 The adapter is a child module of its block, ``<block>.position_adapters.<name>``, so its parameter
 paths are stable; it acts through forward hooks on the two taps (the source hook keeps the
@@ -52,6 +54,7 @@ from difflora.adapters.router import Geometry, Route, add_rank_terms, per_channe
 from difflora.adapters.weightings import Weighting
 
 __all__ = [
+    "UP_INITS",
     "PositionAdapter",
     "add_position_adapter",
     "check_position_adapter",
@@ -79,6 +82,10 @@ def _kernel_size(block: nn.Module, kernel: int | str) -> int:
     return k
 
 
+# How ``up`` and its bias start: "zero" (a fresh adapter changes nothing) or "linear" (nn.Linear's init).
+UP_INITS = ("zero", "linear")
+
+
 class PositionAdapter(nn.Module):
     """``h_dest += scale * f(h_source)`` between two taps of one block, conditional on ``condition``."""
 
@@ -94,8 +101,12 @@ class PositionAdapter(nn.Module):
         act: str = "identity",
         scale: float = 1.0,
         kernel: int | str = "full",
+        up_init: str = "zero",
     ):
         super().__init__()
+        if up_init not in UP_INITS:
+            raise ValueError(f"PositionAdapter: up_init must be one of {', '.join(UP_INITS)}, got {up_init!r}")
+        self.up_init = up_init
         if not has_taps(block):
             raise ValueError(
                 f"{type(block).__name__} has no named taps; position adapters need difflora's blocks or diffusers' (nets/diffusers_taps.py)"
@@ -157,8 +168,14 @@ class PositionAdapter(nn.Module):
         for i in range(self.lora_down.shape[0]):
             nn.init.kaiming_uniform_(self.lora_down[i], a=math.sqrt(5))  # nn.Linear / nn.Conv's weight init
         nn.init.uniform_(self.down_bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))  # and their bias init
-        nn.init.zeros_(self.lora_up)
-        nn.init.zeros_(self.bias)
+        if self.up_init == "linear":  # 004's reference: up is an nn.Linear / nn.Conv with its own init
+            fan_up = self.lora_up.shape[-1]
+            for i in range(self.lora_up.shape[0]):
+                nn.init.kaiming_uniform_(self.lora_up[i], a=math.sqrt(5))
+            nn.init.uniform_(self.bias, -1 / math.sqrt(fan_up), 1 / math.sqrt(fan_up))
+        else:
+            nn.init.zeros_(self.lora_up)
+            nn.init.zeros_(self.bias)
 
     def route(self, n: int, device: torch.device) -> Route | None:
         return self.weighting(as_batch(current(self.condition), n, device, self.condition))

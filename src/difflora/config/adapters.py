@@ -102,6 +102,10 @@ class AdapterConfig(StrictModel):
     """Position only: the tap the adapter writes into (e.g. mlp_in, out)."""
     scale: float = 1.0
     """Position only: the fixed scale of the adapter's output."""
+    # position only: how f's up projection starts: "zero" (a fresh adapter changes nothing,
+    # difflora's recipe) or "linear" (nn.Linear's default initialisation, 004's reference code).
+    up_init: Literal["zero", "linear"] = "zero"
+    """Position only: how the up projection starts: zero (no change at start) or linear (nn.Linear's default, 004's reference)."""
     # Module paths to wrap (layers; blocks for position): exact names, dotted suffixes, or regexes
     # prefixed with "re:". Empty: the attention qkv and output projections of the backbone.
     targets: list[Target] = Field(default_factory=list)
@@ -141,7 +145,12 @@ class AdapterConfig(StrictModel):
         # The options this form has no use for keep their defaults (an explicit other value is refused).
         form = f"form {self.form}"
         if not position:
-            hold_fixed(self, where, unused_at_default(self, ("source", "dest", "scale")), f"{form} (for position only)")
+            hold_fixed(
+                self,
+                where,
+                unused_at_default(self, ("source", "dest", "scale", "up_init")),
+                f"{form} (for position only)",
+            )
         if self.form not in ("lowrank_act", "position"):
             why = "(only forms lowrank_act and position have an activation and a kernel choice)"
             hold_fixed(self, where, unused_at_default(self, ("activation", "kernel")), f"{form} {why}")

@@ -21,10 +21,15 @@ scales give one row per scale: pick one with ``guidance``. Outputs, in ``out``:
 (mean and standard error per level, one panel per factor) and ``interaction_<metric>.png`` (the two
 factors with the largest effects: one line per level of the second).
 
+Each level's *adjusted* (least-squares) mean, from the main-effects fit and averaged over the other
+factors' levels, is printed and recorded (``adjusted_means``) beside the raw level means: where the
+levels met the other factors unequally, only the adjusted means compare like with like.
+
 What cannot be answered is refused, not printed: a metric with no variance (every F would be a
 ratio of rounding errors), a design whose model matrix cannot separate the requested terms (a
 factor fixed by another, or an interaction over missing cells: its sums of squares are not
-defined), and a model that leaves no residual variance. Every metric is analysed before any file
+defined), a main-effects model in which a factor is aliased with the interaction of two others (a
+resolution-III fraction), and a model that leaves no residual variance. Every metric is analysed before any file
 is written, and each file is replaced atomically: one command's outputs appear together or not at all.
 """
 
@@ -44,7 +49,7 @@ from difflora.files.atomic import write_together
 from difflora.files.images import agg_figure
 from difflora.optional import require
 
-__all__ = ["anova", "dominant_sentence", "factor_columns", "run_anova"]
+__all__ = ["adjusted_means", "anova", "dominant_sentence", "factor_columns", "run_anova"]
 
 
 def factor_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -130,6 +135,45 @@ def _check_separable(frame, factors: list[str], metric: str, interactions: bool)
         )
 
 
+def _check_resolution(frame, factors: list[str], metric: str) -> None:
+    """Refuse a main-effects model in which a factor is a function of two other factors' cells: its
+    effect is then the same columns as their interaction (a resolution-III fraction, e.g. form =
+    (input + output) mod 5), which the model silently attributes to that factor."""
+    x, cols = _model_matrix(frame, factors, interactions=False)
+    aliased = []
+    for f in factors:
+        others = [g for g in factors if g != f]
+        for i, a in enumerate(others):
+            for b in others[i + 1 :]:
+                cells, _ = _model_matrix(frame, [a, b], interactions=True)
+                if np.linalg.matrix_rank(np.hstack([cells, x[:, cols[f]]])) == np.linalg.matrix_rank(cells):
+                    aliased.append(f"{f} with the {a}:{b} interaction")
+    if aliased:
+        raise SweepError(
+            f"ANOVA of {metric}: the design aliases main effects with interactions ({'; '.join(aliased)}: every "
+            "cell of the two holds one level of the first), so those effects cannot be told from the "
+            "interactions; run a design that crosses the factors (e.g. a full factorial of two at one level of "
+            "the third, then the third against one of them: experiments/design-space/stage1.yaml, stage2.yaml)"
+        )
+
+
+def adjusted_means(rows: Sequence[dict[str, Any]], metric: str, factors: list[str]) -> dict[str, dict[str, float]]:
+    """Least-squares (adjusted) means of ``metric`` per level of each factor from the main-effects
+    model: the fitted value at that level averaged over every level of the other factors, equally
+    weighted. Unlike raw level means they do not carry the other factors' effects when the levels
+    met them unequally (a fraction, or missing cells)."""
+    frame = _frame(rows, metric, factors)
+    x, cols = _model_matrix(frame, factors, interactions=False)
+    coef = np.linalg.lstsq(x, frame[metric].to_numpy(float), rcond=None)[0]
+    effects = {f: np.concatenate([[0.0], coef[cols[f]]]) for f in factors}  # the first level is the reference
+    out = {}
+    for f in factors:
+        rest = coef[0] + sum(float(effects[g].mean()) for g in factors if g != f)
+        levels = list(dict.fromkeys(frame[f]))
+        out[f] = {str(level): float(rest + effects[f][i]) for i, level in enumerate(levels)}
+    return out
+
+
 def anova(rows: Sequence[dict[str, Any]], metric: str, factors: list[str], interactions: bool = False) -> list[dict]:
     """Type II ANOVA of ``metric`` on ``factors``: one dict per term (and ``Residual``) with
     ``term, sum_sq, df, F, p, eta_sq, partial_eta_sq``; terms in formula order."""
@@ -144,6 +188,8 @@ def anova(rows: Sequence[dict[str, Any]], metric: str, factors: list[str], inter
         pairs = [(a, b) for i, a in enumerate(factors) for b in factors[i + 1 :]]
         terms.update({f"C({code[a]}):C({code[b]})": f"{a}:{b}" for a, b in pairs})
     _check_separable(frame, factors, metric, interactions)
+    if not interactions:
+        _check_resolution(frame, factors, metric)
     fit = smf.ols("y ~ " + " + ".join(terms), data=data).fit()
     if fit.df_resid < 1:
         raise SweepError(
@@ -251,6 +297,16 @@ def _format(table: list[dict], metric: str) -> list[str]:
     return lines
 
 
+def _adjusted_lines(adjusted: dict[str, dict[str, float]], metric: str) -> list[str]:
+    """One line per factor: its levels' least-squares means (:func:`adjusted_means`), best first."""
+    best_first = metric in ("class_accuracy", "precision", "recall")
+    lines = [f"adjusted (least-squares) means of {metric}, each level averaged over the other factors' levels:"]
+    for f, means in adjusted.items():
+        ranked = sorted(means.items(), key=lambda kv: -kv[1] if best_first else kv[1])
+        lines.append(f"  {f}: " + ", ".join(f"{level} {value:.4g}" for level, value in ranked))
+    return lines
+
+
 def _scale(row: dict[str, Any], i: int) -> float:
     value = row["guidance"]
     if not _is_number(value):
@@ -287,6 +343,7 @@ def _analyse(rows: list[dict[str, Any]], metric: str, varied: list[str], interac
         "sentence": dominant_sentence(table, metric, alpha),
         "rows": len(rows),
         "level_means": {f: {str(k): float(v) for k, v in m.items()} for f, m in means.items()},
+        "adjusted_means": adjusted_means(rows, metric, varied),
     }
     return record, {f"anova_{metric}.csv": "\n".join(csv_lines) + "\n", **plots}
 
@@ -317,7 +374,9 @@ def run_anova(
         files.update(outputs)
         plots = ", ".join(str(out_dir / name) for name in outputs if name.endswith(".png"))
         table = record["metrics"][metric]["table"]
-        lines += [*_format(table, metric), record["metrics"][metric]["sentence"], f"plots: {plots}", ""]
+        adjusted = record["metrics"][metric]["adjusted_means"]
+        lines += [*_format(table, metric), record["metrics"][metric]["sentence"], *_adjusted_lines(adjusted, metric)]
+        lines += [f"plots: {plots}", ""]
     files["anova.json"] = json.dumps(record, indent=2) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     write_together({out_dir / name: data for name, data in files.items()})

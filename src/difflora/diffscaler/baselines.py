@@ -22,6 +22,34 @@ method          what trains (config)
 ``affiner-dN``  002 Table 3(b): every part with latent width d = N (N in 1, 4, 16, 32)
 ==============  =====================================================================================
 
+Matched budgets (issue 31): 002 Table 1 compares methods of nearly equal size, so each side also runs
+at the other's parameter count:
+
+====================  ===============================================================================
+method                what trains (config)
+====================  ===============================================================================
+``lora-all-rN``       LoRA of rank N on every ``nn.Linear`` and ``nn.Conv`` of the network
+                      (:data:`ALL_LAYERS`): the rank whose count reaches the Affiner's (the study's U-Net
+                      r = 13: 298,415 against 292,508; DiT r = 59: 771,012 against 769,044)
+``affiner-at-lora``   the Affiner at rank-8 attention LoRA's count (U-Net 12,288, DiT 24,576): U-Net
+                      every part at d = 1 on every layer but the ResBlocks' ``emb_layers`` (12,564);
+                      DiT every part at d = 2 on the blocks' attention and MLP layers (25,616)
+``affiner-at-difffit`` the Affiner at DiffFit's count (U-Net 8,802, DiT 9,352): ``a`` and ``b`` (U-Net on
+                      every layer, which is ``affiner-ab``: 8,708; DiT on the blocks' attention and MLP
+                      layers: 9,216)
+``task-row``          002's "embedding rows": one new learnable row per task added to the conditioning
+                      embedding of every sample of the task (a ``shift`` on the time embedding's output
+                      layer, read by ``task``), the rest frozen. On the U-Net it is a new class row
+                      exactly (its class rows add to the time embedding and a new row starts at zero); on
+                      the DiT, with every label dropped, the null row plus the trained offset: 002's
+                      layout of a new row (``classes.py``). 128 parameters on either study backbone.
+``difffit-002``       DiffFit as 002 describes it: the biases of the MLP (``fc1``, ``fc2``) and of the
+                      attention's second layer (``attn.proj``) of every DiT block, trained as ``shift``
+                      offsets of the frozen biases (the same function; weight decay pulls the offset, not
+                      the bias, to zero). DiT only: the U-Net's blocks have no MLP. ``difffit`` is
+                      DiffFit's own definition (Xie et al.), the one the study's DiffFit claims use.
+====================  ===============================================================================
+
 002 Table 3(a)'s "+ W_up" and "Full" rows differ only in the branch's scalar ``s`` (one parameter per
 layer) and ``W_up``'s initialisation; our Affiner always has ``s = 0`` and Kaiming ``W_up`` (the
 "Full" row), so "+ low-rank branch" is ``affiner``. Adapters read the ``task`` condition through
@@ -50,8 +78,10 @@ from difflora.model.accounting import per_task_counts
 
 __all__ = [
     "BASELINES",
+    "ALL_LAYERS",
     "BASE_GROUPS",
     "DIFFFIT_TARGETS",
+    "MATCHED_BUDGETS",
     "baseline_overrides",
     "baseline_values",
     "group_parameters",
@@ -71,6 +101,34 @@ DIFFFIT_TARGETS: dict[str, list[str]] = {
 }
 # LoRA's targets are model.adapters' defaults (the attention projections).
 LORA_RANK = 8
+# Every nn.Linear and nn.Conv of the study backbones (the fmnist16 bases: an IDDPM U-Net with
+# channel_mult [1, 2, 2], whose skip connections are convolutions where the width changes, and a DiT:
+# embedders, blocks and final layer); tests check them against an isinstance rule.
+_UNET_LAYERS = (
+    r"time_embed\.[02]|input_blocks\.0\.0|out\.2|(input_blocks\.3|output_blocks\.\d+)\.0\.skip_connection"
+    r"|.*\.(in_layers\.2|out_layers\.3|op|qkv|proj_out|conv{emb})"
+)
+ALL_LAYERS: dict[str, list[str]] = {
+    "unet": ["re:(" + _UNET_LAYERS.format(emb=r"|emb_layers\.1") + ")"],
+    "dit": [
+        r"re:(x_embedder\.proj|t_embedder\.mlp\.[02]|blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12]"
+        r"|adaLN_modulation\.1)|final_layer\.(linear|adaLN_modulation\.1))"
+    ],
+}
+# The DiT blocks' attention and MLP layers (the Affiner's default targets without adaLN_modulation).
+DIT_ATTN_MLP = [r"re:blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"]
+# The time embedding's output layer, whose output every sample's conditioning embedding adds to.
+TIME_EMBED_OUT = {"unet": ["time_embed.2"], "dit": ["t_embedder.mlp.2"]}
+# (latent width, parts, targets) of the Affiner at LoRA's and at DiffFit's budget (module docstring);
+# targets None: the Affiner's default layers.
+_MATCHED_AFFINER: dict[tuple[str, str], tuple[int | None, list[str], list[str] | None]] = {
+    ("affiner-at-lora", "unet"): (1, ["scale", "shift", "lowrank"], ["re:(" + _UNET_LAYERS.format(emb="") + ")"]),
+    ("affiner-at-lora", "dit"): (2, ["scale", "shift", "lowrank"], DIT_ATTN_MLP),
+    ("affiner-at-difffit", "unet"): (None, ["scale", "shift"], None),
+    ("affiner-at-difffit", "dit"): (None, ["scale", "shift"], DIT_ATTN_MLP),
+}
+# Parametric methods (the rank N of lora-all-rN) and those defined per backbone, besides BASELINES.
+MATCHED_BUDGETS = ("lora-all-rN", "affiner-at-lora", "affiner-at-difffit", "task-row", "difffit-002")
 
 BASELINES = (
     "full",
@@ -111,6 +169,9 @@ def baseline_values(method: str, arch: str, tasks: int = 1) -> dict[str, Any]:
     if method in ("bitfit", "embeddings"):
         group = "bias" if method == "bitfit" else "embedding"
         return {**frozen, "model.affiner": None, "model.adapters": [], "train.base_groups": [group]}
+    matched = _matched_budget_values(method, arch, tasks)
+    if matched is not None:
+        return {**frozen, **matched}
     parts = {"affiner-b": ["shift"], "affiner-a": ["scale"], "affiner-ab": ["scale", "shift"]}
     if method == "affiner" or method in parts:
         return {
@@ -124,7 +185,28 @@ def baseline_values(method: str, arch: str, tasks: int = 1) -> dict[str, Any]:
             "model.adapters": [],
             "model.affiner": {"tasks": tasks, "latent": int(method[len("affiner-d") :])},
         }
-    raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}")
+    raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES + MATCHED_BUDGETS)}")
+
+
+def _matched_budget_values(method: str, arch: str, tasks: int) -> dict[str, Any] | None:
+    """The values of the matched-budget methods (:data:`MATCHED_BUDGETS`) besides ``train.train_base``; None
+    for another method."""
+    if method.startswith("lora-all-r") and method[len("lora-all-r") :].isdigit():
+        lora = _task_adapter("lora", tasks, rank=int(method[len("lora-all-r") :]), targets=ALL_LAYERS[arch])
+        return {"model.affiner": None, "model.adapters": [lora]}
+    if (method, arch) in _MATCHED_AFFINER:
+        latent, parts, targets = _MATCHED_AFFINER[method, arch]
+        affiner = {"tasks": tasks, "parts": parts, **({"latent": latent} if latent else {})}
+        return {"model.adapters": [], "model.affiner": affiner | ({"targets": targets} if targets else {})}
+    if method == "task-row":
+        row = _task_adapter("task_row", tasks, form="shift", targets=TIME_EMBED_OUT[arch])
+        return {"model.affiner": None, "model.adapters": [row]}
+    if method == "difffit-002" and arch == "dit":
+        biases = _task_adapter(
+            "difffit_bias", tasks, form="shift", targets=[r"re:blocks\.\d+\.(mlp\.fc[12]|attn\.proj)"]
+        )
+        return {"model.affiner": None, "model.adapters": [biases]}
+    return None
 
 
 def group_parameters(net: nn.Module, group: str) -> Iterator[tuple[str, nn.Parameter]]:

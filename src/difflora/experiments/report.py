@@ -20,10 +20,9 @@ from typing import Any, Protocol
 
 from difflora.config.schema import Config
 from difflora.eval.uncertainty import reported_interval
+from difflora.experiments.claims_table import ALL_TASKS, claim_verdict, claims_section, pm
 from difflora.experiments.settings import eval_settings, find_scored, same_config, scored_with
 from difflora.experiments.study_spec import (
-    HIGHER_IS_BETTER,
-    Claim,
     Study,
     StudyArm,
     StudyError,
@@ -31,7 +30,6 @@ from difflora.experiments.study_spec import (
     arm_dependency,
     read_run_json,
 )
-from difflora.experiments.verdicts import judge_claim
 from difflora.files.atomic import write_bytes
 from difflora.files.jsonfile import read_json_file
 from difflora.registry import Registry
@@ -62,12 +60,14 @@ __all__ = [
     "CODE_FILE",
     "END_MARKER",
     "REPORT_FIGURES",
+    "claim_verdict",
     "ReportFigure",
     "copy_records",
     "draw_figures",
     "load_records",
     "matching_record",
     "record_path",
+    "split_stale",
     "summarise",
     "sync_records",
     "write_report",
@@ -78,8 +78,6 @@ END_MARKER = "<!-- end of generated report -->"
 # eval directory; its record takes it from there.
 CODE_FILE = "code.json"
 _SCORES = ("fd", "kid_mean", "precision", "recall", "class_accuracy")
-# The row of a spatial arm (data.spatial) that averages its tasks (the one claims compare).
-ALL_TASKS = "all tasks"
 
 
 def _dump(obj: Any) -> str:
@@ -198,6 +196,43 @@ def load_records(study: Study, img_dir: Path, arms: list[StudyArm]) -> dict[str,
     return out
 
 
+def split_stale(
+    study: Study, records: dict[str, list[dict[str, Any]]], arms: list[StudyArm]
+) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """(the records that score their arm's config with the study's eval settings, ``arm seedK`` of the
+    others). A record written before records held their config is checked on the eval settings it holds."""
+    kept: dict[str, list[dict[str, Any]]] = {}
+    stale: list[str] = []
+    for arm in arms:
+        for rec in records.get(arm.name, []):
+            cfg = arm_config(study, arm, rec["seed"])
+            saved = rec.get("config")
+            settings = eval_settings(study, arm, cfg)
+            if not isinstance(saved, dict):  # an older record: what it recorded of its settings must match
+                ev = rec["eval"]
+                scored = {
+                    "settings": settings | ev["settings"],
+                    "checkpoint_step": ev.get("checkpoint_step", cfg.train.steps),
+                }
+                ok = scored_with(scored, cfg, settings)
+            else:
+                ok = same_config(saved, _same_start(study, arm, cfg, saved)) and scored_with(rec["eval"], cfg, settings)
+            if ok:
+                kept.setdefault(arm.name, []).append(rec)
+            else:
+                stale.append(f"{arm.name} seed{rec['seed']}")
+    return kept, stale
+
+
+def _same_start(study: Study, arm: StudyArm, cfg: Config, saved: dict[str, Any]) -> Config:
+    """``cfg`` with the record's ``train.init_from`` when the arm starts from another arm's run
+    (``arm:NAME``), whose path depends on the machine's output directory, not on the config."""
+    train = saved.get("train")
+    if arm_dependency(study, arm) is None or not isinstance(train, dict):
+        return cfg
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": train.get("init_from")})})
+
+
 def _mean_std(values: list[float | None]) -> tuple[float, float] | None:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
@@ -221,6 +256,8 @@ def summarise(study: Study, records: dict[str, list[dict[str, Any]]], arms: list
                 "group": arm.group,
                 "guidance": w,
                 "seeds": [rec["seed"] for rec in recs],
+                # Records written before the eval seed was recorded ('-') used the study's eval.seed of then.
+                "eval_seeds": [rec["eval"]["settings"].get("seed", "-") for rec in recs],
                 # A teacher_of arm trains nothing (its teacher is another arm's base).
                 "steps": "-" if arm.teacher_of else arm_config(study, arm, study.seeds[0]).train.steps,
                 "parameters": recs[0]["parameters"],
@@ -265,44 +302,11 @@ def _label(row: dict[str, Any]) -> str:
     return f"{row['arm']} [{row['task']}]" if row.get("task") else row["arm"]
 
 
-def _pm(ms: tuple[float, float] | None, digits: int = 2, scale: float = 1.0) -> str:
-    if ms is None:
-        return "-"
-    return f"{ms[0] * scale:.{digits}f} ± {ms[1] * scale:.{digits}f}"
-
-
 def _floor_cell(floor: dict[str, dict[str, float]], key: str, digits: int, scale: float = 1.0) -> str:
     if key not in floor:
         return "-"
     f = floor[key]
     return f"{f['mean'] * scale:.{digits}f} ± {f['std'] * scale:.{digits}f}"
-
-
-def _best(rows: list[dict[str, Any]], arm: str, metric: str) -> dict[str, Any] | None:
-    # A spatial arm is compared on the mean over its tasks, not on its best task.
-    cands = [r for r in rows if r["arm"] == arm and r[metric] is not None and r.get("task") in (None, ALL_TASKS)]
-    sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0
-    return min(cands, key=lambda r: sign * r[metric][0]) if cands else None
-
-
-def _at_scale(rows: list[dict[str, Any]], arm: str, metric: str, guidance: float | None) -> dict[str, Any] | None:
-    """The row of ``arm`` at guidance ``guidance``, or (None) its best row."""
-    if guidance is None:
-        return _best(rows, arm, metric)
-    return next((r for r in rows if r["arm"] == arm and r["guidance"] == guidance and r[metric] is not None), None)
-
-
-def claim_verdict(claim: Claim, rows: list[dict[str, Any]], alpha: float) -> dict[str, Any]:
-    """The verdict of a claim (``verdicts.judge_claim``) with the rows it compared: each at the claim's
-    guidance scale, or at its best scale."""
-    a, b = (_at_scale(rows, name, claim.metric, claim.guidance) for name in (claim.arm, claim.baseline))
-    if a is None or b is None:
-        at = f" at guidance {claim.guidance:g}" if claim.guidance is not None else ""
-        return {"verdict": "not run", "test": f"one of the arms has no results{at}", "a": a, "b": b}
-    va = [v for v in a["values"][claim.metric] if v is not None]
-    vb = [v for v in b["values"][claim.metric] if v is not None]
-    higher = claim.metric in HIGHER_IS_BETTER
-    return judge_claim(claim.relation, va, vb, alpha, claim.margin, higher) | {"a": a, "b": b}
 
 
 def _arm_evals(arms: list[StudyArm]) -> list[str]:
@@ -335,8 +339,11 @@ def _revision_line(records: dict[str, list[dict[str, Any]]]) -> str:
     return "- git revisions of the runs: " + ", ".join(f"{label} ({n})" for label, n in runs.items())
 
 
-def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], command: str, revision: str) -> list[str]:
-    """The report's title, description and settings; ``revision``: its line naming the runs' revisions."""
+def _header(
+    study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], command: str, revision: str, stale: list[str]
+) -> list[str]:
+    """The report's title, description and settings; ``revision``: its line naming the runs' revisions;
+    ``stale``: the records left out (:func:`load_records`)."""
     e = study.eval
     n_done = sum(len(r["seeds"]) for r in {r["arm"]: r for r in rows}.values())
     lines = [f"# {study.name}", ""]
@@ -346,11 +353,13 @@ def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], comm
         f"- command: `{command}` (add `--report-only` to regenerate this file from the stored runs)",
         revision,
         f"- arms: {len(arms)}, seeds: {study.seeds}; runs with results: {n_done} of {len(arms) * len(study.seeds)}",
+        *_missing(study, rows, arms, stale),
         f"- data and backbone: {_setups(study, arms)}; training steps per arm in the table",
         f"- eval: {e.num_samples} samples per setting, {e.sampler} {e.steps} steps, {e.weights} weights, guidance "
         f"{e.guidance} for class-conditional arms (balanced labels; a distilled student at its own w, a "
         "guidance-scale LoRA at the scales in its range; unconditional samples for arms trained with every "
-        "label dropped); against the held-out test split",
+        "label dropped); against the held-out test split; sampling seed "
+        + ("the run's own seed (eval.seed: per_run)" if e.seed == "per_run" else f"{e.seed} for every run"),
         *_arm_evals(arms),
         f"- statistics: mean ± sample std over seeds; claims at level alpha = {study.alpha:g}",
         "",
@@ -365,6 +374,25 @@ def _header(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], comm
         "runs on a machine shared with other work.",
         "",
     ]
+    return lines
+
+
+def _missing(study: Study, rows: list[dict[str, Any]], arms: list[StudyArm], stale: list[str]) -> list[str]:
+    """Lines naming the arms with fewer results than seeds and the records left out as another config's."""
+    done = {r["arm"]: len(r["seeds"]) for r in rows}
+    short = [f"{a.name} ({done.get(a.name, 0)})" for a in arms if done.get(a.name, 0) < len(study.seeds)]
+    lines = []
+    if short:
+        lines.append(
+            f"- **missing runs**: {len(short)} arm(s) have fewer results than seeds (results in brackets): "
+            + ", ".join(short)
+            + "; their claims are 'not run' or rest on fewer seeds until the study runs them"
+        )
+    if stale:
+        lines.append(
+            "- records of another config or other eval settings than the study's (left out; running the "
+            "study replaces them): " + ", ".join(stale)
+        )
     return lines
 
 
@@ -396,13 +424,13 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
             )
         g = r["parameters"]["by_group"]  # records written before "adapters" was its name say "lora"
         lines.append(
-            f"| {r['group']} | {_label(r)} | {r['steps']} | {r['guidance']:g} | {_pm(r['fd'])} "
-            f"| {_pm(r['kid_mean'], 2, 1e3)} "
-            f"| {_pm(r['precision'])} | {_pm(r['recall'])} | {_pm(r['class_accuracy'])} "
+            f"| {r['group']} | {_label(r)} | {r['steps']} | {r['guidance']:g} | {pm(r['fd'])} "
+            f"| {pm(r['kid_mean'], 2, 1e3)} "
+            f"| {pm(r['precision'])} | {pm(r['recall'])} | {pm(r['class_accuracy'])} "
             f"| {r['parameters']['total']:,} / {r['parameters']['trainable']:,} "
             f"| {g.get('adapters', 0) + g.get('lora', 0) + g.get('weighting', 0):,} | {_stored(r['parameters'])} "
-            f"| {_pm(r['train_images_per_s'], 0)} "
-            f"| {_pm(r['sample_images_per_s'], 0)} |"
+            f"| {pm(r['train_images_per_s'], 0)} "
+            f"| {pm(r['sample_images_per_s'], 0)} |"
         )
     return lines
 
@@ -459,41 +487,8 @@ def _fidelity_table(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|" + "---|" * len(keys),
     ]
     for r in rows:
-        cells = [_pm(r["fidelity"].get(k), 3) for k in keys]
+        cells = [pm(r["fidelity"].get(k), 3) for k in keys]
         lines.append(f"| {_label(r)} | {r['guidance']:g} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _claims(study: Study, rows: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "## Claims",
-        "",
-        "Each arm at the claim's guidance scale, or (none given) at its best scale (best mean); the per-seed scores of the two arms are compared "
-        f"with scipy's Welch t-test at alpha = {study.alpha:g}. *better*: one-sided test arm < baseline "
-        "(arm > baseline for class accuracy, where higher is better). "
-        "*not worse*: non-inferiority, one-sided test arm < (1 + margin) x baseline, margin declared in the "
-        "study YAML. A verdict is *does not hold* when the arm is significantly worse than the baseline, "
-        "*within noise* when neither test is significant.",
-        "",
-        "| claim | verdict | scores (mean ± std over seeds) | test | t (df) | p |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in study.claims:
-        v = claim_verdict(c, rows, study.alpha)
-        rel = c.relation.replace("_", " ") + (f" (margin {100 * c.margin:g}%)" if c.relation == "not_worse" else "")
-        what = f"{c.text} ({c.arm} {rel} than {c.baseline}, {c.metric})"
-        if v["a"] is None or v["b"] is None:
-            lines.append(f"| {what} | {v['verdict']} | - | {v['test']} | - | - |")
-            continue
-        scale, d = (1e3, 2) if c.metric == "kid_mean" else (1.0, 2)
-        nums = (
-            f"{_pm(v['a'][c.metric], d, scale)} (w={v['a']['guidance']:g}) vs "
-            f"{_pm(v['b'][c.metric], d, scale)} (w={v['b']['guidance']:g})"
-        )
-        lines.append(
-            f"| {what} | **{v['verdict']}** | {nums} | {v['test']} | {v['statistic']:.2f} ({v['df']:.1f}) "
-            f"| {v['p']:.3g} |"
-        )
     return lines
 
 
@@ -532,7 +527,7 @@ def write_report(study: Study, report_dir: Path, arms: list[StudyArm], *, comman
     ``dirty`` (the checkout writing it has uncommitted changes).
     """
     img_dir = report_dir / study.name
-    records = load_records(study, img_dir, arms)
+    records, stale = split_stale(study, load_records(study, img_dir, arms), arms)
     rows = summarise(study, records, arms)
     lines = []
     made_dirty = any(rec.get("code", {}).get("dirty") for recs in records.values() for rec in recs)
@@ -544,14 +539,14 @@ def write_report(study: Study, report_dir: Path, arms: list[StudyArm], *, comman
             "",
         ]
     lines += (
-        _header(study, rows, arms, command, _revision_line(records))
+        _header(study, rows, arms, command, _revision_line(records), stale)
         + _table(rows)
         + [""]
         + _ci_table(rows)
         + _fidelity_table(rows)
     )
     if study.claims:
-        lines += [""] + _claims(study, rows)
+        lines += [""] + claims_section(study, rows)
     lines += [""] + _images(study, rows, img_dir, arms)
     path = report_dir / f"{study.name}.md"
     tail = ""

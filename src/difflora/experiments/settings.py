@@ -17,7 +17,7 @@ from difflora.eval.store import Evaluation, find_evaluation
 from difflora.experiments.study_spec import Study, StudyArm, StudyEval, read_run_json
 from difflora.sampling.student import student_of
 
-__all__ = ["eval_settings", "find_scored", "same_config", "scored_with"]
+__all__ = ["eval_seed", "eval_settings", "find_scored", "same_config", "scored_with"]
 
 
 def _guidance_for(e: StudyEval, cfg: Config, teacher: bool) -> list[float]:
@@ -41,9 +41,14 @@ def eval_settings(study: Study, arm: StudyArm, cfg: Config) -> dict[str, Any]:
         "eta": e.eta,
         "guidance": _guidance_for(e, cfg, arm.teacher_of is not None),
         "guidance_fraction": e.guidance_fraction,
-        "seed": e.seed,
+        "seed": eval_seed(e, cfg),
         "metrics_version": METRICS_VERSION,
     }
+
+
+def eval_seed(e: StudyEval, cfg: Config) -> int:
+    """The sampling seed of a run's evaluation: the run's training seed (``per_run``), else ``e.seed``."""
+    return cfg.train.seed if e.seed == "per_run" else e.seed
 
 
 # Settings a metrics.json written before they were recorded lacks, with the value every such run used.

@@ -130,8 +130,10 @@ def _shared_teacher_eval(
 ) -> Path | None:
     """An earlier seed's finished evaluation of the same teacher, when the teacher does not depend on
     the seed: students that all start from one fixed base (``train.init_from`` a path or
-    ``pretrained:NAME``, not ``arm:NAME``) hold the same teacher, and the eval seed is the study's,
-    so every seed would draw and score the same samples again. None otherwise."""
+    ``pretrained:NAME``, not ``arm:NAME``) hold the same teacher, and with one eval seed for every
+    run (``eval.seed`` a number) every seed would draw and score the same samples again. None otherwise."""
+    if study.eval.seed == "per_run":  # each seed samples the teacher with its own seed: nothing to share
+        return None
     student = next(a for a in study.arms if a.name == arm.teacher_of)
     inits = {arm_config(study, student, s, out_dir).train.init_from for s in study.seeds}
     if len(inits) != 1 or None in inits:

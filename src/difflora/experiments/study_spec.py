@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from difflora.config.base import GuidanceScale
 from difflora.config.overrides import apply_override, parse_override
@@ -122,13 +122,27 @@ class StudyEval(_Strict):
     eta: float = Field(default=0.0, ge=0)
     # Classifier-free guidance scales of class-conditional arms (unconditional arms: 1 only).
     guidance: list[GuidanceScale] = Field(default_factory=lambda: [1.0], min_length=1)
-    seed: int = 0
+    # Sampling seed of the evaluations: "per_run" (each run samples with its own training seed, so the
+    # spread over seeds holds the evaluation's noise too; what a new study should use), or one seed
+    # for every run (the spread is then training noise only). The default 0 keeps the YAMLs and
+    # records written before "per_run" existed meaning what they meant.
+    seed: int | Literal["per_run"] = 0
     weights: Literal["ema", "model"] = "ema"
     # Optimizer steps of the feature network if it must be trained (None: its default).
     feature_steps: int | None = Field(default=None, ge=1)
     # Selective guidance: classifier-free guidance on the first (noisiest) fraction of the steps
     # only, the conditional model alone on the rest (1: every step).
     guidance_fraction: float = Field(default=1.0, ge=0, le=1)
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, value: Any) -> Any:
+        ok = value == "per_run" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+        if not ok:
+            raise ValueError(
+                f"eval.seed: a sampling seed (an integer >= 0) or per_run (each run's own seed), got {value!r}"
+            )
+        return value
 
 
 class ArmEval(_Strict):
@@ -175,6 +189,9 @@ class Claim(_Strict):
     # Compare both arms at this guidance scale (e.g. a distilled student and its teacher at the
     # student's w); None: each arm at its best scale.
     guidance: GuidanceScale | None = None
+    # What the report prints beside the verdict because the test cannot hold it (e.g. the quality of
+    # the two bases when comparing how well they adapt).
+    context: str = ""
 
     @model_validator(mode="after")
     def _margin(self) -> Claim:

@@ -62,6 +62,24 @@ def judge_claim(
         return out | {"verdict": "not testable", "test": "needs at least 2 seeds per arm"}
     if higher_is_better and relation != "better":
         raise ValueError("a higher-is-better score takes 'better' claims only (margins are for lower-is-better scores)")
+    decided = _judge(relation, arm, baseline, alpha, margin, higher_is_better, out)
+    if len(set(baseline)) == 1 and math.isfinite(decided["p"]):
+        # One evaluation copied to every seed (a fixed base scored with one sampling seed): the test
+        # ignores the baseline's own evaluation noise. eval.seed: per_run scores it once per seed.
+        decided["test"] += "; the baseline's values are one evaluation repeated: a one-sample test in effect"
+    return decided
+
+
+def _judge(
+    relation: str,
+    arm: list[float],
+    baseline: list[float],
+    alpha: float,
+    margin: float | None,
+    higher_is_better: bool,
+    out: dict[str, Any],
+) -> dict[str, Any]:
+    """:func:`judge_claim` on at least 2 values per side."""
     if relation == "better":
         if higher_is_better:  # arm > baseline is -arm < -baseline
             arm, baseline = [-v for v in arm], [-v for v in baseline]

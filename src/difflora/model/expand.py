@@ -183,6 +183,7 @@ def inject_adapters(
                 cfg.activation or "identity",
                 cfg.scale,
                 cfg.kernel,
+                cfg.up_init,
             )
         else:
             part = inject_adapter(
