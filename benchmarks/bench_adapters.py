@@ -1,17 +1,23 @@
 """Cost of conditional adapters, measured side by side in one run: P1, every form, the layer and a sampling step.
 
-0. **P1** (``--part p1``, issue 7): forward + backward of the adapted qkv below (a different t per
-   sample, linear weighting) against the plain layer, in two settings: the base trained too (000)
-   and the base frozen with gradients to the input and the adapter only (002-004). Besides the
-   library path: a naive per-sample weight, a custom ``autograd.Function`` that adds the update
-   into the base GEMM's output and accumulates the input gradient in place (one pass less over the
-   output and over the input gradient), and, with ``--compile``, ``torch.compile`` of the adapted
-   forward. The ratio reported is that of the fastest of ``--runs`` alternated runs, repeated
-   ``--p1-repeats`` times (median and range over the repeats).
-   **Forms** (``--part forms``): each update form (lowrank, lowrank_act, scale, shift; one entry per
-   task, index weighting, 3 tasks plus base rows in the batch) on the same projection with a
-   frozen base, against the plain layer and a naive per-sample reference (a Python loop over
-   samples building each sample's weight, as peers' mixed-batch adapters do).
+0. **P1** (``--part p1``, issues 7 and 33): forward + backward of the adapted qkv below (a different
+   t per sample, linear weighting) against the plain layer, in two settings: the base trained too
+   (000) and the base frozen with gradients to the input and the adapter only (002-004). Besides
+   the library path (``adapted``: the sparse kernel ``router.SparseLowRank``): the library's
+   earlier path (``autograd_gathered``: the same gather, bmm and in-place baddbmm differentiated by
+   autograd), all bases concatenated into one down and one up projection with the per-sample
+   weights in rank space (``concat_bases``: two GEMMs shared by the batch), a naive per-sample
+   weight, a custom ``autograd.Function`` that adds the update into the base GEMM's output and
+   accumulates the input gradient in place (one pass less over the output and over the input
+   gradient), and, with ``--compile``, ``torch.compile`` of the adapted forward. The ratio reported
+   is that of the fastest of ``--runs`` alternated runs, repeated ``--p1-repeats`` times (median
+   and range over the repeats). ``--variants`` times only some (all are checked against the naive
+   reference first), for a shorter run on a loaded machine.
+   **Forms** (``--part forms``, ``adapter_forms.py``): each update form (lowrank, lowrank_act,
+   scale, shift, and a position adapter; one entry per task, index weighting, 3 tasks plus base
+   rows in the batch) on the same projection with a frozen base, against the plain layer and a
+   naive per-sample reference (a Python loop over samples building each sample's weight, as peers'
+   mixed-batch adapters do). Both parts print the threads, the load average and the CPU flags.
 
 1. Forward + backward of the adapted attention projection of 000's U-Net: the qkv 1x1 Conv1d
    256 -> 768 on 64 tokens (an 8x8 attention map), batch 64, a different timestep per sample,
