@@ -1,17 +1,23 @@
 """Cost of conditional adapters, measured side by side in one run: P1, every form, the layer and a sampling step.
 
-0. **P1** (``--part p1``, issue 7): forward + backward of the adapted qkv below (a different t per
-   sample, linear weighting) against the plain layer, in two settings: the base trained too (000)
-   and the base frozen with gradients to the input and the adapter only (002-004). Besides the
-   library path: a naive per-sample weight, a custom ``autograd.Function`` that adds the update
-   into the base GEMM's output and accumulates the input gradient in place (one pass less over the
-   output and over the input gradient), and, with ``--compile``, ``torch.compile`` of the adapted
-   forward. The ratio reported is that of the fastest of ``--runs`` alternated runs, repeated
-   ``--p1-repeats`` times (median and range over the repeats).
-   **Forms** (``--part forms``): each update form (lowrank, lowrank_act, scale, shift; one entry per
-   task, index weighting, 3 tasks plus base rows in the batch) on the same projection with a
-   frozen base, against the plain layer and a naive per-sample reference (a Python loop over
-   samples building each sample's weight, as peers' mixed-batch adapters do).
+0. **P1** (``--part p1``, issues 7 and 33): forward + backward of the adapted qkv below (a different
+   t per sample, linear weighting) against the plain layer, in two settings: the base trained too
+   (000) and the base frozen with gradients to the input and the adapter only (002-004). Besides
+   the library path (``adapted``: the sparse kernel ``router.SparseLowRank``): the library's
+   earlier path (``autograd_gathered``: the same gather, bmm and in-place baddbmm differentiated by
+   autograd), all bases concatenated into one down and one up projection with the per-sample
+   weights in rank space (``concat_bases``: two GEMMs shared by the batch), a naive per-sample
+   weight, a custom ``autograd.Function`` that adds the update into the base GEMM's output and
+   accumulates the input gradient in place (one pass less over the output and over the input
+   gradient), and, with ``--compile``, ``torch.compile`` of the adapted forward. The ratio reported
+   is that of the fastest of ``--runs`` alternated runs, repeated ``--p1-repeats`` times (median
+   and range over the repeats). ``--variants`` times only some (all are checked against the naive
+   reference first), for a shorter run on a loaded machine.
+   **Forms** (``--part forms``, ``adapter_forms.py``): each update form (lowrank, lowrank_act,
+   scale, shift, and a position adapter; one entry per task, index weighting, 3 tasks plus base
+   rows in the batch) on the same projection with a frozen base, against the plain layer and a
+   naive per-sample reference (a Python loop over samples building each sample's weight, as peers'
+   mixed-batch adapters do). Both parts print the threads, the load average and the CPU flags.
 
 1. Forward + backward of the adapted attention projection of 000's U-Net: the qkv 1x1 Conv1d
    256 -> 768 on 64 tokens (an 8x8 attention map), batch 64, a different timestep per sample,
@@ -54,6 +60,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from adapter_forms import describe, fastest_of, load_average, machine, main_forms, print_ratio_table
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,19 +193,6 @@ def bench_layer(repeats: int, iters: int, batch: int = 64, tokens: int = 64, d: 
     return {"shape": shape, "times": res, "ratios": ratios}
 
 
-def fastest_of(fns: dict[str, Callable[[], None]], runs: int) -> dict[str, float]:
-    """Seconds of the fastest of ``runs`` alternated calls of each function (after one warm-up each)."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(runs):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
-
-
 class FusedLowRank(torch.autograd.Function):
     """``W x + b + B_g (s * (A_g x))`` for a pointwise base with gathered factors, one output pass.
 
@@ -235,7 +229,9 @@ class FusedLowRank(torch.autograd.Function):
         return g_x, g_w, g_b, g_a, g_bt, g_s
 
 
-def _p1_setting(frozen: bool, runs: int, repeats: int, compile_: bool, batch=64, tokens=64, d=256) -> dict:
+def _p1_setting(
+    frozen: bool, runs: int, repeats: int, compile_: bool, variants: list[str] | None, batch=64, tokens=64, d=256
+) -> dict:
     from difflora.adapters import ConditionalLayer, LinearWeighting, conditions
 
     torch.manual_seed(0)
@@ -275,6 +271,26 @@ def _p1_setting(frozen: bool, runs: int, repeats: int, compile_: bool, batch=64,
         s = mix.weight.to(x.dtype).repeat_interleave(r, 1)
         return FusedLowRank.apply(x, layer.base_layer.weight[:, :, 0], layer.base_layer.bias, a, bt, s)
 
+    def gathered():
+        # The library's path before the sparse kernel (router.SparseLowRank): the same gather, bmm and
+        # in-place baddbmm, differentiated by autograd.
+        mix = bank.weighting(t)
+        n, k = mix.index.shape
+        flat = mix.index.reshape(-1)
+        a = bank.lora_A.reshape(m + 1, -1).index_select(0, flat).view(n, k * r, d)
+        up = bank.lora_B.reshape(m + 1, -1).index_select(0, flat).view(n, k, d_out, r)
+        up = up.transpose(1, 2).reshape(n, d_out, k * r)
+        h = torch.bmm(a, x) * mix.weight.to(x.dtype).repeat_interleave(r, 1)[:, :, None]
+        return layer.base_layer(x).baddbmm_(up, h)
+
+    def concat_bases():
+        # All bases in one down and one up projection, the per-sample weights in rank space: two
+        # GEMMs shared by the batch (m + 1 = 11 entries of rank 4: 44 rows) instead of a gather and bmm's.
+        s = bank.weighting(t).dense(m + 1).to(x.dtype).repeat_interleave(r, 1)  # (N, 44)
+        h = torch.matmul(bank.lora_A.reshape(-1, d), x) * s[:, :, None]  # (N, 44, L)
+        up = bank.lora_B.permute(1, 0, 2).reshape(d_out, -1)  # (d_out, 44)
+        return layer.base_layer(x).baddbmm_(up.expand(batch, -1, -1), h)
+
     def naive():
         w = bank.weighting(t).dense(m + 1).to(x.dtype)
         weights = layer.base_layer.weight[:, :, 0] + torch.einsum("nb,bor,brf->nof", w, bank.lora_B, bank.lora_A)
@@ -283,6 +299,8 @@ def _p1_setting(frozen: bool, runs: int, repeats: int, compile_: bool, batch=64,
     fns = {
         "plain": step(lambda: base(x), base),
         "adapted": step(adapted, layer),
+        "autograd_gathered": step(gathered, layer),
+        "concat_bases": step(concat_bases, layer),
         "fused_function": step(fused, layer),
         "naive_per_sample": step(naive, layer),
     }
@@ -299,6 +317,8 @@ def _p1_setting(frozen: bool, runs: int, repeats: int, compile_: bool, batch=64,
     for name, got in check.items():
         for g, want in zip(got, check["naive_per_sample"], strict=True):
             assert torch.allclose(g, want, rtol=1e-3, atol=1e-3), f"{name} disagrees with the naive reference"
+    if variants:  # --variants: time only these (all were checked above)
+        fns = {k: f for k, f in fns.items() if k == "plain" or k in variants}
     ratios = {k: [] for k in fns if k != "plain"}
     best_ms = {k: [] for k in fns}
     for _ in range(repeats):
@@ -311,7 +331,7 @@ def _p1_setting(frozen: bool, runs: int, repeats: int, compile_: bool, batch=64,
     return {"fastest_ms": best_ms, "ratio_over_plain": summary}
 
 
-def bench_p1(runs: int, repeats: int, compile_: bool) -> dict:
+def bench_p1(runs: int, repeats: int, compile_: bool, variants: list[str] | None = None) -> dict:
     """P1 in both settings (see the module docstring)."""
     out = {
         "shape": {"batch": 64, "tokens": 64, "d_in": 256, "d_out": 768, "m": 10, "r": 4, "T": 4001},
@@ -320,82 +340,8 @@ def bench_p1(runs: int, repeats: int, compile_: bool) -> dict:
         "targets": {"base_trained": 1.10, "base_frozen": 1.20},
     }
     for name, frozen in (("base_trained", False), ("base_frozen", True)):
-        out[name] = _p1_setting(frozen, runs, repeats, compile_)
+        out[name] = _p1_setting(frozen, runs, repeats, compile_, variants)
     return out
-
-
-def _naive_forms(layer, x, task):
-    """Per-sample loop (peers' mixed batches): each sample's own weight, bias and branch."""
-    import torch.nn.functional as F
-
-    base = layer.base_layer
-    w0, b0 = base.weight[:, :, 0], base.bias
-    outs = []
-    for n in range(x.shape[0]):
-        w, b, extra = w0, b0, 0
-        k = int(task[n])
-        for br in layer.adapters.values() if k >= 0 else ():
-            if br.form == "lowrank":
-                w = w + br.lora_B[k] @ br.lora_A[k]
-            elif br.form == "scale":
-                w = (1 + br.scale[k])[:, None] * w
-            elif br.form == "shift":
-                b = b + br.shift[k]
-            else:
-                extra = extra + br.lora_s[k] * br.lora_up[k] @ F.gelu(br.lora_down[k] @ x[n])
-        outs.append(torch.addmm(b[:, None], w, x[n]) + extra)
-    return torch.stack(outs)
-
-
-def _bench_form(form: str, runs: int, repeats: int, batch: int, tokens: int, d: int) -> dict:
-    from difflora.adapters import ConditionalLayer, IndexWeighting, conditions
-
-    torch.manual_seed(0)
-    d_out = 3 * d
-    base = nn.Conv1d(d, d_out, 1).requires_grad_(False)
-    layer = ConditionalLayer(nn.Conv1d(d, d_out, 1))
-    layer.base_layer.load_state_dict(base.state_dict())
-    layer.base_layer.requires_grad_(False)
-    act = "gelu" if form == "lowrank_act" else None
-    layer.add_adapter("task", IndexWeighting(3), "task", rank=4, form=form, activation=act)
-    with torch.no_grad():
-        for p in layer.adapters.parameters():
-            p.normal_(0, 0.02)
-    x = torch.randn(batch, d, tokens, requires_grad=True)
-    grad = torch.randn(batch, d_out, tokens)
-    task = torch.arange(batch) % 4 - 1  # -1 (base rows), 0, 1, 2
-
-    def step(forward, module):
-        def f():
-            x.grad = None
-            module.zero_grad(set_to_none=True)
-            forward().backward(grad)
-
-        return f
-
-    def adapted():
-        with conditions(task=task):
-            return layer(x)
-
-    with torch.no_grad():
-        assert torch.allclose(adapted(), _naive_forms(layer, x, task), atol=1e-4, rtol=1e-4)
-    fns = {
-        "plain": step(lambda: base(x), base),
-        "adapted": step(adapted, layer),
-        "naive_per_sample": step(lambda: _naive_forms(layer, x, task), layer),
-    }
-    ratios = {"adapted_over_plain": [], "naive_over_adapted": []}
-    for _ in range(repeats):
-        best = fastest_of(fns, runs)
-        ratios["adapted_over_plain"].append(best["adapted"] / best["plain"])
-        ratios["naive_over_adapted"].append(best["naive_per_sample"] / best["adapted"])
-    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in ratios.items()}
-
-
-def bench_forms(runs: int, repeats: int, batch: int = 64, tokens: int = 64, d: int = 256) -> dict:
-    """Each form on the qkv projection, frozen base, 3 tasks + base rows, against plain and naive."""
-    forms = {f: _bench_form(f, runs, repeats, batch, tokens, d) for f in ("lowrank", "lowrank_act", "scale", "shift")}
-    return {"shape": {"batch": batch, "tokens": tokens, "d_in": d, "d_out": 3 * d, "tasks": 3}, "forms": forms}
 
 
 def bench_sampling(repeats: int, iters: int, batch: int) -> dict:
@@ -452,51 +398,26 @@ def bench_sampling(repeats: int, iters: int, batch: int) -> dict:
     }
 
 
-def _print_ratio_table(title: str, rows: dict[str, dict]) -> None:
-    print(title)
-    for name, v in rows.items():
-        print(f"  {name:<34}{v['median']:>7.2f}x  (range {v['min']:.2f}-{v['max']:.2f})")
-
-
 def main_p1(args: argparse.Namespace) -> None:
-    p1 = bench_p1(args.runs, args.p1_repeats, args.compile)
+    env = machine(args)
+    p1 = bench_p1(args.runs, args.p1_repeats, args.compile, args.variants)
     print(
         f"P1: adapted qkv Conv1d 256->768 fwd+bwd, {p1['shape']}, fastest of {args.runs} alternated runs, x{args.p1_repeats}"
     )
+    print(f" measured with {describe(env)}")
     for setting in ("base_trained", "base_frozen"):
         target = p1["targets"][setting]
-        _print_ratio_table(
+        print_ratio_table(
             f" {setting} (target adapted <= {target:.2f}x); ratio over plain:", p1[setting]["ratio_over_plain"]
         )
         fastest = {k: min(v) for k, v in p1[setting]["fastest_ms"].items()}
         print("  fastest ms: " + ", ".join(f"{k} {v:.1f}" for k, v in fastest.items()))
-    p1["env"] = _env(args)
+    p1["env"] = {**env, "load_average_after": load_average()}
     # A --compile run goes to its own file: its compile time and extra variant change the alternation.
-    out = ROOT / "benchmarks" / "results" / ("adapters_p1_compile.json" if args.compile else "adapters_p1.json")
+    default = "adapters_p1_compile.json" if args.compile else "adapters_p1.json"
+    out = ROOT / "benchmarks" / "results" / (args.out_name or default)
     out.write_text(json.dumps(p1, indent=1))
     print(f"wrote {out}")
-
-
-def main_forms(args: argparse.Namespace) -> None:
-    forms = bench_forms(args.runs, args.p1_repeats)
-    print(
-        f"forms: frozen qkv Conv1d 256->768 fwd+bwd, {forms['shape']}, fastest of {args.runs} runs, x{args.p1_repeats}"
-    )
-    for form, v in forms["forms"].items():
-        _print_ratio_table(f" {form}:", v)
-    forms["env"] = _env(args)
-    out = ROOT / "benchmarks" / "results" / "adapters_forms.json"
-    out.write_text(json.dumps(forms, indent=1))
-    print(f"wrote {out}")
-
-
-def _env(args: argparse.Namespace) -> dict:
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "quick": args.quick,
-    }
 
 
 def main() -> None:
@@ -511,6 +432,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=25, help="p1 / forms: alternated runs per repeat")
     ap.add_argument("--p1-repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="p1: also time torch.compile of the adapted forward (slow)")
+    ap.add_argument("--out-name", default=None, help="p1 / forms: the results file's name in benchmarks/results/")
+    ap.add_argument(
+        "--variants",
+        type=lambda v: v.split(","),
+        default=None,
+        help="p1 / forms: time only these variants besides plain, comma-separated (a loaded machine's shorter run)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.part == "p1":

@@ -19,6 +19,14 @@ batch of classifier-free guidance). Reading a condition nobody set is an error
 The same store holds the adapters switched off by :func:`adapters_disabled` (peft's
 ``disable_adapter``): a disabled adapter adds nothing, for the whole batch, inside the block.
 
+``torch.compile``. The compiler cannot read a context variable (a graph break at every adapter), so
+the store keeps a plain mirror of what is in force, which compiled code reads and sets instead:
+every block sets both (a compiled region traces the mirror only). A whole model compiles into one
+graph (``fullgraph=True``) and a compiled network also sees blocks opened around it. Eager code
+reads the context variable, so it stays local to its thread; compiled code reads the values of the
+block entered last, so threads that run compiled adapters at the same time must not open
+different blocks.
+
 Activation checkpointing. ``torch.utils.checkpoint`` recomputes a segment's forward during the
 backward pass, after every ``with`` block has exited; a context variable is not restored for the
 recompute, so adapters would see no conditions (or stale ones). :func:`checkpoint` captures the
@@ -65,6 +73,42 @@ ALL_ADAPTERS = "*"
 _DISABLED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("difflora_disabled", default=frozenset())
 
 
+class _Mirror:
+    """What is in force now, as plain attributes: ``torch.compile`` traces these (module docstring)."""
+
+    conditions: Mapping[str, ConditionValue] | None = None
+    disabled: frozenset[str] = frozenset()
+
+
+_MIRROR = _Mirror()
+State = tuple[Mapping[str, ConditionValue] | None, frozenset[str]]
+
+
+def _state() -> State:
+    """(conditions, disabled adapters) in force now: the mirror when compiling, else the context variables."""
+    if torch.compiler.is_compiling():
+        return _MIRROR.conditions, _MIRROR.disabled
+    return _CONDITIONS.get(), _DISABLED.get()
+
+
+@contextlib.contextmanager
+def _in_force(state: State) -> Iterator[None]:
+    """Put ``state`` in force for the enclosed code and restore what was before on exit (also on error)."""
+    before = (_MIRROR.conditions, _MIRROR.disabled)
+    _MIRROR.conditions, _MIRROR.disabled = state
+    if torch.compiler.is_compiling():
+        tokens = None
+    else:
+        tokens = (_CONDITIONS.set(state[0]), _DISABLED.set(state[1]))
+    try:
+        yield
+    finally:
+        if tokens is not None:
+            _DISABLED.reset(tokens[1])
+            _CONDITIONS.reset(tokens[0])
+        _MIRROR.conditions, _MIRROR.disabled = before
+
+
 class MissingConditionError(LookupError, DiffloraError):
     """An adapter read a condition that no enclosing :func:`conditions` block set."""
 
@@ -78,17 +122,15 @@ def conditions(**values: ConditionValue) -> Iterator[Mapping[str, ConditionValue
     for name, value in values.items():
         if value is not None and not isinstance(value, torch.Tensor | int | float):
             raise TypeError(f"condition {name!r}: expected a tensor, a number or None, got {type(value).__name__}")
-    merged = {**(_CONDITIONS.get() or {}), **values}
-    token = _CONDITIONS.set(merged)
-    try:
+    outer, disabled = _state()
+    merged = {**(outer or {}), **values}
+    with _in_force((merged, disabled)):
         yield merged
-    finally:
-        _CONDITIONS.reset(token)
 
 
 def current(name: str) -> ConditionValue:
     """The value of condition ``name`` in force now; raises :class:`MissingConditionError` if unset."""
-    values = _CONDITIONS.get() or {}
+    values = _state()[0] or {}
     if name not in values:
         have = ", ".join(sorted(values)) or "none"
         raise MissingConditionError(
@@ -101,7 +143,7 @@ def current(name: str) -> ConditionValue:
 
 def active() -> dict[str, Any]:
     """A copy of all conditions in force now (for debugging and tests)."""
-    return dict(_CONDITIONS.get() or {})
+    return dict(_state()[0] or {})
 
 
 @contextlib.contextmanager
@@ -114,16 +156,14 @@ def adapters_disabled(*names: str) -> Iterator[None]:
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"adapters_disabled: adapter names are strings, got {type(name).__name__}")
-    token = _DISABLED.set(_DISABLED.get() | frozenset(names or (ALL_ADAPTERS,)))
-    try:
+    values, off = _state()
+    with _in_force((values, off | frozenset(names or (ALL_ADAPTERS,)))):
         yield
-    finally:
-        _DISABLED.reset(token)
 
 
 def is_disabled(name: str) -> bool:
     """Whether adapter ``name`` is switched off by an enclosing :func:`adapters_disabled` block."""
-    off = _DISABLED.get()
+    off = _state()[1]
     return bool(off) and (name in off or ALL_ADAPTERS in off)
 
 
@@ -134,15 +174,10 @@ def checkpoint(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     recompute in backward, so the recomputed activations (and hence the gradients) equal those
     of the forward. ``kwargs`` go to ``fn``.
     """
-    captured = (_CONDITIONS.get(), _DISABLED.get())
+    captured = _state()
 
     def run(*inner: Any) -> Any:
-        conds_token = _CONDITIONS.set(captured[0])
-        off_token = _DISABLED.set(captured[1])
-        try:
+        with _in_force(captured):
             return fn(*inner, **kwargs)
-        finally:
-            _DISABLED.reset(off_token)
-            _CONDITIONS.reset(conds_token)
 
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)

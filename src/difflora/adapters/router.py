@@ -37,7 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Geometry", "LayerTerms", "RankTerm", "Route", "add_rank_terms", "per_channel", "per_row", "rank_term"]
+__all__ = [
+    "Geometry",
+    "LayerTerms",
+    "RankTerm",
+    "Route",
+    "SparseLowRank",
+    "add_rank_terms",
+    "per_channel",
+    "per_row",
+    "rank_term",
+]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -206,9 +216,10 @@ def rank_term(
     if route.sparse:
         n, k = route.index.shape
         a = route.gather(down, dtype).view(n, k * r, fan_in)
-        # up transposed per gathered entry, (N, K r, d_out): rows in the same (k, r) order as a's,
-        # so that one bmm with a transposed operand applies all K entries at once.
-        bt = route.gather(up, dtype).transpose(2, 3).reshape(n, k * r, d_out)
+        # up transposed per entry, (N, K r, d_out): rows in the same (k, r) order as a's, so that one
+        # bmm with a transposed operand applies all K entries at once. The bank is transposed before
+        # the gather (num_bases entries), not the gathered copy (N K entries).
+        bt = route.gather(up.transpose(1, 2), dtype).view(n, k * r, d_out)
         return RankTerm(a, bt, s, act, True)
     a = down.to(dtype).reshape(nb * r, fan_in)
     bt = up.to(dtype).permute(0, 2, 1).reshape(nb * r, d_out)
@@ -276,10 +287,80 @@ def _activate(h: torch.Tensor, term: RankTerm) -> torch.Tensor:
     return h if term.act is None else term.act(h)
 
 
+class SparseLowRank(torch.autograd.Function):
+    """``out + up_n (s_n * (down_n x_n))`` per sample n, added into ``out``: the sparse identity term
+    of a pointwise or token layer in one forward pass over ``out`` and one backward pass over its gradient.
+
+    ``out`` [N x D x L] and ``x`` [N x F x L] (channels first) or [N x L x D] and [N x L x F]
+    (``tokens_last``); ``down`` [N x R x F], ``up_t`` [N x R x D] (the up factors transposed), ``s``
+    [N x R]. ``out`` is changed in place when ``inplace`` (safe: a Linear / Conv backward does not
+    read its output), else a new tensor is returned. Autograd's own backward of the same ops reads
+    the output gradient in a shape whose batched product runs far below the machine's speed
+    (``g h^T``, [D x R] per sample) and copies the transposed factors; here every product is taken
+    in the shape with the rank as rows, and only the rank-space activations ``h`` are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, out, x, down, up_t, s, tokens_last: bool, inplace: bool):  # type: ignore[override]
+        if tokens_last:
+            h = torch.bmm(x, down.transpose(1, 2))  # (N, L, R)
+            a, b = h * s[:, None, :], up_t
+        else:
+            h = torch.bmm(down, x)  # (N, R, L)
+            a, b = up_t.transpose(1, 2), h * s[:, :, None]
+        if inplace:
+            ctx.mark_dirty(out)
+            result = out.baddbmm_(a, b)
+        else:
+            result = torch.baddbmm(out, a, b)
+        ctx.save_for_backward(x, down, up_t, s, h)
+        ctx.tokens_last = tokens_last
+        return result
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, down, up_t, s, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        # Rank-space tensors as (N, R, L), the inputs and the output gradient as (N, L, F) / (N, L, D).
+        if ctx.tokens_last:  # g (N, L, D)
+            gh = torch.bmm(up_t, g.transpose(1, 2))  # (N, R, L)
+            h, s, x_t, g_t = h.transpose(1, 2), s[:, :, None], x, g
+        else:  # g (N, D, L)
+            gh = torch.bmm(up_t, g)
+            s, x_t, g_t = s[:, :, None], x.transpose(1, 2), g.transpose(1, 2)
+        ghs = gh * s
+        g_x = None
+        if need[1]:  # (N, L, F) or (N, F, L)
+            g_x = torch.bmm(ghs.transpose(1, 2), down) if ctx.tokens_last else torch.bmm(down.transpose(1, 2), ghs)
+        g_down = torch.bmm(ghs, x_t) if need[2] else None  # (N, R, F)
+        g_up = torch.bmm(h * s, g_t) if need[3] else None  # (N, R, D)
+        g_s = (gh * h).sum(2) if need[4] else None  # (N, R)
+        return (g if need[0] else None), g_x, g_down, g_up, g_s, None, None
+
+
+def _fusable(out: torch.Tensor, x: torch.Tensor, g: Geometry, term: RankTerm) -> bool:
+    """Whether :class:`SparseLowRank` computes ``term``: a sparse identity term of a pointwise or token
+    layer, one floating type throughout, outside autocast and compilation (the compiler fuses the
+    plain ops itself)."""
+    if not term.sparse or term.act is not None or g.kind == "conv" or torch.compiler.is_compiling():
+        return False
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return False
+    return out.dtype == x.dtype == term.down.dtype == term.up_t.dtype == term.s.dtype
+
+
 def _add_term(out: torch.Tensor, x: torch.Tensor, g: Geometry, term: RankTerm) -> torch.Tensor:
     n = x.shape[0]
     d, s = term.down, term.s.to(x.dtype)
     r = d.shape[-2]
+    if _fusable(out, x, g, term):
+        tokens_last = g.kind == "linear"
+        shape = (n, -1, g.out_features) if tokens_last else (n, g.out_features, -1)
+        x3 = x.reshape(n, -1, g.in_features) if tokens_last else x.reshape(n, g.in_features, -1)
+        inplace = out.is_contiguous() and out.view(shape).shape == out.shape
+        out3 = out if inplace else out.reshape(shape)
+        return SparseLowRank.apply(out3, x3, d, term.up_t, s, tokens_last, inplace).view(out.shape)
     if g.kind == "linear":
         x3 = x.reshape(n, -1, g.in_features)  # (N, L, F)
         if term.sparse:

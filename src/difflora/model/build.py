@@ -83,8 +83,10 @@ class DiffusionModel(nn.Module):
         DiT training (``train.mask_ratio``), and ``spatial`` [N x C_s x H x W], the condition image of
         spatial tasks (``data.spatial``).
         """
-        # None backbone inputs are left out (a plain net takes none).
-        net_inputs = {k: v for k in NET_INPUTS if (v := values.pop(k, None)) is not None}
+        # None backbone inputs are left out (a plain net takes none). Two steps: torch.compile cannot
+        # trace an assignment expression inside a comprehension.
+        popped = {k: values.pop(k, None) for k in NET_INPUTS}
+        net_inputs = {k: v for k, v in popped.items() if v is not None}
         if t.is_floating_point():
             raise TypeError(
                 f"model(x, t): t must be the original-process integer timestep (int64), got {t.dtype}; "
