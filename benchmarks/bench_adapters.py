@@ -40,6 +40,7 @@ repeats and the noise is the spread (max - min) / median across repeats. Ratios 
     python benchmarks/bench_adapters.py --part forms # writes benchmarks/results/adapters_forms.json
 
 Run with OMP_NUM_THREADS=1 on a shared machine (the script also sets one torch thread).
+``--device cuda`` creates every tensor and module on the GPU; the timers then synchronise it.
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ import contextlib
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from devices import add_device_argument, machine, machine_line, wall
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,10 +69,10 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, iters: int) ->
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = wall(torch.get_default_device())
             for _ in range(iters):
                 fn()
-            times[name].append((time.perf_counter() - t0) / iters)
+            times[name].append((wall(torch.get_default_device()) - t0) / iters)
     out = {}
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -193,9 +194,9 @@ def fastest_of(fns: dict[str, Callable[[], None]], runs: int) -> dict[str, float
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(runs):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = wall(torch.get_default_device())
             fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            best[name] = min(best[name], wall(torch.get_default_device()) - t0)
     return best
 
 
@@ -511,8 +512,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=25, help="p1 / forms: alternated runs per repeat")
     ap.add_argument("--p1-repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="p1: also time torch.compile of the adapted forward (slow)")
+    add_device_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # Every tensor and module the parts create is made on --device (their timers synchronise it).
+    torch.set_default_device(args.device)
+    print(machine_line(machine(args.device)), flush=True)
     if args.part == "p1":
         return main_p1(args)
     if args.part == "forms":

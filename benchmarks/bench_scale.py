@@ -220,7 +220,7 @@ def _p5(args: argparse.Namespace, result: dict, log) -> None:
         (f"difflora auto ({auto})", "d", auto, False),
         ("difflora fp32 explicit attention", "ea", "fp32", False),
         ("difflora fp32 channels-last", "cl", "fp32", False),
-        ("difflora bf16", "d", "bf16", False),
+        *([("difflora bf16", "d", "bf16", False)] if auto != "bf16" else []),  # else it is the auto row
         ("difflora bf16 explicit attention", "ea", "bf16", False),
         ("difflora bf16 channels-last", "cl", "bf16", False),
     ]

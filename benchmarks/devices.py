@@ -19,7 +19,7 @@ import torch
 
 from difflora.train.precision import BF16_CPU_FLAGS, cpu_flags, native_bf16
 
-__all__ = ["add_device_argument", "clock", "machine", "machine_line", "parse_device"]
+__all__ = ["add_device_argument", "clock", "machine", "machine_line", "parse_device", "wall"]
 
 # The CPU flags that decide which kernels run (vector width, bf16 and int8 dot products, AMX tiles).
 SHOWN_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", *BF16_CPU_FLAGS, "amx_tile", "amx_int8")
@@ -49,6 +49,13 @@ def clock(device: torch.device) -> float:
         torch.cuda.synchronize(device)
         return time.perf_counter()
     return time.process_time()
+
+
+def wall(device: torch.device) -> float:
+    """The wall clock, the device synchronised first on CUDA (for benchmarks that report wall time)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _loadavg() -> list[float]:
