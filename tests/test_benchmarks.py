@@ -98,3 +98,14 @@ def test_the_p5_step_runs_on_cuda_without_host_reads():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert changed.device.type == "cuda" and torch.isfinite(changed).all()
+
+
+def test_the_plain_sdpa_variant_really_swaps_the_unets_attention():
+    import bench_scale
+
+    from difflora.nets import layers, unet
+
+    assert unet.dot_product_attention is layers.dot_product_attention
+    with bench_scale.plain_sdpa():
+        assert unet.dot_product_attention is torch.nn.functional.scaled_dot_product_attention
+    assert unet.dot_product_attention is layers.dot_product_attention
