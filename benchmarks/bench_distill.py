@@ -373,6 +373,7 @@ def main() -> None:
     p.add_argument("--speed-configs", nargs="+", default=list(SPEED), choices=list(SPEED))
     p.add_argument("--speed-steps", type=int, default=6)
     p.add_argument("--parts", nargs="+", default=["memory", "speed"], choices=["memory", "speed"])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distill.json"))
     p.add_argument("--p4-rounds", type=int, default=None, help="P4: alternated rounds per repeat (default per size)")
     p.add_argument("--p4-repeats", type=int, default=None, help="P4: repeats of the ratio (default per size)")
     add_device_argument(p)
