@@ -15,12 +15,12 @@ import json
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from devices import wall
 from torch import nn
 
 from difflora.adapters import ConditionalLayer, IndexWeighting, PositionAdapter, add_position_adapter, conditions
@@ -36,9 +36,9 @@ def fastest_of(fns: dict[str, Callable[[], None]], runs: int) -> dict[str, float
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(runs):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = wall(torch.get_default_device())
             fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            best[name] = min(best[name], wall(torch.get_default_device()) - t0)
     return best
 
 

@@ -46,6 +46,7 @@ repeats and the noise is the spread (max - min) / median across repeats. Ratios 
     python benchmarks/bench_adapters.py --part forms # writes benchmarks/results/adapters_forms.json
 
 Run with OMP_NUM_THREADS=1 on a shared machine (the script also sets one torch thread).
+``--device cuda`` creates every tensor and module on the GPU; the timers then synchronise it.
 """
 
 from __future__ import annotations
@@ -55,12 +56,13 @@ import contextlib
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+import devices
 import torch
 from adapter_forms import describe, fastest_of, load_average, machine, main_forms, print_ratio_table
+from devices import add_device_argument, machine_line, wall
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,10 +77,10 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, iters: int) ->
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = wall(torch.get_default_device())
             for _ in range(iters):
                 fn()
-            times[name].append((time.perf_counter() - t0) / iters)
+            times[name].append((wall(torch.get_default_device()) - t0) / iters)
     out = {}
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -439,8 +441,12 @@ def main() -> None:
         default=None,
         help="p1 / forms: time only these variants besides plain, comma-separated (a loaded machine's shorter run)",
     )
+    add_device_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # Every tensor and module the parts create is made on --device (their timers synchronise it).
+    torch.set_default_device(args.device)
+    print(machine_line(devices.machine(args.device)), flush=True)
     if args.part == "p1":
         return main_p1(args)
     if args.part == "forms":

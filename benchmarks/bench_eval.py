@@ -16,16 +16,20 @@ its CPU time (``time.process_time``, one thread) per draw is kept (the bootstrap
 apart); the ratio is that of the fastest rounds, and the spread is the range of the per-round ratios.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_eval.py        # writes benchmarks/results/eval.json
+
+``--device cuda`` puts the features and every block on the GPU (the resample indices are drawn on
+the CPU, as difflora draws them, and copied over); times are then wall seconds between
+synchronisations.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
+from devices import add_device_argument, clock, machine, machine_line
 
 from difflora.eval.kernel import class_prior, mmd2_unbiased, polynomial_kernel
 from difflora.eval.metrics import frechet_from_stats, knn_radii, mean_cov, precision_recall
@@ -70,17 +74,18 @@ def _direct_pr(dxx, dyy, dxy, ix, iy) -> tuple[float, float]:
 def bootstrap(real, fake, real_l, fake_l, draws: int, direct: bool, seed: int = 0) -> tuple[list, float, float]:
     """(per-draw scores, CPU seconds of the set-up, CPU seconds per draw) of ``draws`` resamples,
     the direct way or difflora's."""
-    t0 = time.process_time()
+    device = real.device
+    t0 = clock(device)
     prior = class_prior(real_l)
     kxx, kyy, kxy = polynomial_kernel(real, real), polynomial_kernel(fake, fake), polynomial_kernel(real, fake)
     dxx, dyy, dxy = torch.cdist(real, real), torch.cdist(fake, fake), torch.cdist(real, fake)
     if not direct:
         nx, ny = _Neighbours(dxx), _Neighbours(dyy)
     gen = torch.Generator().manual_seed(seed)
-    t1 = time.process_time()
+    t1 = clock(device)
     out = []
     for _ in range(draws):
-        ix, iy = resample(real_l, N_REAL, gen), resample(fake_l, N_FAKE, gen)
+        ix, iy = resample(real_l, N_REAL, gen).to(device), resample(fake_l, N_FAKE, gen).to(device)
         fd = frechet_from_stats(*mean_cov(real[ix]), *mean_cov(fake[iy]))
         if direct:
             kid = _direct_mmd2(kxx, kyy, kxy, ix, iy, real_l, fake_l, prior)
@@ -90,15 +95,15 @@ def bootstrap(real, fake, real_l, fake_l, draws: int, direct: bool, seed: int = 
             kid = mmd2_unbiased(kxx, kyy, kxy, real_l, fake_l, prior, x_counts=cx, y_counts=cy)
             pr = _pr_resampled(dxy, ix, iy, K, nx, ny)
         out.append((fd, kid, *pr))
-    return out, t1 - t0, (time.process_time() - t1) / draws
+    return out, t1 - t0, (clock(device) - t1) / draws
 
 
 def floor_pr(real, fakes: list[torch.Tensor], once: bool) -> tuple[list, float]:
     """Precision/recall of several real draws against the reference: radii per draw, or once."""
-    t0 = time.process_time()
+    t0 = clock(real.device)
     radii = knn_radii(real, K) if once else None
     out = [precision_recall(real, f, K, real_radii=radii) for f in fakes]
-    return out, (time.process_time() - t0) / len(fakes)
+    return out, (clock(real.device) - t0) / len(fakes)
 
 
 def main() -> None:
@@ -106,9 +111,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--draws", type=int, default=4, help="bootstrap draws per way and round")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval.json"))
+    add_device_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    real, fake, real_l, fake_l = features(0)
+    info = machine(args.device)
+    print(machine_line(info), flush=True)
+    real, fake, real_l, fake_l = (v.to(args.device) for v in features(0))
     fakes = [real[torch.randperm(N_REAL, generator=torch.Generator().manual_seed(i))[:N_FAKE]] for i in range(4)]
 
     got = bootstrap(real, fake, real_l, fake_l, 2, direct=False)[0]
@@ -137,6 +145,7 @@ def main() -> None:
         "sizes": {"real": N_REAL, "fake": N_FAKE, "dim": DIM, "classes": CLASSES, "k": K},
         "rounds": rounds,
         "bootstrap_setup_s": setup,
+        "machine": info,
     }
     print(f"\n{N_REAL} real x {N_FAKE} fake features of {DIM} dims, CPU s per draw (fastest of {args.rounds} rounds)")
     print("| part | direct | difflora | speed-up | spread of per-round ratios |\n|---|---|---|---|---|")

@@ -13,7 +13,8 @@ bytes of 1,000 distinct images; kept in ``--dir`` and reused), then measures:
     python benchmarks/bench_folder.py                  # writes benchmarks/results/folder.json
 
 The files were just written, so they sit in the page cache: the numbers are decode-bound, not
-disk-bound (a cold disk adds its read time to the first epoch).
+disk-bound (a cold disk adds its read time to the first epoch). ``--device cuda`` runs the training
+step on the GPU (wall seconds up to a synchronisation); the loader decodes on the host either way.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from devices import add_device_argument, machine, machine_line, wall
 from PIL import Image
 
 from difflora.config.schema import load_config
@@ -86,17 +88,17 @@ def time_loader(cfg, batch: int, batches: int) -> float:
     return batch * batches / dt
 
 
-def time_step(preset: str, size: int, batch: int, steps: int) -> float:
+def time_step(preset: str, size: int, batch: int, steps: int, device: torch.device) -> float:
     torch.manual_seed(0)
     cfg = load_config(preset, ["data.name=cifar10", f"data.image_size={size}", "model.in_channels=3"])
-    model, diffusion = build_model(cfg), build_diffusion(cfg)
+    model, diffusion = build_model(cfg).to(device), build_diffusion(cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
     ema = EMA(model, cfg.train.ema_decay)
-    x = torch.randn(batch, 3, size, size)
-    kwargs = {"y": torch.randint(cfg.model.num_classes, (batch,))} if cfg.model.num_classes else {}
+    x = torch.randn(batch, 3, size, size, device=device)
+    kwargs = {"y": torch.randint(cfg.model.num_classes, (batch,), device=device)} if cfg.model.num_classes else {}
 
     def step():
-        t = torch.randint(diffusion.num_timesteps, (batch,))
+        t = torch.randint(diffusion.num_timesteps, (batch,), device=device)
         loss = diffusion.training_losses(model, x, t, kwargs)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -104,10 +106,10 @@ def time_step(preset: str, size: int, batch: int, steps: int) -> float:
         ema.update(model)
 
     step()
-    t0 = time.perf_counter()
+    t0 = wall(device)
     for _ in range(steps):
         step()
-    return batch * steps / (time.perf_counter() - t0)
+    return batch * steps / (wall(device) - t0)
 
 
 def main() -> None:
@@ -119,8 +121,10 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--touch", type=int, default=100)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "folder.json")
+    add_device_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    print(machine_line(machine(args.device)), flush=True)
     folder = args.dir / f"files{args.files}"
     made = make_folder(folder, args.files)
     os.environ.setdefault("DIFFLORA_CACHE", str(args.dir / "cache"))
@@ -128,7 +132,7 @@ def main() -> None:
         stale.unlink()  # a cold first build
     base = ["data.name=image-folder", f"data.root={folder}", f"data.image_size={args.size}", "model.in_channels=3"]
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": 1},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": 1} | machine(args.device),
         "folder": {"files": args.files, "source_size": [96, 72], "format": "jpeg", "generated_s": made},
         "index": time_index(load_config("tiny-unet", base).data, folder, args.touch),
         "loader_images_per_s": {},
@@ -140,7 +144,7 @@ def main() -> None:
         cfg = load_config("tiny-unet", [*base, f"data.workers={workers}", "data.hflip=true"]).data
         result["loader_images_per_s"][f"workers={workers}"] = time_loader(cfg, args.batch, args.batches)
     for preset in ("tiny-unet", "digits"):
-        result["step_images_per_s"][preset] = time_step(preset, args.size, args.batch, 5)
+        result["step_images_per_s"][preset] = time_step(preset, args.size, args.batch, 5, args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

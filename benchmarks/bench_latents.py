@@ -18,6 +18,9 @@ Settings, each in a fresh subprocess that reports its peak resident set size (``
   files, so weights count in RSS once they are used).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_latents.py     # writes benchmarks/results/latents.json
+
+``--device cuda`` puts the VAE and text encoder on the GPU (encode times are then wall seconds up to
+a synchronisation, and the peak is the CUDA allocator's); the caches are read on the host either way.
 """
 
 from __future__ import annotations
@@ -25,12 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
+from devices import add_device_argument, machine, machine_line, wall
+
+from difflora.model.accounting import peak_memory_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -82,12 +89,12 @@ def _data(num: int, size: int):
     return images, captions
 
 
-def _load(work: Path):
+def _load(work: Path, device: torch.device):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
-    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
-    return vae, CLIPTextModel.from_pretrained(work / "text_encoder").eval()
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval().to(device)
+    return vae, CLIPTextModel.from_pretrained(work / "text_encoder").eval().to(device)
 
 
 def _tokenizer(work: Path):
@@ -124,29 +131,27 @@ def _read(work: Path) -> dict:
     }
 
 
-def one(work: Path, setting: str, size: int) -> dict:
-    import torch
-
+def one(work: Path, setting: str, size: int, device: torch.device) -> dict:
     row: dict = {"setting": setting}
     images, captions = _data(int(os.environ["BENCH_NUM"]), size)
     if setting == "build":
         from difflora.latent import LatentSettings, cache_latents, cache_prompts, module_fingerprint
 
         (work / "captions.json").write_text(json.dumps(captions))
-        vae, text_encoder = _load(work)
-        t0 = time.perf_counter()
+        vae, text_encoder = _load(work, device)
+        t0 = wall(device)
         ids = {"vae_id": module_fingerprint(vae), "encoder_id": module_fingerprint(text_encoder)}
-        row["fingerprint_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        row["fingerprint_s"] = wall(device) - t0
+        t0 = wall(device)
         latents = LatentSettings(batch_size=8, shard_size=64)
         cache_latents(vae, images, latents, path=work / "cache" / "latents", vae_id=ids["vae_id"])
-        row["encode_images_per_s"] = len(images) / (time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        row["encode_images_per_s"] = len(images) / (wall(device) - t0)
+        t0 = wall(device)
         tokenizer = _tokenizer(work)
         prompts = cache_prompts(
             tokenizer, text_encoder, captions, path=work / "cache" / "prompts", encoder_id=ids["encoder_id"]
         )
-        row["encode_captions_per_s"] = (len(prompts) - 1) / (time.perf_counter() - t0)
+        row["encode_captions_per_s"] = (len(prompts) - 1) / (wall(device) - t0)
         row["distinct_captions"] = len(prompts) - 1
         row["params"] = {"vae": sum(p.numel() for p in vae.parameters()), "text_encoder": text_encoder.num_parameters()}
     else:
@@ -155,13 +160,13 @@ def one(work: Path, setting: str, size: int) -> dict:
             from difflora.latent import encode_images, encode_prompts
 
             # What a loop that encodes every batch holds: both models, run on one batch each.
-            vae, text_encoder = _load(work)
-            t0 = time.perf_counter()
+            vae, text_encoder = _load(work, device)
+            t0 = wall(device)
             encode_images(vae, images[:BATCH])
             encode_prompts(_tokenizer(work), text_encoder, captions[:BATCH])
-            row["encode_batch_s"] = time.perf_counter() - t0
+            row["encode_batch_s"] = wall(device) - t0
         row["diffusers_imported"] = "diffusers" in sys.modules
-    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    row["peak_rss_mb"] = peak_memory_mb(device)
     row["threads"] = torch.get_num_threads()
     return row
 
@@ -176,13 +181,16 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=64, help="images (one caption per 4)")
     ap.add_argument("--size", type=int, default=128, help="image side in pixels (latents are size / 8)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latents.json"))
+    add_device_argument(ap)
     args = ap.parse_args()
     if args.parts:
         _parts(Path(args.parts))
         return
     if args.one:
-        print(json.dumps(one(Path(args.one[0]), args.one[1], args.size)))
+        print(json.dumps(one(Path(args.one[0]), args.one[1], args.size, args.device)))
         return
+    info = machine(args.device)
+    print(machine_line(info), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "BENCH_NUM": str(args.num)}
     env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     rows = []
@@ -191,6 +199,7 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--parts", str(work)], check=True, env=env)
         for setting in SETTINGS:
             cmd = [sys.executable, __file__, "--one", str(work), setting, "--size", str(args.size)]
+            cmd += ["--device", str(args.device)]
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if r.returncode:
                 sys.exit(f"{setting} failed:\n{r.stderr}")
@@ -208,6 +217,7 @@ def main() -> None:
         "batch_size": BATCH,
         "rss_saved_mb": saved,
         "python": sys.version.split()[0],
+        "machine": info,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

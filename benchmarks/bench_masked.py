@@ -12,6 +12,9 @@ work, robust to the other jobs of a loaded machine) next to its wall time, and t
 model was built (the memory the training step itself needs: activations, gradients, optimizer).
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/bench_masked.py   # writes benchmarks/results/masked.json
+
+``--device cuda``: the step on the GPU, its time in wall seconds between synchronisations (both
+columns), its memory the CUDA allocator's peak minus what it held after the model was built.
 """
 
 from __future__ import annotations
@@ -19,28 +22,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import torch
+from devices import add_device_argument, clock, machine, machine_line, wall
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"unmasked": 0.0, "masked 0.5": 0.5}
 BATCH = 8
 
 
-def _rss_mb() -> float:
-    # Current resident set size (Linux: /proc), for the baseline after building the model.
+def _rss_mb(device: torch.device) -> float:
+    # Current resident set size (Linux: /proc), for the baseline after building the model; on CUDA
+    # the allocator's current memory.
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def one(ratio: float, steps: int) -> dict:
-    import torch
-
+def one(ratio: float, steps: int, device: torch.device) -> dict:
     from difflora.config.schema import parse_config
+    from difflora.model.accounting import peak_memory_mb
     from difflora.model.build import build_diffusion, build_model
     from difflora.train.objectives import Batch, build_objective
 
@@ -57,27 +63,25 @@ def one(ratio: float, steps: int) -> dict:
         }
     )
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg).to(device)
     objective = build_objective(cfg, build_diffusion(cfg))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     g = torch.Generator().manual_seed(0)
-    batch = Batch(
-        torch.rand(BATCH, 3, 32, 32, generator=g) * 2 - 1,
-        {"y": torch.randint(10, (BATCH,), generator=g), "task": torch.zeros(BATCH, dtype=torch.long)},
-    )
-    built = _rss_mb()
+    x, y = torch.rand(BATCH, 3, 32, 32, generator=g) * 2 - 1, torch.randint(10, (BATCH,), generator=g)
+    batch = Batch(x.to(device), {"y": y.to(device), "task": torch.zeros(BATCH, dtype=torch.long, device=device)})
+    built = _rss_mb(device)
     times, walls = [], []
     for i in range(steps + 1):
-        t0, w0 = time.process_time(), time.perf_counter()
-        loss = objective(model, batch, g, torch.device("cpu"))["loss"].mean()
+        t0, w0 = clock(device), wall(device)
+        loss = objective(model, batch, g, device)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if i:  # the first step pays for allocation
-            times.append(time.process_time() - t0)
-            walls.append(time.perf_counter() - w0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+            times.append(clock(device) - t0)
+            walls.append(wall(device) - w0)
+    peak = peak_memory_mb(device)
     return {
         "step_s": min(times),
         "wall_s": min(walls),
@@ -93,15 +97,27 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "masked.json"))
+    add_device_argument(ap)
     args = ap.parse_args()
     if args.one is not None:
-        print(json.dumps(one(args.one, args.steps)))
+        print(json.dumps(one(args.one, args.steps, args.device)))
         return
+    info = machine(args.device)
+    print(machine_line(info), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     for _ in range(args.repeats):
         for name, ratio in SETTINGS.items():  # alternated: each repeat runs every setting once
-            cmd = [sys.executable, __file__, "--one", str(ratio), "--steps", str(args.steps)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                str(ratio),
+                "--steps",
+                str(args.steps),
+                "--device",
+                str(args.device),
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if r.returncode:
                 sys.exit(f"{name} failed:\n{r.stderr}")
@@ -145,6 +161,7 @@ def main() -> None:
         "rows": rows,
         "masked_over_unmasked": ratio,
         "python": sys.version.split()[0],
+        "machine": info,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -17,6 +17,8 @@ no setting inherits another's allocations; the checkpoint size is the bytes of o
 directory (model, EMA, optimizer, RNG, state.json).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memory.py     # writes benchmarks/results/memory.json
+
+``--device cuda`` trains on the GPU (``train.device``); the peak is then the CUDA allocator's.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+from devices import add_device_argument, machine, machine_line
+
+from difflora.model.accounting import peak_memory_mb
 from difflora.presets import CONFIGS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +57,7 @@ SETTINGS: dict[str, list[str]] = {
 }
 
 
-def _config(work: Path, extra: list[str]):
+def _config(work: Path, extra: list[str], device: torch.device):
     from difflora.config.schema import load_config
 
     common = [
@@ -64,7 +69,7 @@ def _config(work: Path, extra: list[str]):
         "sample.num=2",
         "sample.steps=2",
         "sample.sampler=ddim",
-        "train.device=cpu",
+        f"train.device={device}",
     ]
     return load_config(CONFIG, common + extra)
 
@@ -82,13 +87,11 @@ def _write_data(work: Path) -> None:
 
 
 def _make_base(work: Path) -> None:
-    import torch
-
     from difflora.config.schema import config_to_dict
     from difflora.model.build import build_model
     from difflora.train.checkpoint import save_checkpoint
 
-    cfg = _config(work, [])
+    cfg = _config(work, [], torch.device("cpu"))  # the base's values do not matter: written on the CPU
     torch.manual_seed(0)
     model = build_model(cfg)
     state = model.state_dict()
@@ -102,18 +105,16 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def one(work: Path, setting: str) -> dict:
-    import torch
-
+def one(work: Path, setting: str, device: torch.device) -> dict:
     from difflora.model.accounting import parameter_counts
     from difflora.model.build import build_model
     from difflora.train import latest_checkpoint, load_base, train
 
-    cfg = _config(work, SETTINGS[setting] + [f"train.init_from={work / 'base'}"])
+    cfg = _config(work, SETTINGS[setting] + [f"train.init_from={work / 'base'}"], device)
     row: dict = {"setting": setting}
     t0 = time.perf_counter()
     if setting == "load base":
-        model = build_model(cfg)
+        model = build_model(cfg).to(device)
         load_base(model, work / "base")
         counts = parameter_counts(model)
     else:
@@ -128,7 +129,7 @@ def one(work: Path, setting: str) -> dict:
         seconds=time.perf_counter() - t0,
         params=counts["total"],
         trainable=counts["trainable"],
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+        peak_rss_mb=peak_memory_mb(device),
         threads=torch.get_num_threads(),
     )
     return row
@@ -139,13 +140,16 @@ def main() -> None:
     ap.add_argument("--one", nargs=2, metavar=("WORK", "SETTING"), help=argparse.SUPPRESS)
     ap.add_argument("--make-base", metavar="WORK", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.json"))
+    add_device_argument(ap)
     args = ap.parse_args()
     if args.make_base:
         _make_base(Path(args.make_base))
         return
     if args.one:
-        print(json.dumps(one(Path(args.one[0]), args.one[1])))
+        print(json.dumps(one(Path(args.one[0]), args.one[1], args.device)))
         return
+    info = machine(args.device)
+    print(machine_line(info), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +160,10 @@ def main() -> None:
         print(f"base checkpoint (model + EMA + empty optimizer): {base_mb:.1f} MB", flush=True)
         for setting in SETTINGS:
             r = subprocess.run(
-                [sys.executable, __file__, "--one", str(work), setting], capture_output=True, text=True, env=env
+                [sys.executable, __file__, "--one", str(work), setting, "--device", str(args.device)],
+                capture_output=True,
+                text=True,
+                env=env,
             )
             if r.returncode:
                 sys.exit(f"{setting} failed:\n{r.stderr}")
@@ -171,6 +178,7 @@ def main() -> None:
             )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     result = {"rows": rows, "base_checkpoint_mb": base_mb, "batch_size": 2, "python": sys.version.split()[0]}
+    result["machine"] = info
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
 

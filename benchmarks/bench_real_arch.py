@@ -43,6 +43,8 @@ and says so. The full-training SD rows run last.
     python benchmarks/bench_real_arch.py            # ~25 min (2 shared cores); writes benchmarks/results/real_arch.json
     python benchmarks/bench_real_arch.py --quick    # 256 px SD, 128 px DiT: ~15 min on 2 busy cores (the UNet's weights, not its latents, set a step's cost), real_arch_quick.json
     ... --rows counts sample                        # some rows only (the file keeps the others)
+    ... --device cuda                               # on a GPU: peaks are the CUDA allocator's, times wall
+                                                    # seconds between synchronisations; counts stay on the CPU
 """
 
 from __future__ import annotations
@@ -52,13 +54,16 @@ import copy
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+from devices import add_device_argument, clock, machine, machine_line, wall
 from real_arch_models import DIT_XL2, SD_VAE, UNET_PARAMS, VAE_SCALE, build_sd, dit_cfg, encode_sd, wrap
+
+from difflora.model.accounting import peak_memory_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
@@ -71,18 +76,6 @@ PAPER_003 = {"baseline": 21.0, "usual distill": 24.4, "lora": 9.6, "lora distill
 GUIDANCE = 7.5
 SD_SETTINGS = ["lora", "lora distill", "baseline", "usual distill"]  # full training last
 DIT_SETTINGS = {"dit affiner": ("affiner", 0.0), "dit affiner masked": ("affiner", 0.5), "dit full": ("full", 0.0)}
-
-
-def cpu_features() -> dict:
-    """The CPU flags that decide bf16 (``avx512_bf16``, ``amx_bf16``) and the vector width, and the threads."""
-    flags = set(re.findall(r"\S+", next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))))
-    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]
-    return {
-        "flags": {f: f in flags for f in wanted},
-        "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
-        "cpus": os.cpu_count(),
-        "threads": THREADS,
-    }
 
 
 def mem_available_gb() -> float:
@@ -130,8 +123,9 @@ def run_row(spec: dict, estimate: float) -> dict:
 # --- inside a row's subprocess -------------------------------------------------------------------
 
 
-def peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def peak_gb(device: torch.device) -> float:
+    """Peak resident set size on a CPU, the CUDA allocator's peak on a GPU."""
+    return peak_memory_mb(device) / 2**10
 
 
 def inject_lora(model, name: str, rank: int, distill: bool) -> None:
@@ -155,8 +149,6 @@ def cast_frozen(model, dtype) -> None:
 
 def sd_setup(setting: str, unet, dtype):
     """(model, loss(latents, ctx, null, t, noise), trained parameters) of one 003 setting."""
-    import torch
-
     model = wrap(unet)
     model.requires_grad_(False)
     teacher = None
@@ -183,42 +175,40 @@ def sd_setup(setting: str, unet, dtype):
             return (model(x, t, context=ctx).float() - guided(teacher, x, t, ctx, null)).square().mean()
         with model.adapters_disabled("distill"):
             target = guided(model, x, t, ctx, null)
-        student = model(x, t, context=ctx, distill=torch.zeros(len(t), dtype=torch.long))
+        student = model(x, t, context=ctx, distill=torch.zeros(len(t), dtype=torch.long, device=t.device))
         return (student.float() - target).square().mean()
 
     return model, loss, params
 
 
-def timed_steps(loss_fn, params, autocast: bool, steps: int = 2) -> list[tuple[float, float]]:
+def timed_steps(loss_fn, params, autocast: bool, device: torch.device, steps: int = 2) -> list[tuple[float, float]]:
     """``steps`` training steps (forward, backward, AdamW); (wall, CPU) seconds of each. CPU time
-    (both threads) is the step's own work, robust to the other jobs of the shared machine."""
-    import torch
-
+    (both threads) is the step's own work, robust to the other jobs of the shared machine (on CUDA
+    both are wall seconds between synchronisations)."""
     optim = torch.optim.AdamW(params, lr=1e-5, foreach=False) if params else None
     times = []
     for _ in range(steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        t0, c0 = wall(device), clock(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn()
         loss.backward()
         if optim is not None:
             optim.step()
             optim.zero_grad(set_to_none=True)
-        times.append((time.perf_counter() - t0, time.process_time() - c0))
+        times.append((wall(device) - t0, clock(device) - c0))
     return times
 
 
-def sd_row(setting: str, dtype_name: str, size: int) -> dict:
-    import torch
-
+def sd_row(setting: str, dtype_name: str, size: int, device: torch.device) -> dict:
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     t0 = time.perf_counter()
     unet, vae, text = build_sd(dtype)
-    latents, ctx, null = encode_sd(vae, text, size, 1)
-    model, loss, params = sd_setup(setting, unet, dtype)
+    latents, ctx, null = (v.to(device) for v in encode_sd(vae, text, size, 1))
+    model, loss, params = sd_setup(setting, unet.to(device), dtype)
     g = torch.Generator().manual_seed(1)
     t, noise = torch.randint(0, 1000, (1,), generator=g), torch.randn(latents.shape, generator=g)
-    times = timed_steps(lambda: loss(latents, ctx, null, t, noise), params, dtype_name == "bf16")
+    t, noise = t.to(device), noise.to(device)
+    times = timed_steps(lambda: loss(latents, ctx, null, t, noise), params, dtype_name == "bf16", device)
     return {
         "row": setting,
         "dtype": dtype_name,
@@ -229,7 +219,7 @@ def sd_row(setting: str, dtype_name: str, size: int) -> dict:
         "step_s": times[1][0],
         "step_cpu_s": times[1][1],
         "seconds": time.perf_counter() - t0,
-        "peak_rss_gb": peak_gb(),
+        "peak_rss_gb": peak_gb(device),
     }
 
 
@@ -261,7 +251,6 @@ def adapter_count(model, inject) -> int:
 
 def sd_counts(latent: int) -> dict:
     """UNet / VAE / text encoder counts, 004's recipe and LoRA as fractions, the LoRA's FLOP share."""
-    import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -308,7 +297,6 @@ def sd_counts(latent: int) -> dict:
 
 
 def dit_counts() -> dict:
-    import torch
     from diffusers import DiTTransformer2DModel
 
     from difflora.model.accounting import parameter_counts
@@ -323,9 +311,8 @@ def dit_counts() -> dict:
     return out
 
 
-def dit_row(setting: str, latent: int, batch: int) -> dict:
+def dit_row(setting: str, latent: int, batch: int, device: torch.device) -> dict:
     """One 002 setting on DiT-XL/2: the SD VAE encodes the batch, then difflora's objective trains."""
-    import torch
     from diffusers import AutoencoderKL
 
     from difflora.model.build import build_diffusion, build_model
@@ -340,14 +327,14 @@ def dit_row(setting: str, latent: int, batch: int) -> dict:
         image = torch.rand(batch, 3, 8 * latent, 8 * latent, generator=g) * 2 - 1
         latents = vae.encode(image).latent_dist.sample(generator=g) * VAE_SCALE
     cfg = dit_cfg(kind, ratio, latent)
-    model = build_model(cfg)
+    model = build_model(cfg).to(device)
     objective = build_objective(cfg, build_diffusion(cfg))
-    conditions = {"y": torch.randint(0, 1000, (batch,), generator=g)}
+    conditions = {"y": torch.randint(0, 1000, (batch,), generator=g).to(device)}
     if kind == "affiner":
-        conditions["task"] = torch.zeros(batch, dtype=torch.long)
-    data = Batch(latents, conditions)
+        conditions["task"] = torch.zeros(batch, dtype=torch.long, device=device)
+    data = Batch(latents.to(device), conditions)
     params = [p for p in model.parameters() if p.requires_grad]
-    times = timed_steps(lambda: objective(model, data, g, torch.device("cpu"))["loss"].mean(), params, False)
+    times = timed_steps(lambda: objective(model, data, g, device)["loss"].mean(), params, False, device)
     return {
         "row": setting,
         "dtype": "fp32",
@@ -359,29 +346,27 @@ def dit_row(setting: str, latent: int, batch: int) -> dict:
         "step_s": times[1][0],
         "step_cpu_s": times[1][1],
         "seconds": time.perf_counter() - t0,
-        "peak_rss_gb": peak_gb(),
+        "peak_rss_gb": peak_gb(device),
     }
 
 
-def best_of(fn, reps: int) -> float:
-    """The fastest of ``reps`` calls, in CPU seconds of the process."""
+def best_of(fn, reps: int, device: torch.device) -> float:
+    """The fastest of ``reps`` calls, in CPU seconds of the process (on CUDA wall seconds)."""
     best = float("inf")
     for _ in range(reps):
-        t0 = time.process_time()
+        t0 = clock(device)
         fn()
-        best = min(best, time.process_time() - t0)
+        best = min(best, clock(device) - t0)
     return best
 
 
-def sample_row(latent: int, reps: int) -> dict:
+def sample_row(latent: int, reps: int, device: torch.device) -> dict:
     """One sampling step of the guided teacher (2 passes: a batch of 2, or two calls) and of the fused
     student (1 pass: the same plain UNet, the LoRA written into its weights), no grad, fp32."""
-    import torch
-
     unet = build_sd(torch.float32)[0].eval().requires_grad_(False)
-    model = wrap(unet)
-    x, ctx, null = torch.randn(1, 4, latent, latent), torch.randn(1, 77, 768), torch.randn(1, 77, 768)
-    t = torch.tensor([500])
+    model = wrap(unet).to(device)
+    x, ctx = torch.randn(1, 4, latent, latent, device=device), torch.randn(1, 77, 768, device=device)
+    null, t = torch.randn(1, 77, 768, device=device), torch.tensor([500], device=device)
     runs = {
         "teacher_batch2": lambda: model(torch.cat([x, x]), torch.cat([t, t]), context=torch.cat([ctx, null])),
         "teacher_2calls": lambda: (model(x, t, context=ctx), model(x, t, context=null)),
@@ -389,7 +374,7 @@ def sample_row(latent: int, reps: int) -> dict:
     }
     with torch.no_grad():
         runs["student"]()  # warm-up
-        best = {k: best_of(fn, reps) for k, fn in runs.items()}
+        best = {k: best_of(fn, reps, device) for k, fn in runs.items()}
     return {
         "row": "sample",
         "latent": latent,
@@ -397,19 +382,19 @@ def sample_row(latent: int, reps: int) -> dict:
         "cpu_seconds": best,
         "teacher_batch2_over_student": best["teacher_batch2"] / best["student"],
         "teacher_2calls_over_student": best["teacher_2calls"] / best["student"],
-        "peak_rss_gb": peak_gb(),
+        "peak_rss_gb": peak_gb(device),
     }
 
 
-def overhead_row(latent: int, rounds: int) -> dict:
+def overhead_row(latent: int, rounds: int, device: torch.device) -> dict:
     """ABBA: the frozen UNet with the input requiring gradients (A) against the rank-4 LoRA trained (B)."""
-    import torch
-
     unet = build_sd(torch.float32)[0]
     model = wrap(unet)
     inject_lora(model, "lora", 4, False)
+    model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    x, ctx, t = torch.randn(1, 4, latent, latent), torch.randn(1, 77, 768), torch.tensor([500])
+    x, ctx = torch.randn(1, 4, latent, latent, device=device), torch.randn(1, 77, 768, device=device)
+    t = torch.tensor([500], device=device)
 
     def input_grad():
         with model.adapters_disabled("lora"):
@@ -419,8 +404,8 @@ def overhead_row(latent: int, rounds: int) -> dict:
         return model(x, t, context=ctx).square().mean()
 
     steps = {
-        "input_grad": lambda: timed_steps(input_grad, [], False, 1)[0],
-        "lora": lambda: timed_steps(lora, params, False, 1)[0],
+        "input_grad": lambda: timed_steps(input_grad, [], False, device, 1)[0],
+        "lora": lambda: timed_steps(lora, params, False, device, 1)[0],
     }
     for fn in steps.values():
         fn()  # warm-up
@@ -438,24 +423,23 @@ def overhead_row(latent: int, rounds: int) -> dict:
         "wall_cpu_s": times,
         "best_cpu_s": best,
         "lora_over_input_grad": best["lora"] / best["input_grad"],
-        "peak_rss_gb": peak_gb(),
+        "peak_rss_gb": peak_gb(device),
     }
 
 
 def run_one(spec: dict) -> dict:
-    import torch
-
     torch.set_num_threads(THREADS)
-    kind = spec["kind"]
-    if kind == "counts":
-        return {"row": "counts", "sd": sd_counts(spec["latent"]), "dit": dit_counts(), "peak_rss_gb": peak_gb()}
+    kind, device = spec["kind"], torch.device(spec.get("device", "cpu"))
+    if kind == "counts":  # parameter and FLOP counts: on the CPU whatever the device
+        cpu = torch.device("cpu")
+        return {"row": "counts", "sd": sd_counts(spec["latent"]), "dit": dit_counts(), "peak_rss_gb": peak_gb(cpu)}
     if kind == "sd":
-        return sd_row(spec["setting"], spec["dtype"], spec["size"])
+        return sd_row(spec["setting"], spec["dtype"], spec["size"], device)
     if kind == "dit":
-        return dit_row(spec["setting"], spec["latent"], spec["batch"])
+        return dit_row(spec["setting"], spec["latent"], spec["batch"], device)
     if kind == "sample":
-        return sample_row(spec["latent"], spec["reps"])
-    return overhead_row(spec["latent"], spec["rounds"])
+        return sample_row(spec["latent"], spec["reps"], device)
+    return overhead_row(spec["latent"], spec["rounds"], device)
 
 
 # Full and quick sizes: SD image px, DiT latent side and batch, sampling and overhead latent sides.
@@ -558,12 +542,14 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="256 px SD, 128 px DiT at batch 1: about half the full run")
     p.add_argument("--rows", nargs="+", choices=["counts", "sample", "overhead", "dit", "sd"], help="only these kinds")
     p.add_argument("--out", help="results file (default benchmarks/results/real_arch[_quick].json)")
+    add_device_argument(p)
     args = p.parse_args()
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
         return
-    cpu = cpu_features()
-    print(f"CPU features: {cpu}", flush=True)
+    torch.set_num_threads(THREADS)
+    cpu = machine(args.device) | {"cpus": os.cpu_count()}
+    print(machine_line(cpu), flush=True)
     dtypes = ["fp32", "bf16"] if cpu["native_bf16"] else ["fp32"]
     mode = "quick" if args.quick else "full"
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"real_arch{'_quick' if args.quick else ''}.json")
@@ -572,7 +558,7 @@ def main() -> None:
     for spec, estimate in plan(SIZES[mode], dtypes):
         if args.rows and spec["kind"] not in args.rows:
             continue
-        rows.append(run_row(spec, estimate))
+        rows.append(run_row(spec | {"device": str(args.device)}, estimate))
         print(json.dumps(rows[-1]), flush=True)
     keys = {(r["row"], r.get("dtype")) for r in rows}
     rows = [r for r in old if (r["row"], r.get("dtype")) not in keys] + rows  # a partial run keeps the others

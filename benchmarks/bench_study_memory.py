@@ -14,6 +14,7 @@ the values). No grids are sampled and no evaluation runs.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_study_memory.py            # writes benchmarks/results/study_memory.json
     python benchmarks/bench_study_memory.py --arms unet-mnist5k-full unet-mnist5k-affiner --steps 3
+    ... --device cuda                     # train on the GPU (train.device); peaks are the CUDA allocator's
 """
 
 from __future__ import annotations
@@ -21,17 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
+from devices import add_device_argument, machine, machine_line
+
+from difflora.model.accounting import peak_memory_mb
+
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = "experiments/diffscaler/datasets.yaml"
 
 
-def _config(study_path: str, arm_name: str, work: Path, steps: int):
+def _config(study_path: str, arm_name: str, work: Path, steps: int, device: torch.device):
     """The arm's config (seed 0) with its base resolved (cached or a stand-in) and a short run."""
     from difflora.experiments.study_spec import arm_config, load_study
     from difflora.train.base import pretrained_run_dir
@@ -45,13 +50,12 @@ def _config(study_path: str, arm_name: str, work: Path, steps: int):
         if not (pretrained_run_dir(name) / "checkpoints").is_dir():
             init = str(_stand_in(name, work))
     over = {"init_from": init, "steps": steps, "ckpt_every": steps, "log_every": 1, "sample_every": 0}
+    over["device"] = str(device)
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=over)})
 
 
 def _stand_in(name: str, work: Path) -> Path:
     """A run directory holding one checkpoint of the base preset ``name`` at initialisation."""
-    import torch
-
     from difflora.config.schema import config_to_dict, load_config
     from difflora.model.build import build_model
     from difflora.presets import CONFIGS_DIR
@@ -70,26 +74,25 @@ def _stand_in(name: str, work: Path) -> Path:
     return out
 
 
-def one(study_path: str, arm: str, work: Path, steps: int, floor: bool) -> dict:
-    """Train (or, for the floor, only build and load) one arm in this process; its peak RSS."""
-    import torch
-
+def one(study_path: str, arm: str, work: Path, steps: int, floor: bool, device: torch.device) -> dict:
+    """Train (or, for the floor, only build and load) one arm in this process; its peak RSS (on CUDA
+    the allocator's peak)."""
     from difflora.model.build import build_model
     from difflora.train import load_base, train
 
-    cfg = _config(study_path, arm, work, steps)
+    cfg = _config(study_path, arm, work, steps, device)
     row: dict = {"arm": arm, "arch": cfg.model.arch, "batch": cfg.train.batch_size, "floor": floor}
     if floor:
         from difflora.data import load_dataset
 
         load_dataset(cfg.data, "train")  # the data the training process holds too
-        model = build_model(cfg)
+        model = build_model(cfg).to(device)
         load_base(model, cfg.train.init_from)
     else:
         result = train(cfg, work / "runs" / arm, progress=False, log=lambda s: None)
         acc = result["accounting"]
         row.update(trainable=acc["parameters"]["trainable"], train_step_s=acc["train_step_s"])
-    row.update(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, threads=torch.get_num_threads())
+    row.update(peak_rss_mb=peak_memory_mb(device), threads=torch.get_num_threads())
     return row
 
 
@@ -109,11 +112,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="training steps per arm (default 3)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "study_memory.json"))
     ap.add_argument("--one", nargs=3, metavar=("WORK", "ARM", "FLOOR"), help=argparse.SUPPRESS)
+    add_device_argument(ap)
     args = ap.parse_args()
     if args.one:
         work, arm, floor = args.one
-        print(json.dumps(one(args.study, arm, Path(work), args.steps, floor == "1")))
+        print(json.dumps(one(args.study, arm, Path(work), args.steps, floor == "1", args.device)))
         return
+    info = machine(args.device)
+    print(machine_line(info), flush=True)
+    on = ["--device", str(args.device), "--steps", str(args.steps)]
     study = load_study(args.study)
     arms = [a for a in study.arms if not args.arms or a.name in args.arms]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -121,11 +128,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for a in arms:
             arm = a.name
-            row = _run(["--steps", str(args.steps), "--one", tmp, arm, "0", args.study], env)
+            row = _run([*on, "--one", tmp, arm, "0", args.study], env)
             cfg = arm_config(study, a, 0)
             key = (cfg.model.arch, cfg.data.name)  # one floor per backbone and dataset
             if key not in floors:
-                floors[key] = _run(["--steps", str(args.steps), "--one", tmp, arm, "1", args.study], env)
+                floors[key] = _run([*on, "--one", tmp, arm, "1", args.study], env)
             row["floor_mb"] = floors[key]["peak_rss_mb"]
             row["training_mb"] = row["peak_rss_mb"] - row["floor_mb"]
             rows.append(row)
@@ -136,6 +143,7 @@ def main() -> None:
                 flush=True,
             )
     result = {"study": str(args.study), "steps": args.steps, "rows": rows, "python": sys.version.split()[0]}
+    result["machine"] = info
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -23,7 +23,8 @@ as the median over ``--repeats`` repeats with its range (the spread).
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/bench_tasks.py    # writes benchmarks/results/tasks.json
 
-Needs peft (``pip install difflora[bench]``).
+Needs peft (``pip install difflora[bench]``). ``--device cuda`` runs every variant on the GPU, timed
+in wall seconds between synchronisations.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from devices import add_device_argument, clock, machine, machine_line
 
 from difflora.config.schema import load_config, parse_config
 from difflora.model.build import build_model
@@ -49,14 +50,14 @@ LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 OURS, PEFT, BASE = "difflora", "peft adapter_names", "base alone"
 
 
-def _fastest(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
-    """Fastest CPU time of each variant over ``runs`` alternated runs."""
+def _fastest(fns: dict[str, Callable[[], object]], runs: int, device: torch.device) -> dict[str, float]:
+    """Fastest time of each variant over ``runs`` alternated runs (CPU time on a CPU)."""
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(runs):
         for name, fn in fns.items():
-            t0 = time.process_time()
+            t0 = clock(device)
             fn()
-            best[name] = min(best[name], time.process_time() - t0)
+            best[name] = min(best[name], clock(device) - t0)
     return best
 
 
@@ -75,22 +76,23 @@ def _summary(ratios: list[float], times: list[dict[str, float]]) -> dict:
     return out
 
 
-def mixed_training(batch: int, runs: int, repeats: int) -> dict:
+def mixed_training(batch: int, runs: int, repeats: int, device: torch.device) -> dict:
     cfg = load_config(
         CONFIGS_DIR / "pretrain" / "fmnist16-unet.yaml",
         [f"model.affiner={{tasks: {TASKS}}}", "data.task_id=0", "train.train_base=false"],
     )
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg).to(device)
     with torch.no_grad():  # trained-looking task entries (fresh ones are exact no-ops)
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.01)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 1, 16, 16, generator=g)
-    t = torch.randint(1000, (batch,), generator=g)
-    y = torch.randint(10, (batch,), generator=g)
-    tasks = {"single task": torch.full((batch,), 3), f"{TASKS} tasks mixed": torch.arange(batch) % TASKS}
+    x = torch.randn(batch, 1, 16, 16, generator=g).to(device)
+    t = torch.randint(1000, (batch,), generator=g).to(device)
+    y = torch.randint(10, (batch,), generator=g).to(device)
+    mixed = torch.arange(batch, device=device) % TASKS
+    tasks = {"single task": torch.full((batch,), 3, device=device), f"{TASKS} tasks mixed": mixed}
 
     def step(task: torch.Tensor) -> Callable[[], None]:
         def run() -> None:
@@ -100,8 +102,8 @@ def mixed_training(batch: int, runs: int, repeats: int) -> dict:
         return run
 
     fns = {name: step(task) for name, task in tasks.items()}
-    _fastest(fns, 1)  # warm-up
-    times = [_fastest(fns, runs) for _ in range(repeats)]
+    _fastest(fns, 1, device)  # warm-up
+    times = [_fastest(fns, runs, device) for _ in range(repeats)]
     ratios = [tt[f"{TASKS} tasks mixed"] / tt["single task"] for tt in times]
     return {"batch": batch, "target": "<= 1.2", **_summary(ratios, times)}
 
@@ -157,7 +159,7 @@ def _peft_forward(net: torch.nn.Module, x, t, y, names: list[str]) -> torch.Tens
             h.remove()
 
 
-def mixed_inference_vs_peft(batch: int, runs: int, repeats: int, rank: int = 8) -> dict:
+def mixed_inference_vs_peft(batch: int, runs: int, repeats: int, device: torch.device, rank: int = 8) -> dict:
     import peft
 
     lora = {"name": "lora", "condition": "task", "weighting": "index", "num_values": TASKS, "rank": rank}
@@ -166,13 +168,14 @@ def mixed_inference_vs_peft(batch: int, runs: int, repeats: int, rank: int = 8) 
     with torch.no_grad():  # trained-looking LoRAs and blocks (a fresh DiT outputs zeros)
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    twin = _peft_twin(ours, rank).eval()
+    twin = _peft_twin(ours, rank).eval().to(device)
+    ours = ours.to(device)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 1, 16, 16, generator=g)
-    t = torch.randint(1000, (batch,), generator=g)
-    y = torch.randint(10, (batch,), generator=g)
-    task = torch.arange(batch) % TASKS
-    names = [f"task{k}" for k in task.tolist()]
+    x = torch.randn(batch, 1, 16, 16, generator=g).to(device)
+    t = torch.randint(1000, (batch,), generator=g).to(device)
+    y = torch.randint(10, (batch,), generator=g).to(device)
+    names = [f"task{k % TASKS}" for k in range(batch)]
+    task = torch.arange(batch, device=device) % TASKS
     with torch.no_grad():
         a, b = ours(x, t, y, task=task), _peft_forward(twin, x, t, y, names)
     error = (a - b).abs().max().item()
@@ -192,8 +195,8 @@ def mixed_inference_vs_peft(batch: int, runs: int, repeats: int, rank: int = 8) 
             ours(x, t, y, task=task)
 
     fns = {OURS: run_ours, PEFT: run_peft, BASE: run_base}
-    _fastest(fns, 1)
-    times = [_fastest(fns, runs) for _ in range(repeats)]
+    _fastest(fns, 1, device)
+    times = [_fastest(fns, runs, device) for _ in range(repeats)]
     ratios = [tt[PEFT] / tt[OURS] for tt in times]
     layers = _layers_vs_peft(ours, twin, batch, task, names, runs, repeats)
     return {
@@ -215,7 +218,7 @@ def _layers_vs_peft(ours, twin, batch: int, task, names: list[str], runs: int, r
     out = {}
     for path in LORA_TARGETS:
         mine, theirs = ours.net.get_submodule(f"blocks.0.{path}"), twin.get_submodule(f"blocks.0.{path}")
-        h = torch.randn(batch, 64, mine.base_layer.in_features, generator=g)
+        h = torch.randn(batch, 64, mine.base_layer.in_features, generator=g).to(task.device)
 
         def run_ours(layer=mine, h=h) -> None:
             with torch.no_grad(), conditions(task=task):
@@ -230,8 +233,8 @@ def _layers_vs_peft(ours, twin, batch: int, task, names: list[str], runs: int, r
                 layer.base_layer(h)
 
         fns = {OURS: run_ours, PEFT: run_peft, BASE: run_base}
-        _fastest(fns, 1)
-        times = [_fastest(fns, runs) for _ in range(repeats)]
+        _fastest(fns, 1, task.device)
+        times = [_fastest(fns, runs, task.device) for _ in range(repeats)]
         out[path] = _summary([tt[PEFT] / tt[OURS] for tt in times], times)
     return out
 
@@ -252,16 +255,19 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tasks.json"))
+    add_device_argument(ap)
     args = ap.parse_args()
     result = {
+        "machine": machine(args.device),
         "threads": torch.get_num_threads(),
         "note": "run with nice -n 5 and OMP_NUM_THREADS=1 on a loaded 2-core machine; times are process CPU time",
         "torch": torch.__version__,
     }
-    train = mixed_training(args.batch, args.runs, args.repeats)
+    print(machine_line(result["machine"]), flush=True)
+    train = mixed_training(args.batch, args.runs, args.repeats, args.device)
     result["mixed_training"] = train
     print(_line(f"P3 train: {TASKS} tasks mixed / single task", train), flush=True)
-    infer = mixed_inference_vs_peft(args.batch, args.runs, args.repeats)
+    infer = mixed_inference_vs_peft(args.batch, args.runs, args.repeats, args.device)
     result["mixed_inference_vs_peft"] = infer
     print(_line("P3 inference: peft / difflora", infer), flush=True)
     for path, row in infer["layers"].items():

@@ -6,6 +6,10 @@ the dataset's shape (the paper's CIFAR-10 files are not on this machine), so thi
 not the data pipeline.
 
     python benchmarks/bench_train.py            # all presets; writes benchmarks/results/train.json
+    ... --device cuda --precision bf16           # on a GPU (wall seconds between synchronisations)
+
+``--precision`` is ``train.precision`` (fp32, bf16, fp16 without its loss scaling, auto: bf16 where
+the hardware computes it natively).
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import torch
+from devices import add_device_argument, machine, machine_line, wall
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = [  # (config, batch size, timed steps)
@@ -26,47 +32,49 @@ PRESETS = [  # (config, batch size, timed steps)
 ]
 
 
-def one(config: str, batch: int, steps: int) -> dict:
-    import torch
-
+def one(config: str, batch: int, steps: int, device: torch.device, precision: str) -> dict:
     from difflora.cli.commands import resolve_config_path
     from difflora.config.schema import load_config
     from difflora.model.accounting import parameter_counts, peak_memory_mb
     from difflora.model.build import build_diffusion, build_model
     from difflora.train.ema import EMA
+    from difflora.train.precision import autocast, resolve_precision
 
     torch.manual_seed(0)
     cfg = load_config(resolve_config_path(config))
-    model = build_model(cfg)
+    model = build_model(cfg).to(device)
     diffusion = build_diffusion(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr)
     ema = EMA(model, cfg.train.ema_decay)
     m = cfg.model
-    x = torch.randn(batch, m.in_channels, m.image_size, m.image_size)
-    kwargs = {"y": torch.randint(m.num_classes, (batch,))} if m.num_classes else {}
+    x = torch.randn(batch, m.in_channels, m.image_size, m.image_size, device=device)
+    kwargs = {"y": torch.randint(m.num_classes, (batch,), device=device)} if m.num_classes else {}
 
     def step():
-        t = torch.randint(diffusion.num_timesteps, (batch,))
-        loss = diffusion.training_losses(model, x, t, kwargs)["loss"].mean()
+        t = torch.randint(diffusion.num_timesteps, (batch,), device=device)
+        with autocast(precision, device):
+            loss = diffusion.training_losses(model, x, t, kwargs)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         ema.update(model)
 
     step()  # warm-up: allocation, first-touch
-    t0 = time.perf_counter()
+    t0 = wall(device)
     for _ in range(steps):
         step()
-    dt = (time.perf_counter() - t0) / steps
+    dt = (wall(device) - t0) / steps
     return {
         "config": config,
         "params": parameter_counts(model)["total"],
         "batch": batch,
         "step_s": dt,
         "images_per_s": batch / dt,
-        "peak_memory_mb": peak_memory_mb(),
+        "peak_memory_mb": peak_memory_mb(device),
         "threads": torch.get_num_threads(),
+        "device": str(device),
+        "precision": resolve_precision(precision, device),
     }
 
 
@@ -74,14 +82,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--one", nargs=3, metavar=("CONFIG", "BATCH", "STEPS"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.json"))
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32")
+    add_device_argument(ap)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one[0], int(args.one[1]), int(args.one[2]))))
+        print(json.dumps(one(args.one[0], int(args.one[1]), int(args.one[2]), args.device, args.precision)))
         return
+    info = machine(args.device)
+    print(machine_line(info), flush=True)
     rows = []
     for config, batch, steps in PRESETS:
+        on = ["--device", str(args.device), "--precision", args.precision]
         r = subprocess.run(
-            [sys.executable, __file__, "--one", config, str(batch), str(steps)],
+            [sys.executable, __file__, "--one", config, str(batch), str(steps), *on],
             capture_output=True,
             text=True,
             check=True,
@@ -94,7 +107,7 @@ def main() -> None:
             flush=True,
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "python": sys.version.split()[0]}, indent=2))
+    Path(args.out).write_text(json.dumps({"rows": rows, "python": sys.version.split()[0], "machine": info}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -12,7 +12,7 @@ import torch
 from difflora.config.schema import Config, ModelConfig
 from difflora.nets import DIT_PRESETS, build_net, count_parameters
 from difflora.nets.dit import Attention, get_2d_sincos_pos_embed
-from difflora.nets.layers import timestep_embedding
+from difflora.nets.layers import dot_product_attention, timestep_embedding
 from difflora.nets.unet import AttentionBlock
 
 # Seed 000's CIFAR-10 U-Net flags (improved-diffusion's cifar10 run).
@@ -320,6 +320,27 @@ def test_unet_attention_matches_improved_diffusion_formula():
     h = torch.einsum("bts,bcs->bct", w, v).reshape(b, c, -1)
     expected = (xs + block.proj_out(h)).reshape(x.shape)
     torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dot_product_attention_is_the_softmax_product_for_every_kernel(dtype):
+    """Whichever kernel runs (SDPA on contiguous inputs in fp32, the product written out in bf16 on a
+    CPU), it computes softmax(q k^T / sqrt(d)) v: on strided views (the U-Net's head split) and
+    contiguous ones, self- and cross-attention (S != T), against the formula in float64."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 3, 3 * 8, 10, generator=g)  # the U-Net's [N x heads x 3d x T] before its transpose
+    strided = qkv.transpose(-1, -2).chunk(3, dim=-1)
+    cross = (
+        torch.randn(2, 3, 10, 8, generator=g),
+        torch.randn(2, 3, 5, 8, generator=g),
+        torch.randn(2, 3, 5, 8, generator=g),
+    )
+    for q, k, v in (strided, cross):
+        w = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(8), dim=-1)
+        got = dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype))
+        assert got.dtype == dtype and got.shape == q.shape
+        tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16 keeps 8 significant bits
+        torch.testing.assert_close(got.double(), w @ v.double(), atol=tol, rtol=tol)
 
 
 def test_dit_attention_matches_timm_layout():

@@ -76,6 +76,15 @@ def test_cpu_and_inductor_map_onto_device_and_compile():
     ]
 
 
+@pytest.mark.parametrize("mixed", ["bf16", "fp16"])
+def test_mixed_precision_makes_the_choice_precision_auto_leaves_open(mixed):
+    got, notes = accelerate_flags(
+        tiny_config("tiny-unet", "train.precision=auto"), LAUNCHED | {"ACCELERATE_MIXED_PRECISION": mixed}
+    )
+    assert got.train.precision == mixed
+    assert notes == [f"accelerate launch --mixed_precision {mixed}: train.precision={mixed}"]
+
+
 def test_training_under_the_launchers_bf16_trains_and_records_bf16(tmp_path, monkeypatch):
     for k, v in (LAUNCHED | {"ACCELERATE_MIXED_PRECISION": "bf16"}).items():
         monkeypatch.setenv(k, v)

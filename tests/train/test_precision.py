@@ -14,7 +14,7 @@ import torch
 from difflora.adapters import adapter_layers, conditions
 from difflora.model.build import build_model
 from difflora.train import latest_checkpoint, load_checkpoint, train
-from difflora.train.precision import autocast, grad_scaler
+from difflora.train.precision import autocast, cpu_flags, grad_scaler, native_bf16, resolve_precision
 from helpers import tiny_config
 
 QUIET = {"progress": False, "log": lambda s: None}
@@ -148,3 +148,49 @@ def test_fp16_resume_records_the_loss_scale_and_continues_bit_identically(tmp_pa
     assert state["grad_scaler"]["scale"] == scales[-1]
     a, b = (load_checkpoint(latest_checkpoint(tmp_path / r)).model for r in ("straight", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- train.precision: auto --------------------------------------------------------------------------
+CPU = torch.device("cpu")
+
+
+def test_cpu_flags_are_read_from_cpuinfo_on_x86_and_arm(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t: fpu\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert cpu_flags(x86) == frozenset({"fpu", "sse2", "avx2", "avx512f", "avx512_bf16"})  # the first CPU's
+    assert cpu_flags(arm) == frozenset({"fp", "asimd", "bf16"})
+    assert cpu_flags(tmp_path / "absent") == frozenset()  # not Linux: no flags, never an error
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [({"avx2", "fma"}, False), ({"avx2", "avx512f"}, False), ({"avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True)],
+)
+def test_native_bf16_is_avx512_bf16_or_amx_bf16(flags, native):
+    assert native_bf16(CPU, frozenset(flags)) is native
+
+
+def test_auto_is_bf16_exactly_where_the_cpu_computes_bf16_natively():
+    expected = "bf16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "fp32"
+    assert resolve_precision("auto", CPU) == expected
+    for explicit in ("fp32", "bf16", "fp16"):
+        assert resolve_precision(explicit, CPU) == explicit  # an explicit choice is never changed
+    model = _adapted_model()
+    with torch.no_grad(), autocast("auto", CPU):
+        out = model(X, T, Y)
+    assert out.dtype == (torch.bfloat16 if expected == "bf16" else torch.float32)
+    assert not grad_scaler("auto", CPU).is_enabled()  # auto is never fp16: no loss scaling
+
+
+def test_a_run_with_precision_auto_records_the_precision_it_trained_in(tmp_path):
+    _run(tmp_path, "auto", "train.precision=auto", "train.steps=1", "train.ckpt_every=1")
+    accounting = json.loads((tmp_path / "auto" / "accounting.json").read_text())
+    assert accounting["precision"] == resolve_precision("auto", CPU)  # what ran, not "auto"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: auto on a GPU needs one")
+def test_auto_on_a_gpu_follows_its_bf16_support():
+    cuda = torch.device("cuda")
+    assert resolve_precision("auto", cuda) == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")

@@ -108,6 +108,7 @@ def test_compiled_model_with_adapters_and_conditions_equals_eager():
 # Readbacks of a tensor to the host there would stall a GPU every call.
 HOT = {
     "train/step.py": ["train_step", "_accumulate", "_micro_rows"],
+    "train/precision.py": ["autocast", "resolve_precision", "native_bf16"],  # per micro-batch (auto: detected)
     "train/state.py": ["add"],
     "train/objectives.py": ["__call__", "local"],
     "distill/objective.py": ["__call__", "teacher", "_shared", "scales", "student_kwargs", "distill_losses"],

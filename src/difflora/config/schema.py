@@ -237,9 +237,10 @@ class TrainConfig(StrictModel):
     sample_every: int = Field(default=0, ge=0)
     """Write a sample grid every N steps (0: none)."""
     # Mixed precision (autocast; weights, optimizer state and EMA stay fp32): bf16, or fp16 with a
-    # gradient scaler. See README "Training at scale".
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Mixed precision of the forward and backward: fp32, bf16 or fp16 (weights stay fp32)."""
+    # gradient scaler; auto: bf16 where the CPU or GPU computes bf16 natively, else fp32. See README
+    # "Training at scale" and docs/speed.md.
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """Mixed precision of the forward and backward: fp32, bf16, fp16 or auto (bf16 where native, else fp32); weights stay fp32."""
     # Micro-batches per step: batch_size (the global batch, over all processes) is split into
     # grad_accum parts whose gradients are summed before one optimizer step.
     grad_accum: int = Field(default=1, ge=1)

@@ -33,18 +33,17 @@ runs only the kept tokens ``idx`` [N x K] of each sample, given as a strip of th
 
 Other differences: the fixed 2D sin-cos position embedding is a non-persistent buffer (not a
 parameter, so it is never trained nor saved; DiT keeps it as a frozen ``nn.Parameter``);
-attention uses ``scaled_dot_product_attention``; images are square (``image_size``), and
-``patch_size`` must divide it.
+attention is ``layers.dot_product_attention`` (SDPA, or written out on a CPU in bf16); images are
+square (``image_size``), and ``patch_size`` must divide it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from difflora.config.schema import DIT_PRESETS, ModelConfig
-from difflora.nets.layers import timestep_embedding
+from difflora.nets.layers import dot_product_attention, timestep_embedding
 from difflora.nets.transformer import ContextEmbedder, TransformerBlock
 
 __all__ = ["DIT_PRESETS", "DiT", "DiTBlock", "get_2d_sincos_pos_embed", "patch_strip"]
@@ -142,7 +141,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, heads, T, D/heads)
+        h = dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, heads, T, D/heads)
         return self.proj(h.transpose(1, 2).reshape(n, t, d))
 
 

@@ -1,8 +1,9 @@
 """Small building blocks shared by the U-Net and DiT backbones.
 
 Everything here is plain PyTorch and knows nothing about diffusion: a sinusoidal embedding of a
-scalar per sample, an initialiser that zeroes a module, a float32 GroupNorm, and the null-label
-handling both networks share (``y == -1`` means "no class conditioning for this sample").
+scalar per sample, an initialiser that zeroes a module, a float32 GroupNorm, the attention product
+every network computes with, and the null-label handling both networks share (``y == -1`` means
+"no class conditioning for this sample").
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = [
     "BaseExtension",
     "GroupNorm32",
     "count_parameters",
+    "dot_product_attention",
     "group_norm",
     "masked_label_embedding",
     "timestep_embedding",
@@ -40,6 +43,26 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for q [N x heads x T x d], k and v [N x heads x S x d] -> [N x heads x T x d].
+
+    The same product by the kernel measured fastest for the device and dtype (docs/speed.md):
+
+    * on a GPU, ``scaled_dot_product_attention`` (its fused kernels);
+    * on a CPU in bf16, written out with the softmax in float32 (improved-diffusion's math): the
+      CPU's SDPA kernels in bf16 took 1.3x to 3x as long on the U-Net's, DiT's and cross-attention's
+      shapes;
+    * on a CPU otherwise, ``scaled_dot_product_attention`` on contiguous inputs: its CPU flash kernel
+      takes them only (a strided view, as the U-Net's head split, falls back to the slower math path).
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v)
+    if q.dtype == torch.bfloat16:
+        weight = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return torch.softmax(weight.float(), dim=-1).to(weight.dtype) @ v
+    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
 
 
 def zero_module(module: nn.Module) -> nn.Module:

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from difflora.nets.layers import group_norm, zero_module
+from difflora.nets.layers import dot_product_attention, group_norm, zero_module
 
 __all__ = [
     "TRANSFORMER_TAP_PAIRS",
@@ -86,7 +86,7 @@ class CrossAttention(nn.Module):
         def heads(z: torch.Tensor) -> torch.Tensor:  # (N, S, D) -> (N, heads, S, D/heads)
             return z.reshape(n, z.shape[1], h, d // h).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(self.to_q(x)), heads(self.to_k(ctx)), heads(self.to_v(ctx)))
+        out = dot_product_attention(heads(self.to_q(x)), heads(self.to_k(ctx)), heads(self.to_v(ctx)))
         return self.to_out(out.transpose(1, 2).reshape(n, t, d))
 
 

@@ -23,8 +23,10 @@ Differences from improved-diffusion, all optional or outside the layers themselv
   so that every downsampling halves exactly and the skip connections line up (28 with
   ``(1, 2, 2)`` -> 28, 14, 7). Other sizes are refused with a message; nothing is padded.
 * GroupNorm uses 32 groups, or ``gcd(32, C)`` for channel counts that are not multiples of 32.
-* Attention is computed with ``scaled_dot_product_attention``; the head layout of the qkv channels
-  is improved-diffusion's (per head: q, k, v of C/heads channels each), so weights are interchangeable.
+* Attention is computed by ``layers.dot_product_attention`` (``scaled_dot_product_attention``, or
+  on a CPU in bf16 the product written out, whichever is faster there); the head layout of the qkv
+  channels is improved-diffusion's (per head: q, k, v of C/heads channels each), so weights are
+  interchangeable.
 * No fp16 conversion or gradient checkpointing flags (``difflora.adapters.checkpoint`` wraps any
   block, adapters and conditions included).
 * ``attention: cross`` (not improved-diffusion) puts LDM's spatial transformers
@@ -50,7 +52,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from difflora.config.schema import ModelConfig
-from difflora.nets.layers import BaseExtension, group_norm, masked_label_embedding, timestep_embedding, zero_module
+from difflora.nets.layers import (
+    BaseExtension,
+    dot_product_attention,
+    group_norm,
+    masked_label_embedding,
+    timestep_embedding,
+    zero_module,
+)
 from difflora.nets.transformer import ContextEmbedder, SpatialTransformer
 
 __all__ = ["AttentionBlock", "Downsample", "ResBlock", "UNetModel", "Upsample", "default_channel_mult"]
@@ -172,8 +181,8 @@ class AttentionBlock(nn.Module):
         x = x.reshape(n, c, -1)  # (N, C, T)
         qkv = self.qkv(self.norm(x)).reshape(n, self.num_heads, 3 * c // self.num_heads, -1)
         q, k, v = qkv.transpose(-1, -2).chunk(3, dim=-1)  # each (N, heads, T, C/heads)
-        # Softmax(q k^T / sqrt(d)) v; SDPA's default scale is improved-diffusion's 1/sqrt(sqrt(d))^2.
-        h = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, C/heads)
+        # Softmax(q k^T / sqrt(d)) v: the scale is improved-diffusion's 1/sqrt(sqrt(d))^2.
+        h = dot_product_attention(q, k, v)  # (N, heads, T, C/heads)
         h = h.transpose(-1, -2).reshape(n, c, -1)  # (N, C, T), head-major channels as the input
         return self.tap_out((x + self.proj_out(h)).reshape(n, c, *spatial))
 

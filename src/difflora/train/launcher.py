@@ -6,8 +6,8 @@ does not use accelerate's ``Accelerator``, so each flag that changes training is
 mapped onto the config key that does the same thing:
 
 =====================================  =====================================================
-``--mixed_precision fp16|bf16``        ``train.precision`` (``no``: the launcher's default,
-                                       the config decides); ``fp8``: refused
+``--mixed_precision fp16|bf16``        ``train.precision``, ``auto`` included (``no``: the
+                                       launcher's default, the config decides); ``fp8``: refused
 ``--cpu``                              ``train.device=cpu``
 ``--dynamo_backend inductor``          ``train.compile=true``; other backends: refused
 ``--use_deepspeed``, ``--use_fsdp``    refused: difflora shards nothing, it trains with DDP
@@ -72,8 +72,8 @@ def accelerate_flags(cfg: Config, env: Mapping[str, str]) -> tuple[Config, list[
     for key, (value, flag) in fixed.items():
         if getattr(cfg.train, key) == value:
             continue
-        if key == "device" and cfg.train.device == "auto":
-            cfg.train.device = "cpu"  # auto leaves the choice open: --cpu makes it
+        if key in ("device", "precision") and getattr(cfg.train, key) == "auto":
+            setattr(cfg.train, key, value)  # auto leaves the choice open: the launcher's flag makes it
         else:
             hold_fixed(cfg.train, "train", {key: value}, f"accelerate launch {flag}")
         notes.append(f"accelerate launch {flag}: train.{key}={str(value).lower()}")

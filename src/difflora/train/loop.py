@@ -65,7 +65,7 @@ from difflora.train.interrupt import DeferredInterrupt
 from difflora.train.launcher import accelerate_flags
 from difflora.train.objectives import build_objective
 from difflora.train.pipeline_data import grid_context, open_training_batches
-from difflora.train.precision import grad_scaler
+from difflora.train.precision import grad_scaler, resolve_precision
 from difflora.train.run_dir import (
     RunExistsError,
     check_writable,
@@ -475,7 +475,7 @@ def _finish(st: TrainState, start: int, resumed: bool) -> dict[str, Any]:
         "device": str(st.device),
         "threads": torch.get_num_threads(),
         "processes": st.dist.world_size,
-        "precision": cfg.train.precision,
+        "precision": resolve_precision(cfg.train.precision, st.device),
     }
     if not st.dist.is_main:
         return result | {"accounting": merge_accounting_segment(None, segment)}
