@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from adapter_forms import describe, fastest_of, load_average, machine
+from devices import add_device_argument
 
 from difflora.config.schema import load_config
 from difflora.model.build import build_model
@@ -118,8 +119,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="5 runs, 3 repeats")
     ap.add_argument("--out-name", default="compile.json")
+    add_device_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # Every module and tensor the benchmark creates is made on --device.
+    torch.set_default_device(args.device)
     runs, repeats = (5, 3) if args.quick else (args.runs, args.repeats)
     env = machine(args)
     res = bench(args.model, args.batch, runs, repeats)

@@ -43,7 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_real_arch import best_of, cpu_features
+import torch
+from bench_real_arch import best_of
+from devices import add_device_argument, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -121,7 +123,7 @@ def _pipelines(work: Path, size: int, num: int) -> None:
     (work / "images" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _config(work: Path, which: str, batch: int, steps: int = 2):
+def _config(work: Path, which: str, batch: int, device: str, steps: int = 2):
     from difflora.config.schema import parse_config
 
     return parse_config(
@@ -133,19 +135,19 @@ def _config(work: Path, which: str, batch: int, steps: int = 2):
                 "latent": {"cache": str(work / "cache" / which / "latents")},
                 **({"text": {"cache": str(work / "cache" / which / "prompts")}} if which == "sd" else {}),
             },
-            "train": {"train_base": False, "steps": steps, "batch_size": batch, "ckpt_every": steps, "device": "cpu"},
+            "train": {"train_base": False, "steps": steps, "batch_size": batch, "ckpt_every": steps, "device": device},
             "sample": {"num": 2, "steps": 2},
         }
     )
 
 
-def _train(work: Path, which: str, batch: int, with_encoders: bool) -> dict:
+def _train(work: Path, which: str, batch: int, with_encoders: bool, device: str) -> dict:
     """One ``train()`` from the caches (built by the caller first); with_encoders: VAE and text encoder held."""
     import torch
 
     from difflora.train import train
 
-    cfg = _config(work, which, batch)
+    cfg = _config(work, which, batch, device)
     held = _encoders(cfg, work) if with_encoders else None
     if held is not None:
         _encode_batch(held, cfg, batch)
@@ -193,7 +195,7 @@ def _encode_batch(held: dict, cfg, batch: int, start: int = 0) -> tuple:
     return z, context
 
 
-def _throughput(work: Path, which: str, batch: int, reps: int) -> dict:
+def _throughput(work: Path, which: str, batch: int, reps: int, device: torch.device) -> dict:
     """(a): the folder and the caches as loaders, the step from caches and the step encoding its batch."""
     import torch
 
@@ -202,17 +204,18 @@ def _throughput(work: Path, which: str, batch: int, reps: int) -> dict:
     from difflora.train.objectives import Batch, build_objective
     from difflora.train.pipeline_data import open_training_batches
 
-    cfg = _config(work, which, batch)
+    cfg = _config(work, which, batch, str(device))
     data = open_training_batches(cfg, seed=0, batch_size=batch, rows=list(range(batch)), log=lambda s: None)
     held = _encoders(cfg, work)
     model = build_model(cfg)
     load_base(model, cfg.train.init_from)
+    model.to(device)
     objective = build_objective(cfg, build_diffusion(cfg))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(0)
 
     def step(x, conditions):
-        losses = objective(model, Batch(x, conditions), g, torch.device("cpu"))
+        losses = objective(model, Batch(x, conditions), g, device)
         losses["loss"].mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -235,7 +238,7 @@ def _throughput(work: Path, which: str, batch: int, reps: int) -> dict:
     best = {name: float("inf") for name in variants}
     for _ in range(reps):  # alternate the variants: a change of load hits all of them alike
         for name, fn in variants.items():
-            best[name] = min(best[name], best_of(fn, 1))
+            best[name] = min(best[name], best_of(fn, 1, device))
     return {f"{name} images/s": batch / s for name, s in best.items()} | {
         "vae_params": sum(p.numel() for p in held["vae"].parameters()),
         "text_encoder_params": sum(p.numel() for p in held["text_encoder"].parameters())
@@ -245,11 +248,8 @@ def _throughput(work: Path, which: str, batch: int, reps: int) -> dict:
     }
 
 
-def _machine() -> dict:
-    import torch
-
-    load = os.getloadavg()
-    return cpu_features() | {"threads": torch.get_num_threads(), "loadavg": [round(v, 2) for v in load]}
+def _machine(device: torch.device) -> dict:
+    return machine(device)
 
 
 def _child(args: list[str], env: dict) -> dict:
@@ -267,6 +267,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipelines.json"))
+    add_device_argument(ap)
     args = ap.parse_args()
     if args.child:
         work, what, which, encoders = args.child
@@ -274,19 +275,30 @@ def main() -> None:
             _pipelines(Path(work), args.size, args.num)
             row = {}
         elif what == "caches":
-            _train(Path(work), which, args.batch, False)  # builds the caches (and a first run)
+            _train(Path(work), which, args.batch, False, str(args.device))  # builds the caches (and a first run)
             row = {}
         elif what == "train":
-            row = _train(Path(work), which, args.batch, encoders == "1")
+            row = _train(Path(work), which, args.batch, encoders == "1", str(args.device))
         else:
-            row = _throughput(Path(work), which, args.batch, args.reps)
-        print(json.dumps(row | {"machine": _machine()}))
+            row = _throughput(Path(work), which, args.batch, args.reps, args.device)
+        print(json.dumps(row | {"machine": _machine(args.device)}))
         return
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
-    sizes = ["--num", str(args.num), "--size", str(args.size), "--batch", str(args.batch), "--reps", str(args.reps)]
+    sizes = [
+        "--num",
+        str(args.num),
+        "--size",
+        str(args.size),
+        "--batch",
+        str(args.batch),
+        "--reps",
+        str(args.reps),
+        "--device",
+        str(args.device),
+    ]
     result: dict = {"num_images": args.num, "image_size": args.size, "batch_size": args.batch, "pipelines": {}}
-    print(json.dumps({"machine": _machine()}), flush=True)
+    print(json.dumps({"machine": _machine(args.device)}), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         _child(["--child", tmp, "build", "-", "0", *sizes], env)
         for which in ("dit", "sd"):
@@ -306,7 +318,7 @@ def main() -> None:
             )
             print(json.dumps(row), flush=True)
             result["pipelines"][which] = row
-    result["machine_after"] = _machine()
+    result["machine_after"] = _machine(args.device)
     result["python"] = sys.version.split()[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
