@@ -78,14 +78,14 @@ def test_fullgraph_compiled_model_equals_eager_forward_and_gradients(name):
     if os.environ.get("DIFFLORA_COMPILE_CHILD") != name:
         node = f"{Path(__file__).resolve()}::test_fullgraph_compiled_model_equals_eager_forward_and_gradients[{name}]"
         done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", node],
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rp", node],  # -rp: "PASSED node"
             cwd=Path(__file__).resolve().parents[2],
             env={**os.environ, "DIFFLORA_COMPILE_CHILD": name},
             capture_output=True,
             text=True,
             timeout=3600,
         )
-        assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-4000:] + done.stderr[-4000:]
+        assert done.returncode == 0 and "PASSED" in done.stdout, done.stdout[-4000:] + done.stderr[-4000:]
         return
     model, inputs = _model(name)
     ref_out, ref_grads = _run(model, inputs)
