@@ -569,7 +569,9 @@ def train(
             start = st.step
             _run_steps(st, end, progress, log, callback)
             result = _finish(st, start, resumed=ckpt is not None)
-            ctx.barrier()  # no process moves on (e.g. to resume the run) before process 0 has written it
+        # After the lock and the trackers are let go: no process moves on (e.g. to resume the run)
+        # before process 0 has written the run and released it.
+        ctx.barrier()
         return result
 
 
