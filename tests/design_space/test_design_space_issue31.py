@@ -73,8 +73,9 @@ def test_two_stage_design_recipes_and_token_pilot_as_committed():
     for sweep in (load_sweep(STUDY / n) for n in ("stage1.yaml", "stage2.yaml", "recipes.yaml")):
         assert sweep.design == "full" and sweep.eval.seed == "per_run" and sweep.base["train"]["token_lr"] == 0.03
     pilot = load_study(STUDY / "tokens.yaml")
-    assert [a.set.get("train.token_lr") for a in pilot.arms] == [None, 0.01, 0.03, 0.03, 0.03, 0.03]
-    assert [a.set.get("train.steps") for a in pilot.arms] == [None] * 4 + [1000, 1000]
+    assert [a.set.get("train.token_lr") for a in pilot.arms] == [None, 0.01] + [0.03] * 6
+    assert [a.set.get("train.steps") for a in pilot.arms] == [None] * 4 + [1000, 1000, None, None]
+    assert [a.set.get("model.context.new_tokens") for a in pilot.arms][-2:] == ["unconditional"] * 2
 
 
 @pytest.mark.parametrize("up_init", ["zero", "linear"])
