@@ -209,7 +209,9 @@ def main_forms(args: argparse.Namespace) -> None:
     print(
         f"forms: frozen qkv Conv1d 256->768 fwd+bwd, {forms['shape']}, fastest of {args.runs} runs, x{args.p1_repeats}"
     )
-    print(f" measured with {describe(env)}; {env['minor_page_faults']} minor page faults in the part (set-up and checks included)")
+    print(
+        f" measured with {describe(env)}; {env['minor_page_faults']} minor page faults in the part (set-up and checks included)"
+    )
     for form, v in forms["forms"].items():
         print_ratio_table(f" {form} (target adapted <= 1.25x):", v)
     forms["targets"] = {"adapted_over_plain": 1.25}

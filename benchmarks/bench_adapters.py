@@ -414,7 +414,9 @@ def main_p1(args: argparse.Namespace) -> None:
     print(
         f"P1: adapted qkv Conv1d 256->768 fwd+bwd, {p1['shape']}, fastest of {args.runs} alternated runs, x{args.p1_repeats}"
     )
-    print(f" measured with {describe(env)}; {env['minor_page_faults']} minor page faults in the part (set-up and checks included)")
+    print(
+        f" measured with {describe(env)}; {env['minor_page_faults']} minor page faults in the part (set-up and checks included)"
+    )
     for setting in ("base_trained", "base_frozen"):
         target = p1["targets"][setting]
         print_ratio_table(
