@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from devices import wall
+from devices import minor_faults, wall
 from torch import nn
 
 from difflora.adapters import ConditionalLayer, IndexWeighting, PositionAdapter, add_position_adapter, conditions
@@ -67,13 +67,15 @@ def machine(args: argparse.Namespace) -> dict:
         "load_average": load_average(),
         "cpu_flags": cpu_flags(),
         "quick": args.quick,
+        "allocator": args.allocator,
     }
 
 
 def describe(env: dict) -> str:
     return (
         f"{env['threads']} thread(s), {env['cpus']} CPUs, load average "
-        f"{' '.join(f'{v:.2f}' for v in env['load_average'])}, CPU flags: {' '.join(env['cpu_flags']) or 'none found'}"
+        f"{' '.join(f'{v:.2f}' for v in env['load_average'])}, CPU flags: {' '.join(env['cpu_flags']) or 'none found'}, "
+        f"allocator {env.get('allocator', 'glibc')}"
     )
 
 
@@ -201,11 +203,15 @@ def bench_forms(
 
 def main_forms(args: argparse.Namespace) -> None:
     env = machine(args)
+    faults = minor_faults()
     forms = bench_forms(args.runs, args.p1_repeats, args.variants)
+    env["minor_page_faults"] = minor_faults() - faults
     print(
         f"forms: frozen qkv Conv1d 256->768 fwd+bwd, {forms['shape']}, fastest of {args.runs} runs, x{args.p1_repeats}"
     )
-    print(f" measured with {describe(env)}")
+    print(
+        f" measured with {describe(env)}; {env['minor_page_faults']} minor page faults in the part (set-up and checks included)"
+    )
     for form, v in forms["forms"].items():
         print_ratio_table(f" {form} (target adapted <= 1.25x):", v)
     forms["targets"] = {"adapted_over_plain": 1.25}

@@ -45,6 +45,12 @@ repeats and the noise is the spread (max - min) / median across repeats. Ratios 
     python benchmarks/bench_adapters.py --part p1    # writes benchmarks/results/adapters_p1.json
     python benchmarks/bench_adapters.py --part forms # writes benchmarks/results/adapters_forms.json
 
+Allocator (``--allocator``): by default (``steady``) glibc is told to keep freed memory in the
+process, so that no timed call faults fresh pages in. With glibc's own policy (``--allocator
+glibc``), each new tensor of a few MB is mapped fresh or not depending on what was freed before: a
+P1 step then spends 0 or 14-17 ms (of 35-54) in page faults, and the alternated variants time the
+allocator's state as much as their own work. Both parts print the page faults seen while timing.
+
 Run with OMP_NUM_THREADS=1 on a shared machine (the script also sets one torch thread).
 ``--device cuda`` creates every tensor and module on the GPU; the timers then synchronise it.
 """
@@ -62,7 +68,7 @@ from pathlib import Path
 import devices
 import torch
 from adapter_forms import describe, fastest_of, load_average, machine, main_forms, print_ratio_table
-from devices import add_device_argument, machine_line, wall
+from devices import add_allocator_argument, add_device_argument, machine_line, minor_faults, steady_allocator, wall
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -402,11 +408,15 @@ def bench_sampling(repeats: int, iters: int, batch: int) -> dict:
 
 def main_p1(args: argparse.Namespace) -> None:
     env = machine(args)
+    faults = minor_faults()
     p1 = bench_p1(args.runs, args.p1_repeats, args.compile, args.variants)
+    env["minor_page_faults"] = minor_faults() - faults
     print(
         f"P1: adapted qkv Conv1d 256->768 fwd+bwd, {p1['shape']}, fastest of {args.runs} alternated runs, x{args.p1_repeats}"
     )
-    print(f" measured with {describe(env)}")
+    print(
+        f" measured with {describe(env)}; {env['minor_page_faults']} minor page faults in the part (set-up and checks included)"
+    )
     for setting in ("base_trained", "base_frozen"):
         target = p1["targets"][setting]
         print_ratio_table(
@@ -442,7 +452,10 @@ def main() -> None:
         help="p1 / forms: time only these variants besides plain, comma-separated (a loaded machine's shorter run)",
     )
     add_device_argument(ap)
+    add_allocator_argument(ap)
     args = ap.parse_args()
+    if args.allocator == "steady" and not steady_allocator():
+        args.allocator = "glibc (steady not available here)"
     torch.set_num_threads(args.threads)
     # Every tensor and module the parts create is made on --device (their timers synchronise it).
     torch.set_default_device(args.device)

@@ -5,6 +5,7 @@ machine (device, CPU flags, load) with the results."""
 
 import argparse
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,3 +110,31 @@ def test_the_plain_sdpa_variant_really_swaps_the_unets_attention():
     with bench_scale.plain_sdpa():
         assert unet.dot_product_attention is torch.nn.functional.scaled_dot_product_attention
     assert unet.dot_product_attention is layers.dot_product_attention
+
+
+_FAULTS = """
+import sys
+sys.path.insert(0, {bench!r})
+import torch, devices
+steady = {steady} and devices.steady_allocator()
+for _ in range(2):
+    torch.empty(10 << 20).fill_(1.0)  # 40 MiB: above glibc's largest self-tuned mmap threshold (32 MiB)
+before = devices.minor_faults()
+for _ in range(5):
+    torch.empty(10 << 20).fill_(1.0)
+print(steady, devices.minor_faults() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_the_steady_allocator_stops_large_tensors_faulting_pages_in():
+    def run(steady: bool) -> tuple[str, int]:
+        code = _FAULTS.format(bench=str(BENCH), steady=steady)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        return out[0], int(out[1])
+
+    # glibc's default maps each 40 MiB block fresh: 10,240 pages of 4 KiB faulted in per tensor.
+    steady, faults = run(False)
+    assert steady == "False" and faults >= 5 * 10_000
+    steady, faults = run(True)
+    assert steady == "True" and faults < 1_000

@@ -123,6 +123,14 @@ def test_a_recorded_run_still_trains_when_an_arm_that_starts_from_it_runs(tmp_pa
     records = tmp_path / "docs" / "tiny-distill" / "records"
     run_study(path, out=out, only=["teacher-of-w2"], progress=False, log=lambda _m: None)
     assert {p.parent.name for p in records.glob("*/seed0.json")} == {"teacher", "student-w2", "teacher-of-w2"}
+    # The student's record names the base it adapted by the fingerprint its checkpoint stored when it
+    # loaded the teacher (no machine path); the teacher, trained from scratch, has none.
+    student = json.loads((records / "student-w2" / "seed0.json").read_text())
+    state = json.loads(next((out / "student-w2" / "seed0" / "checkpoints").glob("step_*/state.json")).read_text())
+    assert student["base"] == {k: state["base"][k] for k in ("fingerprint", "step", "weights")}
+    assert len(student["base"]["fingerprint"]) == 64 and "base" not in json.loads(
+        (records / "teacher" / "seed0.json").read_text()
+    )
     # A fresh clone with every record: nothing runs, not even the teacher the others start from.
     shutil.rmtree(out)
     logs: list[str] = []

@@ -256,18 +256,80 @@ class LayerTerms:
     def apply(self, out: torch.Tensor, x: torch.Tensor, geometry: Geometry, bias: torch.Tensor | None) -> torch.Tensor:
         """``out`` (the base output for input ``x``; ``bias`` the base's) with every term added."""
         if self.scales:
-            # (1 + a) (W x) + b = (1 + a) out - a b: the scale multiplies W x only, not the bias.
-            # One addcmul is one pass over the output (and one over its gradient).
-            a = per_channel(sum(self.scales), out, geometry).to(out.dtype)
-            if bias is None:
-                out = out * (1 + a)
-            else:
-                out = torch.addcmul(-a * per_channel(bias[None], out, geometry).to(out.dtype), out, 1 + a)
+            out = _scale_rows(out, sum(self.scales), geometry, bias)
         if self.ranks:
             out = add_rank_terms(out, x, geometry, self.ranks)
         if self.shifts:
             out = out + per_channel(sum(self.shifts), out, geometry).to(out.dtype)
         return out
+
+
+def _scale_rows(out: torch.Tensor, a: torch.Tensor, geometry: Geometry, bias: torch.Tensor | None) -> torch.Tensor:
+    """``(1 + a) (W x) + b = (1 + a) out - a b`` for ``out = W x + b``: the scale multiplies W x only.
+
+    ``a`` [N x d_out]. Outside autocast and compilation, :class:`RowScale` computes it with one pass
+    over the output and two over its gradient; otherwise the same formula in plain ops.
+    """
+    a = a.to(out.dtype)
+    if _plain_dtype_path(out, a, bias):
+        n, d = a.shape
+        tokens_last = geometry.kind == "linear"
+        out3 = out.reshape(n, -1, d) if tokens_last else out.reshape(n, d, -1)
+        return RowScale.apply(out3, a, bias, tokens_last).view(out.shape)
+    a_ = per_channel(a, out, geometry)
+    if bias is None:
+        return out * (1 + a_)
+    return torch.addcmul(-a_ * per_channel(bias[None], out, geometry).to(out.dtype), out, 1 + a_)
+
+
+class RowScale(torch.autograd.Function):
+    """``(1 + a_n) ⊙ out_n - a_n ⊙ b`` per sample n and output channel: a weight scale on a base output.
+
+    ``out`` [N x D x L] (channels first) or [N x L x D] (``tokens_last``), ``a`` [N x D], ``b``
+    [D] or None. Autograd's own backward of the same ``addcmul`` copies ``out`` once more (``out *
+    value``) and reduces the broadcast gradients in separate passes; here the output gradient is
+    read by one product (``g (1 + a)``) and one row-wise dot product (``sum_L g out``), and the bias
+    term by one sum.
+    """
+
+    @staticmethod
+    def forward(ctx, out, a, bias, tokens_last: bool):  # type: ignore[override]
+        a3 = a[:, None, :] if tokens_last else a[:, :, None]
+        if bias is None:
+            y = out * (1 + a3)
+        else:
+            b3 = bias[None, None, :] if tokens_last else bias[None, :, None]
+            y = torch.addcmul(-a3 * b3, out, 1 + a3)
+        ctx.save_for_backward(out, a, bias)
+        ctx.tokens_last = tokens_last
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        out, a, bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        tokens_last = ctx.tokens_last
+        a3 = a[:, None, :] if tokens_last else a[:, :, None]
+        g_out = g * (1 + a3) if need[0] else None
+        g_a = g_b = None
+        if need[1] or need[2]:
+            g_sum = g.sum(1 if tokens_last else 2) if bias is not None else None  # (N, D)
+            if need[1]:
+                g_a = _row_dot(g, out, tokens_last)
+                if g_sum is not None:
+                    g_a = g_a - g_sum * bias[None]
+            if need[2] and bias is not None:
+                g_b = -(g_sum * a).sum(0)
+        return g_out, g_a, g_b, None
+
+
+def _row_dot(g: torch.Tensor, out: torch.Tensor, tokens_last: bool) -> torch.Tensor:
+    """``sum_L g ⊙ out`` per sample and channel: [N x D]. Channels first, a batch of 1 x L by L x 1
+    products reads both tensors once and writes no temporary of their size."""
+    if tokens_last or not (g.is_contiguous() and out.is_contiguous()):
+        return (g * out).sum(1 if tokens_last else 2)
+    n, d, length = g.shape
+    return torch.bmm(g.view(n * d, 1, length), out.view(n * d, length, 1)).view(n, d)
 
 
 def _add_into(out: torch.Tensor, shape: tuple[int, ...], b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
@@ -338,16 +400,24 @@ class SparseLowRank(torch.autograd.Function):
         return (g if need[0] else None), g_x, g_down, g_up, g_s, None, None
 
 
-def _fusable(out: torch.Tensor, x: torch.Tensor, g: Geometry, term: RankTerm) -> bool:
-    """Whether :class:`SparseLowRank` computes ``term``: a sparse identity term of a pointwise or token
-    layer, one floating type throughout, outside autocast and compilation (the compiler fuses the
-    plain ops itself)."""
-    if not term.sparse or term.act is not None or g.kind == "conv" or torch.compiler.is_compiling():
+def _plain_dtype_path(*tensors: torch.Tensor | None) -> bool:
+    """Whether a hand-written kernel here may run: outside autocast and compilation (the compiler
+    fuses the plain ops itself), every tensor given of one floating type."""
+    first = tensors[0]
+    if torch.compiler.is_compiling():
         return False
-    device = x.device.type
+    device = first.device.type
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return False
-    return out.dtype == x.dtype == term.down.dtype == term.up_t.dtype == term.s.dtype
+    return all(t is None or t.dtype == first.dtype for t in tensors)
+
+
+def _fusable(out: torch.Tensor, x: torch.Tensor, g: Geometry, term: RankTerm) -> bool:
+    """Whether :class:`SparseLowRank` computes ``term``: a sparse identity term of a pointwise or token
+    layer, one floating type throughout, outside autocast and compilation."""
+    if not term.sparse or term.act is not None or g.kind == "conv":
+        return False
+    return _plain_dtype_path(out, x, term.down, term.up_t, term.s)
 
 
 def _add_term(out: torch.Tensor, x: torch.Tensor, g: Geometry, term: RankTerm) -> torch.Tensor:

@@ -135,6 +135,9 @@ def sync_records(study: Study, out_dir: Path, img_dir: Path, arms: list[StudyArm
             }
             if (trained / "config.json").is_file():
                 record["config"] = read_run_json(trained / "config.json")
+            base = _base_of(trained, m.get("checkpoint_step"))
+            if base is not None:
+                record["base"] = base
             path = record_path(img_dir, arm.name, seed)
             code = _run_code(found.path, path, m)
             if code is not None:
@@ -167,6 +170,21 @@ def _grid_name(arm: str, entry: dict[str, Any]) -> str:
     """The report's file name of the sample grid of a result entry (or a summary row) of ``arm``."""
     task = f"-{entry['task']}" if entry.get("task") else ""  # one grid per spatial task
     return f"samples-{arm}-w{entry['guidance']:g}{task}.png"
+
+
+def _base_of(run_dir: Path, step: int | None) -> dict[str, Any] | None:
+    """What the scored checkpoint of ``run_dir`` adapted: the base's fingerprint, step and weights (its
+    checkpoint's ``base`` record without the machine's paths), or None for a run trained from scratch.
+    A record keeps it so that one can tell, later and elsewhere, whether a base trained again is the same."""
+    if step is None:
+        return None
+    state = run_dir / "checkpoints" / f"step_{int(step):07d}" / "state.json"
+    if not state.is_file():
+        return None
+    base = read_run_json(state).get("base")
+    if not isinstance(base, dict) or "fingerprint" not in base:
+        return None
+    return {k: base[k] for k in ("fingerprint", "step", "weights", "format") if k in base}
 
 
 def _run_code(eval_dir: Path, path: Path, metrics: dict[str, Any]) -> dict[str, Any] | None:
