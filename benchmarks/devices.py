@@ -91,7 +91,8 @@ def steady_allocator() -> bool:
     adjusting that threshold as it goes: a step then pays a page fault per 4 KiB of every new large
     tensor (on the P1 layer, 14-17 ms of system time in a step of 35-54 ms), or none, depending on
     what was freed before. Alternated variants then time the allocator's state as much as their own
-    work. Other C libraries (musl, macOS) are left alone.
+    work. Best effort: where the kernel left the heap no room to grow, glibc still maps a block.
+    Other C libraries (musl, macOS) are left alone.
     """
     name = ctypes.util.find_library("c")
     if not name or "libc.so" not in name:
