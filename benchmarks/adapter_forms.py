@@ -42,6 +42,18 @@ def fastest_of(fns: dict[str, Callable[[], None]], runs: int) -> dict[str, float
     return best
 
 
+def fwd_bwd(x: torch.Tensor, grad: torch.Tensor, forward: Callable, *modules: nn.Module) -> Callable[[], None]:
+    """One timed call: clear the gradients of ``x`` and ``modules``, run ``forward()`` and backpropagate ``grad``."""
+
+    def f() -> None:
+        x.grad = None
+        for mod in modules:
+            mod.zero_grad(set_to_none=True)
+        forward().backward(grad)
+
+    return f
+
+
 def cpu_flags() -> list[str]:
     """The CPU features that decide the fast paths here (``/proc/cpuinfo``; empty where there is none)."""
     try:
@@ -164,12 +176,7 @@ def _bench_form(
     task = torch.arange(batch) % 4 - 1  # -1 (base rows), 0, 1, 2
 
     def step(forward, mod):
-        def f():
-            x.grad = None
-            mod.zero_grad(set_to_none=True)
-            forward().backward(grad)
-
-        return f
+        return fwd_bwd(x, grad, forward, mod)
 
     def adapted():
         with conditions(task=task):

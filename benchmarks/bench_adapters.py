@@ -67,7 +67,7 @@ from pathlib import Path
 
 import devices
 import torch
-from adapter_forms import describe, fastest_of, load_average, machine, main_forms, print_ratio_table
+from adapter_forms import describe, fastest_of, fwd_bwd, load_average, machine, main_forms, print_ratio_table
 from devices import add_allocator_argument, add_device_argument, machine_line, minor_faults, steady_allocator, wall
 from torch import nn
 
@@ -258,13 +258,7 @@ def _p1_setting(
     t = torch.randint(0, T - 1, (batch,))
 
     def step(forward, *modules):
-        def f():
-            x.grad = None
-            for mod in modules:
-                mod.zero_grad(set_to_none=True)
-            forward().backward(grad)
-
-        return f
+        return fwd_bwd(x, grad, forward, *modules)
 
     def adapted():
         with conditions(t=t):
