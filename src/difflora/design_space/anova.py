@@ -224,16 +224,31 @@ def anova(rows: Sequence[dict[str, Any]], metric: str, factors: list[str], inter
 
 
 def dominant_sentence(table: list[dict], metric: str, alpha: float = 0.05) -> str:
-    """The sentence naming the factor with the largest eta squared (main effects only)."""
+    """The sentence naming the factor with the largest eta squared (main effects only).
+
+    The largest effect need not be the significant one: a factor of many levels can explain more
+    variance than a factor of two and still fail its F test (it spends more degrees of freedom), so a
+    significant smaller effect is named beside it rather than hidden behind "no factor is significant".
+    """
     mains = [r for r in table if r["term"] != "Residual" and ":" not in r["term"]]
     best = max(mains, key=lambda r: r["eta_sq"])
-    stats = f"F = {best['F']:.2f}, p = {best['p']:.3g}, eta^2 = {best['eta_sq']:.2f}"
+
+    def stats(r):
+        return f"F = {r['F']:.2f}, p = {r['p']:.3g}, eta^2 = {r['eta_sq']:.2f}"
+
     share = f"it explains {100 * best['eta_sq']:.0f}% of the variance of {metric}"
     if best["p"] < alpha:
-        return f"The dominant factor for {metric} is {best['term']} ({stats}): {share}."
+        return f"The dominant factor for {metric} is {best['term']} ({stats(best)}): {share}."
+    significant = sorted((r for r in mains if r["p"] < alpha), key=lambda r: -r["eta_sq"])
+    if significant:
+        named = "; ".join(f"{r['term']} ({stats(r)})" for r in significant)
+        return (
+            f"The largest effect on {metric}, {best['term']} ({stats(best)}), is not significant at the "
+            f"{alpha:g} level ({share}); significant: {named}."
+        )
     return (
         f"No factor is significant for {metric} at the {alpha:g} level; the largest effect is "
-        f"{best['term']} ({stats}): {share}."
+        f"{best['term']} ({stats(best)}): {share}."
     )
 
 
