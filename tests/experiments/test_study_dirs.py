@@ -72,6 +72,27 @@ def test_a_shipped_study_plans_the_same_from_any_directory(tmp_path, monkeypatch
     assert dirs.committed is None and dirs.report == dirs.out
 
 
+def test_a_shipped_study_names_the_same_command_however_it_is_typed(tmp_path, monkeypatch):
+    # The report's "command" line is part of the bytes --report-only must reproduce: a shipped study
+    # typed as its preset name, as its path in the checkout or as an absolute path is one command.
+    monkeypatch.chdir(ROOT)
+    typed = [
+        "experiments/distill/digits.yaml",
+        "src/difflora/presets/experiments/distill/digits.yaml",
+        str(EXPERIMENTS_DIR / "distill" / "digits.yaml"),
+    ]
+    assert {study_mod._default_command(t, None, None, None) for t in typed} == {
+        "difflora study experiments/distill/digits.yaml"
+    }
+    assert study_mod._default_command(typed[1], "runs/x", None, ["seeds=[0]"]) == (
+        "difflora study experiments/distill/digits.yaml --out runs/x --set seeds=[0]"
+    )
+    # A user's own file, even a copy of a preset, keeps the path typed.
+    own = tmp_path / "digits.yaml"
+    own.write_text((EXPERIMENTS_DIR / "distill" / "digits.yaml").read_text())
+    assert study_mod._default_command(own, None, None, None) == f"difflora study {own}"
+
+
 def test_set_changes_every_arm_and_study_keys(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     sets = ["train.steps=20", "seeds=[0]", "eval.num_samples=50"]

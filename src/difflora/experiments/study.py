@@ -48,6 +48,7 @@ from difflora.experiments.study_spec import (
     study_dirs,
 )
 from difflora.files.atomic import storage_errors, write_bytes
+from difflora.presets import shipped_name
 from difflora.train import resolve_device, train
 from difflora.train.checkpoint import find_checkpoints
 from difflora.train.footprint import check_memory, training_batch
@@ -459,5 +460,7 @@ def fd_summary(results: list[dict]) -> str:
 def _default_command(
     path: str | Path, out: str | Path | None, report_dir: str | Path | None, overrides: list[str] | None
 ) -> str:
+    # A shipped study is named as its preset whatever path was typed, so that --report-only regenerates
+    # the report byte for byte however it is called.
     flags = [f"--out {out}"] * bool(out) + [f"--report-dir {report_dir}"] * bool(report_dir)
-    return " ".join([f"difflora study {path}", *flags, *(f"--set {o}" for o in overrides or [])])
+    return " ".join([f"difflora study {shipped_name(path) or path}", *flags, *(f"--set {o}" for o in overrides or [])])

@@ -39,6 +39,7 @@ __all__ = [
     "resolve_config",
     "resolve_shipped",
     "shipped_file",
+    "shipped_name",
 ]
 
 PRESETS_DIR = Path(__file__).resolve().parent
@@ -89,6 +90,19 @@ def resolve_shipped(path: str | Path) -> Path:
 def is_shipped(path: str | Path) -> bool:
     """Whether ``path`` (resolved: :func:`resolve_shipped`) is a file difflora ships."""
     return resolve_shipped(path).resolve().is_relative_to(PRESETS_DIR)
+
+
+def shipped_name(path: str | Path) -> str | None:
+    """The name a shipped file goes by on every machine (``experiments/distill/digits.yaml``); None if not shipped.
+
+    The same preset can be typed as that name, as ``src/difflora/presets/experiments/...`` from a checkout
+    or as an absolute path; whatever names it in a report must not depend on which.
+    """
+    resolved = resolve_shipped(path).resolve()
+    for root_name, root in _ROOTS.items():
+        if resolved.is_relative_to(root) and resolved.is_file():
+            return "/".join((root_name, *resolved.relative_to(root).parts))
+    return None
 
 
 def _first_sentence(path: Path, limit: int = 110) -> str:
