@@ -11,6 +11,7 @@ import yaml
 from test_study import TINY_STUDY
 
 from difflora.experiments import study as study_mod
+from difflora.experiments.claims_table import claims_section
 from difflora.experiments.report import claim_verdict
 from difflora.experiments.study import eval_settings, run_study
 from difflora.experiments.study_spec import Claim, StudyError, arm_config, load_study, run_order
@@ -281,3 +282,20 @@ def test_committed_distillation_studies_are_valid(name):
     for e in (study.eval_of(a) for a in priced):
         assert e.steps + round(e.guidance_fraction * e.steps) in (study.eval.steps, study.eval.steps + 1)
     assert len(priced) == 3 and all(a.teacher_of == "lora-w3" for a in priced)
+
+
+def test_the_claims_table_prints_a_dash_for_a_claim_with_no_test(tmp_path):
+    # One seed in an arm: "not testable", and no statistic or p-value to print ("nan" was printed).
+    study = load_study(_write(tmp_path, TINY))
+    claim = Claim(text="c", arm="student-w2", baseline="teacher", relation="better")
+    study = study.model_copy(update={"claims": [claim]})
+
+    def row(arm: str, fds: list[float]) -> dict:
+        seeds = list(range(len(fds)))
+        record = {"arm": arm, "guidance": 2.0, "fd": (sum(fds) / len(fds), 0.0), "values": {"fd": fds}}
+        return record | {"parameters": {"trainable": 10}, "steps": 5, "seeds": seeds, "eval_seeds": seeds}
+
+    one_seed = claims_section(study, [row("teacher", [3.0, 3.2]), row("student-w2", [2.0])])[-1]
+    assert "**not testable**" in one_seed and one_seed.endswith("needs at least 2 seeds per arm | - | - |")
+    tested = claims_section(study, [row("teacher", [3.0, 3.2]), row("student-w2", [2.0, 2.1])])[-1]
+    assert "**holds**" in tested and "nan" not in tested and tested.split(" | ")[-1].rstrip(" |") != "-"

@@ -8,6 +8,7 @@ the quality of the two bases when comparing how well they adapt).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from difflora.experiments.study_spec import HIGHER_IS_BETTER, Claim, Study
@@ -97,8 +98,9 @@ def claims_section(study: Study, rows: list[dict[str, Any]]) -> list[str]:
             f"{pm(v['b'][c.metric], 2, scale)} (w={v['b']['guidance']:g})"
         )
         params, runs = _compared(v["a"], v["b"])
-        lines.append(
-            f"| {what} | **{v['verdict']}**{context} | {nums} | {params} | {runs} | {v['test']} "
-            f"| {v['statistic']:.2f} ({v['df']:.1f}) | {v['p']:.3g} |"
-        )
+        # A claim with no test (fewer than two seeds, or no spread) has no statistic: a dash, not "nan".
+        tested = math.isfinite(v["p"])
+        stat = f"{v['statistic']:.2f} ({v['df']:.1f})" if tested else "-"
+        p = f"{v['p']:.3g}" if tested else "-"
+        lines.append(f"| {what} | **{v['verdict']}**{context} | {nums} | {params} | {runs} | {v['test']} | {stat} | {p} |")
     return lines
